@@ -1,0 +1,460 @@
+//! Shape and dtype inference: the result type of every op from its operands' types, or the
+//! reason the operands are not acceptable. The verifier and the tracer both call [`infer`].
+
+use crate::shape::{broadcast_shapes, numel, DisplayShape};
+use crate::{BinaryOp, DType, Dim, Op, ReduceOp, Shape, TensorType, UnaryOp};
+
+type R = Result<TensorType, String>;
+
+fn arity(op: &Op, ins: &[&TensorType], n: usize) -> Result<(), String> {
+    if ins.len() != n {
+        return Err(format!(
+            "{} takes {} operand(s), got {}",
+            op.name(),
+            n,
+            ins.len()
+        ));
+    }
+    Ok(())
+}
+
+fn axis_ok(axis: usize, rank: usize) -> Result<(), String> {
+    if axis >= rank {
+        return Err(format!("axis {axis} out of range for rank {rank}"));
+    }
+    Ok(())
+}
+
+fn same_dtype(a: &TensorType, b: &TensorType) -> Result<(), String> {
+    if a.dtype != b.dtype {
+        return Err(format!("operand dtypes differ: {a} vs {b}"));
+    }
+    Ok(())
+}
+
+fn float_only(op: &str, t: &TensorType) -> Result<(), String> {
+    if !t.dtype.is_float() {
+        return Err(format!("{op} needs a float operand, got {t}"));
+    }
+    Ok(())
+}
+
+fn nonneg_fixed(d: &Dim) -> Result<(), String> {
+    if d.as_fixed().is_some_and(|n| n < 0) {
+        return Err(format!("negative dimension {d}"));
+    }
+    Ok(())
+}
+
+/// The result type of `op` applied to operands of types `ins`, or why that is ill-typed.
+pub fn infer(op: &Op, ins: &[&TensorType]) -> R {
+    match op {
+        Op::Input { .. } | Op::Param { .. } => Err(format!(
+            "{} has no operands: its type is declared, not inferred",
+            op.name()
+        )),
+        Op::Const { value } => {
+            arity(op, ins, 0)?;
+            Ok(TensorType::new(
+                value.dtype(),
+                value.shape().iter().copied(),
+            ))
+        }
+        Op::Iota { dtype, shape, axis } => {
+            arity(op, ins, 0)?;
+            axis_ok(*axis, shape.len())?;
+            if *dtype == DType::Bool {
+                return Err("iota cannot produce bool".into());
+            }
+            shape.iter().try_for_each(nonneg_fixed)?;
+            Ok(TensorType {
+                dtype: *dtype,
+                shape: shape.clone(),
+            })
+        }
+        Op::Unary(u) => {
+            arity(op, ins, 1)?;
+            let t = ins[0];
+            match u {
+                UnaryOp::Not if t.dtype != DType::Bool => {
+                    return Err(format!("not needs a bool operand, got {t}"))
+                }
+                UnaryOp::Not => {}
+                UnaryOp::Neg | UnaryOp::Abs | UnaryOp::Relu => {
+                    if t.dtype == DType::Bool || (t.dtype == DType::U8 && *u != UnaryOp::Relu) {
+                        return Err(format!(
+                            "{} needs a signed numeric operand, got {t}",
+                            u.name()
+                        ));
+                    }
+                }
+                _ => float_only(u.name(), t)?,
+            }
+            Ok(t.clone())
+        }
+        Op::Binary(b) => {
+            arity(op, ins, 2)?;
+            same_dtype(ins[0], ins[1])?;
+            let dt = ins[0].dtype;
+            match b {
+                BinaryOp::And | BinaryOp::Or if dt != DType::Bool => {
+                    return Err(format!("{} needs bool operands, got {dt}", b.name()))
+                }
+                BinaryOp::And | BinaryOp::Or => {}
+                BinaryOp::Pow => float_only("pow", ins[0])?,
+                _ if dt == DType::Bool => {
+                    return Err(format!("{} needs numeric operands, got bool", b.name()))
+                }
+                _ => {}
+            }
+            Ok(TensorType {
+                dtype: dt,
+                shape: broadcast_shapes(&ins[0].shape, &ins[1].shape)?,
+            })
+        }
+        Op::Compare(_) => {
+            arity(op, ins, 2)?;
+            same_dtype(ins[0], ins[1])?;
+            Ok(TensorType {
+                dtype: DType::Bool,
+                shape: broadcast_shapes(&ins[0].shape, &ins[1].shape)?,
+            })
+        }
+        Op::Where => {
+            arity(op, ins, 3)?;
+            if ins[0].dtype != DType::Bool {
+                return Err(format!("where's condition must be bool, got {}", ins[0]));
+            }
+            same_dtype(ins[1], ins[2])?;
+            let s = broadcast_shapes(&ins[0].shape, &ins[1].shape)?;
+            Ok(TensorType {
+                dtype: ins[1].dtype,
+                shape: broadcast_shapes(&s, &ins[2].shape)?,
+            })
+        }
+        Op::Cast { to } => {
+            arity(op, ins, 1)?;
+            Ok(TensorType {
+                dtype: *to,
+                shape: ins[0].shape.clone(),
+            })
+        }
+        Op::Reduce {
+            op: r,
+            axes,
+            keepdim,
+        } => {
+            arity(op, ins, 1)?;
+            let t = ins[0];
+            if axes.is_empty() || axes.windows(2).any(|w| w[0] >= w[1]) {
+                return Err(format!(
+                    "axes {axes:?} must be non-empty and strictly increasing"
+                ));
+            }
+            axis_ok(*axes.last().unwrap_or(&0), t.rank())?;
+            match r {
+                ReduceOp::Mean => float_only("reduce_mean", t)?,
+                _ if t.dtype == DType::Bool => {
+                    return Err(format!("{} needs a numeric operand, got {t}", r.name()))
+                }
+                _ => {}
+            }
+            Ok(TensorType {
+                dtype: t.dtype,
+                shape: reduce_shape(&t.shape, axes, *keepdim),
+            })
+        }
+        Op::ArgMax { axis, keepdim } => {
+            arity(op, ins, 1)?;
+            axis_ok(*axis, ins[0].rank())?;
+            Ok(TensorType {
+                dtype: DType::I64,
+                shape: reduce_shape(&ins[0].shape, &[*axis], *keepdim),
+            })
+        }
+        Op::TopK { k, axis } => {
+            arity(op, ins, 1)?;
+            let t = ins[0];
+            axis_ok(*axis, t.rank())?;
+            if let Some(n) = t.shape[*axis].as_fixed() {
+                if *k as i64 > n {
+                    return Err(format!("k = {k} exceeds axis {axis} of size {n}"));
+                }
+            }
+            let mut shape = t.shape.clone();
+            shape[*axis] = Dim::from(*k);
+            Ok(TensorType {
+                dtype: DType::I64,
+                shape,
+            })
+        }
+        Op::Softmax { axis } | Op::LogSoftmax { axis } => {
+            arity(op, ins, 1)?;
+            float_only(op.name(), ins[0])?;
+            axis_ok(*axis, ins[0].rank())?;
+            Ok(ins[0].clone())
+        }
+        Op::MatMul {
+            transpose_a,
+            transpose_b,
+        } => {
+            arity(op, ins, 2)?;
+            let (a, b) = (ins[0], ins[1]);
+            same_dtype(a, b)?;
+            if a.dtype == DType::Bool {
+                return Err("matmul needs numeric operands".into());
+            }
+            if a.rank() < 2 || b.rank() < 2 {
+                return Err(format!("matmul needs rank >= 2 operands, got {a} and {b}"));
+            }
+            let (ra, rb) = (a.rank(), b.rank());
+            let (m, ka) = if *transpose_a {
+                (&a.shape[ra - 1], &a.shape[ra - 2])
+            } else {
+                (&a.shape[ra - 2], &a.shape[ra - 1])
+            };
+            let (kb, n) = if *transpose_b {
+                (&b.shape[rb - 1], &b.shape[rb - 2])
+            } else {
+                (&b.shape[rb - 2], &b.shape[rb - 1])
+            };
+            if ka != kb {
+                return Err(format!(
+                    "cannot multiply {a} by {b}: contracted dims {ka} and {kb} differ"
+                ));
+            }
+            let mut shape = broadcast_shapes(&a.shape[..ra - 2], &b.shape[..rb - 2])?;
+            shape.push(m.clone());
+            shape.push(n.clone());
+            Ok(TensorType {
+                dtype: a.dtype,
+                shape,
+            })
+        }
+        Op::Reshape { shape } => {
+            arity(op, ins, 1)?;
+            shape.iter().try_for_each(nonneg_fixed)?;
+            let (from, to) = (ins[0].numel(), numel(shape));
+            if from != to {
+                return Err(format!(
+                    "cannot reshape {} ({} elements) to {} ({} elements)",
+                    ins[0],
+                    from,
+                    DisplayShape(shape),
+                    to
+                ));
+            }
+            Ok(TensorType {
+                dtype: ins[0].dtype,
+                shape: shape.clone(),
+            })
+        }
+        Op::Permute { perm } => {
+            arity(op, ins, 1)?;
+            let t = ins[0];
+            let mut seen = vec![false; t.rank()];
+            if perm.len() != t.rank()
+                || perm
+                    .iter()
+                    .any(|&p| p >= t.rank() || std::mem::replace(&mut seen[p], true))
+            {
+                return Err(format!("{perm:?} is not a permutation of the axes of {t}"));
+            }
+            Ok(TensorType {
+                dtype: t.dtype,
+                shape: perm.iter().map(|&p| t.shape[p].clone()).collect(),
+            })
+        }
+        Op::Expand { shape } => {
+            arity(op, ins, 1)?;
+            let t = ins[0];
+            let b = broadcast_shapes(&t.shape, shape)?;
+            if b != *shape {
+                return Err(format!("cannot expand {t} to {}", DisplayShape(shape)));
+            }
+            Ok(TensorType {
+                dtype: t.dtype,
+                shape: shape.clone(),
+            })
+        }
+        Op::Slice { axis, start, end } => {
+            arity(op, ins, 1)?;
+            let t = ins[0];
+            axis_ok(*axis, t.rank())?;
+            let len = end - start;
+            let bad = |why: &str| Err(format!("slice {start}..{end} of axis {axis} of {t}: {why}"));
+            if start.as_fixed().is_some_and(|s| s < 0) || len.as_fixed().is_some_and(|l| l < 0) {
+                return bad("bounds out of order or negative");
+            }
+            if let Some(over) = (end - &t.shape[*axis]).as_fixed() {
+                if over > 0 {
+                    return bad("end past the axis");
+                }
+            }
+            let mut shape = t.shape.clone();
+            shape[*axis] = len;
+            Ok(TensorType {
+                dtype: t.dtype,
+                shape,
+            })
+        }
+        Op::Concat { axis } => {
+            let Some(first) = ins.first() else {
+                return Err("concat needs at least one operand".into());
+            };
+            axis_ok(*axis, first.rank())?;
+            let mut total = Dim::fixed(0);
+            for t in ins {
+                same_dtype(first, t)?;
+                let rest_differs = t.rank() != first.rank()
+                    || (0..t.rank()).any(|i| i != *axis && t.shape[i] != first.shape[i]);
+                if rest_differs {
+                    return Err(format!(
+                        "cannot concatenate {first} and {t} along axis {axis}"
+                    ));
+                }
+                total = &total + &t.shape[*axis];
+            }
+            let mut shape = first.shape.clone();
+            shape[*axis] = total;
+            Ok(TensorType {
+                dtype: first.dtype,
+                shape,
+            })
+        }
+        Op::Gather { axis } => {
+            arity(op, ins, 2)?;
+            let (d, i) = (ins[0], ins[1]);
+            axis_ok(*axis, d.rank())?;
+            if !i.dtype.is_int() {
+                return Err(format!("gather indices must be integers, got {i}"));
+            }
+            let mut shape: Shape = d.shape[..*axis].to_vec();
+            shape.extend(i.shape.iter().cloned());
+            shape.extend(d.shape[axis + 1..].iter().cloned());
+            Ok(TensorType {
+                dtype: d.dtype,
+                shape,
+            })
+        }
+        Op::GatherAlong { axis } => {
+            arity(op, ins, 2)?;
+            let (d, i) = (ins[0], ins[1]);
+            axis_ok(*axis, d.rank())?;
+            if !i.dtype.is_int() {
+                return Err(format!("gather_along indices must be integers, got {i}"));
+            }
+            let other_differs = i.rank() != d.rank()
+                || (0..d.rank()).any(|k| k != *axis && d.shape[k] != i.shape[k]);
+            if other_differs {
+                return Err(format!(
+                    "gather_along indices {i} must match data {d} except on axis {axis}"
+                ));
+            }
+            Ok(TensorType {
+                dtype: d.dtype,
+                shape: i.shape.clone(),
+            })
+        }
+        Op::Triangle { .. } => {
+            arity(op, ins, 1)?;
+            if ins[0].rank() < 2 {
+                return Err(format!("{} needs rank >= 2, got {}", op.name(), ins[0]));
+            }
+            Ok(ins[0].clone())
+        }
+        Op::RmsNorm { .. } | Op::LayerNorm { .. } => {
+            let n = if matches!(op, Op::RmsNorm { .. }) {
+                2
+            } else {
+                3
+            };
+            arity(op, ins, n)?;
+            let x = ins[0];
+            float_only(op.name(), x)?;
+            let Some(last) = x.shape.last() else {
+                return Err(format!("{} needs rank >= 1", op.name()));
+            };
+            for w in &ins[1..] {
+                same_dtype(x, w)?;
+                if w.shape.as_slice() != std::slice::from_ref(last) {
+                    return Err(format!("{} weight {w} must be [{last}] for {x}", op.name()));
+                }
+            }
+            Ok(x.clone())
+        }
+        Op::Attention {
+            causal: false,
+            window: 1..,
+            ..
+        } => Err("a sliding window requires causal=true".into()),
+        Op::Attention { .. } => infer_attention(ins),
+    }
+}
+
+fn reduce_shape(shape: &[Dim], axes: &[usize], keepdim: bool) -> Shape {
+    shape
+        .iter()
+        .enumerate()
+        .filter_map(|(i, d)| match (axes.contains(&i), keepdim) {
+            (false, _) => Some(d.clone()),
+            (true, true) => Some(Dim::fixed(1)),
+            (true, false) => None,
+        })
+        .collect()
+}
+
+fn infer_attention(ins: &[&TensorType]) -> R {
+    if !(3..=4).contains(&ins.len()) {
+        return Err(format!(
+            "attention takes q, k, v and an optional mask, got {} operands",
+            ins.len()
+        ));
+    }
+    let (q, k, v) = (ins[0], ins[1], ins[2]);
+    float_only("attention", q)?;
+    same_dtype(q, k)?;
+    same_dtype(q, v)?;
+    if q.rank() != 4 || k.rank() != 4 || v.rank() != 4 {
+        return Err(format!("attention needs rank-4 q, k, v, got {q}, {k}, {v}"));
+    }
+    let (hq, hk) = (&q.shape[1], &k.shape[1]);
+    let groups_ok = match (hq.as_fixed(), hk.as_fixed()) {
+        (Some(a), Some(b)) => b > 0 && a % b == 0,
+        _ => hq == hk,
+    };
+    if q.shape[0] != k.shape[0]
+        || k.shape[..3] != v.shape[..3]
+        || q.shape[3] != k.shape[3]
+        || !groups_ok
+    {
+        return Err(format!(
+            "attention shapes disagree: q {q}, k {k}, v {v} (need q[b,hq,sq,d], k[b,hkv,sk,d], v[b,hkv,sk,dv], hq a multiple of hkv)"
+        ));
+    }
+    let out_shape = vec![
+        q.shape[0].clone(),
+        hq.clone(),
+        q.shape[2].clone(),
+        v.shape[3].clone(),
+    ];
+    if let Some(m) = ins.get(3) {
+        same_dtype(q, m)?;
+        let scores = vec![
+            q.shape[0].clone(),
+            hq.clone(),
+            q.shape[2].clone(),
+            k.shape[2].clone(),
+        ];
+        if m.rank() > 4 || broadcast_shapes(&m.shape, &scores)? != scores {
+            return Err(format!(
+                "attention mask {m} does not broadcast to the scores {}",
+                DisplayShape(&scores)
+            ));
+        }
+    }
+    Ok(TensorType {
+        dtype: q.dtype,
+        shape: out_shape,
+    })
+}

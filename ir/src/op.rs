@@ -1,0 +1,546 @@
+//! The op set: every operation a kiln graph can contain, with its exact semantics.
+//!
+//! Primitive ops are what model code traces into; composite ops (`rmsnorm`, `layernorm`,
+//! `attention`) are what the optimizer creates and backends implement as single kernels.
+//! Each op's semantics is stated on its variant; [`UnaryOp::eval`], [`BinaryOp::eval`] and
+//! [`CmpOp::eval`] define the scalar functions, computed in f64 and then rounded to the
+//! result dtype: to f32 first, then (for f16, bf16 and fp8) from that f32 to the narrower
+//! format, as f32-accumulating kernels do. Integer results wrap as the dtype's C cast would.
+//! Shape and dtype rules live in [`crate::infer`].
+//!
+//! Edge cases: max, min and argmax over an empty axis are run-time errors; sum over an empty
+//! axis is 0 and mean is NaN; `max(-0.0, 0.0)` may give either zero.
+
+use crate::{DType, Dim, Literal, Shape};
+use serde::{Deserialize, Serialize};
+
+/// Elementwise functions of one operand. Float operands unless stated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum UnaryOp {
+    /// `-x` (floats and signed integers).
+    Neg,
+    /// `e^x`.
+    Exp,
+    /// Natural log; `log(0) = -inf`, `log(x<0) = NaN`.
+    Log,
+    /// Square root; NaN below zero.
+    Sqrt,
+    /// `1 / sqrt(x)`.
+    Rsqrt,
+    /// Hyperbolic tangent.
+    Tanh,
+    /// The error function.
+    Erf,
+    /// `1 / (1 + e^-x)`.
+    Sigmoid,
+    /// `max(x, 0)`, NaN stays NaN (floats and integers).
+    Relu,
+    /// Exact GELU: `x/2 * (1 + erf(x / sqrt 2))` (`torch.nn.functional.gelu`).
+    Gelu,
+    /// Tanh GELU: `x/2 * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x^3)))` (`approximate='tanh'`).
+    GeluTanh,
+    /// `x * sigmoid(x)` (SiLU / swish).
+    Silu,
+    /// Sine (radians).
+    Sin,
+    /// Cosine (radians).
+    Cos,
+    /// `1 / x`.
+    Recip,
+    /// `|x|` (floats and signed integers).
+    Abs,
+    /// Logical not (bool only).
+    Not,
+}
+
+impl UnaryOp {
+    /// Every unary op.
+    pub const ALL: [UnaryOp; 17] = [
+        UnaryOp::Neg,
+        UnaryOp::Exp,
+        UnaryOp::Log,
+        UnaryOp::Sqrt,
+        UnaryOp::Rsqrt,
+        UnaryOp::Tanh,
+        UnaryOp::Erf,
+        UnaryOp::Sigmoid,
+        UnaryOp::Relu,
+        UnaryOp::Gelu,
+        UnaryOp::GeluTanh,
+        UnaryOp::Silu,
+        UnaryOp::Sin,
+        UnaryOp::Cos,
+        UnaryOp::Recip,
+        UnaryOp::Abs,
+        UnaryOp::Not,
+    ];
+
+    /// Mnemonic in the text format.
+    pub fn name(self) -> &'static str {
+        match self {
+            UnaryOp::Neg => "neg",
+            UnaryOp::Exp => "exp",
+            UnaryOp::Log => "log",
+            UnaryOp::Sqrt => "sqrt",
+            UnaryOp::Rsqrt => "rsqrt",
+            UnaryOp::Tanh => "tanh",
+            UnaryOp::Erf => "erf",
+            UnaryOp::Sigmoid => "sigmoid",
+            UnaryOp::Relu => "relu",
+            UnaryOp::Gelu => "gelu",
+            UnaryOp::GeluTanh => "gelu_tanh",
+            UnaryOp::Silu => "silu",
+            UnaryOp::Sin => "sin",
+            UnaryOp::Cos => "cos",
+            UnaryOp::Recip => "recip",
+            UnaryOp::Abs => "abs",
+            UnaryOp::Not => "not",
+        }
+    }
+
+    /// The scalar function on a float (bool `not` maps 0 to 1 and anything else to 0).
+    pub fn eval(self, x: f64) -> f64 {
+        match self {
+            UnaryOp::Neg => -x,
+            UnaryOp::Exp => x.exp(),
+            UnaryOp::Log => x.ln(),
+            UnaryOp::Sqrt => x.sqrt(),
+            UnaryOp::Rsqrt => 1.0 / x.sqrt(),
+            UnaryOp::Tanh => x.tanh(),
+            UnaryOp::Erf => libm::erf(x),
+            UnaryOp::Sigmoid => 1.0 / (1.0 + (-x).exp()),
+            UnaryOp::Relu => {
+                if x < 0.0 {
+                    0.0
+                } else {
+                    x
+                }
+            }
+            UnaryOp::Gelu => 0.5 * x * (1.0 + libm::erf(x / std::f64::consts::SQRT_2)),
+            UnaryOp::GeluTanh => {
+                let k = (2.0 / std::f64::consts::PI).sqrt();
+                0.5 * x * (1.0 + (k * (x + 0.044715 * x * x * x)).tanh())
+            }
+            UnaryOp::Silu => x / (1.0 + (-x).exp()),
+            UnaryOp::Sin => x.sin(),
+            UnaryOp::Cos => x.cos(),
+            UnaryOp::Recip => 1.0 / x,
+            UnaryOp::Abs => x.abs(),
+            UnaryOp::Not => {
+                if x == 0.0 {
+                    1.0
+                } else {
+                    0.0
+                }
+            }
+        }
+    }
+}
+
+/// Elementwise functions of two operands of one dtype, broadcast by numpy's rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum BinaryOp {
+    /// `a + b`.
+    Add,
+    /// `a - b`.
+    Sub,
+    /// `a * b`.
+    Mul,
+    /// `a / b` (floats: IEEE, `x/0 = ±inf`; integers: truncating, division by zero is a run-time error).
+    Div,
+    /// `a ^ b` (floats; negative base with non-integer exponent is NaN).
+    Pow,
+    /// Larger of the two; NaN if either is NaN (`torch.maximum`).
+    Max,
+    /// Smaller of the two; NaN if either is NaN (`torch.minimum`).
+    Min,
+    /// Logical and (bool only).
+    And,
+    /// Logical or (bool only).
+    Or,
+}
+
+impl BinaryOp {
+    /// Every binary op.
+    pub const ALL: [BinaryOp; 9] = [
+        BinaryOp::Add,
+        BinaryOp::Sub,
+        BinaryOp::Mul,
+        BinaryOp::Div,
+        BinaryOp::Pow,
+        BinaryOp::Max,
+        BinaryOp::Min,
+        BinaryOp::And,
+        BinaryOp::Or,
+    ];
+
+    /// Mnemonic in the text format.
+    pub fn name(self) -> &'static str {
+        match self {
+            BinaryOp::Add => "add",
+            BinaryOp::Sub => "sub",
+            BinaryOp::Mul => "mul",
+            BinaryOp::Div => "div",
+            BinaryOp::Pow => "pow",
+            BinaryOp::Max => "max",
+            BinaryOp::Min => "min",
+            BinaryOp::And => "and",
+            BinaryOp::Or => "or",
+        }
+    }
+
+    /// The scalar function on floats (bools as 0/1).
+    pub fn eval(self, a: f64, b: f64) -> f64 {
+        match self {
+            BinaryOp::Add => a + b,
+            BinaryOp::Sub => a - b,
+            BinaryOp::Mul => a * b,
+            BinaryOp::Div => a / b,
+            BinaryOp::Pow => a.powf(b),
+            BinaryOp::Max => {
+                if a.is_nan() || b.is_nan() {
+                    f64::NAN
+                } else {
+                    a.max(b)
+                }
+            }
+            BinaryOp::Min => {
+                if a.is_nan() || b.is_nan() {
+                    f64::NAN
+                } else {
+                    a.min(b)
+                }
+            }
+            BinaryOp::And => f64::from(u8::from(a != 0.0 && b != 0.0)),
+            BinaryOp::Or => f64::from(u8::from(a != 0.0 || b != 0.0)),
+        }
+    }
+}
+
+/// Elementwise comparisons of two operands of one dtype, broadcast; the result is bool.
+/// Comparisons with NaN are false except `ne`, as in IEEE 754.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum CmpOp {
+    /// `a == b`.
+    Eq,
+    /// `a != b`.
+    Ne,
+    /// `a < b`.
+    Lt,
+    /// `a <= b`.
+    Le,
+    /// `a > b`.
+    Gt,
+    /// `a >= b`.
+    Ge,
+}
+
+impl CmpOp {
+    /// Every comparison.
+    pub const ALL: [CmpOp; 6] = [
+        CmpOp::Eq,
+        CmpOp::Ne,
+        CmpOp::Lt,
+        CmpOp::Le,
+        CmpOp::Gt,
+        CmpOp::Ge,
+    ];
+
+    /// Mnemonic in the text format.
+    pub fn name(self) -> &'static str {
+        match self {
+            CmpOp::Eq => "eq",
+            CmpOp::Ne => "ne",
+            CmpOp::Lt => "lt",
+            CmpOp::Le => "le",
+            CmpOp::Gt => "gt",
+            CmpOp::Ge => "ge",
+        }
+    }
+
+    /// The comparison on any ordered values.
+    pub fn eval<T: PartialOrd>(self, a: T, b: T) -> bool {
+        match self {
+            CmpOp::Eq => a == b,
+            CmpOp::Ne => a != b,
+            CmpOp::Lt => a < b,
+            CmpOp::Le => a <= b,
+            CmpOp::Gt => a > b,
+            CmpOp::Ge => a >= b,
+        }
+    }
+}
+
+/// Reductions over a set of axes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum ReduceOp {
+    /// Sum (accumulated in f64 for floats, i64 for integers).
+    Sum,
+    /// Arithmetic mean (floats only).
+    Mean,
+    /// Maximum; NaN if any element is NaN.
+    Max,
+    /// Minimum; NaN if any element is NaN.
+    Min,
+}
+
+impl ReduceOp {
+    /// Every reduction.
+    pub const ALL: [ReduceOp; 4] = [ReduceOp::Sum, ReduceOp::Mean, ReduceOp::Max, ReduceOp::Min];
+
+    /// Mnemonic in the text format.
+    pub fn name(self) -> &'static str {
+        match self {
+            ReduceOp::Sum => "reduce_sum",
+            ReduceOp::Mean => "reduce_mean",
+            ReduceOp::Max => "reduce_max",
+            ReduceOp::Min => "reduce_min",
+        }
+    }
+}
+
+/// An operation. Operands are listed on the node; attributes live here.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Op {
+    /// A graph input, bound by name at run time (token ids, masks, KV cache). No operands.
+    Input {
+        /// The input's name.
+        name: String,
+    },
+    /// A named parameter (weight), bound by name from a checkpoint. No operands.
+    Param {
+        /// The parameter's name, e.g. `model.layers.0.mlp.up_proj.weight`.
+        name: String,
+    },
+    /// A constant tensor of fixed shape. No operands.
+    Const {
+        /// Its value.
+        value: Literal,
+    },
+    /// Elementwise unary function.
+    Unary(UnaryOp),
+    /// Elementwise binary function with broadcasting; both operands of one dtype.
+    Binary(BinaryOp),
+    /// Elementwise comparison with broadcasting; result bool.
+    Compare(CmpOp),
+    /// `where(cond, a, b)`: `a` where `cond` is true, else `b`; all three broadcast together.
+    Where,
+    /// Converts the element type. Float to integer truncates toward zero (NaN gives 0; out of
+    /// range saturates to i64, then wraps to the dtype); to bool is `x != 0`;
+    /// to f16/bf16 rounds to nearest even; to fp8 rounds as PyTorch's cast (see [`crate::f8`]).
+    Cast {
+        /// The result dtype.
+        to: DType,
+    },
+    /// Reduces over `axes` (strictly increasing), removing them or keeping them as size 1.
+    Reduce {
+        /// Which reduction.
+        op: ReduceOp,
+        /// The reduced axes, strictly increasing.
+        axes: Vec<usize>,
+        /// Keep reduced axes as size 1.
+        keepdim: bool,
+    },
+    /// Index (i64) of the largest element along `axis`; ties give the first index; NaN counts
+    /// as larger than everything (as `torch.argmax`).
+    ArgMax {
+        /// The reduced axis.
+        axis: usize,
+        /// Keep the axis as size 1.
+        keepdim: bool,
+    },
+    /// Indices (i64) of the `k` largest elements along `axis`, largest first; ties give the lower
+    /// index first. The axis becomes size `k`.
+    TopK {
+        /// How many.
+        k: usize,
+        /// The axis searched.
+        axis: usize,
+    },
+    /// `exp(x - max) / sum(exp(x - max))` along `axis`; a row of all `-inf` gives NaN (as PyTorch).
+    Softmax {
+        /// The normalized axis.
+        axis: usize,
+    },
+    /// `x - max - log(sum(exp(x - max)))` along `axis`.
+    LogSoftmax {
+        /// The normalized axis.
+        axis: usize,
+    },
+    /// Batched matrix product `a[..., m, k] · b[..., k, n]`, batch axes broadcast (rank ≥ 2 each).
+    /// A transpose flag reads that operand's last two axes swapped.
+    MatMul {
+        /// Read `a` as `[..., k, m]` transposed.
+        transpose_a: bool,
+        /// Read `b` as `[..., n, k]` transposed.
+        transpose_b: bool,
+    },
+    /// Same elements in row-major order, new shape of equal element count.
+    Reshape {
+        /// The new shape.
+        shape: Shape,
+    },
+    /// Axis permutation: result axis `i` is operand axis `perm[i]`.
+    Permute {
+        /// A permutation of `0..rank`.
+        perm: Vec<usize>,
+    },
+    /// Broadcasts the operand to `shape` (numpy rules, leading axes may be added).
+    Expand {
+        /// The target shape.
+        shape: Shape,
+    },
+    /// Elements `start..end` (step 1) along `axis`; bounds may be symbolic (`past..past+seq`).
+    /// At run time `0 <= start <= end <= size` must hold.
+    Slice {
+        /// The sliced axis.
+        axis: usize,
+        /// First index kept.
+        start: Dim,
+        /// One past the last index kept.
+        end: Dim,
+    },
+    /// Joins one or more operands of equal dtype and rank along `axis`.
+    Concat {
+        /// The joined axis.
+        axis: usize,
+    },
+    /// `index_select`: operands `(data, indices)`; the result's shape is
+    /// `data[..axis] ++ indices.shape ++ data[axis+1..]` and picks `data` rows by index
+    /// (integer indices; out-of-range is a run-time error). An embedding lookup is axis 0.
+    Gather {
+        /// The indexed axis of `data`.
+        axis: usize,
+    },
+    /// `take_along_dim`: operands `(data, indices)` of equal rank; the result has the indices'
+    /// shape and `out[.., i, ..] = data[.., indices[.., i, ..], ..]` along `axis` (other axes equal).
+    GatherAlong {
+        /// The indexed axis.
+        axis: usize,
+    },
+    /// A tensor whose element is its index along `axis` (`arange` broadcast to `shape`). No operands.
+    Iota {
+        /// Result dtype (integer or float).
+        dtype: DType,
+        /// Result shape.
+        shape: Shape,
+        /// The counting axis.
+        axis: usize,
+    },
+    /// Triangular mask on the last two axes (`torch.triu`/`torch.tril`): with `upper`, keeps
+    /// elements where `col - row >= diagonal`, otherwise keeps `col - row <= diagonal`; the rest
+    /// become zero (false for bool).
+    Triangle {
+        /// `triu` if true, `tril` if false.
+        upper: bool,
+        /// Diagonal offset (may be symbolic, e.g. `past+1`).
+        diagonal: Dim,
+    },
+    /// Composite: `x / sqrt(mean(x^2 over last axis) + eps) * weight`, statistics in f32 or wider;
+    /// operands `(x, weight[last])`.
+    RmsNorm {
+        /// Added to the mean square.
+        eps: f64,
+    },
+    /// Composite: `(x - mean) / sqrt(var + eps) * weight + bias` over the last axis
+    /// (biased variance); operands `(x, weight[last], bias[last])`.
+    LayerNorm {
+        /// Added to the variance.
+        eps: f64,
+    },
+    /// Composite scaled-dot-product attention. Operands `(q[b, hq, sq, d], k[b, hkv, sk, d],
+    /// v[b, hkv, sk, dv])` and optionally an additive `mask` broadcastable to `[b, hq, sq, sk]`.
+    /// `hq` is a multiple of `hkv`; query head `h` uses key/value head `h / (hq / hkv)`.
+    /// Query `i` sits at position `sk - sq + i`; with `causal` it sees keys `j <= pos`, and a
+    /// sliding `window = w > 0` (which requires `causal`) also hides keys `j <= pos - w`.
+    /// Scores are `scale * q·k + mask`, softmax over the visible keys; a query with no visible
+    /// key yields zeros, while visible keys all masked with `-inf` give NaN (as softmax does).
+    /// Result `[b, hq, sq, dv]`.
+    Attention {
+        /// Multiplies `q·k`.
+        scale: f64,
+        /// Apply the causal mask.
+        causal: bool,
+        /// Sliding-window size; 0 for none.
+        window: usize,
+    },
+}
+
+impl Op {
+    /// The mnemonic used in the text format.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Input { .. } => "input",
+            Op::Param { .. } => "param",
+            Op::Const { .. } => "const",
+            Op::Unary(u) => u.name(),
+            Op::Binary(b) => b.name(),
+            Op::Compare(c) => c.name(),
+            Op::Where => "where",
+            Op::Cast { .. } => "cast",
+            Op::Reduce { op, .. } => op.name(),
+            Op::ArgMax { .. } => "argmax",
+            Op::TopK { .. } => "topk",
+            Op::Softmax { .. } => "softmax",
+            Op::LogSoftmax { .. } => "log_softmax",
+            Op::MatMul { .. } => "matmul",
+            Op::Reshape { .. } => "reshape",
+            Op::Permute { .. } => "permute",
+            Op::Expand { .. } => "expand",
+            Op::Slice { .. } => "slice",
+            Op::Concat { .. } => "concat",
+            Op::Gather { .. } => "gather",
+            Op::GatherAlong { .. } => "gather_along",
+            Op::Iota { .. } => "iota",
+            Op::Triangle { upper: true, .. } => "triu",
+            Op::Triangle { upper: false, .. } => "tril",
+            Op::RmsNorm { .. } => "rmsnorm",
+            Op::LayerNorm { .. } => "layernorm",
+            Op::Attention { .. } => "attention",
+        }
+    }
+
+    /// True for ops with no operands that introduce a value (inputs, params, constants, iota).
+    pub fn is_source(&self) -> bool {
+        matches!(
+            self,
+            Op::Input { .. } | Op::Param { .. } | Op::Const { .. } | Op::Iota { .. }
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_unique() {
+        let mut names: Vec<&str> = UnaryOp::ALL.iter().map(|u| u.name()).collect();
+        names.extend(BinaryOp::ALL.iter().map(|b| b.name()));
+        names.extend(CmpOp::ALL.iter().map(|c| c.name()));
+        names.extend(ReduceOp::ALL.iter().map(|r| r.name()));
+        let n = names.len();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), n);
+    }
+
+    #[test]
+    fn hand_checked_scalars() {
+        assert_eq!(UnaryOp::Relu.eval(-2.0), 0.0);
+        assert!(UnaryOp::Relu.eval(f64::NAN).is_nan());
+        assert_eq!(UnaryOp::Sigmoid.eval(0.0), 0.5);
+        assert_eq!(UnaryOp::Gelu.eval(0.0), 0.0);
+        // gelu(1) = 0.5 * (1 + erf(1/sqrt 2)) = 0.841344746...
+        assert!((UnaryOp::Gelu.eval(1.0) - 0.841_344_746_068_543).abs() < 1e-12);
+        assert!((UnaryOp::GeluTanh.eval(1.0) - 0.841_191_990_607_477_2).abs() < 1e-12);
+        assert_eq!(UnaryOp::Rsqrt.eval(4.0), 0.5);
+        assert_eq!(UnaryOp::Log.eval(0.0), f64::NEG_INFINITY);
+        assert!(BinaryOp::Max.eval(f64::NAN, 1.0).is_nan());
+        assert!(BinaryOp::Min.eval(1.0, f64::NAN).is_nan());
+        assert_eq!(BinaryOp::Pow.eval(-2.0, 3.0), -8.0);
+        assert!(BinaryOp::Pow.eval(-2.0, 0.5).is_nan());
+        assert!(!CmpOp::Eq.eval(f64::NAN, f64::NAN));
+        assert!(CmpOp::Ne.eval(f64::NAN, f64::NAN));
+    }
+}
