@@ -2,9 +2,12 @@
 //!
 //! This facade re-exports the workspace's crates under one name:
 //! [`ir`] (the typed SSA IR, tracer, verifier and text format), [`compiler`] (graph passes),
-//! [`runtime`] (tensors, the reference executor, weight binding) and [`models`] (model families).
+//! [`runtime`] (tensors, the reference executor, weight binding) and [`models`] (model families),
+//! and adds [`load`]: from a Hugging Face directory to a model ready to run.
 
 pub use kiln_compiler as compiler;
 pub use kiln_ir as ir;
 pub use kiln_models as models;
 pub use kiln_runtime as runtime;
+
+pub mod load;

@@ -1,17 +1,19 @@
-//! The Llama decoder layer, traced as transformers' `LlamaDecoderLayer` (eager attention):
-//! pre-RMSNorm, RoPE, grouped-query attention with an additive mask, SwiGLU MLP, residuals.
+//! The Llama family and its relatives — `llama`, `mistral` (sliding-window attention), `qwen2`
+//! (QKV bias) and `mixtral` (sparse MoE MLP) — traced as transformers' eager implementations:
+//! pre-RMSNorm, RoPE, grouped-query attention with a KV cache, SwiGLU MLP, residuals.
 
-use crate::{nn, rope};
+use crate::rope::{self, Rope};
+use crate::{moe, nn, CausalGraphs, TraceError};
 use kiln_ir::trace::{Tensor, TraceResult, Tracer};
 use kiln_ir::{DType, Dim, Graph};
 use serde::Deserialize;
 
-/// The sizes of one decoder layer (the keys of transformers' `LlamaConfig`).
+/// Sizes and options of one decoder layer.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct LayerConfig {
     /// Model width.
     pub hidden_size: usize,
-    /// MLP width.
+    /// MLP width (per expert for MoE).
     pub intermediate_size: usize,
     /// Query heads.
     pub num_attention_heads: usize,
@@ -23,10 +25,39 @@ pub struct LayerConfig {
     pub rms_norm_eps: f64,
     /// RoPE base.
     pub rope_theta: f64,
+    /// Bias on the q, k and v projections (Qwen2).
+    #[serde(default)]
+    pub qkv_bias: bool,
+    /// Bias on the output projection too (`attention_bias` of Llama).
+    #[serde(default)]
+    pub o_bias: bool,
+    /// Sliding-window attention size (Mistral).
+    #[serde(default)]
+    pub sliding_window: Option<usize>,
+    /// Sparse MoE MLP (Mixtral).
+    #[serde(default)]
+    pub moe: Option<moe::MoeConfig>,
+}
+
+/// A whole decoder-only model of the Llama family.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecoderConfig {
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Number of layers.
+    pub num_hidden_layers: usize,
+    /// Per-layer settings.
+    pub layer: LayerConfig,
+    /// RoPE settings.
+    pub rope: Rope,
+    /// `lm_head` shares the embedding matrix.
+    pub tie_word_embeddings: bool,
+    /// Positions the model was trained for.
+    pub max_position_embeddings: usize,
 }
 
 /// Causal additive mask `[seq, seq]`: 0 where `col <= row`, the f32 minimum above the diagonal
-/// (transformers' eager mask).
+/// (transformers' eager mask), for a layer traced on its own.
 pub fn causal_mask(t: &Tracer, seq: &Dim) -> TraceResult {
     let shape = [seq.clone(), seq.clone()];
     let row = t.iota(DType::I64, shape.clone(), 0)?;
@@ -36,8 +67,18 @@ pub fn causal_mask(t: &Tracer, seq: &Dim) -> TraceResult {
     col.le(&row)?.where_(&zero, &min)
 }
 
-/// Self-attention of `x[batch, seq, hidden]` with RoPE `cos`/`sin[batch, seq, head_dim]` and an
-/// additive `mask` broadcastable to `[batch, heads, seq, seq]`; weights under `prefix`.
+/// A layer's key/value cache entry: `[batch, kv_heads, len, head_dim]` each.
+pub struct KvPair {
+    /// Keys (after RoPE).
+    pub key: Tensor,
+    /// Values.
+    pub value: Tensor,
+}
+
+/// Self-attention of `x[batch, seq, hidden]` with RoPE `cos`/`sin[batch, seq, head_dim]`, an
+/// additive `mask` broadcastable to `[batch, heads, seq, kv]`, and an optional cache of earlier
+/// positions; returns the output and the updated cache. Weights under `prefix`.
+#[allow(clippy::too_many_arguments)]
 pub fn attention(
     t: &Tracer,
     cfg: &LayerConfig,
@@ -46,7 +87,8 @@ pub fn attention(
     cos: &Tensor,
     sin: &Tensor,
     mask: &Tensor,
-) -> TraceResult {
+    past: Option<&KvPair>,
+) -> Result<(Tensor, KvPair), kiln_ir::OpError> {
     let (b, s) = (x.dim(0)?, x.dim(1)?);
     let (h, hkv, d) = (
         cfg.num_attention_heads,
@@ -57,16 +99,25 @@ pub fn attention(
         let y = nn::linear(
             t,
             x,
-            &nn::join(prefix, &format!("{name}.weight")),
+            &nn::join(prefix, name),
             n * d,
             cfg.hidden_size,
+            cfg.qkv_bias,
         )?;
         y.reshape(&[b.clone(), s.clone(), Dim::from(n), Dim::from(d)])?
             .transpose(1, 2)
     };
     let q = rope::apply(&heads("q_proj", h)?, cos, sin)?;
-    let k = rope::apply(&heads("k_proj", hkv)?, cos, sin)?;
-    let v = heads("v_proj", hkv)?;
+    let mut k = rope::apply(&heads("k_proj", hkv)?, cos, sin)?;
+    let mut v = heads("v_proj", hkv)?;
+    if let Some(p) = past {
+        k = Tensor::cat(&[&p.key, &k], 2)?;
+        v = Tensor::cat(&[&p.value, &v], 2)?;
+    }
+    let present = KvPair {
+        key: k.clone(),
+        value: v.clone(),
+    };
     let k = repeat_kv(&k, h / hkv)?;
     let v = repeat_kv(&v, h / hkv)?;
     let scores = (&q.matmul_t(&k, false, true)? * (d as f64).powf(-0.5))?;
@@ -75,13 +126,15 @@ pub fn attention(
         .matmul(&v)?
         .transpose(1, 2)?
         .reshape(&[b, s, Dim::from(h * d)])?;
-    nn::linear(
+    let out = nn::linear(
         t,
         &out,
-        &nn::join(prefix, "o_proj.weight"),
+        &nn::join(prefix, "o_proj"),
         cfg.hidden_size,
         h * d,
-    )
+        cfg.o_bias,
+    )?;
+    Ok((out, present))
 }
 
 /// transformers' `repeat_kv`: `[b, hkv, s, d]` → `[b, hkv*n, s, d]`, each head repeated `n` times.
@@ -96,6 +149,7 @@ pub fn repeat_kv(x: &Tensor, n: usize) -> TraceResult {
 }
 
 /// One decoder layer on `x[batch, seq, hidden]`; weights under `prefix` (e.g. `model.layers.0`).
+#[allow(clippy::too_many_arguments)]
 pub fn decoder_layer(
     t: &Tracer,
     cfg: &LayerConfig,
@@ -104,14 +158,15 @@ pub fn decoder_layer(
     cos: &Tensor,
     sin: &Tensor,
     mask: &Tensor,
-) -> TraceResult {
+    past: Option<&KvPair>,
+) -> Result<(Tensor, KvPair), kiln_ir::OpError> {
     let normed = nn::rms_norm(
         t,
         x,
         &nn::join(prefix, "input_layernorm.weight"),
         cfg.rms_norm_eps,
     )?;
-    let h = x.add(&attention(
+    let (attn, present) = attention(
         t,
         cfg,
         &nn::join(prefix, "self_attn"),
@@ -119,28 +174,33 @@ pub fn decoder_layer(
         cos,
         sin,
         mask,
-    )?)?;
+        past,
+    )?;
+    let h = x.add(&attn)?;
     let normed = nn::rms_norm(
         t,
         &h,
         &nn::join(prefix, "post_attention_layernorm.weight"),
         cfg.rms_norm_eps,
     )?;
-    let mlp = nn::swiglu_mlp(
-        t,
-        &normed,
-        &nn::join(prefix, "mlp"),
-        cfg.hidden_size,
-        cfg.intermediate_size,
-    )?;
-    h.add(&mlp)
+    let mlp = match &cfg.moe {
+        Some(m) => moe::sparse_moe(t, &normed, &nn::join(prefix, "block_sparse_moe"), cfg, m)?,
+        None => nn::swiglu_mlp(
+            t,
+            &normed,
+            &nn::join(prefix, "mlp"),
+            cfg.hidden_size,
+            cfg.intermediate_size,
+        )?,
+    };
+    Ok((h.add(&mlp)?, present))
 }
 
 /// One decoder layer as a graph of its own, with symbolic `batch` and `seq`: input
 /// `input.hidden_states[batch, seq, hidden]`, positions `0..seq` and the causal mask built
 /// in-graph, output `output.hidden_states`, weights named as in transformers' layer
 /// (`self_attn.q_proj.weight`, ...).
-pub fn standalone_layer(cfg: &LayerConfig) -> Result<Graph, crate::TraceError> {
+pub fn standalone_layer(cfg: &LayerConfig) -> Result<Graph, TraceError> {
     let t = Tracer::new();
     let (b, s) = (Dim::sym("batch"), Dim::sym("seq"));
     let x = t.input(
@@ -149,12 +209,95 @@ pub fn standalone_layer(cfg: &LayerConfig) -> Result<Graph, crate::TraceError> {
         [b.clone(), s.clone(), Dim::from(cfg.hidden_size)],
     );
     let positions = t.iota(DType::I64, [b, s.clone()], 1)?;
-    let inv_freq = rope::inv_freq(cfg.rope_theta, cfg.head_dim);
-    let (cos, sin) = rope::cos_sin(&t, &positions, &inv_freq)?;
+    let rope = Rope {
+        theta: cfg.rope_theta,
+        dim: cfg.head_dim,
+        scaling: rope::RopeScaling::Default,
+    };
+    let (cos, sin) = rope.cos_sin(&t, &positions)?;
     let mask = causal_mask(&t, &s)?;
-    let y = decoder_layer(&t, cfg, "", &x, &cos, &sin, &mask)?;
+    let (y, _) = decoder_layer(&t, cfg, "", &x, &cos, &sin, &mask, None)?;
     t.output("output.hidden_states", &y);
     Ok(t.finish()?)
+}
+
+/// Traces the causal LM: `with_cache` false gives the prefill graph, true the decode graph
+/// (see [`CausalGraphs`] for the inputs and outputs).
+pub fn trace(cfg: &DecoderConfig, with_cache: bool) -> Result<Graph, TraceError> {
+    let t = Tracer::new();
+    let l = &cfg.layer;
+    let (b, s) = (Dim::sym("batch"), Dim::sym("seq"));
+    let kv = if with_cache {
+        &Dim::sym("past") + &s
+    } else {
+        s.clone()
+    };
+    let ids = t.input("input_ids", DType::I64, [b.clone(), s.clone()]);
+    let mask_in = t.input("attention_mask", DType::I64, [b.clone(), kv]);
+    let positions = t.input("position_ids", DType::I64, [b.clone(), s.clone()]);
+    let embed = t.param(
+        "model.embed_tokens.weight",
+        DType::F32,
+        [cfg.vocab_size, l.hidden_size],
+    );
+    let mut x = embed.index_select(0, &ids)?;
+    let (cos, sin) = cfg.rope.cos_sin(&t, &positions)?;
+    let mask = nn::attention_mask(&t, &mask_in, &s, true, l.sliding_window)?;
+    let cache_shape = |len: Dim| {
+        [
+            b.clone(),
+            Dim::from(l.num_key_value_heads),
+            len,
+            Dim::from(l.head_dim),
+        ]
+    };
+    for i in 0..cfg.num_hidden_layers {
+        let past = with_cache.then(|| KvPair {
+            key: t.input(
+                &format!("past.{i}.key"),
+                DType::F32,
+                cache_shape(Dim::sym("past")),
+            ),
+            value: t.input(
+                &format!("past.{i}.value"),
+                DType::F32,
+                cache_shape(Dim::sym("past")),
+            ),
+        });
+        let (y, present) = decoder_layer(
+            &t,
+            l,
+            &format!("model.layers.{i}"),
+            &x,
+            &cos,
+            &sin,
+            &mask,
+            past.as_ref(),
+        )?;
+        t.output(&format!("present.{i}.key"), &present.key);
+        t.output(&format!("present.{i}.value"), &present.value);
+        x = y;
+    }
+    let x = nn::rms_norm(&t, &x, "model.norm.weight", l.rms_norm_eps)?;
+    let logits = if cfg.tie_word_embeddings {
+        x.matmul_t(&embed, false, true)?
+    } else {
+        nn::linear(&t, &x, "lm_head", cfg.vocab_size, l.hidden_size, false)?
+    };
+    t.output("logits", &logits);
+    Ok(t.finish()?)
+}
+
+impl DecoderConfig {
+    /// Both graphs of the causal LM.
+    pub fn trace(&self) -> Result<CausalGraphs, TraceError> {
+        Ok(CausalGraphs {
+            prefill: trace(self, false)?,
+            decode: trace(self, true)?,
+            num_layers: self.num_hidden_layers,
+            vocab_size: self.vocab_size,
+        })
+    }
 }
 
 #[cfg(test)]
@@ -171,6 +314,10 @@ mod tests {
             head_dim: 16,
             rms_norm_eps: 1e-6,
             rope_theta: 10000.0,
+            qkv_bias: false,
+            o_bias: false,
+            sliding_window: None,
+            moe: None,
         };
         let g = standalone_layer(&cfg).unwrap();
         assert_eq!(

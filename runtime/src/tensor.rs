@@ -207,6 +207,35 @@ impl Tensor {
         }
     }
 
+    /// The sub-tensors `self[i]` for each `i` of `rows`, stacked along a new axis 0 (rows may
+    /// repeat); `None` for a rank-0 tensor or an index out of range.
+    pub fn select_rows(&self, rows: &[usize]) -> Option<Tensor> {
+        let (&n, rest) = self.shape.split_first()?;
+        if rows.iter().any(|&r| r >= n) {
+            return None;
+        }
+        let chunk: usize = rest.iter().product();
+        fn pick<T: Clone>(v: &[T], chunk: usize, rows: &[usize]) -> Vec<T> {
+            rows.iter()
+                .flat_map(|&r| v[r * chunk..(r + 1) * chunk].iter().cloned())
+                .collect()
+        }
+        let storage = match &self.storage {
+            Storage::F32(v) => Storage::F32(pick(v, chunk, rows)),
+            Storage::F16(v) => Storage::F16(pick(v, chunk, rows)),
+            Storage::BF16(v) => Storage::BF16(pick(v, chunk, rows)),
+            Storage::F8E4M3(v) => Storage::F8E4M3(pick(v, chunk, rows)),
+            Storage::F8E5M2(v) => Storage::F8E5M2(pick(v, chunk, rows)),
+            Storage::I64(v) => Storage::I64(pick(v, chunk, rows)),
+            Storage::I32(v) => Storage::I32(pick(v, chunk, rows)),
+            Storage::U8(v) => Storage::U8(pick(v, chunk, rows)),
+            Storage::Bool(v) => Storage::Bool(pick(v, chunk, rows)),
+        };
+        let mut shape = self.shape.clone();
+        shape[0] = rows.len();
+        Some(Tensor { shape, storage })
+    }
+
     /// All elements widened to f64 (bool as 0/1).
     pub fn to_f64_vec(&self) -> Vec<f64> {
         (0..self.numel()).map(|i| self.get(i).as_f64()).collect()

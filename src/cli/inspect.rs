@@ -61,3 +61,28 @@ pub fn inspect(path: &Path) -> Result<(), CliError> {
     }
     Ok(())
 }
+
+/// Prints the traced graph(s) of a model directory (needs only config.json) with summaries.
+pub fn inspect_model(dir: &Path) -> Result<(), CliError> {
+    let dir = kiln::models::ModelDir::open(dir).map_err(|e| CliError::Input(e.to_string()))?;
+    let graphs: Vec<(&str, Graph)> = if dir.config.head == kiln::models::Head::CausalLm {
+        let g = kiln::load::causal_graphs(&dir).map_err(|e| CliError::Input(e.to_string()))?;
+        vec![("prefill", g.prefill), ("decode", g.decode)]
+    } else {
+        let g = kiln::models::encoder::trace_encoder(&dir.config)
+            .map_err(|e| CliError::Input(e.to_string()))?;
+        vec![("encoder", g.graph)]
+    };
+    for (name, g) in graphs {
+        println!(
+            "# ==== {name} graph of {} ({})",
+            dir.path.display(),
+            dir.config.model_type
+        );
+        print!("{}", text::print(&g));
+        for line in summary(&g).lines() {
+            println!("# {line}");
+        }
+    }
+    Ok(())
+}

@@ -1,12 +1,17 @@
 //! Command definitions (clap) and dispatch; each command lives in its own module.
 
+mod encode;
 mod error;
+mod forward;
+mod generate;
 mod inspect;
+mod opts;
 mod run;
 
 pub use error::CliError;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
+use opts::ModelOpts;
 use std::path::PathBuf;
 
 /// kiln: an ahead-of-time compiler and lean runtime for transformer models.
@@ -17,13 +22,70 @@ pub struct Cli {
     command: Command,
 }
 
+/// What `kiln inspect` looks at: a model directory or an IR file.
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+struct InspectTarget {
+    /// A Hugging Face model directory: prints its traced graph(s).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// A kiln IR text file.
+    #[arg(long)]
+    graph: Option<PathBuf>,
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Parse and verify a kiln IR file; print it and a summary (ops by kind, parameters, bytes).
+    /// Print a model's traced IR (or an IR file's) and a summary: ops by kind, parameters, bytes.
     Inspect {
-        /// The IR text file.
+        #[command(flatten)]
+        target: InspectTarget,
+    },
+    /// One forward pass on token ids (batch 1): logits for causal LMs, last_hidden_state for encoders.
+    Forward {
+        #[command(flatten)]
+        model: ModelOpts,
+        /// Comma-separated token ids, e.g. 1,2,3.
         #[arg(long)]
-        graph: PathBuf,
+        tokens: String,
+        /// Write the output (f32) to this safetensors file.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Generate a continuation of a prompt, streamed to stdout.
+    Generate(generate::GenerateArgs),
+    /// Sentence embeddings (pooling as the model's sentence-transformers modules declare).
+    Embed {
+        #[command(flatten)]
+        model: ModelOpts,
+        /// A text to embed (repeat for several).
+        #[arg(long = "text", required = true)]
+        texts: Vec<String>,
+        /// Print {"embeddings": [[...], ...]} on one line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Classify texts with a sequence-classification model (labels from id2label).
+    Classify {
+        #[command(flatten)]
+        model: ModelOpts,
+        /// A text to classify (repeat for several).
+        #[arg(long = "text", required = true)]
+        texts: Vec<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Fill the mask token of a text with a masked-LM model.
+    FillMask {
+        #[command(flatten)]
+        model: ModelOpts,
+        /// The text, containing the tokenizer's mask token (e.g. [MASK]).
+        #[arg(long)]
+        text: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Run a kiln IR graph on the CPU with the reference executor.
     Run {
@@ -45,7 +107,18 @@ enum Command {
 /// Runs the parsed command.
 pub fn dispatch(cli: Cli) -> Result<(), CliError> {
     match cli.command {
-        Command::Inspect { graph } => inspect::inspect(&graph),
+        Command::Inspect { target } => match (target.model, target.graph) {
+            (Some(model), _) => inspect::inspect_model(&model),
+            (None, Some(graph)) => inspect::inspect(&graph),
+            (None, None) => Err(CliError::Input("give --model DIR or --graph FILE".into())),
+        },
+        Command::Forward { model, tokens, out } => {
+            forward::forward(&model, &tokens, out.as_deref())
+        }
+        Command::Generate(args) => generate::generate(&args),
+        Command::Embed { model, texts, json } => encode::embed(&model, &texts, json),
+        Command::Classify { model, texts, json } => encode::classify(&model, &texts, json),
+        Command::FillMask { model, text, json } => encode::fill_mask(&model, &text, json),
         Command::Run {
             graph,
             weights,

@@ -56,7 +56,7 @@ pub fn run(
 }
 
 /// `f32[2, 7, 64] min -3.1 max 4.2 mean 0.01`.
-fn describe(t: &Tensor) -> String {
+pub fn describe(t: &Tensor) -> String {
     let v = t.to_f64_vec();
     let (min, max) = v
         .iter()
@@ -72,7 +72,7 @@ fn describe(t: &Tensor) -> String {
 }
 
 /// Writes every output, converted to f32, to one safetensors file.
-fn save_f32(path: &Path, outputs: &HashMap<String, Tensor>) -> Result<(), CliError> {
+pub fn save_f32(path: &Path, outputs: &HashMap<String, Tensor>) -> Result<(), CliError> {
     let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = outputs
         .iter()
         .map(|(name, t)| {

@@ -1,0 +1,227 @@
+//! `kiln generate --model DIR --prompt TEXT [...]`: streams a continuation to stdout, or with
+//! `--json` prints `{"prompt_ids": [...], "generated_ids": [...], "text": "..."}` at the end.
+//!
+//! Settings start from the model's `generation_config.json` (transformers' defaults where it is
+//! silent); flags override them. `--temperature 0` means greedy; `--temperature T > 0`, or any of
+//! `--top-k`, `--top-p`, `--min-p`, turns sampling on (seeded by `--seed`, default 0).
+
+use super::forward::{check_ids, load_error};
+use super::opts::ModelOpts;
+use super::CliError;
+use clap::Args;
+use kiln::load;
+use kiln::runtime::generate::{self, GenerationConfig, Stopper};
+use kiln::runtime::LanguageModel;
+use std::io::Write;
+
+/// `kiln generate` flags.
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelOpts,
+    /// The prompt text.
+    #[arg(long)]
+    prompt: String,
+    /// Most tokens to generate (default: the model's generation config, else 20).
+    #[arg(long)]
+    max_new_tokens: Option<usize>,
+    /// Sampling temperature; 0 means greedy decoding.
+    #[arg(long)]
+    temperature: Option<f64>,
+    /// Sample among the k most likely tokens (implies sampling).
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// Nucleus sampling threshold in (0, 1] (implies sampling).
+    #[arg(long)]
+    top_p: Option<f64>,
+    /// Drop tokens less likely than this fraction of the best one, in [0, 1] (implies sampling).
+    #[arg(long)]
+    min_p: Option<f64>,
+    /// Penalty > 0 for repeating tokens (1 = none).
+    #[arg(long)]
+    repetition_penalty: Option<f64>,
+    /// Beam search width (greedy beam search; 1 = none).
+    #[arg(long)]
+    num_beams: Option<usize>,
+    /// Random seed for sampling.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Stop when the generated text contains this string (repeatable); it is cut from the output.
+    #[arg(long = "stop")]
+    stop: Vec<String>,
+    /// Print one JSON object at the end instead of streaming.
+    #[arg(long)]
+    json: bool,
+}
+
+fn bad(msg: String) -> Result<(), CliError> {
+    Err(CliError::Input(msg))
+}
+
+/// Range checks of the flags, so that a mistyped value is refused rather than ignored.
+fn check_flags(a: &GenerateArgs) -> Result<(), CliError> {
+    if let Some(t) = a.temperature.filter(|t| !(t.is_finite() && *t >= 0.0)) {
+        return bad(format!(
+            "--temperature must be a finite number >= 0, got {t}"
+        ));
+    }
+    if let Some(p) = a.top_p.filter(|p| !(*p > 0.0 && *p <= 1.0)) {
+        return bad(format!("--top-p must be in (0, 1], got {p}"));
+    }
+    if let Some(p) = a.min_p.filter(|p| !(0.0..=1.0).contains(p)) {
+        return bad(format!("--min-p must be in [0, 1], got {p}"));
+    }
+    if a.top_k == Some(0) {
+        return bad("--top-k must be at least 1".into());
+    }
+    if let Some(r) = a
+        .repetition_penalty
+        .filter(|r| !(r.is_finite() && *r > 0.0))
+    {
+        return bad(format!(
+            "--repetition-penalty must be a finite number > 0, got {r}"
+        ));
+    }
+    if a.num_beams == Some(0) {
+        return bad("--num-beams must be at least 1".into());
+    }
+    if a.max_new_tokens == Some(0) {
+        return bad("--max-new-tokens must be at least 1".into());
+    }
+    let sampling_flags = a.top_k.is_some() || a.top_p.is_some() || a.min_p.is_some();
+    if sampling_flags && a.temperature == Some(0.0) {
+        return bad("--top-k, --top-p and --min-p need sampling, but --temperature 0 asks for greedy decoding".into());
+    }
+    if a.num_beams.is_some_and(|b| b > 1)
+        && (sampling_flags || a.temperature.is_some_and(|t| t > 0.0))
+    {
+        return bad(
+            "--num-beams > 1 is greedy beam search and cannot be combined with sampling flags"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
+/// The generation config: the model's file, then the flags.
+fn config(a: &GenerateArgs, dir: &kiln::models::ModelDir) -> Result<GenerationConfig, CliError> {
+    let mut cfg = match dir.optional_json("generation_config.json") {
+        Ok(Some(v)) => GenerationConfig::from_json_value(&v).map_err(|e| {
+            CliError::Input(format!(
+                "{}/generation_config.json: {e}",
+                dir.path.display()
+            ))
+        })?,
+        Ok(None) => GenerationConfig::default(),
+        Err(e) => return Err(CliError::Input(e.to_string())),
+    };
+    if cfg.eos_token_id.is_empty() {
+        // As transformers, which derives the generation config from config.json when absent.
+        cfg.eos_token_id = dir.config.eos_token_ids.clone();
+    }
+    if let Some(n) = a.max_new_tokens {
+        cfg.max_new_tokens = Some(n);
+    }
+    if a.top_k.is_some() || a.top_p.is_some() || a.min_p.is_some() {
+        cfg.do_sample = true;
+    }
+    if let Some(t) = a.temperature {
+        cfg.set_temperature(t);
+    }
+    if let Some(k) = a.top_k {
+        cfg.top_k = k;
+    }
+    if let Some(p) = a.top_p {
+        cfg.top_p = p;
+    }
+    if a.min_p.is_some() {
+        cfg.min_p = a.min_p;
+    }
+    if let Some(r) = a.repetition_penalty {
+        cfg.repetition_penalty = r;
+    }
+    if let Some(b) = a.num_beams {
+        cfg.num_beams = b;
+        if b > 1 {
+            cfg.do_sample = false;
+        }
+    }
+    cfg.stop_strings.extend(a.stop.iter().cloned());
+    cfg.validate().map_err(|e| CliError::Input(e.to_string()))?;
+    Ok(cfg)
+}
+
+/// Runs the command.
+pub fn generate(a: &GenerateArgs) -> Result<(), CliError> {
+    a.model.check_target()?;
+    check_flags(a)?;
+    if a.prompt.is_empty() {
+        return bad("--prompt is empty: give some text to continue".into());
+    }
+    let mut model = load::causal_lm(&a.model.model).map_err(load_error)?;
+    let cfg = config(a, &model.dir)?;
+    let tok = load::tokenizer(&model.dir).map_err(load_error)?;
+    let prompt_ids = tok
+        .encode(a.prompt.as_str(), true)
+        .map_err(|e| CliError::Input(format!("cannot tokenize the prompt: {e}")))?
+        .get_ids()
+        .to_vec();
+    if prompt_ids.is_empty() {
+        return bad("the prompt tokenizes to no tokens".into());
+    }
+    check_ids(&prompt_ids, model.lm.vocab_size(), model.max_positions)?;
+    if let Some(max) = model.max_positions {
+        let budget = cfg
+            .new_token_budget(prompt_ids.len())
+            .map_err(|e| CliError::Input(e.to_string()))?;
+        if prompt_ids.len() + budget > max {
+            return bad(format!(
+                "the prompt has {} tokens and up to {budget} new ones are asked for, but the model supports at most {max} positions; lower --max-new-tokens",
+                prompt_ids.len()
+            ));
+        }
+    }
+    let mut stopper = Stopper::from_config(&tok, &cfg, 1);
+    let mut failure = None;
+    let mut stdout = std::io::stdout();
+    let json = a.json;
+    let generated = generate::generate(
+        &mut model.lm,
+        std::slice::from_ref(&prompt_ids),
+        &cfg,
+        a.seed,
+        &mut |row, token| {
+            match stopper.push(row, token) {
+                Ok(step) => {
+                    if !json && !step.text.is_empty() {
+                        // A closed stdout (e.g. `| head`) only ends the stream early.
+                        let _ = write!(stdout, "{}", step.text).and_then(|()| stdout.flush());
+                    }
+                    !step.stop
+                }
+                Err(e) => {
+                    failure = Some(e);
+                    false
+                }
+            }
+        },
+    )
+    .map_err(|e| CliError::Internal(e.to_string()))?;
+    if let Some(e) = failure {
+        return Err(CliError::Internal(e.to_string()));
+    }
+    let tail = stopper
+        .finish(0)
+        .map_err(|e| CliError::Internal(e.to_string()))?;
+    if json {
+        let out = serde_json::json!({
+            "prompt_ids": prompt_ids,
+            "generated_ids": generated[0],
+            "text": stopper.text(0),
+        });
+        println!("{out}");
+    } else {
+        println!("{tail}");
+    }
+    Ok(())
+}

@@ -1,0 +1,65 @@
+//! Options shared by every command that runs a model, and their checks.
+
+use super::CliError;
+use clap::{Args, ValueEnum};
+use std::path::PathBuf;
+
+/// Where to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Device {
+    /// The best available (the CPU in this build).
+    Auto,
+    /// The CPU.
+    Cpu,
+    /// An NVIDIA GPU.
+    Cuda,
+}
+
+/// Numeric precision of weights and activations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Precision {
+    /// 32-bit float.
+    F32,
+    /// bfloat16.
+    Bf16,
+    /// IEEE half.
+    Fp16,
+    /// fp8 (e4m3).
+    Fp8,
+}
+
+/// `--model DIR --device D --precision P`.
+#[derive(Debug, Clone, Args)]
+pub struct ModelOpts {
+    /// A Hugging Face model directory (config.json, *.safetensors, tokenizer.json).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Where to run.
+    #[arg(long, value_enum, default_value_t = Device::Auto)]
+    pub device: Device,
+    /// Numeric precision.
+    #[arg(long, value_enum, default_value_t = Precision::F32)]
+    pub precision: Precision,
+}
+
+impl ModelOpts {
+    /// Refuses targets this build cannot run yet, with a message saying what can.
+    pub fn check_target(&self) -> Result<(), CliError> {
+        if self.device == Device::Cuda {
+            return Err(CliError::Input(
+                "--device cuda: the CUDA backend is not available yet in this build; use --device cpu (or auto)".into(),
+            ));
+        }
+        if self.precision != Precision::F32 {
+            let name = self
+                .precision
+                .to_possible_value()
+                .map(|v| v.get_name().to_string())
+                .unwrap_or_default();
+            return Err(CliError::Input(format!(
+                "--precision {name} is not available yet; use --precision f32"
+            )));
+        }
+        Ok(())
+    }
+}

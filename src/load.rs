@@ -1,0 +1,189 @@
+//! Loading a Hugging Face model directory for running: parse the config, trace the family's
+//! graphs, bind the weights, and wrap them for generation or encoding.
+
+use kiln_models::encoder::{trace_encoder, EncoderGraph};
+use kiln_models::{config::Family, CausalGraphs, Head, ModelDir, ModelError};
+use kiln_runtime::reference;
+use kiln_runtime::weights::{Checkpoint, Convert, WeightsError};
+use kiln_runtime::{GraphLm, ModelError as ModelRunError, Tensor};
+use std::collections::HashMap;
+use std::path::Path;
+
+/// Bound parameters by name.
+pub type Params = HashMap<String, Tensor>;
+
+/// Loading a model failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The directory or its config is unusable, or tracing failed.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// The weights are unusable (missing tensor, wrong shape, corrupt file).
+    #[error(transparent)]
+    Weights(#[from] WeightsError),
+    /// The model cannot do what was asked (e.g. generate with an encoder).
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+/// A causal LM ready to generate.
+pub struct CausalLm {
+    /// The directory it came from.
+    pub dir: ModelDir,
+    /// The model, run by the reference executor.
+    pub lm: GraphLm<Params>,
+    /// Positions the model supports, when it has a hard limit (GPT-2's learned positions).
+    pub max_positions: Option<usize>,
+}
+
+/// The causal LM graphs of a config, or why it has none.
+pub fn causal_graphs(dir: &ModelDir) -> Result<CausalGraphs, LoadError> {
+    let cfg = &dir.config;
+    if cfg.head != Head::CausalLm {
+        return Err(LoadError::Unsupported(format!(
+            "{} is a {} model with a {:?} head, not a causal LM",
+            dir.path.display(),
+            cfg.model_type,
+            cfg.head
+        )));
+    }
+    let graphs = match &cfg.family {
+        Family::Decoder(d) => d.trace(),
+        Family::Gpt2(g) => g.trace(),
+        Family::Bert(_) | Family::DistilBert(_) => {
+            return Err(LoadError::Unsupported(format!(
+                "{} is an encoder ({}), not a causal LM",
+                dir.path.display(),
+                cfg.model_type
+            )))
+        }
+    };
+    Ok(graphs.map_err(ModelError::from)?)
+}
+
+/// Opens `path`, traces the causal LM, and binds its weights.
+pub fn causal_lm(path: &Path) -> Result<CausalLm, LoadError> {
+    let dir = ModelDir::open(path)?;
+    let graphs = causal_graphs(&dir)?;
+    let ckpt = Checkpoint::open_many(&dir.weight_files()?)?;
+    let params = ckpt.bind(&graphs.prefill, Convert::Exact)?;
+    let max_positions = match &dir.config.family {
+        Family::Gpt2(g) => Some(g.n_positions),
+        _ => None,
+    };
+    let lm = GraphLm::new(
+        graphs.prefill,
+        graphs.decode,
+        params,
+        graphs.num_layers,
+        graphs.vocab_size,
+    );
+    Ok(CausalLm {
+        dir,
+        lm,
+        max_positions,
+    })
+}
+
+/// An encoder (BERT, DistilBERT) ready to run on padded batches.
+pub struct Encoder {
+    /// The directory it came from.
+    pub dir: ModelDir,
+    /// The traced graph.
+    pub graph: EncoderGraph,
+    params: Params,
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// The longest input the model's position table allows.
+    pub max_positions: usize,
+}
+
+/// An encoder's outputs for a batch padded on the right to `seq` tokens.
+pub struct EncoderOutput {
+    /// `[batch, seq, hidden]`.
+    pub last_hidden_state: Tensor,
+    /// The head's logits, when the model has a head.
+    pub logits: Option<Tensor>,
+    /// `[batch * seq]` 0/1, 1 for real tokens.
+    pub mask: Vec<i64>,
+    /// The padded length.
+    pub seq: usize,
+}
+
+/// Opens `path`, traces the encoder with its head, and binds its weights.
+pub fn encoder(path: &Path) -> Result<Encoder, LoadError> {
+    let dir = ModelDir::open(path)?;
+    let graph = trace_encoder(&dir.config)?;
+    let (vocab_size, max_positions) = match &dir.config.family {
+        Family::Bert(c) => (c.vocab_size, c.max_position_embeddings),
+        Family::DistilBert(c) => (c.vocab_size, c.max_position_embeddings),
+        Family::Decoder(_) | Family::Gpt2(_) => {
+            return Err(LoadError::Unsupported(format!(
+                "{} is a causal LM, not an encoder",
+                path.display()
+            )))
+        }
+    };
+    let ckpt = Checkpoint::open_many(&dir.weight_files()?)?;
+    let params = ckpt.bind(&graph.graph, Convert::Exact)?;
+    Ok(Encoder {
+        dir,
+        graph,
+        params,
+        vocab_size,
+        max_positions,
+    })
+}
+
+impl Encoder {
+    /// Runs a batch of token-id sequences (each non-empty), padded on the right with id 0.
+    pub fn run(&self, batch: &[Vec<u32>]) -> Result<EncoderOutput, ModelRunError> {
+        let rows = batch.len();
+        let seq = batch.iter().map(Vec::len).max().unwrap_or(0);
+        let (mut ids, mut mask) = (
+            Vec::with_capacity(rows * seq),
+            Vec::with_capacity(rows * seq),
+        );
+        for row in batch {
+            let pad = seq - row.len();
+            ids.extend(
+                row.iter()
+                    .map(|&t| i64::from(t))
+                    .chain(std::iter::repeat_n(0, pad)),
+            );
+            mask.extend(std::iter::repeat_n(1, row.len()).chain(std::iter::repeat_n(0, pad)));
+        }
+        let tensor = |data: Vec<i64>| {
+            Tensor::from_i64(vec![rows, seq], data).map_err(|e| ModelRunError(e.to_string()))
+        };
+        let mut inputs = HashMap::from([
+            ("input_ids".to_string(), tensor(ids)?),
+            ("attention_mask".to_string(), tensor(mask.clone())?),
+        ]);
+        if self.graph.uses_token_types {
+            inputs.insert("token_type_ids".into(), tensor(vec![0; rows * seq])?);
+        }
+        let mut out = reference::run(&self.graph.graph, &inputs, &self.params)
+            .map_err(|e| ModelRunError(e.to_string()))?;
+        let last_hidden_state = out
+            .remove("last_hidden_state")
+            .ok_or_else(|| ModelRunError("the graph has no last_hidden_state output".into()))?;
+        Ok(EncoderOutput {
+            last_hidden_state,
+            logits: out.remove("logits"),
+            mask,
+            seq,
+        })
+    }
+}
+
+/// Loads `tokenizer.json` of a model directory with the `tokenizers` crate.
+pub fn tokenizer(dir: &ModelDir) -> Result<tokenizers::Tokenizer, LoadError> {
+    let path = dir.tokenizer_file()?;
+    tokenizers::Tokenizer::from_file(&path).map_err(|e| {
+        LoadError::Unsupported(format!(
+            "{}: cannot load the tokenizer: {e}",
+            path.display()
+        ))
+    })
+}
