@@ -1,7 +1,9 @@
 //! Loading a Hugging Face model directory for running: parse the config, trace the family's
 //! graphs, bind the weights, and wrap them for generation or encoding.
 
-use kiln_models::encoder::{trace_encoder, EncoderGraph};
+use kiln_ir::Graph;
+use kiln_models::encoder::{base_model_prefix, trace_encoder, EncoderGraph};
+use kiln_models::nn::adapt_param_names;
 use kiln_models::{config::Family, CausalGraphs, Head, ModelDir, ModelError};
 use kiln_runtime::reference;
 use kiln_runtime::weights::{Checkpoint, Convert, WeightsError};
@@ -36,6 +38,24 @@ pub struct CausalLm {
     pub max_positions: Option<usize>,
 }
 
+/// Opens the directory's weights, adapts the graphs' parameter names to the names the
+/// checkpoint uses (base-model prefix present or not, legacy `gamma`/`beta`, as
+/// `from_pretrained` does), and binds the first graph's parameters (all graphs of a model share
+/// them).
+fn bind(dir: &ModelDir, graphs: &[&Graph]) -> Result<(Vec<Graph>, Params), LoadError> {
+    let ckpt = Checkpoint::open_many(&dir.weight_files()?)?;
+    let prefix = base_model_prefix(&dir.config.model_type);
+    let adapted: Vec<Graph> = graphs
+        .iter()
+        .map(|g| adapt_param_names(g, prefix, |n| ckpt.info(n).is_some()))
+        .collect();
+    let params = match adapted.first() {
+        Some(g) => ckpt.bind(g, Convert::Exact)?,
+        None => Params::new(),
+    };
+    Ok((adapted, params))
+}
+
 /// The causal LM graphs of a config, or why it has none.
 pub fn causal_graphs(dir: &ModelDir) -> Result<CausalGraphs, LoadError> {
     let cfg = &dir.config;
@@ -65,15 +85,17 @@ pub fn causal_graphs(dir: &ModelDir) -> Result<CausalGraphs, LoadError> {
 pub fn causal_lm(path: &Path) -> Result<CausalLm, LoadError> {
     let dir = ModelDir::open(path)?;
     let graphs = causal_graphs(&dir)?;
-    let ckpt = Checkpoint::open_many(&dir.weight_files()?)?;
-    let params = ckpt.bind(&graphs.prefill, Convert::Exact)?;
+    let (bound, params) = bind(&dir, &[&graphs.prefill, &graphs.decode])?;
+    let [prefill, decode]: [Graph; 2] = bound
+        .try_into()
+        .map_err(|_| LoadError::Unsupported("internal: expected two graphs".into()))?;
     let max_positions = match &dir.config.family {
         Family::Gpt2(g) => Some(g.n_positions),
         _ => None,
     };
     let lm = GraphLm::new(
-        graphs.prefill,
-        graphs.decode,
+        prefill,
+        decode,
         params,
         graphs.num_layers,
         graphs.vocab_size,
@@ -113,7 +135,7 @@ pub struct EncoderOutput {
 /// Opens `path`, traces the encoder with its head, and binds its weights.
 pub fn encoder(path: &Path) -> Result<Encoder, LoadError> {
     let dir = ModelDir::open(path)?;
-    let graph = trace_encoder(&dir.config)?;
+    let mut graph = trace_encoder(&dir.config)?;
     let (vocab_size, max_positions) = match &dir.config.family {
         Family::Bert(c) => (c.vocab_size, c.max_position_embeddings),
         Family::DistilBert(c) => (c.vocab_size, c.max_position_embeddings),
@@ -124,8 +146,8 @@ pub fn encoder(path: &Path) -> Result<Encoder, LoadError> {
             )))
         }
     };
-    let ckpt = Checkpoint::open_many(&dir.weight_files()?)?;
-    let params = ckpt.bind(&graph.graph, Convert::Exact)?;
+    let (mut bound, params) = bind(&dir, &[&graph.graph])?;
+    graph.graph = bound.pop().unwrap_or_default();
     Ok(Encoder {
         dir,
         graph,
@@ -177,13 +199,18 @@ impl Encoder {
     }
 }
 
-/// Loads `tokenizer.json` of a model directory with the `tokenizers` crate.
+/// Loads `tokenizer.json` of a model directory with the `tokenizers` crate. Truncation and
+/// padding settings saved in the file are switched off: kiln pads batches itself and refuses
+/// over-long inputs rather than silently cutting them.
 pub fn tokenizer(dir: &ModelDir) -> Result<tokenizers::Tokenizer, LoadError> {
     let path = dir.tokenizer_file()?;
-    tokenizers::Tokenizer::from_file(&path).map_err(|e| {
-        LoadError::Unsupported(format!(
-            "{}: cannot load the tokenizer: {e}",
-            path.display()
-        ))
-    })
+    let fail = |what: &str, e: tokenizers::Error| {
+        LoadError::Unsupported(format!("{}: cannot {what}: {e}", path.display()))
+    };
+    let mut tok =
+        tokenizers::Tokenizer::from_file(&path).map_err(|e| fail("load the tokenizer", e))?;
+    tok.with_padding(None);
+    tok.with_truncation(None)
+        .map_err(|e| fail("switch off truncation", e))?;
+    Ok(tok)
 }

@@ -127,7 +127,7 @@ pub fn parse(text: &str, path: &Path) -> Result<ModelConfig, ModelError> {
         }
     };
     let head = head(&model_type, &obj, path)?;
-    let labels = labels(&obj, path)?;
+    let labels = labels(&obj, path, head)?;
     let eos_token_ids = eos_ids(&obj, path)?;
     Ok(ModelConfig {
         model_type,
@@ -197,9 +197,24 @@ fn eos_ids(obj: &Map<String, Value>, path: &Path) -> Result<Vec<u32>, ModelError
     }
 }
 
-fn labels(obj: &Map<String, Value>, path: &Path) -> Result<Vec<String>, ModelError> {
+/// `id2label` in id order; for a classifier without it, transformers' default names
+/// `LABEL_0..LABEL_{n-1}` with `n = num_labels` (2 when absent).
+fn labels(obj: &Map<String, Value>, path: &Path, head: Head) -> Result<Vec<String>, ModelError> {
     let Some(Value::Object(map)) = obj.get("id2label") else {
-        return Ok(Vec::new());
+        if head != Head::SequenceClassification {
+            return Ok(Vec::new());
+        }
+        let n = match obj.get("num_labels") {
+            None => 2,
+            Some(v) => v
+                .as_u64()
+                .and_then(|n| usize::try_from(n).ok())
+                .filter(|&n| n > 0)
+                .ok_or_else(|| {
+                    config_err(path, format!("num_labels {v} is not a positive integer"))
+                })?,
+        };
+        return Ok((0..n).map(|i| format!("LABEL_{i}")).collect());
     };
     let mut labels = vec![None; map.len()];
     for (k, v) in map {

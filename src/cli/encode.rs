@@ -4,7 +4,7 @@ use super::forward::{check_ids, load_error};
 use super::opts::ModelOpts;
 use super::CliError;
 use kiln::load::{self, Encoder, EncoderOutput};
-use kiln::models::pooling;
+use kiln::models::{pooling, Head};
 use tokenizers::Tokenizer;
 
 /// An encoder run on a batch of texts.
@@ -17,8 +17,13 @@ struct Encoded {
 }
 
 /// Loads the encoder and its tokenizer, tokenizes `texts` (with special tokens, as
-/// transformers' tokenizer call does) and runs them as one padded batch.
-fn run(opts: &ModelOpts, texts: &[String]) -> Result<Encoded, CliError> {
+/// transformers' tokenizer call does) and runs them as one padded batch. With `head`, the model
+/// must have that head (`what` names it in the error).
+fn run(
+    opts: &ModelOpts,
+    texts: &[String],
+    head: Option<(Head, &str)>,
+) -> Result<Encoded, CliError> {
     opts.check_target()?;
     if texts.is_empty() {
         return Err(CliError::Input("give at least one --text".into()));
@@ -27,6 +32,13 @@ fn run(opts: &ModelOpts, texts: &[String]) -> Result<Encoded, CliError> {
         return Err(CliError::Input(format!("--text number {} is empty", i + 1)));
     }
     let enc = load::encoder(&opts.model).map_err(load_error)?;
+    if let Some((head, what)) = head.filter(|(h, _)| *h != enc.dir.config.head) {
+        return Err(CliError::Input(format!(
+            "{} has no {what} head (its architecture gives {:?}; this command needs {head:?})",
+            opts.model.display(),
+            enc.dir.config.head
+        )));
+    }
     let tok = load::tokenizer(&enc.dir).map_err(load_error)?;
     let mut batch = Vec::with_capacity(texts.len());
     for text in texts {
@@ -63,7 +75,7 @@ fn cosine(a: &[f32], b: &[f32]) -> f64 {
 /// sentence-transformers modules say; mean pooling otherwise).
 pub fn embed(opts: &ModelOpts, texts: &[String], json: bool) -> Result<(), CliError> {
     let pooling = pooling::load(&opts.model).map_err(|e| CliError::Input(e.to_string()))?;
-    let out = run(opts, texts)?.out;
+    let out = run(opts, texts, None)?.out;
     let shape = out.last_hidden_state.shape().to_vec();
     let hidden = out
         .last_hidden_state
@@ -100,7 +112,11 @@ fn softmax(row: &[f32]) -> Vec<f64> {
 
 /// `kiln classify`: the label and class probabilities of each text.
 pub fn classify(opts: &ModelOpts, texts: &[String], json: bool) -> Result<(), CliError> {
-    let Encoded { enc, out, .. } = run(opts, texts)?;
+    let Encoded { enc, out, .. } = run(
+        opts,
+        texts,
+        Some((Head::SequenceClassification, "classification")),
+    )?;
     let labels = &enc.dir.config.labels;
     let logits = out.logits.ok_or_else(|| {
         CliError::Input(format!(
@@ -108,8 +124,13 @@ pub fn classify(opts: &ModelOpts, texts: &[String], json: bool) -> Result<(), Cl
             opts.model.display()
         ))
     })?;
-    let values = logits.as_f32().unwrap_or_default();
     let n = labels.len();
+    let values = logits
+        .as_f32()
+        .filter(|v| v.len() == texts.len() * n)
+        .ok_or_else(|| {
+            CliError::Internal(format!("classifier logits have shape {:?}", logits.shape()))
+        })?;
     let mut results = Vec::new();
     for (r, text) in texts.iter().enumerate() {
         let probs = softmax(&values[r * n..(r + 1) * n]);
@@ -132,12 +153,21 @@ pub fn classify(opts: &ModelOpts, texts: &[String], json: bool) -> Result<(), Cl
 
 /// `kiln fill-mask`: the five most likely tokens at each mask position of the text.
 pub fn fill_mask(opts: &ModelOpts, text: &str, json: bool) -> Result<(), CliError> {
-    let Encoded { enc, tok, ids, out } = run(opts, &[text.to_string()])?;
+    let Encoded { enc, tok, ids, out } = run(
+        opts,
+        &[text.to_string()],
+        Some((Head::MaskedLm, "masked-LM")),
+    )?;
     let ids = &ids[0];
     let logits = out.logits.ok_or_else(|| {
         CliError::Input(format!("{} has no masked-LM head", opts.model.display()))
     })?;
-    let values = logits.as_f32().unwrap_or_default();
+    let values = logits
+        .as_f32()
+        .filter(|v| v.len() == ids.len() * enc.vocab_size)
+        .ok_or_else(|| {
+            CliError::Internal(format!("masked-LM logits have shape {:?}", logits.shape()))
+        })?;
     let mask_id = ["[MASK]", "<mask>"]
         .iter()
         .find_map(|t| tok.token_to_id(t))

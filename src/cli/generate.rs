@@ -26,19 +26,19 @@ pub struct GenerateArgs {
     #[arg(long)]
     max_new_tokens: Option<usize>,
     /// Sampling temperature; 0 means greedy decoding.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     temperature: Option<f64>,
     /// Sample among the k most likely tokens (implies sampling).
     #[arg(long)]
     top_k: Option<usize>,
     /// Nucleus sampling threshold in (0, 1] (implies sampling).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     top_p: Option<f64>,
     /// Drop tokens less likely than this fraction of the best one, in [0, 1] (implies sampling).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     min_p: Option<f64>,
     /// Penalty > 0 for repeating tokens (1 = none).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     repetition_penalty: Option<f64>,
     /// Beam search width (greedy beam search; 1 = none).
     #[arg(long)]

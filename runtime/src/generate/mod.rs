@@ -184,7 +184,8 @@ pub fn generate(
                 sampling::argmax(scores) as u32
             };
             out[row].push(token);
-            if cfg.eos_token_id.contains(&token) || !on_token(row, token) {
+            let go_on = on_token(row, token);
+            if !go_on || cfg.eos_token_id.contains(&token) {
                 finished[row] = true;
             }
         }

@@ -1,5 +1,5 @@
-//! Ending rows on EOS ids and stop strings, on top of the tokenizer-free [`generate`]
-//! (`super::generate`) loop.
+//! Ending rows on EOS ids and stop strings, on top of the tokenizer-free
+//! [`generate`](super::generate) loop.
 //!
 //! [`generate`](super::generate) already ends a row on the EOS ids of its configuration. A
 //! [`Stopper`] adds text: it decodes each row incrementally ([`IncrementalDecoder`]), ends the

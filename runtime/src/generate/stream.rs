@@ -15,9 +15,13 @@
 //! `read = len`). Decoding a window that starts one emission back, rather than only the new
 //! ids, keeps context-dependent decoders right (SentencePiece's `▁` → space, dropped only at
 //! the very start of the text). Output ending in U+FFFD is held back until the character is
-//! complete; [`IncrementalDecoder::finish`] releases whatever is left (including a genuinely
-//! incomplete character at the end, as U+FFFD). If a decoder ever breaks the prefix property,
-//! the decoder falls back to decoding all ids each step, which is slower but still exact.
+//! complete, and nothing is emitted while the last id is a SentencePiece byte-fallback token
+//! (`<0xAB>`): the `ByteFallback` decoder turns a whole run of byte tokens into U+FFFDs when the
+//! run is not valid UTF-8, so text from an unfinished run is not final.
+//! [`IncrementalDecoder::finish`] releases whatever is left (including a genuinely incomplete
+//! character at the end, as U+FFFD). If a decoder ever breaks the prefix property, the decoder
+//! falls back to decoding all ids each step (slower, still exact as long as the full text only
+//! grows; text already emitted cannot be taken back).
 
 use tokenizers::Tokenizer;
 
@@ -76,6 +80,18 @@ impl<'t> IncrementalDecoder<'t> {
             .map_err(|e| StreamError::Decode(e.to_string()))
     }
 
+    /// A SentencePiece byte-fallback token (`<0xAB>`), which the `ByteFallback` decoder groups
+    /// with its neighbours.
+    fn is_byte_token(&self, id: u32) -> bool {
+        self.tokenizer.id_to_token(id).is_some_and(|t| {
+            let b = t.as_bytes();
+            b.len() == 6
+                && t.starts_with("<0x")
+                && b[5] == b'>'
+                && b[3..5].iter().all(u8::is_ascii_hexdigit)
+        })
+    }
+
     /// Emits `text[emitted..]` when `text` extends what was emitted.
     fn emit_from_full(&mut self, full: &str) -> String {
         match full.strip_prefix(self.emitted.as_str()) {
@@ -91,6 +107,11 @@ impl<'t> IncrementalDecoder<'t> {
     /// Adds one token id; returns the new complete text (often empty).
     pub fn push(&mut self, id: u32) -> Result<String, StreamError> {
         self.ids.push(id);
+        if self.is_byte_token(id) {
+            // A byte-fallback group is decoded as a whole (all of it becomes U+FFFD if it is
+            // not valid UTF-8), so nothing is final until a token that ends the group.
+            return Ok(String::new());
+        }
         if self.full_decode {
             let full = self.decode(&self.ids)?;
             if full.ends_with(REPLACEMENT) {

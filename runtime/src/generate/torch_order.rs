@@ -18,15 +18,15 @@
 //! sorts); kiln follows the CPU.
 
 /// A value and its original index.
-pub(crate) type Pair = (f32, usize);
+pub type Pair = (f32, usize);
 
 /// `a` before `b` when sorting ascending with NaN last (torch's `KeyValueCompAsc`).
-pub(crate) fn asc(a: f32, b: f32) -> bool {
+pub fn asc(a: f32, b: f32) -> bool {
     (!a.is_nan() && b.is_nan()) || a < b
 }
 
 /// `a` before `b` when taking the largest first with NaN largest (torch's topk comparator).
-pub(crate) fn desc(a: f32, b: f32) -> bool {
+pub fn desc(a: f32, b: f32) -> bool {
     (a.is_nan() && !b.is_nan()) || a > b
 }
 
@@ -205,7 +205,7 @@ fn introsort_loop(
 }
 
 /// `std::sort` of the whole slice.
-pub(crate) fn std_sort(q: &mut [Pair], comp: fn(f32, f32) -> bool) {
+pub fn std_sort(q: &mut [Pair], comp: fn(f32, f32) -> bool) {
     let n = q.len();
     if n == 0 {
         return;
@@ -246,7 +246,7 @@ fn nth_element(q: &mut [Pair], nth: usize, comp: fn(f32, f32) -> bool) {
 }
 
 /// `torch.sort(values)` (ascending, CPU): the (value, index) pairs in torch's order.
-pub(crate) fn sort_ascending(values: &[f32], out: &mut Vec<Pair>) {
+pub fn sort_ascending(values: &[f32], out: &mut Vec<Pair>) {
     out.clear();
     out.extend(values.iter().enumerate().map(|(i, &v)| (v, i)));
     std_sort(out, asc);
@@ -254,7 +254,7 @@ pub(crate) fn sort_ascending(values: &[f32], out: &mut Vec<Pair>) {
 
 /// `torch.topk(values, k)` (largest, sorted, CPU): the indices of the `min(k, n)` largest,
 /// best first, ties in torch's order.
-pub(crate) fn topk(values: &[f32], k: usize) -> Vec<usize> {
+pub fn topk(values: &[f32], k: usize) -> Vec<usize> {
     let n = values.len();
     let k = k.min(n);
     if k == 0 {
@@ -277,7 +277,7 @@ pub(crate) fn topk(values: &[f32], k: usize) -> Vec<usize> {
 /// index order with [`push`](Self::push), then call [`finish`](Self::finish). Matches torch
 /// only when `k * 64 <= n` for the total `n`; use [`topk`] otherwise.
 #[derive(Debug, Clone)]
-pub(crate) struct StreamingTopK {
+pub struct StreamingTopK {
     k: usize,
     heap: Vec<Pair>,
     seen: usize,
@@ -285,7 +285,7 @@ pub(crate) struct StreamingTopK {
 
 impl StreamingTopK {
     /// An empty selection of the `k` largest.
-    pub(crate) fn new(k: usize) -> Self {
+    pub fn new(k: usize) -> Self {
         StreamingTopK {
             k,
             heap: Vec::with_capacity(k),
@@ -294,7 +294,7 @@ impl StreamingTopK {
     }
 
     /// Offers the next value (its index is the number of values offered before it).
-    pub(crate) fn push(&mut self, value: f32) {
+    pub fn push(&mut self, value: f32) {
         let index = self.seen;
         self.seen += 1;
         if self.heap.len() < self.k {
@@ -308,7 +308,7 @@ impl StreamingTopK {
     }
 
     /// The (value, index) pairs of the largest values, best first, in torch's order.
-    pub(crate) fn finish(mut self) -> Vec<Pair> {
+    pub fn finish(mut self) -> Vec<Pair> {
         if self.heap.len() < self.k {
             // Fewer values than k (torch would refuse): a plain sort of what there is.
             std_sort(&mut self.heap, desc);
@@ -421,17 +421,5 @@ mod tests {
         let mut seen = order.clone();
         seen.sort_unstable();
         assert!(seen.iter().enumerate().all(|(i, &x)| i == x));
-    }
-}
-#[cfg(test)]
-mod tmp_adv {
-    #[test]
-    fn adversarial() {
-        let v: Vec<f32> = std::fs::read_to_string("/tmp/gsort/adv_in.txt").unwrap().split(' ').map(|s| s.parse::<f32>().unwrap()).collect();
-        let want: Vec<usize> = std::fs::read_to_string("/tmp/gsort/adv_out.txt").unwrap().split(' ').map(|s| s.parse().unwrap()).collect();
-        let mut out = Vec::new();
-        super::sort_ascending(&v, &mut out);
-        let got: Vec<usize> = out.into_iter().map(|(_, i)| i).collect();
-        assert_eq!(got, want);
     }
 }
