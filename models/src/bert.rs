@@ -308,9 +308,13 @@ mod tests {
     }
 
     #[test]
-    fn classification_needs_labels() {
+    fn classification_labels_default_as_transformers() {
         let cfg = parse("BertForSequenceClassification", "").unwrap();
-        let e = encoder::trace_encoder(&cfg).unwrap_err().to_string();
-        assert!(e.contains("id2label"), "{e}");
+        assert_eq!(cfg.labels, ["LABEL_0", "LABEL_1"]);
+        assert!(encoder::trace_encoder(&cfg).is_ok());
+        let cfg = parse("BertForSequenceClassification", r#", "num_labels": 3"#).unwrap();
+        assert_eq!(cfg.labels.len(), 3);
+        let e = parse("BertForSequenceClassification", r#", "num_labels": 0"#).unwrap_err();
+        assert!(e.to_string().contains("num_labels"), "{e}");
     }
 }

@@ -78,7 +78,7 @@ fn assert_rows_match(case: &str, got: &[Vec<f32>], want: &[Vec<f32>]) {
                     "{case}: row {r} token {i}: -inf positions differ (kiln {a}, hf {b})"
                 );
             } else {
-                let tol = 0.0 * b.abs();
+                let tol = 1e-6 * b.abs() + 1e-7;
                 assert!(
                     (a - b).abs() <= tol,
                     "{case}: row {r} token {i}: kiln {a}, hf {b}"
