@@ -9,6 +9,7 @@
 //! LM head multiplies by `transformer.wte.weight` (tied, the default: transformers does not save
 //! `lm_head.weight` then) or by `lm_head.weight` when `tie_word_embeddings` is false.
 
+use crate::causal::{CausalIo, KvPair};
 use crate::config::fields;
 use crate::nn::{self, Activation};
 use crate::{CausalGraphs, ModelError, TraceError};
@@ -225,15 +226,8 @@ pub fn block(
 /// transformers' `IndexError`).
 pub fn trace(cfg: &Gpt2Config, with_cache: bool) -> Result<Graph, TraceError> {
     let t = Tracer::new();
-    let (b, s) = (Dim::sym("batch"), Dim::sym("seq"));
-    let kv = if with_cache {
-        &Dim::sym("past") + &s
-    } else {
-        s.clone()
-    };
-    let ids = t.input("input_ids", DType::I64, [b.clone(), s.clone()]);
-    let mask_in = t.input("attention_mask", DType::I64, [b.clone(), kv]);
-    let positions = t.input("position_ids", DType::I64, [b.clone(), s.clone()]);
+    let io = CausalIo::new(&t, with_cache);
+    let (ids, positions) = (&io.ids, &io.positions);
     let n = cfg.n_embd;
     let wte = t.param(
         &format!("{BASE_PREFIX}wte.weight"),
@@ -246,35 +240,20 @@ pub fn trace(cfg: &Gpt2Config, with_cache: bool) -> Result<Graph, TraceError> {
         [cfg.n_positions, n],
     );
     let mut x = wte
-        .index_select(0, &ids)?
-        .add(&wpe.index_select(0, &positions)?)?;
-    let mask = nn::attention_mask(&t, &mask_in, &s, true, None)?;
-    let cache_shape = |len: Dim| {
-        [
-            b.clone(),
-            Dim::from(cfg.n_head),
-            len,
-            Dim::from(cfg.head_dim()),
-        ]
-    };
+        .index_select(0, ids)?
+        .add(&wpe.index_select(0, positions)?)?;
+    let mask = nn::attention_mask(&t, &io.attention_mask, &io.seq, true, None)?;
     for i in 0..cfg.n_layer {
-        let past = with_cache.then(|| {
-            (
-                t.input(
-                    &format!("past.{i}.key"),
-                    DType::F32,
-                    cache_shape(Dim::sym("past")),
-                ),
-                t.input(
-                    &format!("past.{i}.value"),
-                    DType::F32,
-                    cache_shape(Dim::sym("past")),
-                ),
-            )
-        });
-        let (y, k, v) = block(&t, cfg, i, &x, &mask, past.as_ref().map(|(k, v)| (k, v)))?;
-        t.output(&format!("present.{i}.key"), &k);
-        t.output(&format!("present.{i}.value"), &v);
+        let past = io.past(&t, i, cfg.n_head, cfg.head_dim());
+        let (y, key, value) = block(
+            &t,
+            cfg,
+            i,
+            &x,
+            &mask,
+            past.as_ref().map(|p| (&p.key, &p.value)),
+        )?;
+        io.present(&t, i, &KvPair { key, value });
         x = y;
     }
     let x = nn::layer_norm(

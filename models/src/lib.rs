@@ -8,6 +8,7 @@
 //! Causal LMs trace into two graphs ([`CausalGraphs`]); encoders into one ([`EncoderGraph`]).
 
 pub mod bert;
+pub mod causal;
 pub mod config;
 pub mod dir;
 pub mod distilbert;

@@ -2,6 +2,7 @@
 //! (QKV bias) and `mixtral` (sparse MoE MLP) — traced as transformers' eager implementations:
 //! pre-RMSNorm, RoPE, grouped-query attention with a KV cache, SwiGLU MLP, residuals.
 
+use crate::causal::{CausalIo, KvPair};
 use crate::rope::{self, Rope};
 use crate::{moe, nn, CausalGraphs, TraceError};
 use kiln_ir::trace::{Tensor, TraceResult, Tracer};
@@ -65,14 +66,6 @@ pub fn causal_mask(t: &Tracer, seq: &Dim) -> TraceResult {
     let zero = t.scalar(DType::F32, 0.0);
     let min = t.scalar(DType::F32, f32::MIN.into());
     col.le(&row)?.where_(&zero, &min)
-}
-
-/// A layer's key/value cache entry: `[batch, kv_heads, len, head_dim]` each.
-pub struct KvPair {
-    /// Keys (after RoPE).
-    pub key: Tensor,
-    /// Values.
-    pub value: Tensor,
 }
 
 /// Self-attention of `x[batch, seq, hidden]` with RoPE `cos`/`sin[batch, seq, head_dim]`, an
@@ -226,44 +219,17 @@ pub fn standalone_layer(cfg: &LayerConfig) -> Result<Graph, TraceError> {
 pub fn trace(cfg: &DecoderConfig, with_cache: bool) -> Result<Graph, TraceError> {
     let t = Tracer::new();
     let l = &cfg.layer;
-    let (b, s) = (Dim::sym("batch"), Dim::sym("seq"));
-    let kv = if with_cache {
-        &Dim::sym("past") + &s
-    } else {
-        s.clone()
-    };
-    let ids = t.input("input_ids", DType::I64, [b.clone(), s.clone()]);
-    let mask_in = t.input("attention_mask", DType::I64, [b.clone(), kv]);
-    let positions = t.input("position_ids", DType::I64, [b.clone(), s.clone()]);
+    let io = CausalIo::new(&t, with_cache);
     let embed = t.param(
         "model.embed_tokens.weight",
         DType::F32,
         [cfg.vocab_size, l.hidden_size],
     );
-    let mut x = embed.index_select(0, &ids)?;
-    let (cos, sin) = cfg.rope.cos_sin(&t, &positions)?;
-    let mask = nn::attention_mask(&t, &mask_in, &s, true, l.sliding_window)?;
-    let cache_shape = |len: Dim| {
-        [
-            b.clone(),
-            Dim::from(l.num_key_value_heads),
-            len,
-            Dim::from(l.head_dim),
-        ]
-    };
+    let mut x = embed.index_select(0, &io.ids)?;
+    let (cos, sin) = cfg.rope.cos_sin(&t, &io.positions)?;
+    let mask = nn::attention_mask(&t, &io.attention_mask, &io.seq, true, l.sliding_window)?;
     for i in 0..cfg.num_hidden_layers {
-        let past = with_cache.then(|| KvPair {
-            key: t.input(
-                &format!("past.{i}.key"),
-                DType::F32,
-                cache_shape(Dim::sym("past")),
-            ),
-            value: t.input(
-                &format!("past.{i}.value"),
-                DType::F32,
-                cache_shape(Dim::sym("past")),
-            ),
-        });
+        let past = io.past(&t, i, l.num_key_value_heads, l.head_dim);
         let (y, present) = decoder_layer(
             &t,
             l,
@@ -274,8 +240,7 @@ pub fn trace(cfg: &DecoderConfig, with_cache: bool) -> Result<Graph, TraceError>
             &mask,
             past.as_ref(),
         )?;
-        t.output(&format!("present.{i}.key"), &present.key);
-        t.output(&format!("present.{i}.value"), &present.value);
+        io.present(&t, i, &present);
         x = y;
     }
     let x = nn::rms_norm(&t, &x, "model.norm.weight", l.rms_norm_eps)?;
