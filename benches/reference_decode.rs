@@ -15,11 +15,19 @@ fn bench(c: &mut Criterion) {
     let mut model = causal_lm(&dir).expect("the llama fixture loads");
     let prompt: Vec<u32> = (0..34).map(|i| 4 + (i * 7) % 300).collect();
     c.bench_function("reference/llama-fixture/prefill-34", |b| {
-        b.iter(|| model.lm.prefill(std::slice::from_ref(&prompt)).expect("prefill"))
+        b.iter(|| {
+            model
+                .lm
+                .prefill(std::slice::from_ref(&prompt))
+                .expect("prefill")
+        })
     });
     c.bench_function("reference/llama-fixture/prefill-34+decode-24", |b| {
         b.iter(|| {
-            model.lm.prefill(std::slice::from_ref(&prompt)).expect("prefill");
+            model
+                .lm
+                .prefill(std::slice::from_ref(&prompt))
+                .expect("prefill");
             for step in 0..24 {
                 model.lm.decode(&[4 + step]).expect("decode");
             }

@@ -24,8 +24,7 @@ pub fn eliminate(g: &Graph) -> Graph {
     }
     let mut out = Graph::new();
     let mut remap: HashMap<ValueId, ValueId> = HashMap::new();
-    // Keyed by the node's debug form: ops hold f64 attributes, so `Node` is not `Hash`.
-    let mut seen: HashMap<String, ValueId> = HashMap::new();
+    let mut seen: HashMap<Node, ValueId> = HashMap::new();
     for (id, node) in g.iter() {
         if !live[id.index()] {
             continue;
@@ -38,8 +37,7 @@ pub fn eliminate(g: &Graph) -> Graph {
         let nid = if matches!(new.op, Op::Input { .. } | Op::Param { .. }) {
             out.push(new)
         } else {
-            let key = format!("{:?}|{:?}", new.op, new.inputs);
-            *seen.entry(key).or_insert_with(|| out.push(new))
+            *seen.entry(new.clone()).or_insert_with(|| out.push(new))
         };
         remap.insert(id, nid);
     }

@@ -24,7 +24,7 @@ impl fmt::Display for ValueId {
 }
 
 /// One SSA definition: `op(inputs) : ty`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Node {
     /// The operation and its attributes.
     pub op: Op,

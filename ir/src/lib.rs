@@ -11,6 +11,7 @@
 pub mod dim;
 pub mod dtype;
 pub mod f8;
+pub mod float;
 pub mod graph;
 pub mod infer;
 pub mod literal;
@@ -23,6 +24,7 @@ pub mod verify;
 
 pub use dim::{Bindings, Dim, DimError};
 pub use dtype::DType;
+pub use float::F64;
 pub use graph::{Graph, Node, OpError, Output, ValueId};
 pub use infer::infer;
 pub use literal::Literal;

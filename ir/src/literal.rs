@@ -5,7 +5,7 @@ use crate::DType;
 use serde::{Deserialize, Serialize};
 
 /// A constant's value: dtype, fixed shape, and row-major little-endian element bytes.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Literal {
     dtype: DType,
     shape: Vec<usize>,

@@ -11,7 +11,7 @@
 //! Edge cases: max, min and argmax over an empty axis are run-time errors; sum over an empty
 //! axis is 0 and mean is NaN; `max(-0.0, 0.0)` may give either zero.
 
-use crate::{DType, Dim, Literal, Shape};
+use crate::{DType, Dim, Literal, Shape, F64};
 use serde::{Deserialize, Serialize};
 
 /// Elementwise functions of one operand. Float operands unless stated.
@@ -300,7 +300,7 @@ impl ReduceOp {
 }
 
 /// An operation. Operands are listed on the node; attributes live here.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Op {
     /// A graph input, bound by name at run time (token ids, masks, KV cache). No operands.
     Input {
@@ -440,13 +440,13 @@ pub enum Op {
     /// operands `(x, weight[last])`.
     RmsNorm {
         /// Added to the mean square.
-        eps: f64,
+        eps: F64,
     },
     /// Composite: `(x - mean) / sqrt(var + eps) * weight + bias` over the last axis
     /// (biased variance); operands `(x, weight[last], bias[last])`.
     LayerNorm {
         /// Added to the variance.
-        eps: f64,
+        eps: F64,
     },
     /// Composite scaled-dot-product attention. Operands `(q[b, hq, sq, d], k[b, hkv, sk, d],
     /// v[b, hkv, sk, dv])` and optionally an additive `mask` broadcastable to `[b, hq, sq, sk]`.
@@ -458,7 +458,7 @@ pub enum Op {
     /// Result `[b, hq, sq, dv]`.
     Attention {
         /// Multiplies `q·k`.
-        scale: f64,
+        scale: F64,
         /// Apply the causal mask.
         causal: bool,
         /// Sliding-window size; 0 for none.

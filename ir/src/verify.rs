@@ -200,7 +200,7 @@ mod tests {
         let mut g = Graph::new();
         let q = g.input("q", f32s(&[1, 2, 3, 4]));
         let attn = |causal| Op::Attention {
-            scale: 0.5,
+            scale: crate::F64(0.5),
             causal,
             window: 2,
         };

@@ -5,7 +5,7 @@
 use kiln_ir::text::{parse, print};
 use kiln_ir::{
     verify, BinaryOp, CmpOp, DType, Dim, Graph, Literal, Op, ReduceOp, Scalar, Shape, TensorType,
-    UnaryOp, ValueId,
+    UnaryOp, ValueId, F64,
 };
 use proptest::prelude::*;
 use std::collections::{BTreeSet, HashSet};
@@ -315,7 +315,7 @@ impl Gen<'_> {
                     shape: t.shape[t.rank() - 1..].to_vec(),
                 };
                 let mut ins = vec![x, self.leaf(wt.clone())];
-                let eps = self.f64();
+                let eps = F64(self.f64());
                 let op = if self.flip() {
                     ins.push(self.leaf(wt));
                     Op::LayerNorm { eps }
@@ -394,7 +394,7 @@ impl Gen<'_> {
             let shape = self.one(&masks);
             ins.push(self.leaf(ty(shape)));
         }
-        let (scale, causal) = (self.f64(), self.flip());
+        let (scale, causal) = (F64(self.f64()), self.flip());
         let window = self.one(&[0, 1, 4, 4096]);
         self.add(
             Op::Attention {

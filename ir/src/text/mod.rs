@@ -70,7 +70,7 @@ mod print;
 pub use parse::{parse, ParseError};
 pub use print::print;
 
-use crate::{BinaryOp, CmpOp, DType, Dim, Literal, Op, ReduceOp, Shape, UnaryOp};
+use crate::{BinaryOp, CmpOp, DType, Dim, Literal, Op, ReduceOp, Shape, UnaryOp, F64};
 
 /// One attribute of an op, borrowed mutably: the printer reads it and the parser fills it.
 pub(crate) enum Field<'a> {
@@ -87,7 +87,7 @@ pub(crate) enum Field<'a> {
     /// One dim (`start=past`, `diagonal=past+1`).
     Dim(&'a mut Dim),
     /// A float (`eps=1e-6`).
-    F64(&'a mut f64),
+    F64(&'a mut F64),
 }
 
 /// The attributes of `op` in printing order, named as the fields of its variant. `input`,
@@ -193,10 +193,10 @@ pub(crate) fn templates() -> Vec<Op> {
             upper: false,
             diagonal: Dim::default(),
         },
-        Op::RmsNorm { eps: 0.0 },
-        Op::LayerNorm { eps: 0.0 },
+        Op::RmsNorm { eps: F64(0.0) },
+        Op::LayerNorm { eps: F64(0.0) },
         Op::Attention {
-            scale: 0.0,
+            scale: F64(0.0),
             causal: false,
             window: 0,
         },

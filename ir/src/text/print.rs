@@ -58,17 +58,8 @@ fn attr(s: &mut String, field: &Field<'_>) {
         Field::DType(d) => write!(s, "{d}"),
         Field::Shape(shape) => write!(s, "{}", DisplayShape(shape)),
         Field::Dim(d) => write!(s, "{d}"),
-        Field::F64(x) => write!(s, "{}", f64_text(**x)),
+        Field::F64(x) => write!(s, "{x}"),
     };
-}
-
-/// An f64 as the parser reads it back: shortest round-trip digits, `inf`, `-inf` or `nan`.
-fn f64_text(x: f64) -> String {
-    if x.is_nan() {
-        "nan".into()
-    } else {
-        format!("{x:?}")
-    }
 }
 
 /// An f32 as the parser reads it back: shortest round-trip digits, `inf`, `-inf` or `nan`.

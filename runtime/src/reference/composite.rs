@@ -223,7 +223,7 @@ pub(crate) fn attention(
 mod tests {
     use super::super::testutil::*;
     use super::*;
-    use kiln_ir::{DType, Op};
+    use kiln_ir::{DType, Op, F64};
 
     const NINF: f32 = f32::NEG_INFINITY;
 
@@ -271,21 +271,21 @@ mod tests {
         // Row [3, 4]: mean square 12.5; row [0, 0] stays 0.
         let x = f32t(&[2, 2], &[3., 4., 0., 0.]);
         let w = f32t(&[2], &[1., 2.]);
-        let y = eval_op(Op::RmsNorm { eps: 0.0 }, &[x.clone(), w.clone()]);
+        let y = eval_op(Op::RmsNorm { eps: F64(0.0) }, &[x.clone(), w.clone()]);
         let r = 12.5f64.sqrt();
         // With eps = 0 a zero row is 0 / 0.
         assert_close(&y, &[2, 2], &[3. / r, 8. / r, f64::NAN, f64::NAN], 1e-6);
-        let y = eval_op(Op::RmsNorm { eps: 1.0 }, &[x.clone(), w.clone()]);
+        let y = eval_op(Op::RmsNorm { eps: F64(1.0) }, &[x.clone(), w.clone()]);
         let r = 13.5f64.sqrt();
         assert_close(&y, &[2, 2], &[3. / r, 8. / r, 0., 0.], 1e-6);
         // Row [3, 4]: mean 3.5, variance 0.25 -> normalized [-1, 1].
         let bias = f32t(&[2], &[0.5, -0.5]);
         let y = eval_op(
-            Op::LayerNorm { eps: 0.0 },
+            Op::LayerNorm { eps: F64(0.0) },
             &[x.clone(), w.clone(), bias.clone()],
         );
         assert_close(&y, &[2, 2], &[-0.5, 1.5, f64::NAN, f64::NAN], 1e-7);
-        let y = eval_op(Op::LayerNorm { eps: 0.75 }, &[x, w, bias]);
+        let y = eval_op(Op::LayerNorm { eps: F64(0.75) }, &[x, w, bias]);
         assert_close(&y, &[2, 2], &[0.0, 0.5, 0.5, -0.5], 1e-7);
     }
 
@@ -363,7 +363,7 @@ mod tests {
 
     fn attn(scale: f64, causal: bool, window: usize) -> Op {
         Op::Attention {
-            scale,
+            scale: F64(scale),
             causal,
             window,
         }

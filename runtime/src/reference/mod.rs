@@ -311,11 +311,11 @@ fn eval_op(ctx: &Ctx<'_>, op: &Op, args: &[&Tensor]) -> Result<Tensor, ExecError
         }
         Op::RmsNorm { eps } => {
             let [x, w] = operands(ctx, args)?;
-            composite::rmsnorm(ctx, *eps, x, w)
+            composite::rmsnorm(ctx, eps.0, x, w)
         }
         Op::LayerNorm { eps } => {
             let [x, w, b] = operands(ctx, args)?;
-            composite::layernorm(ctx, *eps, x, w, b)
+            composite::layernorm(ctx, eps.0, x, w, b)
         }
         Op::Attention {
             scale,
@@ -323,7 +323,7 @@ fn eval_op(ctx: &Ctx<'_>, op: &Op, args: &[&Tensor]) -> Result<Tensor, ExecError
             window,
         } => {
             let spec = composite::AttentionSpec {
-                scale: *scale,
+                scale: scale.0,
                 causal: *causal,
                 window: *window,
             };

@@ -1,0 +1,274 @@
+//! The roofline cost model used by extraction: every op is a kernel costing
+//! `max(flops / peak(dtype), bytes / bandwidth) + launch` on a [`Target`]; layout views
+//! (reshape, permute, expand, which later fold into their consumers) and sources (inputs,
+//! parameters, constants) cost next to nothing. Composite ops (`rmsnorm`, `layernorm`,
+//! `attention`) read their operands and write their result once, so they cost less than their
+//! decompositions, which make a round trip through memory per op.
+//!
+//! Symbolic sizes are costed at [`NOMINAL_SYMBOL`] (a moderate batch × sequence).
+
+use crate::egraph::{ENode, EG};
+use egg::{CostFunction, Id};
+use kiln_ir::{DType, Dim, Op, TensorType};
+
+/// The value every size symbol takes when costing.
+pub const NOMINAL_SYMBOL: f64 = 64.0;
+
+/// The cost of a node that is only a view or a source: tiny but positive, so that fewer such
+/// nodes still win ties.
+pub const VIEW_COST: f64 = 1e-12;
+
+/// A machine's roofline numbers.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Target {
+    /// The target's name (`cpu`, `cpu-avx512-bf16`, `cuda-sm80`, `cuda-sm90`).
+    pub name: &'static str,
+    /// Peak FLOP/s for f32 operands.
+    pub f32_flops: f64,
+    /// Peak FLOP/s for f16/bf16 operands.
+    pub half_flops: f64,
+    /// Peak FLOP/s for fp8 operands.
+    pub fp8_flops: f64,
+    /// Peak operations/s for integer and bool operands.
+    pub int_ops: f64,
+    /// Memory bandwidth, bytes/s.
+    pub bandwidth: f64,
+    /// Fixed cost of one kernel launch (or one parallel loop on a CPU), seconds.
+    pub launch: f64,
+}
+
+/// Every target, in one table. CPU figures are for a small multi-core part; GPU figures are
+/// dense tensor-core peaks (A100 SXM for sm_80, H100 SXM for sm_90; sm_80 has no fp8, which
+/// runs at the bf16 rate there).
+pub const TARGETS: [Target; 4] = [
+    Target {
+        name: "cpu",
+        f32_flops: 2e11,
+        half_flops: 1e11,
+        fp8_flops: 5e10,
+        int_ops: 1e11,
+        bandwidth: 4e10,
+        launch: 2e-6,
+    },
+    Target {
+        name: "cpu-avx512-bf16",
+        f32_flops: 1e12,
+        half_flops: 2e12,
+        fp8_flops: 1e12,
+        int_ops: 5e11,
+        bandwidth: 1e11,
+        launch: 2e-6,
+    },
+    Target {
+        name: "cuda-sm80",
+        f32_flops: 19.5e12,
+        half_flops: 312e12,
+        fp8_flops: 312e12,
+        int_ops: 19.5e12,
+        bandwidth: 2.0e12,
+        launch: 5e-6,
+    },
+    Target {
+        name: "cuda-sm90",
+        f32_flops: 67e12,
+        half_flops: 989e12,
+        fp8_flops: 1979e12,
+        int_ops: 33e12,
+        bandwidth: 3.35e12,
+        launch: 4e-6,
+    },
+];
+
+impl Target {
+    /// The target called `name` in [`TARGETS`].
+    pub fn by_name(name: &str) -> Option<Target> {
+        TARGETS.iter().copied().find(|t| t.name == name)
+    }
+
+    /// The generic CPU target.
+    pub fn cpu() -> Target {
+        TARGETS[0]
+    }
+
+    /// Peak rate for arithmetic on `dtype`.
+    pub fn peak(&self, dtype: DType) -> f64 {
+        match dtype {
+            DType::F32 => self.f32_flops,
+            DType::F16 | DType::BF16 => self.half_flops,
+            DType::F8E4M3 | DType::F8E5M2 => self.fp8_flops,
+            DType::I64 | DType::I32 | DType::U8 | DType::Bool => self.int_ops,
+        }
+    }
+
+    /// Roofline time of a kernel doing `flops` on `dtype` and moving `bytes`.
+    pub fn kernel(&self, flops: f64, dtype: DType, bytes: f64) -> f64 {
+        (flops / self.peak(dtype)).max(bytes / self.bandwidth) + self.launch
+    }
+}
+
+/// A dim's size with every symbol at [`NOMINAL_SYMBOL`].
+fn size(d: &Dim) -> f64 {
+    d.terms()
+        .iter()
+        .map(|t| t.coeff as f64 * NOMINAL_SYMBOL.powi(t.syms.len() as i32))
+        .sum::<f64>()
+        .max(1.0)
+}
+
+fn numel(ty: &TensorType) -> f64 {
+    ty.shape.iter().map(size).product()
+}
+
+fn bytes(ty: &TensorType) -> f64 {
+    numel(ty) * ty.dtype.size_bytes() as f64
+}
+
+/// FLOPs per element of the result for elementwise-like ops (transcendentals count more).
+fn flops_per_element(op: &Op) -> f64 {
+    use kiln_ir::UnaryOp as U;
+    match op {
+        Op::Unary(U::Exp | U::Log | U::Tanh | U::Erf | U::Sigmoid | U::Gelu | U::GeluTanh)
+        | Op::Unary(U::Silu | U::Sin | U::Cos | U::Rsqrt | U::Sqrt) => 8.0,
+        Op::Softmax { .. } | Op::LogSoftmax { .. } => 12.0,
+        Op::RmsNorm { .. } => 4.0,
+        Op::LayerNorm { .. } => 8.0,
+        _ => 1.0,
+    }
+}
+
+/// The roofline time of `op` with operand types `ins` and result type `out` on `target`.
+pub fn op_cost(target: &Target, op: &Op, ins: &[&TensorType], out: &TensorType) -> f64 {
+    match op {
+        Op::Input { .. } | Op::Param { .. } | Op::Const { .. } => VIEW_COST,
+        Op::Reshape { .. } | Op::Permute { .. } | Op::Expand { .. } => VIEW_COST,
+        _ => {
+            let moved = ins.iter().map(|t| bytes(t)).sum::<f64>() + bytes(out);
+            let flops = match op {
+                Op::MatMul { transpose_a, .. } => {
+                    let a = ins[0];
+                    let k = a.shape[a.rank() - if *transpose_a { 2 } else { 1 }].clone();
+                    2.0 * numel(out) * size(&k)
+                }
+                Op::Attention { .. } => {
+                    // q·k, softmax over the scores, then p·v.
+                    let (q, k) = (ins[0], ins[1]);
+                    let sk = size(&k.shape[2]);
+                    let scores = numel(q) / size(&q.shape[3]) * sk;
+                    2.0 * numel(q) * sk + 8.0 * scores + 2.0 * numel(out) * sk
+                }
+                Op::Reduce { .. } | Op::ArgMax { .. } | Op::TopK { .. } => numel(ins[0]),
+                _ => flops_per_element(op) * numel(out),
+            };
+            let dtype = ins.first().map_or(out.dtype, |t| t.dtype);
+            target.kernel(flops, dtype, moved)
+        }
+    }
+}
+
+/// The roofline [`CostFunction`] over an e-graph: a node's cost is its own kernel time plus its
+/// children's costs (egg's tree cost; [`crate::egraph::extract()`] evaluates it with zero-cost
+/// children to get local costs and accounts for sharing itself).
+pub struct Roofline<'a> {
+    /// The e-graph whose class types size the nodes.
+    pub egraph: &'a EG,
+    /// The machine.
+    pub target: Target,
+}
+
+impl CostFunction<ENode> for Roofline<'_> {
+    type Cost = f64;
+
+    fn cost<C: FnMut(Id) -> f64>(&mut self, enode: &ENode, mut costs: C) -> f64 {
+        let eg = self.egraph;
+        let ins: Vec<&TensorType> = enode.children.iter().map(|&c| &eg[c].data.ty).collect();
+        let out = match eg.lookup(enode.clone()) {
+            Some(id) => eg[id].data.ty.clone(),
+            None => match kiln_ir::infer(&enode.op, &ins) {
+                Ok(ty) => ty,
+                Err(_) => return f64::INFINITY,
+            },
+        };
+        let own = op_cost(&self.target, &enode.op, &ins, &out);
+        own + enode.children.iter().map(|&c| costs(c)).sum::<f64>()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_ir::{BinaryOp, ReduceOp, UnaryOp, F64};
+
+    #[test]
+    fn targets_by_name() {
+        for t in TARGETS {
+            assert_eq!(Target::by_name(t.name), Some(t));
+            assert!(t.peak(DType::BF16) >= t.peak(DType::F32) || t.name == "cpu");
+        }
+        assert_eq!(Target::by_name("tpu"), None);
+    }
+
+    #[test]
+    fn views_are_free_and_matmuls_are_compute_bound_on_gpus() {
+        let x = TensorType::new(DType::F32, [4096, 4096]);
+        let t = Target::by_name("cuda-sm90").unwrap();
+        let p = Op::Permute { perm: vec![1, 0] };
+        assert_eq!(op_cost(&t, &p, &[&x], &x), VIEW_COST);
+        let mm = Op::MatMul {
+            transpose_a: false,
+            transpose_b: false,
+        };
+        let time = op_cost(&t, &mm, &[&x, &x], &x);
+        assert!((time - (2.0 * 4096f64.powi(3) / t.f32_flops + t.launch)).abs() < 1e-9);
+    }
+
+    #[test]
+    fn composite_norms_cost_less_than_their_decompositions() {
+        let x = TensorType::new(DType::F32, [Dim::sym("seq"), Dim::fixed(4096)]);
+        let w = TensorType::new(DType::F32, [4096]);
+        let s = TensorType::new(DType::F32, [Dim::sym("seq"), Dim::fixed(1)]);
+        let one = TensorType::new(DType::F32, Vec::<usize>::new());
+        for t in TARGETS {
+            let fused = op_cost(&t, &Op::RmsNorm { eps: F64(1e-6) }, &[&x, &w], &x);
+            let mul = Op::Binary(BinaryOp::Mul);
+            let mean = Op::Reduce {
+                op: ReduceOp::Mean,
+                axes: vec![1],
+                keepdim: true,
+            };
+            let parts = [
+                op_cost(&t, &mul, &[&x, &x], &x),
+                op_cost(&t, &mean, &[&x], &s),
+                op_cost(&t, &Op::Binary(BinaryOp::Add), &[&s, &one], &s),
+                op_cost(&t, &Op::Unary(UnaryOp::Rsqrt), &[&s], &s),
+                op_cost(&t, &mul, &[&x, &s], &x),
+                op_cost(&t, &mul, &[&w, &x], &x),
+            ];
+            assert!(fused < parts.iter().sum::<f64>(), "{}", t.name);
+        }
+    }
+
+    #[test]
+    fn attention_costs_less_than_its_decomposition() {
+        let (seq, d) = (Dim::sym("seq"), Dim::fixed(128));
+        let q = TensorType::new(DType::BF16, [1.into(), 32.into(), seq.clone(), d.clone()]);
+        let kt = TensorType::new(DType::BF16, [1.into(), 32.into(), d, seq.clone()]);
+        let s = TensorType::new(DType::BF16, [1.into(), 32.into(), seq.clone(), seq]);
+        let attn = Op::Attention {
+            scale: F64(0.1),
+            causal: true,
+            window: 0,
+        };
+        let mm = Op::MatMul {
+            transpose_a: false,
+            transpose_b: false,
+        };
+        for t in TARGETS {
+            let fused = op_cost(&t, &attn, &[&q, &q, &q], &q);
+            let parts = op_cost(&t, &mm, &[&q, &kt], &s)
+                + op_cost(&t, &Op::Binary(BinaryOp::Mul), &[&s, &s], &s)
+                + op_cost(&t, &Op::Softmax { axis: 3 }, &[&s], &s)
+                + op_cost(&t, &mm, &[&s, &q], &q);
+            assert!(fused < parts, "{}: {fused} vs {parts}", t.name);
+        }
+    }
+}
