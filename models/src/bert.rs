@@ -12,14 +12,13 @@
 //! (transformers saves neither `cls.predictions.decoder.weight` nor `.bias` then; untied, the
 //! head uses both); the classifier's `classifier.*`.
 
-use crate::config::fields;
+use crate::config::{yes, FamilyConfig};
 use crate::encoder::{self, EncoderHead};
 use crate::nn::{self, Activation};
 use crate::{ModelError, TraceError};
 use kiln_ir::trace::{Tensor, Tracer};
 use kiln_ir::{DType, Dim, Graph};
 use serde::Deserialize;
-use serde_json::{Map, Value};
 use std::path::Path;
 
 /// BERT's `config.json` (sizes required; options default as transformers' `BertConfig`).
@@ -78,20 +77,17 @@ fn default_act() -> String {
     "gelu".into()
 }
 
-fn yes() -> bool {
-    true
+impl BertConfig {
+    /// The MLP activation (erf GELU for an unknown name; [`BertConfig::validate`] refuses
+    /// those).
+    pub fn activation(&self) -> Activation {
+        Activation::from_name(&self.hidden_act).unwrap_or(Activation::Gelu)
+    }
 }
 
-impl BertConfig {
-    /// Parses the config object of `path`, refusing settings kiln does not implement.
-    pub fn from_json(obj: &Map<String, Value>, path: &Path) -> Result<Self, ModelError> {
-        let cfg: BertConfig = fields(obj, path)?;
-        cfg.validate(path)?;
-        Ok(cfg)
-    }
-
+impl FamilyConfig for BertConfig {
     /// Checks sizes and options (the path is for messages).
-    pub fn validate(&self, path: &Path) -> Result<(), ModelError> {
+    fn validate(&self, path: &Path) -> Result<(), ModelError> {
         let unsupported = |message: String| ModelError::Unsupported {
             path: path.to_path_buf(),
             message,
@@ -130,12 +126,6 @@ impl BertConfig {
         }
         Ok(())
     }
-
-    /// The MLP activation (erf GELU for an unknown name; [`BertConfig::validate`] refuses
-    /// those).
-    pub fn activation(&self) -> Activation {
-        Activation::from_name(&self.hidden_act).unwrap_or(Activation::Gelu)
-    }
 }
 
 /// One encoder layer (`{prefix}encoder.layer.{i}`) on `x[batch, seq, hidden]`.
@@ -146,41 +136,23 @@ pub fn layer(
     x: &Tensor,
     mask: &Tensor,
 ) -> Result<Tensor, kiln_ir::OpError> {
-    let (h, eps) = (cfg.hidden_size, cfg.layer_norm_eps);
-    let ctx = encoder::self_attention(
-        t,
-        x,
-        mask,
-        &nn::join(p, "attention.self"),
-        ["query", "key", "value"],
-        h,
-        cfg.num_attention_heads,
-    )?;
-    let out = nn::linear(t, &ctx, &nn::join(p, "attention.output.dense"), h, h, true)?;
-    let x = nn::layer_norm(
-        t,
-        &out.add(x)?,
-        &nn::join(p, "attention.output.LayerNorm"),
-        eps,
-    )?;
-    let inter = nn::linear(
-        t,
-        &x,
-        &nn::join(p, "intermediate.dense"),
-        cfg.intermediate_size,
-        h,
-        true,
-    )?;
-    let inter = cfg.activation().apply(&inter)?;
-    let out = nn::linear(
-        t,
-        &inter,
-        &nn::join(p, "output.dense"),
-        h,
-        cfg.intermediate_size,
-        true,
-    )?;
-    nn::layer_norm(t, &out.add(&x)?, &nn::join(p, "output.LayerNorm"), eps)
+    let names = encoder::LayerNames {
+        attention: "attention.self",
+        qkv: ["query", "key", "value"],
+        attention_out: "attention.output.dense",
+        attention_norm: "attention.output.LayerNorm",
+        mlp_in: "intermediate.dense",
+        mlp_out: "output.dense",
+        output_norm: "output.LayerNorm",
+    };
+    let sizes = encoder::LayerSizes {
+        hidden: cfg.hidden_size,
+        heads: cfg.num_attention_heads,
+        intermediate: cfg.intermediate_size,
+        eps: cfg.layer_norm_eps,
+        act: cfg.activation(),
+    };
+    encoder::post_ln_layer(t, x, mask, p, &names, &sizes)
 }
 
 /// Traces BERT with `head` (inputs and outputs as in [`crate::encoder`]).

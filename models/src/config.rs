@@ -82,6 +82,25 @@ fn config_err(path: &Path, message: impl Into<String>) -> ModelError {
     }
 }
 
+/// A family's `config.json`: deserialized with transformers' defaults, then checked.
+pub trait FamilyConfig: DeserializeOwned {
+    /// Checks sizes and options, refusing settings kiln does not implement (the path is for
+    /// messages).
+    fn validate(&self, path: &Path) -> Result<(), ModelError>;
+
+    /// Parses and checks the config object of `path`.
+    fn from_json(obj: &Map<String, Value>, path: &Path) -> Result<Self, ModelError> {
+        let cfg: Self = fields(obj, path)?;
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+}
+
+/// serde default for flags that transformers turns on by default.
+pub(crate) fn yes() -> bool {
+    true
+}
+
 /// Deserializes `obj` into `T`, naming a missing or mistyped key in the error.
 pub(crate) fn fields<T: DeserializeOwned>(
     obj: &Map<String, Value>,

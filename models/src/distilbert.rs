@@ -14,14 +14,13 @@
 //! transformers). Sinusoidal position embeddings are stored in the checkpoint like learned
 //! ones, so `sinusoidal_pos_embds` needs nothing special.
 
-use crate::config::fields;
+use crate::config::{yes, FamilyConfig};
 use crate::encoder::{self, EncoderHead};
 use crate::nn::{self, Activation};
 use crate::{ModelError, TraceError};
 use kiln_ir::trace::{Tensor, Tracer};
 use kiln_ir::{DType, Dim, Graph};
 use serde::Deserialize;
-use serde_json::{Map, Value};
 use std::path::Path;
 
 /// DistilBERT's `config.json` (sizes required; options default as `DistilBertConfig`).
@@ -62,20 +61,17 @@ fn default_act() -> String {
     "gelu".into()
 }
 
-fn yes() -> bool {
-    true
+impl DistilBertConfig {
+    /// The MLP activation (erf GELU for an unknown name; [`DistilBertConfig::validate`] refuses
+    /// those).
+    pub fn act(&self) -> Activation {
+        Activation::from_name(&self.activation).unwrap_or(Activation::Gelu)
+    }
 }
 
-impl DistilBertConfig {
-    /// Parses the config object of `path`, refusing settings kiln does not implement.
-    pub fn from_json(obj: &Map<String, Value>, path: &Path) -> Result<Self, ModelError> {
-        let cfg: DistilBertConfig = fields(obj, path)?;
-        cfg.validate(path)?;
-        Ok(cfg)
-    }
-
+impl FamilyConfig for DistilBertConfig {
     /// Checks sizes and options (the path is for messages).
-    pub fn validate(&self, path: &Path) -> Result<(), ModelError> {
+    fn validate(&self, path: &Path) -> Result<(), ModelError> {
         if self.n_heads == 0 || self.dim % self.n_heads != 0 {
             return Err(ModelError::Config {
                 path: path.to_path_buf(),
@@ -97,12 +93,6 @@ impl DistilBertConfig {
         }
         Ok(())
     }
-
-    /// The MLP activation (erf GELU for an unknown name; [`DistilBertConfig::validate`] refuses
-    /// those).
-    pub fn act(&self) -> Activation {
-        Activation::from_name(&self.activation).unwrap_or(Activation::Gelu)
-    }
 }
 
 /// One transformer block (`{prefix}transformer.layer.{i}`) on `x[batch, seq, dim]`.
@@ -113,32 +103,23 @@ pub fn layer(
     x: &Tensor,
     mask: &Tensor,
 ) -> Result<Tensor, kiln_ir::OpError> {
-    let d = cfg.dim;
-    let ctx = encoder::self_attention(
-        t,
-        x,
-        mask,
-        &nn::join(p, "attention"),
-        ["q_lin", "k_lin", "v_lin"],
-        d,
-        cfg.n_heads,
-    )?;
-    let out = nn::linear(t, &ctx, &nn::join(p, "attention.out_lin"), d, d, true)?;
-    let x = nn::layer_norm(
-        t,
-        &out.add(x)?,
-        &nn::join(p, "sa_layer_norm"),
-        LAYER_NORM_EPS,
-    )?;
-    let y = nn::linear(t, &x, &nn::join(p, "ffn.lin1"), cfg.hidden_dim, d, true)?;
-    let y = cfg.act().apply(&y)?;
-    let y = nn::linear(t, &y, &nn::join(p, "ffn.lin2"), d, cfg.hidden_dim, true)?;
-    nn::layer_norm(
-        t,
-        &y.add(&x)?,
-        &nn::join(p, "output_layer_norm"),
-        LAYER_NORM_EPS,
-    )
+    let names = encoder::LayerNames {
+        attention: "attention",
+        qkv: ["q_lin", "k_lin", "v_lin"],
+        attention_out: "attention.out_lin",
+        attention_norm: "sa_layer_norm",
+        mlp_in: "ffn.lin1",
+        mlp_out: "ffn.lin2",
+        output_norm: "output_layer_norm",
+    };
+    let sizes = encoder::LayerSizes {
+        hidden: cfg.dim,
+        heads: cfg.n_heads,
+        intermediate: cfg.hidden_dim,
+        eps: LAYER_NORM_EPS,
+        act: cfg.act(),
+    };
+    encoder::post_ln_layer(t, x, mask, p, &names, &sizes)
 }
 
 /// Traces DistilBERT with `head` (inputs and outputs as in [`crate::encoder`]; no

@@ -138,3 +138,69 @@ pub fn first_token(x: &Tensor) -> TraceResult {
     let (b, h) = (x.dim(0)?, x.dim(2)?);
     x.slice(1, 0, 1)?.reshape(&[b, h])
 }
+
+/// Where a post-LayerNorm encoder layer's parameters live, relative to the layer's prefix
+/// (BERT and DistilBERT layers compute the same thing under different names).
+pub struct LayerNames {
+    /// Prefix of the q, k, v projections.
+    pub attention: &'static str,
+    /// The q, k, v projections.
+    pub qkv: [&'static str; 3],
+    /// The attention output projection.
+    pub attention_out: &'static str,
+    /// The LayerNorm after attention.
+    pub attention_norm: &'static str,
+    /// The first MLP projection.
+    pub mlp_in: &'static str,
+    /// The second MLP projection.
+    pub mlp_out: &'static str,
+    /// The LayerNorm after the MLP.
+    pub output_norm: &'static str,
+}
+
+/// The sizes of a post-LayerNorm encoder layer.
+pub struct LayerSizes {
+    /// Model width.
+    pub hidden: usize,
+    /// Attention heads.
+    pub heads: usize,
+    /// MLP width.
+    pub intermediate: usize,
+    /// LayerNorm epsilon.
+    pub eps: f64,
+    /// MLP activation.
+    pub act: nn::Activation,
+}
+
+/// One post-LayerNorm encoder layer under prefix `p` on `x[batch, seq, hidden]`:
+/// `y = LN(x + attn(x))`, `out = LN(y + mlp(y))`, all projections `nn.Linear` with bias.
+pub fn post_ln_layer(
+    t: &Tracer,
+    x: &Tensor,
+    mask: &Tensor,
+    p: &str,
+    names: &LayerNames,
+    sizes: &LayerSizes,
+) -> TraceResult {
+    let (h, i) = (sizes.hidden, sizes.intermediate);
+    let ctx = self_attention(
+        t,
+        x,
+        mask,
+        &nn::join(p, names.attention),
+        names.qkv,
+        h,
+        sizes.heads,
+    )?;
+    let out = nn::linear(t, &ctx, &nn::join(p, names.attention_out), h, h, true)?;
+    let x = nn::layer_norm(
+        t,
+        &out.add(x)?,
+        &nn::join(p, names.attention_norm),
+        sizes.eps,
+    )?;
+    let y = nn::linear(t, &x, &nn::join(p, names.mlp_in), i, h, true)?;
+    let y = sizes.act.apply(&y)?;
+    let y = nn::linear(t, &y, &nn::join(p, names.mlp_out), h, i, true)?;
+    nn::layer_norm(t, &y.add(&x)?, &nn::join(p, names.output_norm), sizes.eps)
+}

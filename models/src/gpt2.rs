@@ -10,13 +10,12 @@
 //! `lm_head.weight` then) or by `lm_head.weight` when `tie_word_embeddings` is false.
 
 use crate::causal::{CausalIo, KvPair};
-use crate::config::fields;
+use crate::config::{yes, FamilyConfig};
 use crate::nn::{self, Activation};
 use crate::{CausalGraphs, ModelError, TraceError};
 use kiln_ir::trace::{Tensor, TraceResult, Tracer};
 use kiln_ir::{DType, Dim, Graph};
 use serde::Deserialize;
-use serde_json::{Map, Value};
 use std::path::Path;
 
 /// GPT-2's `config.json` (sizes required; options default as transformers' `GPT2Config`).
@@ -67,56 +66,7 @@ fn default_act() -> String {
     "gelu_new".into()
 }
 
-fn yes() -> bool {
-    true
-}
-
 impl Gpt2Config {
-    /// Parses the config object of `path`, refusing settings kiln does not implement.
-    pub fn from_json(obj: &Map<String, Value>, path: &Path) -> Result<Self, ModelError> {
-        let cfg: Gpt2Config = fields(obj, path)?;
-        cfg.validate(path)?;
-        Ok(cfg)
-    }
-
-    /// Checks sizes and options (the path is for messages).
-    pub fn validate(&self, path: &Path) -> Result<(), ModelError> {
-        let unsupported = |message: String| ModelError::Unsupported {
-            path: path.to_path_buf(),
-            message,
-        };
-        let malformed = |message: String| ModelError::Config {
-            path: path.to_path_buf(),
-            message,
-        };
-        if self.n_head == 0 || self.n_embd % self.n_head != 0 {
-            return Err(malformed(format!(
-                "n_embd ({}) must be a positive multiple of n_head ({})",
-                self.n_embd, self.n_head
-            )));
-        }
-        if self.n_positions == 0 || self.vocab_size == 0 || self.n_inner == Some(0) {
-            return Err(malformed(
-                "vocab_size, n_positions and n_inner must be positive".into(),
-            ));
-        }
-        if Activation::from_name(&self.activation_function).is_none() {
-            return Err(unsupported(format!(
-                "activation_function {:?} is not supported (kiln supports {})",
-                self.activation_function,
-                Activation::NAMES
-            )));
-        }
-        if self.add_cross_attention {
-            return Err(unsupported(
-                "add_cross_attention = true (GPT-2 with cross-attention, for encoder-decoder \
-                 models) is not supported"
-                    .into(),
-            ));
-        }
-        Ok(())
-    }
-
     /// Width of one attention head.
     pub fn head_dim(&self) -> usize {
         self.n_embd / self.n_head.max(1)
@@ -153,6 +103,46 @@ impl Gpt2Config {
             num_layers: self.n_layer,
             vocab_size: self.vocab_size,
         })
+    }
+}
+
+impl FamilyConfig for Gpt2Config {
+    /// Checks sizes and options (the path is for messages).
+    fn validate(&self, path: &Path) -> Result<(), ModelError> {
+        let unsupported = |message: String| ModelError::Unsupported {
+            path: path.to_path_buf(),
+            message,
+        };
+        let malformed = |message: String| ModelError::Config {
+            path: path.to_path_buf(),
+            message,
+        };
+        if self.n_head == 0 || self.n_embd % self.n_head != 0 {
+            return Err(malformed(format!(
+                "n_embd ({}) must be a positive multiple of n_head ({})",
+                self.n_embd, self.n_head
+            )));
+        }
+        if self.n_positions == 0 || self.vocab_size == 0 || self.n_inner == Some(0) {
+            return Err(malformed(
+                "vocab_size, n_positions and n_inner must be positive".into(),
+            ));
+        }
+        if Activation::from_name(&self.activation_function).is_none() {
+            return Err(unsupported(format!(
+                "activation_function {:?} is not supported (kiln supports {})",
+                self.activation_function,
+                Activation::NAMES
+            )));
+        }
+        if self.add_cross_attention {
+            return Err(unsupported(
+                "add_cross_attention = true (GPT-2 with cross-attention, for encoder-decoder \
+                 models) is not supported"
+                    .into(),
+            ));
+        }
+        Ok(())
     }
 }
 
