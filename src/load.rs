@@ -1,6 +1,9 @@
 //! Loading a Hugging Face model directory for running: parse the config, trace the family's
-//! graphs, bind the weights, and wrap them for generation or encoding.
+//! graphs, optimize them (unless asked not to), bind the weights, and wrap them for generation
+//! or encoding.
 
+use kiln_compiler::cost::Target;
+use kiln_compiler::pipeline::{optimize, Limits, OptimizeError, Report};
 use kiln_ir::Graph;
 use kiln_models::encoder::{base_model_prefix, trace_encoder, EncoderGraph};
 use kiln_models::nn::adapt_param_names;
@@ -26,6 +29,45 @@ pub enum LoadError {
     /// The model cannot do what was asked (e.g. generate with an encoder).
     #[error("{0}")]
     Unsupported(String),
+    /// The optimizer failed (a kiln bug, not a problem with the model).
+    #[error(transparent)]
+    Optimize(#[from] OptimizeError),
+}
+
+/// How a model is prepared for running.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoadOptions {
+    /// Run the optimizer over the traced graphs (on by default; off to compare).
+    pub optimize: bool,
+    /// The machine the cost model optimizes for.
+    pub target: Target,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            optimize: true,
+            target: Target::cpu(),
+        }
+    }
+}
+
+/// The graphs as they will run: optimized for the target when asked, with one report each.
+pub fn prepare(
+    graphs: Vec<Graph>,
+    opts: &LoadOptions,
+) -> Result<(Vec<Graph>, Vec<Report>), LoadError> {
+    if !opts.optimize {
+        return Ok((graphs, Vec::new()));
+    }
+    let mut out = Vec::with_capacity(graphs.len());
+    let mut reports = Vec::with_capacity(graphs.len());
+    for g in &graphs {
+        let (optimized, report) = optimize(g, &opts.target, &Limits::default())?;
+        out.push(optimized);
+        reports.push(report);
+    }
+    Ok((out, reports))
 }
 
 /// A causal LM ready to generate.
@@ -36,6 +78,8 @@ pub struct CausalLm {
     pub lm: GraphLm<Params>,
     /// Positions the model supports, when it has a hard limit (GPT-2's learned positions).
     pub max_positions: Option<usize>,
+    /// The optimizer's reports for the prefill and decode graphs (empty when not optimized).
+    pub reports: Vec<Report>,
 }
 
 /// Opens the directory's weights, adapts the graphs' parameter names to the names the
@@ -81,11 +125,17 @@ pub fn causal_graphs(dir: &ModelDir) -> Result<CausalGraphs, LoadError> {
     Ok(graphs.map_err(ModelError::from)?)
 }
 
-/// Opens `path`, traces the causal LM, and binds its weights.
+/// Opens `path`, traces and optimizes the causal LM, and binds its weights.
 pub fn causal_lm(path: &Path) -> Result<CausalLm, LoadError> {
+    causal_lm_with(path, &LoadOptions::default())
+}
+
+/// [`causal_lm`] with explicit options.
+pub fn causal_lm_with(path: &Path, opts: &LoadOptions) -> Result<CausalLm, LoadError> {
     let dir = ModelDir::open(path)?;
     let graphs = causal_graphs(&dir)?;
-    let (bound, params) = bind(&dir, &[&graphs.prefill, &graphs.decode])?;
+    let (ready, reports) = prepare(vec![graphs.prefill, graphs.decode], opts)?;
+    let (bound, params) = bind(&dir, &ready.iter().collect::<Vec<_>>())?;
     let [prefill, decode]: [Graph; 2] = bound
         .try_into()
         .map_err(|_| LoadError::Unsupported("internal: expected two graphs".into()))?;
@@ -104,6 +154,7 @@ pub fn causal_lm(path: &Path) -> Result<CausalLm, LoadError> {
         dir,
         lm,
         max_positions,
+        reports,
     })
 }
 
@@ -118,6 +169,8 @@ pub struct Encoder {
     pub vocab_size: usize,
     /// The longest input the model's position table allows.
     pub max_positions: usize,
+    /// The optimizer's report (empty when not optimized).
+    pub reports: Vec<Report>,
 }
 
 /// An encoder's outputs for a batch padded on the right to `seq` tokens.
@@ -132,10 +185,17 @@ pub struct EncoderOutput {
     pub seq: usize,
 }
 
-/// Opens `path`, traces the encoder with its head, and binds its weights.
+/// Opens `path`, traces the encoder with its head, optimizes it, and binds its weights.
 pub fn encoder(path: &Path) -> Result<Encoder, LoadError> {
+    encoder_with(path, &LoadOptions::default())
+}
+
+/// [`encoder`] with explicit options.
+pub fn encoder_with(path: &Path, opts: &LoadOptions) -> Result<Encoder, LoadError> {
     let dir = ModelDir::open(path)?;
     let mut graph = trace_encoder(&dir.config)?;
+    let (ready, reports) = prepare(vec![graph.graph], opts)?;
+    graph.graph = ready.into_iter().next().unwrap_or_default();
     let (vocab_size, max_positions) = match &dir.config.family {
         Family::Bert(c) => (c.vocab_size, c.max_position_embeddings),
         Family::DistilBert(c) => (c.vocab_size, c.max_position_embeddings),
@@ -154,6 +214,7 @@ pub fn encoder(path: &Path) -> Result<Encoder, LoadError> {
         params,
         vocab_size,
         max_positions,
+        reports,
     })
 }
 

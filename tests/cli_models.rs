@@ -239,7 +239,7 @@ fn inspect_model_traces_without_weights() {
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(text.contains("# ==== prefill graph") && text.contains("# ==== decode graph"));
     assert!(
-        text.contains("topk") && text.contains("\"past.1.value\""),
+        text.contains("moe(") && text.contains("\"past.1.value\""),
         "{text}"
     );
 }
@@ -416,4 +416,54 @@ fn bad_flags_and_prompts_are_refused_clearly() {
         &["classify", "--model", &fixture("bert"), "--text", "hi"],
         &["no classification head"],
     );
+}
+
+#[test]
+fn inspect_passes_and_no_optimize() {
+    let o = kiln(&[
+        "inspect",
+        "--model",
+        &fixture("llama"),
+        "--passes",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let lines: Vec<Value> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2, "prefill and decode");
+    for g in &lines {
+        // 2 layers × 2 norms + the final norm, each fused into one rmsnorm kernel.
+        assert_eq!(g["kernels"]["rmsnorm"], 5, "{g}");
+        let names: Vec<&str> = g["passes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["algebra", "norm", "attention", "moe", "dce"]);
+        assert_eq!(g["kernels"]["attention"], 2, "one per layer: {g}");
+        assert!(g["kernels"].get("softmax").is_none(), "{g}");
+        let sum: u64 = g["kernels"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|v| v.as_u64().unwrap())
+            .sum();
+        assert_eq!(g["total_kernels"].as_u64().unwrap(), sum);
+    }
+    let r = reference("llama");
+    let j = json_out(&kiln(&[
+        "generate",
+        "--model",
+        &fixture("llama"),
+        "--prompt",
+        r["prompt"].as_str().unwrap(),
+        "--max-new-tokens",
+        "24",
+        "--no-optimize",
+        "--json",
+    ]));
+    assert_eq!(j["generated_ids"], r["greedy_ids"]);
 }

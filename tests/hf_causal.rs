@@ -2,7 +2,7 @@
 //! full-prompt logits within 1e-4, and prefill + decode steps through the KV cache equal to the
 //! full forward pass.
 
-use kiln::load::causal_lm;
+use kiln::load::{causal_lm, causal_lm_with, LoadOptions};
 use kiln::runtime::weights::Checkpoint;
 use kiln::runtime::LanguageModel;
 use serde_json::Value;
@@ -52,22 +52,31 @@ fn max_abs(a: &[f32], b: &[f32]) -> f32 {
 /// Tolerance for logits against transformers (f32 on both sides, different summation orders).
 const TOL: f32 = 1e-4;
 
+/// Both the traced graph as it is and the optimized one (the default) match transformers.
 #[test]
 fn prompt_logits_match_transformers() {
     for name in FAMILIES {
         let (r, tensors) = reference(name);
         let prompt = ids(&r["prompt_ids"]);
         let n = prompt.len();
-        let logits = causal_lm(&fixture(name))
-            .unwrap()
-            .lm
-            .forward(&prompt)
-            .unwrap();
         let want = tensors.load("logits").unwrap();
-        assert_eq!(logits.shape(), want.shape(), "{name}");
-        let err = max_abs(logits.as_f32().unwrap(), want.as_f32().unwrap());
-        eprintln!("{name}: prompt of {n} tokens, logits max abs error {err:e}");
-        assert!(err <= TOL, "{name}: logits max abs error {err:e} > {TOL:e}");
+        for optimize in [false, true] {
+            let opts = LoadOptions {
+                optimize,
+                ..Default::default()
+            };
+            let logits = causal_lm_with(&fixture(name), &opts)
+                .unwrap()
+                .lm
+                .forward(&prompt)
+                .unwrap();
+            assert_eq!(logits.shape(), want.shape(), "{name}");
+            let err = max_abs(logits.as_f32().unwrap(), want.as_f32().unwrap());
+            eprintln!(
+                "{name} (optimize {optimize}): prompt of {n} tokens, logits max abs error {err:e}"
+            );
+            assert!(err <= TOL, "{name}: logits max abs error {err:e} > {TOL:e}");
+        }
     }
 }
 

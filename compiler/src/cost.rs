@@ -3,7 +3,8 @@
 //! (reshape, permute, expand, which later fold into their consumers) and sources (inputs,
 //! parameters, constants) cost next to nothing. Composite ops (`rmsnorm`, `layernorm`,
 //! `attention`) read their operands and write their result once, so they cost less than their
-//! decompositions, which make a round trip through memory per op.
+//! decompositions, which make a round trip through memory per op; `moe` also does the FLOPs of
+//! only the `top_k` experts each token is routed to, where its dense form runs every expert.
 //!
 //! Symbolic sizes are costed at [`NOMINAL_SYMBOL`] (a moderate batch × sequence).
 
@@ -141,6 +142,7 @@ pub fn op_cost(target: &Target, op: &Op, ins: &[&TensorType], out: &TensorType) 
     match op {
         Op::Input { .. } | Op::Param { .. } | Op::Const { .. } => VIEW_COST,
         Op::Reshape { .. } | Op::Permute { .. } | Op::Expand { .. } => VIEW_COST,
+        Op::Moe { top_k } => moe_cost(target, *top_k, ins, out),
         _ => {
             let moved = ins.iter().map(|t| bytes(t)).sum::<f64>() + bytes(out);
             let flops = match op {
@@ -163,6 +165,27 @@ pub fn op_cost(target: &Target, op: &Op, ins: &[&TensorType], out: &TensorType) 
             target.kernel(flops, dtype, moved)
         }
     }
+}
+
+/// A `moe` dispatch: the router GEMM and softmax over all experts, then only `top_k` experts'
+/// SwiGLU MLPs per token (grouped GEMMs over the routed tokens) and the weighted scatter. Of the
+/// expert weights it reads only the experts that can receive a token: all of them once
+/// `tokens * top_k >= experts`, that fraction before (decode of one token reads `top_k`).
+fn moe_cost(target: &Target, top_k: usize, ins: &[&TensorType], out: &TensorType) -> f64 {
+    let (Some(x), Some(gate), Some(w1)) = (ins.first(), ins.get(1), ins.get(2)) else {
+        return f64::INFINITY;
+    };
+    let experts = (ins.len().saturating_sub(2) / 3).max(1) as f64;
+    let h = x.shape.last().map_or(1.0, size);
+    let inter = w1.shape.first().map_or(1.0, size);
+    let tokens = numel(x) / h;
+    let k = top_k as f64;
+    let router = 2.0 * tokens * experts * h + 12.0 * tokens * experts;
+    let mlps = k * tokens * (6.0 * h * inter + 10.0 * inter + 3.0 * h);
+    let touched = (tokens * k / experts).min(1.0);
+    let weights: f64 = ins[2..].iter().map(|t| bytes(t)).sum();
+    let moved = bytes(x) + bytes(gate) + touched * weights + bytes(out);
+    target.kernel(router + mlps, x.dtype, moved)
 }
 
 /// The roofline [`CostFunction`] over an e-graph: a node's cost is its own kernel time plus its
@@ -244,6 +267,42 @@ mod tests {
                 op_cost(&t, &mul, &[&w, &x], &x),
             ];
             assert!(fused < parts.iter().sum::<f64>(), "{}", t.name);
+        }
+    }
+
+    #[test]
+    fn moe_costs_less_than_its_dense_form() {
+        // Mixtral-like: 8 experts, top-2; prefill (seq tokens) and decode (one token).
+        for tokens in [Dim::sym("seq"), Dim::fixed(1)] {
+            let (h, i) = (4096usize, 14336usize);
+            let x = TensorType::new(DType::BF16, [tokens.clone(), Dim::fixed(h as i64)]);
+            let gate = TensorType::new(DType::BF16, [8, h]);
+            let (up, down) = (
+                TensorType::new(DType::BF16, [i, h]),
+                TensorType::new(DType::BF16, [h, i]),
+            );
+            let mid = TensorType::new(DType::BF16, [tokens.clone(), Dim::fixed(i as i64)]);
+            let mut ins = vec![&x, &gate];
+            for _ in 0..8 {
+                ins.extend([&up, &up, &down]);
+            }
+            let mm = Op::MatMul {
+                transpose_a: false,
+                transpose_b: true,
+            };
+            for t in TARGETS {
+                let fused = op_cost(&t, &Op::Moe { top_k: 2 }, &ins, &x);
+                // Only the experts' matmuls of the dense form, already dearer.
+                let expert =
+                    2.0 * op_cost(&t, &mm, &[&x, &up], &mid) + op_cost(&t, &mm, &[&mid, &down], &x);
+                assert!(
+                    fused < 8.0 * expert,
+                    "{}: {fused} vs {}",
+                    t.name,
+                    8.0 * expert
+                );
+                assert!(fused > 2.0 * expert * 0.5, "{}", t.name);
+            }
         }
     }
 

@@ -50,7 +50,8 @@ pub struct Pass {
     pub kind: PassKind,
 }
 
-/// The default pipeline: `algebra`, `norm`, `dce`.
+/// The default pipeline: `algebra` (layout and algebra clean-ups), `norm` (RMSNorm/LayerNorm
+/// fusion), `attention` (attention fusion), `moe` (MoE dispatch), `dce`.
 pub fn default_passes() -> Vec<Pass> {
     vec![
         Pass {
@@ -60,6 +61,14 @@ pub fn default_passes() -> Vec<Pass> {
         Pass {
             name: "norm",
             kind: PassKind::Rewrite(rules::norm::rules),
+        },
+        Pass {
+            name: "attention",
+            kind: PassKind::Rewrite(rules::attention::rules),
+        },
+        Pass {
+            name: "moe",
+            kind: PassKind::Rewrite(rules::moe::rules),
         },
         Pass {
             name: "dce",
@@ -381,7 +390,7 @@ mod tests {
         let (h, report) =
             optimize(&t.finish().unwrap(), &Target::cpu(), &Limits::default()).unwrap();
         let names: Vec<&str> = report.passes.iter().map(|p| p.name).collect();
-        assert_eq!(names, ["algebra", "norm", "dce"]);
+        assert_eq!(names, ["algebra", "norm", "attention", "moe", "dce"]);
         assert_eq!(
             (report.passes[0].ops_before, report.passes[0].ops_after),
             (3, 2)

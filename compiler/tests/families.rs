@@ -2,77 +2,11 @@
 //! model is exactly one composite op, and the reference executor gives the unoptimized graph's
 //! outputs (within 1e-5 of each output's largest magnitude) with the fixture's weights.
 
-#[path = "../src/testutil.rs"]
-mod testutil;
+mod common;
 
-use kiln_compiler::{optimize, Limits, Target};
-use kiln_ir::{verify, Bindings, DType, Graph, Op};
+use common::{count, optimize_fixture};
+use kiln_ir::{Graph, Op};
 use kiln_models::config::Family;
-use kiln_models::encoder::base_model_prefix;
-use kiln_models::nn::adapt_param_names;
-use kiln_models::{trace_encoder, ModelDir};
-use kiln_runtime::reference;
-use kiln_runtime::weights::{Checkpoint, Convert};
-use kiln_runtime::Tensor;
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
-use std::collections::HashMap;
-use std::path::Path;
-
-/// The family's graphs by name: prefill and decode for causal LMs, the encoder otherwise.
-fn graphs(dir: &ModelDir) -> Vec<(&'static str, Graph)> {
-    match &dir.config.family {
-        Family::Decoder(d) => {
-            let g = d.trace().unwrap();
-            vec![("prefill", g.prefill), ("decode", g.decode)]
-        }
-        Family::Gpt2(c) => {
-            let g = c.trace().unwrap();
-            vec![("prefill", g.prefill), ("decode", g.decode)]
-        }
-        Family::Bert(_) | Family::DistilBert(_) => {
-            vec![("encoder", trace_encoder(&dir.config).unwrap().graph)]
-        }
-    }
-}
-
-/// Inputs for batch 2, 3 new tokens after 2 cached ones (decode) or none (prefill, encoders).
-fn inputs(g: &Graph) -> HashMap<String, Tensor> {
-    let past = if g.inputs().any(|(n, ..)| n.starts_with("past.")) {
-        2
-    } else {
-        0
-    };
-    let env: Bindings = [("batch", 2), ("seq", 3), ("past", past)]
-        .map(|(k, v)| (k.to_string(), v))
-        .into();
-    let mut rng = ChaCha8Rng::seed_from_u64(11);
-    g.inputs()
-        .map(|(name, _, ty)| {
-            let shape: Vec<usize> = ty
-                .shape
-                .iter()
-                .map(|d| d.eval(&env).unwrap() as usize)
-                .collect();
-            let n: usize = shape.iter().product();
-            let t = match name {
-                "input_ids" => {
-                    Tensor::from_i64(shape, (0..n as i64).map(|i| (i * 7 + 3) % 23).collect())
-                }
-                "attention_mask" => Tensor::from_i64(shape, vec![1; n]),
-                "token_type_ids" => Tensor::from_i64(shape, vec![0; n]),
-                "position_ids" => {
-                    Tensor::from_i64(shape, (0..n as i64).map(|i| past + i % 3).collect())
-                }
-                _ => {
-                    let ty = kiln_ir::TensorType::new(DType::F32, shape);
-                    Ok(testutil::random_tensor(&mut rng, &ty))
-                }
-            };
-            (name.to_string(), t.unwrap())
-        })
-        .collect()
-}
 
 /// Parameters named like a normalization's weight (`*norm.weight`, `*LayerNorm.weight`,
 /// `ln_*.weight`): one per normalization of the model.
@@ -88,28 +22,14 @@ fn norm_weights(g: &Graph) -> usize {
         .count()
 }
 
-fn count(g: &Graph, op: &str) -> usize {
-    g.nodes().iter().filter(|n| n.op.name() == op).count()
-}
-
 fn check(fixture: &str, norm: &str) {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/fixtures/hf")
-        .join(fixture);
-    let dir = ModelDir::open(&path).unwrap();
-    let ckpt = Checkpoint::open_many(&dir.weight_files().unwrap()).unwrap();
-    let prefix = base_model_prefix(&dir.config.model_type);
-    for (which, g) in graphs(&dir) {
-        let g = adapt_param_names(&g, prefix, |n| ckpt.info(n).is_some());
-        let params = ckpt.bind(&g, Convert::Exact).unwrap();
-        let (h, report) = optimize(&g, &Target::cpu(), &Limits::default()).unwrap();
-        println!(
-            "{fixture} {which}: {} -> {} ops\n{report}",
-            g.nodes().len(),
-            h.nodes().len()
-        );
-        assert!(report.warnings.is_empty(), "{report}");
-        verify(&h).unwrap();
+    let (dir, graphs) = optimize_fixture(fixture);
+    for common::Optimized {
+        which,
+        original: g,
+        optimized: h,
+    } in graphs
+    {
         let norms = norm_weights(&g);
         assert!(norms > 0);
         if let Family::Decoder(_) | Family::Gpt2(_) = dir.config.family {
@@ -130,10 +50,6 @@ fn check(fixture: &str, norm: &str) {
             n.op,
             Op::RmsNorm { .. } | Op::LayerNorm { .. }
         ) || n.op.name() == norm));
-        let feeds = inputs(&g);
-        let want = reference::run(&g, &feeds, &params).unwrap();
-        let got = reference::run(&h, &feeds, &params).unwrap();
-        testutil::assert_close(&got, &want);
     }
 }
 

@@ -389,7 +389,47 @@ pub fn infer(op: &Op, ins: &[&TensorType]) -> R {
             ..
         } => Err("a sliding window requires causal=true".into()),
         Op::Attention { .. } => infer_attention(ins),
+        Op::Moe { top_k } => infer_moe(*top_k, ins),
     }
+}
+
+fn infer_moe(top_k: usize, ins: &[&TensorType]) -> R {
+    if ins.len() < 5 || (ins.len() - 2) % 3 != 0 {
+        return Err(format!(
+            "moe takes x, gate and three weights per expert (w1, w3, w2), got {} operands",
+            ins.len()
+        ));
+    }
+    let (x, gate) = (ins[0], ins[1]);
+    let experts = (ins.len() - 2) / 3;
+    float_only("moe", x)?;
+    let Some(h) = x.shape.last() else {
+        return Err(format!("moe needs x of rank >= 1, got {x}"));
+    };
+    if top_k == 0 || top_k > experts {
+        return Err(format!("moe top_k = {top_k} must be in 1..={experts}"));
+    }
+    same_dtype(x, gate)?;
+    if gate.shape != [Dim::from(experts), h.clone()] {
+        return Err(format!("moe gate {gate} must be [{experts}, {h}] for {x}"));
+    }
+    let inter = ins[2].shape.first().cloned().unwrap_or_default();
+    for (e, w) in ins[2..].chunks(3).enumerate() {
+        for (name, t, want) in [
+            ("w1", w[0], [inter.clone(), h.clone()]),
+            ("w3", w[1], [inter.clone(), h.clone()]),
+            ("w2", w[2], [h.clone(), inter.clone()]),
+        ] {
+            same_dtype(x, t)?;
+            if t.shape != want {
+                return Err(format!(
+                    "moe expert {e} {name} {t} must be {} (x {x}, experts' intermediate size {inter})",
+                    DisplayShape(&want)
+                ));
+            }
+        }
+    }
+    Ok(x.clone())
 }
 
 fn reduce_shape(shape: &[Dim], axes: &[usize], keepdim: bool) -> Shape {
@@ -457,4 +497,32 @@ fn infer_attention(ins: &[&TensorType]) -> R {
         dtype: q.dtype,
         shape: out_shape,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn f32s(shape: &[i64]) -> TensorType {
+        TensorType::new(DType::F32, shape.iter().copied())
+    }
+
+    #[test]
+    fn moe_operands() {
+        let x = TensorType::new(DType::F32, [Dim::sym("seq"), Dim::fixed(4)]);
+        let (gate, w1, w2) = (f32s(&[2, 4]), f32s(&[6, 4]), f32s(&[4, 6]));
+        let moe = |top_k, ins: &[&TensorType]| infer(&Op::Moe { top_k }, ins);
+        let two = [&x, &gate, &w1, &w1, &w2, &w1, &w1, &w2];
+        assert_eq!(moe(2, &two), Ok(x.clone()));
+        let e = moe(1, &[&x, &gate, &w1, &w1, &w2]).unwrap_err();
+        assert!(e.contains("gate f32[2, 4] must be [1, 4]"), "{e}");
+        let e = moe(0, &two).unwrap_err();
+        assert!(e.contains("top_k = 0 must be in 1..=2"), "{e}");
+        let e = moe(1, &[&x, &gate, &w1, &w1, &w2, &w1, &w2, &w2]).unwrap_err();
+        assert!(e.contains("expert 1 w3"), "{e}");
+        let e = moe(1, &[&x, &gate, &w1, &w1]).unwrap_err();
+        assert!(e.contains("three weights per expert"), "{e}");
+        let ints = TensorType::new(DType::I64, [2, 4]);
+        assert!(moe(1, &[&ints, &gate, &w1, &w1, &w2]).is_err());
+    }
 }

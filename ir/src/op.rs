@@ -1,7 +1,7 @@
 //! The op set: every operation a kiln graph can contain, with its exact semantics.
 //!
 //! Primitive ops are what model code traces into; composite ops (`rmsnorm`, `layernorm`,
-//! `attention`) are what the optimizer creates and backends implement as single kernels.
+//! `attention`, `moe`) are what the optimizer creates and backends implement as single kernels.
 //! Each op's semantics is stated on its variant; [`UnaryOp::eval`], [`BinaryOp::eval`] and
 //! [`CmpOp::eval`] define the scalar functions, computed in f64 and then rounded to the
 //! result dtype: to f32 first, then (for f16, bf16 and fp8) from that f32 to the narrower
@@ -464,6 +464,32 @@ pub enum Op {
         /// Sliding-window size; 0 for none.
         window: usize,
     },
+    /// Composite sparse mixture-of-experts block (Mixtral's `block_sparse_moe`). Variadic
+    /// operands `(x[.., h], gate[E, h], w1_0, w3_0, w2_0, w1_1, w3_1, w2_1, ..)`: after `x` and
+    /// the router weight come `E >= 1` experts, three operands each, `w1_e[i, h]` (gate
+    /// projection), `w3_e[i, h]` (up projection) and `w2_e[h, i]` (down projection), as the
+    /// checkpoint stores them (`experts.{e}.w1.weight`, ...); all of `x`'s float dtype, `i`
+    /// the same for every expert, `1 <= top_k <= E`. The result has `x`'s type.
+    ///
+    /// For each token (each row of `x` along its last axis), with `d` the dtype and every step
+    /// rounded to its result dtype as the primitive op would:
+    /// 1. `probs = softmax(cast(x·gateᵀ, f32))` over the experts (the cast absent when `d` is
+    ///    f32);
+    /// 2. `chosen = topk(probs, top_k)` (largest first, ties to the lower expert, as
+    ///    [`Op::TopK`]); `p = probs[chosen]`; `w = cast(p / sum(p), d)`;
+    /// 3. `y_e = (silu(x·w1_eᵀ) * (x·w3_eᵀ))·w2_eᵀ` for each chosen expert `e`, and
+    ///    `out = Σ w_e * y_e` accumulated in ascending expert order (each product and each
+    ///    partial sum rounded to `d`).
+    ///
+    /// This is the dense traced form (`models/src/moe.rs`) with every unchosen expert's
+    /// contribution, `0 * y_e`, left out: the two agree except that an unchosen expert's
+    /// non-finite output cannot reach the result here, and a zero may differ in sign.
+    /// Backends implement it as token permutation, grouped GEMM and a weighted scatter: no
+    /// expert computes on tokens not routed to it.
+    Moe {
+        /// Experts chosen per token.
+        top_k: usize,
+    },
 }
 
 impl Op {
@@ -497,6 +523,7 @@ impl Op {
             Op::RmsNorm { .. } => "rmsnorm",
             Op::LayerNorm { .. } => "layernorm",
             Op::Attention { .. } => "attention",
+            Op::Moe { .. } => "moe",
         }
     }
 

@@ -166,7 +166,7 @@ impl Gen<'_> {
     }
 
     fn step(&mut self) {
-        match self.pick(24) {
+        match self.pick(25) {
             0 => {
                 let (dtype, shape) = (self.one(&DType::ALL), self.shape(0));
                 self.leaf(TensorType { dtype, shape });
@@ -325,6 +325,7 @@ impl Gen<'_> {
                 self.add(op, &ins);
             }
             21 => self.attention(),
+            22 => self.moe(),
             _ => self.constant(),
         }
     }
@@ -404,6 +405,26 @@ impl Gen<'_> {
             },
             &ins,
         );
+    }
+
+    fn moe(&mut self) {
+        let x = self.float(1);
+        let t = self.ty(x);
+        let h = t.shape[t.rank() - 1].clone();
+        let experts = 1 + self.pick(4);
+        let inter = self.dim();
+        let ty = |shape: Vec<Dim>| TensorType {
+            dtype: t.dtype,
+            shape,
+        };
+        let mut ins = vec![x, self.leaf(ty(vec![experts.into(), h.clone()]))];
+        for _ in 0..experts {
+            ins.push(self.leaf(ty(vec![inter.clone(), h.clone()])));
+            ins.push(self.leaf(ty(vec![inter.clone(), h.clone()])));
+            ins.push(self.leaf(ty(vec![h.clone(), inter.clone()])));
+        }
+        let top_k = 1 + self.pick(experts);
+        self.add(Op::Moe { top_k }, &ins);
     }
 
     fn constant(&mut self) {
@@ -529,7 +550,7 @@ fn generator_covers_the_op_set() {
         "tril",
         "rmsnorm",
     ]);
-    all.extend(["layernorm", "attention"]);
+    all.extend(["layernorm", "attention", "moe"]);
     all.extend(UnaryOp::ALL.map(UnaryOp::name));
     all.extend(BinaryOp::ALL.map(BinaryOp::name));
     all.extend(CmpOp::ALL.map(CmpOp::name));

@@ -64,7 +64,7 @@ fn check(from: DType, to: DType, bytes: &[u8]) -> Result<usize, ConvertError> {
         return Err(ConvertError::Unsupported { from, to });
     }
     let size = from.size_bytes();
-    if bytes.len() % size != 0 {
+    if !bytes.len().is_multiple_of(size) {
         return Err(ConvertError::Length {
             dtype: from,
             len: bytes.len(),

@@ -1,10 +1,42 @@
 //! kiln's CPU kernels.
 //!
-//! For now this is [`convert`]: the dtype conversion kernels used when binding weights, which
-//! decode little-endian bytes of one dtype into typed vectors of another (f32, f16, bf16 and the
-//! two fp8 formats among each other, plus lossless integer widenings) and encode f32 values
-//! into the bytes of any float dtype.
+//! * [`convert`]: the dtype conversion kernels used when binding weights, which decode
+//!   little-endian bytes of one dtype into typed vectors of another (f32, f16, bf16 and the two
+//!   fp8 formats among each other, plus lossless integer widenings) and encode f32 values into
+//!   the bytes of any float dtype.
+//! * [`gemm`]: f32 matrix products with the IR's transpose flags, strided and batched.
+//! * [`gemm_bf16`]: bf16-weight matrix products (`vdpbf16ps`) on prepacked weights.
+//! * [`gemv`]: matrix-vector products for decode, `y = W · x` with bf16 or f32 weights.
+//! * [`rowwise`]: rmsnorm and softmax over the last axis.
+//! * [`elementwise`]: fused elementwise kernels (`silu(a) · b`).
+//! * [`peak`]: machine ceilings (FMA and bf16 dot-product peak, copy and read bandwidth).
+//!
+//! Every fast path is chosen at run time with `is_x86_feature_detected!` and has a portable
+//! fallback, so the crate runs on any CPU; `unsafe` is confined to the SIMD paths, each block
+//! with a `// SAFETY:` comment. Parallel kernels use rayon's global pool ([`threads`]).
 
 pub mod convert;
+pub mod elementwise;
+pub mod gemm;
+pub mod gemm_bf16;
+pub mod gemv;
+pub mod peak;
+pub mod rowwise;
+mod simd;
 
 pub use convert::ConvertError;
+pub use simd::{features, Features, Isa};
+
+/// A kernel called with operands that do not fit its description.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KernelError {
+    /// A slice is too short for the shape and strides given, or a stride is too small.
+    #[error("bad operand layout: {0}")]
+    Layout(String),
+}
+
+/// Threads the parallel kernels use: the size of rayon's global pool (the number of CPUs unless
+/// `RAYON_NUM_THREADS` says otherwise).
+pub fn threads() -> usize {
+    rayon::current_num_threads()
+}

@@ -31,7 +31,8 @@ fn run(
     if let Some(i) = texts.iter().position(|t| t.trim().is_empty()) {
         return Err(CliError::Input(format!("--text number {} is empty", i + 1)));
     }
-    let enc = load::encoder(&opts.model).map_err(load_error)?;
+    let enc = load::encoder_with(&opts.model, &opts.load_options()).map_err(load_error)?;
+    ModelOpts::warn(&enc.reports);
     if let Some((head, what)) = head.filter(|(h, _)| *h != enc.dir.config.head) {
         return Err(CliError::Input(format!(
             "{} has no {what} head (its architecture gives {:?}; this command needs {head:?})",

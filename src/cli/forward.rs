@@ -45,9 +45,12 @@ pub fn check_ids(ids: &[u32], vocab: usize, max_positions: Option<usize>) -> Res
     Ok(())
 }
 
-/// Maps loading errors: user-fixable ones exit 2.
+/// Maps loading errors: user-fixable ones exit 2, optimizer failures (kiln bugs) exit 1.
 pub fn load_error(e: LoadError) -> CliError {
-    CliError::Input(e.to_string())
+    match e {
+        LoadError::Optimize(_) => CliError::Internal(e.to_string()),
+        _ => CliError::Input(e.to_string()),
+    }
 }
 
 /// Runs the command.
@@ -57,7 +60,8 @@ pub fn forward(opts: &ModelOpts, tokens: &str, out: Option<&Path>) -> Result<(),
     let dir =
         kiln::models::ModelDir::open(&opts.model).map_err(|e| CliError::Input(e.to_string()))?;
     let (name, tensor): (&str, Tensor) = if dir.config.head == Head::CausalLm {
-        let model = load::causal_lm(&opts.model).map_err(load_error)?;
+        let model = load::causal_lm_with(&opts.model, &opts.load_options()).map_err(load_error)?;
+        ModelOpts::warn(&model.reports);
         check_ids(&ids, model.lm.vocab_size(), model.max_positions)?;
         let logits = model
             .lm
@@ -65,7 +69,8 @@ pub fn forward(opts: &ModelOpts, tokens: &str, out: Option<&Path>) -> Result<(),
             .map_err(|e| CliError::Internal(e.to_string()))?;
         ("logits", logits)
     } else {
-        let enc = load::encoder(&opts.model).map_err(load_error)?;
+        let enc = load::encoder_with(&opts.model, &opts.load_options()).map_err(load_error)?;
+        ModelOpts::warn(&enc.reports);
         check_ids(&ids, enc.vocab_size, Some(enc.max_positions))?;
         let out = enc
             .run(std::slice::from_ref(&ids))

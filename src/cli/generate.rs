@@ -158,7 +158,9 @@ pub fn generate(a: &GenerateArgs) -> Result<(), CliError> {
     if a.prompt.is_empty() {
         return bad("--prompt is empty: give some text to continue".into());
     }
-    let mut model = load::causal_lm(&a.model.model).map_err(load_error)?;
+    let mut model =
+        load::causal_lm_with(&a.model.model, &a.model.load_options()).map_err(load_error)?;
+    ModelOpts::warn(&model.reports);
     let cfg = config(a, &model.dir)?;
     let tok = load::tokenizer(&model.dir).map_err(load_error)?;
     let prompt_ids = tok

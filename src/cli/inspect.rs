@@ -62,25 +62,77 @@ pub fn inspect(path: &Path) -> Result<(), CliError> {
     Ok(())
 }
 
-/// Prints the traced graph(s) of a model directory (needs only config.json) with summaries.
-pub fn inspect_model(dir: &Path) -> Result<(), CliError> {
+/// The number of ops of `g` that become kernels (inputs, parameters, constants and reshapes,
+/// which are free, excluded), by kind.
+fn kernels(g: &Graph) -> BTreeMap<&'static str, usize> {
+    let mut counts = BTreeMap::new();
+    for n in g.nodes() {
+        if !matches!(
+            n.op,
+            Op::Input { .. } | Op::Param { .. } | Op::Const { .. } | Op::Reshape { .. }
+        ) {
+            *counts.entry(n.op.name()).or_default() += 1;
+        }
+    }
+    counts
+}
+
+/// Prints the graph(s) of a model directory (needs only config.json): optimized unless
+/// `optimize` is false, with summaries; with `passes`, the optimizer's report instead of the IR
+/// (`json`: one object per graph, `{"graph", "passes": [...], "kernels": {...}, "total_kernels"}`).
+pub fn inspect_model(dir: &Path, passes: bool, json: bool, optimize: bool) -> Result<(), CliError> {
     let dir = kiln::models::ModelDir::open(dir).map_err(|e| CliError::Input(e.to_string()))?;
-    let graphs: Vec<(&str, Graph)> = if dir.config.head == kiln::models::Head::CausalLm {
-        let g = kiln::load::causal_graphs(&dir).map_err(|e| CliError::Input(e.to_string()))?;
-        vec![("prefill", g.prefill), ("decode", g.decode)]
-    } else {
-        let g = kiln::models::encoder::trace_encoder(&dir.config)
-            .map_err(|e| CliError::Input(e.to_string()))?;
-        vec![("encoder", g.graph)]
+    let (names, traced): (Vec<&str>, Vec<Graph>) =
+        if dir.config.head == kiln::models::Head::CausalLm {
+            let g = kiln::load::causal_graphs(&dir).map_err(|e| CliError::Input(e.to_string()))?;
+            (vec!["prefill", "decode"], vec![g.prefill, g.decode])
+        } else {
+            let g = kiln::models::encoder::trace_encoder(&dir.config)
+                .map_err(|e| CliError::Input(e.to_string()))?;
+            (vec!["encoder"], vec![g.graph])
+        };
+    let opts = kiln::load::LoadOptions {
+        optimize,
+        ..Default::default()
     };
-    for (name, g) in graphs {
+    let (graphs, reports) =
+        kiln::load::prepare(traced, &opts).map_err(super::forward::load_error)?;
+    for (i, (name, g)) in names.iter().zip(&graphs).enumerate() {
+        let report = reports.get(i);
+        let counts = kernels(g);
+        let total: usize = counts.values().sum();
+        if passes && json {
+            let passes: Vec<serde_json::Value> = report
+                .map(|r| {
+                    r.passes
+                        .iter()
+                        .map(|p| {
+                            serde_json::json!({"name": p.name, "ms": p.time.as_secs_f64() * 1e3,
+                                "ops_before": p.ops_before, "ops_after": p.ops_after})
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            let out = serde_json::json!({"graph": name, "passes": passes, "kernels": counts, "total_kernels": total});
+            println!("{out}");
+            continue;
+        }
         println!(
             "# ==== {name} graph of {} ({})",
             dir.path.display(),
             dir.config.model_type
         );
-        print!("{}", text::print(&g));
-        for line in summary(&g).lines() {
+        if passes {
+            match report {
+                Some(r) => print!("{r}"),
+                None => println!("(not optimized)"),
+            }
+            let list: Vec<String> = counts.iter().map(|(k, n)| format!("{k}×{n}")).collect();
+            println!("kernels: {total} ({})", list.join(" "));
+            continue;
+        }
+        print!("{}", text::print(g));
+        for line in summary(g).lines() {
             println!("# {line}");
         }
     }

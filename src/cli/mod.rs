@@ -1,5 +1,6 @@
 //! Command definitions (clap) and dispatch; each command lives in its own module.
 
+mod bench;
 mod encode;
 mod error;
 mod forward;
@@ -40,6 +41,15 @@ enum Command {
     Inspect {
         #[command(flatten)]
         target: InspectTarget,
+        /// With --model: print the optimizer's passes (ops before/after, time) and the final kernels.
+        #[arg(long, requires = "model")]
+        passes: bool,
+        /// With --passes: print one JSON object per graph instead.
+        #[arg(long, requires = "passes")]
+        json: bool,
+        /// With --model: print the graph before optimization.
+        #[arg(long, requires = "model")]
+        no_optimize: bool,
     },
     /// One forward pass on token ids (batch 1): logits for causal LMs, last_hidden_state for encoders.
     Forward {
@@ -87,6 +97,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Measure this machine's ceilings or time one CPU kernel.
+    Bench {
+        #[command(subcommand)]
+        command: bench::BenchCommand,
+    },
     /// Run a kiln IR graph on the CPU with the reference executor.
     Run {
         /// The IR text file.
@@ -107,8 +122,13 @@ enum Command {
 /// Runs the parsed command.
 pub fn dispatch(cli: Cli) -> Result<(), CliError> {
     match cli.command {
-        Command::Inspect { target } => match (target.model, target.graph) {
-            (Some(model), _) => inspect::inspect_model(&model),
+        Command::Inspect {
+            target,
+            passes,
+            json,
+            no_optimize,
+        } => match (target.model, target.graph) {
+            (Some(model), _) => inspect::inspect_model(&model, passes, json, !no_optimize),
             (None, Some(graph)) => inspect::inspect(&graph),
             (None, None) => Err(CliError::Input("give --model DIR or --graph FILE".into())),
         },
@@ -125,5 +145,6 @@ pub fn dispatch(cli: Cli) -> Result<(), CliError> {
             inputs,
             out,
         } => run::run(&graph, &weights, inputs.as_deref(), out.as_deref()),
+        Command::Bench { command } => bench::bench(&command),
     }
 }

@@ -40,9 +40,27 @@ pub struct ModelOpts {
     /// Numeric precision.
     #[arg(long, value_enum, default_value_t = Precision::F32)]
     pub precision: Precision,
+    /// Run the traced graphs as they are, without the optimizer (to compare).
+    #[arg(long)]
+    pub no_optimize: bool,
 }
 
 impl ModelOpts {
+    /// How to load the model.
+    pub fn load_options(&self) -> kiln::load::LoadOptions {
+        kiln::load::LoadOptions {
+            optimize: !self.no_optimize,
+            ..Default::default()
+        }
+    }
+
+    /// Prints the optimizer's warnings (limits hit; the graph is still correct) to stderr.
+    pub fn warn(reports: &[kiln::compiler::pipeline::Report]) {
+        for w in reports.iter().flat_map(|r| &r.warnings) {
+            eprintln!("kiln: warning: {w}");
+        }
+    }
+
     /// Refuses targets this build cannot run yet, with a message saying what can.
     pub fn check_target(&self) -> Result<(), CliError> {
         if self.device == Device::Cuda {

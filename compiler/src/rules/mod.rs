@@ -1,7 +1,10 @@
-//! Rule sets, one module each: [`algebra`] (algebra and layout clean-ups) and [`norm`]
-//! (normalization fusion).
+//! Rule sets, one module each: [`algebra`] (algebra and layout clean-ups), [`norm`]
+//! (normalization fusion), [`attention`] (scaled-dot-product attention fusion) and [`moe`]
+//! (mixture-of-experts dispatch).
 
 pub mod algebra;
+pub mod attention;
+pub mod moe;
 pub mod norm;
 
 #[cfg(test)]

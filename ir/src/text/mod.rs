@@ -140,6 +140,7 @@ pub(crate) fn fields(op: &mut Op) -> Vec<(&'static str, Field<'_>)> {
             ("causal", F::Bool(causal)),
             ("window", F::Usize(window)),
         ],
+        Op::Moe { top_k } => vec![("top_k", F::Usize(top_k))],
     }
 }
 
@@ -200,6 +201,7 @@ pub(crate) fn templates() -> Vec<Op> {
             causal: false,
             window: 0,
         },
+        Op::Moe { top_k: 0 },
     ];
     ops.extend(UnaryOp::ALL.map(Op::Unary));
     ops.extend(BinaryOp::ALL.map(Op::Binary));
@@ -222,7 +224,7 @@ mod tests {
         let ops = templates();
         let names: HashSet<&str> = ops.iter().map(Op::name).collect();
         assert_eq!(names.len(), ops.len());
-        assert_eq!(ops.len(), 3 + 20 + 17 + 9 + 6 + 4);
+        assert_eq!(ops.len(), 3 + 21 + 17 + 9 + 6 + 4);
         for mut op in ops {
             let keys: Vec<&str> = fields(&mut op).into_iter().map(|(k, _)| k).collect();
             let unique: HashSet<&&str> = keys.iter().collect();

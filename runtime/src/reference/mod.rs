@@ -29,6 +29,7 @@ mod error;
 mod index;
 mod layout;
 mod matmul;
+mod moe;
 mod reduce;
 #[cfg(test)]
 mod testutil;
@@ -336,6 +337,7 @@ fn eval_op(ctx: &Ctx<'_>, op: &Op, args: &[&Tensor]) -> Result<Tensor, ExecError
                 ))),
             }
         }
+        Op::Moe { top_k } => moe::moe(ctx, *top_k, args),
     }
 }
 

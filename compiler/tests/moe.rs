@@ -1,0 +1,103 @@
+//! The Mixtral fixture (2 layers, 4 experts, top-2), optimized with the default passes: each
+//! layer's sparse MoE block becomes exactly one `moe` op in the prefill and decode graphs, over
+//! the checkpoint's own router and expert weights, and the reference executor gives the
+//! unoptimized graph's outputs (within 1e-5 of each output's largest magnitude) with the
+//! fixture's weights (checked by [`common::optimize_fixture`]).
+
+mod common;
+
+use common::{count, optimize_fixture, Optimized};
+use kiln_compiler::{optimize, Limits, Target};
+use kiln_ir::Op;
+use kiln_models::config::{parse, Family};
+use std::path::Path;
+use std::time::Instant;
+
+#[test]
+fn mixtral_moe_blocks_become_one_moe_each() {
+    let (_, graphs) = optimize_fixture("mixtral");
+    assert_eq!(graphs.len(), 2);
+    for Optimized {
+        which,
+        original: g,
+        optimized: h,
+    } in graphs
+    {
+        let layers = g
+            .outputs()
+            .iter()
+            .filter(|o| o.name.ends_with(".key"))
+            .count();
+        assert_eq!(layers, 2);
+        assert_eq!(count(&g, "topk"), layers, "{which}: traced routers");
+        assert_eq!(count(&h, "moe"), layers, "{which}: moe ops");
+        // The dense form is gone: no router softmax, top-k or routing comparison, no expert
+        // MLP; the only matmuls left are attention's q, k, v, o projections and the LM head.
+        for op in ["topk", "softmax", "gather_along", "eq", "silu"] {
+            assert_eq!(count(&h, op), 0, "{which}: {op} left");
+        }
+        assert_eq!(count(&h, "matmul"), 4 * layers + 1, "{which}");
+        for node in h.nodes().iter().filter(|n| matches!(n.op, Op::Moe { .. })) {
+            assert_eq!(node.op, Op::Moe { top_k: 2 });
+            assert_eq!(node.inputs.len(), 2 + 3 * 4);
+            let names: Vec<&str> = node.inputs[1..]
+                .iter()
+                .map(|&v| match &h.node(v).unwrap().op {
+                    Op::Param { name } => name.as_str(),
+                    other => panic!("{which}: moe weight from {}", other.name()),
+                })
+                .collect();
+            let layer = names[0]
+                .strip_suffix(".block_sparse_moe.gate.weight")
+                .unwrap_or_else(|| panic!("{names:?}"));
+            let mut want = vec![format!("{layer}.block_sparse_moe.gate.weight")];
+            for e in 0..4 {
+                for w in ["w1", "w3", "w2"] {
+                    want.push(format!("{layer}.block_sparse_moe.experts.{e}.{w}.weight"));
+                }
+            }
+            assert_eq!(names, want, "{which}");
+        }
+    }
+}
+
+/// Mixtral 8x7B's shape (32 layers, 8 experts, top-2; config only, no weights): every layer's
+/// block becomes one `moe`, within the optimizer's limits; the time is printed, not asserted.
+#[test]
+fn mixtral_8x7b_shape_optimizes() {
+    const MIXTRAL_8X7B: &str = r#"{
+      "model_type": "mixtral",
+      "architectures": ["MixtralForCausalLM"],
+      "hidden_size": 4096,
+      "intermediate_size": 14336,
+      "num_hidden_layers": 32,
+      "num_attention_heads": 32,
+      "num_key_value_heads": 8,
+      "num_local_experts": 8,
+      "num_experts_per_tok": 2,
+      "vocab_size": 32000,
+      "max_position_embeddings": 32768,
+      "rms_norm_eps": 1e-5,
+      "rope_theta": 1e6,
+      "hidden_act": "silu",
+      "tie_word_embeddings": false
+    }"#;
+    let cfg = parse(MIXTRAL_8X7B, Path::new("mixtral-8x7b/config.json")).unwrap();
+    let Family::Decoder(d) = &cfg.family else {
+        panic!("not a decoder")
+    };
+    let graphs = d.trace().unwrap();
+    for (which, g) in [("prefill", &graphs.prefill), ("decode", &graphs.decode)] {
+        let start = Instant::now();
+        let (h, report) = optimize(g, &Target::cpu(), &Limits::default()).unwrap();
+        println!(
+            "mixtral 8x7B {which}: {} -> {} ops in {:.3} s\n{report}",
+            g.nodes().len(),
+            h.nodes().len(),
+            start.elapsed().as_secs_f64()
+        );
+        assert!(report.warnings.is_empty(), "{report}");
+        assert_eq!(count(&h, "moe"), 32, "{which}");
+        assert_eq!(count(&h, "topk"), 0, "{which}");
+    }
+}

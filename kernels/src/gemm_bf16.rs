@@ -1,0 +1,248 @@
+//! bf16 matrix products for prefill: `C[m×n] = bf16(A)[m×k] · Wᵀ` with bf16 weights `W[n×k]`
+//! (the `nn.Linear` layout, row-major), f32 activations A rounded to bf16 (to nearest even)
+//! and f32 accumulation, the GEMM counterpart of [`crate::gemv::gemv_bf16`].
+//!
+//! The weights are packed once ([`PackedBf16::pack`]) into panels of [`NR`] columns holding,
+//! for each pair of k indices, the 32 column pairs `(W[j,2p], W[j,2p+1])` side by side: one
+//! 64-byte vector per k-pair, the operand layout of `vdpbf16ps`. The AVX512-BF16 micro-kernel
+//! keeps an `MR × NR` tile of C in 16 registers, broadcasts one bf16 pair of A per row and
+//! issues one `vdpbf16ps` per (row, 16 columns) per k-pair; panels are spread over the threads.
+//! Without AVX512-BF16 the weights are widened to f32 and [`crate::gemm::matmul_f32`] runs
+//! (same rounding of A, different accumulation order).
+
+use crate::gemm::{matmul_f32, Gemm};
+use crate::simd::Isa;
+use crate::KernelError;
+use half::bf16;
+use rayon::prelude::*;
+
+/// Columns per packed panel (two 16-lane vectors).
+pub const NR: usize = 32;
+/// Rows of C per micro-kernel tile.
+const MR: usize = 8;
+
+/// bf16 weights `W[n×k]` packed for [`matmul_bf16`].
+#[derive(Debug, Clone)]
+pub struct PackedBf16 {
+    n: usize,
+    k: usize,
+    /// `panels · pairs · NR` bf16 pairs (low half: even k index).
+    data: Vec<u32>,
+}
+
+impl PackedBf16 {
+    /// Packs row-major `w` (`n × k`); columns past `n` and the odd k index past `k` are zeros.
+    pub fn pack(n: usize, k: usize, w: &[bf16]) -> Result<PackedBf16, KernelError> {
+        if n.checked_mul(k) != Some(w.len()) {
+            return Err(KernelError::Layout(format!(
+                "pack {n}x{k}: W has {} elements",
+                w.len()
+            )));
+        }
+        let pairs = k.div_ceil(2);
+        let panels = n.div_ceil(NR);
+        let mut data = vec![0u32; panels * pairs * NR];
+        let at = |j: usize, kk: usize| -> u32 {
+            if kk < k {
+                u32::from(w[j * k + kk].to_bits())
+            } else {
+                0
+            }
+        };
+        if data.is_empty() {
+            return Ok(PackedBf16 { n, k, data });
+        }
+        data.par_chunks_mut(pairs * NR)
+            .enumerate()
+            .for_each(|(panel, out)| {
+                for p in 0..pairs {
+                    for c in 0..NR {
+                        let j = panel * NR + c;
+                        if j < n {
+                            out[p * NR + c] = at(j, 2 * p) | (at(j, 2 * p + 1) << 16);
+                        }
+                    }
+                }
+            });
+        Ok(PackedBf16 { n, k, data })
+    }
+
+    /// Output columns (rows of W).
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// Inner dimension.
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// W back as f32 (exact), row-major `n × k`.
+    fn unpack_f32(&self) -> Vec<f32> {
+        let pairs = self.k.div_ceil(2);
+        let mut w = vec![0.0f32; self.n * self.k];
+        for (j, row) in w.chunks_exact_mut(self.k.max(1)).enumerate().take(self.n) {
+            let (panel, c) = (j / NR, j % NR);
+            for (kk, v) in row.iter_mut().enumerate() {
+                let pair = self.data[(panel * pairs + kk / 2) * NR + c];
+                let bits = if kk % 2 == 0 {
+                    pair & 0xffff
+                } else {
+                    pair >> 16
+                };
+                *v = f32::from_bits(bits << 16);
+            }
+        }
+        w
+    }
+}
+
+/// `C = bf16(A) · Wᵀ` with `a` row-major `m × k` (f32, rounded to bf16) and `c` row-major
+/// `m × n` (overwritten), at the best [`Isa`].
+pub fn matmul_bf16(m: usize, a: &[f32], w: &PackedBf16, c: &mut [f32]) -> Result<(), KernelError> {
+    matmul_bf16_with(Isa::best(), m, a, w, c)
+}
+
+/// As [`matmul_bf16`] at instruction-set level `isa` (AVX512-BF16, else the f32 GEMM).
+pub fn matmul_bf16_with(
+    isa: Isa,
+    m: usize,
+    a: &[f32],
+    w: &PackedBf16,
+    c: &mut [f32],
+) -> Result<(), KernelError> {
+    let (n, k) = (w.n, w.k);
+    if a.len() != m * k || c.len() != m * n {
+        return Err(KernelError::Layout(format!(
+            "matmul_bf16 {m}x{n}x{k}: A has {} elements (want {}), C {} (want {})",
+            a.len(),
+            m * k,
+            c.len(),
+            m * n
+        )));
+    }
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    let pairs = k.div_ceil(2);
+    // A as bf16 pairs, row-major m × pairs (odd k padded with a zero).
+    let mut ap = vec![0u32; m * pairs];
+    for (row, out) in a
+        .chunks_exact(k.max(1))
+        .zip(ap.chunks_exact_mut(pairs.max(1)))
+    {
+        for (p, o) in out.iter_mut().enumerate() {
+            let lo = u32::from(bf16::from_f32(row[2 * p]).to_bits());
+            let hi = row
+                .get(2 * p + 1)
+                .map_or(0, |&v| u32::from(bf16::from_f32(v).to_bits()));
+            *o = lo | (hi << 16);
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    if isa >= Isa::Avx512Bf16 && Isa::Avx512Bf16.available() {
+        let panels = n.div_ceil(NR);
+        // Each task owns the columns of one panel in every row of C: hand out C by column
+        // panel through a raw pointer, since the column blocks are not contiguous.
+        let cp = SyncPtr(c.as_mut_ptr());
+        (0..panels).into_par_iter().for_each(|panel| {
+            let b = &w.data[panel * pairs * NR..(panel + 1) * pairs * NR];
+            let cols = NR.min(n - panel * NR);
+            let cp = &cp;
+            let mut r = 0;
+            while r < m {
+                let rows = MR.min(m - r);
+                let mut tile = [[0.0f32; NR]; MR];
+                // SAFETY: AVX-512 F/BW/VL and BF16 are available (checked above); `ap` holds
+                // rows r..r+rows of `pairs` pairs and `b` one panel of `pairs · NR` pairs.
+                unsafe {
+                    x86::tile(
+                        &ap[r * pairs..(r + rows) * pairs],
+                        pairs,
+                        rows,
+                        b,
+                        &mut tile,
+                    )
+                };
+                for (i, t) in tile.iter().enumerate().take(rows) {
+                    // SAFETY: element (r+i, panel·NR .. panel·NR+cols) lies inside `c` (m × n);
+                    // panels are disjoint column ranges, so no two tasks write the same element,
+                    // and `c` stays mutably borrowed for the whole parallel loop.
+                    unsafe {
+                        let dst = cp.0.add((r + i) * n + panel * NR);
+                        std::ptr::copy_nonoverlapping(t.as_ptr(), dst, cols);
+                    }
+                }
+                r += rows;
+            }
+        });
+        return Ok(());
+    }
+    let _ = isa;
+    let ar: Vec<f32> = a.iter().map(|&v| bf16::from_f32(v).to_f32()).collect();
+    let wf = w.unpack_f32();
+    matmul_f32(&Gemm::dense(m, n, k, false, true), &ar, &wf, c)
+}
+
+/// A pointer shared by the panel tasks, each writing its own columns.
+struct SyncPtr(*mut f32);
+// SAFETY: the tasks write disjoint elements through it (see the use in `matmul_bf16_with`).
+unsafe impl Sync for SyncPtr {}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{MR, NR};
+    use std::arch::x86_64::*;
+
+    /// `tile[i][c] = Σ_p dot(a[i, p], b[p, c])` for `rows ≤ MR` rows: `a` holds `rows · pairs`
+    /// bf16 pairs (row-major), `b` one packed panel of `pairs · NR` pairs.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    pub(super) fn tile(
+        a: &[u32],
+        pairs: usize,
+        rows: usize,
+        b: &[u32],
+        tile: &mut [[f32; NR]; MR],
+    ) {
+        assert!(rows <= MR && a.len() == rows * pairs && b.len() == pairs * NR);
+        match rows {
+            8 => tile_n::<8>(a, pairs, b, tile),
+            7 => tile_n::<7>(a, pairs, b, tile),
+            6 => tile_n::<6>(a, pairs, b, tile),
+            5 => tile_n::<5>(a, pairs, b, tile),
+            4 => tile_n::<4>(a, pairs, b, tile),
+            3 => tile_n::<3>(a, pairs, b, tile),
+            2 => tile_n::<2>(a, pairs, b, tile),
+            _ => tile_n::<1>(a, pairs, b, tile),
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    fn tile_n<const R: usize>(a: &[u32], pairs: usize, b: &[u32], tile: &mut [[f32; NR]; MR]) {
+        let mut acc = [[_mm512_setzero_ps(); 2]; R];
+        let (ap, bp) = (a.as_ptr(), b.as_ptr());
+        for p in 0..pairs {
+            // SAFETY: p < pairs, so b[p·NR .. p·NR + 32] and a[i·pairs + p] (i < R = rows) are
+            // inside the slices (asserted by `tile`); loads are unaligned.
+            unsafe {
+                let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp.add(p * NR).cast()));
+                let b1: __m512bh =
+                    std::mem::transmute(_mm512_loadu_si512(bp.add(p * NR + 16).cast()));
+                for (i, acc) in acc.iter_mut().enumerate() {
+                    let av: __m512bh =
+                        std::mem::transmute(_mm512_set1_epi32(*ap.add(i * pairs + p) as i32));
+                    acc[0] = _mm512_dpbf16_ps(acc[0], av, b0);
+                    acc[1] = _mm512_dpbf16_ps(acc[1], av, b1);
+                }
+            }
+        }
+        for (i, acc) in acc.iter().enumerate() {
+            // SAFETY: tile[i] holds NR = 32 f32, written as two 16-lane stores.
+            unsafe {
+                _mm512_storeu_ps(tile[i].as_mut_ptr(), acc[0]);
+                _mm512_storeu_ps(tile[i].as_mut_ptr().add(16), acc[1]);
+            }
+        }
+    }
+}
