@@ -442,7 +442,10 @@ fn inspect_passes_and_no_optimize() {
             .iter()
             .map(|p| p["name"].as_str().unwrap())
             .collect();
-        assert_eq!(names, ["algebra", "norm", "attention", "moe", "dce"]);
+        assert_eq!(
+            names,
+            ["algebra", "norm", "attention", "moe", "fuse", "dce"]
+        );
         assert_eq!(g["kernels"]["attention"], 2, "one per layer: {g}");
         assert!(g["kernels"].get("softmax").is_none(), "{g}");
         let sum: u64 = g["kernels"]

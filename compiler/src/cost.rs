@@ -2,7 +2,7 @@
 //! `max(flops / peak(dtype), bytes / bandwidth) + launch` on a [`Target`]; layout views
 //! (reshape, permute, expand, which later fold into their consumers) and sources (inputs,
 //! parameters, constants) cost next to nothing. Composite ops (`rmsnorm`, `layernorm`,
-//! `attention`) read their operands and write their result once, so they cost less than their
+//! `attention`, `fused_elementwise`) read their operands and write their result once, so they cost less than their
 //! decompositions, which make a round trip through memory per op; `moe` also does the FLOPs of
 //! only the `top_k` experts each token is routed to, where its dense form runs every expert.
 //!
@@ -159,6 +159,18 @@ pub fn op_cost(target: &Target, op: &Op, ins: &[&TensorType], out: &TensorType) 
                     2.0 * numel(q) * sk + 8.0 * scores + 2.0 * numel(out) * sk
                 }
                 Op::Reduce { .. } | Op::ArgMax { .. } | Op::TopK { .. } => numel(ins[0]),
+                // One pass: every body node's FLOPs per element, operands read once.
+                Op::FusedElementwise { body } => {
+                    let mut per = 0.0;
+                    body.visit(&mut |e| {
+                        if let Some((op, _)) = e.op() {
+                            if !matches!(op, Op::Const { .. }) {
+                                per += flops_per_element(&op);
+                            }
+                        }
+                    });
+                    per * numel(out)
+                }
                 _ => flops_per_element(op) * numel(out),
             };
             let dtype = ins.first().map_or(out.dtype, |t| t.dtype);

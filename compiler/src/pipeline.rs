@@ -51,7 +51,8 @@ pub struct Pass {
 }
 
 /// The default pipeline: `algebra` (layout and algebra clean-ups), `norm` (RMSNorm/LayerNorm
-/// fusion), `attention` (attention fusion), `moe` (MoE dispatch), `dce`.
+/// fusion), `attention` (attention fusion), `moe` (MoE dispatch), `fuse` (elementwise kernel
+/// fusion), `dce`.
 pub fn default_passes() -> Vec<Pass> {
     vec![
         Pass {
@@ -69,6 +70,10 @@ pub fn default_passes() -> Vec<Pass> {
         Pass {
             name: "moe",
             kind: PassKind::Rewrite(rules::moe::rules),
+        },
+        Pass {
+            name: "fuse",
+            kind: PassKind::Rewrite(rules::fuse::rules),
         },
         Pass {
             name: "dce",
@@ -390,7 +395,10 @@ mod tests {
         let (h, report) =
             optimize(&t.finish().unwrap(), &Target::cpu(), &Limits::default()).unwrap();
         let names: Vec<&str> = report.passes.iter().map(|p| p.name).collect();
-        assert_eq!(names, ["algebra", "norm", "attention", "moe", "dce"]);
+        assert_eq!(
+            names,
+            ["algebra", "norm", "attention", "moe", "fuse", "dce"]
+        );
         assert_eq!(
             (report.passes[0].ops_before, report.passes[0].ops_after),
             (3, 2)

@@ -390,11 +390,38 @@ pub fn infer(op: &Op, ins: &[&TensorType]) -> R {
         } => Err("a sliding window requires causal=true".into()),
         Op::Attention { .. } => infer_attention(ins),
         Op::Moe { top_k } => infer_moe(*top_k, ins),
+        Op::FusedElementwise { body } => infer_fused(body, ins),
     }
 }
 
+fn infer_fused(body: &crate::Expr, ins: &[&TensorType]) -> R {
+    if ins.is_empty() {
+        return Err("fused_elementwise needs at least one operand".into());
+    }
+    let mut used = vec![false; ins.len()];
+    body.visit(&mut |e| {
+        if let crate::Expr::Arg(i) = e {
+            if let Some(u) = used.get_mut(*i) {
+                *u = true;
+            }
+        }
+    });
+    if let Some(i) = used.iter().position(|u| !u) {
+        return Err(format!("fused_elementwise body does not use operand ${i}"));
+    }
+    let dtypes: Vec<DType> = ins.iter().map(|t| t.dtype).collect();
+    let dtype = body
+        .dtype(&dtypes)
+        .map_err(|e| format!("fused_elementwise body {body}: {e}"))?;
+    let mut shape: Shape = vec![];
+    for t in ins {
+        shape = broadcast_shapes(&shape, &t.shape)?;
+    }
+    Ok(TensorType { dtype, shape })
+}
+
 fn infer_moe(top_k: usize, ins: &[&TensorType]) -> R {
-    if ins.len() < 5 || (ins.len() - 2) % 3 != 0 {
+    if ins.len() < 5 || !(ins.len() - 2).is_multiple_of(3) {
         return Err(format!(
             "moe takes x, gate and three weights per expert (w1, w3, w2), got {} operands",
             ins.len()

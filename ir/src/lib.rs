@@ -10,6 +10,7 @@
 
 pub mod dim;
 pub mod dtype;
+pub mod expr;
 pub mod f8;
 pub mod float;
 pub mod graph;
@@ -24,6 +25,7 @@ pub mod verify;
 
 pub use dim::{Bindings, Dim, DimError};
 pub use dtype::DType;
+pub use expr::{Expr, ExprError};
 pub use float::F64;
 pub use graph::{Graph, Node, OpError, Output, ValueId};
 pub use infer::infer;

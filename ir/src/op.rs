@@ -1,7 +1,8 @@
 //! The op set: every operation a kiln graph can contain, with its exact semantics.
 //!
 //! Primitive ops are what model code traces into; composite ops (`rmsnorm`, `layernorm`,
-//! `attention`, `moe`) are what the optimizer creates and backends implement as single kernels.
+//! `attention`, `moe`, `fused_elementwise`) are what the optimizer creates and backends
+//! implement as single kernels.
 //! Each op's semantics is stated on its variant; [`UnaryOp::eval`], [`BinaryOp::eval`] and
 //! [`CmpOp::eval`] define the scalar functions, computed in f64 and then rounded to the
 //! result dtype: to f32 first, then (for f16, bf16 and fp8) from that f32 to the narrower
@@ -11,7 +12,7 @@
 //! Edge cases: max, min and argmax over an empty axis are run-time errors; sum over an empty
 //! axis is 0 and mean is NaN; `max(-0.0, 0.0)` may give either zero.
 
-use crate::{DType, Dim, Literal, Shape, F64};
+use crate::{DType, Dim, Expr, Literal, Shape, F64};
 use serde::{Deserialize, Serialize};
 
 /// Elementwise functions of one operand. Float operands unless stated.
@@ -490,6 +491,19 @@ pub enum Op {
         /// Experts chosen per token.
         top_k: usize,
     },
+    /// Composite: a tree of elementwise ops ([`Expr`]) over the operands `$0`, `$1`, ...
+    /// (at least one, each referred to by the body), evaluated as one kernel. Every operand is
+    /// broadcast to the result shape, the numpy broadcast of all operand shapes; then, for
+    /// each element, every node of the body is computed exactly as its primitive op
+    /// ([`Op::Unary`], [`Op::Binary`], [`Op::Compare`], [`Op::Where`], [`Op::Cast`], a rank-0
+    /// [`Op::Const`]) computes that element, rounded to the node's own dtype (which the
+    /// primitive op's typing rule gives). So a fused node equals, bit for bit, the chain of
+    /// primitive ops it replaces; an integer division by zero anywhere in the body is an
+    /// error, as it is in that chain. The result has the body's dtype.
+    FusedElementwise {
+        /// The expression computed per element.
+        body: Expr,
+    },
 }
 
 impl Op {
@@ -524,6 +538,7 @@ impl Op {
             Op::LayerNorm { .. } => "layernorm",
             Op::Attention { .. } => "attention",
             Op::Moe { .. } => "moe",
+            Op::FusedElementwise { .. } => "fused_elementwise",
         }
     }
 

@@ -4,8 +4,8 @@
 
 use kiln_ir::text::{parse, print};
 use kiln_ir::{
-    verify, BinaryOp, CmpOp, DType, Dim, Graph, Literal, Op, ReduceOp, Scalar, Shape, TensorType,
-    UnaryOp, ValueId, F64,
+    verify, BinaryOp, CmpOp, DType, Dim, Expr, Graph, Literal, Op, ReduceOp, Scalar, Shape,
+    TensorType, UnaryOp, ValueId, F64,
 };
 use proptest::prelude::*;
 use std::collections::{BTreeSet, HashSet};
@@ -165,8 +165,68 @@ impl Gen<'_> {
         }
     }
 
+    /// A random body over operands `$0..$3`, with casts that make most trees well typed.
+    fn expr(&mut self, depth: usize) -> Expr {
+        let b = Box::new;
+        let dt = self.one(&DType::ALL);
+        let choice = if depth == 0 { 0 } else { self.pick(7) };
+        match choice {
+            0 => Expr::Arg(self.pick(3)),
+            1 => {
+                let v = self.scalar(dt);
+                Expr::Const(Literal::from_scalars(dt, vec![], &[v]).expect("one element"))
+            }
+            2 => {
+                let u = self.one(&UnaryOp::ALL);
+                let to = if u == UnaryOp::Not {
+                    DType::Bool
+                } else {
+                    DType::F32
+                };
+                Expr::Unary(u, b(Expr::Cast(to, b(self.expr(depth - 1)))))
+            }
+            3 | 4 => {
+                let x = Expr::Cast(dt, b(self.expr(depth - 1)));
+                let y = Expr::Cast(dt, b(self.expr(depth - 1)));
+                if choice == 3 {
+                    Expr::Binary(self.one(&BinaryOp::ALL), b(x), b(y))
+                } else {
+                    Expr::Compare(self.one(&CmpOp::ALL), b(x), b(y))
+                }
+            }
+            5 => Expr::Where(
+                b(Expr::Cast(DType::Bool, b(self.expr(depth - 1)))),
+                b(Expr::Cast(dt, b(self.expr(depth - 1)))),
+                b(Expr::Cast(dt, b(self.expr(depth - 1)))),
+            ),
+            _ => Expr::Cast(dt, b(self.expr(depth - 1))),
+        }
+    }
+
+    fn fused(&mut self) {
+        let candidates = [self.any(0), self.any(0), self.any(0)];
+        let body = self.expr(3);
+        // Renumber the operands the body uses, in order of first use.
+        let mut used: Vec<usize> = vec![];
+        body.visit(&mut |e| {
+            if let Expr::Arg(i) = e {
+                if !used.contains(i) {
+                    used.push(*i);
+                }
+            }
+        });
+        if used.is_empty() {
+            return;
+        }
+        let body =
+            body.substitute(&mut |i| Expr::Arg(used.iter().position(|&u| u == i).expect("used")));
+        let ins: Vec<ValueId> = used.iter().map(|&i| candidates[i]).collect();
+        self.add(Op::FusedElementwise { body }, &ins);
+    }
+
     fn step(&mut self) {
-        match self.pick(25) {
+        match self.pick(26) {
+            25 => self.fused(),
             0 => {
                 let (dtype, shape) = (self.one(&DType::ALL), self.shape(0));
                 self.leaf(TensorType { dtype, shape });
@@ -550,7 +610,7 @@ fn generator_covers_the_op_set() {
         "tril",
         "rmsnorm",
     ]);
-    all.extend(["layernorm", "attention", "moe"]);
+    all.extend(["layernorm", "attention", "moe", "fused_elementwise"]);
     all.extend(UnaryOp::ALL.map(UnaryOp::name));
     all.extend(BinaryOp::ALL.map(BinaryOp::name));
     all.extend(CmpOp::ALL.map(CmpOp::name));

@@ -308,7 +308,7 @@ fn decoder(
         "mistral" | "mixtral" => 8,
         _ => heads,
     });
-    if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 {
+    if heads == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
         return Err(config_err(
             path,
             format!("num_attention_heads ({heads}) must be a positive multiple of num_key_value_heads ({kv_heads})"),
@@ -316,7 +316,7 @@ fn decoder(
     }
     let head_dim = match raw.head_dim {
         Some(d) => d,
-        None if raw.hidden_size % heads == 0 => raw.hidden_size / heads,
+        None if raw.hidden_size.is_multiple_of(heads) => raw.hidden_size / heads,
         None => {
             return Err(config_err(
                 path,

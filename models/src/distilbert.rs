@@ -72,7 +72,7 @@ impl DistilBertConfig {
 impl FamilyConfig for DistilBertConfig {
     /// Checks sizes and options (the path is for messages).
     fn validate(&self, path: &Path) -> Result<(), ModelError> {
-        if self.n_heads == 0 || self.dim % self.n_heads != 0 {
+        if self.n_heads == 0 || !self.dim.is_multiple_of(self.n_heads) {
             return Err(ModelError::Config {
                 path: path.to_path_buf(),
                 message: format!(

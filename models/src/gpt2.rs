@@ -117,7 +117,7 @@ impl FamilyConfig for Gpt2Config {
             path: path.to_path_buf(),
             message,
         };
-        if self.n_head == 0 || self.n_embd % self.n_head != 0 {
+        if self.n_head == 0 || !self.n_embd.is_multiple_of(self.n_head) {
             return Err(malformed(format!(
                 "n_embd ({}) must be a positive multiple of n_head ({})",
                 self.n_embd, self.n_head

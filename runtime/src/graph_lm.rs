@@ -113,7 +113,7 @@ impl<P: ParamSource> GraphLm<P> {
         let values = logits.as_f32().ok_or_else(|| err("logits are not f32"))?;
         let vocab = self.vocab_size;
         let per_row = values.len() / rows.max(1);
-        if per_row < vocab || per_row % vocab != 0 {
+        if per_row < vocab || !per_row.is_multiple_of(vocab) {
             return Err(err(format!(
                 "logits have shape {:?}, expected [{rows}, seq, {vocab}]",
                 logits.shape()

@@ -236,7 +236,12 @@ fn random_id_sequences_stream_exactly() {
             .map(|_| {
                 let r = xorshift(&mut s);
                 if round % 2 == 0 {
-                    (r % 271) as u32 + if r % 41 == 0 { ENDOFTEXT - 270 } else { 0 }
+                    (r % 271) as u32
+                        + if r.is_multiple_of(41) {
+                            ENDOFTEXT - 270
+                        } else {
+                            0
+                        }
                 } else {
                     (r % sp_vocab) as u32
                 }

@@ -1,9 +1,10 @@
 //! Rule sets, one module each: [`algebra`] (algebra and layout clean-ups), [`norm`]
-//! (normalization fusion), [`attention`] (scaled-dot-product attention fusion) and [`moe`]
-//! (mixture-of-experts dispatch).
+//! (normalization fusion), [`attention`] (scaled-dot-product attention fusion), [`moe`]
+//! (mixture-of-experts dispatch) and [`fuse`] (elementwise kernel fusion).
 
 pub mod algebra;
 pub mod attention;
+pub mod fuse;
 pub mod moe;
 pub mod norm;
 
@@ -71,6 +72,24 @@ pub(crate) mod check {
         let want = reference::run(g, &inputs, &params).unwrap();
         let got = reference::run(&h, &inputs, &params).unwrap();
         assert_close(&got, &want);
+        h
+    }
+
+    /// As [`rewrite`], also checking that the reference executor gives bit-identical outputs
+    /// on random inputs.
+    pub fn rewrite_exact(g: &Graph, rules: fn() -> Vec<Rewrite>) -> Graph {
+        let h = rewrite(g, rules);
+        let (inputs, params) = random_sources(g, 7);
+        let want = reference::run(g, &inputs, &params).unwrap();
+        let got = reference::run(&h, &inputs, &params).unwrap();
+        for (name, w) in &want {
+            let g = &got[name];
+            assert_eq!((g.dtype(), g.shape()), (w.dtype(), w.shape()), "{name}");
+            for i in 0..w.numel() {
+                let (a, b) = (g.get(i).as_f64(), w.get(i).as_f64());
+                assert!(a.to_bits() == b.to_bits(), "{name}[{i}]: {a} vs {b}");
+            }
+        }
         h
     }
 }

@@ -34,7 +34,8 @@
 //! scalar  := float | '-'? INT | 'true' | 'false'  # as the declared dtype requires
 //! float   := '-'? NUMBER | '-'? 'inf' | 'nan'
 //! attr    := INT | '[' (INT (',' INT)*)? ']' | 'true' | 'false' | DTYPE | shape | dim | float
-//!                                                  # as the attribute's field requires
+//!          | STRING                                # as the attribute's field requires; the
+//!                                                  # string is a fused body (crate::expr)
 //! VALUE   := '%' IDENT | '%' INT                   # any name; renumbered by definition order
 //! STRING  := '"' ... '"'                           # escapes \" \\ \n \t \u{hex}
 //! NUMBER  := INT ('.' DIGITS)? ([eE] [+-]? DIGITS)?
@@ -70,7 +71,7 @@ mod print;
 pub use parse::{parse, ParseError};
 pub use print::print;
 
-use crate::{BinaryOp, CmpOp, DType, Dim, Literal, Op, ReduceOp, Shape, UnaryOp, F64};
+use crate::{BinaryOp, CmpOp, DType, Dim, Expr, Literal, Op, ReduceOp, Shape, UnaryOp, F64};
 
 /// One attribute of an op, borrowed mutably: the printer reads it and the parser fills it.
 pub(crate) enum Field<'a> {
@@ -88,6 +89,9 @@ pub(crate) enum Field<'a> {
     Dim(&'a mut Dim),
     /// A float (`eps=1e-6`).
     F64(&'a mut F64),
+    /// A fused elementwise body, written as a string holding its s-expression
+    /// (`body="(mul (silu $0) $1)"`, see [`crate::expr`]).
+    Expr(&'a mut Expr),
 }
 
 /// The attributes of `op` in printing order, named as the fields of its variant. `input`,
@@ -141,6 +145,7 @@ pub(crate) fn fields(op: &mut Op) -> Vec<(&'static str, Field<'_>)> {
             ("window", F::Usize(window)),
         ],
         Op::Moe { top_k } => vec![("top_k", F::Usize(top_k))],
+        Op::FusedElementwise { body } => vec![("body", F::Expr(body))],
     }
 }
 
@@ -202,6 +207,7 @@ pub(crate) fn templates() -> Vec<Op> {
             window: 0,
         },
         Op::Moe { top_k: 0 },
+        Op::FusedElementwise { body: Expr::Arg(0) },
     ];
     ops.extend(UnaryOp::ALL.map(Op::Unary));
     ops.extend(BinaryOp::ALL.map(Op::Binary));
@@ -224,7 +230,7 @@ mod tests {
         let ops = templates();
         let names: HashSet<&str> = ops.iter().map(Op::name).collect();
         assert_eq!(names.len(), ops.len());
-        assert_eq!(ops.len(), 3 + 21 + 17 + 9 + 6 + 4);
+        assert_eq!(ops.len(), 3 + 22 + 17 + 9 + 6 + 4);
         for mut op in ops {
             let keys: Vec<&str> = fields(&mut op).into_iter().map(|(k, _)| k).collect();
             let unique: HashSet<&&str> = keys.iter().collect();

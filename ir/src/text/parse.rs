@@ -432,6 +432,13 @@ impl Cursor {
                     .parse()
                     .map_err(|_| self.error(col, format!("bad number '{text}'")))?;
             }
+            Field::Expr(e) => {
+                let col = self.peek().col;
+                let text = self.string(&format!("a quoted expression for {what}"))?;
+                **e = text
+                    .parse()
+                    .map_err(|err| self.error(col, format!("bad {what}: {err}")))?;
+            }
         }
         Ok(())
     }

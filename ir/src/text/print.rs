@@ -59,6 +59,10 @@ fn attr(s: &mut String, field: &Field<'_>) {
         Field::Shape(shape) => write!(s, "{}", DisplayShape(shape)),
         Field::Dim(d) => write!(s, "{d}"),
         Field::F64(x) => write!(s, "{x}"),
+        Field::Expr(e) => {
+            quote(s, &e.to_string());
+            Ok(())
+        }
     };
 }
 

@@ -5,7 +5,8 @@
 use super::index::{broadcast_shape, broadcast_strides, pick, Strided};
 use super::{bools, floats, from_floats, from_ints, ints, Ctx, ExecError};
 use crate::{Storage, Tensor};
-use kiln_ir::{BinaryOp, CmpOp, DType, Literal, UnaryOp};
+use kiln_ir::{BinaryOp, CmpOp, DType, Expr, Literal, UnaryOp};
+use std::borrow::Cow;
 
 /// A constant's tensor.
 pub(crate) fn constant(ctx: &Ctx<'_>, value: &Literal) -> Result<Tensor, ExecError> {
@@ -160,6 +161,51 @@ pub(crate) fn select(
     let storage = pick(&[a.storage(), b.storage()], picks)
         .ok_or_else(|| ctx.mismatch("operand dtypes differ"))?;
     ctx.tensor(shape, storage)
+}
+
+/// `fused_elementwise`: the body evaluated node by node with the primitive ops above, so
+/// every node is rounded to its dtype exactly as the unfused chain rounds it. Computing one
+/// whole node at a time (each broadcasting its operands) gives every element the same value as
+/// evaluating the tree per element on the operands broadcast to the result shape; the result
+/// is then broadcast to the shape of all operands together (a body that only uses some of a
+/// dimension's operands still has the op's result shape).
+pub(crate) fn fused(ctx: &Ctx<'_>, body: &Expr, args: &[&Tensor]) -> Result<Tensor, ExecError> {
+    let out = fused_node(ctx, body, args)?;
+    let shapes: Vec<&[usize]> = args.iter().map(|t| t.shape()).collect();
+    let (shape, _) = broadcast(ctx, &shapes)?;
+    if out.shape() == shape.as_slice() {
+        return Ok(out.into_owned());
+    }
+    let (_, views) = broadcast(ctx, &[out.shape(), &shape])?;
+    let view = views
+        .into_iter()
+        .next()
+        .ok_or_else(|| ctx.mismatch("one view"))?;
+    let storage =
+        pick(&[out.storage()], view.map(|i| (0, i))).ok_or_else(|| ctx.mismatch("one operand"))?;
+    ctx.tensor(shape, storage)
+}
+
+fn fused_node<'t>(
+    ctx: &Ctx<'_>,
+    e: &Expr,
+    args: &[&'t Tensor],
+) -> Result<Cow<'t, Tensor>, ExecError> {
+    let sub = |c: &Expr| fused_node(ctx, c, args);
+    Ok(Cow::Owned(match e {
+        Expr::Arg(i) => {
+            let t = args
+                .get(*i)
+                .ok_or_else(|| ctx.mismatch(format!("body uses ${i} of {}", args.len())))?;
+            return Ok(Cow::Borrowed(*t));
+        }
+        Expr::Const(value) => constant(ctx, value)?,
+        Expr::Unary(u, a) => unary(ctx, *u, &*sub(a)?)?,
+        Expr::Binary(b, x, y) => binary(ctx, *b, &*sub(x)?, &*sub(y)?)?,
+        Expr::Compare(c, x, y) => compare(ctx, *c, &*sub(x)?, &*sub(y)?)?,
+        Expr::Where(c, x, y) => select(ctx, &*sub(c)?, &*sub(x)?, &*sub(y)?)?,
+        Expr::Cast(to, a) => sub(a)?.cast(*to),
+    }))
 }
 
 #[cfg(test)]
@@ -453,5 +499,117 @@ mod tests {
         assert_eq!(i32v.storage(), &Storage::I32(vec![5]));
         let h = eval_op(Op::Cast { to: DType::F16 }, &[big]);
         assert_close(&h, &[2], &[f64::INFINITY, f64::NEG_INFINITY], 0.0);
+    }
+}
+
+#[cfg(test)]
+mod fused_tests {
+    use super::super::testutil::*;
+    use super::super::{run, NoParams};
+    use crate::Tensor;
+    use kiln_ir::{DType, Expr, Graph, Op};
+    use std::collections::HashMap;
+
+    /// Runs `chain` (a builder of primitive ops over the inputs) and `fused(body)` on `args`
+    /// and asserts the results are equal bit for bit.
+    fn same_as_chain(
+        args: &[Tensor],
+        body: &str,
+        chain: impl Fn(&mut Graph, &[kiln_ir::ValueId]) -> kiln_ir::ValueId,
+    ) {
+        let mut g = Graph::new();
+        let mut inputs = HashMap::new();
+        let ids: Vec<_> = args
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                inputs.insert(format!("x{i}"), t.clone());
+                g.input(&format!("x{i}"), ty_of(t))
+            })
+            .collect();
+        let y = chain(&mut g, &ids);
+        g.add_output("y", y);
+        let want = run(&g, &inputs, &NoParams).unwrap().remove("y").unwrap();
+        let body: Expr = body.parse().unwrap();
+        let got = eval_op(Op::FusedElementwise { body }, args);
+        assert_eq!(got.dtype(), want.dtype());
+        assert_eq!(got.shape(), want.shape());
+        let (a, b) = (got.to_f64_vec(), want.to_f64_vec());
+        for (x, y) in a.iter().zip(&b) {
+            assert!(x.to_bits() == y.to_bits(), "{a:?} vs {b:?}");
+        }
+    }
+
+    fn add(g: &mut Graph, op: Op, ins: &[kiln_ir::ValueId]) -> kiln_ir::ValueId {
+        g.add(op, ins).unwrap()
+    }
+
+    fn values(n: usize, k: f32) -> Vec<f32> {
+        (0..n).map(|i| (i as f32 * 0.37 - 1.1) * k).collect()
+    }
+
+    #[test]
+    fn swiglu_in_f16_and_bf16_rounds_each_node() {
+        for dt in [DType::F16, DType::BF16, DType::F32] {
+            let a = f32t(&[2, 3, 4], &values(24, 1.7)).cast(dt);
+            let b = f32t(&[2, 3, 4], &values(24, -0.9)).cast(dt);
+            same_as_chain(&[a, b], "(mul (silu $0) $1)", |g, x| {
+                let s = add(g, Op::Unary(kiln_ir::UnaryOp::Silu), &[x[0]]);
+                add(g, Op::Binary(kiln_ir::BinaryOp::Mul), &[s, x[1]])
+            });
+        }
+    }
+
+    #[test]
+    fn broadcasting_constants_casts_compare_and_where() {
+        use kiln_ir::{BinaryOp as B, CmpOp, Literal, UnaryOp as U};
+        // x[2, 1, 3] (bf16), y[4, 1] (f32), z[3] (i64): result [2, 4, 3].
+        let x = f32t(&[2, 1, 3], &values(6, 3.3)).cast(DType::BF16);
+        let y = f32t(&[4, 1], &values(4, 0.7));
+        let z = i64t(&[3], &[-2, 0, 5]);
+        let body = "(where (lt (cast f32 $2) $1)                     (add (cast f32 (mul $0 (const bf16 0.1))) (exp $1))                     (neg (rsqrt (cast f32 (abs $0)))))";
+        same_as_chain(&[x, y, z], body, |g, v| {
+            let c = add(
+                g,
+                Op::Const {
+                    value: Literal::scalar(DType::BF16, 0.1),
+                },
+                &[],
+            );
+            let m = add(g, Op::Binary(B::Mul), &[v[0], c]);
+            let m32 = add(g, Op::Cast { to: DType::F32 }, &[m]);
+            let e = add(g, Op::Unary(U::Exp), &[v[1]]);
+            let t = add(g, Op::Binary(B::Add), &[m32, e]);
+            let a = add(g, Op::Unary(U::Abs), &[v[0]]);
+            let a32 = add(g, Op::Cast { to: DType::F32 }, &[a]);
+            let r = add(g, Op::Unary(U::Rsqrt), &[a32]);
+            let f = add(g, Op::Unary(U::Neg), &[r]);
+            let z32 = add(g, Op::Cast { to: DType::F32 }, &[v[2]]);
+            let cond = add(g, Op::Compare(CmpOp::Lt), &[z32, v[1]]);
+            add(g, Op::Where, &[cond, t, f])
+        });
+    }
+
+    #[test]
+    fn integer_bodies_wrap_and_divide_by_zero_is_an_error() {
+        let x = i64t(&[3], &[i64::MAX, -7, 9]);
+        let y = i64t(&[3], &[1, 2, 0]);
+        same_as_chain(
+            &[x.clone(), y.clone()],
+            "(mul (add $0 $1) (const i64 3))",
+            |g, v| {
+                let s = add(g, Op::Binary(kiln_ir::BinaryOp::Add), &[v[0], v[1]]);
+                let c = add(
+                    g,
+                    Op::Const {
+                        value: kiln_ir::Literal::scalar_int(DType::I64, 3),
+                    },
+                    &[],
+                );
+                add(g, Op::Binary(kiln_ir::BinaryOp::Mul), &[s, c])
+            },
+        );
+        let body: Expr = "(div $0 $1)".parse().unwrap();
+        assert!(try_op(Op::FusedElementwise { body }, &[x, y]).is_err());
     }
 }

@@ -338,6 +338,7 @@ fn eval_op(ctx: &Ctx<'_>, op: &Op, args: &[&Tensor]) -> Result<Tensor, ExecError
             }
         }
         Op::Moe { top_k } => moe::moe(ctx, *top_k, args),
+        Op::FusedElementwise { body } => elementwise::fused(ctx, body, args),
     }
 }
 

@@ -10,7 +10,7 @@ use kiln_ir::{BinaryOp, DType, ReduceOp, UnaryOp};
 
 /// `moe(x, gate, w1_0, w3_0, w2_0, ..)` choosing `top_k` experts per token.
 pub(crate) fn moe(ctx: &Ctx<'_>, top_k: usize, args: &[&Tensor]) -> Result<Tensor, ExecError> {
-    if args.len() < 5 || (args.len() - 2) % 3 != 0 {
+    if args.len() < 5 || !(args.len() - 2).is_multiple_of(3) {
         return Err(ctx.mismatch(format!(
             "moe takes x, gate and three weights per expert, got {} operands",
             args.len()

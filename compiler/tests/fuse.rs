@@ -1,0 +1,77 @@
+//! Elementwise fusion on the Llama fixture: the optimized decode graph has fewer kernels per
+//! layer than the same pipeline without the `fuse` pass (SwiGLU's `silu * up` and each RoPE
+//! `q * cos + rotate_half(q) * sin` become one kernel each), and still gives the unoptimized
+//! graph's outputs (checked by `optimize_fixture`).
+
+mod common;
+
+use common::{count, optimize_fixture};
+use kiln_compiler::pipeline::{default_passes, run_passes};
+use kiln_compiler::{Limits, Target};
+use kiln_ir::{Graph, Op};
+
+/// Nodes that become kernels (as `kiln inspect` counts them).
+fn kernels(g: &Graph) -> usize {
+    g.nodes()
+        .iter()
+        .filter(|n| {
+            !matches!(
+                n.op,
+                Op::Input { .. } | Op::Param { .. } | Op::Const { .. } | Op::Reshape { .. }
+            )
+        })
+        .count()
+}
+
+fn bodies(g: &Graph) -> Vec<String> {
+    g.nodes()
+        .iter()
+        .filter_map(|n| match &n.op {
+            Op::FusedElementwise { body } => Some(body.to_string()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn llama_decode_has_fewer_kernels_per_layer() {
+    let (_, graphs) = optimize_fixture("llama");
+    for o in graphs {
+        let layers = o
+            .original
+            .outputs()
+            .iter()
+            .filter(|x| x.name.ends_with(".key"))
+            .count();
+        let unfused: Vec<_> = default_passes()
+            .into_iter()
+            .filter(|p| p.name != "fuse")
+            .collect();
+        let (before, _) =
+            run_passes(&o.original, &unfused, &Target::cpu(), &Limits::default()).unwrap();
+        let h = &o.optimized;
+        println!(
+            "llama {}: {} layers, {} -> {} kernels",
+            o.which,
+            layers,
+            kernels(&before),
+            kernels(h)
+        );
+        // Per layer: silu+mul -> 1 (saves 1); q and k RoPE mul, mul, add -> 1 (saves 2 each).
+        assert!(
+            kernels(&before) >= kernels(h) + 5 * layers,
+            "{} -> {}",
+            kernels(&before),
+            kernels(h)
+        );
+        assert_eq!(count(h, "silu"), 0, "{}", o.which);
+        let b = bodies(h);
+        let swiglu = b.iter().filter(|s| *s == "(mul (silu $0) $1)").count();
+        let rope = b
+            .iter()
+            .filter(|s| *s == "(add (mul $0 $1) (mul $2 $3))")
+            .count();
+        assert_eq!(swiglu, layers, "{}: {b:?}", o.which);
+        assert_eq!(rope, 2 * layers, "{}: {b:?}", o.which);
+    }
+}
