@@ -35,7 +35,7 @@ pub struct BertConfig {
     /// MLP width.
     pub intermediate_size: usize,
     /// Positions.
-    #[serde(default = "default_max_pos")]
+    #[serde(default = "crate::config::positions_512")]
     pub max_position_embeddings: usize,
     /// Token types.
     #[serde(default = "default_type_vocab")]
@@ -44,7 +44,7 @@ pub struct BertConfig {
     #[serde(default = "default_eps")]
     pub layer_norm_eps: f64,
     /// MLP activation.
-    #[serde(default = "default_act")]
+    #[serde(default = "crate::config::gelu")]
     pub hidden_act: String,
     /// The masked-LM decoder shares the word embeddings (and its bias is `cls.predictions.bias`).
     #[serde(default = "yes")]
@@ -61,20 +61,12 @@ pub struct BertConfig {
     pub position_embedding_type: Option<String>,
 }
 
-fn default_max_pos() -> usize {
-    512
-}
-
 fn default_type_vocab() -> usize {
     2
 }
 
 fn default_eps() -> f64 {
     1e-12
-}
-
-fn default_act() -> String {
-    "gelu".into()
 }
 
 impl BertConfig {

@@ -101,6 +101,16 @@ pub(crate) fn yes() -> bool {
     true
 }
 
+/// serde default: BERT-style models' 512 positions.
+pub(crate) fn positions_512() -> usize {
+    512
+}
+
+/// serde default: the erf GELU activation's name.
+pub(crate) fn gelu() -> String {
+    "gelu".into()
+}
+
 /// Deserializes `obj` into `T`, naming a missing or mistyped key in the error.
 pub(crate) fn fields<T: DeserializeOwned>(
     obj: &Map<String, Value>,

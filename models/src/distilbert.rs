@@ -37,10 +37,10 @@ pub struct DistilBertConfig {
     /// MLP width.
     pub hidden_dim: usize,
     /// Positions.
-    #[serde(default = "default_max_pos")]
+    #[serde(default = "crate::config::positions_512")]
     pub max_position_embeddings: usize,
     /// MLP activation.
-    #[serde(default = "default_act")]
+    #[serde(default = "crate::config::gelu")]
     pub activation: String,
     /// Sinusoidal (fixed) position embeddings.
     #[serde(default)]
@@ -52,14 +52,6 @@ pub struct DistilBertConfig {
 
 /// DistilBERT's LayerNorm epsilon (hard-coded in transformers).
 pub const LAYER_NORM_EPS: f64 = 1e-12;
-
-fn default_max_pos() -> usize {
-    512
-}
-
-fn default_act() -> String {
-    "gelu".into()
-}
 
 impl DistilBertConfig {
     /// The MLP activation (erf GELU for an unknown name; [`DistilBertConfig::validate`] refuses
