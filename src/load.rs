@@ -4,7 +4,10 @@
 
 use kiln_compiler::cost::Target;
 use kiln_compiler::pipeline::{optimize, Limits, OptimizeError, Report};
-use kiln_ir::Graph;
+use kiln_compiler::precision::{
+    lower_precision, Precision, PrecisionError, E4M3_MAX, SCALE_SUFFIX,
+};
+use kiln_ir::{DType, Graph};
 use kiln_models::encoder::{base_model_prefix, trace_encoder, EncoderGraph};
 use kiln_models::nn::adapt_param_names;
 use kiln_models::{config::Family, CausalGraphs, Head, ModelDir, ModelError};
@@ -32,6 +35,9 @@ pub enum LoadError {
     /// The optimizer failed (a kiln bug, not a problem with the model).
     #[error(transparent)]
     Optimize(#[from] OptimizeError),
+    /// The precision cannot be run on the target.
+    #[error(transparent)]
+    Precision(#[from] PrecisionError),
 }
 
 /// How a model is prepared for running.
@@ -41,6 +47,9 @@ pub struct LoadOptions {
     pub optimize: bool,
     /// The machine the cost model optimizes for.
     pub target: Target,
+    /// Numeric precision (f32 by default); lowered after optimizing, see
+    /// [`kiln_compiler::precision`]. Weights are then bound converted (`Convert::Cast`).
+    pub precision: Precision,
 }
 
 impl Default for LoadOptions {
@@ -48,26 +57,39 @@ impl Default for LoadOptions {
         LoadOptions {
             optimize: true,
             target: Target::cpu(),
+            precision: Precision::F32,
         }
     }
 }
 
-/// The graphs as they will run: optimized for the target when asked, with one report each.
+/// The graphs as they will run: optimized for the target when asked (one report each), then
+/// lowered to the precision asked for.
 pub fn prepare(
     graphs: Vec<Graph>,
     opts: &LoadOptions,
 ) -> Result<(Vec<Graph>, Vec<Report>), LoadError> {
-    if !opts.optimize {
-        return Ok((graphs, Vec::new()));
-    }
     let mut out = Vec::with_capacity(graphs.len());
     let mut reports = Vec::with_capacity(graphs.len());
-    for g in &graphs {
-        let (optimized, report) = optimize(g, &opts.target, &Limits::default())?;
-        out.push(optimized);
-        reports.push(report);
+    for g in graphs {
+        let g = if opts.optimize {
+            let (optimized, report) = optimize(&g, &opts.target, &Limits::default())?;
+            reports.push(report);
+            optimized
+        } else {
+            g
+        };
+        out.push(lower_precision(&g, opts.precision, &opts.target)?);
     }
     Ok((out, reports))
+}
+
+/// How the weights are bound for `precision`: exactly for f32, converted to the narrower
+/// declared dtypes otherwise.
+fn convert_for(precision: Precision) -> Convert {
+    match precision {
+        Precision::F32 => Convert::Exact,
+        _ => Convert::Cast,
+    }
 }
 
 /// A causal LM ready to generate.
@@ -86,18 +108,85 @@ pub struct CausalLm {
 /// checkpoint uses (base-model prefix present or not, legacy `gamma`/`beta`, as
 /// `from_pretrained` does), and binds the first graph's parameters (all graphs of a model share
 /// them).
-fn bind(dir: &ModelDir, graphs: &[&Graph]) -> Result<(Vec<Graph>, Params), LoadError> {
+fn bind(
+    dir: &ModelDir,
+    graphs: &[&Graph],
+    convert: Convert,
+) -> Result<(Vec<Graph>, Params), LoadError> {
     let ckpt = Checkpoint::open_many(&dir.weight_files()?)?;
     let prefix = base_model_prefix(&dir.config.model_type);
+    // An fp8 weight's scale is named after the weight, and follows its renaming.
+    let has = |n: &str| {
+        ckpt.info(n).is_some()
+            || n.strip_suffix(SCALE_SUFFIX)
+                .is_some_and(|w| ckpt.info(w).is_some())
+    };
     let adapted: Vec<Graph> = graphs
         .iter()
-        .map(|g| adapt_param_names(g, prefix, |n| ckpt.info(n).is_some()))
+        .map(|g| adapt_param_names(g, prefix, has))
         .collect();
     let params = match adapted.first() {
-        Some(g) => ckpt.bind(g, Convert::Exact)?,
+        Some(g) => bind_scaled(&ckpt, g, convert)?,
         None => Params::new(),
     };
     Ok((adapted, params))
+}
+
+/// Binds `g`'s parameters; fp8 (e4m3) weights with a `<name>.scale` parameter are stored
+/// scaled: `scale = amax(|w|) / 448` (1 for all zeros), the weight bound as `w / scale` in e4m3
+/// and the scale as an f32 scalar (see [`kiln_compiler::precision`]).
+fn bind_scaled(ckpt: &Checkpoint, g: &Graph, convert: Convert) -> Result<Params, LoadError> {
+    let names: std::collections::HashSet<&str> = g.params().map(|(n, _, _)| n).collect();
+    let scaled = |name: &str, dtype: DType| {
+        dtype == DType::F8E4M3 && names.contains(format!("{name}{SCALE_SUFFIX}").as_str())
+    };
+    if !g.params().any(|(n, _, t)| scaled(n, t.dtype)) {
+        return Ok(ckpt.bind(g, convert)?);
+    }
+    // Bind everything but the scales, the scaled weights as f32, then scale them.
+    let mut plain = Graph::new();
+    let mut fp8 = Vec::new();
+    for (name, _, ty) in g.params() {
+        if name
+            .strip_suffix(SCALE_SUFFIX)
+            .is_some_and(|w| g.params().any(|(n, _, t)| n == w && scaled(n, t.dtype)))
+        {
+            continue;
+        }
+        let mut ty = ty.clone();
+        if scaled(name, ty.dtype) {
+            fp8.push(name.to_string());
+            ty.dtype = DType::F32;
+        }
+        plain.param(name, ty);
+    }
+    let mut params = ckpt.bind(&plain, convert)?;
+    for name in fp8 {
+        let w = params
+            .remove(&name)
+            .ok_or_else(|| LoadError::Unsupported(format!("internal: {name} not bound")))?;
+        let data = w
+            .as_f32()
+            .ok_or_else(|| LoadError::Unsupported(format!("internal: {name} not f32")))?;
+        let amax = data.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+        let scale = if amax > 0.0 && amax.is_finite() {
+            amax / E4M3_MAX
+        } else {
+            1.0
+        };
+        let stored: Vec<f32> = data
+            .iter()
+            .map(|x| (x / scale).clamp(-E4M3_MAX, E4M3_MAX))
+            .collect();
+        let bad = |e: kiln_runtime::tensor::ShapeMismatch| LoadError::Unsupported(e.to_string());
+        let stored = Tensor::from_f32(w.shape().to_vec(), stored).map_err(bad)?;
+        params.insert(name.clone(), stored.cast(DType::F8E4M3));
+        params.insert(
+            format!("{name}{SCALE_SUFFIX}"),
+            Tensor::from_f32(vec![], vec![scale]).map_err(bad)?,
+        );
+    }
+    Ok(params)
 }
 
 /// The causal LM graphs of a config, or why it has none.
@@ -135,7 +224,11 @@ pub fn causal_lm_with(path: &Path, opts: &LoadOptions) -> Result<CausalLm, LoadE
     let dir = ModelDir::open(path)?;
     let graphs = causal_graphs(&dir)?;
     let (ready, reports) = prepare(vec![graphs.prefill, graphs.decode], opts)?;
-    let (bound, params) = bind(&dir, &ready.iter().collect::<Vec<_>>())?;
+    let (bound, params) = bind(
+        &dir,
+        &ready.iter().collect::<Vec<_>>(),
+        convert_for(opts.precision),
+    )?;
     let [prefill, decode]: [Graph; 2] = bound
         .try_into()
         .map_err(|_| LoadError::Unsupported("internal: expected two graphs".into()))?;
@@ -206,7 +299,7 @@ pub fn encoder_with(path: &Path, opts: &LoadOptions) -> Result<Encoder, LoadErro
             )))
         }
     };
-    let (mut bound, params) = bind(&dir, &[&graph.graph])?;
+    let (mut bound, params) = bind(&dir, &[&graph.graph], convert_for(opts.precision))?;
     graph.graph = bound.pop().unwrap_or_default();
     Ok(Encoder {
         dir,

@@ -96,6 +96,38 @@ fn forward_writes_transformers_logits() {
     assert!(err <= 1e-4, "logits max abs error {err:e}");
 }
 
+/// `--precision bf16` and `fp8` run on the CPU (`tests/precision.rs` checks their accuracy).
+#[test]
+fn forward_runs_in_reduced_precision() {
+    let r = reference("llama");
+    let want = f32_tensor(
+        Path::new(&format!("{}/reference.safetensors", fixture("llama"))),
+        "logits",
+    );
+    for (precision, bound) in [("bf16", 0.02), ("fp8", 0.07)] {
+        let out = temp_dir(&format!("forward-{precision}")).join("logits.safetensors");
+        let o = kiln(&[
+            "forward",
+            "--model",
+            &fixture("llama"),
+            "--tokens",
+            &ids_text(&r["prompt_ids"]),
+            "--precision",
+            precision,
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert!(String::from_utf8_lossy(&o.stdout).starts_with("logits: f32[1, 34, 320]"));
+        let got = f32_tensor(&out, "logits");
+        let sq = |v: &mut dyn Iterator<Item = f32>| v.map(|x| f64::from(x).powi(2)).sum::<f64>();
+        let rel = (sq(&mut got.iter().zip(&want).map(|(a, b)| a - b))
+            / sq(&mut want.iter().copied()))
+        .sqrt();
+        assert!(rel <= bound, "{precision}: relative error {rel}");
+    }
+}
+
 #[test]
 fn generate_greedy_json_and_streaming_match_transformers() {
     let r = reference("llama");
@@ -366,7 +398,10 @@ fn bad_flags_and_prompts_are_refused_clearly() {
     gen(&["--num-beams", "0"], &["--num-beams"]);
     gen(&["--top-k", "5", "--temperature", "0"], &["greedy"]);
     gen(&["--device", "cuda"], &["CUDA"]);
-    gen(&["--precision", "bf16"], &["not available yet"]);
+    gen(
+        &["--precision", "fp16"],
+        &["--precision fp16", "cpu", "cuda-sm80, cuda-sm90"],
+    );
     refused(
         &["generate", "--model", &llama, "--prompt", ""],
         &["--prompt is empty"],

@@ -9,6 +9,7 @@
 //! Symbolic sizes are costed at [`NOMINAL_SYMBOL`] (a moderate batch × sequence).
 
 use crate::egraph::{ENode, EG};
+use crate::precision::Precision;
 use egg::{CostFunction, Id};
 use kiln_ir::{DType, Dim, Op, TensorType};
 
@@ -36,7 +37,20 @@ pub struct Target {
     pub bandwidth: f64,
     /// Fixed cost of one kernel launch (or one parallel loop on a CPU), seconds.
     pub launch: f64,
+    /// The `--precision` modes the target can run (see [`crate::precision`]). CPUs do f32,
+    /// bf16 (bf16 matmul operands, f32 elsewhere) and fp8 as e4m3 weight *storage* with bf16
+    /// arithmetic; fp16 is refused there (no fp16 arithmetic worth having on a CPU, and AMP on
+    /// CPU uses bf16). GPUs also do fp16.
+    pub precisions: &'static [Precision],
 }
+
+const CPU_PRECISIONS: &[Precision] = &[Precision::F32, Precision::Bf16, Precision::Fp8];
+const GPU_PRECISIONS: &[Precision] = &[
+    Precision::F32,
+    Precision::Bf16,
+    Precision::Fp16,
+    Precision::Fp8,
+];
 
 /// Every target, in one table. CPU figures are for a small multi-core part; GPU figures are
 /// dense tensor-core peaks (A100 SXM for sm_80, H100 SXM for sm_90; sm_80 has no fp8, which
@@ -50,6 +64,7 @@ pub const TARGETS: [Target; 4] = [
         int_ops: 1e11,
         bandwidth: 4e10,
         launch: 2e-6,
+        precisions: CPU_PRECISIONS,
     },
     Target {
         name: "cpu-avx512-bf16",
@@ -59,6 +74,7 @@ pub const TARGETS: [Target; 4] = [
         int_ops: 5e11,
         bandwidth: 1e11,
         launch: 2e-6,
+        precisions: CPU_PRECISIONS,
     },
     Target {
         name: "cuda-sm80",
@@ -68,6 +84,7 @@ pub const TARGETS: [Target; 4] = [
         int_ops: 19.5e12,
         bandwidth: 2.0e12,
         launch: 5e-6,
+        precisions: GPU_PRECISIONS,
     },
     Target {
         name: "cuda-sm90",
@@ -77,6 +94,7 @@ pub const TARGETS: [Target; 4] = [
         int_ops: 33e12,
         bandwidth: 3.35e12,
         launch: 4e-6,
+        precisions: GPU_PRECISIONS,
     },
 ];
 
@@ -89,6 +107,11 @@ impl Target {
     /// The generic CPU target.
     pub fn cpu() -> Target {
         TARGETS[0]
+    }
+
+    /// Whether the target can run `precision`.
+    pub fn supports(&self, precision: Precision) -> bool {
+        self.precisions.contains(&precision)
     }
 
     /// Peak rate for arithmetic on `dtype`.

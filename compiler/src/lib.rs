@@ -4,6 +4,7 @@
 //! - [`egraph`]: graphs as `egg` e-graphs (language, type/constant analysis, extraction);
 //! - [`cost`]: the roofline cost model and the [`Target`] table;
 //! - [`rules`]: the rewrite rule sets;
+//! - [`precision`]: precision lowering (`--precision bf16|fp16|fp8`), run after [`optimize`];
 //! - [`dce`]: dead-code elimination and common-subexpression elimination, the clean-up every
 //!   rewrite stage ends with.
 
@@ -11,9 +12,11 @@ pub mod cost;
 pub mod dce;
 pub mod egraph;
 pub mod pipeline;
+pub mod precision;
 pub mod rules;
 #[cfg(test)]
 mod testutil;
 
 pub use cost::Target;
 pub use pipeline::{optimize, Limits, Report};
+pub use precision::{lower_precision, Precision, PrecisionError};

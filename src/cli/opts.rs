@@ -28,6 +28,18 @@ pub enum Precision {
     Fp8,
 }
 
+impl Precision {
+    /// The compiler's precision.
+    pub fn lowering(self) -> kiln::compiler::Precision {
+        match self {
+            Precision::F32 => kiln::compiler::Precision::F32,
+            Precision::Bf16 => kiln::compiler::Precision::Bf16,
+            Precision::Fp16 => kiln::compiler::Precision::Fp16,
+            Precision::Fp8 => kiln::compiler::Precision::Fp8,
+        }
+    }
+}
+
 /// `--model DIR --device D --precision P`.
 #[derive(Debug, Clone, Args)]
 pub struct ModelOpts {
@@ -50,6 +62,7 @@ impl ModelOpts {
     pub fn load_options(&self) -> kiln::load::LoadOptions {
         kiln::load::LoadOptions {
             optimize: !self.no_optimize,
+            precision: self.precision.lowering(),
             ..Default::default()
         }
     }
@@ -68,16 +81,8 @@ impl ModelOpts {
                 "--device cuda: the CUDA backend is not available yet in this build; use --device cpu (or auto)".into(),
             ));
         }
-        if self.precision != Precision::F32 {
-            let name = self
-                .precision
-                .to_possible_value()
-                .map(|v| v.get_name().to_string())
-                .unwrap_or_default();
-            return Err(CliError::Input(format!(
-                "--precision {name} is not available yet; use --precision f32"
-            )));
-        }
-        Ok(())
+        let target = kiln::compiler::Target::cpu();
+        kiln::compiler::precision::check(self.precision.lowering(), &target)
+            .map_err(|e| CliError::Input(format!("{e} (this build runs on {})", target.name)))
     }
 }
