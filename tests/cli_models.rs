@@ -505,3 +505,23 @@ fn inspect_passes_and_no_optimize() {
     ]));
     assert_eq!(j["generated_ids"], r["greedy_ids"]);
 }
+
+#[test]
+fn dump_ir_after_a_pass_parses_back() {
+    let o = kiln(&["inspect", "--model", &fixture("gpt2"), "--dump-ir", "norm"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = String::from_utf8_lossy(&o.stdout);
+    let graphs: Vec<&str> = text.split("# ==== ").filter(|s| !s.is_empty()).collect();
+    assert_eq!(graphs.len(), 2, "prefill and decode");
+    for g in graphs {
+        let parsed = kiln::ir::text::parse(&format!("# {g}")).unwrap();
+        let ops: Vec<&str> = parsed.nodes().iter().map(|n| n.op.name()).collect();
+        // After `norm` the layer norms are fused but attention is not yet.
+        assert_eq!(ops.iter().filter(|o| **o == "layernorm").count(), 5);
+        assert!(ops.contains(&"softmax") && !ops.contains(&"attention"));
+    }
+    refused(
+        &["inspect", "--model", &fixture("gpt2"), "--dump-ir", "bogus"],
+        &["no pass named \"bogus\"", "algebra, norm"],
+    );
+}

@@ -6,21 +6,8 @@ use kiln_models::config::{parse, Family};
 use std::path::Path;
 use std::time::Instant;
 
-const LLAMA_7B: &str = r#"{
-  "model_type": "llama",
-  "architectures": ["LlamaForCausalLM"],
-  "hidden_size": 4096,
-  "intermediate_size": 11008,
-  "num_hidden_layers": 32,
-  "num_attention_heads": 32,
-  "num_key_value_heads": 32,
-  "vocab_size": 32000,
-  "max_position_embeddings": 4096,
-  "rms_norm_eps": 1e-5,
-  "rope_theta": 10000.0,
-  "hidden_act": "silu",
-  "tie_word_embeddings": false
-}"#;
+/// A 7B-shaped Llama config (the shape of Llama 2 7B), shared with `benches/optimize.rs`.
+const LLAMA_7B: &str = include_str!("../../tests/fixtures/configs/llama-7b/config.json");
 
 #[test]
 fn llama_7b_shape_optimizes() {

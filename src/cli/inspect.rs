@@ -77,20 +77,49 @@ fn kernels(g: &Graph) -> BTreeMap<&'static str, usize> {
     counts
 }
 
+/// The traced graphs of a model directory, named (`prefill`/`decode`, or `encoder`).
+fn traced(dir: &kiln::models::ModelDir) -> Result<Vec<(&'static str, Graph)>, CliError> {
+    if dir.config.head == kiln::models::Head::CausalLm {
+        let g = kiln::load::causal_graphs(dir).map_err(|e| CliError::Input(e.to_string()))?;
+        Ok(vec![("prefill", g.prefill), ("decode", g.decode)])
+    } else {
+        let g = kiln::models::encoder::trace_encoder(&dir.config)
+            .map_err(|e| CliError::Input(e.to_string()))?;
+        Ok(vec![("encoder", g.graph)])
+    }
+}
+
+/// Prints each graph of a model directory as it is right after the optimizer pass `pass`.
+pub fn dump_ir(dir: &Path, pass: &str) -> Result<(), CliError> {
+    use kiln::compiler::pipeline::{default_passes, run_passes, Limits};
+    let dir = kiln::models::ModelDir::open(dir).map_err(|e| CliError::Input(e.to_string()))?;
+    let passes = default_passes();
+    let Some(last) = passes.iter().position(|p| p.name == pass) else {
+        let names: Vec<&str> = passes.iter().map(|p| p.name).collect();
+        return Err(CliError::Input(format!(
+            "--dump-ir: no pass named {pass:?} (the passes are: {})",
+            names.join(", ")
+        )));
+    };
+    let target = kiln::load::LoadOptions::default().target;
+    for (name, g) in traced(&dir)? {
+        let (g, _) = run_passes(&g, &passes[..=last], &target, &Limits::default())
+            .map_err(|e| CliError::Internal(e.to_string()))?;
+        println!(
+            "# ==== {name} graph of {} after pass {pass}",
+            dir.path.display()
+        );
+        print!("{}", text::print(&g));
+    }
+    Ok(())
+}
+
 /// Prints the graph(s) of a model directory (needs only config.json): optimized unless
 /// `optimize` is false, with summaries; with `passes`, the optimizer's report instead of the IR
 /// (`json`: one object per graph, `{"graph", "passes": [...], "kernels": {...}, "total_kernels"}`).
 pub fn inspect_model(dir: &Path, passes: bool, json: bool, optimize: bool) -> Result<(), CliError> {
     let dir = kiln::models::ModelDir::open(dir).map_err(|e| CliError::Input(e.to_string()))?;
-    let (names, traced): (Vec<&str>, Vec<Graph>) =
-        if dir.config.head == kiln::models::Head::CausalLm {
-            let g = kiln::load::causal_graphs(&dir).map_err(|e| CliError::Input(e.to_string()))?;
-            (vec!["prefill", "decode"], vec![g.prefill, g.decode])
-        } else {
-            let g = kiln::models::encoder::trace_encoder(&dir.config)
-                .map_err(|e| CliError::Input(e.to_string()))?;
-            (vec!["encoder"], vec![g.graph])
-        };
+    let (names, traced): (Vec<&str>, Vec<Graph>) = traced(&dir)?.into_iter().unzip();
     let opts = kiln::load::LoadOptions {
         optimize,
         ..Default::default()

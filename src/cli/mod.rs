@@ -50,6 +50,9 @@ enum Command {
         /// With --model: print the graph before optimization.
         #[arg(long, requires = "model")]
         no_optimize: bool,
+        /// With --model: print the IR right after this optimizer pass (algebra, norm, ...).
+        #[arg(long, requires = "model", value_name = "PASS", conflicts_with_all = ["passes", "no_optimize"])]
+        dump_ir: Option<String>,
     },
     /// One forward pass on token ids (batch 1): logits for causal LMs, last_hidden_state for encoders.
     Forward {
@@ -127,10 +130,12 @@ pub fn dispatch(cli: Cli) -> Result<(), CliError> {
             passes,
             json,
             no_optimize,
-        } => match (target.model, target.graph) {
-            (Some(model), _) => inspect::inspect_model(&model, passes, json, !no_optimize),
-            (None, Some(graph)) => inspect::inspect(&graph),
-            (None, None) => Err(CliError::Input("give --model DIR or --graph FILE".into())),
+            dump_ir,
+        } => match (target.model, target.graph, dump_ir) {
+            (Some(model), _, Some(pass)) => inspect::dump_ir(&model, &pass),
+            (Some(model), _, None) => inspect::inspect_model(&model, passes, json, !no_optimize),
+            (None, Some(graph), _) => inspect::inspect(&graph),
+            (None, None, _) => Err(CliError::Input("give --model DIR or --graph FILE".into())),
         },
         Command::Forward { model, tokens, out } => {
             forward::forward(&model, &tokens, out.as_deref())
