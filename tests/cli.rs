@@ -1,18 +1,11 @@
 //! The `kiln` command line, end to end: running a traced Llama layer against transformers'
 //! output, inspecting, and refusing bad input with exit code 2 and a clear message.
 
+mod common;
+
+use common::{f32_tensor, kiln, refused, ROOT};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-const ROOT: &str = env!("CARGO_MANIFEST_DIR");
-
-fn kiln(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(args)
-        .current_dir(ROOT)
-        .output()
-        .expect("run kiln")
-}
+use std::process::Output;
 
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
@@ -23,19 +16,6 @@ fn temp(name: &str) -> PathBuf {
 }
 
 const BLOCK: &str = "tests/fixtures/core/llama_block.safetensors";
-
-fn f32_tensor(path: &Path, name: &str) -> (Vec<usize>, Vec<f32>) {
-    let bytes = std::fs::read(path).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let t = st.tensor(name).unwrap();
-    assert_eq!(t.dtype(), safetensors::Dtype::F32);
-    let data = t
-        .data()
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect();
-    (t.shape().to_vec(), data)
-}
 
 #[test]
 fn run_llama_block_matches_transformers() {
@@ -97,19 +77,9 @@ fn write_temp(name: &str, contents: &[u8]) -> PathBuf {
     p
 }
 
-fn assert_refused(args: &[&str], fragments: &[&str]) {
-    let o = kiln(args);
-    assert_eq!(o.status.code(), Some(2), "args {args:?}: {}", stderr(&o));
-    let e = stderr(&o);
-    for f in fragments {
-        assert!(e.contains(f), "args {args:?}: expected {f:?} in {e}");
-    }
-    assert!(!e.contains("panicked"), "{e}");
-}
-
 #[test]
 fn bad_input_exits_2_with_a_clear_message() {
-    assert_refused(
+    refused(
         &["inspect", "--graph", "no/such/file.kir"],
         &["no/such/file.kir", "No such file"],
     );
@@ -117,7 +87,7 @@ fn bad_input_exits_2_with_a_clear_message() {
         "syntax.kir",
         b"%0: f32[2] = input \"x\"\n%1: f32[2] = exq(%0)\n",
     );
-    assert_refused(
+    refused(
         &["inspect", "--graph", syntax.to_str().unwrap()],
         &["line 2, column", "exq"],
     );
@@ -125,13 +95,13 @@ fn bad_input_exits_2_with_a_clear_message() {
         "invalid.kir",
         b"%0: f32[2] = input \"x\"\n%1: f32[3] = exp(%0)\noutput \"y\" = %1\n",
     );
-    assert_refused(
+    refused(
         &["inspect", "--graph", invalid.to_str().unwrap()],
         &["%1 (exp)", "declared type f32[3]"],
     );
     let truncated = std::fs::read(format!("{ROOT}/{BLOCK}")).unwrap();
     let truncated = write_temp("trunc.safetensors", &truncated[..truncated.len() / 2]);
-    assert_refused(
+    refused(
         &[
             "run",
             "--graph",
@@ -142,7 +112,7 @@ fn bad_input_exits_2_with_a_clear_message() {
         &["trunc.safetensors", "truncated"],
     );
     let no_params = write_temp("empty.safetensors", b"\x02\x00\x00\x00\x00\x00\x00\x00{}");
-    assert_refused(
+    refused(
         &[
             "run",
             "--graph",
@@ -152,7 +122,7 @@ fn bad_input_exits_2_with_a_clear_message() {
         ],
         &["input_layernorm.weight"],
     );
-    assert_refused(
+    refused(
         &[
             "run",
             "--graph",
@@ -162,7 +132,7 @@ fn bad_input_exits_2_with_a_clear_message() {
         ],
         &["input.hidden_states"],
     );
-    assert_refused(&["run", "--bogus"], &["--bogus"]);
+    refused(&["run", "--bogus"], &["--bogus"]);
     for p in [syntax, invalid, truncated, no_params] {
         std::fs::remove_file(p).ok();
     }

@@ -2,26 +2,16 @@
 //! `scripts/reference/hf_fixtures.py`), and their refusals of bad input: exit code 2, a message
 //! on stderr naming the problem, never a panic.
 
+mod common;
+
+use common::{f32_tensor, kiln, reference_json as reference, refused};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
-fn kiln(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(args)
-        .output()
-        .expect("run kiln")
-}
-
+/// A fixture directory as a command-line argument.
 fn fixture(name: &str) -> String {
-    format!("{}/tests/fixtures/hf/{name}", env!("CARGO_MANIFEST_DIR"))
-}
-
-fn reference(name: &str) -> Value {
-    serde_json::from_str(
-        &std::fs::read_to_string(format!("{}/reference.json", fixture(name))).unwrap(),
-    )
-    .unwrap()
+    common::fixture(name).display().to_string()
 }
 
 fn json_out(o: &Output) -> Value {
@@ -57,17 +47,6 @@ fn copy_fixture(name: &str, to: &str) -> PathBuf {
     dst
 }
 
-fn f32_tensor(path: &Path, name: &str) -> Vec<f32> {
-    let bytes = std::fs::read(path).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    st.tensor(name)
-        .unwrap()
-        .data()
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect()
-}
-
 #[test]
 fn forward_writes_transformers_logits() {
     let r = reference("llama");
@@ -83,9 +62,9 @@ fn forward_writes_transformers_logits() {
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(String::from_utf8_lossy(&o.stdout).starts_with("logits: f32[1, 34, 320]"));
-    let got = f32_tensor(&out, "logits");
-    let want = f32_tensor(
-        Path::new(&format!("{}/reference.safetensors", fixture("llama"))),
+    let (_, got) = f32_tensor(&out, "logits");
+    let (_, want) = f32_tensor(
+        &common::fixture("llama").join("reference.safetensors"),
         "logits",
     );
     let err = got
@@ -100,8 +79,8 @@ fn forward_writes_transformers_logits() {
 #[test]
 fn forward_runs_in_reduced_precision() {
     let r = reference("llama");
-    let want = f32_tensor(
-        Path::new(&format!("{}/reference.safetensors", fixture("llama"))),
+    let (_, want) = f32_tensor(
+        &common::fixture("llama").join("reference.safetensors"),
         "logits",
     );
     for (precision, bound) in [("bf16", 0.02), ("fp8", 0.07)] {
@@ -119,7 +98,7 @@ fn forward_runs_in_reduced_precision() {
         ]);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         assert!(String::from_utf8_lossy(&o.stdout).starts_with("logits: f32[1, 34, 320]"));
-        let got = f32_tensor(&out, "logits");
+        let (_, got) = f32_tensor(&out, "logits");
         let sq = |v: &mut dyn Iterator<Item = f32>| v.map(|x| f64::from(x).powi(2)).sum::<f64>();
         let rel = (sq(&mut got.iter().zip(&want).map(|(a, b)| a - b))
             / sq(&mut want.iter().copied()))
@@ -274,16 +253,6 @@ fn inspect_model_traces_without_weights() {
         text.contains("moe(") && text.contains("\"past.1.value\""),
         "{text}"
     );
-}
-
-fn refused(args: &[&str], fragments: &[&str]) {
-    let o = kiln(args);
-    let e = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(2), "{args:?}: {e}");
-    for f in fragments {
-        assert!(e.contains(f), "{args:?}: expected {f:?} in: {e}");
-    }
-    assert!(!e.contains("panicked"), "{e}");
 }
 
 fn edit_json(path: &Path, edit: impl FnOnce(&mut serde_json::Map<String, Value>)) {

@@ -2,11 +2,11 @@
 //! full-prompt logits within 1e-4, and prefill + decode steps through the KV cache equal to the
 //! full forward pass.
 
+mod common;
+
+use common::{fixture, ids, reference};
 use kiln::load::{causal_lm, causal_lm_with, LoadOptions};
-use kiln::runtime::weights::Checkpoint;
 use kiln::runtime::LanguageModel;
-use serde_json::Value;
-use std::path::PathBuf;
 
 const FAMILIES: [&str; 9] = [
     "llama",
@@ -19,27 +19,6 @@ const FAMILIES: [&str; 9] = [
     "mixtral",
     "gpt2",
 ];
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/hf")
-        .join(name)
-}
-
-fn reference(name: &str) -> (Value, Checkpoint) {
-    let dir = fixture(name);
-    let json = std::fs::read_to_string(dir.join("reference.json")).unwrap();
-    let tensors = Checkpoint::open(&dir.join("reference.safetensors")).unwrap();
-    (serde_json::from_str(&json).unwrap(), tensors)
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
 
 fn max_abs(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());

@@ -2,31 +2,14 @@
 //! the tokenizer's ids, greedy continuations token for token, beam search, left-padded batches,
 //! and seeded sampling reproducibility.
 
+mod common;
+
+use common::{fixture, ids, reference_json as reference};
 use kiln::load::{causal_lm, tokenizer};
 use kiln::runtime::generate::{generate, EarlyStopping, GenerationConfig, Stopper};
 use serde_json::Value;
-use std::path::PathBuf;
 
 const FAMILIES: [&str; 6] = ["llama", "llama_tied", "mistral", "qwen2", "mixtral", "gpt2"];
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/hf")
-        .join(name)
-}
-
-fn reference(name: &str) -> Value {
-    let text = std::fs::read_to_string(fixture(name).join("reference.json")).unwrap();
-    serde_json::from_str(&text).unwrap()
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap_or_else(|| panic!("not a list: {v}"))
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
 
 /// The model's generation config with the reference case's arguments applied.
 fn config(name: &str, args: &Value) -> GenerationConfig {

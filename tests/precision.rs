@@ -5,35 +5,14 @@
 //! not met yet, see there). The measured figures are printed
 //! (`cargo test --test precision -- --nocapture`).
 
+mod common;
+
+use common::{fixture, ids, reference};
 use kiln::compiler::Precision;
 use kiln::load::{causal_lm_with, encoder_with, LoadOptions};
-use kiln::runtime::weights::Checkpoint;
-use serde_json::Value;
-use std::path::PathBuf;
 
 const CAUSAL: [&str; 6] = ["llama", "llama_tied", "mistral", "qwen2", "mixtral", "gpt2"];
 const ENCODERS: [&str; 2] = ["bert", "distilbert"];
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/hf")
-        .join(name)
-}
-
-fn reference(name: &str) -> (Value, Checkpoint) {
-    let dir = fixture(name);
-    let json = std::fs::read_to_string(dir.join("reference.json")).unwrap();
-    let tensors = Checkpoint::open(&dir.join("reference.safetensors")).unwrap();
-    (serde_json::from_str(&json).unwrap(), tensors)
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
 
 fn opts(precision: Precision) -> LoadOptions {
     LoadOptions {
