@@ -66,6 +66,19 @@ pub enum Precision {
 }
 
 impl Precision {
+    /// Every precision, in `--precision` order.
+    pub const ALL: [Precision; 4] = [
+        Precision::F32,
+        Precision::Bf16,
+        Precision::Fp16,
+        Precision::Fp8,
+    ];
+
+    /// The precision spelled `name` (`f32`, `bf16`, `fp16`, `fp8`).
+    pub fn from_name(name: &str) -> Option<Precision> {
+        Precision::ALL.into_iter().find(|p| p.name() == name)
+    }
+
     /// The `--precision` spelling.
     pub fn name(self) -> &'static str {
         match self {

@@ -2,6 +2,7 @@
 
 use super::CliError;
 use clap::{Args, ValueEnum};
+use kiln::compiler::Precision;
 use std::path::PathBuf;
 
 /// Where to run.
@@ -15,29 +16,12 @@ pub enum Device {
     Cuda,
 }
 
-/// Numeric precision of weights and activations.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Precision {
-    /// 32-bit float.
-    F32,
-    /// bfloat16.
-    Bf16,
-    /// IEEE half.
-    Fp16,
-    /// fp8 (e4m3).
-    Fp8,
-}
-
-impl Precision {
-    /// The compiler's precision.
-    pub fn lowering(self) -> kiln::compiler::Precision {
-        match self {
-            Precision::F32 => kiln::compiler::Precision::F32,
-            Precision::Bf16 => kiln::compiler::Precision::Bf16,
-            Precision::Fp16 => kiln::compiler::Precision::Fp16,
-            Precision::Fp8 => kiln::compiler::Precision::Fp8,
-        }
-    }
+/// Parses `--precision` into the compiler's precision.
+fn parse_precision(name: &str) -> Result<Precision, String> {
+    Precision::from_name(name).ok_or_else(|| {
+        let names: Vec<&str> = Precision::ALL.iter().map(|p| p.name()).collect();
+        format!("expected one of {}", names.join(", "))
+    })
 }
 
 /// `--model DIR --device D --precision P`.
@@ -50,7 +34,7 @@ pub struct ModelOpts {
     #[arg(long, value_enum, default_value_t = Device::Auto)]
     pub device: Device,
     /// Numeric precision.
-    #[arg(long, value_enum, default_value_t = Precision::F32)]
+    #[arg(long, value_parser = parse_precision, default_value = "f32")]
     pub precision: Precision,
     /// Run the traced graphs as they are, without the optimizer (to compare).
     #[arg(long)]
@@ -62,7 +46,7 @@ impl ModelOpts {
     pub fn load_options(&self) -> kiln::load::LoadOptions {
         kiln::load::LoadOptions {
             optimize: !self.no_optimize,
-            precision: self.precision.lowering(),
+            precision: self.precision,
             ..Default::default()
         }
     }
@@ -82,7 +66,7 @@ impl ModelOpts {
             ));
         }
         let target = kiln::compiler::Target::cpu();
-        kiln::compiler::precision::check(self.precision.lowering(), &target)
+        kiln::compiler::precision::check(self.precision, &target)
             .map_err(|e| CliError::Input(format!("{e} (this build runs on {})", target.name)))
     }
 }
