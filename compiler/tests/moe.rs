@@ -6,12 +6,8 @@
 
 mod common;
 
-use common::{count, optimize_fixture, Optimized};
-use kiln_compiler::{optimize, Limits, Target};
+use common::{count, optimize_config, optimize_fixture, Optimized};
 use kiln_ir::Op;
-use kiln_models::config::{parse, Family};
-use std::path::Path;
-use std::time::Instant;
 
 #[test]
 fn mixtral_moe_blocks_become_one_moe_each() {
@@ -65,38 +61,11 @@ fn mixtral_moe_blocks_become_one_moe_each() {
 /// block becomes one `moe`, within the optimizer's limits; the time is printed, not asserted.
 #[test]
 fn mixtral_8x7b_shape_optimizes() {
-    const MIXTRAL_8X7B: &str = r#"{
-      "model_type": "mixtral",
-      "architectures": ["MixtralForCausalLM"],
-      "hidden_size": 4096,
-      "intermediate_size": 14336,
-      "num_hidden_layers": 32,
-      "num_attention_heads": 32,
-      "num_key_value_heads": 8,
-      "num_local_experts": 8,
-      "num_experts_per_tok": 2,
-      "vocab_size": 32000,
-      "max_position_embeddings": 32768,
-      "rms_norm_eps": 1e-5,
-      "rope_theta": 1e6,
-      "hidden_act": "silu",
-      "tie_word_embeddings": false
-    }"#;
-    let cfg = parse(MIXTRAL_8X7B, Path::new("mixtral-8x7b/config.json")).unwrap();
-    let Family::Decoder(d) = &cfg.family else {
-        panic!("not a decoder")
-    };
-    let graphs = d.trace().unwrap();
-    for (which, g) in [("prefill", &graphs.prefill), ("decode", &graphs.decode)] {
-        let start = Instant::now();
-        let (h, report) = optimize(g, &Target::cpu(), &Limits::default()).unwrap();
-        println!(
-            "mixtral 8x7B {which}: {} -> {} ops in {:.3} s\n{report}",
-            g.nodes().len(),
-            h.nodes().len(),
-            start.elapsed().as_secs_f64()
-        );
-        assert!(report.warnings.is_empty(), "{report}");
+    let graphs = optimize_config(
+        include_str!("../../tests/fixtures/configs/mixtral-8x7b/config.json"),
+        "mixtral 8x7B",
+    );
+    for (which, h) in graphs {
         assert_eq!(count(&h, "moe"), 32, "{which}");
         assert_eq!(count(&h, "topk"), 0, "{which}");
     }

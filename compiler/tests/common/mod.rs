@@ -1,6 +1,7 @@
-//! Helpers shared by the fixture tests (`families`, `attention`): every Hugging Face family
-//! fixture's graphs traced, optimized and checked against the unoptimized graphs on the
-//! reference executor with the fixture's weights.
+//! Helpers shared by the compiler's integration tests: every Hugging Face family fixture's
+//! graphs traced, optimized and checked against the unoptimized graphs on the reference
+//! executor with the fixture's weights; and config-only models of real sizes optimized within
+//! the limits.
 
 // Each test binary uses its own part of these helpers.
 #![allow(dead_code)]
@@ -125,4 +126,30 @@ pub fn optimize_fixture(fixture: &str) -> (ModelDir, Vec<Optimized>) {
         });
     }
     (dir, out)
+}
+
+/// Traces the causal LM of a `config.json` text (no weights) and optimizes its prefill and
+/// decode graphs, printing op counts and times (`--nocapture`; times are not asserted) and
+/// checking that no limit was hit. Returns the optimized graphs by name.
+pub fn optimize_config(config: &str, label: &str) -> Vec<(&'static str, Graph)> {
+    let cfg = kiln_models::config::parse(config, Path::new("config.json")).unwrap();
+    let Family::Decoder(d) = &cfg.family else {
+        panic!("{label}: not a decoder")
+    };
+    let graphs = d.trace().unwrap();
+    [("prefill", graphs.prefill), ("decode", graphs.decode)]
+        .into_iter()
+        .map(|(which, g)| {
+            let start = std::time::Instant::now();
+            let (h, report) = optimize(&g, &Target::cpu(), &Limits::default()).unwrap();
+            println!(
+                "{label} {which}: {} -> {} ops in {:.3} s\n{report}",
+                g.nodes().len(),
+                h.nodes().len(),
+                start.elapsed().as_secs_f64()
+            );
+            assert!(report.warnings.is_empty(), "{label} {which}: {report}");
+            (which, h)
+        })
+        .collect()
 }
