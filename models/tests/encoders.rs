@@ -4,6 +4,9 @@
 //! `scripts/reference/hf_fixtures.py`): `last_hidden_state`, masked-LM logits and the
 //! fill-mask top 5, a right-padded batch, and sequence-classification logits and probabilities.
 
+mod common;
+
+use common::{fixture, ints, max_abs, TOL};
 use kiln_models::config;
 use kiln_models::{nn, trace_encoder, EncoderGraph};
 use kiln_runtime::reference;
@@ -11,15 +14,7 @@ use kiln_runtime::weights::{Checkpoint, Convert};
 use kiln_runtime::Tensor;
 use serde_json::Value;
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-
-const TOL: f64 = 1e-4;
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/fixtures/hf")
-        .join(name)
-}
+use std::path::Path;
 
 struct Encoder {
     enc: EncoderGraph,
@@ -62,14 +57,6 @@ fn read_json(dir: &Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap()
 }
 
-fn ints(v: &Value) -> Vec<i64> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_i64().unwrap())
-        .collect()
-}
-
 fn rows(v: &Value) -> Vec<Vec<i64>> {
     v.as_array().unwrap().iter().map(ints).collect()
 }
@@ -80,14 +67,6 @@ fn floats(v: &Value) -> Vec<f32> {
         .iter()
         .map(|x| x.as_f64().unwrap() as f32)
         .collect()
-}
-
-fn max_abs(a: &[f32], b: &[f32]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (f64::from(*x) - f64::from(*y)).abs())
-        .fold(0.0, f64::max)
 }
 
 fn softmax(x: &[f32]) -> Vec<f64> {

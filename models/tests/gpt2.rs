@@ -3,6 +3,9 @@
 //! (`tests/fixtures/hf/gpt2`, made by `scripts/reference/hf_fixtures.py`): prefill logits,
 //! prefill + decode through the KV cache, greedy generation, and a left-padded batch.
 
+mod common;
+
+use common::{ints, max_abs, TOL};
 use kiln_models::config::{self, Family};
 use kiln_models::gpt2::Gpt2Config;
 use kiln_models::CausalGraphs;
@@ -11,12 +14,10 @@ use kiln_runtime::weights::{Checkpoint, Convert};
 use kiln_runtime::Tensor;
 use serde_json::Value;
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-
-const TOL: f64 = 1e-4;
+use std::path::PathBuf;
 
 fn fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/hf/gpt2")
+    common::fixture("gpt2")
 }
 
 struct Model {
@@ -109,22 +110,6 @@ fn reference() -> (Value, HashMap<String, Tensor>) {
     (json, tensors)
 }
 
-fn ids(v: &Value) -> Vec<i64> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_i64().unwrap())
-        .collect()
-}
-
-fn max_abs(a: &[f32], b: &[f32]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (f64::from(*x) - f64::from(*y)).abs())
-        .fold(0.0, f64::max)
-}
-
 fn argmax(v: &[f32]) -> i64 {
     let mut best = 0;
     for (i, &x) in v.iter().enumerate() {
@@ -149,7 +134,7 @@ fn reference_logits(tensors: &HashMap<String, Tensor>, vocab: usize) -> Vec<Vec<
 fn prefill_logits_match_transformers() {
     let m = Model::load();
     let (json, tensors) = reference();
-    let prompt = ids(&json["prompt_ids"]);
+    let prompt = ints(&json["prompt_ids"]);
     let n = prompt.len();
     let want = reference_logits(&tensors, m.cfg.vocab_size);
     assert_eq!(want.len(), n);
@@ -173,7 +158,7 @@ fn prefill_logits_match_transformers() {
 fn prefill_then_decode_matches_full_forward() {
     let m = Model::load();
     let (json, tensors) = reference();
-    let prompt = ids(&json["prompt_ids"]);
+    let prompt = ints(&json["prompt_ids"]);
     let n = prompt.len();
     let want = reference_logits(&tensors, m.cfg.vocab_size);
     // Prefill 5 tokens, decode 3 tokens at once, then the rest one at a time.
@@ -209,8 +194,8 @@ fn prefill_then_decode_matches_full_forward() {
 fn greedy_generation_matches_transformers() {
     let m = Model::load();
     let (json, _) = reference();
-    let prompt = ids(&json["prompt_ids"]);
-    let want = ids(&json["greedy"]["new_ids"]);
+    let prompt = ints(&json["prompt_ids"]);
+    let want = ints(&json["greedy"]["new_ids"]);
     let n = prompt.len();
     let (logits, mut cache) = m.step(&[prompt], &[(0..n as i64).collect()], &[vec![1; n]], None);
     let mut next = argmax(&logits[0][n - 1]);
@@ -242,19 +227,19 @@ fn left_padded_batch_matches_each_row_alone() {
         .as_array()
         .unwrap()
         .iter()
-        .map(ids)
+        .map(ints)
         .collect();
     let masks: Vec<Vec<i64>> = batch["attention_mask"]
         .as_array()
         .unwrap()
         .iter()
-        .map(ids)
+        .map(ints)
         .collect();
     let want_new: Vec<Vec<i64>> = batch["new_ids"]
         .as_array()
         .unwrap()
         .iter()
-        .map(ids)
+        .map(ints)
         .collect();
     let s = rows[0].len();
     // transformers' generate(): position_ids = cumsum(mask) - 1, 0 at padding.
