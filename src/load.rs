@@ -11,7 +11,7 @@ use kiln_ir::{DType, Graph};
 use kiln_models::encoder::{base_model_prefix, trace_encoder, EncoderGraph};
 use kiln_models::nn::adapt_param_names;
 use kiln_models::{config::Family, CausalGraphs, Head, ModelDir, ModelError};
-use kiln_runtime::reference;
+use kiln_runtime::cpu::CpuGraph;
 use kiln_runtime::weights::{Checkpoint, Convert, WeightsError};
 use kiln_runtime::{GraphLm, ModelError as ModelRunError, Tensor};
 use std::collections::HashMap;
@@ -242,7 +242,8 @@ pub fn causal_lm_with(path: &Path, opts: &LoadOptions) -> Result<CausalLm, LoadE
         params,
         graphs.num_layers,
         graphs.vocab_size,
-    );
+    )
+    .map_err(|e| LoadError::Unsupported(e.to_string()))?;
     Ok(CausalLm {
         dir,
         lm,
@@ -257,6 +258,8 @@ pub struct Encoder {
     pub dir: ModelDir,
     /// The traced graph.
     pub graph: EncoderGraph,
+    /// The graph planned for the CPU backend.
+    plan: CpuGraph,
     params: Params,
     /// Vocabulary size.
     pub vocab_size: usize,
@@ -301,9 +304,14 @@ pub fn encoder_with(path: &Path, opts: &LoadOptions) -> Result<Encoder, LoadErro
     };
     let (mut bound, params) = bind(&dir, &[&graph.graph], convert_for(opts.precision))?;
     graph.graph = bound.pop().unwrap_or_default();
+    let plan = CpuGraph::compile(vec![graph.graph.clone()], &params)
+        .map_err(|e| LoadError::Unsupported(e.to_string()))?
+        .pop()
+        .ok_or_else(|| LoadError::Unsupported("internal: expected one planned graph".into()))?;
     Ok(Encoder {
         dir,
         graph,
+        plan,
         params,
         vocab_size,
         max_positions,
@@ -312,6 +320,16 @@ pub fn encoder_with(path: &Path, opts: &LoadOptions) -> Result<Encoder, LoadErro
 }
 
 impl Encoder {
+    /// The graph as planned for the CPU backend.
+    pub fn plan(&self) -> &CpuGraph {
+        &self.plan
+    }
+
+    /// The bound parameters.
+    pub fn params(&self) -> &Params {
+        &self.params
+    }
+
     /// Runs a batch of token-id sequences (each non-empty), padded on the right with id 0.
     pub fn run(&self, batch: &[Vec<u32>]) -> Result<EncoderOutput, ModelRunError> {
         let rows = batch.len();
@@ -339,7 +357,9 @@ impl Encoder {
         if self.graph.uses_token_types {
             inputs.insert("token_type_ids".into(), tensor(vec![0; rows * seq])?);
         }
-        let mut out = reference::run(&self.graph.graph, &inputs, &self.params)
+        let mut out = self
+            .plan
+            .run(&inputs, &self.params)
             .map_err(|e| ModelRunError(e.to_string()))?;
         let last_hidden_state = out
             .remove("last_hidden_state")

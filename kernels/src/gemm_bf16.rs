@@ -77,6 +77,11 @@ impl PackedBf16 {
         self.k
     }
 
+    /// Bytes of the packed data.
+    pub fn bytes(&self) -> usize {
+        self.data.len() * std::mem::size_of::<u32>()
+    }
+
     /// W back as f32 (exact), row-major `n × k`.
     fn unpack_f32(&self) -> Vec<f32> {
         let pairs = self.k.div_ceil(2);

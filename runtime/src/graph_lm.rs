@@ -1,5 +1,5 @@
-//! A [`LanguageModel`] over a causal LM's two graphs (prefill and decode), run by the reference
-//! executor, keeping the KV cache between steps.
+//! A [`LanguageModel`] over a causal LM's two graphs (prefill and decode), run by the CPU
+//! backend ([`crate::cpu`]), keeping the KV cache between steps.
 //!
 //! Graph interface (what kiln's model families trace): inputs `input_ids`, `position_ids`
 //! (i64 `[batch, seq]`) and `attention_mask` (i64 0/1 `[batch, kv]` over all key positions);
@@ -7,8 +7,9 @@
 //! the decode graph also takes `past.{i}.key` / `past.{i}.value`. Prompts of different lengths
 //! are left-padded; positions count real tokens only (as transformers' `generate`).
 
+use crate::cpu::CpuGraph;
 use crate::lm::{LanguageModel, ModelError};
-use crate::reference::{self, ParamSource};
+use crate::reference::ParamSource;
 use crate::Tensor;
 use kiln_ir::Graph;
 use std::collections::HashMap;
@@ -23,10 +24,10 @@ struct Batch {
     next_pos: Vec<i64>,
 }
 
-/// A causal LM run by the reference executor.
+/// A causal LM run by the CPU backend.
 pub struct GraphLm<P> {
-    prefill: Graph,
-    decode: Graph,
+    prefill: CpuGraph,
+    decode: CpuGraph,
     params: P,
     num_layers: usize,
     vocab_size: usize,
@@ -38,22 +39,37 @@ fn err(e: impl std::fmt::Display) -> ModelError {
 }
 
 impl<P: ParamSource> GraphLm<P> {
-    /// A model from its two graphs and bound parameters.
+    /// A model from its two graphs and bound parameters (planned for the CPU here, with the
+    /// weights packed once for both graphs).
     pub fn new(
         prefill: Graph,
         decode: Graph,
         params: P,
         num_layers: usize,
         vocab_size: usize,
-    ) -> Self {
-        GraphLm {
+    ) -> Result<Self, ModelError> {
+        let [prefill, decode]: [CpuGraph; 2] = CpuGraph::compile(vec![prefill, decode], &params)
+            .map_err(err)?
+            .try_into()
+            .map_err(|_| err("internal: expected two planned graphs"))?;
+        Ok(GraphLm {
             prefill,
             decode,
             params,
             num_layers,
             vocab_size,
             batch: None,
-        }
+        })
+    }
+
+    /// The bound parameters.
+    pub fn params(&self) -> &P {
+        &self.params
+    }
+
+    /// The planned prefill and decode graphs.
+    pub fn graphs(&self) -> [&CpuGraph; 2] {
+        [&self.prefill, &self.decode]
     }
 
     /// One plain forward pass of a single sequence through the prefill graph: logits
@@ -74,7 +90,7 @@ impl<P: ParamSource> GraphLm<P> {
             ),
             ("attention_mask".to_string(), ids_tensor(1, n, vec![1; n])?),
         ]);
-        let mut out = reference::run(&self.prefill, &inputs, &self.params).map_err(err)?;
+        let mut out = self.prefill.run(&inputs, &self.params).map_err(err)?;
         out.remove("logits")
             .ok_or_else(|| err("graph has no output logits"))
     }
@@ -95,7 +111,7 @@ impl<P: ParamSource> GraphLm<P> {
             Tensor::from_i64(vec![rows, kv], flat).map_err(err)?,
         );
         let graph = if decode { &self.decode } else { &self.prefill };
-        let mut out = reference::run(graph, &inputs, &self.params).map_err(err)?;
+        let mut out = graph.run(&inputs, &self.params).map_err(err)?;
         let mut cache = Vec::with_capacity(self.num_layers);
         for i in 0..self.num_layers {
             let mut take = |name: String| {

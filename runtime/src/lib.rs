@@ -1,6 +1,7 @@
 //! kiln's runtime: host tensors, the reference executor that defines what every graph
 //! means, and binding parameters from safetensors checkpoints. It never depends on the compiler.
 
+pub mod cpu;
 pub mod generate;
 pub mod graph_lm;
 pub mod lm;

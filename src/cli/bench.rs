@@ -1,4 +1,5 @@
-//! `kiln bench`: this machine's ceilings and single-kernel measurements.
+//! `kiln bench`: this machine's ceilings, single-kernel measurements, and (`kiln bench model`,
+//! [`super::bench_model`]) whole models.
 //!
 //! `kiln bench ceilings` measures the peak f32 FMA and bf16 dot-product rates (register-only
 //! loops), the f32 and bf16 GEMM rates of the best kernels at 2048³, the bf16 GEMV rate at
@@ -26,6 +27,9 @@ pub enum BenchCommand {
     /// Time one kernel: median of --runs runs after warm-up, with GFLOP/s, GB/s and the share of
     /// the ceilings (measured in the same process).
     Kernel(KernelArgs),
+    /// End-to-end model throughput on the CPU backend (random token ids): prefill and decode
+    /// tokens/s and time to first token for causal LMs, sequences/s for encoders, peak RSS.
+    Model(super::bench_model::ModelArgs),
 }
 
 /// `kiln bench kernel` flags.
@@ -62,6 +66,7 @@ pub fn bench(cmd: &BenchCommand) -> Result<(), CliError> {
             Ok(())
         }
         BenchCommand::Kernel(args) => kernel(args),
+        BenchCommand::Model(args) => super::bench_model::bench_model(args),
     }
 }
 

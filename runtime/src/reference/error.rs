@@ -131,4 +131,17 @@ pub enum ExecError {
         /// What disagrees.
         detail: String,
     },
+    /// A run whose memory plan needs more bytes than the machine has available (refused
+    /// before allocating).
+    #[error(
+        "this run needs {needed} bytes of activation buffers (memory plan: {detail}) but only {available} bytes of memory are available; use a shorter input or a smaller batch"
+    )]
+    OutOfMemory {
+        /// Bytes the memory plan needs.
+        needed: usize,
+        /// Bytes available (`MemAvailable`).
+        available: usize,
+        /// What the estimate covers.
+        detail: String,
+    },
 }

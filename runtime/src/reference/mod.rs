@@ -22,7 +22,7 @@
 //! Every problem with caller-supplied data (missing or mistyped inputs, conflicting sizes, gather
 //! indices or slice bounds out of range) is an [`ExecError`], never a panic.
 
-mod bind;
+pub(crate) mod bind;
 mod composite;
 mod elementwise;
 mod error;
@@ -139,7 +139,7 @@ pub fn run_with_bindings(
 
 /// The graph's inputs and parameters paired with the supplied tensors, in definition order.
 /// Every supplied input must be an input of the graph.
-fn sources<'a>(
+pub(crate) fn sources<'a>(
     graph: &'a Graph,
     inputs: &'a HashMap<String, Tensor>,
     params: &'a dyn ParamSource,
@@ -213,7 +213,7 @@ fn take_outputs(
 
 /// For each value, the index of the last node reading it (its own index if none does);
 /// `usize::MAX` for outputs, which live to the end. A value is freed right after that node.
-fn last_uses(graph: &Graph) -> Vec<usize> {
+pub(crate) fn last_uses(graph: &Graph) -> Vec<usize> {
     let mut last: Vec<usize> = (0..graph.nodes().len()).collect();
     for (id, node) in graph.iter() {
         for v in &node.inputs {
@@ -227,7 +227,7 @@ fn last_uses(graph: &Graph) -> Vec<usize> {
 }
 
 /// Evaluates one non-source node.
-fn eval_op(ctx: &Ctx<'_>, op: &Op, args: &[&Tensor]) -> Result<Tensor, ExecError> {
+pub(crate) fn eval_op(ctx: &Ctx<'_>, op: &Op, args: &[&Tensor]) -> Result<Tensor, ExecError> {
     match op {
         Op::Input { .. } | Op::Param { .. } => {
             Err(ctx.mismatch("inputs and parameters are bound, not evaluated"))

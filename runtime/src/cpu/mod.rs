@@ -1,0 +1,27 @@
+//! kiln's CPU backend: runs an (optimized) graph with the fast kernels of `kiln-kernels`.
+//!
+//! Three stages, each printable and checkable on its own:
+//! 1. [`plan`]: kernel selection per node ([`plan::Step`]): a matmul whose right operand is a
+//!    weight becomes a linear layer on weights converted and packed once at load
+//!    ([`weights`]); norms, softmax, attention, fused elementwise bodies, embedding gathers and
+//!    layout ops get their kernels; reshapes and widening casts of already-widened values are
+//!    aliases (no copy); anything else runs the reference executor's op on that node alone.
+//! 2. [`slots`]: static memory planning: liveness-based assignment of every float value to one
+//!    of a few reusable buffers (aliases share their operand's), giving the peak activation
+//!    bytes for concrete sizes before anything is allocated.
+//! 3. [`exec`]: the run loop. Float activations live in f32 buffers holding values already
+//!    rounded to their logical dtype (a bf16 value is stored widened), so every kernel reads
+//!    and writes f32; integer and bool values (masks, ids) stay host tensors. Buffers persist
+//!    between runs and only grow, so a decode loop at steady state does not allocate them.
+//!
+//! The reference executor ([`crate::reference`]) defines what every graph means; this backend
+//! must agree with it within the kernels' documented tolerances (tests in `tests/`).
+
+mod exec;
+mod plan;
+mod slots;
+mod weights;
+
+pub use exec::CpuGraph;
+pub use plan::{Plan, Step};
+pub use weights::Weights;

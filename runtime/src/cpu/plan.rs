@@ -1,0 +1,228 @@
+//! Kernel selection: one [`Step`] per graph node, chosen from the node's op, its operands'
+//! producers and dtypes, before any data is seen. A step whose operands turn out not to fit its
+//! kernel at run time (say, an f16 input where the kernel reads f32) runs the reference op
+//! instead, so selection affects speed, never results beyond kernel tolerances.
+
+use kiln_ir::{DType, Graph, Node, Op, ValueId};
+use std::fmt;
+
+/// How one node is computed.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Step {
+    /// An input or parameter, bound by name at run time.
+    Source,
+    /// Not computed: unused, or folded into its consumers (a weight's cast).
+    Skip,
+    /// The same f32 elements as operand 0 under the node's shape: a reshape, or a cast to a
+    /// wider float of a value already stored widened.
+    Alias,
+    /// Rounds operand 0 to a narrower float dtype (stored widened).
+    Round(DType),
+    /// `x · Wᵀ` (or `x · W` with `transposed: false`) with `W` a 2-D weight parameter,
+    /// prepared once at load ([`crate::cpu::Weights`]).
+    Linear {
+        /// The weight parameter.
+        weight: String,
+        /// `W` is stored `[n, k]` (the matmul's `transpose_b`).
+        transposed: bool,
+    },
+    /// A batched product of two activations.
+    MatMul {
+        /// The IR's `transpose_a`.
+        ta: bool,
+        /// The IR's `transpose_b`.
+        tb: bool,
+    },
+    /// `rmsnorm` over the last axis.
+    RmsNorm {
+        /// Added to the mean square.
+        eps: f64,
+    },
+    /// `softmax` over the last axis.
+    Softmax,
+    /// Embedding lookup: rows of a 2-D f32 table by integer ids.
+    Embedding,
+    /// The reference executor's op on this node alone.
+    Reference,
+}
+
+impl Step {
+    /// Whether the node's value lives in a buffer of its own (a float value computed here).
+    pub fn owns_buffer(&self, node: &Node) -> bool {
+        match self {
+            Step::Source | Step::Skip | Step::Alias => false,
+            Step::Reference => node.ty.dtype.is_float(),
+            _ => true,
+        }
+    }
+
+    /// The operands read as values (a linear layer's weight is read prepared, not as a value).
+    pub fn value_operands<'n>(&self, node: &'n Node) -> &'n [ValueId] {
+        match self {
+            Step::Source => &[],
+            Step::Linear { .. } => &node.inputs[..1],
+            _ => &node.inputs,
+        }
+    }
+
+    fn name(&self) -> String {
+        match self {
+            Step::Source => "source".into(),
+            Step::Skip => "skip".into(),
+            Step::Alias => "alias".into(),
+            Step::Round(d) => format!("round {d}"),
+            Step::Linear { weight, .. } => format!("linear {weight}"),
+            Step::MatMul { .. } => "matmul".into(),
+            Step::RmsNorm { .. } => "rmsnorm".into(),
+            Step::Softmax => "softmax".into(),
+            Step::Embedding => "embedding".into(),
+            Step::Reference => "reference".into(),
+        }
+    }
+}
+
+/// The steps of one graph, in node order.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// One step per node.
+    pub steps: Vec<Step>,
+}
+
+impl Plan {
+    /// Selects a step for every node of `graph` (which must be verified), then marks the nodes
+    /// no output depends on through a value operand as [`Step::Skip`].
+    pub fn new(graph: &Graph) -> Plan {
+        let nodes = graph.nodes();
+        let mut steps: Vec<Step> = nodes.iter().map(|n| select(graph, n)).collect();
+        // Liveness: an output, or a value operand of a needed node.
+        let mut needed = vec![false; nodes.len()];
+        for out in graph.outputs() {
+            needed[out.value.index()] = true;
+        }
+        for i in (0..nodes.len()).rev() {
+            if needed[i] {
+                for v in steps[i].value_operands(&nodes[i]) {
+                    needed[v.index()] = true;
+                }
+            }
+        }
+        for (i, step) in steps.iter_mut().enumerate() {
+            if !needed[i] && *step != Step::Source {
+                *step = Step::Skip;
+            }
+        }
+        Plan { steps }
+    }
+
+    /// How many nodes each kind of step computes, e.g. `linear×7 rmsnorm×3`.
+    pub fn summary(&self) -> String {
+        let mut counts = std::collections::BTreeMap::<String, usize>::new();
+        for s in &self.steps {
+            if !matches!(s, Step::Source | Step::Skip) {
+                let name = s.name();
+                let kind = name.split(' ').next().unwrap_or_default().to_string();
+                *counts.entry(kind).or_default() += 1;
+            }
+        }
+        let parts: Vec<String> = counts.iter().map(|(k, n)| format!("{k}×{n}")).collect();
+        parts.join(" ")
+    }
+}
+
+impl fmt::Display for Plan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, s) in self.steps.iter().enumerate() {
+            if !matches!(s, Step::Source | Step::Skip) {
+                writeln!(f, "%{i}: {}", s.name())?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The step for one node.
+fn select(graph: &Graph, node: &Node) -> Step {
+    let operand = |i: usize| node.inputs.get(i).and_then(|v| graph.node(*v));
+    let dtype = node.ty.dtype;
+    let last_axis = node.ty.rank().checked_sub(1);
+    match &node.op {
+        Op::Input { .. } | Op::Param { .. } => Step::Source,
+        Op::Reshape { .. } if produces_buffer(graph, node.inputs[0]) => Step::Alias,
+        Op::Cast { to } if to.is_float() => match operand(0) {
+            Some(_) if produces_buffer(graph, node.inputs[0]) => {
+                if *to == DType::F32 {
+                    Step::Alias
+                } else {
+                    Step::Round(*to)
+                }
+            }
+            _ => Step::Reference,
+        },
+        Op::MatMul {
+            transpose_a: false,
+            transpose_b,
+        } if dtype == DType::F32 => match operand(1).and_then(|w| weight_param(graph, w)) {
+            Some(weight) => Step::Linear {
+                weight,
+                transposed: *transpose_b,
+            },
+            None => Step::MatMul {
+                ta: false,
+                tb: *transpose_b,
+            },
+        },
+        Op::MatMul {
+            transpose_a,
+            transpose_b,
+        } if dtype == DType::F32 => Step::MatMul {
+            ta: *transpose_a,
+            tb: *transpose_b,
+        },
+        Op::RmsNorm { eps } if dtype == DType::F32 => Step::RmsNorm { eps: eps.0 },
+        Op::Softmax { axis } if dtype == DType::F32 && Some(*axis) == last_axis => Step::Softmax,
+        Op::Gather { axis: 0 }
+            if dtype == DType::F32
+                && operand(0).is_some_and(|d| d.ty.rank() == 2 && is_param(d)) =>
+        {
+            Step::Embedding
+        }
+        _ => Step::Reference,
+    }
+}
+
+/// Whether `v`'s step stores it in an f32 buffer (any computed float value).
+fn produces_buffer(graph: &Graph, v: ValueId) -> bool {
+    graph.node(v).is_some_and(|n| {
+        n.ty.dtype.is_float() && !matches!(n.op, Op::Input { .. } | Op::Param { .. })
+    })
+}
+
+fn is_param(n: &Node) -> bool {
+    matches!(n.op, Op::Param { .. })
+}
+
+/// The parameter behind a matmul's right operand if it is a 2-D weight: an f32 parameter, or
+/// a bf16 / f16 / fp8 one cast to f32 (precision lowering's form).
+fn weight_param(graph: &Graph, w: &Node) -> Option<String> {
+    if w.ty.rank() != 2 {
+        return None;
+    }
+    match &w.op {
+        Op::Param { name } if w.ty.dtype == DType::F32 => Some(name.clone()),
+        Op::Cast { to: DType::F32 } => {
+            let p = graph.node(*w.inputs.first()?)?;
+            match &p.op {
+                Op::Param { name }
+                    if matches!(
+                        p.ty.dtype,
+                        DType::BF16 | DType::F16 | DType::F8E4M3 | DType::F8E5M2
+                    ) =>
+                {
+                    Some(name.clone())
+                }
+                _ => None,
+            }
+        }
+        _ => None,
+    }
+}

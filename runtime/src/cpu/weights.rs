@@ -1,0 +1,83 @@
+//! Weights converted and packed once at load for the linear-layer kernels: a bf16, f16 or fp8
+//! weight becomes a bf16 panel-packed matrix ([`PackedBf16`], exact for bf16 and e4m3, rounded
+//! for f16 and e5m2 as a cast to bf16 would — precision lowering only emits bf16 and e4m3
+//! weights here); f32 weights are read in place from the parameters, with no copy.
+
+use super::plan::{Plan, Step};
+use crate::reference::ParamSource;
+use crate::{Storage, Tensor};
+use half::bf16;
+use kiln_ir::DType;
+use kiln_kernels::gemm_bf16::PackedBf16;
+use std::collections::HashMap;
+
+/// Prepared weights of one or more plans over the same parameters, by parameter name and
+/// storage orientation.
+#[derive(Debug, Default)]
+pub struct Weights {
+    packed: HashMap<(String, bool), PackedBf16>,
+}
+
+impl Weights {
+    /// Packs every narrow weight a linear step of `plans` reads (once, however many plans and
+    /// steps read it). A weight that is missing or cannot be packed is left out; the step then
+    /// finds no prepared weight and runs the reference op, which reports the problem.
+    pub fn prepare(plans: &[&Plan], params: &dyn ParamSource) -> Weights {
+        let mut packed = HashMap::new();
+        for plan in plans {
+            for step in &plan.steps {
+                let Step::Linear { weight, transposed } = step else {
+                    continue;
+                };
+                let key = (weight.clone(), *transposed);
+                if packed.contains_key(&key) {
+                    continue;
+                }
+                if let Some(p) = params.get(weight).and_then(|t| pack(t, *transposed)) {
+                    packed.insert(key, p);
+                }
+            }
+        }
+        Weights { packed }
+    }
+
+    /// The packed form of `weight` stored with orientation `transposed`, if prepared.
+    pub fn packed(&self, weight: &str, transposed: bool) -> Option<&PackedBf16> {
+        self.packed.get(&(weight.to_string(), transposed))
+    }
+
+    /// Bytes held by the packed weights.
+    pub fn bytes(&self) -> usize {
+        self.packed.values().map(PackedBf16::bytes).sum()
+    }
+}
+
+/// `t` (2-D, narrow float) as a bf16 matrix `[n, k]` packed for `matmul_bf16`; `transposed`
+/// says `t` is stored `[n, k]` already, else `[k, n]`.
+fn pack(t: &Tensor, transposed: bool) -> Option<PackedBf16> {
+    let &[rows, cols] = t.shape() else {
+        return None;
+    };
+    let values: Vec<bf16> = match t.storage() {
+        Storage::BF16(v) => v.clone(),
+        Storage::F16(_) | Storage::F8E4M3(_) | Storage::F8E5M2(_) => {
+            match t.cast(DType::BF16).storage() {
+                Storage::BF16(v) => v.clone(),
+                _ => return None,
+            }
+        }
+        _ => return None,
+    };
+    let (n, k, w) = if transposed {
+        (rows, cols, values)
+    } else {
+        let mut w = vec![bf16::ZERO; rows * cols];
+        for r in 0..rows {
+            for c in 0..cols {
+                w[c * rows + r] = values[r * cols + c];
+            }
+        }
+        (cols, rows, w)
+    };
+    PackedBf16::pack(n, k, &w).ok()
+}
