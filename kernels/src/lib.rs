@@ -15,6 +15,7 @@
 //! fallback, so the crate runs on any CPU; `unsafe` is confined to the SIMD paths, each block
 //! with a `// SAFETY:` comment. Parallel kernels use rayon's global pool ([`threads`]).
 
+pub mod attention;
 pub mod convert;
 pub mod elementwise;
 pub mod gemm;

@@ -3,7 +3,7 @@
 //! when there are enough elements. The loops are plain Rust compiled three times (AVX-512,
 //! AVX2 + FMA, portable) and picked at run time; LLVM vectorizes them.
 
-use crate::simd::{exp, hsum, madd, Isa, LANES};
+use crate::simd::{exp, hsum, madd, vector_level, Isa, LANES};
 use crate::KernelError;
 use rayon::prelude::*;
 
@@ -42,14 +42,6 @@ fn for_rows(cols: usize, x: &[f32], y: &mut [f32], row: impl Fn(&[f32], &mut [f3
     }
 }
 
-/// The highest available level at or below `isa` among those these kernels are compiled for.
-fn level(isa: Isa) -> Isa {
-    [Isa::Avx512, Isa::Avx2]
-        .into_iter()
-        .find(|i| *i <= isa && i.available())
-        .unwrap_or(Isa::Portable)
-}
-
 /// Compiles `$body::<true>` for AVX-512 and AVX2 + FMA and `$body::<false>` portably, and
 /// dispatches on `$isa`.
 macro_rules! dispatch_row {
@@ -64,7 +56,7 @@ macro_rules! dispatch_row {
         fn f256(x: &[f32], y: &mut [f32], a: f64, w: &[f32]) {
             $body::<true>(x, y, a, w)
         }
-        let lvl = level($isa);
+        let lvl = vector_level($isa);
         let (a, w) = ($a, $w);
         move |x: &[f32], y: &mut [f32]| match lvl {
             #[cfg(target_arch = "x86_64")]

@@ -13,35 +13,10 @@ use kiln_ir::{DType, Op, F64};
 use kiln_kernels::gemm::{matmul_f32, matmul_f32_batched, BatchStrides, Gemm, MatLayout};
 use kiln_kernels::gemm_bf16::{matmul_bf16_with, PackedBf16};
 use kiln_kernels::{elementwise, gemv, rowwise, Isa, KernelError};
-use kiln_runtime::reference::{run, NoParams};
 use kiln_runtime::{Storage, Tensor};
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
-use std::collections::HashMap;
+mod common;
 
-fn rng(seed: u64) -> ChaCha8Rng {
-    ChaCha8Rng::seed_from_u64(seed)
-}
-
-fn random(r: &mut ChaCha8Rng, n: usize, lo: f32, hi: f32) -> Vec<f32> {
-    (0..n).map(|_| r.random_range(lo..hi)).collect()
-}
-
-fn f32t(shape: &[usize], v: &[f32]) -> Tensor {
-    Tensor::from_f32(shape.to_vec(), v.to_vec()).unwrap()
-}
-
-/// Runs a finished graph on named f32/bf16 inputs; returns output "y" as f32.
-fn eval(t: &Tracer, inputs: Vec<(&str, Tensor)>) -> Vec<f32> {
-    let g = t.finish().unwrap();
-    let inputs: HashMap<String, Tensor> = inputs.into_iter().map(|(k, v)| (k.into(), v)).collect();
-    let out = run(&g, &inputs, &NoParams).unwrap();
-    out["y"].as_f32().unwrap().to_vec()
-}
-
-fn isas() -> Vec<Isa> {
-    Isa::ALL.into_iter().filter(|i| i.available()).collect()
-}
+use common::{assert_rel, eval, f32t, isas, random, rng};
 
 /// Reference product of op(A)[m×k]·op(B)[k×n] (dense, stored as the flags say) and the bound
 /// Σ|a||b| per element.
@@ -81,15 +56,6 @@ fn assert_products(what: &str, got: &[f32], want: &[f32], bound: &[f64]) {
             d <= 1e-5 * b + 1e-30,
             "{what}: element {i}: got {g}, want {w} (bound {b})"
         );
-    }
-}
-
-fn assert_rel(what: &str, got: &[f32], want: &[f32]) {
-    assert_eq!(got.len(), want.len(), "{what}");
-    for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        let d = (f64::from(*g) - f64::from(*w)).abs();
-        let ok = d <= 1e-5 * f64::from(*w).abs() + 1e-30 || (g.is_nan() && w.is_nan());
-        assert!(ok, "{what}: element {i}: got {g}, want {w}");
     }
 }
 
