@@ -137,7 +137,9 @@ pub fn attention_f32_with(
     let group = if s.kv_heads == 0 {
         (s.q_heads == 0).then_some(1)
     } else {
-        s.q_heads.is_multiple_of(s.kv_heads).then_some(s.q_heads / s.kv_heads)
+        s.q_heads
+            .is_multiple_of(s.kv_heads)
+            .then_some(s.q_heads / s.kv_heads)
     };
     let group = group.ok_or_else(|| {
         KernelError::Layout(format!(

@@ -18,6 +18,7 @@
 pub mod attention;
 pub mod convert;
 pub mod elementwise;
+pub mod fused;
 pub mod gemm;
 pub mod gemm_bf16;
 pub mod gemv;
