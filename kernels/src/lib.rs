@@ -22,6 +22,7 @@ pub mod fused;
 pub mod gemm;
 pub mod gemm_bf16;
 pub mod gemv;
+pub mod layout;
 pub mod peak;
 pub mod rowwise;
 mod simd;
