@@ -5,7 +5,9 @@
 //! Tolerances: products (GEMM, GEMV) |got − want| ≤ 1e-5 · Σ_p |a_ip|·|b_pj| (f32 accumulation
 //! against the reference's f64); the bf16 GEMV is compared with the graph
 //! `cast(cast(x, bf16), f32) · cast(W, f32)ᵀ`, i.e. x rounded to bf16 as the kernel documents.
-//! rmsnorm, softmax, silu·mul: |got − want| ≤ 1e-5 · |want| + 1e-30 (a few f32 ulp).
+//! rmsnorm, softmax, silu·mul: |got − want| ≤ 1e-5 · |want| + 1e-30 (a few f32 ulp); layernorm
+//! (where cancellation near zero outputs makes relative bounds meaningless):
+//! |got − want| ≤ 1e-5 · (|want − bias| + |bias| + |weight|).
 
 use half::bf16;
 use kiln_ir::trace::Tracer;
@@ -305,6 +307,54 @@ fn rmsnorm_matches_reference() {
             );
         }
     }
+}
+
+#[test]
+fn layernorm_matches_reference() {
+    let mut r = rng(16);
+    for &(rows, cols) in ROW_SHAPES {
+        // An offset mean, so the two-pass variance matters.
+        let x = random(&mut r, rows * cols, 7.0, 13.0);
+        let g = random(&mut r, cols, -1.5, 1.5);
+        let b = random(&mut r, cols, -1.0, 1.0);
+        let eps = 1e-5;
+        let t = Tracer::new();
+        let xi = t.input("x", DType::F32, [rows, cols]);
+        let wi = t.input("w", DType::F32, [cols]);
+        let bi = t.input("b", DType::F32, [cols]);
+        let y = t
+            .apply(Op::LayerNorm { eps: F64(eps) }, &[&xi, &wi, &bi])
+            .unwrap();
+        t.output("y", &y);
+        let want = eval(
+            &t,
+            vec![
+                ("x", f32t(&[rows, cols], &x)),
+                ("w", f32t(&[cols], &g)),
+                ("b", f32t(&[cols], &b)),
+            ],
+        );
+        for isa in isas() {
+            let mut y = vec![f32::NAN; rows * cols];
+            rowwise::layernorm_with(isa, rows, cols, &x, &g, &b, eps, &mut y).unwrap();
+            for (i, (got, w)) in y.iter().zip(&want).enumerate() {
+                // |weight · normalized| is |want − bias|; the offset mean's rounding adds
+                // a few ulp of |weight|.
+                let j = i % cols;
+                let (w64, g64, b64) = (f64::from(*w), f64::from(g[j]), f64::from(b[j]));
+                let bound = 1e-5 * ((w64 - b64).abs() + b64.abs() + g64.abs());
+                assert!(
+                    (f64::from(*got) - f64::from(*w)).abs() <= bound,
+                    "layernorm {rows}x{cols} at {}: element {i}: got {got}, want {w}",
+                    isa.name()
+                );
+            }
+        }
+    }
+    assert!(matches!(
+        rowwise::layernorm(2, 3, &[0.0; 6], &[1.0; 3], &[0.0; 2], 1e-5, &mut [0.0; 6]),
+        Err(KernelError::Layout(_))
+    ));
 }
 
 #[test]
