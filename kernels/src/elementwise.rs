@@ -1,7 +1,7 @@
 //! Fused elementwise kernels over f32 slices, split over [`crate::threads`] threads when large.
 //! The loops are plain Rust compiled for AVX-512, AVX2 + FMA and portably, picked at run time.
 
-use crate::simd::{exp, Isa};
+use crate::simd::{exp, vector_level, Isa};
 use crate::KernelError;
 use rayon::prelude::*;
 
@@ -24,10 +24,7 @@ pub fn silu_mul_with(isa: Isa, a: &[f32], b: &[f32], y: &mut [f32]) -> Result<()
             y.len()
         )));
     }
-    let level = [Isa::Avx512, Isa::Avx2]
-        .into_iter()
-        .find(|i| *i <= isa && i.available())
-        .unwrap_or(Isa::Portable);
+    let level = vector_level(isa);
     let f = |a: &[f32], b: &[f32], y: &mut [f32]| match level {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 | Isa::Avx512Bf16 => {

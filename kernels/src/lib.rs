@@ -15,11 +15,14 @@
 //! fallback, so the crate runs on any CPU; `unsafe` is confined to the SIMD paths, each block
 //! with a `// SAFETY:` comment. Parallel kernels use rayon's global pool ([`threads`]).
 
+pub mod attention;
 pub mod convert;
 pub mod elementwise;
+pub mod fused;
 pub mod gemm;
 pub mod gemm_bf16;
 pub mod gemv;
+pub mod layout;
 pub mod peak;
 pub mod rowwise;
 mod simd;

@@ -1,9 +1,10 @@
-//! Row-wise kernels over the last axis of a row-major f32 tensor: [`rmsnorm`] and [`softmax`].
+//! Row-wise kernels over the last axis of a row-major f32 tensor: [`rmsnorm`], [`layernorm`]
+//! and [`softmax`].
 //! `x` and `y` hold `rows × cols` elements; rows are spread over [`crate::threads`] threads
 //! when there are enough elements. The loops are plain Rust compiled three times (AVX-512,
 //! AVX2 + FMA, portable) and picked at run time; LLVM vectorizes them.
 
-use crate::simd::{exp, hsum, madd, Isa, LANES};
+use crate::simd::{exp, hsum, madd, vector_level, Isa, LANES};
 use crate::KernelError;
 use rayon::prelude::*;
 
@@ -42,43 +43,35 @@ fn for_rows(cols: usize, x: &[f32], y: &mut [f32], row: impl Fn(&[f32], &mut [f3
     }
 }
 
-/// The highest available level at or below `isa` among those these kernels are compiled for.
-fn level(isa: Isa) -> Isa {
-    [Isa::Avx512, Isa::Avx2]
-        .into_iter()
-        .find(|i| *i <= isa && i.available())
-        .unwrap_or(Isa::Portable)
-}
-
 /// Compiles `$body::<true>` for AVX-512 and AVX2 + FMA and `$body::<false>` portably, and
 /// dispatches on `$isa`.
 macro_rules! dispatch_row {
-    ($isa:expr, $body:ident, $a:expr, $w:expr) => {{
+    ($isa:expr, $body:ident, $a:expr, $w:expr, $b:expr) => {{
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-        fn f512(x: &[f32], y: &mut [f32], a: f64, w: &[f32]) {
-            $body::<true>(x, y, a, w)
+        fn f512(x: &[f32], y: &mut [f32], a: f64, w: &[f32], b: &[f32]) {
+            $body::<true>(x, y, a, w, b)
         }
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx2,fma")]
-        fn f256(x: &[f32], y: &mut [f32], a: f64, w: &[f32]) {
-            $body::<true>(x, y, a, w)
+        fn f256(x: &[f32], y: &mut [f32], a: f64, w: &[f32], b: &[f32]) {
+            $body::<true>(x, y, a, w, b)
         }
-        let lvl = level($isa);
-        let (a, w) = ($a, $w);
+        let lvl = vector_level($isa);
+        let (a, w, b) = ($a, $w, $b);
         move |x: &[f32], y: &mut [f32]| match lvl {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 | Isa::Avx512Bf16 => {
                 // SAFETY: `level` returned an available level, so AVX-512 F/BW/VL, AVX2 and
                 // FMA are present.
-                unsafe { f512(x, y, a, w) }
+                unsafe { f512(x, y, a, w, b) }
             }
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => {
                 // SAFETY: `level` returned an available level, so AVX2 and FMA are present.
-                unsafe { f256(x, y, a, w) }
+                unsafe { f256(x, y, a, w, b) }
             }
-            _ => $body::<false>(x, y, a, w),
+            _ => $body::<false>(x, y, a, w, b),
         }
     }};
 }
@@ -110,13 +103,13 @@ pub fn rmsnorm_with(
 ) -> Result<(), KernelError> {
     check("rmsnorm", rows, cols, &[x.len(), y.len()])?;
     check("rmsnorm weight", 1, cols, &[weight.len()])?;
-    let row = dispatch_row!(isa, rmsnorm_row, eps, weight);
+    let row = dispatch_row!(isa, rmsnorm_row, eps, weight, &[]);
     for_rows(cols, x, y, row);
     Ok(())
 }
 
 #[inline(always)]
-fn rmsnorm_row<const FMA: bool>(x: &[f32], y: &mut [f32], eps: f64, w: &[f32]) {
+fn rmsnorm_row<const FMA: bool>(x: &[f32], y: &mut [f32], eps: f64, w: &[f32], _: &[f32]) {
     let mut acc = [0.0f32; LANES];
     let mut cx = x.chunks_exact(LANES);
     for c in &mut cx {
@@ -129,6 +122,75 @@ fn rmsnorm_row<const FMA: bool>(x: &[f32], y: &mut [f32], eps: f64, w: &[f32]) {
     let scale = (1.0 / (ss / x.len() as f64 + eps).sqrt()) as f32;
     for ((o, v), g) in y.iter_mut().zip(x).zip(w) {
         *o = v * scale * g;
+    }
+}
+
+/// `y = (x - mean) / sqrt(var + eps) · weight + bias` over each row of `cols` (the IR's
+/// `layernorm`, biased variance), at the best [`Isa`]. The mean and the sum of squared
+/// deviations are accumulated in f32 lanes (two passes over the row); the scale
+/// `1 / sqrt(var + eps)` is computed in f64.
+#[allow(clippy::too_many_arguments)]
+pub fn layernorm(
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    weight: &[f32],
+    bias: &[f32],
+    eps: f64,
+    y: &mut [f32],
+) -> Result<(), KernelError> {
+    layernorm_with(Isa::best(), rows, cols, x, weight, bias, eps, y)
+}
+
+/// As [`layernorm`] at instruction-set level `isa`.
+#[allow(clippy::too_many_arguments)]
+pub fn layernorm_with(
+    isa: Isa,
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    weight: &[f32],
+    bias: &[f32],
+    eps: f64,
+    y: &mut [f32],
+) -> Result<(), KernelError> {
+    check("layernorm", rows, cols, &[x.len(), y.len()])?;
+    check(
+        "layernorm weight and bias",
+        1,
+        cols,
+        &[weight.len(), bias.len()],
+    )?;
+    let row = dispatch_row!(isa, layernorm_row, eps, weight, bias);
+    for_rows(cols, x, y, row);
+    Ok(())
+}
+
+#[inline(always)]
+fn layernorm_row<const FMA: bool>(x: &[f32], y: &mut [f32], eps: f64, w: &[f32], b: &[f32]) {
+    let n = x.len() as f64;
+    let mut acc = [0.0f32; LANES];
+    let mut cx = x.chunks_exact(LANES);
+    for c in &mut cx {
+        for l in 0..LANES {
+            acc[l] += c[l];
+        }
+    }
+    let tail: f32 = cx.remainder().iter().sum();
+    let mean = (f64::from(hsum(&acc) + tail) / n) as f32;
+    let mut acc = [0.0f32; LANES];
+    let mut cx = x.chunks_exact(LANES);
+    for c in &mut cx {
+        for l in 0..LANES {
+            let d = c[l] - mean;
+            acc[l] = madd::<FMA>(d, d, acc[l]);
+        }
+    }
+    let tail: f32 = cx.remainder().iter().map(|v| (v - mean) * (v - mean)).sum();
+    let var = f64::from(hsum(&acc) + tail) / n;
+    let scale = (1.0 / (var + eps).sqrt()) as f32;
+    for (((o, v), g), c) in y.iter_mut().zip(x).zip(w).zip(b) {
+        *o = madd::<FMA>((v - mean) * scale, *g, *c);
     }
 }
 
@@ -148,13 +210,13 @@ pub fn softmax_with(
     y: &mut [f32],
 ) -> Result<(), KernelError> {
     check("softmax", rows, cols, &[x.len(), y.len()])?;
-    let row = dispatch_row!(isa, softmax_row, 0.0, &[]);
+    let row = dispatch_row!(isa, softmax_row, 0.0, &[], &[]);
     for_rows(cols, x, y, row);
     Ok(())
 }
 
 #[inline(always)]
-fn softmax_row<const FMA: bool>(x: &[f32], y: &mut [f32], _: f64, _: &[f32]) {
+fn softmax_row<const FMA: bool>(x: &[f32], y: &mut [f32], _: f64, _: &[f32], _: &[f32]) {
     let mut mx = [f32::NEG_INFINITY; LANES];
     let mut cx = x.chunks_exact(LANES);
     for c in &mut cx {

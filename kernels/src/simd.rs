@@ -94,6 +94,15 @@ impl Isa {
     }
 }
 
+/// The highest level at or below `isa` among those the plain-Rust kernels are compiled for
+/// (AVX-512, AVX2 + FMA, portable) that this CPU has.
+pub(crate) fn vector_level(isa: Isa) -> Isa {
+    [Isa::Avx512, Isa::Avx2]
+        .into_iter()
+        .find(|i| *i <= isa && i.available())
+        .unwrap_or(Isa::Portable)
+}
+
 /// `a · b + c`, fused when `FMA` (only instantiate `FMA = true` inside functions compiled with
 /// the `fma` target feature, where it is one instruction; elsewhere it would be a libm call).
 #[inline(always)]

@@ -5,7 +5,9 @@
 //! Tolerances: products (GEMM, GEMV) |got − want| ≤ 1e-5 · Σ_p |a_ip|·|b_pj| (f32 accumulation
 //! against the reference's f64); the bf16 GEMV is compared with the graph
 //! `cast(cast(x, bf16), f32) · cast(W, f32)ᵀ`, i.e. x rounded to bf16 as the kernel documents.
-//! rmsnorm, softmax, silu·mul: |got − want| ≤ 1e-5 · |want| + 1e-30 (a few f32 ulp).
+//! rmsnorm, softmax, silu·mul: |got − want| ≤ 1e-5 · |want| + 1e-30 (a few f32 ulp); layernorm
+//! (where cancellation near zero outputs makes relative bounds meaningless):
+//! |got − want| ≤ 1e-5 · (|want − bias| + |bias| + |weight|).
 
 use half::bf16;
 use kiln_ir::trace::Tracer;
@@ -13,35 +15,10 @@ use kiln_ir::{DType, Op, F64};
 use kiln_kernels::gemm::{matmul_f32, matmul_f32_batched, BatchStrides, Gemm, MatLayout};
 use kiln_kernels::gemm_bf16::{matmul_bf16_with, PackedBf16};
 use kiln_kernels::{elementwise, gemv, rowwise, Isa, KernelError};
-use kiln_runtime::reference::{run, NoParams};
 use kiln_runtime::{Storage, Tensor};
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
-use std::collections::HashMap;
+mod common;
 
-fn rng(seed: u64) -> ChaCha8Rng {
-    ChaCha8Rng::seed_from_u64(seed)
-}
-
-fn random(r: &mut ChaCha8Rng, n: usize, lo: f32, hi: f32) -> Vec<f32> {
-    (0..n).map(|_| r.random_range(lo..hi)).collect()
-}
-
-fn f32t(shape: &[usize], v: &[f32]) -> Tensor {
-    Tensor::from_f32(shape.to_vec(), v.to_vec()).unwrap()
-}
-
-/// Runs a finished graph on named f32/bf16 inputs; returns output "y" as f32.
-fn eval(t: &Tracer, inputs: Vec<(&str, Tensor)>) -> Vec<f32> {
-    let g = t.finish().unwrap();
-    let inputs: HashMap<String, Tensor> = inputs.into_iter().map(|(k, v)| (k.into(), v)).collect();
-    let out = run(&g, &inputs, &NoParams).unwrap();
-    out["y"].as_f32().unwrap().to_vec()
-}
-
-fn isas() -> Vec<Isa> {
-    Isa::ALL.into_iter().filter(|i| i.available()).collect()
-}
+use common::{assert_rel, eval, f32t, isas, random, rng};
 
 /// Reference product of op(A)[m×k]·op(B)[k×n] (dense, stored as the flags say) and the bound
 /// Σ|a||b| per element.
@@ -81,15 +58,6 @@ fn assert_products(what: &str, got: &[f32], want: &[f32], bound: &[f64]) {
             d <= 1e-5 * b + 1e-30,
             "{what}: element {i}: got {g}, want {w} (bound {b})"
         );
-    }
-}
-
-fn assert_rel(what: &str, got: &[f32], want: &[f32]) {
-    assert_eq!(got.len(), want.len(), "{what}");
-    for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        let d = (f64::from(*g) - f64::from(*w)).abs();
-        let ok = d <= 1e-5 * f64::from(*w).abs() + 1e-30 || (g.is_nan() && w.is_nan());
-        assert!(ok, "{what}: element {i}: got {g}, want {w}");
     }
 }
 
@@ -339,6 +307,54 @@ fn rmsnorm_matches_reference() {
             );
         }
     }
+}
+
+#[test]
+fn layernorm_matches_reference() {
+    let mut r = rng(16);
+    for &(rows, cols) in ROW_SHAPES {
+        // An offset mean, so the two-pass variance matters.
+        let x = random(&mut r, rows * cols, 7.0, 13.0);
+        let g = random(&mut r, cols, -1.5, 1.5);
+        let b = random(&mut r, cols, -1.0, 1.0);
+        let eps = 1e-5;
+        let t = Tracer::new();
+        let xi = t.input("x", DType::F32, [rows, cols]);
+        let wi = t.input("w", DType::F32, [cols]);
+        let bi = t.input("b", DType::F32, [cols]);
+        let y = t
+            .apply(Op::LayerNorm { eps: F64(eps) }, &[&xi, &wi, &bi])
+            .unwrap();
+        t.output("y", &y);
+        let want = eval(
+            &t,
+            vec![
+                ("x", f32t(&[rows, cols], &x)),
+                ("w", f32t(&[cols], &g)),
+                ("b", f32t(&[cols], &b)),
+            ],
+        );
+        for isa in isas() {
+            let mut y = vec![f32::NAN; rows * cols];
+            rowwise::layernorm_with(isa, rows, cols, &x, &g, &b, eps, &mut y).unwrap();
+            for (i, (got, w)) in y.iter().zip(&want).enumerate() {
+                // |weight · normalized| is |want − bias|; the offset mean's rounding adds
+                // a few ulp of |weight|.
+                let j = i % cols;
+                let (w64, g64, b64) = (f64::from(*w), f64::from(g[j]), f64::from(b[j]));
+                let bound = 1e-5 * ((w64 - b64).abs() + b64.abs() + g64.abs());
+                assert!(
+                    (f64::from(*got) - f64::from(*w)).abs() <= bound,
+                    "layernorm {rows}x{cols} at {}: element {i}: got {got}, want {w}",
+                    isa.name()
+                );
+            }
+        }
+    }
+    assert!(matches!(
+        rowwise::layernorm(2, 3, &[0.0; 6], &[1.0; 3], &[0.0; 2], 1e-5, &mut [0.0; 6]),
+        Err(KernelError::Layout(_))
+    ));
 }
 
 #[test]

@@ -1,0 +1,509 @@
+//! Flash attention in f32: the IR's `attention` op ([`kiln_ir::Op::Attention`]) without
+//! materializing the score matrix or repeated key/value heads.
+//!
+//! Each query row walks its visible keys in blocks of [`KEY_BLOCK`] with an online softmax
+//! (running maximum `m`, running sum `l`, accumulator `acc[dv]` rescaled by `exp(m_old - m_new)`
+//! when the maximum grows, as FlashAttention-2). Prefill spreads the query rows over
+//! [`crate::threads`] threads; decode (few rows, long key range) splits each row's key range
+//! into parts computed in parallel and merges their `(m, l, acc)` (flash-decoding). Operands
+//! are strided views so the caller can pass permuted layouts (e.g. write the output as
+//! `[b, s, h, d]`); the loops are plain Rust compiled for AVX-512, AVX2 + FMA and portably and
+//! picked at run time.
+//!
+//! Semantics as the op: query head `h` reads key/value head `h / (q_heads / kv_heads)`; query
+//! `i` sits at position `kv_len - q_len + i`; with `causal` it sees keys `j <= pos`, with
+//! `window = w > 0` only keys `j > pos - w`; a query with no visible key gives zeros, one whose
+//! visible scores are all `-inf` gives NaN (0/0, as softmax), and a NaN score makes the row NaN.
+//! One difference from the reference in a degenerate case: a NaN in a value row whose key has
+//! probability 0 and lies in a block where every score so far is `-inf` does not reach the
+//! output (the reference multiplies it by 0 and gets NaN).
+
+use crate::simd::{dot, exp, vector_level, Isa};
+use crate::KernelError;
+use rayon::prelude::*;
+
+/// Keys scored per step of the online softmax.
+const KEY_BLOCK: usize = 64;
+/// Decode splits a row's key range into parts of at least this many keys.
+const MIN_SPLIT_KEYS: usize = 256;
+/// Work (query rows × visible keys × head dims) below which everything runs on one thread.
+const PARALLEL_MIN_WORK: usize = 1 << 16;
+
+/// Element strides of a 4-D operand `[batch, heads, seq, dim]`; the last axis is contiguous
+/// (stride 1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Strides4 {
+    /// Between batches.
+    pub batch: usize,
+    /// Between heads.
+    pub head: usize,
+    /// Between positions.
+    pub seq: usize,
+}
+
+impl Strides4 {
+    /// The strides of a dense row-major `[batch, heads, seq, dim]` tensor.
+    pub fn dense(heads: usize, seq: usize, dim: usize) -> Strides4 {
+        Strides4 {
+            batch: heads * seq * dim,
+            head: seq * dim,
+            seq: dim,
+        }
+    }
+
+    fn offset(&self, b: usize, h: usize, s: usize) -> usize {
+        b * self.batch + h * self.head + s * self.seq
+    }
+}
+
+/// The sizes of an attention call.
+#[derive(Debug, Clone, Copy)]
+pub struct AttnShape {
+    /// Batch size.
+    pub batch: usize,
+    /// Query heads (a multiple of `kv_heads`).
+    pub q_heads: usize,
+    /// Key/value heads.
+    pub kv_heads: usize,
+    /// Queries per head.
+    pub q_len: usize,
+    /// Keys per head.
+    pub kv_len: usize,
+    /// Query/key head dimension.
+    pub head_dim: usize,
+    /// Value head dimension.
+    pub v_dim: usize,
+}
+
+/// The op's attributes.
+#[derive(Debug, Clone, Copy)]
+pub struct AttnOptions {
+    /// Multiplies `q·k`.
+    pub scale: f32,
+    /// Hide keys after the query's position.
+    pub causal: bool,
+    /// Sliding window: with `w > 0`, hide keys at or before `pos - w`.
+    pub window: usize,
+}
+
+/// An operand: its elements and its strides (element offsets; `data` starts at element
+/// `[0,0,0,0]`).
+pub struct View<'a> {
+    /// The elements.
+    pub data: &'a [f32],
+    /// Strides of the batch, head and sequence axes.
+    pub strides: Strides4,
+}
+
+/// Additive mask broadcastable to `[batch, q_heads, q_len, kv_len]`: strides for batch, head,
+/// query (0 = broadcast); key axis contiguous.
+pub struct MaskView<'a> {
+    /// The elements.
+    pub data: &'a [f32],
+    /// Strides of the batch, head and query axes.
+    pub strides: Strides4,
+}
+
+/// `out[b, h, i, :] = softmax(scale · q·kᵀ + mask over visible keys) · v` (see the module
+/// docs), at the best [`Isa`].
+#[allow(clippy::too_many_arguments)]
+pub fn attention_f32(
+    shape: &AttnShape,
+    opts: &AttnOptions,
+    q: View,
+    k: View,
+    v: View,
+    mask: Option<MaskView>,
+    out: &mut [f32],
+    out_strides: Strides4,
+) -> Result<(), KernelError> {
+    attention_f32_with(Isa::best(), shape, opts, q, k, v, mask, out, out_strides)
+}
+
+/// As [`attention_f32`] at instruction-set level `isa`.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_f32_with(
+    isa: Isa,
+    shape: &AttnShape,
+    opts: &AttnOptions,
+    q: View,
+    k: View,
+    v: View,
+    mask: Option<MaskView>,
+    out: &mut [f32],
+    out_strides: Strides4,
+) -> Result<(), KernelError> {
+    let s = *shape;
+    let group = if s.kv_heads == 0 {
+        (s.q_heads == 0).then_some(1)
+    } else {
+        s.q_heads
+            .is_multiple_of(s.kv_heads)
+            .then_some(s.q_heads / s.kv_heads)
+    };
+    let group = group.ok_or_else(|| {
+        KernelError::Layout(format!(
+            "attention: {} query heads is not a multiple of {} kv heads",
+            s.q_heads, s.kv_heads
+        ))
+    })?;
+    let fits = |what: &str, len: usize, st: Strides4, dims: [usize; 4]| {
+        check_extent(len, st, dims).ok_or_else(|| {
+            KernelError::Layout(format!(
+                "attention {what}: {len} elements do not hold {dims:?} at strides {st:?}"
+            ))
+        })
+    };
+    fits(
+        "q",
+        q.data.len(),
+        q.strides,
+        [s.batch, s.q_heads, s.q_len, s.head_dim],
+    )?;
+    fits(
+        "k",
+        k.data.len(),
+        k.strides,
+        [s.batch, s.kv_heads, s.kv_len, s.head_dim],
+    )?;
+    fits(
+        "v",
+        v.data.len(),
+        v.strides,
+        [s.batch, s.kv_heads, s.kv_len, s.v_dim],
+    )?;
+    if let Some(m) = &mask {
+        fits(
+            "mask",
+            m.data.len(),
+            m.strides,
+            [s.batch, s.q_heads, s.q_len, s.kv_len],
+        )?;
+    }
+    let out_dims = [s.batch, s.q_heads, s.q_len, s.v_dim];
+    fits("out", out.len(), out_strides, out_dims)?;
+    if !injective(out_strides, out_dims) {
+        return Err(KernelError::Layout(format!(
+            "attention out: strides {out_strides:?} make rows of {out_dims:?} overlap"
+        )));
+    }
+    let rows = s.batch * s.q_heads * s.q_len;
+    if rows == 0 || s.v_dim == 0 {
+        return Ok(());
+    }
+    let ctx = Ctx {
+        s,
+        group,
+        opts: *opts,
+        q,
+        k,
+        v,
+        mask,
+        out_strides,
+        level: vector_level(isa),
+    };
+    let out_ptr = OutPtr(out.as_mut_ptr());
+    let threads = crate::threads();
+    let work = rows * s.kv_len.max(1) * (s.head_dim + s.v_dim).max(1);
+    if threads <= 1 || work < PARALLEL_MIN_WORK {
+        let mut acc = vec![0.0; s.v_dim];
+        for r in 0..rows {
+            ctx.row(r, 1, &mut acc, &out_ptr);
+        }
+    } else if rows >= 2 * threads || s.kv_len < 2 * MIN_SPLIT_KEYS {
+        (0..rows)
+            .into_par_iter()
+            .with_min_len(rows.div_ceil(threads * 8).max(1))
+            .for_each_init(|| vec![0.0; s.v_dim], |acc, r| ctx.row(r, 1, acc, &out_ptr));
+    } else {
+        let parts = (threads * 2)
+            .div_ceil(rows)
+            .min(s.kv_len / MIN_SPLIT_KEYS)
+            .max(1);
+        let mut acc = vec![0.0; s.v_dim];
+        for r in 0..rows {
+            ctx.row(r, parts, &mut acc, &out_ptr);
+        }
+    }
+    Ok(())
+}
+
+/// `Some(())` when `len` elements hold every index of `dims` at `st` (last axis stride 1).
+fn check_extent(len: usize, st: Strides4, dims: [usize; 4]) -> Option<()> {
+    if dims[..3].contains(&0) {
+        return Some(());
+    }
+    let last = (dims[0] - 1)
+        .checked_mul(st.batch)?
+        .checked_add((dims[1] - 1).checked_mul(st.head)?)?
+        .checked_add((dims[2] - 1).checked_mul(st.seq)?)?
+        .checked_add(dims[3])?;
+    (last <= len).then_some(())
+}
+
+/// True when distinct indices of `dims` at `st` (last axis stride 1) have distinct offsets:
+/// sorted by stride, each axis's stride exceeds the largest offset the smaller ones reach.
+/// (Sufficient, not necessary; dense and permuted layouts pass.)
+fn injective(st: Strides4, dims: [usize; 4]) -> bool {
+    if dims.contains(&0) {
+        return true;
+    }
+    let mut axes = [
+        (st.batch, dims[0]),
+        (st.head, dims[1]),
+        (st.seq, dims[2]),
+        (1, dims[3]),
+    ];
+    axes.sort_unstable();
+    let mut reach = 0usize; // largest offset of the axes so far
+    for (stride, n) in axes {
+        if n == 1 {
+            continue;
+        }
+        if stride <= reach {
+            return false;
+        }
+        reach = match (n - 1)
+            .checked_mul(stride)
+            .and_then(|x| x.checked_add(reach))
+        {
+            Some(r) => r,
+            None => return false,
+        };
+    }
+    true
+}
+
+/// The output's base pointer, shared by the threads that write disjoint rows of it.
+struct OutPtr(*mut f32);
+// SAFETY: the pointer is only written through at offsets of distinct output rows (checked
+// disjoint by `injective`) from different threads, never read, and outlives the parallel loop.
+unsafe impl Sync for OutPtr {}
+
+/// Running softmax state of one query row over part of its keys.
+#[derive(Debug, Clone, Copy)]
+struct Stats {
+    /// Largest score seen (`-inf` when none is finite or larger).
+    m: f32,
+    /// `Σ exp(score - m)`.
+    l: f32,
+    /// A score was NaN.
+    nan: bool,
+}
+
+/// One call's operands and attributes.
+struct Ctx<'a> {
+    s: AttnShape,
+    group: usize,
+    opts: AttnOptions,
+    q: View<'a>,
+    k: View<'a>,
+    v: View<'a>,
+    mask: Option<MaskView<'a>>,
+    out_strides: Strides4,
+    level: Isa,
+}
+
+impl Ctx<'_> {
+    /// Computes row `r` (`(b, h, i)` in row-major order) with its key range split into `parts`
+    /// (in parallel when more than one) and writes it to the output.
+    fn row(&self, r: usize, parts: usize, acc: &mut [f32], out: &OutPtr) {
+        let s = &self.s;
+        let (i, h, b) = (
+            r % s.q_len,
+            (r / s.q_len) % s.q_heads,
+            r / (s.q_len * s.q_heads),
+        );
+        let pos = s.kv_len as i64 - s.q_len as i64 + i as i64;
+        let hi = if self.opts.causal {
+            (pos + 1).clamp(0, s.kv_len as i64) as usize
+        } else {
+            s.kv_len
+        };
+        let lo = if self.opts.window > 0 {
+            let w = i64::try_from(self.opts.window).unwrap_or(i64::MAX);
+            pos.saturating_sub(w)
+                .saturating_add(1)
+                .clamp(0, s.kv_len as i64) as usize
+        } else {
+            0
+        };
+        acc.fill(0.0);
+        let st = if lo >= hi {
+            None
+        } else if parts <= 1 || hi - lo < 2 * MIN_SPLIT_KEYS {
+            Some(self.part(b, h, i, lo, hi, acc))
+        } else {
+            let per = (hi - lo).div_ceil(parts);
+            let partials: Vec<(Stats, Vec<f32>)> = (lo..hi)
+                .step_by(per)
+                .collect::<Vec<_>>()
+                .into_par_iter()
+                .map(|p0| {
+                    let mut a = vec![0.0; s.v_dim];
+                    let st = self.part(b, h, i, p0, (p0 + per).min(hi), &mut a);
+                    (st, a)
+                })
+                .collect();
+            Some(merge(&partials, acc))
+        };
+        let o = self.out_strides.offset(b, h, i);
+        // SAFETY: `check_extent` showed o + v_dim <= out.len() for every (b, h, i), and
+        // `injective` that the rows of distinct (b, h, i) do not overlap, so this row is written
+        // by this call only; `acc` has v_dim elements.
+        let dst = unsafe { std::slice::from_raw_parts_mut(out.0.add(o), s.v_dim) };
+        match st {
+            None => dst.fill(0.0),
+            Some(st) if st.nan => dst.fill(f32::NAN),
+            Some(st) => {
+                let inv = 1.0 / st.l;
+                for (d, a) in dst.iter_mut().zip(acc.iter()) {
+                    *d = a * inv;
+                }
+            }
+        }
+    }
+
+    /// Online softmax of query `(b, h, i)` over keys `lo..hi` into `acc` (zeroed by the caller).
+    fn part(&self, b: usize, h: usize, i: usize, lo: usize, hi: usize, acc: &mut [f32]) -> Stats {
+        match self.level {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 | Isa::Avx512Bf16 => {
+                // SAFETY: `vector_level` returned an available level, so AVX-512 F/BW/VL, AVX2
+                // and FMA are present.
+                unsafe { x86::part_avx512(self, b, h, i, lo, hi, acc) }
+            }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => {
+                // SAFETY: `vector_level` returned an available level, so AVX2 and FMA are
+                // present.
+                unsafe { x86::part_avx2(self, b, h, i, lo, hi, acc) }
+            }
+            _ => part_body::<false>(self, b, h, i, lo, hi, acc),
+        }
+    }
+}
+
+/// Merges partial results `(stats, acc)` over disjoint key ranges into `acc`.
+fn merge(partials: &[(Stats, Vec<f32>)], acc: &mut [f32]) -> Stats {
+    let m = partials
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, (st, _)| m.max(st.m));
+    let mut total = Stats {
+        m,
+        l: 0.0,
+        nan: partials.iter().any(|(st, _)| st.nan),
+    };
+    if m == f32::NEG_INFINITY {
+        return total;
+    }
+    for (st, a) in partials {
+        let c = exp::<false>(st.m - m);
+        total.l += st.l * c;
+        for (x, y) in acc.iter_mut().zip(a) {
+            *x += c * y;
+        }
+    }
+    total
+}
+
+#[inline(always)]
+fn part_body<const FMA: bool>(
+    c: &Ctx,
+    b: usize,
+    h: usize,
+    i: usize,
+    lo: usize,
+    hi: usize,
+    acc: &mut [f32],
+) -> Stats {
+    let s = &c.s;
+    let hk = h / c.group;
+    let q = &c.q.data[c.q.strides.offset(b, h, i)..][..s.head_dim];
+    let k0 = c.k.strides.offset(b, hk, 0);
+    let v0 = c.v.strides.offset(b, hk, 0);
+    let (ks, vs) = (c.k.strides.seq, c.v.strides.seq);
+    let mask = c
+        .mask
+        .as_ref()
+        .map(|m| &m.data[m.strides.offset(b, h, i)..][..s.kv_len]);
+    let mut st = Stats {
+        m: f32::NEG_INFINITY,
+        l: 0.0,
+        nan: false,
+    };
+    let mut scores = [0.0f32; KEY_BLOCK];
+    let mut j0 = lo;
+    while j0 < hi {
+        let n = KEY_BLOCK.min(hi - j0);
+        let sc = &mut scores[..n];
+        for (t, o) in sc.iter_mut().enumerate() {
+            let kr = &c.k.data[k0 + (j0 + t) * ks..][..s.head_dim];
+            *o = c.opts.scale * dot::<FMA>(q, kr);
+        }
+        if let Some(m) = mask {
+            for (o, a) in sc.iter_mut().zip(&m[j0..j0 + n]) {
+                *o += a;
+            }
+        }
+        let mut bm = f32::NEG_INFINITY;
+        let mut nan = false;
+        for &x in sc.iter() {
+            bm = bm.max(x);
+            nan |= x.is_nan();
+        }
+        st.nan |= nan;
+        let m_new = st.m.max(bm);
+        if m_new != f32::NEG_INFINITY {
+            if m_new != st.m {
+                let alpha = exp::<FMA>(st.m - m_new);
+                st.l *= alpha;
+                for a in acc.iter_mut() {
+                    *a *= alpha;
+                }
+                st.m = m_new;
+            }
+            for (t, &x) in sc.iter().enumerate() {
+                let p = exp::<FMA>(x - m_new);
+                st.l += p;
+                let vr = &c.v.data[v0 + (j0 + t) * vs..][..s.v_dim];
+                for (a, &y) in acc.iter_mut().zip(vr) {
+                    *a = crate::simd::madd::<FMA>(p, y, *a);
+                }
+            }
+        }
+        j0 += n;
+    }
+    st
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{part_body, Ctx, Stats};
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+    pub(super) fn part_avx512(
+        c: &Ctx,
+        b: usize,
+        h: usize,
+        i: usize,
+        lo: usize,
+        hi: usize,
+        acc: &mut [f32],
+    ) -> Stats {
+        part_body::<true>(c, b, h, i, lo, hi, acc)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn part_avx2(
+        c: &Ctx,
+        b: usize,
+        h: usize,
+        i: usize,
+        lo: usize,
+        hi: usize,
+        acc: &mut [f32],
+    ) -> Stats {
+        part_body::<true>(c, b, h, i, lo, hi, acc)
+    }
+}

@@ -1,0 +1,445 @@
+//! Flash attention against the reference executor's `attention` op on random data: with and
+//! without a mask, causal or not, sliding windows, GQA 4:2 and 8:1, decode (q_len 1, long kv,
+//! where the key range is split over threads), odd head dims, q/k/v read from a `[b, s, h, d]`
+//! layout through strides and the output written as `[b, s, h, d]`, and the degenerate rows
+//! (no visible key → zeros, all visible scores −inf → NaN); at every instruction-set level.
+//!
+//! Tolerance: inputs in [−1, 1], masks in [−2, 0]; every output is a convex combination of
+//! value rows, so |out| ≤ 1 and |got − want| ≤ 2e-5 absolute (f32 dot products and online
+//! softmax against the reference's f64).
+
+mod common;
+
+use common::{eval, f32t, isas, random, rng};
+use kiln_ir::trace::Tracer;
+use kiln_ir::{DType, Op, F64};
+use kiln_kernels::attention::{
+    attention_f32_with, AttnOptions, AttnShape, MaskView, Strides4, View,
+};
+use kiln_kernels::{Isa, KernelError};
+
+/// Which mask operand a case passes.
+#[derive(Clone, Copy, Debug)]
+enum Mask {
+    None,
+    /// Full `[b, hq, sq, sk]`.
+    Full,
+    /// `[b, 1, 1, sk]` (a padding mask), broadcast over heads and queries.
+    Padding,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Case {
+    b: usize,
+    hq: usize,
+    hkv: usize,
+    sq: usize,
+    sk: usize,
+    d: usize,
+    dv: usize,
+    causal: bool,
+    window: usize,
+    mask: Mask,
+    /// q/k/v stored as `[b, s, h, d]` and the output written as `[b, s, h, dv]`.
+    bshd: bool,
+}
+
+fn case(b: usize, hq: usize, hkv: usize, sq: usize, sk: usize, d: usize) -> Case {
+    Case {
+        b,
+        hq,
+        hkv,
+        sq,
+        sk,
+        d,
+        dv: d,
+        causal: false,
+        window: 0,
+        mask: Mask::None,
+        bshd: false,
+    }
+}
+
+/// `[b, h, s, d]` dense data copied into a `[b, s, h, d]` buffer.
+fn to_bshd(x: &[f32], b: usize, h: usize, s: usize, d: usize) -> Vec<f32> {
+    let mut y = vec![0.0; x.len()];
+    for bi in 0..b {
+        for hi in 0..h {
+            for si in 0..s {
+                let src = ((bi * h + hi) * s + si) * d;
+                let dst = ((bi * s + si) * h + hi) * d;
+                y[dst..dst + d].copy_from_slice(&x[src..src + d]);
+            }
+        }
+    }
+    y
+}
+
+fn bshd_strides(h: usize, s: usize, d: usize) -> Strides4 {
+    Strides4 {
+        batch: s * h * d,
+        head: d,
+        seq: h * d,
+    }
+}
+
+/// The reference result `[b, hq, sq, dv]` of one attention op.
+fn reference(c: &Case, scale: f32, q: &[f32], k: &[f32], v: &[f32], m: Option<&[f32]>) -> Vec<f32> {
+    let t = Tracer::new();
+    let qs = [c.b, c.hq, c.sq, c.d];
+    let ks = [c.b, c.hkv, c.sk, c.d];
+    let vs = [c.b, c.hkv, c.sk, c.dv];
+    let ms = mask_shape(c);
+    let (qt, kt, vt) = (
+        t.input("q", DType::F32, qs),
+        t.input("k", DType::F32, ks),
+        t.input("v", DType::F32, vs),
+    );
+    let op = Op::Attention {
+        scale: F64(f64::from(scale)),
+        causal: c.causal,
+        window: c.window,
+    };
+    let mut inputs = vec![
+        ("q", f32t(&qs, q)),
+        ("k", f32t(&ks, k)),
+        ("v", f32t(&vs, v)),
+    ];
+    let y = match m {
+        Some(m) => {
+            let mt = t.input("m", DType::F32, ms);
+            inputs.push(("m", f32t(&ms, m)));
+            t.apply(op, &[&qt, &kt, &vt, &mt]).unwrap()
+        }
+        None => t.apply(op, &[&qt, &kt, &vt]).unwrap(),
+    };
+    t.output("y", &y);
+    eval(&t, inputs)
+}
+
+fn mask_shape(c: &Case) -> [usize; 4] {
+    match c.mask {
+        Mask::Padding => [c.b, 1, 1, c.sk],
+        _ => [c.b, c.hq, c.sq, c.sk],
+    }
+}
+
+/// Runs the kernel on `c` at `isa`; returns the output as dense `[b, hq, sq, dv]`.
+#[allow(clippy::too_many_arguments)]
+fn kernel(
+    isa: Isa,
+    c: &Case,
+    scale: f32,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    m: Option<&[f32]>,
+) -> Vec<f32> {
+    let shape = AttnShape {
+        batch: c.b,
+        q_heads: c.hq,
+        kv_heads: c.hkv,
+        q_len: c.sq,
+        kv_len: c.sk,
+        head_dim: c.d,
+        v_dim: c.dv,
+    };
+    let opts = AttnOptions {
+        scale,
+        causal: c.causal,
+        window: c.window,
+    };
+    let (qd, kd, vd, qst, kst, vst, ost) = if c.bshd {
+        (
+            to_bshd(q, c.b, c.hq, c.sq, c.d),
+            to_bshd(k, c.b, c.hkv, c.sk, c.d),
+            to_bshd(v, c.b, c.hkv, c.sk, c.dv),
+            bshd_strides(c.hq, c.sq, c.d),
+            bshd_strides(c.hkv, c.sk, c.d),
+            bshd_strides(c.hkv, c.sk, c.dv),
+            bshd_strides(c.hq, c.sq, c.dv),
+        )
+    } else {
+        (
+            q.to_vec(),
+            k.to_vec(),
+            v.to_vec(),
+            Strides4::dense(c.hq, c.sq, c.d),
+            Strides4::dense(c.hkv, c.sk, c.d),
+            Strides4::dense(c.hkv, c.sk, c.dv),
+            Strides4::dense(c.hq, c.sq, c.dv),
+        )
+    };
+    let mask = m.map(|data| MaskView {
+        data,
+        strides: match c.mask {
+            Mask::Padding => Strides4 {
+                batch: c.sk,
+                head: 0,
+                seq: 0,
+            },
+            _ => Strides4::dense(c.hq, c.sq, c.sk),
+        },
+    });
+    let mut out = vec![f32::NAN; c.b * c.hq * c.sq * c.dv];
+    attention_f32_with(
+        isa,
+        &shape,
+        &opts,
+        View {
+            data: &qd,
+            strides: qst,
+        },
+        View {
+            data: &kd,
+            strides: kst,
+        },
+        View {
+            data: &vd,
+            strides: vst,
+        },
+        mask,
+        &mut out,
+        ost,
+    )
+    .unwrap();
+    if c.bshd {
+        // Back from [b, s, h, dv] to [b, h, s, dv].
+        let mut y = vec![0.0; out.len()];
+        for bi in 0..c.b {
+            for hi in 0..c.hq {
+                for si in 0..c.sq {
+                    let src = ((bi * c.sq + si) * c.hq + hi) * c.dv;
+                    let dst = ((bi * c.hq + hi) * c.sq + si) * c.dv;
+                    y[dst..dst + c.dv].copy_from_slice(&out[src..src + c.dv]);
+                }
+            }
+        }
+        y
+    } else {
+        out
+    }
+}
+
+fn check(seed: u64, c: Case) {
+    let mut r = rng(seed);
+    let q = random(&mut r, c.b * c.hq * c.sq * c.d, -1.0, 1.0);
+    let k = random(&mut r, c.b * c.hkv * c.sk * c.d, -1.0, 1.0);
+    let v = random(&mut r, c.b * c.hkv * c.sk * c.dv, -1.0, 1.0);
+    let m = match c.mask {
+        Mask::None => None,
+        _ => Some(random(&mut r, mask_shape(&c).iter().product(), -2.0, 0.0)),
+    };
+    let scale = 1.0 / (c.d as f32).sqrt();
+    let want = reference(&c, scale, &q, &k, &v, m.as_deref());
+    for isa in isas() {
+        let got = kernel(isa, &c, scale, &q, &k, &v, m.as_deref());
+        assert_close(&format!("{c:?} at {}", isa.name()), &got, &want);
+    }
+}
+
+fn assert_close(what: &str, got: &[f32], want: &[f32]) {
+    assert_eq!(got.len(), want.len(), "{what}");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let ok = (g - w).abs() <= 2e-5 || (g.is_nan() && w.is_nan());
+        assert!(ok, "{what}: element {i}: got {g}, want {w}");
+    }
+}
+
+#[test]
+fn prefill_matches_reference() {
+    let mut seed = 0;
+    for (b, hq, hkv, sq, d) in [
+        (1, 1, 1, 1, 1),
+        (1, 2, 2, 7, 7),
+        (2, 4, 2, 33, 64),
+        (1, 8, 1, 65, 128),
+        (1, 3, 3, 130, 33),
+    ] {
+        for causal in [false, true] {
+            for mask in [Mask::None, Mask::Full, Mask::Padding] {
+                seed += 1;
+                check(
+                    seed,
+                    Case {
+                        causal,
+                        mask,
+                        ..case(b, hq, hkv, sq, sq, d)
+                    },
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn sliding_window_and_kv_longer_than_queries() {
+    for (i, (sq, sk, window)) in [
+        (7, 7, 3),
+        (33, 33, 1),
+        (5, 40, 8),
+        (33, 100, 64),
+        (1, 77, 5),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        check(
+            100 + i as u64,
+            Case {
+                causal: true,
+                window,
+                mask: Mask::Full,
+                ..case(1, 4, 2, sq, sk, 16)
+            },
+        );
+    }
+    // A value dim ≠ head dim.
+    check(
+        120,
+        Case {
+            causal: true,
+            window: 4,
+            dv: 9,
+            ..case(2, 2, 1, 6, 10, 5)
+        },
+    );
+}
+
+#[test]
+fn decode_with_long_kv_splits_the_key_range() {
+    for (i, (b, hq, hkv, sk, d)) in [(1, 8, 1, 4097, 64), (2, 4, 2, 1500, 7), (1, 1, 1, 600, 128)]
+        .into_iter()
+        .enumerate()
+    {
+        for mask in [Mask::None, Mask::Padding] {
+            check(
+                200 + i as u64,
+                Case {
+                    causal: true,
+                    mask,
+                    ..case(b, hq, hkv, 1, sk, d)
+                },
+            );
+        }
+    }
+}
+
+#[test]
+fn strided_operands_and_output_in_bshd_layout() {
+    for (i, (sq, sk, causal)) in [(7, 7, true), (33, 40, false), (1, 1025, true)]
+        .into_iter()
+        .enumerate()
+    {
+        check(
+            300 + i as u64,
+            Case {
+                causal,
+                bshd: true,
+                mask: Mask::Full,
+                ..case(2, 4, 2, sq, sk, 64)
+            },
+        );
+    }
+}
+
+#[test]
+fn rows_without_visible_keys_are_zero_and_all_masked_rows_nan() {
+    // More queries than keys with causal: the first queries sit before key 0 and see nothing.
+    check(
+        400,
+        Case {
+            causal: true,
+            ..case(1, 2, 1, 9, 4, 8)
+        },
+    );
+    // Every visible score −inf in some rows (a mask of −inf columns) gives NaN there.
+    let c = Case {
+        mask: Mask::Full,
+        ..case(1, 1, 1, 3, 5, 4)
+    };
+    let mut r = rng(401);
+    let q = random(&mut r, 12, -1.0, 1.0);
+    let k = random(&mut r, 20, -1.0, 1.0);
+    let v = random(&mut r, 20, -1.0, 1.0);
+    let mut m = vec![0.0; 15];
+    m[..5].fill(f32::NEG_INFINITY); // query 0: all keys masked
+    m[5] = f32::NEG_INFINITY; // query 1: one key masked
+    let want = reference(&c, 0.5, &q, &k, &v, Some(&m));
+    assert!(want[..4].iter().all(|x| x.is_nan()));
+    for isa in isas() {
+        let got = kernel(isa, &c, 0.5, &q, &k, &v, Some(&m));
+        assert_close(&format!("masked rows at {}", isa.name()), &got, &want);
+    }
+}
+
+#[test]
+fn bad_layouts_are_errors() {
+    let shape = AttnShape {
+        batch: 1,
+        q_heads: 3,
+        kv_heads: 2,
+        q_len: 2,
+        kv_len: 2,
+        head_dim: 4,
+        v_dim: 4,
+    };
+    let opts = AttnOptions {
+        scale: 1.0,
+        causal: false,
+        window: 0,
+    };
+    let data = vec![0.0; 64];
+    let view = |n: usize| View {
+        data: &data[..n],
+        strides: Strides4::dense(2, 2, 4),
+    };
+    let mut out = vec![0.0; 64];
+    // 3 query heads over 2 kv heads.
+    let e = attention_f32_with(
+        Isa::best(),
+        &shape,
+        &opts,
+        view(64),
+        view(64),
+        view(64),
+        None,
+        &mut out,
+        Strides4::dense(3, 2, 4),
+    );
+    assert!(matches!(e, Err(KernelError::Layout(_))), "{e:?}");
+    let shape = AttnShape {
+        q_heads: 2,
+        ..shape
+    };
+    // k too short.
+    let e = attention_f32_with(
+        Isa::best(),
+        &shape,
+        &opts,
+        view(16),
+        view(15),
+        view(16),
+        None,
+        &mut out,
+        Strides4::dense(2, 2, 4),
+    );
+    assert!(matches!(e, Err(KernelError::Layout(_))), "{e:?}");
+    // Output rows overlapping (head stride 0).
+    let e = attention_f32_with(
+        Isa::best(),
+        &shape,
+        &opts,
+        view(16),
+        view(16),
+        view(16),
+        None,
+        &mut out,
+        Strides4 {
+            batch: 16,
+            head: 0,
+            seq: 4,
+        },
+    );
+    assert!(matches!(e, Err(KernelError::Layout(_))), "{e:?}");
+}
