@@ -56,6 +56,7 @@ pub fn bench_model(args: &ModelArgs) -> Result<(), CliError> {
     let load_opts = args.opts.load_options();
     let run_error = |e: kiln::runtime::ModelError| CliError::Internal(e.to_string());
     let started = Instant::now();
+    let mut profiles = Vec::new();
     let (figures, plan, load_s) = if dir.config.head == Head::CausalLm {
         let mut model = load::causal_lm_with(&args.opts.model, &load_opts)
             .map_err(super::forward::load_error)?;
@@ -73,6 +74,9 @@ pub fn bench_model(args: &ModelArgs) -> Result<(), CliError> {
         let mut runs = Vec::new();
         for _ in 0..=args.runs {
             runs.push(causal_run(&mut model.lm, &prompts, args.gen).map_err(run_error)?);
+        }
+        for (g, which) in model.lm.graphs().into_iter().zip(["prefill", "decode"]) {
+            profiles.extend(g.profile().map(|p| (which, p)));
         }
         let tokens = (args.batch * args.prompt_len) as f64;
         let generated = (args.batch * args.gen) as f64;
@@ -102,6 +106,7 @@ pub fn bench_model(args: &ModelArgs) -> Result<(), CliError> {
             enc.run(&batch).map_err(run_error)?;
             times.push(t.elapsed().as_secs_f64());
         }
+        profiles.extend(enc.plan().profile().map(|p| ("encoder", p)));
         let figures = Figures {
             seq_per_s: Some(args.batch as f64 / median(times[1..].iter().copied())),
             ..Figures::default()
@@ -151,6 +156,17 @@ pub fn bench_model(args: &ModelArgs) -> Result<(), CliError> {
                 "peak RSS",
                 b as f64 / (1 << 20) as f64
             );
+        }
+        for (which, profile) in &profiles {
+            let total: f64 = profile.iter().map(|p| p.1).sum();
+            println!("profile of the {which} graph (KILN_PROFILE; all runs, warm-up included):");
+            for (kind, secs, calls) in profile {
+                println!(
+                    "  {kind:<12} {:>10.2} ms {:>5.1}% {calls:>8} calls",
+                    secs * 1e3,
+                    100.0 * secs / total.max(1e-12)
+                );
+            }
         }
     }
     Ok(())

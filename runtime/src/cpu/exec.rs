@@ -1,17 +1,21 @@
 //! The run loop of the CPU backend: binds sizes from the inputs, walks the plan's steps in node
 //! order with values in reusable f32 buffers, and returns the graph's outputs as tensors.
 
-use super::plan::{Plan, Step};
+use super::layout::Layout;
+use super::plan::{self, Plan, Step};
 use super::slots::SlotPlan;
 use super::weights::Weights;
 use crate::reference::{self, bind, Ctx, ExecError, ParamSource};
 use crate::{Storage, Tensor};
-use kiln_ir::{f8, verify, Bindings, DType, Graph, Node, ValueId};
+use kiln_ir::{f8, verify, Bindings, DType, Graph, Node, Op, ValueId};
+use kiln_kernels::attention::{attention_f32, AttnOptions, AttnShape, MaskView, Strides4, View};
 use kiln_kernels::gemm::{matmul_f32, matmul_f32_batched, BatchStrides, Gemm};
+use kiln_kernels::layout::copy_strided;
 use kiln_kernels::{gemm_bf16, gemv, rowwise, KernelError};
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 /// A graph ready to run on the CPU: its plan, memory plan and prepared weights, and the
 /// buffers it reuses from run to run.
@@ -22,6 +26,8 @@ pub struct CpuGraph {
     slots: SlotPlan,
     weights: Arc<Weights>,
     buffers: Mutex<Vec<Vec<f32>>>,
+    /// With `KILN_PROFILE` set: seconds and calls per kind of step, over all runs.
+    profile: Option<Mutex<BTreeMap<String, (f64, usize)>>>,
 }
 
 /// A value during a run.
@@ -30,8 +36,8 @@ enum Val<'a> {
     Empty,
     /// A supplied input or parameter, possibly viewed under another shape (a reshape).
     Ext(&'a Tensor, Vec<usize>),
-    /// Widened f32 elements in a buffer slot, under this shape.
-    Buf(usize, Vec<usize>),
+    /// Widened f32 elements in a buffer slot, dense or strided.
+    Buf(usize, Layout),
     /// A computed non-float value (ids, masks).
     Host(Tensor),
 }
@@ -54,6 +60,7 @@ impl CpuGraph {
                 let slots = SlotPlan::new(&graph, &plan);
                 CpuGraph {
                     buffers: Mutex::new(vec![Vec::new(); slots.count]),
+                    profile: std::env::var_os("KILN_PROFILE").map(|_| Mutex::default()),
                     graph,
                     plan,
                     slots,
@@ -66,6 +73,19 @@ impl CpuGraph {
     /// The graph this runs.
     pub fn graph(&self) -> &Graph {
         &self.graph
+    }
+
+    /// With `KILN_PROFILE` set in the environment when compiled: time and calls per kind of
+    /// step over all runs so far, longest first.
+    pub fn profile(&self) -> Option<Vec<(String, f64, usize)>> {
+        let p = self
+            .profile
+            .as_ref()?
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<_> = p.iter().map(|(k, (t, n))| (k.clone(), *t, *n)).collect();
+        v.sort_by(|a, b| b.1.total_cmp(&a.1));
+        Some(v)
     }
 
     /// The kernel plan.
@@ -144,7 +164,14 @@ impl CpuGraph {
             if !matches!(step, Step::Source | Step::Skip) {
                 let ctx = ctx(id, node, &env);
                 let shape = ctx.shape(&node.ty.shape)?;
+                let started = self.profile.as_ref().map(|_| Instant::now());
                 vals[i] = self.eval(&ctx, node, step, shape, &vals, bufs)?;
+                if let (Some(p), Some(t)) = (&self.profile, started) {
+                    let mut p = p.lock().unwrap_or_else(|e| e.into_inner());
+                    let e = p.entry(plan::kind(&step.name()).to_string()).or_default();
+                    e.0 += t.elapsed().as_secs_f64();
+                    e.1 += 1;
+                }
             }
             for v in node.inputs.iter().chain([&id]) {
                 if last_use[v.index()] == i && !matches!(vals[v.index()], Val::Buf(..)) {
@@ -185,13 +212,22 @@ impl CpuGraph {
         bufs: &mut [Vec<f32>],
     ) -> Result<Val<'a>, ExecError> {
         let slot = self.slots.slot[ctx.node.index()];
-        let arg = |k: usize| &vals[node.inputs[k].index()];
-        if *step == Step::Alias {
-            match arg(0) {
-                Val::Buf(s, _) => return Ok(Val::Buf(*s, shape)),
-                Val::Ext(t, _) if t.dtype() == DType::F32 => return Ok(Val::Ext(t, shape)),
-                _ => {}
+        let first = node.inputs.first().map(|v| &vals[v.index()]);
+        match (step, first) {
+            (Step::Alias, Some(Val::Buf(s, l)))
+                if l.is_dense() || !matches!(node.op, Op::Reshape { .. }) =>
+            {
+                return Ok(Val::Buf(*s, l.reshaped(shape)));
             }
+            (Step::Alias, Some(Val::Ext(t, _))) if t.dtype() == DType::F32 => {
+                return Ok(Val::Ext(t, shape));
+            }
+            (Step::View, Some(Val::Buf(s, l))) => {
+                if let Some(l) = view(ctx, &node.op, l, &shape)? {
+                    return Ok(Val::Buf(*s, l));
+                }
+            }
+            _ => {}
         }
         if let Some(s) = slot {
             let mut out = std::mem::take(&mut bufs[s]);
@@ -199,7 +235,7 @@ impl CpuGraph {
             let done = self.kernel(ctx, node, step, &shape, vals, bufs, &mut out);
             bufs[s] = out;
             if done? {
-                return Ok(Val::Buf(s, shape));
+                return Ok(Val::Buf(s, Layout::dense(shape)));
             }
         }
         // The reference op on this node alone.
@@ -222,7 +258,7 @@ impl CpuGraph {
                     Storage::F32(v) => out.extend_from_slice(v),
                     st => out.extend((0..st.len()).map(|i| st.get(i).as_f64() as f32)),
                 }
-                Ok(Val::Buf(s, t.shape().to_vec()))
+                Ok(Val::Buf(s, Layout::dense(t.shape().to_vec())))
             }
             None => Ok(Val::Host(t)),
         }
@@ -243,6 +279,9 @@ impl CpuGraph {
     ) -> Result<bool, ExecError> {
         let f32s = |k: usize| -> Option<(&[f32], &[usize])> {
             f32_data(&vals[node.inputs.get(k)?.index()], bufs)
+        };
+        let strided = |k: usize| -> Option<(&[f32], Layout)> {
+            strided_data(&vals[node.inputs.get(k)?.index()], bufs)
         };
         let kerr = |e: KernelError| ctx.mismatch(e.to_string());
         match step {
@@ -326,7 +365,86 @@ impl CpuGraph {
                     o.copy_from_slice(&table[r * cols..(r + 1) * cols]);
                 }
             }
-            Step::Source | Step::Skip | Step::Alias | Step::Reference => return Ok(false),
+            Step::Copy => {
+                let Some((x, l)) = strided(0) else {
+                    return Ok(false);
+                };
+                // A permute, slice or expand copies its view; a reshape copies the operand in
+                // its own shape (the same element order).
+                let l = view(ctx, &node.op, &l, shape)?.unwrap_or(l);
+                let dense = Layout::dense(l.shape.clone());
+                copy_strided(&l.shape, x, l.offset, &l.strides, out, 0, &dense.strides)
+                    .map_err(kerr)?;
+            }
+            Step::Concat => {
+                let Op::Concat { axis } = node.op else {
+                    return Ok(false);
+                };
+                let dense = Layout::dense(shape.to_vec());
+                let mut at = 0;
+                for k in 0..node.inputs.len() {
+                    let Some((x, l)) = strided(k) else {
+                        return Ok(false);
+                    };
+                    copy_strided(
+                        &l.shape,
+                        x,
+                        l.offset,
+                        &l.strides,
+                        out,
+                        at * dense.strides[axis],
+                        &dense.strides,
+                    )
+                    .map_err(kerr)?;
+                    at += l.shape[axis];
+                }
+            }
+            Step::Fused(program) => {
+                let mut args = Vec::with_capacity(node.inputs.len());
+                for k in 0..node.inputs.len() {
+                    let Some((x, l)) = strided(k) else {
+                        return Ok(false);
+                    };
+                    let Some(strides) = l.broadcast_to(shape) else {
+                        return Ok(false);
+                    };
+                    args.push((&x[l.offset.min(x.len())..], strides));
+                }
+                let args: Vec<(&[f32], &[usize])> =
+                    args.iter().map(|(x, s)| (*x, s.as_slice())).collect();
+                program.run(shape, &args, out).map_err(kerr)?;
+            }
+            Step::LayerNorm { eps } => {
+                let (Some((x, _)), Some((w, _)), Some((b, _))) = (f32s(0), f32s(1), f32s(2)) else {
+                    return Ok(false);
+                };
+                let cols = shape.last().copied().unwrap_or(0);
+                if cols == 0 || w.len() != cols || b.len() != cols {
+                    return Ok(false);
+                }
+                rowwise::layernorm(x.len() / cols, cols, x, w, b, *eps, out).map_err(kerr)?;
+            }
+            Step::Attention {
+                scale,
+                causal,
+                window,
+            } => {
+                let (Some(q), Some(k), Some(v)) = (strided(0), strided(1), strided(2)) else {
+                    return Ok(false);
+                };
+                let mask = match node.inputs.len() {
+                    3 => None,
+                    _ => match strided(3) {
+                        Some(m) => Some(m),
+                        None => return Ok(false),
+                    },
+                };
+                return attention((*scale, *causal, *window), [q, k, v], mask, shape, out)
+                    .map_err(kerr);
+            }
+            Step::Source | Step::Skip | Step::Alias | Step::View | Step::Reference => {
+                return Ok(false)
+            }
         }
         Ok(true)
     }
@@ -353,12 +471,21 @@ fn ctx<'e>(id: ValueId, node: &Node, env: &'e Bindings) -> Ctx<'e> {
 fn f32_data<'v>(v: &'v Val<'_>, bufs: &'v [Vec<f32>]) -> Option<(&'v [f32], &'v [usize])> {
     match v {
         Val::Ext(t, shape) => t.as_f32().map(|d| (d, shape.as_slice())),
-        Val::Buf(s, shape) => {
-            let n: usize = shape.iter().product();
+        Val::Buf(s, l) if l.is_dense() => {
+            let n = l.numel();
             bufs.get(*s)
-                .and_then(|b| b.get(..n))
-                .map(|d| (d, shape.as_slice()))
+                .and_then(|b| b.get(l.offset..l.offset + n))
+                .map(|d| (d, l.shape.as_slice()))
         }
+        _ => None,
+    }
+}
+
+/// A value's f32 buffer and layout (dense for inputs and parameters), if it is f32 data.
+fn strided_data<'v>(v: &'v Val<'_>, bufs: &'v [Vec<f32>]) -> Option<(&'v [f32], Layout)> {
+    match v {
+        Val::Ext(t, shape) => t.as_f32().map(|d| (d, Layout::dense(shape.clone()))),
+        Val::Buf(s, l) => bufs.get(*s).map(|b| (b.as_slice(), l.clone())),
         _ => None,
     }
 }
@@ -381,10 +508,26 @@ fn to_tensor<'v>(v: &'v Val<'_>, dtype: DType, bufs: &[Vec<f32>]) -> Option<Cow<
             .ok()
             .map(Cow::Owned),
         Val::Host(t) => Some(Cow::Borrowed(t)),
-        Val::Buf(s, shape) => {
-            let n: usize = shape.iter().product();
-            let data = bufs.get(*s)?.get(..n)?.to_vec();
-            let t = Tensor::from_f32(shape.clone(), data).ok()?;
+        Val::Buf(s, l) => {
+            let buf = bufs.get(*s)?;
+            let data = if l.is_dense() {
+                buf.get(l.offset..l.offset + l.numel())?.to_vec()
+            } else {
+                let mut d = vec![0.0; l.numel()];
+                let dense = Layout::dense(l.shape.clone());
+                copy_strided(
+                    &l.shape,
+                    buf,
+                    l.offset,
+                    &l.strides,
+                    &mut d,
+                    0,
+                    &dense.strides,
+                )
+                .ok()?;
+                d
+            };
+            let t = Tensor::from_f32(l.shape.clone(), data).ok()?;
             Some(Cow::Owned(if dtype == DType::F32 {
                 t
             } else {
@@ -453,5 +596,89 @@ fn matmul(
         };
         matmul_f32_batched(&p, batch, strides, a, b, out)?;
     }
+    Ok(true)
+}
+
+/// The layout of a view node's result over its operand's layout `l`: a permute, a slice or an
+/// expand; `None` for other ops.
+fn view(ctx: &Ctx<'_>, op: &Op, l: &Layout, shape: &[usize]) -> Result<Option<Layout>, ExecError> {
+    Ok(match op {
+        Op::Permute { perm } => Some(l.permuted(perm)),
+        Op::Slice { axis, start, end } => {
+            let (start, end) = (ctx.value(start)?, ctx.value(end)?);
+            let size = l.shape[*axis];
+            if start < 0 || start > end || end > size as i64 {
+                return Err(ExecError::SliceOutOfRange {
+                    node: ctx.node,
+                    start,
+                    end,
+                    size,
+                });
+            }
+            Some(l.sliced(*axis, start as usize, end as usize))
+        }
+        Op::Expand { .. } => l.broadcast_to(shape).map(|strides| Layout {
+            shape: shape.to_vec(),
+            strides,
+            offset: l.offset,
+        }),
+        _ => None,
+    })
+}
+
+/// Attention on strided `q`, `k`, `v` (rank 4, last axis contiguous) and an optional additive
+/// mask broadcast to the scores; `Ok(false)` when the operands do not fit the kernel.
+fn attention(
+    (scale, causal, window): (f64, bool, usize),
+    [q, k, v]: [(&[f32], Layout); 3],
+    mask: Option<(&[f32], Layout)>,
+    shape: &[usize],
+    out: &mut [f32],
+) -> Result<bool, KernelError> {
+    fn four<'d>((d, l): &(&'d [f32], Layout)) -> Option<View<'d>> {
+        (l.shape.len() == 4 && l.strides[3] == 1).then(|| View {
+            data: &d[l.offset.min(d.len())..],
+            strides: Strides4 {
+                batch: l.strides[0],
+                head: l.strides[1],
+                seq: l.strides[2],
+            },
+        })
+    }
+    let (Some(qv), Some(kv), Some(vv)) = (four(&q), four(&k), four(&v)) else {
+        return Ok(false);
+    };
+    let (qs, ks, vs) = (&q.1.shape, &k.1.shape, &v.1.shape);
+    let dims = AttnShape {
+        batch: qs[0],
+        q_heads: qs[1],
+        kv_heads: ks[1],
+        q_len: qs[2],
+        kv_len: ks[2],
+        head_dim: qs[3],
+        v_dim: vs[3],
+    };
+    let scores = [dims.batch, dims.q_heads, dims.q_len, dims.kv_len];
+    let mask = match &mask {
+        None => None,
+        Some((d, l)) => match l.broadcast_to(&scores) {
+            Some(s) if s[3] == 1 || dims.kv_len <= 1 => Some(MaskView {
+                data: &d[l.offset.min(d.len())..],
+                strides: Strides4 {
+                    batch: s[0],
+                    head: s[1],
+                    seq: s[2],
+                },
+            }),
+            _ => return Ok(false),
+        },
+    };
+    let opts = AttnOptions {
+        scale: scale as f32,
+        causal,
+        window,
+    };
+    let out_strides = Strides4::dense(shape[1], shape[2], shape[3]);
+    attention_f32(&dims, &opts, qv, kv, vv, mask, out, out_strides)?;
     Ok(true)
 }

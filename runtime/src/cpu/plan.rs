@@ -3,11 +3,18 @@
 //! kernel at run time (say, an f16 input where the kernel reads f32) runs the reference op
 //! instead, so selection affects speed, never results beyond kernel tolerances.
 
-use kiln_ir::{DType, Graph, Node, Op, ValueId};
+use kiln_ir::{DType, Expr, Graph, Node, Op, ValueId};
+use kiln_kernels::fused::Program;
 use std::fmt;
+use std::sync::Arc;
+
+/// The kind of a step's kernel (its name's first word), e.g. `linear`.
+pub fn kind(name: &str) -> &str {
+    name.split(' ').next().unwrap_or_default()
+}
 
 /// How one node is computed.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub enum Step {
     /// An input or parameter, bound by name at run time.
     Source,
@@ -16,8 +23,19 @@ pub enum Step {
     /// The same f32 elements as operand 0 under the node's shape: a reshape, or a cast to a
     /// wider float of a value already stored widened.
     Alias,
+    /// A strided view of operand 0 (permute, slice, expand): no copy; chosen only where every
+    /// consumer reads strided operands.
+    View,
+    /// Operand 0 copied into a dense buffer of the node's shape: a permute, slice or expand
+    /// whose consumer needs dense data, or a reshape of a strided view.
+    Copy,
+    /// `concat`: each operand copied into its place.
+    Concat,
     /// Rounds operand 0 to a narrower float dtype (stored widened).
     Round(DType),
+    /// An elementwise body (a `fused_elementwise` op, or one primitive elementwise op) compiled
+    /// once into a register program over strided, broadcast operands.
+    Fused(Arc<Program>),
     /// `x · Wᵀ` (or `x · W` with `transposed: false`) with `W` a 2-D weight parameter,
     /// prepared once at load ([`crate::cpu::Weights`]).
     Linear {
@@ -40,6 +58,20 @@ pub enum Step {
     },
     /// `softmax` over the last axis.
     Softmax,
+    /// `layernorm` over the last axis.
+    LayerNorm {
+        /// Added to the variance.
+        eps: f64,
+    },
+    /// Flash attention on strided `q`, `k`, `v` (and the optional additive mask).
+    Attention {
+        /// Multiplies `q·k`.
+        scale: f64,
+        /// Causal mask.
+        causal: bool,
+        /// Sliding window (0: none).
+        window: usize,
+    },
     /// Embedding lookup: rows of a 2-D f32 table by integer ids.
     Embedding,
     /// The reference executor's op on this node alone.
@@ -50,7 +82,7 @@ impl Step {
     /// Whether the node's value lives in a buffer of its own (a float value computed here).
     pub fn owns_buffer(&self, node: &Node) -> bool {
         match self {
-            Step::Source | Step::Skip | Step::Alias => false,
+            Step::Source | Step::Skip | Step::Alias | Step::View => false,
             Step::Reference => node.ty.dtype.is_float(),
             _ => true,
         }
@@ -65,12 +97,19 @@ impl Step {
         }
     }
 
-    fn name(&self) -> String {
+    /// The step's kernel, e.g. `linear model.layers.0.mlp.up_proj.weight`.
+    pub fn name(&self) -> String {
         match self {
             Step::Source => "source".into(),
             Step::Skip => "skip".into(),
             Step::Alias => "alias".into(),
+            Step::View => "view".into(),
+            Step::Copy => "copy".into(),
+            Step::Concat => "concat".into(),
             Step::Round(d) => format!("round {d}"),
+            Step::Fused(_) => "fused".into(),
+            Step::LayerNorm { .. } => "layernorm".into(),
+            Step::Attention { .. } => "attention".into(),
             Step::Linear { weight, .. } => format!("linear {weight}"),
             Step::MatMul { .. } => "matmul".into(),
             Step::RmsNorm { .. } => "rmsnorm".into(),
@@ -90,10 +129,35 @@ pub struct Plan {
 
 impl Plan {
     /// Selects a step for every node of `graph` (which must be verified), then marks the nodes
-    /// no output depends on through a value operand as [`Step::Skip`].
+    /// no output depends on through a value operand as [`Step::Skip`], and turns each view
+    /// read by a kernel that needs dense data into a copy.
     pub fn new(graph: &Graph) -> Plan {
         let nodes = graph.nodes();
         let mut steps: Vec<Step> = nodes.iter().map(|n| select(graph, n)).collect();
+        // Views read by a kernel that needs dense data become copies; then a reshape of a
+        // (still) strided value becomes a copy too.
+        for (i, node) in nodes.iter().enumerate() {
+            if !reads_strided(&steps[i]) {
+                for v in &node.inputs {
+                    demote(&mut steps, nodes, v.index());
+                }
+            }
+        }
+        let mut strided = vec![false; nodes.len()];
+        for (i, node) in nodes.iter().enumerate() {
+            strided[i] = match steps[i] {
+                Step::View => true,
+                Step::Alias if strided[node.inputs[0].index()] => {
+                    if matches!(node.op, Op::Reshape { .. }) {
+                        steps[i] = Step::Copy;
+                        false
+                    } else {
+                        true
+                    }
+                }
+                _ => false,
+            };
+        }
         // Liveness: an output, or a value operand of a needed node.
         let mut needed = vec![false; nodes.len()];
         for out in graph.outputs() {
@@ -107,7 +171,7 @@ impl Plan {
             }
         }
         for (i, step) in steps.iter_mut().enumerate() {
-            if !needed[i] && *step != Step::Source {
+            if !needed[i] && !matches!(step, Step::Source) {
                 *step = Step::Skip;
             }
         }
@@ -119,9 +183,7 @@ impl Plan {
         let mut counts = std::collections::BTreeMap::<String, usize>::new();
         for s in &self.steps {
             if !matches!(s, Step::Source | Step::Skip) {
-                let name = s.name();
-                let kind = name.split(' ').next().unwrap_or_default().to_string();
-                *counts.entry(kind).or_default() += 1;
+                *counts.entry(kind(&s.name()).to_string()).or_default() += 1;
             }
         }
         let parts: Vec<String> = counts.iter().map(|(k, n)| format!("{k}×{n}")).collect();
@@ -148,6 +210,32 @@ fn select(graph: &Graph, node: &Node) -> Step {
     match &node.op {
         Op::Input { .. } | Op::Param { .. } => Step::Source,
         Op::Reshape { .. } if produces_buffer(graph, node.inputs[0]) => Step::Alias,
+        Op::Permute { .. } | Op::Slice { .. } | Op::Expand { .. } if dtype.is_float() => {
+            if produces_buffer(graph, node.inputs[0]) {
+                Step::View
+            } else {
+                Step::Copy
+            }
+        }
+        Op::Concat { .. } if dtype.is_float() => Step::Concat,
+        Op::LayerNorm { eps } if dtype == DType::F32 => Step::LayerNorm { eps: eps.0 },
+        Op::Attention {
+            scale,
+            causal,
+            window,
+        } if dtype == DType::F32 => Step::Attention {
+            scale: scale.0,
+            causal: *causal,
+            window: *window,
+        },
+        Op::FusedElementwise { body } if dtype.is_float() => fused(graph, node, body),
+        Op::Unary(_) | Op::Binary(_) | Op::Compare(_) | Op::Where if dtype.is_float() => {
+            let args = (0..node.inputs.len()).map(Expr::Arg).collect();
+            match Expr::from_op(&node.op, args) {
+                Some(body) => fused(graph, node, &body),
+                None => Step::Reference,
+            }
+        }
         Op::Cast { to } if to.is_float() => match operand(0) {
             Some(_) if produces_buffer(graph, node.inputs[0]) => {
                 if *to == DType::F32 {
@@ -187,6 +275,45 @@ fn select(graph: &Graph, node: &Node) -> Step {
             Step::Embedding
         }
         _ => Step::Reference,
+    }
+}
+
+/// The body compiled for the operands' dtypes, or the reference op if it cannot be.
+fn fused(graph: &Graph, node: &Node, body: &Expr) -> Step {
+    let dtypes: Option<Vec<DType>> = node
+        .inputs
+        .iter()
+        .map(|v| graph.node(*v).map(|n| n.ty.dtype))
+        .collect();
+    match dtypes.map(|d| Program::compile(body, &d)) {
+        Some(Ok(p)) => Step::Fused(Arc::new(p)),
+        _ => Step::Reference,
+    }
+}
+
+/// Whether `step` reads its operands through strides (so a view needs no copy for it).
+fn reads_strided(step: &Step) -> bool {
+    matches!(
+        step,
+        Step::View
+            | Step::Copy
+            | Step::Concat
+            | Step::Fused(_)
+            | Step::Attention { .. }
+            | Step::Alias
+            | Step::Skip
+            | Step::Reference
+    )
+}
+
+/// Makes the view `v` (or the view behind the widening cast `v`) a dense copy.
+fn demote(steps: &mut [Step], nodes: &[Node], v: usize) {
+    match steps[v] {
+        Step::View => steps[v] = Step::Copy,
+        Step::Alias if matches!(nodes[v].op, Op::Cast { .. }) => {
+            demote(steps, nodes, nodes[v].inputs[0].index())
+        }
+        _ => {}
     }
 }
 

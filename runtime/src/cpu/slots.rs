@@ -25,7 +25,7 @@ impl SlotPlan {
         // The node whose buffer each value lives in.
         let mut root: Vec<usize> = (0..n).collect();
         for (i, node) in nodes.iter().enumerate() {
-            if plan.steps[i] == Step::Alias {
+            if matches!(plan.steps[i], Step::Alias | Step::View) {
                 root[i] = root[node.inputs[0].index()];
             }
         }
@@ -56,7 +56,7 @@ impl SlotPlan {
                     count += 1;
                     count - 1
                 }));
-            } else if plan.steps[i] == Step::Alias {
+            } else if matches!(plan.steps[i], Step::Alias | Step::View) {
                 slot[i] = slot[root[i]];
             }
             for &r in &release[i] {
