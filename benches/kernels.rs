@@ -6,7 +6,8 @@
 //! `q·kᵀ` and `p·v`; decode q_len 1 over 1024 keys, throughput: K and V bytes read), the
 //! compiled fused program `(mul (silu $0) $1)` on 16M elements (bytes read + written; the copy
 //! bandwidth ceiling is printed first), layernorm on 512×4096, and a `[b, s, h, d]` →
-//! `[b, h, s, d]` strided copy. `kiln bench kernel` gives the same figures as GFLOP/s and GB/s
+//! `[b, h, s, d]` strided copy; fp8 e4m3 GEMV (one row and four rows of x) at 4096² and 8192²
+//! (throughput: weight bytes read). `kiln bench kernel` gives the same figures as GFLOP/s and GB/s
 //! against the machine's ceilings.
 //!
 //! `cargo bench --bench kernels`
@@ -79,6 +80,24 @@ fn gemv_bench(c: &mut Criterion) {
     g.bench_function("f32/4096x4096", |b| {
         b.iter(|| gemv::gemv_f32(n, k, black_box(&wf), black_box(&x), &mut y).unwrap())
     });
+    // fp8 e4m3 weights (one byte each) at 4096×4096 and 8192×8192 (64 MiB, beyond L3).
+    for n in [4096usize, 8192] {
+        let w8: Vec<u8> = data(n * n, 0.0)
+            .iter()
+            .map(|&v| kiln_ir::f8::f32_to_f8e4m3(v * 400.0))
+            .collect();
+        let x = data(n, 2.0);
+        let mut y = vec![0.0; n];
+        g.throughput(Throughput::Bytes((n * n) as u64));
+        g.bench_function(format!("f8e4m3/{n}x{n}"), |b| {
+            b.iter(|| gemv::gemv_f8e4m3(n, n, black_box(&w8), 0.01, &x, &mut y).unwrap())
+        });
+        let xs = data(4 * n, 3.0);
+        let mut ys = vec![0.0; 4 * n];
+        g.bench_function(format!("f8e4m3_batch4/{n}x{n}"), |b| {
+            b.iter(|| gemv::gemv_f8e4m3_batch(4, n, n, black_box(&w8), 0.01, &xs, &mut ys).unwrap())
+        });
+    }
     g.finish();
 }
 
