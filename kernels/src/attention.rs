@@ -6,8 +6,10 @@
 //! when the maximum grows, as FlashAttention-2). Prefill works on blocks of [`QUERY_BLOCK`]
 //! query rows of one head spread over [`crate::threads`] threads: each block of keys is
 //! transposed once into a scratch buffer and every query row of the block scores it with FMAs
-//! along the keys (no horizontal sums). Decode (few rows, long key range) splits each row's key
-//! range into parts computed in parallel and merges their `(m, l, acc)` (flash-decoding).
+//! along the keys (no horizontal sums). With fewer than `QUERY_BLOCK / 2` queries per head,
+//! rows are spread over the threads and score keys with dot products; with fewer rows than
+//! twice the threads and a long key range (decode), each row's key range is split into parts
+//! computed in parallel whose `(m, l, acc)` are merged (flash-decoding).
 //! Operands are strided views so the caller can pass permuted layouts (e.g. write the output
 //! as `[b, s, h, d]`); the loops are plain Rust compiled for AVX-512, AVX2 + FMA and portably
 //! and picked at run time.
@@ -224,6 +226,18 @@ pub fn attention_f32_with(
         for r in 0..rows {
             ctx.row(r, parts, &mut acc, &out_ptr);
         }
+    } else if s.q_len < QUERY_BLOCK / 2 {
+        // Few queries per head (decode with a batch or many heads): a transposed key block
+        // would serve too few rows; dot products per row instead.
+        let rows_per_task = if threads > 1 && work >= PARALLEL_MIN_WORK {
+            rows.div_ceil(threads * 8).max(1)
+        } else {
+            rows
+        };
+        (0..rows)
+            .into_par_iter()
+            .with_min_len(rows_per_task)
+            .for_each_init(|| vec![0.0; s.v_dim], |acc, r| ctx.row(r, 1, acc, &out_ptr));
     } else if threads > 1 && work >= PARALLEL_MIN_WORK {
         (0..blocks)
             .into_par_iter()
