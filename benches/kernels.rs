@@ -1,16 +1,25 @@
 //! The CPU kernels (kiln-kernels) at decode- and prefill-like sizes, with throughput in elements
 //! so criterion reports rates: f32 GEMM and bf16-weight GEMM at 256³, 1024³ and 2048³
 //! (throughput: multiply-adds), bf16 and f32 GEMV at 4096×4096 (weights read), rmsnorm and
-//! softmax on 512×4096, and `silu(a)·b` on 4M elements. `kiln bench kernel` gives the same figures as GFLOP/s and GB/s
+//! softmax on 512×4096, and `silu(a)·b` on 4M elements; for the fast CPU executor: flash
+//! attention (prefill seq 512, 12 query / 4 kv heads, head dim 64, throughput: flops of
+//! `q·kᵀ` and `p·v`; decode q_len 1 over 1024 keys, throughput: K and V bytes read), the
+//! compiled fused program `(mul (silu $0) $1)` on 16M elements (bytes read + written; the copy
+//! bandwidth ceiling is printed first), layernorm on 512×4096, and a `[b, s, h, d]` →
+//! `[b, h, s, d]` strided copy; fp8 e4m3 GEMV (one row and four rows of x) at 4096² and 8192²
+//! (throughput: weight bytes read). `kiln bench kernel` gives the same figures as GFLOP/s and GB/s
 //! against the machine's ceilings.
 //!
 //! `cargo bench --bench kernels`
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use half::bf16;
+use kiln_kernels::attention::{attention_f32, AttnOptions, AttnShape, Strides4, View};
+use kiln_kernels::fused::Program;
 use kiln_kernels::gemm::{matmul_f32, Gemm};
 use kiln_kernels::gemm_bf16::{matmul_bf16, PackedBf16};
-use kiln_kernels::{elementwise, gemv, rowwise};
+use kiln_kernels::layout::copy_strided;
+use kiln_kernels::{elementwise, gemv, peak, rowwise};
 use std::hint::black_box;
 use std::time::Duration;
 
@@ -71,6 +80,24 @@ fn gemv_bench(c: &mut Criterion) {
     g.bench_function("f32/4096x4096", |b| {
         b.iter(|| gemv::gemv_f32(n, k, black_box(&wf), black_box(&x), &mut y).unwrap())
     });
+    // fp8 e4m3 weights (one byte each) at 4096×4096 and 8192×8192 (64 MiB, beyond L3).
+    for n in [4096usize, 8192] {
+        let w8: Vec<u8> = data(n * n, 0.0)
+            .iter()
+            .map(|&v| kiln_ir::f8::f32_to_f8e4m3(v * 400.0))
+            .collect();
+        let x = data(n, 2.0);
+        let mut y = vec![0.0; n];
+        g.throughput(Throughput::Bytes((n * n) as u64));
+        g.bench_function(format!("f8e4m3/{n}x{n}"), |b| {
+            b.iter(|| gemv::gemv_f8e4m3(n, n, black_box(&w8), 0.01, &x, &mut y).unwrap())
+        });
+        let xs = data(4 * n, 3.0);
+        let mut ys = vec![0.0; 4 * n];
+        g.bench_function(format!("f8e4m3_batch4/{n}x{n}"), |b| {
+            b.iter(|| gemv::gemv_f8e4m3_batch(4, n, n, black_box(&w8), 0.01, &xs, &mut ys).unwrap())
+        });
+    }
     g.finish();
 }
 
@@ -102,5 +129,133 @@ fn rows_and_elementwise(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, gemm, gemv_bench, rows_and_elementwise);
+fn attention(c: &mut Criterion) {
+    let (hq, hkv, d) = (12usize, 4usize, 64usize);
+    let mut g = c.benchmark_group("attention");
+    g.sample_size(20);
+    for (sq, sk, causal) in [
+        (512usize, 512usize, false),
+        (512, 512, true),
+        (1, 1024, true),
+    ] {
+        let q = data(hq * sq * d, 0.0);
+        let (k, v) = (data(hkv * sk * d, 1.0), data(hkv * sk * d, 2.0));
+        let mut out = vec![0.0; hq * sq * d];
+        let shape = AttnShape {
+            batch: 1,
+            q_heads: hq,
+            kv_heads: hkv,
+            q_len: sq,
+            kv_len: sk,
+            head_dim: d,
+            v_dim: d,
+        };
+        let opts = AttnOptions {
+            scale: 0.125,
+            causal,
+            window: 0,
+        };
+        let name = if sq == 1 {
+            g.throughput(Throughput::Bytes((2 * hkv * sk * d * 4) as u64));
+            format!("decode/kv{sk}")
+        } else {
+            // Flops of the full score matrix (causal does about half of them).
+            g.throughput(Throughput::Elements((4 * hq * sq * sk * d) as u64));
+            format!("prefill/{sq}{}", if causal { "/causal" } else { "" })
+        };
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                attention_f32(
+                    &shape,
+                    &opts,
+                    View {
+                        data: black_box(&q),
+                        strides: Strides4::dense(hq, sq, d),
+                    },
+                    View {
+                        data: &k,
+                        strides: Strides4::dense(hkv, sk, d),
+                    },
+                    View {
+                        data: &v,
+                        strides: Strides4::dense(hkv, sk, d),
+                    },
+                    None,
+                    &mut out,
+                    Strides4::dense(hq, sq, d),
+                )
+                .unwrap()
+            })
+        });
+    }
+    g.finish();
+}
+
+fn executor_memory_kernels(c: &mut Criterion) {
+    eprintln!(
+        "copy bandwidth ceiling (256 MiB, read + write): {:.1} GB/s",
+        peak::copy_gbps(256 << 20, 5)
+    );
+    let n = 1usize << 24;
+    let (a, bb) = (data(n, 0.0), data(n, 1.0));
+    let mut out = vec![0.0; n];
+    let prog = Program::compile(
+        &"(mul (silu $0) $1)".parse().unwrap(),
+        &[kiln_ir::DType::F32; 2],
+    )
+    .unwrap();
+    let mut g = c.benchmark_group("executor");
+    g.sample_size(20);
+    g.throughput(Throughput::Bytes((n * 12) as u64));
+    g.bench_function("fused_silu_mul/16M", |b| {
+        b.iter(|| {
+            prog.run(&[n], &[(black_box(&a), &[1]), (&bb, &[1])], &mut out)
+                .unwrap()
+        })
+    });
+    let (rows, cols) = (512usize, 4096usize);
+    let (w, bias) = (data(cols, 3.0), data(cols, 4.0));
+    g.throughput(Throughput::Bytes((rows * cols * 8) as u64));
+    g.bench_function("layernorm/512x4096", |b| {
+        b.iter(|| {
+            rowwise::layernorm(
+                rows,
+                cols,
+                black_box(&a[..rows * cols]),
+                &w,
+                &bias,
+                1e-5,
+                &mut out[..rows * cols],
+            )
+            .unwrap()
+        })
+    });
+    // [s, h, d] → [h, s, d] (the permute before attention) at s = 2048, h = 32, d = 128.
+    let (s, h, d) = (2048usize, 32usize, 128usize);
+    g.throughput(Throughput::Bytes((s * h * d * 8) as u64));
+    g.bench_function("permute_shd_to_hsd/2048x32x128", |b| {
+        b.iter(|| {
+            copy_strided(
+                &[h, s, d],
+                black_box(&a[..s * h * d]),
+                0,
+                &[d, h * d, 1],
+                &mut out[..s * h * d],
+                0,
+                &[s * d, d, 1],
+            )
+            .unwrap()
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    gemm,
+    gemv_bench,
+    rows_and_elementwise,
+    attention,
+    executor_memory_kernels
+);
 criterion_main!(benches);

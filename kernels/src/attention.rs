@@ -3,12 +3,16 @@
 //!
 //! Each query row walks its visible keys in blocks of [`KEY_BLOCK`] with an online softmax
 //! (running maximum `m`, running sum `l`, accumulator `acc[dv]` rescaled by `exp(m_old - m_new)`
-//! when the maximum grows, as FlashAttention-2). Prefill spreads the query rows over
-//! [`crate::threads`] threads; decode (few rows, long key range) splits each row's key range
-//! into parts computed in parallel and merges their `(m, l, acc)` (flash-decoding). Operands
-//! are strided views so the caller can pass permuted layouts (e.g. write the output as
-//! `[b, s, h, d]`); the loops are plain Rust compiled for AVX-512, AVX2 + FMA and portably and
-//! picked at run time.
+//! when the maximum grows, as FlashAttention-2). Prefill works on blocks of [`QUERY_BLOCK`]
+//! query rows of one head spread over [`crate::threads`] threads: each block of keys is
+//! transposed once into a scratch buffer and every query row of the block scores it with FMAs
+//! along the keys (no horizontal sums). With fewer than `QUERY_BLOCK / 2` queries per head,
+//! rows are spread over the threads and score keys with dot products; with fewer rows than
+//! twice the threads and a long key range (decode), each row's key range is split into parts
+//! computed in parallel whose `(m, l, acc)` are merged (flash-decoding).
+//! Operands are strided views so the caller can pass permuted layouts (e.g. write the output
+//! as `[b, s, h, d]`); the loops are plain Rust compiled for AVX-512, AVX2 + FMA and portably
+//! and picked at run time.
 //!
 //! Semantics as the op: query head `h` reads key/value head `h / (q_heads / kv_heads)`; query
 //! `i` sits at position `kv_len - q_len + i`; with `causal` it sees keys `j <= pos`, with
@@ -18,13 +22,15 @@
 //! probability 0 and lies in a block where every score so far is `-inf` does not reach the
 //! output (the reference multiplies it by 0 and gets NaN).
 
-use crate::simd::{dot, exp, vector_level, Isa};
+use crate::simd::{dot, exp, madd, vector_level, Isa};
 use crate::KernelError;
 use rayon::prelude::*;
 
 /// Keys scored per step of the online softmax.
 const KEY_BLOCK: usize = 64;
-/// Decode splits a row's key range into parts of at least this many keys.
+/// Query rows (of one head) that share each transposed block of keys.
+const QUERY_BLOCK: usize = 8;
+/// Decode (fewer query rows than twice the threads) splits a row's key range into parts of at least this many keys.
 const MIN_SPLIT_KEYS: usize = 256;
 /// Work (query rows × visible keys × head dims) below which everything runs on one thread.
 const PARALLEL_MIN_WORK: usize = 1 << 16;
@@ -205,17 +211,13 @@ pub fn attention_f32_with(
     let out_ptr = OutPtr(out.as_mut_ptr());
     let threads = crate::threads();
     let work = rows * s.kv_len.max(1) * (s.head_dim + s.v_dim).max(1);
-    if threads <= 1 || work < PARALLEL_MIN_WORK {
-        let mut acc = vec![0.0; s.v_dim];
-        for r in 0..rows {
-            ctx.row(r, 1, &mut acc, &out_ptr);
-        }
-    } else if rows >= 2 * threads || s.kv_len < 2 * MIN_SPLIT_KEYS {
-        (0..rows)
-            .into_par_iter()
-            .with_min_len(rows.div_ceil(threads * 8).max(1))
-            .for_each_init(|| vec![0.0; s.v_dim], |acc, r| ctx.row(r, 1, acc, &out_ptr));
-    } else {
+    let blocks = s.batch * s.q_heads * s.q_len.div_ceil(QUERY_BLOCK);
+    if threads > 1
+        && work >= PARALLEL_MIN_WORK
+        && rows < 2 * threads
+        && s.kv_len >= 2 * MIN_SPLIT_KEYS
+    {
+        // Decode: few rows over many keys; split each row's keys over the threads.
         let parts = (threads * 2)
             .div_ceil(rows)
             .min(s.kv_len / MIN_SPLIT_KEYS)
@@ -223,6 +225,27 @@ pub fn attention_f32_with(
         let mut acc = vec![0.0; s.v_dim];
         for r in 0..rows {
             ctx.row(r, parts, &mut acc, &out_ptr);
+        }
+    } else if s.q_len < QUERY_BLOCK / 2 {
+        // Few queries per head (decode with a batch or many heads): a transposed key block
+        // would serve too few rows; dot products per row instead.
+        let rows_per_task = if threads > 1 && work >= PARALLEL_MIN_WORK {
+            rows.div_ceil(threads * 8).max(1)
+        } else {
+            rows
+        };
+        (0..rows)
+            .into_par_iter()
+            .with_min_len(rows_per_task)
+            .for_each_init(|| vec![0.0; s.v_dim], |acc, r| ctx.row(r, 1, acc, &out_ptr));
+    } else if threads > 1 && work >= PARALLEL_MIN_WORK {
+        (0..blocks)
+            .into_par_iter()
+            .for_each_init(|| Scratch::new(&s), |sc, blk| ctx.block(blk, sc, &out_ptr));
+    } else {
+        let mut sc = Scratch::new(&s);
+        for blk in 0..blocks {
+            ctx.block(blk, &mut sc, &out_ptr);
         }
     }
     Ok(())
@@ -304,16 +327,27 @@ struct Ctx<'a> {
     level: Isa,
 }
 
+/// One thread's buffers for [`Ctx::block`].
+struct Scratch {
+    /// A block of keys transposed: `kt[t · KEY_BLOCK + j]` is key `j`'s element `t`.
+    kt: Vec<f32>,
+    /// Per query row of the block: its accumulator (`v_dim` each).
+    acc: Vec<f32>,
+}
+
+impl Scratch {
+    fn new(s: &AttnShape) -> Scratch {
+        Scratch {
+            kt: vec![0.0; s.head_dim * KEY_BLOCK],
+            acc: vec![0.0; QUERY_BLOCK * s.v_dim],
+        }
+    }
+}
+
 impl Ctx<'_> {
-    /// Computes row `r` (`(b, h, i)` in row-major order) with its key range split into `parts`
-    /// (in parallel when more than one) and writes it to the output.
-    fn row(&self, r: usize, parts: usize, acc: &mut [f32], out: &OutPtr) {
+    /// Keys `lo..hi` visible to query `i`.
+    fn visible(&self, i: usize) -> (usize, usize) {
         let s = &self.s;
-        let (i, h, b) = (
-            r % s.q_len,
-            (r / s.q_len) % s.q_heads,
-            r / (s.q_len * s.q_heads),
-        );
         let pos = s.kv_len as i64 - s.q_len as i64 + i as i64;
         let hi = if self.opts.causal {
             (pos + 1).clamp(0, s.kv_len as i64) as usize
@@ -328,6 +362,39 @@ impl Ctx<'_> {
         } else {
             0
         };
+        (lo, hi)
+    }
+
+    /// Writes row `(b, h, i)` of the output: zeros without visible keys (`st` None), NaN after
+    /// a NaN score, else `acc / l`.
+    fn write(&self, out: &OutPtr, b: usize, h: usize, i: usize, st: Option<Stats>, acc: &[f32]) {
+        let o = self.out_strides.offset(b, h, i);
+        // SAFETY: `check_extent` showed o + v_dim <= out.len() for every (b, h, i), and
+        // `injective` that the rows of distinct (b, h, i) do not overlap, so this row is written
+        // by this call only.
+        let dst = unsafe { std::slice::from_raw_parts_mut(out.0.add(o), self.s.v_dim) };
+        match st {
+            None => dst.fill(0.0),
+            Some(st) if st.nan => dst.fill(f32::NAN),
+            Some(st) => {
+                let inv = 1.0 / st.l;
+                for (d, a) in dst.iter_mut().zip(acc) {
+                    *d = a * inv;
+                }
+            }
+        }
+    }
+
+    /// Computes row `r` (`(b, h, i)` in row-major order) with its key range split into `parts`
+    /// computed in parallel, and writes it to the output.
+    fn row(&self, r: usize, parts: usize, acc: &mut [f32], out: &OutPtr) {
+        let s = &self.s;
+        let (i, h, b) = (
+            r % s.q_len,
+            (r / s.q_len) % s.q_heads,
+            r / (s.q_len * s.q_heads),
+        );
+        let (lo, hi) = self.visible(i);
         acc.fill(0.0);
         let st = if lo >= hi {
             None
@@ -347,21 +414,7 @@ impl Ctx<'_> {
                 .collect();
             Some(merge(&partials, acc))
         };
-        let o = self.out_strides.offset(b, h, i);
-        // SAFETY: `check_extent` showed o + v_dim <= out.len() for every (b, h, i), and
-        // `injective` that the rows of distinct (b, h, i) do not overlap, so this row is written
-        // by this call only; `acc` has v_dim elements.
-        let dst = unsafe { std::slice::from_raw_parts_mut(out.0.add(o), s.v_dim) };
-        match st {
-            None => dst.fill(0.0),
-            Some(st) if st.nan => dst.fill(f32::NAN),
-            Some(st) => {
-                let inv = 1.0 / st.l;
-                for (d, a) in dst.iter_mut().zip(acc.iter()) {
-                    *d = a * inv;
-                }
-            }
-        }
+        self.write(out, b, h, i, st, acc);
     }
 
     /// Online softmax of query `(b, h, i)` over keys `lo..hi` into `acc` (zeroed by the caller).
@@ -380,6 +433,26 @@ impl Ctx<'_> {
                 unsafe { x86::part_avx2(self, b, h, i, lo, hi, acc) }
             }
             _ => part_body::<false>(self, b, h, i, lo, hi, acc),
+        }
+    }
+
+    /// Computes and writes query block `blk`: rows `QUERY_BLOCK·q..` of one `(b, h)`, in
+    /// row-major order of `(b, h, q)`.
+    fn block(&self, blk: usize, sc: &mut Scratch, out: &OutPtr) {
+        match self.level {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 | Isa::Avx512Bf16 => {
+                // SAFETY: `vector_level` returned an available level, so AVX-512 F/BW/VL, AVX2
+                // and FMA are present.
+                unsafe { x86::block_avx512(self, blk, sc, out) }
+            }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => {
+                // SAFETY: `vector_level` returned an available level, so AVX2 and FMA are
+                // present.
+                unsafe { x86::block_avx2(self, blk, sc, out) }
+            }
+            _ => block_body::<false>(self, blk, sc, out),
         }
     }
 }
@@ -407,6 +480,53 @@ fn merge(partials: &[(Stats, Vec<f32>)], acc: &mut [f32]) -> Stats {
     total
 }
 
+/// The state before any key.
+const EMPTY: Stats = Stats {
+    m: f32::NEG_INFINITY,
+    l: 0.0,
+    nan: false,
+};
+
+/// Folds the scores `sc` of keys `j0..j0 + sc.len()` into `st` and `acc`; value row `j` is
+/// `v[j · vs..][..acc.len()]`.
+#[inline(always)]
+fn update<const FMA: bool>(
+    st: &mut Stats,
+    sc: &[f32],
+    acc: &mut [f32],
+    v: &[f32],
+    vs: usize,
+    j0: usize,
+) {
+    let mut bm = f32::NEG_INFINITY;
+    let mut nan = false;
+    for &x in sc {
+        bm = bm.max(x);
+        nan |= x.is_nan();
+    }
+    st.nan |= nan;
+    let m_new = st.m.max(bm);
+    if m_new == f32::NEG_INFINITY {
+        return;
+    }
+    if m_new != st.m {
+        let alpha = exp::<FMA>(st.m - m_new);
+        st.l *= alpha;
+        for a in acc.iter_mut() {
+            *a *= alpha;
+        }
+        st.m = m_new;
+    }
+    for (t, &x) in sc.iter().enumerate() {
+        let p = exp::<FMA>(x - m_new);
+        st.l += p;
+        let vr = &v[(j0 + t) * vs..][..acc.len()];
+        for (a, &y) in acc.iter_mut().zip(vr) {
+            *a = madd::<FMA>(p, y, *a);
+        }
+    }
+}
+
 #[inline(always)]
 fn part_body<const FMA: bool>(
     c: &Ctx,
@@ -420,66 +540,108 @@ fn part_body<const FMA: bool>(
     let s = &c.s;
     let hk = h / c.group;
     let q = &c.q.data[c.q.strides.offset(b, h, i)..][..s.head_dim];
-    let k0 = c.k.strides.offset(b, hk, 0);
-    let v0 = c.v.strides.offset(b, hk, 0);
+    let k = &c.k.data[c.k.strides.offset(b, hk, 0)..];
+    let v = &c.v.data[c.v.strides.offset(b, hk, 0)..];
     let (ks, vs) = (c.k.strides.seq, c.v.strides.seq);
     let mask = c
         .mask
         .as_ref()
         .map(|m| &m.data[m.strides.offset(b, h, i)..][..s.kv_len]);
-    let mut st = Stats {
-        m: f32::NEG_INFINITY,
-        l: 0.0,
-        nan: false,
-    };
+    let mut st = EMPTY;
     let mut scores = [0.0f32; KEY_BLOCK];
     let mut j0 = lo;
     while j0 < hi {
         let n = KEY_BLOCK.min(hi - j0);
         let sc = &mut scores[..n];
         for (t, o) in sc.iter_mut().enumerate() {
-            let kr = &c.k.data[k0 + (j0 + t) * ks..][..s.head_dim];
-            *o = c.opts.scale * dot::<FMA>(q, kr);
+            *o = c.opts.scale * dot::<FMA>(q, &k[(j0 + t) * ks..][..s.head_dim]);
         }
         if let Some(m) = mask {
             for (o, a) in sc.iter_mut().zip(&m[j0..j0 + n]) {
                 *o += a;
             }
         }
-        let mut bm = f32::NEG_INFINITY;
-        let mut nan = false;
-        for &x in sc.iter() {
-            bm = bm.max(x);
-            nan |= x.is_nan();
-        }
-        st.nan |= nan;
-        let m_new = st.m.max(bm);
-        if m_new != f32::NEG_INFINITY {
-            if m_new != st.m {
-                let alpha = exp::<FMA>(st.m - m_new);
-                st.l *= alpha;
-                for a in acc.iter_mut() {
-                    *a *= alpha;
-                }
-                st.m = m_new;
-            }
-            for (t, &x) in sc.iter().enumerate() {
-                let p = exp::<FMA>(x - m_new);
-                st.l += p;
-                let vr = &c.v.data[v0 + (j0 + t) * vs..][..s.v_dim];
-                for (a, &y) in acc.iter_mut().zip(vr) {
-                    *a = crate::simd::madd::<FMA>(p, y, *a);
-                }
-            }
-        }
+        update::<FMA>(&mut st, sc, acc, v, vs, j0);
         j0 += n;
     }
     st
 }
 
+/// Query block `blk` (see [`Ctx::block`]): each block of keys is transposed once into
+/// `sc.kt`, then every query row of the block scores it with FMAs along the keys (no
+/// horizontal sums) and folds it into its own online softmax.
+#[inline(always)]
+fn block_body<const FMA: bool>(c: &Ctx, blk: usize, sc: &mut Scratch, out: &OutPtr) {
+    let s = &c.s;
+    let per_head = s.q_len.div_ceil(QUERY_BLOCK);
+    let (qb, h, b) = (
+        blk % per_head,
+        (blk / per_head) % s.q_heads,
+        blk / (per_head * s.q_heads),
+    );
+    let (i0, i1) = (
+        qb * QUERY_BLOCK,
+        (qb * QUERY_BLOCK + QUERY_BLOCK).min(s.q_len),
+    );
+    let hk = h / c.group;
+    let k = &c.k.data[c.k.strides.offset(b, hk, 0)..];
+    let v = &c.v.data[c.v.strides.offset(b, hk, 0)..];
+    let (ks, vs, d, dv) = (c.k.strides.seq, c.v.strides.seq, s.head_dim, s.v_dim);
+    let ranges: Vec<(usize, usize)> = (i0..i1).map(|i| c.visible(i)).collect();
+    let klo = ranges.iter().map(|r| r.0).min().unwrap_or(0);
+    let khi = ranges.iter().map(|r| r.1).max().unwrap_or(0);
+    let mut stats = [EMPTY; QUERY_BLOCK];
+    sc.acc.fill(0.0);
+    let mut scores = [0.0f32; KEY_BLOCK];
+    let mut j0 = klo;
+    while j0 < khi {
+        let n = KEY_BLOCK.min(khi - j0);
+        // kt[t][j] = k[j0 + j][t]; columns past n stay as they were (their scores are unused).
+        for j in 0..n {
+            let kr = &k[(j0 + j) * ks..][..d];
+            for (t, &x) in kr.iter().enumerate() {
+                sc.kt[t * KEY_BLOCK + j] = x;
+            }
+        }
+        for (r, &(lo, hi)) in ranges.iter().enumerate() {
+            if hi <= j0 || lo >= j0 + n || lo >= hi {
+                continue;
+            }
+            let i = i0 + r;
+            let q = &c.q.data[c.q.strides.offset(b, h, i)..][..d];
+            scores.fill(0.0);
+            for (t, &qt) in q.iter().enumerate() {
+                let kt = &sc.kt[t * KEY_BLOCK..][..KEY_BLOCK];
+                for (o, &x) in scores.iter_mut().zip(kt) {
+                    *o = madd::<FMA>(qt, x, *o);
+                }
+            }
+            // Only keys lo..hi of this block take part.
+            let (a, e) = (lo.max(j0), hi.min(j0 + n));
+            let sc_row = &mut scores[a - j0..e - j0];
+            for o in sc_row.iter_mut() {
+                *o *= c.opts.scale;
+            }
+            if let Some(m) = &c.mask {
+                let mr = &m.data[m.strides.offset(b, h, i)..][a..e];
+                for (o, x) in sc_row.iter_mut().zip(mr) {
+                    *o += x;
+                }
+            }
+            let acc = &mut sc.acc[r * dv..(r + 1) * dv];
+            update::<FMA>(&mut stats[r], sc_row, acc, v, vs, a);
+        }
+        j0 += n;
+    }
+    for (r, &(lo, hi)) in ranges.iter().enumerate() {
+        let st = (lo < hi).then_some(stats[r]);
+        c.write(out, b, h, i0 + r, st, &sc.acc[r * dv..(r + 1) * dv]);
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{part_body, Ctx, Stats};
+    use super::{block_body, part_body, Ctx, OutPtr, Scratch, Stats};
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
     pub(super) fn part_avx512(
@@ -505,5 +667,15 @@ mod x86 {
         acc: &mut [f32],
     ) -> Stats {
         part_body::<true>(c, b, h, i, lo, hi, acc)
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+    pub(super) fn block_avx512(c: &Ctx, blk: usize, sc: &mut Scratch, out: &OutPtr) {
+        block_body::<true>(c, blk, sc, out)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn block_avx2(c: &Ctx, blk: usize, sc: &mut Scratch, out: &OutPtr) {
+        block_body::<true>(c, blk, sc, out)
     }
 }

@@ -6,11 +6,17 @@
 //! AVX512-BF16 path multiplies bf16 pairs with `vdpbf16ps` (the products of two bf16 are exact
 //! in f32), the AVX2 and portable paths widen W to f32 by a 16-bit shift and use f32 FMAs.
 //! Only the order of the f32 additions differs between paths.
+//!
+//! [`gemv_f8e4m3`] and [`gemv_f8e4m3_batch`] take fp8 e4m3 weights with a per-tensor scale
+//! (module `f8`).
 
 use crate::simd::{dot, madd, Isa, LANES};
 use crate::KernelError;
 use half::bf16;
 use rayon::prelude::*;
+
+mod f8;
+pub use f8::{gemv_f8e4m3, gemv_f8e4m3_batch, gemv_f8e4m3_batch_with, gemv_f8e4m3_with, MAX_BATCH};
 
 /// Products with fewer weights than this run on the calling thread only.
 const PARALLEL_MIN_WEIGHTS: usize = 1 << 15;
@@ -27,17 +33,23 @@ fn check(n: usize, k: usize, w: usize, x: usize, y: usize) -> Result<(), KernelE
     Ok(())
 }
 
-/// Splits the rows of `y` over the threads (blocks of a multiple of 4 rows) and runs
-/// `rows(first_row, y_block)` on each block.
-fn split_rows(n: usize, k: usize, y: &mut [f32], rows: impl Fn(usize, &mut [f32]) + Sync) {
+/// Splits the `n` rows of `y` (`width` elements each) over the threads (blocks of a multiple
+/// of 4 rows) and runs `rows(first_row, y_block)` on each block.
+fn split_rows(
+    n: usize,
+    k: usize,
+    width: usize,
+    y: &mut [f32],
+    rows: impl Fn(usize, &mut [f32]) + Sync,
+) {
     let threads = crate::threads();
-    if threads <= 1 || n * k < PARALLEL_MIN_WEIGHTS || n < 8 {
+    if threads <= 1 || n * k * width < PARALLEL_MIN_WEIGHTS || n < 8 {
         rows(0, y);
         return;
     }
     // Several blocks per thread so an uneven split costs little; at least 4 rows each.
     let block = n.div_ceil(threads * 8).next_multiple_of(4).max(4);
-    y.par_chunks_mut(block)
+    y.par_chunks_mut(block * width)
         .enumerate()
         .for_each(|(b, yb)| rows(b * block, yb));
 }
@@ -72,7 +84,7 @@ pub fn gemv_bf16_with(
     #[cfg(target_arch = "x86_64")]
     if isa >= Isa::Avx512Bf16 && Isa::Avx512Bf16.available() {
         let xb: Vec<u16> = x.iter().map(|&v| bf16::from_f32(v).to_bits()).collect();
-        split_rows(n, k, y, |r0, yb| {
+        split_rows(n, k, 1, y, |r0, yb| {
             let wrows = &wb[r0 * k..(r0 + yb.len()) * k];
             // SAFETY: the CPU has AVX-512 F/BW/VL and BF16 (checked just above); the slices
             // hold yb.len() rows of k weights and k values of x, as the kernel requires.
@@ -83,7 +95,7 @@ pub fn gemv_bf16_with(
     let xr: Vec<f32> = x.iter().map(|&v| bf16::from_f32(v).to_f32()).collect();
     #[cfg(target_arch = "x86_64")]
     if isa >= Isa::Avx2 && Isa::Avx2.available() {
-        split_rows(n, k, y, |r0, yb| {
+        split_rows(n, k, 1, y, |r0, yb| {
             let wrows = &wb[r0 * k..(r0 + yb.len()) * k];
             // SAFETY: the CPU has AVX2 and FMA (checked just above); the slices hold yb.len()
             // rows of k weights and k values of x, as the kernel requires.
@@ -91,7 +103,7 @@ pub fn gemv_bf16_with(
         });
         return Ok(());
     }
-    split_rows(n, k, y, |r0, yb| {
+    split_rows(n, k, 1, y, |r0, yb| {
         for (i, yi) in yb.iter_mut().enumerate() {
             let row = &wb[(r0 + i) * k..(r0 + i + 1) * k];
             *yi = dot_bf16_portable(row, &xr);
@@ -159,7 +171,7 @@ pub fn gemv_f32_with(
         .rev()
         .find(|i| *i <= isa && i.available())
         .unwrap_or(Isa::Portable);
-    split_rows(n, k, y, |r0, yb| {
+    split_rows(n, k, 1, y, |r0, yb| {
         let wrows = &w[r0 * k..(r0 + yb.len()) * k];
         match level {
             #[cfg(target_arch = "x86_64")]

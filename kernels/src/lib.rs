@@ -1,14 +1,20 @@
 //! kiln's CPU kernels.
 //!
+//! * [`attention`]: flash attention in f32 over strided q/k/v views (GQA, causal, sliding
+//!   window, additive mask; split key ranges for decode), writing any output layout.
 //! * [`convert`]: the dtype conversion kernels used when binding weights, which decode
 //!   little-endian bytes of one dtype into typed vectors of another (f32, f16, bf16 and the two
 //!   fp8 formats among each other, plus lossless integer widenings) and encode f32 values into
 //!   the bytes of any float dtype.
 //! * [`gemm`]: f32 matrix products with the IR's transpose flags, strided and batched.
 //! * [`gemm_bf16`]: bf16-weight matrix products (`vdpbf16ps`) on prepacked weights.
-//! * [`gemv`]: matrix-vector products for decode, `y = W · x` with bf16 or f32 weights.
-//! * [`rowwise`]: rmsnorm and softmax over the last axis.
+//! * [`gemv`]: matrix-vector products for decode, `y = W · x` with bf16, f32 or fp8 e4m3
+//!   (per-tensor scale; also a few rows of x at once) weights.
+//! * [`rowwise`]: rmsnorm, layernorm and softmax over the last axis.
 //! * [`elementwise`]: fused elementwise kernels (`silu(a) · b`).
+//! * [`fused`]: compiled programs for any `fused_elementwise` body over broadcast/strided
+//!   operands, interpreted per chunk of elements.
+//! * [`layout`]: strided copies (permute, slice, expand, concat).
 //! * [`peak`]: machine ceilings (FMA and bf16 dot-product peak, copy and read bandwidth).
 //!
 //! Every fast path is chosen at run time with `is_x86_feature_detected!` and has a portable

@@ -308,9 +308,14 @@ fn sliding_window_and_kv_longer_than_queries() {
 
 #[test]
 fn decode_with_long_kv_splits_the_key_range() {
-    for (i, (b, hq, hkv, sk, d)) in [(1, 8, 1, 4097, 64), (2, 4, 2, 1500, 7), (1, 1, 1, 600, 128)]
-        .into_iter()
-        .enumerate()
+    for (i, (b, hq, hkv, sk, d)) in [
+        (1, 8, 1, 4097, 64),
+        (2, 4, 2, 1500, 7),
+        (1, 1, 1, 600, 128),
+        (1, 2, 2, 4097, 33),
+    ]
+    .into_iter()
+    .enumerate()
     {
         for mask in [Mask::None, Mask::Padding] {
             check(

@@ -1,0 +1,257 @@
+//! fp8 e4m3 weights for decode: `y = (bf16(x) · dequant(W)ᵀ) · scale`, the graph the fp8
+//! precision builds (`compiler/src/precision.rs`: `matmul(cast(cast(x, bf16), f32),
+//! cast(W_e4m3, f32)ᵀ) * scale`), reading one byte per weight.
+//!
+//! Every e4m3 value is exact in bf16, so on every path the sum is `Σ_j e4m3(W[i,j]) ·
+//! bf16(x[j])` accumulated in f32 (products of two bf16 are exact in f32), then multiplied by
+//! `scale`. The AVX512-BF16 path widens 32 weight bytes at a time to bf16 in registers (two
+//! `vpermi2w` lookups in a 128-entry table of magnitudes, a blend on bit 6 and the sign bit
+//! or-ed in) and multiplies with `vdpbf16ps`; the other paths look the weights up in a
+//! 256-entry f32 table and use f32 multiply-adds. Only the order of the f32 additions differs.
+//! [`gemv_f8e4m3_batch`] multiplies up to a few rows of x at once (decode with batch > 1),
+//! widening each weight block once for all rows.
+
+use super::split_rows;
+use crate::simd::{madd, Isa};
+use crate::KernelError;
+use half::bf16;
+use std::sync::OnceLock;
+
+/// The f32 value of every e4m3 byte.
+fn table() -> &'static [f32; 256] {
+    static T: OnceLock<[f32; 256]> = OnceLock::new();
+    T.get_or_init(|| std::array::from_fn(|b| kiln_ir::f8::f8e4m3_to_f32(b as u8)))
+}
+
+/// `y = (W · bf16(x)) · scale` with e4m3 weights `w` (`n × k` bytes, row-major) and a
+/// per-tensor `scale`, at the best [`Isa`].
+pub fn gemv_f8e4m3(
+    n: usize,
+    k: usize,
+    w: &[u8],
+    scale: f32,
+    x: &[f32],
+    y: &mut [f32],
+) -> Result<(), KernelError> {
+    gemv_f8e4m3_batch_with(Isa::best(), 1, n, k, w, scale, x, y)
+}
+
+/// As [`gemv_f8e4m3`] at instruction-set level `isa`.
+#[allow(clippy::too_many_arguments)]
+pub fn gemv_f8e4m3_with(
+    isa: Isa,
+    n: usize,
+    k: usize,
+    w: &[u8],
+    scale: f32,
+    x: &[f32],
+    y: &mut [f32],
+) -> Result<(), KernelError> {
+    gemv_f8e4m3_batch_with(isa, 1, n, k, w, scale, x, y)
+}
+
+/// Rows of x multiplied together per pass over the weights by the batched form.
+pub const MAX_BATCH: usize = 8;
+
+/// `y[r] = (W · bf16(x[r])) · scale` for the `m` rows of `x` (`m × k`) into `y` (`m × n`), both
+/// row-major, at the best [`Isa`]. Every weight is read once per [`MAX_BATCH`] rows.
+#[allow(clippy::too_many_arguments)]
+pub fn gemv_f8e4m3_batch(
+    m: usize,
+    n: usize,
+    k: usize,
+    w: &[u8],
+    scale: f32,
+    x: &[f32],
+    y: &mut [f32],
+) -> Result<(), KernelError> {
+    gemv_f8e4m3_batch_with(Isa::best(), m, n, k, w, scale, x, y)
+}
+
+/// As [`gemv_f8e4m3_batch`] at instruction-set level `isa`.
+#[allow(clippy::too_many_arguments)]
+pub fn gemv_f8e4m3_batch_with(
+    isa: Isa,
+    m: usize,
+    n: usize,
+    k: usize,
+    w: &[u8],
+    scale: f32,
+    x: &[f32],
+    y: &mut [f32],
+) -> Result<(), KernelError> {
+    let need = |a: usize, b: usize| a.checked_mul(b);
+    if need(n, k) != Some(w.len()) || need(m, k) != Some(x.len()) || need(m, n) != Some(y.len()) {
+        return Err(KernelError::Layout(format!(
+            "gemv_f8e4m3 {m}x{n}x{k}: W has {} bytes, x {} and y {} elements",
+            w.len(),
+            x.len(),
+            y.len()
+        )));
+    }
+    if n == 0 || m == 0 {
+        return Ok(());
+    }
+    for (xs, ys) in x
+        .chunks(MAX_BATCH * k.max(1))
+        .zip(y.chunks_mut(MAX_BATCH * n))
+    {
+        let mb = ys.len() / n;
+        batch(isa, mb, n, k, w, scale, xs, ys);
+    }
+    Ok(())
+}
+
+/// At most [`MAX_BATCH`] rows: computes `yt[i·mb + r]` (weight row i, x row r) in parallel
+/// over weight rows, scales it, then writes `y[r·n + i]`.
+#[allow(clippy::too_many_arguments)]
+fn batch(isa: Isa, mb: usize, n: usize, k: usize, w: &[u8], scale: f32, x: &[f32], y: &mut [f32]) {
+    let compute = |yt: &mut [f32]| {
+        #[cfg(target_arch = "x86_64")]
+        if isa >= Isa::Avx512Bf16 && Isa::Avx512Bf16.available() {
+            let xb: Vec<u16> = x.iter().map(|&v| bf16::from_f32(v).to_bits()).collect();
+            split_rows(n, k, mb, yt, |i0, yb| {
+                let wr = &w[i0 * k..(i0 + yb.len() / mb) * k];
+                // SAFETY: the CPU has AVX-512 F/BW/VL and BF16 (checked just above); `wr`
+                // holds yb.len() / mb rows of k weights, `xb` mb rows of k values.
+                unsafe { x86::rows_avx512(wr, k, &xb, mb, yb) }
+            });
+        } else {
+            portable_rows(isa, mb, n, k, w, x, yt);
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        portable_rows(isa, mb, n, k, w, x, yt);
+        for v in yt.iter_mut() {
+            *v *= scale;
+        }
+    };
+    if mb == 1 {
+        compute(y);
+    } else {
+        let mut yt = vec![0.0; n * mb];
+        compute(&mut yt);
+        for (i, row) in yt.chunks_exact(mb).enumerate() {
+            for (r, v) in row.iter().enumerate() {
+                y[r * n + i] = *v;
+            }
+        }
+    }
+}
+
+/// The table-lookup path (AVX2 + FMA or portable), parallel over weight rows.
+fn portable_rows(isa: Isa, mb: usize, n: usize, k: usize, w: &[u8], x: &[f32], yt: &mut [f32]) {
+    let xr: Vec<f32> = x.iter().map(|&v| bf16::from_f32(v).to_f32()).collect();
+    let level = crate::simd::vector_level(isa);
+    split_rows(n, k, mb, yt, |i0, yb| {
+        let wr = &w[i0 * k..(i0 + yb.len() / mb) * k];
+        match level {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 | Isa::Avx512 | Isa::Avx512Bf16 => {
+                // SAFETY: `vector_level` returned an available level, so AVX2 and FMA are
+                // present.
+                unsafe { x86::rows_table_avx2(wr, k, &xr, mb, yb) }
+            }
+            _ => rows_table::<false>(wr, k, &xr, mb, yb),
+        }
+    });
+}
+
+/// `yb[i·mb + r] = Σ_j table[W[i,j]] · xr[r·k + j]`, 16 columns at a time.
+#[inline(always)]
+fn rows_table<const FMA: bool>(w: &[u8], k: usize, xr: &[f32], mb: usize, yb: &mut [f32]) {
+    const L: usize = 16;
+    let t = table();
+    let mut wf = vec![0.0f32; k];
+    for (row, out) in w.chunks_exact(k.max(1)).zip(yb.chunks_exact_mut(mb)) {
+        for (d, &b) in wf.iter_mut().zip(row) {
+            *d = t[usize::from(b)];
+        }
+        for (r, o) in out.iter_mut().enumerate() {
+            let xs = &xr[r * k..(r + 1) * k];
+            let mut acc = [0.0f32; L];
+            let mut cw = wf.chunks_exact(L);
+            let mut cx = xs.chunks_exact(L);
+            for (a, b) in (&mut cw).zip(&mut cx) {
+                for l in 0..L {
+                    acc[l] = madd::<FMA>(a[l], b[l], acc[l]);
+                }
+            }
+            let mut tail = 0.0f32;
+            for (a, b) in cw.remainder().iter().zip(cx.remainder()) {
+                tail = madd::<FMA>(*a, *b, tail);
+            }
+            *o = crate::simd::hsum(&acc) + tail;
+        }
+    }
+    if k == 0 {
+        yb.fill(0.0);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{rows_table, table, MAX_BATCH};
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn rows_table_avx2(w: &[u8], k: usize, xr: &[f32], mb: usize, yb: &mut [f32]) {
+        rows_table::<true>(w, k, xr, mb, yb)
+    }
+
+    /// The bf16 bits of the e4m3 magnitudes 0..128, as four vectors of 32.
+    fn magnitude_tables() -> [[u16; 32]; 4] {
+        let t = table();
+        std::array::from_fn(|q| std::array::from_fn(|l| (t[q * 32 + l].to_bits() >> 16) as u16))
+    }
+
+    /// `yb[i·mb + r] = Σ_j W[i,j] · xb[r·k + j]` with `vdpbf16ps`: `w` holds `yb.len() / mb`
+    /// rows of k e4m3 bytes, `xb` mb ≤ [`MAX_BATCH`] rows of k bf16 values. Each block of 32
+    /// weights is widened to bf16 once and multiplied with every row of x; the last `k % 32`
+    /// columns use zero-masked loads (zero weights and zero x add nothing).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    pub(super) fn rows_avx512(w: &[u8], k: usize, xb: &[u16], mb: usize, yb: &mut [f32]) {
+        assert!(mb <= MAX_BATCH && xb.len() == mb * k && w.len() * mb == yb.len() * k);
+        let tabs = magnitude_tables();
+        // SAFETY: each table is 32 u16 = 64 bytes; unaligned loads.
+        let [t0, t1, t2, t3] = tabs.map(|t| unsafe { _mm512_loadu_si512(t.as_ptr().cast()) });
+        let full = k / 32;
+        let rem = k % 32;
+        let tail_mask: __mmask32 = ((1u64 << rem) - 1) as u32;
+        let widen = |bytes: __m256i| -> __m512bh {
+            let idx = _mm512_cvtepu8_epi16(bytes);
+            let lo = _mm512_permutex2var_epi16(t0, idx, t1);
+            let hi = _mm512_permutex2var_epi16(t2, idx, t3);
+            let big = _mm512_test_epi16_mask(idx, _mm512_set1_epi16(0x40));
+            let mag = _mm512_mask_blend_epi16(big, lo, hi);
+            let sign = _mm512_slli_epi16::<8>(_mm512_and_si512(idx, _mm512_set1_epi16(0x80)));
+            // SAFETY: both are 512-bit plain-data vectors; any bit pattern is valid.
+            unsafe { std::mem::transmute::<__m512i, __m512bh>(_mm512_or_si512(mag, sign)) }
+        };
+        let xp = xb.as_ptr();
+        for (i, out) in yb.chunks_exact_mut(mb).enumerate() {
+            let wp = w[i * k..].as_ptr();
+            let mut acc = [_mm512_setzero_ps(); MAX_BATCH];
+            for c in 0..=full {
+                let off = c * 32;
+                let m = if c < full { u32::MAX } else { tail_mask };
+                if m == 0 {
+                    break;
+                }
+                // SAFETY: bytes off..off+32 of row i are in bounds for full blocks (c < full),
+                // and the masked tail reads only off..off+rem ≤ k (masked-off lanes are not
+                // accessed); row i < yb.len() / mb is inside `w` by the assert.
+                let wv = widen(unsafe { _mm256_maskz_loadu_epi8(m, wp.add(off).cast()) });
+                for (r, a) in acc.iter_mut().enumerate().take(mb) {
+                    // SAFETY: x row r holds k values at r·k (assert); same bounds as above.
+                    let xv = unsafe { _mm512_maskz_loadu_epi16(m, xp.add(r * k + off).cast()) };
+                    // SAFETY: plain-data reinterpretation of 512 bits.
+                    let xv = unsafe { std::mem::transmute::<__m512i, __m512bh>(xv) };
+                    *a = _mm512_dpbf16_ps(*a, wv, xv);
+                }
+            }
+            for (o, a) in out.iter_mut().zip(acc) {
+                *o = _mm512_reduce_add_ps(a);
+            }
+        }
+    }
+}
