@@ -165,7 +165,7 @@ impl CpuGraph {
                 let ctx = ctx(id, node, &env);
                 let shape = ctx.shape(&node.ty.shape)?;
                 let started = self.profile.as_ref().map(|_| Instant::now());
-                vals[i] = self.eval(&ctx, node, step, shape, &vals, bufs)?;
+                vals[i] = self.eval(&ctx, node, step, shape, &vals, bufs, params)?;
                 if let (Some(p), Some(t)) = (&self.profile, started) {
                     let mut p = p.lock().unwrap_or_else(|e| e.into_inner());
                     let e = p.entry(plan::kind(&step.name()).to_string()).or_default();
@@ -202,6 +202,7 @@ impl CpuGraph {
     }
 
     /// Computes one node: its step's kernel when the operands fit it, else the reference op.
+    #[allow(clippy::too_many_arguments)]
     fn eval<'a>(
         &self,
         ctx: &Ctx<'_>,
@@ -210,6 +211,7 @@ impl CpuGraph {
         shape: Vec<usize>,
         vals: &[Val<'a>],
         bufs: &mut [Vec<f32>],
+        params: &dyn ParamSource,
     ) -> Result<Val<'a>, ExecError> {
         let slot = self.slots.slot[ctx.node.index()];
         let first = node.inputs.first().map(|v| &vals[v.index()]);
@@ -232,7 +234,7 @@ impl CpuGraph {
         if let Some(s) = slot {
             let mut out = std::mem::take(&mut bufs[s]);
             out.resize(shape.iter().product(), 0.0);
-            let done = self.kernel(ctx, node, step, &shape, vals, bufs, &mut out);
+            let done = self.kernel(ctx, node, step, &shape, vals, bufs, params, &mut out);
             bufs[s] = out;
             if done? {
                 return Ok(Val::Buf(s, Layout::dense(shape)));
@@ -275,6 +277,7 @@ impl CpuGraph {
         shape: &[usize],
         vals: &[Val<'_>],
         bufs: &[Vec<f32>],
+        params: &dyn ParamSource,
         out: &mut [f32],
     ) -> Result<bool, ExecError> {
         let f32s = |k: usize| -> Option<(&[f32], &[usize])> {
@@ -302,7 +305,11 @@ impl CpuGraph {
                     return Ok(true);
                 }
                 let m = x.len() / k;
-                if let Some(w) = self.weights.packed(weight, *transposed) {
+                let stored = params.get(weight).map(Tensor::storage);
+                if let (Some(Storage::F8E4M3(w)), true) = (stored, *transposed) {
+                    // fp8 weights stay one byte each; the graph applies the scale afterwards.
+                    gemv::gemv_f8e4m3_batch(m, n, k, w, 1.0, x, out).map_err(kerr)?;
+                } else if let Some(w) = self.weights.packed(weight, *transposed) {
                     if w.n() != n || w.k() != k {
                         return Ok(false);
                     }

@@ -1,7 +1,9 @@
-//! Weights converted and packed once at load for the linear-layer kernels: a bf16, f16 or fp8
-//! weight becomes a bf16 panel-packed matrix ([`PackedBf16`], exact for bf16 and e4m3, rounded
-//! for f16 and e5m2 as a cast to bf16 would — precision lowering only emits bf16 and e4m3
-//! weights here); f32 weights are read in place from the parameters, with no copy.
+//! Weights converted and packed once at load for the linear-layer kernels: a bf16 or f16
+//! weight (and an fp8 one stored `[k, n]`) becomes a bf16 panel-packed matrix ([`PackedBf16`],
+//! exact for bf16 and e4m3, rounded for f16 and e5m2 as a cast to bf16 would — precision
+//! lowering only emits bf16 and e4m3 weights here). f32 weights, and e4m3 weights stored
+//! `[n, k]` (read one byte per weight by the fp8 GEMV), are used in place from the parameters,
+//! with no copy.
 
 use super::plan::{Plan, Step};
 use crate::reference::ParamSource;
@@ -30,7 +32,11 @@ impl Weights {
                     continue;
                 };
                 let key = (weight.clone(), *transposed);
-                if packed.contains_key(&key) {
+                let fp8_in_place = *transposed
+                    && params
+                        .get(weight)
+                        .is_some_and(|t| t.dtype() == DType::F8E4M3);
+                if fp8_in_place || packed.contains_key(&key) {
                     continue;
                 }
                 if let Some(p) = params.get(weight).and_then(|t| pack(t, *transposed)) {
