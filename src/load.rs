@@ -168,22 +168,58 @@ fn bind_scaled(ckpt: &Checkpoint, g: &Graph, convert: Convert) -> Result<Params,
         let data = w
             .as_f32()
             .ok_or_else(|| LoadError::Unsupported(format!("internal: {name} not f32")))?;
-        let amax = data.iter().fold(0.0f32, |m, x| m.max(x.abs()));
-        let scale = if amax > 0.0 && amax.is_finite() {
-            amax / E4M3_MAX
-        } else {
-            1.0
+        let scale_name = format!("{name}{SCALE_SUFFIX}");
+        // Per-channel scales `[rows, 1]` or `[1, cols]` (the declared scale says which), else
+        // one per tensor.
+        let scale_ty = g
+            .params()
+            .find(|(n, ..)| *n == scale_name)
+            .map(|(_, _, t)| t);
+        let per_row = scale_ty
+            .and_then(|t| t.shape.get(1))
+            .and_then(|d| d.as_fixed())
+            == Some(1);
+        let (rows, cols, per_channel) = match (w.shape(), scale_ty.map_or(0, |t| t.rank())) {
+            (&[r, c], 2) => (r, c, true),
+            _ => (1, data.len(), false),
         };
+        let of: fn(usize, usize) -> usize = if per_channel && !per_row {
+            |i, cols| i % cols
+        } else {
+            |i, cols| i / cols
+        };
+        let groups = if per_channel && !per_row { cols } else { rows };
+        let mut amax = vec![0.0f32; groups];
+        for (i, x) in data.iter().enumerate() {
+            let g = of(i, cols);
+            amax[g] = amax[g].max(x.abs());
+        }
+        let scales: Vec<f32> = amax
+            .iter()
+            .map(|&a| {
+                if a > 0.0 && a.is_finite() {
+                    a / E4M3_MAX
+                } else {
+                    1.0
+                }
+            })
+            .collect();
         let stored: Vec<f32> = data
             .iter()
-            .map(|x| (x / scale).clamp(-E4M3_MAX, E4M3_MAX))
+            .enumerate()
+            .map(|(i, x)| (x / scales[of(i, cols)]).clamp(-E4M3_MAX, E4M3_MAX))
             .collect();
         let bad = |e: kiln_runtime::tensor::ShapeMismatch| LoadError::Unsupported(e.to_string());
         let stored = Tensor::from_f32(w.shape().to_vec(), stored).map_err(bad)?;
         params.insert(name.clone(), stored.cast(DType::F8E4M3));
+        let scale_shape = match (per_channel, per_row) {
+            (false, _) => vec![],
+            (true, true) => vec![rows, 1],
+            (true, false) => vec![1, cols],
+        };
         params.insert(
-            format!("{name}{SCALE_SUFFIX}"),
-            Tensor::from_f32(vec![], vec![scale]).map_err(bad)?,
+            scale_name,
+            Tensor::from_f32(scale_shape, scales).map_err(bad)?,
         );
     }
     Ok(params)

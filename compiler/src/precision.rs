@@ -24,25 +24,64 @@
 //! - **`moe`** is weight-only: its weights are stored narrow and cast back to f32 at use, the
 //!   block computes in f32 (its op rounds every step to the operand dtype, which in bf16 would
 //!   also round the router's partial sums).
-//! - **fp8** is e4m3 weight storage with a per-tensor scale: each narrow weight `W` is declared
-//!   `f8e4m3` and gets a companion f32 scalar parameter `W.scale` (`SCALE_SUFFIX`). The loader
-//!   computes `scale = amax(|W|) / 448` from the checkpoint when binding (1 for an all-zero
-//!   tensor), stores `W / scale` cast to e4m3 (round to nearest even, as PyTorch), and binds
-//!   the scale. The graph casts the e4m3 weight to f32 (exact), multiplies the matmul's
-//!   product by the scale (`(x · W/s) * s`, as fp8 GEMMs apply their scales to the output) and
-//!   the moe weights before use. Activations are rounded to bf16 as above. Measured against
-//!   transformers' f32 logits (`tests/precision.rs`) this gives 1–6 % relative error and
-//!   88–100 % top-1 agreement: short of the 95 % top-1 target on llama, mistral and mixtral,
-//!   limited by e4m3's 3-bit mantissa (unscaled storage was measured first: llama 5.9 %,
-//!   94.1 %; the scale fixes range, not precision). Finer schemes (per-channel scales, keeping
-//!   sensitive layers in bf16) are left for later.
+//! - **fp8** is e4m3 weight storage with per-channel scales: each narrow weight `W` is declared
+//!   `f8e4m3` and gets a companion f32 parameter `W.scale` (`SCALE_SUFFIX`), one scale per
+//!   output channel: `[rows, 1]` for a weight every use reads as `x · Wᵀ` (matmul
+//!   `transpose_b`, moe experts), `[1, cols]` for one read as `x · W`, a scalar otherwise. The
+//!   loader computes `scale = amax(|W|) / 448` over each channel from the checkpoint when
+//!   binding (1 for an all-zero channel), stores `W / scale` cast to e4m3 (round to nearest
+//!   even, as PyTorch), and binds the scales. The graph casts the e4m3 weight to f32 (exact),
+//!   multiplies the matmul's product by the scales reshaped to `[n]` (`(x · W/s) * s`, as fp8
+//!   GEMMs apply their scales to the output) and the moe weights before use. Activations are
+//!   rounded to bf16 as above. Measured against transformers' f32 logits (`tests/precision.rs`)
+//!   this gives 0.9–5.3 % relative error and 88–97 % top-1 agreement: short of the 95 % top-1
+//!   target on llama, llama_tied, mistral, mixtral and gpt2, limited by e4m3's 3-bit mantissa
+//!   (a per-tensor scale gave 4–6 % and 88–94 %; unscaled storage llama 5.9 %, 94.1 %).
+//!   Finer schemes (activation scaling, keeping sensitive layers in bf16) are left for later.
 //!
 //! A target that cannot run the precision is refused with the targets that can
 //! ([`crate::cost::Target::precisions`]).
 
 use crate::cost::{Target, TARGETS};
-use kiln_ir::{BinaryOp, DType, Graph, Node, Op, TensorType, ValueId};
+use kiln_ir::{BinaryOp, DType, Dim, Graph, Node, Op, TensorType, ValueId};
 use std::collections::HashMap;
+
+/// Which values of an fp8 weight share one scale: the output channels of every use (rows of a
+/// weight used as `x · Wᵀ`, columns of one used as `x · W`), or the whole tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Channels {
+    Rows,
+    Cols,
+    Tensor,
+}
+
+/// The channels of the 2-D weight parameter `w` over all its uses in `g`.
+fn channels(g: &Graph, w: ValueId) -> Channels {
+    let mut kind = None;
+    for node in g.nodes() {
+        for (i, &v) in node.inputs.iter().enumerate() {
+            if v != w {
+                continue;
+            }
+            let k = match node.op {
+                Op::MatMul { transpose_b, .. } if i == 1 => {
+                    if transpose_b {
+                        Channels::Rows
+                    } else {
+                        Channels::Cols
+                    }
+                }
+                Op::Moe { .. } if i > 0 => Channels::Rows,
+                _ => Channels::Tensor,
+            };
+            if kind.is_some_and(|c| c != k) {
+                return Channels::Tensor;
+            }
+            kind = Some(k);
+        }
+    }
+    kind.unwrap_or(Channels::Tensor)
+}
 
 /// The suffix of an fp8 weight's scale parameter: `<name>.scale`, an f32 scalar the loader
 /// computes and binds (see the module docs).
@@ -174,8 +213,9 @@ struct Lowering<'a> {
     casts: HashMap<(ValueId, DType), ValueId>,
     /// Parameters whose declared dtype becomes the storage dtype.
     narrow: Vec<bool>,
-    /// fp8: each narrow parameter's scale parameter (new values).
-    scales: HashMap<ValueId, ValueId>,
+    /// fp8: each narrow parameter's scale parameter and that scale as a matmul product's
+    /// factor (per-channel scales reshaped to `[n]`), as new values.
+    scales: HashMap<ValueId, (ValueId, ValueId)>,
 }
 
 impl<'a> Lowering<'a> {
@@ -269,14 +309,31 @@ impl<'a> Lowering<'a> {
                         },
                     );
                     if self.storage == DType::F8E4M3 {
+                        let channels = channels(g, v);
+                        let dims = &node.ty.shape;
+                        let shape = match (channels, dims.as_slice()) {
+                            (Channels::Rows, [rows, _]) => vec![rows.clone(), Dim::fixed(1)],
+                            (Channels::Cols, [_, cols]) => vec![Dim::fixed(1), cols.clone()],
+                            _ => Vec::new(),
+                        };
                         let scale = self.out.param(
                             &format!("{name}{SCALE_SUFFIX}"),
                             TensorType {
                                 dtype: DType::F32,
-                                shape: Default::default(),
+                                shape,
                             },
                         );
-                        self.scales.insert(p, scale);
+                        // A matmul's product `[.., n]` takes per-channel scales as `[n]`.
+                        let per_product = match (channels, dims.as_slice()) {
+                            (Channels::Rows, [n, _]) | (Channels::Cols, [_, n]) => self.add(
+                                Op::Reshape {
+                                    shape: vec![n.clone()],
+                                },
+                                &[scale],
+                            )?,
+                            _ => scale,
+                        };
+                        self.scales.insert(p, (scale, per_product));
                     }
                     p
                 }
@@ -288,9 +345,9 @@ impl<'a> Lowering<'a> {
                         .map(|(i, &x)| if i < 3 { self.rounded(x) } else { Ok(x) })
                         .collect::<Result<Vec<_>, _>>()?;
                     let mut r = self.add(node.op.clone(), &low)?;
-                    // fp8: the per-tensor scales multiply the product.
+                    // fp8: the weight's scales multiply the product.
                     for x in &ins {
-                        if let Some(&scale) = self.scales.get(x) {
+                        if let Some(&(_, scale)) = self.scales.get(x) {
                             r = self.add(Op::Binary(BinaryOp::Mul), &[r, scale])?;
                         }
                     }
@@ -302,7 +359,9 @@ impl<'a> Lowering<'a> {
                         .map(|&i| {
                             let w = self.cast(i, DType::F32)?;
                             match self.scales.get(&i) {
-                                Some(&scale) => self.add(Op::Binary(BinaryOp::Mul), &[w, scale]),
+                                Some(&(scale, _)) => {
+                                    self.add(Op::Binary(BinaryOp::Mul), &[w, scale])
+                                }
                                 None => Ok(w),
                             }
                         })
@@ -458,7 +517,27 @@ mod tests {
                 .map(|(_, _, t)| (t.dtype, t.shape.len()))
         };
         assert_eq!(dtype("w1"), Some((DType::F8E4M3, 2)));
-        assert_eq!(dtype("w1.scale"), Some((DType::F32, 0)));
+        // One scale per output channel, as the weight's uses read it.
+        let scale = g.params().find(|(n, ..)| *n == "w1.scale").unwrap().2;
+        let w1 = g.params().find(|(n, ..)| *n == "w1").unwrap().2;
+        let transposed = g.nodes().iter().any(|n| {
+            matches!(
+                n.op,
+                Op::MatMul {
+                    transpose_b: true,
+                    ..
+                }
+            ) && n
+                .inputs
+                .get(1)
+                .is_some_and(|&i| rounded_to(&g, i) == DType::F8E4M3)
+        });
+        let want = if transposed {
+            vec![w1.shape[0].clone(), kiln_ir::Dim::fixed(1)]
+        } else {
+            vec![kiln_ir::Dim::fixed(1), w1.shape[1].clone()]
+        };
+        assert_eq!((scale.dtype, &scale.shape), (DType::F32, &want));
         assert_eq!(dtype("norm.weight"), Some((DType::F32, 1)));
         for n in g.nodes() {
             if let Op::MatMul { .. } = n.op {
