@@ -17,6 +17,7 @@ fn bench(c: &mut Criterion) {
     c.bench_function("reference/llama-fixture/prefill-34", |b| {
         b.iter(|| {
             model
+                .model
                 .lm
                 .prefill(std::slice::from_ref(&prompt))
                 .expect("prefill")
@@ -25,11 +26,12 @@ fn bench(c: &mut Criterion) {
     c.bench_function("reference/llama-fixture/prefill-34+decode-24", |b| {
         b.iter(|| {
             model
+                .model
                 .lm
                 .prefill(std::slice::from_ref(&prompt))
                 .expect("prefill");
             for step in 0..24 {
-                model.lm.decode(&[4 + step]).expect("decode");
+                model.model.lm.decode(&[4 + step]).expect("decode");
             }
         })
     });

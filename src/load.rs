@@ -1,6 +1,7 @@
-//! Loading a Hugging Face model directory for running: parse the config, trace the family's
-//! graphs, optimize them (unless asked not to), bind the weights, and wrap them for generation
-//! or encoding.
+//! Loading a model for running, from a Hugging Face model directory (parse the config, trace
+//! the family's graphs, optimize them unless asked not to, lower the precision, bind the
+//! weights) or from an artifact (`kiln compile`'s output, read by `kiln_runtime::artifact`),
+//! into the runtime's ready-to-use [`CausalModel`] or [`EncoderModel`].
 
 use kiln_compiler::cost::Target;
 use kiln_compiler::pipeline::{optimize, Limits, OptimizeError, Report};
@@ -8,17 +9,17 @@ use kiln_compiler::precision::{
     lower_precision, Precision, PrecisionError, E4M3_MAX, SCALE_SUFFIX,
 };
 use kiln_ir::{DType, Graph};
-use kiln_models::encoder::{base_model_prefix, trace_encoder, EncoderGraph};
+use kiln_models::encoder::{base_model_prefix, trace_encoder};
 use kiln_models::nn::adapt_param_names;
+use kiln_models::pooling::{self, Pooling};
 use kiln_models::{config::Family, CausalGraphs, Head, ModelDir, ModelError};
-use kiln_runtime::cpu::CpuGraph;
+use kiln_runtime::artifact::{Artifact, ArtifactError};
+use kiln_runtime::deploy::{CausalModel, EncoderModel, InputLimits, Model};
+use kiln_runtime::info::{Assets, ModelInfo};
 use kiln_runtime::weights::{Checkpoint, Convert, WeightsError};
-use kiln_runtime::{GraphLm, ModelError as ModelRunError, Tensor};
-use std::collections::HashMap;
+pub use kiln_runtime::Params;
+use kiln_runtime::Tensor;
 use std::path::Path;
-
-/// Bound parameters by name.
-pub type Params = HashMap<String, Tensor>;
 
 /// Loading a model failed.
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +39,9 @@ pub enum LoadError {
     /// The precision cannot be run on the target.
     #[error(transparent)]
     Precision(#[from] PrecisionError),
+    /// The artifact is unusable.
+    #[error(transparent)]
+    Artifact(#[from] ArtifactError),
 }
 
 /// How a model is prepared for running.
@@ -90,18 +94,6 @@ fn convert_for(precision: Precision) -> Convert {
         Precision::F32 => Convert::Exact,
         _ => Convert::Cast,
     }
-}
-
-/// A causal LM ready to generate.
-pub struct CausalLm {
-    /// The directory it came from.
-    pub dir: ModelDir,
-    /// The model, run by the reference executor.
-    pub lm: GraphLm<Params>,
-    /// Positions the model supports, when it has a hard limit (GPT-2's learned positions).
-    pub max_positions: Option<usize>,
-    /// The optimizer's reports for the prefill and decode graphs (empty when not optimized).
-    pub reports: Vec<Report>,
 }
 
 /// Opens the directory's weights, adapts the graphs' parameter names to the names the
@@ -250,13 +242,75 @@ pub fn causal_graphs(dir: &ModelDir) -> Result<CausalGraphs, LoadError> {
     Ok(graphs.map_err(ModelError::from)?)
 }
 
-/// Opens `path`, traces and optimizes the causal LM, and binds its weights.
+/// A causal LM loaded from a directory or an artifact, with the optimizer's reports for its
+/// prefill and decode graphs (empty when not optimized or from an artifact).
+pub struct CausalLm {
+    /// The model.
+    pub model: CausalModel,
+    /// The optimizer's reports.
+    pub reports: Vec<Report>,
+}
+
+/// An encoder (BERT, DistilBERT) loaded from a directory or an artifact, with the optimizer's
+/// report (empty when not optimized or from an artifact).
+pub struct Encoder {
+    /// The model.
+    pub model: EncoderModel,
+    /// The optimizer's reports.
+    pub reports: Vec<Report>,
+}
+
+/// Whether `path` is an artifact (a file) rather than a model directory.
+pub fn is_artifact(path: &Path) -> bool {
+    path.is_file()
+}
+
+/// Opens the artifact at `path`, refusing options that would need recompiling it: an artifact's
+/// graphs are already optimized and lowered, so only its own precision (or the default) fits.
+fn artifact(path: &Path, opts: &LoadOptions) -> Result<Model, LoadError> {
+    let art = Artifact::open(path)?;
+    let precision = &art.manifest.precision;
+    if !opts.optimize || (opts.precision != Precision::F32 && opts.precision.name() != precision) {
+        return Err(LoadError::Unsupported(format!(
+            "{} is an artifact compiled for {precision} with the optimizer; --precision and \
+             --no-optimize apply when compiling (kiln compile) or loading a model directory",
+            path.display()
+        )));
+    }
+    Ok(art.into_model()?)
+}
+
+/// Opens `path` (a directory or an artifact) as whichever model it holds, with the optimizer's
+/// reports.
+pub fn model_with(path: &Path, opts: &LoadOptions) -> Result<(Model, Vec<Report>), LoadError> {
+    if is_artifact(path) {
+        return Ok((artifact(path, opts)?, Vec::new()));
+    }
+    if ModelDir::open(path)?.config.head == Head::CausalLm {
+        let lm = causal_lm_with(path, opts)?;
+        Ok((Model::Causal(lm.model), lm.reports))
+    } else {
+        let enc = encoder_with(path, opts)?;
+        Ok((Model::Encoder(enc.model), enc.reports))
+    }
+}
+
+/// Opens `path` (a directory: trace, optimize and bind; or an artifact) as a causal LM.
 pub fn causal_lm(path: &Path) -> Result<CausalLm, LoadError> {
     causal_lm_with(path, &LoadOptions::default())
 }
 
 /// [`causal_lm`] with explicit options.
 pub fn causal_lm_with(path: &Path, opts: &LoadOptions) -> Result<CausalLm, LoadError> {
+    if is_artifact(path) {
+        return match artifact(path, opts)? {
+            Model::Causal(model) => Ok(CausalLm {
+                model,
+                reports: Vec::new(),
+            }),
+            Model::Encoder(m) => Err(not_causal(path, &m.info.model_type)),
+        };
+    }
     let dir = ModelDir::open(path)?;
     let graphs = causal_graphs(&dir)?;
     let (ready, reports) = prepare(vec![graphs.prefill, graphs.decode], opts)?;
@@ -272,155 +326,106 @@ pub fn causal_lm_with(path: &Path, opts: &LoadOptions) -> Result<CausalLm, LoadE
         Family::Gpt2(g) => Some(g.n_positions),
         _ => None,
     };
-    let lm = GraphLm::new(
+    let info = ModelInfo {
+        model_type: dir.config.model_type.clone(),
+        head: dir.config.head,
+        vocab_size: graphs.vocab_size,
+        max_positions,
+        num_layers: graphs.num_layers,
+        uses_token_types: false,
+        pooling: Pooling::default(),
+        labels: dir.config.labels.clone(),
+        eos_token_ids: dir.config.eos_token_ids.clone(),
+    };
+    let model = CausalModel::new(
         prefill,
         decode,
         params,
-        graphs.num_layers,
-        graphs.vocab_size,
+        info,
+        assets(&dir)?,
+        InputLimits::default(),
     )
     .map_err(|e| LoadError::Unsupported(e.to_string()))?;
-    Ok(CausalLm {
-        dir,
-        lm,
-        max_positions,
-        reports,
+    Ok(CausalLm { model, reports })
+}
+
+fn not_causal(path: &Path, model_type: &str) -> LoadError {
+    LoadError::Unsupported(format!(
+        "{} is an encoder ({model_type}), not a causal LM",
+        path.display()
+    ))
+}
+
+/// The tokenizer and generation config of a directory, as their bytes.
+pub fn assets(dir: &ModelDir) -> Result<Assets, LoadError> {
+    let read = |name: &str| -> Result<Option<Vec<u8>>, LoadError> {
+        let p = dir.path.join(name);
+        if !p.is_file() {
+            return Ok(None);
+        }
+        std::fs::read(&p).map(Some).map_err(|e| {
+            LoadError::Model(ModelError::Io {
+                path: p,
+                message: e.to_string(),
+            })
+        })
+    };
+    Ok(Assets {
+        origin: dir.path.display().to_string(),
+        tokenizer_json: read("tokenizer.json")?,
+        generation_config_json: read("generation_config.json")?,
     })
 }
 
-/// An encoder (BERT, DistilBERT) ready to run on padded batches.
-pub struct Encoder {
-    /// The directory it came from.
-    pub dir: ModelDir,
-    /// The traced graph.
-    pub graph: EncoderGraph,
-    /// The graph planned for the CPU backend.
-    plan: CpuGraph,
-    params: Params,
-    /// Vocabulary size.
-    pub vocab_size: usize,
-    /// The longest input the model's position table allows.
-    pub max_positions: usize,
-    /// The optimizer's report (empty when not optimized).
-    pub reports: Vec<Report>,
-}
-
-/// An encoder's outputs for a batch padded on the right to `seq` tokens.
-pub struct EncoderOutput {
-    /// `[batch, seq, hidden]`.
-    pub last_hidden_state: Tensor,
-    /// The head's logits, when the model has a head.
-    pub logits: Option<Tensor>,
-    /// `[batch * seq]` 0/1, 1 for real tokens.
-    pub mask: Vec<i64>,
-    /// The padded length.
-    pub seq: usize,
-}
-
-/// Opens `path`, traces the encoder with its head, optimizes it, and binds its weights.
+/// Opens `path` (a directory: trace the encoder with its head, optimize and bind; or an
+/// artifact) as an encoder.
 pub fn encoder(path: &Path) -> Result<Encoder, LoadError> {
     encoder_with(path, &LoadOptions::default())
 }
 
 /// [`encoder`] with explicit options.
 pub fn encoder_with(path: &Path, opts: &LoadOptions) -> Result<Encoder, LoadError> {
+    if is_artifact(path) {
+        return match artifact(path, opts)? {
+            Model::Encoder(model) => Ok(Encoder {
+                model,
+                reports: Vec::new(),
+            }),
+            Model::Causal(_) => Err(not_encoder(path)),
+        };
+    }
     let dir = ModelDir::open(path)?;
-    let mut graph = trace_encoder(&dir.config)?;
+    let graph = trace_encoder(&dir.config)?;
     let (ready, reports) = prepare(vec![graph.graph], opts)?;
-    graph.graph = ready.into_iter().next().unwrap_or_default();
     let (vocab_size, max_positions) = match &dir.config.family {
         Family::Bert(c) => (c.vocab_size, c.max_position_embeddings),
         Family::DistilBert(c) => (c.vocab_size, c.max_position_embeddings),
-        Family::Decoder(_) | Family::Gpt2(_) => {
-            return Err(LoadError::Unsupported(format!(
-                "{} is a causal LM, not an encoder",
-                path.display()
-            )))
-        }
+        Family::Decoder(_) | Family::Gpt2(_) => return Err(not_encoder(path)),
     };
-    let (mut bound, params) = bind(&dir, &[&graph.graph], convert_for(opts.precision))?;
-    graph.graph = bound.pop().unwrap_or_default();
-    let plan = CpuGraph::compile(vec![graph.graph.clone()], &params)
-        .map_err(|e| LoadError::Unsupported(e.to_string()))?
-        .pop()
-        .ok_or_else(|| LoadError::Unsupported("internal: expected one planned graph".into()))?;
-    Ok(Encoder {
-        dir,
-        graph,
-        plan,
-        params,
+    let ready: Vec<&Graph> = ready.iter().collect();
+    let (mut bound, params) = bind(&dir, &ready, convert_for(opts.precision))?;
+    let info = ModelInfo {
+        model_type: dir.config.model_type.clone(),
+        head: dir.config.head,
         vocab_size,
-        max_positions,
-        reports,
-    })
-}
-
-impl Encoder {
-    /// The graph as planned for the CPU backend.
-    pub fn plan(&self) -> &CpuGraph {
-        &self.plan
-    }
-
-    /// The bound parameters.
-    pub fn params(&self) -> &Params {
-        &self.params
-    }
-
-    /// Runs a batch of token-id sequences (each non-empty), padded on the right with id 0.
-    pub fn run(&self, batch: &[Vec<u32>]) -> Result<EncoderOutput, ModelRunError> {
-        let rows = batch.len();
-        let seq = batch.iter().map(Vec::len).max().unwrap_or(0);
-        let (mut ids, mut mask) = (
-            Vec::with_capacity(rows * seq),
-            Vec::with_capacity(rows * seq),
-        );
-        for row in batch {
-            let pad = seq - row.len();
-            ids.extend(
-                row.iter()
-                    .map(|&t| i64::from(t))
-                    .chain(std::iter::repeat_n(0, pad)),
-            );
-            mask.extend(std::iter::repeat_n(1, row.len()).chain(std::iter::repeat_n(0, pad)));
-        }
-        let tensor = |data: Vec<i64>| {
-            Tensor::from_i64(vec![rows, seq], data).map_err(|e| ModelRunError(e.to_string()))
-        };
-        let mut inputs = HashMap::from([
-            ("input_ids".to_string(), tensor(ids)?),
-            ("attention_mask".to_string(), tensor(mask.clone())?),
-        ]);
-        if self.graph.uses_token_types {
-            inputs.insert("token_type_ids".into(), tensor(vec![0; rows * seq])?);
-        }
-        let mut out = self
-            .plan
-            .run(&inputs, &self.params)
-            .map_err(|e| ModelRunError(e.to_string()))?;
-        let last_hidden_state = out
-            .remove("last_hidden_state")
-            .ok_or_else(|| ModelRunError("the graph has no last_hidden_state output".into()))?;
-        Ok(EncoderOutput {
-            last_hidden_state,
-            logits: out.remove("logits"),
-            mask,
-            seq,
-        })
-    }
-}
-
-/// Loads `tokenizer.json` of a model directory with the `tokenizers` crate. Truncation and
-/// padding settings saved in the file are switched off: kiln pads batches itself and refuses
-/// over-long inputs rather than silently cutting them.
-pub fn tokenizer(dir: &ModelDir) -> Result<tokenizers::Tokenizer, LoadError> {
-    let path = dir.tokenizer_file()?;
-    let fail = |what: &str, e: tokenizers::Error| {
-        LoadError::Unsupported(format!("{}: cannot {what}: {e}", path.display()))
+        max_positions: Some(max_positions),
+        num_layers: 0,
+        uses_token_types: graph.uses_token_types,
+        pooling: pooling::load(&dir.path)?,
+        labels: dir.config.labels.clone(),
+        eos_token_ids: dir.config.eos_token_ids.clone(),
     };
-    let mut tok =
-        tokenizers::Tokenizer::from_file(&path).map_err(|e| fail("load the tokenizer", e))?;
-    tok.with_padding(None);
-    tok.with_truncation(None)
-        .map_err(|e| fail("switch off truncation", e))?;
-    Ok(tok)
+    let model = EncoderModel::new(
+        bound.pop().unwrap_or_default(),
+        params,
+        info,
+        assets(&dir)?,
+        InputLimits::default(),
+    )
+    .map_err(|e| LoadError::Unsupported(e.to_string()))?;
+    Ok(Encoder { model, reports })
+}
+
+fn not_encoder(path: &Path) -> LoadError {
+    LoadError::Unsupported(format!("{} is a causal LM, not an encoder", path.display()))
 }

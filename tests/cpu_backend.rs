@@ -78,13 +78,15 @@ fn family(fixture: &str, precision: Precision, tol: f64) {
     let label = format!("{fixture} {}", precision.name());
     match causal_lm_with(&path(fixture), &opts) {
         Ok(m) => {
-            for (g, which) in m.lm.graphs().into_iter().zip(["prefill", "decode"]) {
-                check(g, m.lm.params(), &format!("{label} {which}"), tol);
+            let lm = &m.model.lm;
+            for (g, which) in lm.graphs().into_iter().zip(["prefill", "decode"]) {
+                check(g, lm.params(), &format!("{label} {which}"), tol);
             }
         }
         Err(_) => {
             let e = encoder_with(&path(fixture), &opts).unwrap();
-            check(e.plan(), e.params(), &label, tol);
+            let runner = &e.model.runner;
+            check(runner.plan(), runner.parts().1, &label, tol);
         }
     }
 }

@@ -46,6 +46,7 @@ fn prompt_logits_match_transformers() {
             };
             let logits = causal_lm_with(&fixture(name), &opts)
                 .unwrap()
+                .model
                 .lm
                 .forward(&prompt)
                 .unwrap();
@@ -72,11 +73,11 @@ fn cached_decoding_equals_the_full_forward() {
         let vocab = want.len() / prompt.len();
         let mut model = causal_lm(&fixture(name)).unwrap();
         let split = prompt.len() / 2;
-        let first = model.lm.prefill(&[prompt[..split].to_vec()]).unwrap();
+        let first = model.model.lm.prefill(&[prompt[..split].to_vec()]).unwrap();
         let row = |i: usize| &want[i * vocab..(i + 1) * vocab];
         let mut worst = max_abs(&first[0], row(split - 1));
         for (i, &tok) in prompt.iter().enumerate().skip(split) {
-            let logits = model.lm.decode(&[tok]).unwrap();
+            let logits = model.model.lm.decode(&[tok]).unwrap();
             worst = worst.max(max_abs(&logits[0], row(i)));
         }
         assert!(worst <= TOL, "{name}: cached decoding differs by {worst:e}");

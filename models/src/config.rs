@@ -23,18 +23,7 @@ pub const SUPPORTED_MODEL_TYPES: [&str; 7] = [
     "distilbert",
 ];
 
-/// What the model computes on top of its base (from `architectures`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Head {
-    /// Next-token logits (`*ForCausalLM`, `GPT2LMHeadModel`).
-    CausalLm,
-    /// The last hidden state (`*Model`).
-    Base,
-    /// Masked-token logits (`*ForMaskedLM`).
-    MaskedLm,
-    /// Sequence classification logits (`*ForSequenceClassification`).
-    SequenceClassification,
-}
+pub use kiln_runtime::info::Head;
 
 /// A family's configuration.
 #[derive(Debug, Clone, PartialEq)]

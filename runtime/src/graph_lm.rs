@@ -72,6 +72,11 @@ impl<P: ParamSource> GraphLm<P> {
         [&self.prefill, &self.decode]
     }
 
+    /// The prefill graph, the decode graph and the parameters.
+    pub fn parts(&self) -> (&Graph, &Graph, &P) {
+        (self.prefill.graph(), self.decode.graph(), &self.params)
+    }
+
     /// One plain forward pass of a single sequence through the prefill graph: logits
     /// `[1, len, vocab]` for every position. The current batch is left as it is.
     pub fn forward(&self, ids: &[u32]) -> Result<Tensor, ModelError> {

@@ -4,11 +4,12 @@
 //! steps; encoders: sequences/s at `--batch` × `--prompt-len`. Each figure is the median of
 //! `--runs` runs after one warm-up run; peak RSS is the process's high-water mark.
 
+use super::forward::load_error;
 use super::opts::ModelOpts;
 use super::CliError;
 use clap::Args;
 use kiln::load;
-use kiln::models::Head;
+use kiln::runtime::deploy::Model;
 use kiln::runtime::LanguageModel;
 use std::time::Instant;
 
@@ -51,67 +52,65 @@ pub fn bench_model(args: &ModelArgs) -> Result<(), CliError> {
             "--batch, --prompt-len and --runs must be at least 1".into(),
         ));
     }
-    let dir = kiln::models::ModelDir::open(&args.opts.model)
-        .map_err(|e| CliError::Input(e.to_string()))?;
-    let load_opts = args.opts.load_options();
     let run_error = |e: kiln::runtime::ModelError| CliError::Internal(e.to_string());
     let started = Instant::now();
+    let (model, reports) =
+        load::model_with(&args.opts.model, &args.opts.load_options()).map_err(load_error)?;
+    ModelOpts::warn(&reports);
+    let load_s = started.elapsed().as_secs_f64();
     let mut profiles = Vec::new();
-    let (figures, plan, load_s) = if dir.config.head == Head::CausalLm {
-        let mut model = load::causal_lm_with(&args.opts.model, &load_opts)
-            .map_err(super::forward::load_error)?;
-        ModelOpts::warn(&model.reports);
-        let load_s = started.elapsed().as_secs_f64();
-        let limit = model.max_positions.unwrap_or(usize::MAX);
-        if args.prompt_len + args.gen > limit {
-            return Err(CliError::Input(format!(
-                "--prompt-len {} + --gen {} exceeds the model's {limit} positions",
-                args.prompt_len, args.gen
-            )));
+    let (figures, plan) = match model {
+        Model::Causal(mut model) => {
+            let limit = model.info.max_positions.unwrap_or(usize::MAX);
+            if args.prompt_len + args.gen > limit {
+                return Err(CliError::Input(format!(
+                    "--prompt-len {} + --gen {} exceeds the model's {limit} positions",
+                    args.prompt_len, args.gen
+                )));
+            }
+            let prompts = random_prompts(args.batch, args.prompt_len, model.lm.vocab_size());
+            let plan = model.lm.graphs()[1].plan().summary();
+            let mut runs = Vec::new();
+            for _ in 0..=args.runs {
+                runs.push(causal_run(&mut model.lm, &prompts, args.gen).map_err(run_error)?);
+            }
+            for (g, which) in model.lm.graphs().into_iter().zip(["prefill", "decode"]) {
+                profiles.extend(g.profile().map(|p| (which, p)));
+            }
+            let tokens = (args.batch * args.prompt_len) as f64;
+            let generated = (args.batch * args.gen) as f64;
+            let timed = &runs[1..];
+            let figures = Figures {
+                prefill_tok_per_s: Some(tokens / median(timed.iter().map(|r| r.0))),
+                ttft_ms: Some(median(timed.iter().map(|r| r.0)) * 1e3),
+                decode_tok_per_s: (args.gen > 0)
+                    .then(|| generated / median(timed.iter().map(|r| r.1))),
+                seq_per_s: None,
+            };
+            (figures, plan)
         }
-        let prompts = random_prompts(args.batch, args.prompt_len, model.lm.vocab_size());
-        let plan = model.lm.graphs()[1].plan().summary();
-        let mut runs = Vec::new();
-        for _ in 0..=args.runs {
-            runs.push(causal_run(&mut model.lm, &prompts, args.gen).map_err(run_error)?);
+        Model::Encoder(enc) => {
+            let limit = enc.info.max_positions.unwrap_or(usize::MAX);
+            if args.prompt_len > limit {
+                return Err(CliError::Input(format!(
+                    "--prompt-len {} exceeds the model's {limit} positions",
+                    args.prompt_len
+                )));
+            }
+            let batch = random_prompts(args.batch, args.prompt_len, enc.info.vocab_size);
+            let mut times = Vec::new();
+            for _ in 0..=args.runs {
+                let t = Instant::now();
+                enc.runner.run(&batch).map_err(run_error)?;
+                times.push(t.elapsed().as_secs_f64());
+            }
+            profiles.extend(enc.runner.plan().profile().map(|p| ("encoder", p)));
+            let figures = Figures {
+                seq_per_s: Some(args.batch as f64 / median(times[1..].iter().copied())),
+                ..Figures::default()
+            };
+            (figures, enc.runner.plan().plan().summary())
         }
-        for (g, which) in model.lm.graphs().into_iter().zip(["prefill", "decode"]) {
-            profiles.extend(g.profile().map(|p| (which, p)));
-        }
-        let tokens = (args.batch * args.prompt_len) as f64;
-        let generated = (args.batch * args.gen) as f64;
-        let timed = &runs[1..];
-        let figures = Figures {
-            prefill_tok_per_s: Some(tokens / median(timed.iter().map(|r| r.0))),
-            ttft_ms: Some(median(timed.iter().map(|r| r.0)) * 1e3),
-            decode_tok_per_s: (args.gen > 0).then(|| generated / median(timed.iter().map(|r| r.1))),
-            seq_per_s: None,
-        };
-        (figures, plan, load_s)
-    } else {
-        let enc =
-            load::encoder_with(&args.opts.model, &load_opts).map_err(super::forward::load_error)?;
-        ModelOpts::warn(&enc.reports);
-        let load_s = started.elapsed().as_secs_f64();
-        if args.prompt_len > enc.max_positions {
-            return Err(CliError::Input(format!(
-                "--prompt-len {} exceeds the model's {} positions",
-                args.prompt_len, enc.max_positions
-            )));
-        }
-        let batch = random_prompts(args.batch, args.prompt_len, enc.vocab_size);
-        let mut times = Vec::new();
-        for _ in 0..=args.runs {
-            let t = Instant::now();
-            enc.run(&batch).map_err(run_error)?;
-            times.push(t.elapsed().as_secs_f64());
-        }
-        profiles.extend(enc.plan().profile().map(|p| ("encoder", p)));
-        let figures = Figures {
-            seq_per_s: Some(args.batch as f64 / median(times[1..].iter().copied())),
-            ..Figures::default()
-        };
-        (figures, enc.plan().plan().summary(), load_s)
     };
     let rss = peak_rss_bytes();
     let num = |v: Option<f64>| v.map_or(serde_json::Value::Null, |x| serde_json::json!(x));
@@ -145,7 +144,7 @@ pub fn bench_model(args: &ModelArgs) -> Result<(), CliError> {
             args.prompt_len,
             args.runs
         );
-        println!("kernels (decode graph): {plan}");
+        println!("kernels (last graph): {plan}");
         show("prefill", figures.prefill_tok_per_s, "tokens/s");
         show("time to 1st token", figures.ttft_ms, "ms");
         show("decode", figures.decode_tok_per_s, "tokens/s");

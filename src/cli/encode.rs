@@ -1,29 +1,19 @@
 //! The encoder commands: `kiln embed`, `kiln classify` and `kiln fill-mask`.
 
-use super::forward::{check_ids, load_error};
+use super::forward::{deploy_error, load_error};
 use super::opts::ModelOpts;
 use super::CliError;
-use kiln::load::{self, Encoder, EncoderOutput};
-use kiln::models::{pooling, Head};
-use tokenizers::Tokenizer;
+use kiln::load;
+use kiln::models::Head;
+use kiln::runtime::deploy::{Encoded, EncoderModel};
 
-/// An encoder run on a batch of texts.
-struct Encoded {
-    enc: Encoder,
-    tok: Tokenizer,
-    /// The token ids of each text.
-    ids: Vec<Vec<u32>>,
-    out: EncoderOutput,
-}
-
-/// Loads the encoder and its tokenizer, tokenizes `texts` (with special tokens, as
-/// transformers' tokenizer call does) and runs them as one padded batch. With `head`, the model
-/// must have that head (`what` names it in the error).
+/// Loads the encoder, tokenizes `texts` and runs them as one padded batch. With `head`, the
+/// model must have that head (`what` names it in the error).
 fn run(
     opts: &ModelOpts,
     texts: &[String],
     head: Option<(Head, &str)>,
-) -> Result<Encoded, CliError> {
+) -> Result<(EncoderModel, Encoded), CliError> {
     opts.check_target()?;
     if texts.is_empty() {
         return Err(CliError::Input("give at least one --text".into()));
@@ -33,33 +23,16 @@ fn run(
     }
     let enc = load::encoder_with(&opts.model, &opts.load_options()).map_err(load_error)?;
     ModelOpts::warn(&enc.reports);
-    if let Some((head, what)) = head.filter(|(h, _)| *h != enc.dir.config.head) {
+    let enc = enc.model;
+    if let Some((head, what)) = head.filter(|(h, _)| *h != enc.info.head) {
         return Err(CliError::Input(format!(
             "{} has no {what} head (its architecture gives {:?}; this command needs {head:?})",
             opts.model.display(),
-            enc.dir.config.head
+            enc.info.head
         )));
     }
-    let tok = load::tokenizer(&enc.dir).map_err(load_error)?;
-    let mut batch = Vec::with_capacity(texts.len());
-    for text in texts {
-        let ids = tok
-            .encode(text.as_str(), true)
-            .map_err(|e| CliError::Input(format!("cannot tokenize {text:?}: {e}")))?
-            .get_ids()
-            .to_vec();
-        check_ids(&ids, enc.vocab_size, Some(enc.max_positions))?;
-        batch.push(ids);
-    }
-    let out = enc
-        .run(&batch)
-        .map_err(|e| CliError::Internal(e.to_string()))?;
-    Ok(Encoded {
-        enc,
-        tok,
-        ids: batch,
-        out,
-    })
+    let encoded = enc.encode(texts).map_err(deploy_error)?;
+    Ok((enc, encoded))
 }
 
 fn cosine(a: &[f32], b: &[f32]) -> f64 {
@@ -75,14 +48,11 @@ fn cosine(a: &[f32], b: &[f32]) -> f64 {
 /// `kiln embed`: one embedding per text (pooling and normalization as the directory's
 /// sentence-transformers modules say; mean pooling otherwise).
 pub fn embed(opts: &ModelOpts, texts: &[String], json: bool) -> Result<(), CliError> {
-    let pooling = pooling::load(&opts.model).map_err(|e| CliError::Input(e.to_string()))?;
-    let out = run(opts, texts, None)?.out;
-    let shape = out.last_hidden_state.shape().to_vec();
-    let hidden = out
-        .last_hidden_state
-        .as_f32()
-        .ok_or_else(|| CliError::Internal("last_hidden_state is not f32".into()))?;
-    let embeddings = pooling::pool(hidden, &out.mask, shape[0], shape[1], shape[2], &pooling);
+    let (enc, encoded) = run(opts, texts, None)?;
+    let embeddings = encoded
+        .out
+        .pool(&enc.info.pooling)
+        .map_err(|e| CliError::Internal(e.to_string()))?;
     if json {
         println!("{}", serde_json::json!({ "embeddings": embeddings }));
         return Ok(());
@@ -113,12 +83,12 @@ fn softmax(row: &[f32]) -> Vec<f64> {
 
 /// `kiln classify`: the label and class probabilities of each text.
 pub fn classify(opts: &ModelOpts, texts: &[String], json: bool) -> Result<(), CliError> {
-    let Encoded { enc, out, .. } = run(
+    let (enc, Encoded { out, .. }) = run(
         opts,
         texts,
         Some((Head::SequenceClassification, "classification")),
     )?;
-    let labels = &enc.dir.config.labels;
+    let labels = &enc.info.labels;
     let logits = out.logits.ok_or_else(|| {
         CliError::Input(format!(
             "{} has no classification head",
@@ -154,18 +124,22 @@ pub fn classify(opts: &ModelOpts, texts: &[String], json: bool) -> Result<(), Cl
 
 /// `kiln fill-mask`: the five most likely tokens at each mask position of the text.
 pub fn fill_mask(opts: &ModelOpts, text: &str, json: bool) -> Result<(), CliError> {
-    let Encoded { enc, tok, ids, out } = run(
+    let (enc, Encoded { ids, out }) = run(
         opts,
         &[text.to_string()],
         Some((Head::MaskedLm, "masked-LM")),
     )?;
+    let tok = enc
+        .assets
+        .tokenizer()
+        .map_err(|e| CliError::Input(e.to_string()))?;
     let ids = &ids[0];
     let logits = out.logits.ok_or_else(|| {
         CliError::Input(format!("{} has no masked-LM head", opts.model.display()))
     })?;
     let values = logits
         .as_f32()
-        .filter(|v| v.len() == ids.len() * enc.vocab_size)
+        .filter(|v| v.len() == ids.len() * enc.info.vocab_size)
         .ok_or_else(|| {
             CliError::Internal(format!("masked-LM logits have shape {:?}", logits.shape()))
         })?;
@@ -182,7 +156,7 @@ pub fn fill_mask(opts: &ModelOpts, text: &str, json: bool) -> Result<(), CliErro
             tok.id_to_token(mask_id).unwrap_or_default()
         )));
     }
-    let vocab = enc.vocab_size;
+    let vocab = enc.info.vocab_size;
     let mut results = Vec::new();
     for pos in positions {
         let probs = softmax(&values[pos * vocab..(pos + 1) * vocab]);

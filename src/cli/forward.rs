@@ -6,8 +6,8 @@ use super::opts::ModelOpts;
 use super::run::{describe, save_f32};
 use super::CliError;
 use kiln::load::{self, LoadError};
-use kiln::models::Head;
-use kiln::runtime::{LanguageModel, Tensor};
+use kiln::runtime::deploy::{DeployError, Model};
+use kiln::runtime::Tensor;
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -29,20 +29,13 @@ pub fn parse_tokens(text: &str) -> Result<Vec<u32>, CliError> {
     Ok(ids)
 }
 
-/// Refuses ids outside `0..vocab` and sequences longer than the model's positions.
-pub fn check_ids(ids: &[u32], vocab: usize, max_positions: Option<usize>) -> Result<(), CliError> {
-    if let Some(&bad) = ids.iter().find(|&&t| t as usize >= vocab) {
-        return Err(CliError::Input(format!(
-            "token id {bad} is outside the vocabulary (ids must be below {vocab})"
-        )));
+/// Maps a model's errors: the caller's input and files exit 2, failures inside kiln exit 1.
+pub fn deploy_error(e: DeployError) -> CliError {
+    if e.is_input() {
+        CliError::Input(e.to_string())
+    } else {
+        CliError::Internal(e.to_string())
     }
-    if let Some(max) = max_positions.filter(|&m| ids.len() > m) {
-        return Err(CliError::Input(format!(
-            "the input has {} tokens but the model supports at most {max} positions",
-            ids.len()
-        )));
-    }
-    Ok(())
 }
 
 /// Maps loading errors: user-fixable ones exit 2, optimizer failures (kiln bugs) exit 1.
@@ -57,25 +50,15 @@ pub fn load_error(e: LoadError) -> CliError {
 pub fn forward(opts: &ModelOpts, tokens: &str, out: Option<&Path>) -> Result<(), CliError> {
     opts.check_target()?;
     let ids = parse_tokens(tokens)?;
-    let dir =
-        kiln::models::ModelDir::open(&opts.model).map_err(|e| CliError::Input(e.to_string()))?;
-    let (name, tensor): (&str, Tensor) = if dir.config.head == Head::CausalLm {
-        let model = load::causal_lm_with(&opts.model, &opts.load_options()).map_err(load_error)?;
-        ModelOpts::warn(&model.reports);
-        check_ids(&ids, model.lm.vocab_size(), model.max_positions)?;
-        let logits = model
-            .lm
-            .forward(&ids)
-            .map_err(|e| CliError::Internal(e.to_string()))?;
-        ("logits", logits)
-    } else {
-        let enc = load::encoder_with(&opts.model, &opts.load_options()).map_err(load_error)?;
-        ModelOpts::warn(&enc.reports);
-        check_ids(&ids, enc.vocab_size, Some(enc.max_positions))?;
-        let out = enc
-            .run(std::slice::from_ref(&ids))
-            .map_err(|e| CliError::Internal(e.to_string()))?;
-        ("last_hidden_state", out.last_hidden_state)
+    let (model, reports) =
+        load::model_with(&opts.model, &opts.load_options()).map_err(load_error)?;
+    ModelOpts::warn(&reports);
+    let (name, tensor): (&str, Tensor) = match model {
+        Model::Causal(lm) => ("logits", lm.forward(&ids).map_err(deploy_error)?),
+        Model::Encoder(enc) => {
+            let out = enc.run(std::slice::from_ref(&ids)).map_err(deploy_error)?;
+            ("last_hidden_state", out.last_hidden_state)
+        }
     };
     println!("{name}: {}", describe(&tensor));
     if let Some(path) = out {

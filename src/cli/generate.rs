@@ -5,13 +5,13 @@
 //! silent); flags override them. `--temperature 0` means greedy; `--temperature T > 0`, or any of
 //! `--top-k`, `--top-p`, `--min-p`, turns sampling on (seeded by `--seed`, default 0).
 
-use super::forward::{check_ids, load_error};
+use super::forward::{deploy_error, load_error};
 use super::opts::ModelOpts;
 use super::CliError;
 use clap::Args;
 use kiln::load;
-use kiln::runtime::generate::{self, GenerationConfig, Stopper};
-use kiln::runtime::LanguageModel;
+use kiln::runtime::generate::GenerationConfig;
+use kiln::runtime::CausalModel;
 use std::io::Write;
 
 /// `kiln generate` flags.
@@ -103,22 +103,9 @@ fn check_flags(a: &GenerateArgs) -> Result<(), CliError> {
     Ok(())
 }
 
-/// The generation config: the model's file, then the flags.
-fn config(a: &GenerateArgs, dir: &kiln::models::ModelDir) -> Result<GenerationConfig, CliError> {
-    let mut cfg = match dir.optional_json("generation_config.json") {
-        Ok(Some(v)) => GenerationConfig::from_json_value(&v).map_err(|e| {
-            CliError::Input(format!(
-                "{}/generation_config.json: {e}",
-                dir.path.display()
-            ))
-        })?,
-        Ok(None) => GenerationConfig::default(),
-        Err(e) => return Err(CliError::Input(e.to_string())),
-    };
-    if cfg.eos_token_id.is_empty() {
-        // As transformers, which derives the generation config from config.json when absent.
-        cfg.eos_token_id = dir.config.eos_token_ids.clone();
-    }
+/// The generation config: the model's, then the flags.
+fn config(a: &GenerateArgs, model: &CausalModel) -> Result<GenerationConfig, CliError> {
+    let mut cfg = model.generation_config().map_err(deploy_error)?;
     if let Some(n) = a.max_new_tokens {
         cfg.max_new_tokens = Some(n);
     }
@@ -158,72 +145,30 @@ pub fn generate(a: &GenerateArgs) -> Result<(), CliError> {
     if a.prompt.is_empty() {
         return bad("--prompt is empty: give some text to continue".into());
     }
-    let mut model =
+    let mut lm =
         load::causal_lm_with(&a.model.model, &a.model.load_options()).map_err(load_error)?;
-    ModelOpts::warn(&model.reports);
-    let cfg = config(a, &model.dir)?;
-    let tok = load::tokenizer(&model.dir).map_err(load_error)?;
-    let prompt_ids = tok
-        .encode(a.prompt.as_str(), true)
-        .map_err(|e| CliError::Input(format!("cannot tokenize the prompt: {e}")))?
-        .get_ids()
-        .to_vec();
-    if prompt_ids.is_empty() {
-        return bad("the prompt tokenizes to no tokens".into());
-    }
-    check_ids(&prompt_ids, model.lm.vocab_size(), model.max_positions)?;
-    if let Some(max) = model.max_positions {
-        let budget = cfg
-            .new_token_budget(prompt_ids.len())
-            .map_err(|e| CliError::Input(e.to_string()))?;
-        if prompt_ids.len() + budget > max {
-            return bad(format!(
-                "the prompt has {} tokens and up to {budget} new ones are asked for, but the model supports at most {max} positions; lower --max-new-tokens",
-                prompt_ids.len()
-            ));
-        }
-    }
-    let mut stopper = Stopper::from_config(&tok, &cfg, 1);
-    let mut failure = None;
+    ModelOpts::warn(&lm.reports);
+    let cfg = config(a, &lm.model)?;
     let mut stdout = std::io::stdout();
     let json = a.json;
-    let generated = generate::generate(
-        &mut model.lm,
-        std::slice::from_ref(&prompt_ids),
-        &cfg,
-        a.seed,
-        &mut |row, token| {
-            match stopper.push(row, token) {
-                Ok(step) => {
-                    if !json && !step.text.is_empty() {
-                        // A closed stdout (e.g. `| head`) only ends the stream early.
-                        let _ = write!(stdout, "{}", step.text).and_then(|()| stdout.flush());
-                    }
-                    !step.stop
-                }
-                Err(e) => {
-                    failure = Some(e);
-                    false
-                }
+    let out = lm
+        .model
+        .generate_streaming(&a.prompt, &cfg, a.seed, &mut |text| {
+            if !json {
+                // A closed stdout (e.g. `| head`) only ends the stream early.
+                let _ = write!(stdout, "{text}").and_then(|()| stdout.flush());
             }
-        },
-    )
-    .map_err(|e| CliError::Internal(e.to_string()))?;
-    if let Some(e) = failure {
-        return Err(CliError::Internal(e.to_string()));
-    }
-    let tail = stopper
-        .finish(0)
-        .map_err(|e| CliError::Internal(e.to_string()))?;
+        })
+        .map_err(deploy_error)?;
     if json {
         let out = serde_json::json!({
-            "prompt_ids": prompt_ids,
-            "generated_ids": generated[0],
-            "text": stopper.text(0),
+            "prompt_ids": out.prompt_ids,
+            "generated_ids": out.ids,
+            "text": out.text,
         });
         println!("{out}");
     } else {
-        println!("{tail}");
+        println!();
     }
     Ok(())
 }

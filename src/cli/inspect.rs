@@ -1,4 +1,6 @@
-//! `kiln inspect --graph FILE`: parse, verify and print an IR file with a summary.
+//! `kiln inspect`: an IR file (parse, verify and print it with a summary), a model directory
+//! (its traced and optimized graphs, or the optimizer's passes) or an artifact (its sections,
+//! target, sizes and kernels).
 
 use super::CliError;
 use kiln::ir::{text, Graph, Op};
@@ -89,6 +91,73 @@ fn traced(dir: &kiln::models::ModelDir) -> Result<Vec<(&'static str, Graph)>, Cl
     }
 }
 
+/// Prints what an artifact holds: format and kiln versions, target, precision, limits, the
+/// model's settings, the section table, the weights by dtype and each graph's kernels.
+pub fn inspect_artifact(path: &Path) -> Result<(), CliError> {
+    use kiln::runtime::artifact::{format::FORMAT_VERSION, Artifact};
+    let art = Artifact::open(path).map_err(|e| CliError::Input(e.to_string()))?;
+    let m = &art.manifest;
+    println!("artifact: {} ({} bytes)", path.display(), art.file_len);
+    println!(
+        "format version {FORMAT_VERSION}, written by kiln {}",
+        m.kiln_version
+    );
+    println!(
+        "target: {}
+precision: {}",
+        m.target, m.precision
+    );
+    let limit = |l: Option<usize>| l.map_or("none".to_string(), |n| n.to_string());
+    println!(
+        "limits: max seq {}, max batch {}",
+        limit(m.max_seq),
+        limit(m.max_batch)
+    );
+    let info = &m.model;
+    println!(
+        "model: {} ({:?} head), vocabulary {}, {} layers, max positions {}, pooling {} (normalize {})",
+        info.model_type,
+        info.head,
+        info.vocab_size,
+        info.num_layers,
+        limit(info.max_positions),
+        info.pooling.mode.name(),
+        info.pooling.normalize
+    );
+    println!("sections:");
+    for (i, s) in art.sections.iter().enumerate() {
+        println!(
+            "  {i:>2} {:<18} offset {:>12} length {:>12} crc32 {:08x}",
+            s.kind.name(),
+            s.offset,
+            s.len,
+            s.crc
+        );
+    }
+    let mut by_dtype: BTreeMap<&str, (usize, u64)> = BTreeMap::new();
+    for w in &art.weights {
+        let e = by_dtype.entry(w.dtype.as_str()).or_default();
+        e.0 += 1;
+        e.1 += w.len;
+    }
+    let list: Vec<String> = by_dtype
+        .iter()
+        .map(|(d, (n, b))| format!("{d}: {n} tensors, {b} bytes"))
+        .collect();
+    println!("weights: {}", list.join("; "));
+    for (name, g) in m.graphs.iter().zip(&art.graphs) {
+        let counts = kernels(g);
+        let total: usize = counts.values().sum();
+        let list: Vec<String> = counts.iter().map(|(k, n)| format!("{k}×{n}")).collect();
+        println!(
+            "{name} graph: {} nodes, kernels: {total} ({})",
+            g.nodes().len(),
+            list.join(" ")
+        );
+    }
+    Ok(())
+}
+
 /// Prints each graph of a model directory as it is right after the optimizer pass `pass`.
 pub fn dump_ir(dir: &Path, pass: &str) -> Result<(), CliError> {
     use kiln::compiler::pipeline::{default_passes, run_passes, Limits};
@@ -118,6 +187,15 @@ pub fn dump_ir(dir: &Path, pass: &str) -> Result<(), CliError> {
 /// `optimize` is false, with summaries; with `passes`, the optimizer's report instead of the IR
 /// (`json`: one object per graph, `{"graph", "passes": [...], "kernels": {...}, "total_kernels"}`).
 pub fn inspect_model(dir: &Path, passes: bool, json: bool, optimize: bool) -> Result<(), CliError> {
+    if kiln::load::is_artifact(dir) {
+        if passes || !optimize {
+            return Err(CliError::Input(format!(
+                "{} is an artifact: --passes and --no-optimize apply to model directories",
+                dir.display()
+            )));
+        }
+        return inspect_artifact(dir);
+    }
     let dir = kiln::models::ModelDir::open(dir).map_err(|e| CliError::Input(e.to_string()))?;
     let (names, traced): (Vec<&str>, Vec<Graph>) = traced(&dir)?.into_iter().unzip();
     let opts = kiln::load::LoadOptions {

@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_model;
+mod compile;
 mod encode;
 mod error;
 mod forward;
@@ -28,7 +29,8 @@ pub struct Cli {
 #[derive(Debug, Args)]
 #[group(required = true, multiple = false)]
 struct InspectTarget {
-    /// A Hugging Face model directory: prints its traced graph(s).
+    /// A Hugging Face model directory (prints its traced graphs) or an artifact (prints its
+    /// sections, target, sizes and kernels).
     #[arg(long)]
     model: Option<PathBuf>,
     /// A kiln IR text file.
@@ -66,6 +68,8 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Compile a model directory into one ahead-of-time artifact file.
+    Compile(compile::CompileArgs),
     /// Generate a continuation of a prompt, streamed to stdout.
     Generate(generate::GenerateArgs),
     /// Sentence embeddings (pooling as the model's sentence-transformers modules declare).
@@ -142,6 +146,7 @@ pub fn dispatch(cli: Cli) -> Result<(), CliError> {
             forward::forward(&model, &tokens, out.as_deref())
         }
         Command::Generate(args) => generate::generate(&args),
+        Command::Compile(args) => compile::compile(&args),
         Command::Embed { model, texts, json } => encode::embed(&model, &texts, json),
         Command::Classify { model, texts, json } => encode::classify(&model, &texts, json),
         Command::FillMask { model, text, json } => encode::fill_mask(&model, &text, json),

@@ -17,7 +17,7 @@ pub enum Device {
 }
 
 /// Parses `--precision` into the compiler's precision.
-fn parse_precision(name: &str) -> Result<Precision, String> {
+pub fn parse_precision(name: &str) -> Result<Precision, String> {
     Precision::from_name(name).ok_or_else(|| {
         let names: Vec<&str> = Precision::ALL.iter().map(|p| p.name()).collect();
         format!("expected one of {}", names.join(", "))
@@ -27,7 +27,8 @@ fn parse_precision(name: &str) -> Result<Precision, String> {
 /// `--model DIR --device D --precision P`.
 #[derive(Debug, Clone, Args)]
 pub struct ModelOpts {
-    /// A Hugging Face model directory (config.json, *.safetensors, tokenizer.json).
+    /// A Hugging Face model directory (config.json, *.safetensors, tokenizer.json), or an
+    /// artifact written by `kiln compile`.
     #[arg(long)]
     pub model: PathBuf,
     /// Where to run.

@@ -1,0 +1,464 @@
+//! Reading an artifact, checking everything before trusting it: the magic number, the format
+//! version, the header's and the table's checksums, the file length, every section's bounds,
+//! alignment and checksum, the JSON and UTF-8 of the text sections, the graphs (parsed and
+//! verified), the weight index against its bytes and against the graphs' parameters, and the
+//! target. Nothing is allocated beyond what the file's own length justifies.
+
+use super::codec::{self, ReadError, CHUNK};
+use super::crc::{crc32, Crc32};
+use super::format::{
+    graph_names, Manifest, Section, SectionKind, WeightEntry, ALIGN, ENTRY_LEN, FORMAT_VERSION,
+    HEADER_LEN, HOST_TARGET, MAGIC, MAX_SECTIONS,
+};
+use super::ArtifactError;
+use crate::info::{Assets, Head};
+use crate::Params;
+use kiln_ir::{DType, Graph};
+use std::collections::BTreeSet;
+use std::io::{Read, Seek, SeekFrom};
+
+/// A checked artifact, with its weights loaded.
+#[derive(Debug)]
+pub struct Artifact {
+    /// The file it came from (for messages).
+    pub origin: String,
+    /// Its length in bytes.
+    pub file_len: u64,
+    /// The section table.
+    pub sections: Vec<Section>,
+    /// The manifest.
+    pub manifest: Manifest,
+    /// The graphs, in the manifest's order.
+    pub graphs: Vec<Graph>,
+    /// The weight index.
+    pub weights: Vec<WeightEntry>,
+    /// The weights.
+    pub params: Params,
+    /// The tokenizer and generation config.
+    pub assets: Assets,
+}
+
+struct Reader<'o, R> {
+    r: R,
+    origin: &'o str,
+    file_len: u64,
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    let mut a = [0u8; 4];
+    a.copy_from_slice(&b[at..at + 4]);
+    u32::from_le_bytes(a)
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(a)
+}
+
+impl<R: Read + Seek> Reader<'_, R> {
+    fn malformed(&self, message: impl Into<String>) -> ArtifactError {
+        ArtifactError::Malformed {
+            origin: self.origin.to_string(),
+            message: message.into(),
+        }
+    }
+
+    fn bounds(&self, message: impl Into<String>) -> ArtifactError {
+        ArtifactError::Bounds {
+            origin: self.origin.to_string(),
+            message: message.into(),
+        }
+    }
+
+    fn io(&self, e: std::io::Error) -> ArtifactError {
+        ArtifactError::Io {
+            path: self.origin.into(),
+            source: e,
+        }
+    }
+
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), ArtifactError> {
+        self.r
+            .seek(SeekFrom::Start(offset))
+            .and_then(|_| self.r.read_exact(buf))
+            .map_err(|e| self.io(e))
+    }
+
+    /// The header and section table, checked.
+    fn table(&mut self) -> Result<Vec<Section>, ArtifactError> {
+        let origin = self.origin.to_string();
+        let mut head = [0u8; HEADER_LEN];
+        let have = usize::try_from(self.file_len.min(HEADER_LEN as u64)).unwrap_or(0);
+        self.read_at(0, &mut head[..have])?;
+        if have < MAGIC.len() || head[..MAGIC.len()] != MAGIC {
+            return Err(ArtifactError::BadMagic { origin });
+        }
+        if have < HEADER_LEN {
+            return Err(ArtifactError::Truncated {
+                origin,
+                expected: HEADER_LEN as u64,
+                actual: self.file_len,
+            });
+        }
+        let version = u32_at(&head, 8);
+        if version != FORMAT_VERSION {
+            return Err(ArtifactError::Version {
+                origin,
+                found: version,
+                supported: FORMAT_VERSION,
+            });
+        }
+        if crc32(&head[..28]) != u32_at(&head, 28) || head[32..].iter().any(|&b| b != 0) {
+            return Err(ArtifactError::HeaderChecksum {
+                origin,
+                what: "header",
+            });
+        }
+        let claimed = u64_at(&head, 16);
+        if claimed > self.file_len {
+            return Err(ArtifactError::Truncated {
+                origin,
+                expected: claimed,
+                actual: self.file_len,
+            });
+        }
+        if claimed < self.file_len {
+            return Err(ArtifactError::TrailingData {
+                origin,
+                expected: claimed,
+                actual: self.file_len,
+            });
+        }
+        let count = u32_at(&head, 12);
+        if count > MAX_SECTIONS {
+            return Err(self.bounds(format!(
+                "the header claims {count} sections; an artifact has at most {MAX_SECTIONS}"
+            )));
+        }
+        let table_end = (HEADER_LEN + ENTRY_LEN * count as usize) as u64;
+        if table_end > self.file_len {
+            return Err(ArtifactError::Truncated {
+                origin,
+                expected: table_end,
+                actual: self.file_len,
+            });
+        }
+        let mut raw = vec![0u8; ENTRY_LEN * count as usize];
+        self.read_at(HEADER_LEN as u64, &mut raw)?;
+        if crc32(&raw) != u32_at(&head, 24) {
+            return Err(ArtifactError::HeaderChecksum {
+                origin,
+                what: "section table",
+            });
+        }
+        let mut sections = Vec::with_capacity(count as usize);
+        let mut prev_end = table_end;
+        for (i, e) in raw.chunks_exact(ENTRY_LEN).enumerate() {
+            let code = u32_at(e, 0);
+            let kind = SectionKind::from_code(code)
+                .ok_or_else(|| self.malformed(format!("section {i} has unknown kind {code}")))?;
+            if u32_at(e, 4) != 0 || u32_at(e, 28) != 0 {
+                return Err(self.malformed(format!("section {i}: reserved fields are not zero")));
+            }
+            let (offset, len) = (u64_at(e, 8), u64_at(e, 16));
+            let end = offset.checked_add(len).ok_or_else(|| {
+                self.bounds(format!(
+                    "section {i} ({}) claims {len} bytes at offset {offset}: overflow",
+                    kind.name()
+                ))
+            })?;
+            if end > self.file_len {
+                return Err(self.bounds(format!(
+                    "section {i} ({}) claims bytes {offset}..{end}, past the end of the file ({} bytes)",
+                    kind.name(),
+                    self.file_len
+                )));
+            }
+            if offset % ALIGN != 0 || offset < prev_end {
+                return Err(self.bounds(format!(
+                    "section {i} ({}) at offset {offset} is misaligned or overlaps what precedes it",
+                    kind.name()
+                )));
+            }
+            prev_end = end;
+            sections.push(Section {
+                kind,
+                offset,
+                len,
+                crc: u32_at(e, 24),
+            });
+        }
+        Ok(sections)
+    }
+
+    /// A whole section's bytes, checksum checked.
+    fn section(&mut self, index: usize, s: &Section) -> Result<Vec<u8>, ArtifactError> {
+        // Bounded by the file length, checked in `table`.
+        let len = usize::try_from(s.len).map_err(|_| self.bounds("section too large"))?;
+        let mut bytes = vec![0u8; len];
+        self.read_at(s.offset, &mut bytes)?;
+        let actual = crc32(&bytes);
+        if actual != s.crc {
+            return Err(ArtifactError::Checksum {
+                origin: self.origin.to_string(),
+                index,
+                kind: s.kind.name(),
+                expected: s.crc,
+                actual,
+            });
+        }
+        Ok(bytes)
+    }
+
+    fn json<T: serde::de::DeserializeOwned>(
+        &mut self,
+        index: usize,
+        s: &Section,
+    ) -> Result<T, ArtifactError> {
+        let bytes = self.section(index, s)?;
+        serde_json::from_slice(&bytes)
+            .map_err(|e| self.malformed(format!("section {index} ({}): {e}", s.kind.name())))
+    }
+
+    /// The weight index, checked against the data section's length.
+    fn check_index(&self, index: &[WeightEntry], data_len: u64) -> Result<(), ArtifactError> {
+        let mut names = BTreeSet::new();
+        let mut prev_end = 0u64;
+        for w in index {
+            let bad = |m: String| self.malformed(format!("weight {:?}: {m}", w.name));
+            if !names.insert(w.name.as_str()) {
+                return Err(bad("listed twice".into()));
+            }
+            let dtype: DType = w
+                .dtype
+                .parse()
+                .map_err(|_| bad(format!("unknown dtype {:?}", w.dtype)))?;
+            let bytes = w
+                .shape
+                .iter()
+                .try_fold(dtype.size_bytes() as u64, |n, &d| n.checked_mul(d as u64));
+            if bytes != Some(w.len) {
+                return Err(bad(format!(
+                    "{} bytes do not hold a {} tensor of shape {:?}",
+                    w.len, w.dtype, w.shape
+                )));
+            }
+            let end = w.offset.checked_add(w.len);
+            if w.offset % ALIGN != 0 || w.offset < prev_end || end.is_none_or(|e| e > data_len) {
+                return Err(self.bounds(format!(
+                    "weight {:?} claims {} bytes at offset {} of the {data_len}-byte weight data: misaligned, overlapping or out of bounds",
+                    w.name, w.len, w.offset
+                )));
+            }
+            prev_end = end.unwrap_or(data_len);
+        }
+        Ok(())
+    }
+
+    /// Streams the weight data into tensors, one copy, checking its checksum.
+    fn weights(
+        &mut self,
+        index_no: usize,
+        s: &Section,
+        index: &[WeightEntry],
+    ) -> Result<Params, ArtifactError> {
+        self.r
+            .seek(SeekFrom::Start(s.offset))
+            .map_err(|e| self.io(e))?;
+        let mut crc = Crc32::new();
+        let mut buf = vec![0u8; CHUNK];
+        let mut pos = 0u64;
+        let mut params = Params::with_capacity(index.len());
+        for w in index {
+            self.skip(w.offset - pos, &mut crc, &mut buf)?;
+            let dtype: DType = w.dtype.parse().map_err(|_| self.malformed("dtype"))?;
+            let numel = w.shape.iter().product();
+            let t = codec::read_tensor(
+                &mut self.r,
+                dtype,
+                w.shape.clone(),
+                numel,
+                &mut crc,
+                &mut buf,
+            )
+            .map_err(|e| match e {
+                ReadError::Io(e) => self.io(e),
+                ReadError::Invalid(m) => self.malformed(format!("weight {:?}: {m}", w.name)),
+            })?;
+            params.insert(w.name.clone(), t);
+            pos = w.offset + w.len;
+        }
+        self.skip(s.len - pos, &mut crc, &mut buf)?;
+        let actual = crc.finish();
+        if actual != s.crc {
+            return Err(ArtifactError::Checksum {
+                origin: self.origin.to_string(),
+                index: index_no,
+                kind: s.kind.name(),
+                expected: s.crc,
+                actual,
+            });
+        }
+        Ok(params)
+    }
+
+    /// Reads and checksums `n` padding bytes.
+    fn skip(&mut self, mut n: u64, crc: &mut Crc32, buf: &mut [u8]) -> Result<(), ArtifactError> {
+        while n > 0 {
+            let take = n.min(buf.len() as u64) as usize;
+            codec::read_into(&mut self.r, &mut buf[..take], crc).map_err(|e| match e {
+                ReadError::Io(e) => self.io(e),
+                ReadError::Invalid(m) => self.malformed(m),
+            })?;
+            n -= take as u64;
+        }
+        Ok(())
+    }
+}
+
+/// Whether this runtime runs `target`: the CPU targets (`cpu`, `cpu-...`), whose graphs the
+/// host executor runs on any x86-64 or ARM machine.
+fn runs_here(target: &str) -> bool {
+    target == HOST_TARGET
+        || target
+            .strip_prefix(HOST_TARGET)
+            .is_some_and(|r| r.starts_with('-'))
+}
+
+/// Checks that every parameter of every graph has a tensor of its dtype and shape.
+fn check_params(graphs: &[Graph], names: &[String], index: &[WeightEntry]) -> Result<(), String> {
+    for (g, gname) in graphs.iter().zip(names) {
+        for (name, _, ty) in g.params() {
+            let w = index
+                .iter()
+                .find(|w| w.name == name)
+                .ok_or_else(|| format!("the {gname} graph's parameter {name:?} has no weight"))?;
+            let shape: Option<Vec<usize>> = ty
+                .shape
+                .iter()
+                .map(|d| d.as_fixed().and_then(|n| usize::try_from(n).ok()))
+                .collect();
+            if w.dtype != ty.dtype.name() || shape.as_deref() != Some(&w.shape[..]) {
+                return Err(format!(
+                    "weight {name:?} is {} {:?}, but the {gname} graph declares {ty}",
+                    w.dtype, w.shape
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+impl Artifact {
+    /// Opens and checks the artifact at `path`, loading its weights.
+    pub fn open(path: &std::path::Path) -> Result<Artifact, ArtifactError> {
+        let io = |source| ArtifactError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let file = std::fs::File::open(path).map_err(io)?;
+        let len = file.metadata().map_err(io)?.len();
+        Artifact::read(file, len, &path.display().to_string())
+    }
+
+    /// Checks an artifact held in memory (`origin` names it in messages).
+    pub fn from_bytes(bytes: &[u8], origin: &str) -> Result<Artifact, ArtifactError> {
+        Artifact::read(std::io::Cursor::new(bytes), bytes.len() as u64, origin)
+    }
+
+    /// Checks the `file_len`-byte artifact `r` and loads its weights.
+    pub fn read<R: Read + Seek>(
+        r: R,
+        file_len: u64,
+        origin: &str,
+    ) -> Result<Artifact, ArtifactError> {
+        let mut rd = Reader {
+            r,
+            origin,
+            file_len,
+        };
+        let sections = rd.table()?;
+        let find = |kind: SectionKind| -> Vec<usize> {
+            (0..sections.len())
+                .filter(|&i| sections[i].kind == kind)
+                .collect()
+        };
+        let one = |rd: &Reader<'_, R>,
+                   kind: SectionKind,
+                   optional: bool|
+         -> Result<Option<usize>, ArtifactError> {
+            match find(kind)[..] {
+                [] if optional => Ok(None),
+                [i] => Ok(Some(i)),
+                [] => Err(rd.malformed(format!("no {} section", kind.name()))),
+                _ => Err(rd.malformed(format!("more than one {} section", kind.name()))),
+            }
+        };
+        let (Some(mi), Some(ii), Some(di)) = (
+            one(&rd, SectionKind::Manifest, false)?,
+            one(&rd, SectionKind::WeightIndex, false)?,
+            one(&rd, SectionKind::WeightData, false)?,
+        ) else {
+            return Err(rd.malformed("missing sections"));
+        };
+        let manifest: Manifest = rd.json(mi, &sections[mi])?;
+        if !runs_here(&manifest.target) {
+            return Err(ArtifactError::WrongTarget {
+                origin: origin.to_string(),
+                target: manifest.target,
+                host: HOST_TARGET,
+            });
+        }
+        let expected = graph_names(manifest.model.head == Head::CausalLm);
+        if manifest.graphs != expected {
+            return Err(rd.malformed(format!(
+                "a {:?} model has graphs {expected:?}, the manifest lists {:?}",
+                manifest.model.head, manifest.graphs
+            )));
+        }
+        let graph_sections = find(SectionKind::Graph);
+        if graph_sections.len() != expected.len() {
+            return Err(rd.malformed(format!(
+                "{} graph sections for the manifest's {} graphs",
+                graph_sections.len(),
+                expected.len()
+            )));
+        }
+        let mut graphs = Vec::with_capacity(expected.len());
+        for (&i, name) in graph_sections.iter().zip(expected) {
+            let bytes = rd.section(i, &sections[i])?;
+            let text = std::str::from_utf8(&bytes)
+                .map_err(|e| rd.malformed(format!("the {name} graph is not UTF-8: {e}")))?;
+            let g = kiln_ir::text::parse(text)
+                .map_err(|e| rd.malformed(format!("the {name} graph: {e}")))?;
+            graphs.push(g);
+        }
+        let mut text_asset = |kind| -> Result<Option<Vec<u8>>, ArtifactError> {
+            match one(&rd, kind, true)? {
+                Some(i) => Ok(Some(rd.section(i, &sections[i])?)),
+                None => Ok(None),
+            }
+        };
+        let tokenizer_json = text_asset(SectionKind::Tokenizer)?;
+        let generation_config_json = text_asset(SectionKind::GenerationConfig)?;
+        let weights: Vec<WeightEntry> = rd.json(ii, &sections[ii])?;
+        rd.check_index(&weights, sections[di].len)?;
+        check_params(&graphs, &manifest.graphs, &weights).map_err(|m| rd.malformed(m))?;
+        let params = rd.weights(di, &sections[di], &weights)?;
+        Ok(Artifact {
+            origin: origin.to_string(),
+            file_len,
+            sections,
+            manifest,
+            graphs,
+            weights,
+            params,
+            assets: Assets {
+                origin: origin.to_string(),
+                tokenizer_json,
+                generation_config_json,
+            },
+        })
+    }
+}

@@ -1,0 +1,119 @@
+//! Writing an artifact: the sections laid out as [`format`](super::format) describes, in a
+//! fixed order and with sorted weights, so the same inputs always give the same bytes.
+
+use super::codec;
+use super::crc::crc32;
+use super::format::{
+    align_up, Manifest, Section, SectionKind, WeightEntry, ALIGN, ENTRY_LEN, FORMAT_VERSION,
+    HEADER_LEN, MAGIC,
+};
+use super::ArtifactError;
+use crate::info::Assets;
+use crate::Tensor;
+use kiln_ir::Graph;
+use std::collections::BTreeMap;
+
+/// The bytes of an artifact holding `manifest`, the graphs it names (in its order), the
+/// parameters (any map; written sorted by name) and the assets.
+pub fn to_bytes<'a>(
+    manifest: &Manifest,
+    graphs: &[Graph],
+    params: impl IntoIterator<Item = (&'a String, &'a Tensor)>,
+    assets: &Assets,
+) -> Result<Vec<u8>, ArtifactError> {
+    let fail = |m: String| ArtifactError::Write(m);
+    if graphs.len() != manifest.graphs.len() {
+        return Err(fail(format!(
+            "{} graphs for the {} names of the manifest",
+            graphs.len(),
+            manifest.graphs.len()
+        )));
+    }
+    let params: BTreeMap<&String, &Tensor> = params.into_iter().collect();
+    let mut index = Vec::with_capacity(params.len());
+    let mut data = Vec::new();
+    for (name, t) in &params {
+        let offset = data.len() as u64;
+        codec::append(t, &mut data);
+        index.push(WeightEntry {
+            name: (*name).clone(),
+            dtype: t.dtype().name().to_string(),
+            shape: t.shape().to_vec(),
+            offset,
+            len: data.len() as u64 - offset,
+        });
+        data.resize(data.len().next_multiple_of(ALIGN as usize), 0);
+    }
+    let mut sections: Vec<(SectionKind, Vec<u8>)> = vec![(SectionKind::Manifest, json(manifest)?)];
+    for g in graphs {
+        sections.push((SectionKind::Graph, kiln_ir::text::print(g).into_bytes()));
+    }
+    if let Some(t) = &assets.tokenizer_json {
+        sections.push((SectionKind::Tokenizer, t.clone()));
+    }
+    if let Some(g) = &assets.generation_config_json {
+        sections.push((SectionKind::GenerationConfig, g.clone()));
+    }
+    sections.push((SectionKind::WeightIndex, json(&index)?));
+    sections.push((SectionKind::WeightData, data));
+    Ok(assemble(&sections))
+}
+
+/// Lays out the header, the table and the sections.
+pub fn assemble(sections: &[(SectionKind, Vec<u8>)]) -> Vec<u8> {
+    let table_end = (HEADER_LEN + ENTRY_LEN * sections.len()) as u64;
+    let mut offset = align_up(table_end).unwrap_or(table_end);
+    let mut table = Vec::with_capacity(sections.len());
+    for (kind, bytes) in sections {
+        table.push(Section {
+            kind: *kind,
+            offset,
+            len: bytes.len() as u64,
+            crc: crc32(bytes),
+        });
+        offset = align_up(offset + bytes.len() as u64).unwrap_or(offset);
+    }
+    let file_len = table
+        .last()
+        .map_or(table_end, |s| s.offset + s.len)
+        .max(table_end);
+    let mut out = Vec::with_capacity(file_len as usize);
+    out.extend_from_slice(&header(sections.len() as u32, file_len, &table));
+    out.extend_from_slice(&table_bytes(&table));
+    for (s, (_, bytes)) in table.iter().zip(sections) {
+        out.resize(s.offset as usize, 0);
+        out.extend_from_slice(bytes);
+    }
+    out
+}
+
+/// The section table's bytes.
+pub fn table_bytes(table: &[Section]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(table.len() * ENTRY_LEN);
+    for s in table {
+        out.extend_from_slice(&s.kind.code().to_le_bytes());
+        out.extend_from_slice(&0u32.to_le_bytes());
+        out.extend_from_slice(&s.offset.to_le_bytes());
+        out.extend_from_slice(&s.len.to_le_bytes());
+        out.extend_from_slice(&s.crc.to_le_bytes());
+        out.extend_from_slice(&0u32.to_le_bytes());
+    }
+    out
+}
+
+/// The header for a file of `file_len` bytes with this table.
+pub fn header(count: u32, file_len: u64, table: &[Section]) -> [u8; HEADER_LEN] {
+    let mut h = [0u8; HEADER_LEN];
+    h[0..8].copy_from_slice(&MAGIC);
+    h[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    h[12..16].copy_from_slice(&count.to_le_bytes());
+    h[16..24].copy_from_slice(&file_len.to_le_bytes());
+    h[24..28].copy_from_slice(&crc32(&table_bytes(table)).to_le_bytes());
+    let own = crc32(&h[0..28]);
+    h[28..32].copy_from_slice(&own.to_le_bytes());
+    h
+}
+
+fn json<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, ArtifactError> {
+    serde_json::to_vec(v).map_err(|e| ArtifactError::Write(e.to_string()))
+}

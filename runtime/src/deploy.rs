@@ -1,0 +1,354 @@
+//! Ready-to-use models: a causal LM ([`CausalModel`]: generate text, or one forward pass) or
+//! an encoder ([`EncoderModel`]: embed, or raw outputs), each with its settings and assets.
+//! An artifact opens into one ([`Model::open`]); `kiln::load` builds the same types from a
+//! model directory, so the CLI treats both alike. [`CausalModel::new`] and
+//! [`EncoderModel::new`] are the one place the executors are constructed.
+
+use crate::artifact::{Artifact, ArtifactError};
+use crate::encoder::{EncoderOutput, EncoderRunner};
+use crate::generate::{self, ConfigError, GenerateError, GenerationConfig, Stopper, StreamError};
+use crate::info::{AssetError, Assets, Head, InputError, ModelInfo};
+use crate::{GraphLm, LanguageModel, ModelError, Params, Tensor};
+use kiln_ir::Graph;
+use std::path::Path;
+
+/// InputLimits fixed when compiling (`kiln compile --max-seq/--max-batch`); none for a directory.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct InputLimits {
+    /// The longest sequence (prompt and generated tokens together).
+    pub max_seq: Option<usize>,
+    /// The most rows in one batch (texts, or beams).
+    pub max_batch: Option<usize>,
+}
+
+/// Why using a model failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DeployError {
+    /// The artifact is unusable.
+    #[error(transparent)]
+    Artifact(#[from] ArtifactError),
+    /// The tokenizer or generation config is missing or unusable.
+    #[error(transparent)]
+    Asset(#[from] AssetError),
+    /// Input the model cannot take (ids, lengths, batch sizes, empty text, settings).
+    #[error("{0}")]
+    Input(String),
+    /// The model failed on valid input.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+}
+
+impl DeployError {
+    /// True for errors of the caller's input or files (as opposed to failures inside kiln).
+    pub fn is_input(&self) -> bool {
+        !matches!(self, DeployError::Model(_))
+    }
+}
+
+impl From<InputError> for DeployError {
+    fn from(e: InputError) -> Self {
+        DeployError::Input(e.to_string())
+    }
+}
+
+impl From<ConfigError> for DeployError {
+    fn from(e: ConfigError) -> Self {
+        DeployError::Input(e.to_string())
+    }
+}
+
+impl From<StreamError> for DeployError {
+    fn from(e: StreamError) -> Self {
+        DeployError::Model(ModelError(e.to_string()))
+    }
+}
+
+impl From<GenerateError> for DeployError {
+    fn from(e: GenerateError) -> Self {
+        match e {
+            GenerateError::Config(c) => c.into(),
+            GenerateError::InvalidPrompt { .. } => DeployError::Input(e.to_string()),
+            other => DeployError::Model(ModelError(other.to_string())),
+        }
+    }
+}
+
+fn check_batch(rows: usize, limits: &InputLimits) -> Result<(), DeployError> {
+    match limits.max_batch {
+        Some(max) if rows > max => Err(DeployError::Input(format!(
+            "a batch of {rows} rows, but this model was compiled for at most {max} (--max-batch)"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// A generated continuation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Generated {
+    /// The prompt's token ids.
+    pub prompt_ids: Vec<u32>,
+    /// The new token ids.
+    pub ids: Vec<u32>,
+    /// The new text (cut before a stop string).
+    pub text: String,
+}
+
+/// A causal LM with its settings and assets.
+pub struct CausalModel {
+    /// The model.
+    pub lm: GraphLm<Params>,
+    /// Its settings.
+    pub info: ModelInfo,
+    /// Its tokenizer and generation config.
+    pub assets: Assets,
+    /// Compile-time limits.
+    pub limits: InputLimits,
+}
+
+impl CausalModel {
+    /// A model from its prefill and decode graphs and bound parameters.
+    pub fn new(
+        prefill: Graph,
+        decode: Graph,
+        params: Params,
+        info: ModelInfo,
+        assets: Assets,
+        limits: InputLimits,
+    ) -> Result<Self, DeployError> {
+        let lm = GraphLm::new(prefill, decode, params, info.num_layers, info.vocab_size)?;
+        Ok(CausalModel {
+            lm,
+            info,
+            assets,
+            limits,
+        })
+    }
+
+    /// The model's generation config (see [`Assets::generation_config`]).
+    pub fn generation_config(&self) -> Result<GenerationConfig, DeployError> {
+        Ok(self.assets.generation_config(&self.info)?)
+    }
+
+    /// Logits `[1, len, vocab]` of one sequence.
+    pub fn forward(&self, ids: &[u32]) -> Result<Tensor, DeployError> {
+        self.info.check_ids(ids, self.limits.max_seq)?;
+        Ok(self.lm.forward(ids)?)
+    }
+
+    /// Tokenizes `prompt` and generates a continuation with `cfg`, calling `on_text` with each
+    /// piece of new text as it is decoded (stop strings cut, as transformers' streamers).
+    pub fn generate_streaming(
+        &mut self,
+        prompt: &str,
+        cfg: &GenerationConfig,
+        seed: u64,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<Generated, DeployError> {
+        cfg.validate()?;
+        if prompt.is_empty() {
+            return Err(DeployError::Input(
+                "the prompt is empty: give some text to continue".into(),
+            ));
+        }
+        let tok = self.assets.tokenizer()?;
+        let prompt_ids = tok
+            .encode(prompt, true)
+            .map_err(|e| DeployError::Input(format!("cannot tokenize the prompt: {e}")))?
+            .get_ids()
+            .to_vec();
+        if prompt_ids.is_empty() {
+            return Err(DeployError::Input(
+                "the prompt tokenizes to no tokens".into(),
+            ));
+        }
+        self.info.check_ids(&prompt_ids, self.limits.max_seq)?;
+        check_batch(cfg.num_beams.max(1), &self.limits)?;
+        if let Some(max) = self.info.position_limit(self.limits.max_seq) {
+            let budget = cfg.new_token_budget(prompt_ids.len())?;
+            if prompt_ids.len() + budget > max {
+                return Err(DeployError::Input(format!(
+                    "the prompt has {} tokens and up to {budget} new ones are asked for, but the model supports at most {max} positions; lower --max-new-tokens",
+                    prompt_ids.len()
+                )));
+            }
+        }
+        let mut stopper = Stopper::from_config(&tok, cfg, 1);
+        let mut failure = None;
+        let generated = generate::generate(
+            &mut self.lm,
+            std::slice::from_ref(&prompt_ids),
+            cfg,
+            seed,
+            &mut |row, token| match stopper.push(row, token) {
+                Ok(step) => {
+                    if !step.text.is_empty() {
+                        on_text(&step.text);
+                    }
+                    !step.stop
+                }
+                Err(e) => {
+                    failure = Some(e);
+                    false
+                }
+            },
+        )?;
+        if let Some(e) = failure {
+            return Err(e.into());
+        }
+        let tail = stopper.finish(0)?;
+        if !tail.is_empty() {
+            on_text(&tail);
+        }
+        Ok(Generated {
+            prompt_ids,
+            ids: generated.into_iter().next().unwrap_or_default(),
+            text: stopper.text(0).to_string(),
+        })
+    }
+
+    /// [`generate_streaming`](Self::generate_streaming) without streaming.
+    pub fn generate(
+        &mut self,
+        prompt: &str,
+        cfg: &GenerationConfig,
+        seed: u64,
+    ) -> Result<Generated, DeployError> {
+        self.generate_streaming(prompt, cfg, seed, &mut |_| {})
+    }
+
+    /// The vocabulary size.
+    pub fn vocab_size(&self) -> usize {
+        self.lm.vocab_size()
+    }
+}
+
+/// An encoder with its settings and assets.
+pub struct EncoderModel {
+    /// The encoder.
+    pub runner: EncoderRunner<Params>,
+    /// Its settings.
+    pub info: ModelInfo,
+    /// Its tokenizer.
+    pub assets: Assets,
+    /// Compile-time limits.
+    pub limits: InputLimits,
+}
+
+/// An encoder run on texts.
+pub struct Encoded {
+    /// The token ids of each text.
+    pub ids: Vec<Vec<u32>>,
+    /// The outputs.
+    pub out: EncoderOutput,
+}
+
+impl EncoderModel {
+    /// An encoder from its graph and bound parameters.
+    pub fn new(
+        graph: Graph,
+        params: Params,
+        info: ModelInfo,
+        assets: Assets,
+        limits: InputLimits,
+    ) -> Result<Self, DeployError> {
+        let runner = EncoderRunner::new(graph, params, info.uses_token_types)?;
+        Ok(EncoderModel {
+            runner,
+            info,
+            assets,
+            limits,
+        })
+    }
+
+    /// Runs token-id sequences (checked) as one right-padded batch.
+    pub fn run(&self, batch: &[Vec<u32>]) -> Result<EncoderOutput, DeployError> {
+        check_batch(batch.len(), &self.limits)?;
+        for ids in batch {
+            self.info.check_ids(ids, self.limits.max_seq)?;
+        }
+        Ok(self.runner.run(batch)?)
+    }
+
+    /// Tokenizes `texts` (with special tokens, as transformers' tokenizer call does) and runs
+    /// them as one batch.
+    pub fn encode<S: AsRef<str>>(&self, texts: &[S]) -> Result<Encoded, DeployError> {
+        if texts.is_empty() {
+            return Err(DeployError::Input("give at least one text".into()));
+        }
+        if let Some(i) = texts.iter().position(|t| t.as_ref().trim().is_empty()) {
+            return Err(DeployError::Input(format!(
+                "text number {} is empty",
+                i + 1
+            )));
+        }
+        let tok = self.assets.tokenizer()?;
+        let mut ids = Vec::with_capacity(texts.len());
+        for text in texts {
+            let text = text.as_ref();
+            ids.push(
+                tok.encode(text, true)
+                    .map_err(|e| DeployError::Input(format!("cannot tokenize {text:?}: {e}")))?
+                    .get_ids()
+                    .to_vec(),
+            );
+        }
+        let out = self.run(&ids)?;
+        Ok(Encoded { ids, out })
+    }
+
+    /// One sentence embedding per text, pooled as the model's settings say.
+    pub fn embed<S: AsRef<str>>(&self, texts: &[S]) -> Result<Vec<Vec<f32>>, DeployError> {
+        Ok(self.encode(texts)?.out.pool(&self.info.pooling)?)
+    }
+}
+
+/// A model opened from an artifact.
+pub enum Model {
+    /// A causal LM.
+    Causal(CausalModel),
+    /// An encoder.
+    Encoder(EncoderModel),
+}
+
+impl Model {
+    /// Opens and checks the artifact at `path` and builds its model.
+    pub fn open(path: &Path) -> Result<Model, DeployError> {
+        Ok(Artifact::open(path)?.into_model()?)
+    }
+}
+
+impl Artifact {
+    /// The model this artifact holds.
+    pub fn into_model(self) -> Result<Model, ArtifactError> {
+        let limits = InputLimits {
+            max_seq: self.manifest.max_seq,
+            max_batch: self.manifest.max_batch,
+        };
+        let info = self.manifest.model;
+        let origin = self.origin.clone();
+        let malformed = |e: DeployError| ArtifactError::Malformed {
+            origin,
+            message: e.to_string(),
+        };
+        let mut graphs = self.graphs.into_iter();
+        let (first, second) = (graphs.next(), graphs.next());
+        match (info.head, first, second) {
+            (Head::CausalLm, Some(prefill), Some(decode)) => Ok(Model::Causal(
+                CausalModel::new(prefill, decode, self.params, info, self.assets, limits)
+                    .map_err(malformed)?,
+            )),
+            (Head::CausalLm, ..) => Err(ArtifactError::Malformed {
+                origin: self.origin,
+                message: "a causal LM needs prefill and decode graphs".into(),
+            }),
+            (_, Some(graph), None) => Ok(Model::Encoder(
+                EncoderModel::new(graph, self.params, info, self.assets, limits)
+                    .map_err(malformed)?,
+            )),
+            _ => Err(ArtifactError::Malformed {
+                origin: self.origin,
+                message: "an encoder needs exactly one graph".into(),
+            }),
+        }
+    }
+}

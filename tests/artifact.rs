@@ -1,0 +1,677 @@
+//! Ahead-of-time artifacts (`kiln compile`, `kiln_runtime::artifact`): every family compiled,
+//! loaded and checked against transformers' outputs; byte-identical recompiles; each bad file
+//! refused with its own message; and mutations of real artifacts (bit flips, truncations,
+//! header fields overwritten with huge values), none of which may panic or hang.
+//!
+//! The long fuzz run (ignored by default; the count is `KILN_FUZZ_CASES`, default 1,000,000,
+//! under a 4 GiB address-space limit so that a huge allocation would abort it):
+//! `(ulimit -v 4194304; cargo test --test artifact artifact_fuzz -- --ignored --nocapture)`
+
+mod common;
+
+use common::{fixture, ids, kiln, reference, reference_json, refused};
+use kiln::compile::{compile, CompileOptions};
+use kiln::compiler::Precision;
+use kiln::load::{self, LoadOptions};
+use kiln::runtime::artifact::{reseal, write, Artifact};
+use kiln::runtime::deploy::Model;
+use std::path::PathBuf;
+
+const CAUSAL: [&str; 9] = [
+    "llama",
+    "llama_tied",
+    "llama_rope_dynamic",
+    "llama_rope_linear",
+    "llama_rope_llama3",
+    "mistral",
+    "qwen2",
+    "mixtral",
+    "gpt2",
+];
+
+fn temp(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("kiln-artifact-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+fn compiled(name: &str, precision: Precision) -> Vec<u8> {
+    let opts = CompileOptions {
+        load: LoadOptions {
+            precision,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    compile(&fixture(name), &opts).unwrap().0
+}
+
+/// Compiles the fixture into a temporary file and returns its path.
+fn compiled_file(name: &str, precision: Precision) -> PathBuf {
+    let path = temp(&format!("{name}-{}.kiln", precision.name()));
+    std::fs::write(&path, compiled(name, precision)).unwrap();
+    path
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let dot: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| f64::from(*x) * f64::from(*y))
+        .sum();
+    let n = |v: &[f32]| v.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+    dot / (n(a) * n(b))
+}
+
+/// From the artifact: prompt logits against transformers' (within the tolerance of
+/// `tests/hf_causal.rs`), and where transformers' greedy continuation is recorded, the same
+/// tokens, text in (through the artifact's tokenizer) and tokens out.
+#[test]
+fn causal_artifacts_match_transformers() {
+    for name in CAUSAL {
+        let (r, tensors) = reference(name);
+        let path = compiled_file(name, Precision::F32);
+        let Model::Causal(mut m) = Model::open(&path).unwrap() else {
+            panic!("{name}: not a causal LM")
+        };
+        let logits = m.forward(&ids(&r["prompt_ids"])).unwrap();
+        let want = tensors.load("logits").unwrap();
+        assert_eq!(logits.shape(), want.shape(), "{name}");
+        let err = logits
+            .as_f32()
+            .unwrap()
+            .iter()
+            .zip(want.as_f32().unwrap())
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(err <= 1e-4, "{name}: logits max abs error {err:e}");
+        if r["greedy_ids"].is_null() {
+            continue;
+        }
+        let mut cfg = m.generation_config().unwrap();
+        cfg.do_sample = false;
+        cfg.max_new_tokens = r["greedy"]["args"]["max_new_tokens"]
+            .as_u64()
+            .map(|n| n as usize);
+        let out = m.generate(r["prompt"].as_str().unwrap(), &cfg, 0).unwrap();
+        assert_eq!(out.prompt_ids, ids(&r["prompt_ids"]), "{name}: prompt ids");
+        assert_eq!(out.ids, ids(&r["greedy_ids"]), "{name}: greedy ids");
+    }
+}
+
+/// Encoders from artifacts: hidden states and head logits against transformers.
+#[test]
+fn encoder_artifacts_match_transformers() {
+    for name in ["bert", "distilbert"] {
+        let (r, tensors) = reference(name);
+        let path = compiled_file(name, Precision::F32);
+        let Model::Encoder(m) = Model::open(&path).unwrap() else {
+            panic!("{name}: not an encoder")
+        };
+        let input = ids(&r["input_ids"]);
+        let out = m.run(&[input]).unwrap();
+        let want = tensors.load("last_hidden_state").unwrap();
+        assert_eq!(out.last_hidden_state.shape(), want.shape(), "{name}");
+        let cos = cosine(
+            out.last_hidden_state.as_f32().unwrap(),
+            want.as_f32().unwrap(),
+        );
+        assert!(cos >= 0.9999, "{name}: last_hidden_state cosine {cos}");
+        let logits = out.logits.expect("masked-LM logits");
+        let want = tensors.load("mlm_logits").unwrap();
+        let cos = cosine(logits.as_f32().unwrap(), want.as_f32().unwrap());
+        assert!(cos >= 0.9999, "{name}: masked-LM logits cosine {cos}");
+        // Embeddings go through the artifact's tokenizer and pooling settings.
+        let e = m.embed(&["a cat", "the dog ran"]).unwrap();
+        assert_eq!((e.len(), e[0].len()), (2, 32));
+    }
+    for name in ["bert_cls", "distilbert_cls"] {
+        let r = reference_json(name);
+        let path = compiled_file(name, Precision::F32);
+        let enc = load::encoder(&path).unwrap().model;
+        let texts: Vec<&str> = r["texts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_str().unwrap())
+            .collect();
+        let logits = enc.encode(&texts).unwrap().out.logits.unwrap();
+        let got = logits.as_f32().unwrap();
+        let want: Vec<f32> = r["logits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|row| row.as_array().unwrap().iter())
+            .map(|x| x.as_f64().unwrap() as f32)
+            .collect();
+        let err = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(
+            err < 1e-4,
+            "{name}: classifier logits max abs error {err:e}"
+        );
+        let id2label = r["id2label"].as_object().unwrap();
+        assert_eq!(enc.info.labels.len(), id2label.len(), "{name}: id2label");
+        assert_eq!(enc.info.labels[0], id2label["0"], "{name}: id2label");
+    }
+}
+
+/// An artifact runs exactly what loading the directory with the same options runs: the same
+/// logits bit for bit, in every precision (weights converted at compile time).
+#[test]
+fn artifacts_run_exactly_as_the_directory_does() {
+    for (name, precision) in [
+        ("llama", Precision::Bf16),
+        ("mixtral", Precision::Fp8),
+        ("gpt2", Precision::F32),
+    ] {
+        let path = compiled_file(name, precision);
+        let opts = LoadOptions {
+            precision,
+            ..Default::default()
+        };
+        let from_dir = load::causal_lm_with(&fixture(name), &opts).unwrap().model;
+        let from_file = load::causal_lm_with(&path, &opts).unwrap().model;
+        let prompt = ids(&reference_json(name)["prompt_ids"]);
+        let a = from_dir.forward(&prompt).unwrap();
+        let b = from_file.forward(&prompt).unwrap();
+        assert_eq!(a, b, "{name} {precision:?}");
+        let art = Artifact::open(&path).unwrap();
+        assert_eq!(art.manifest.precision, precision.name());
+    }
+}
+
+#[test]
+fn compiling_twice_gives_identical_bytes() {
+    for name in ["llama", "bert"] {
+        assert!(compiled(name, Precision::F32) == compiled(name, Precision::F32));
+    }
+    let (a, b) = (temp("twice-a.kiln"), temp("twice-b.kiln"));
+    for out in [&a, &b] {
+        let o = kiln(&[
+            "compile",
+            "--model",
+            fixture("mixtral").to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--precision",
+            "bf16",
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    assert!(std::fs::read(&a).unwrap() == std::fs::read(&b).unwrap());
+}
+
+/// The CLI commands take an artifact wherever they take a model directory.
+#[test]
+fn cli_commands_take_artifacts() {
+    let r = reference_json("llama");
+    let path = temp("cli-llama.kiln");
+    let p = path.to_str().unwrap();
+    let o = kiln(&[
+        "compile",
+        "--model",
+        fixture("llama").to_str().unwrap(),
+        "-o",
+        p,
+        "--max-seq",
+        "40",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = kiln(&[
+        "generate",
+        "--model",
+        p,
+        "--prompt",
+        r["prompt"].as_str().unwrap(),
+        "--max-new-tokens",
+        "6",
+        "--temperature",
+        "0",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(ids(&j["generated_ids"]), ids(&r["greedy_ids"])[..6]);
+    // --max-seq 40 is enforced: 34 prompt tokens + 20 new ones do not fit.
+    refused(
+        &[
+            "generate",
+            "--model",
+            p,
+            "--prompt",
+            r["prompt"].as_str().unwrap(),
+            "--max-new-tokens",
+            "20",
+        ],
+        &["at most 40 positions"],
+    );
+    let o = kiln(&["inspect", "--model", p]);
+    let s = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success());
+    for f in [
+        "target: cpu",
+        "precision: f32",
+        "weight_data",
+        "matmul×",
+        "max seq 40",
+    ] {
+        assert!(s.contains(f), "inspect: {f:?} missing in {s}");
+    }
+    let o = kiln(&["forward", "--model", p, "--tokens", "1,2,3"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    refused(
+        &["embed", "--model", p, "--text", "x"],
+        &["is a causal LM, not an encoder"],
+    );
+    refused(
+        &[
+            "generate",
+            "--model",
+            p,
+            "--prompt",
+            "x",
+            "--precision",
+            "bf16",
+        ],
+        &["compiled for f32"],
+    );
+    let bert = temp("cli-bert.kiln");
+    let b = bert.to_str().unwrap();
+    let o = kiln(&[
+        "compile",
+        "--model",
+        fixture("bert").to_str().unwrap(),
+        "-o",
+        b,
+    ]);
+    assert!(o.status.success());
+    let r = reference_json("bert");
+    let o = kiln(&[
+        "fill-mask",
+        "--model",
+        b,
+        "--text",
+        r["text"].as_str().unwrap(),
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        j["masks"][0]["top"][0]["token_id"],
+        r["fill_mask"][0]["token_id"]
+    );
+    let o = kiln(&["embed", "--model", b, "--text", "a cat", "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// The llama artifact's bytes, and a function giving the byte range of field `at` (bytes) of
+/// section-table entry `i`.
+fn llama_bytes() -> Vec<u8> {
+    compiled("llama", Precision::F32)
+}
+
+fn entry(i: usize, at: usize) -> std::ops::Range<usize> {
+    64 + 32 * i + at..64 + 32 * i + at + 8
+}
+
+fn refusal(bytes: &[u8]) -> String {
+    match Artifact::from_bytes(bytes, "t.kiln") {
+        Ok(_) => panic!("accepted a bad artifact"),
+        Err(e) => e.to_string(),
+    }
+}
+
+fn edited(f: impl FnOnce(&mut Vec<u8>)) -> String {
+    let mut b = llama_bytes();
+    f(&mut b);
+    refusal(&b)
+}
+
+fn edited_resealed(f: impl FnOnce(&mut Vec<u8>)) -> String {
+    edited(|b| {
+        f(b);
+        reseal(b);
+    })
+}
+
+/// A section's byte range, from the table.
+fn section(b: &[u8], i: usize) -> std::ops::Range<usize> {
+    let off = u64::from_le_bytes(b[entry(i, 8)].try_into().unwrap()) as usize;
+    let len = u64::from_le_bytes(b[entry(i, 16)].try_into().unwrap()) as usize;
+    off..off + len
+}
+
+#[test]
+fn bad_files_are_refused_with_their_message() {
+    let good = llama_bytes();
+    let len = good.len();
+    assert!(Artifact::from_bytes(&good, "t.kiln").is_ok());
+    let cases: Vec<(String, &str)> = vec![
+        (refusal(&good[..len - 100]), "is truncated"),
+        (refusal(&good[..40]), "is truncated"),
+        (refusal(b"{\"not\": 1}"), "not a kiln artifact"),
+        (refusal(b""), "not a kiln artifact"),
+        (edited(|b| b.extend([0; 64])), "trailing data"),
+        (edited_resealed(|b| b[8] = 2), "format version 2"),
+        (edited(|b| b[20] ^= 1), "header is corrupt"),
+        (edited(|b| b[64 + 24] ^= 1), "section table is corrupt"),
+        (
+            edited(|b| {
+                let s = section(b, 6);
+                b[s.start + 100] ^= 0x10
+            }),
+            "section 6 (weight_data) is corrupt",
+        ),
+        (
+            edited(|b| {
+                let s = section(b, 0);
+                b[s.start + 3] ^= 1
+            }),
+            "section 0 (manifest) is corrupt",
+        ),
+        (
+            edited_resealed(|b| b[entry(6, 8)].copy_from_slice(&(1u64 << 60).to_le_bytes())),
+            "past the end of the file",
+        ),
+        (
+            edited_resealed(|b| b[entry(6, 16)].copy_from_slice(&u64::MAX.to_le_bytes())),
+            "overflow",
+        ),
+        (
+            edited_resealed(|b| b[12..16].copy_from_slice(&u32::MAX.to_le_bytes())),
+            "at most 64",
+        ),
+        (
+            edited_resealed(|b| b[16..24].copy_from_slice(&u64::MAX.to_le_bytes())),
+            "is truncated",
+        ),
+        (
+            edited_resealed(|b| {
+                let start = section(b, 1).start as u64;
+                b[entry(2, 8)].copy_from_slice(&start.to_le_bytes())
+            }),
+            "overlaps",
+        ),
+        (
+            edited_resealed(|b| b[entry(1, 0)][..4].copy_from_slice(&99u32.to_le_bytes())),
+            "unknown kind 99",
+        ),
+        (
+            edited_resealed(|b| {
+                let s = section(b, 0);
+                b[s.start] = b'[';
+            }),
+            "section 0 (manifest)",
+        ),
+        (
+            edited_resealed(|b| {
+                let s = section(b, 1);
+                b[s.start + 1] = 0xff;
+            }),
+            "not UTF-8",
+        ),
+        (
+            edited_resealed(|b| {
+                let s = section(b, 2);
+                b[s.start..s.start + 2].copy_from_slice(b"?!");
+            }),
+            "the decode graph",
+        ),
+    ];
+    for (got, want) in &cases {
+        assert!(got.contains(want), "expected {want:?} in: {got}");
+    }
+    // The weight index disagreeing with its bytes, and with the graphs.
+    let mut art = Artifact::from_bytes(&good, "t.kiln").unwrap();
+    let index = section(&good, 5);
+    let text = String::from_utf8(good[index.clone()].to_vec()).unwrap();
+    let mut grown = good.clone();
+    let edited_index = text.replacen("\"shape\":[320,32]", "\"shape\":[321,32]", 1);
+    assert_ne!(edited_index, text);
+    assert_eq!(edited_index.len(), text.len());
+    grown[index].copy_from_slice(edited_index.as_bytes());
+    reseal(&mut grown);
+    let e = refusal(&grown);
+    assert!(e.contains("bytes do not hold"), "{e}");
+    // A wrong target, written properly.
+    art.manifest.target = "cuda-sm90".into();
+    let cuda = write::to_bytes(&art.manifest, &art.graphs, &art.params, &art.assets).unwrap();
+    let e = refusal(&cuda);
+    assert!(
+        e.contains("compiled for target cuda-sm90, but this runtime runs on cpu only"),
+        "{e}"
+    );
+    // And through the CLI: exit code 2 and the message, for a command given the bad file.
+    let bad = temp("truncated.kiln");
+    std::fs::write(&bad, &good[..len / 2]).unwrap();
+    refused(
+        &[
+            "generate",
+            "--model",
+            bad.to_str().unwrap(),
+            "--prompt",
+            "x",
+        ],
+        &["is truncated"],
+    );
+    let cuda_file = temp("cuda.kiln");
+    let o = kiln(&[
+        "compile",
+        "--model",
+        fixture("llama").to_str().unwrap(),
+        "-o",
+        cuda_file.to_str().unwrap(),
+        "--target",
+        "cuda:sm_90",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    refused(
+        &[
+            "forward",
+            "--model",
+            cuda_file.to_str().unwrap(),
+            "--tokens",
+            "1",
+        ],
+        &["compiled for target cuda-sm90"],
+    );
+    refused(
+        &[
+            "compile",
+            "--model",
+            fixture("llama").to_str().unwrap(),
+            "-o",
+            "x.kiln",
+            "--target",
+            "tpu",
+        ],
+        &["unknown target"],
+    );
+}
+
+/// A small deterministic generator (xorshift64*), so that a failing case can be replayed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+}
+
+/// One mutation of `good`, chosen by `rng`.
+fn mutate(good: &[u8], rng: &mut Rng) -> Vec<u8> {
+    let mut b = good.to_vec();
+    let huge = [
+        0,
+        1,
+        63,
+        64,
+        u64::from(u32::MAX),
+        u64::MAX,
+        u64::MAX - 63,
+        1 << 40,
+        1 << 63,
+        good.len() as u64,
+        good.len() as u64 + 64,
+    ];
+    let mode = rng.below(6);
+    match mode {
+        // Bit flips anywhere.
+        0 | 1 => {
+            for _ in 0..1 + rng.below(4) {
+                let i = rng.below(b.len());
+                b[i] ^= 1 << rng.below(8);
+            }
+        }
+        // Truncation.
+        2 => b.truncate(rng.below(b.len())),
+        // A header or table field overwritten with a huge or boundary value.
+        3 => {
+            let field = rng.below(64 + 32 * 8) / 4 * 4;
+            let v = huge[rng.below(huge.len())].wrapping_add(rng.below(3) as u64);
+            let width = if rng.below(2) == 0 { 4 } else { 8 };
+            let end = (field + width).min(b.len());
+            b[field..end].copy_from_slice(&v.to_le_bytes()[..end - field]);
+        }
+        // Random bytes over a random stretch.
+        4 => {
+            let at = rng.below(b.len());
+            for x in b.iter_mut().skip(at).take(1 + rng.below(16)) {
+                *x = rng.next() as u8;
+            }
+        }
+        // Appended bytes.
+        _ => b.extend((0..1 + rng.below(100)).map(|_| rng.next() as u8)),
+    }
+    // Half the time, make the checksums agree again so that the deeper checks run.
+    if rng.below(2) == 0 {
+        reseal(&mut b);
+    }
+    b
+}
+
+/// Runs `cases` mutations of real artifacts (a causal LM and an encoder) through the loader;
+/// every one must be refused with an error or load, never panic.
+fn fuzz(cases: u64) {
+    let bases = [llama_bytes(), compiled("distilbert", Precision::F32)];
+    let start = std::time::Instant::now();
+    let mut refused = 0u64;
+    for case in 0..cases {
+        let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ case.wrapping_mul(0x1000_0000_01B3));
+        let good = &bases[(case % 2) as usize];
+        let bytes = mutate(good, &mut rng);
+        let result = std::panic::catch_unwind(|| {
+            Artifact::from_bytes(&bytes, "fuzz.kiln").and_then(Artifact::into_model)
+        });
+        match result {
+            Err(_) => panic!("case {case} panicked"),
+            Ok(Err(e)) => {
+                assert!(!e.to_string().is_empty());
+                refused += 1;
+            }
+            Ok(Ok(_)) => {}
+        }
+    }
+    eprintln!(
+        "artifact fuzz: {cases} mutated artifacts in {:.1} s, {refused} refused, {} loaded, no panic",
+        start.elapsed().as_secs_f64(),
+        cases - refused
+    );
+}
+
+#[test]
+fn mutated_artifacts_never_panic() {
+    fuzz(3000);
+}
+
+/// The long run; see the module docs for the command.
+#[test]
+#[ignore]
+fn artifact_fuzz() {
+    let cases = std::env::var("KILN_FUZZ_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1_000_000);
+    fuzz(cases);
+}
+
+#[test]
+fn artifact_loading_needs_only_the_runtime() {
+    // `cargo tree -p kiln-runtime` must not list the compiler, egg or the model families.
+    let o = std::process::Command::new(env!("CARGO"))
+        .args([
+            "tree",
+            "-p",
+            "kiln-runtime",
+            "--edges",
+            "normal",
+            "--prefix",
+            "none",
+        ])
+        .current_dir(common::ROOT)
+        .output()
+        .expect("run cargo tree");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let tree = String::from_utf8_lossy(&o.stdout);
+    assert!(tree.contains("kiln-runtime"), "{tree}");
+    for banned in ["kiln-compiler", "egg ", "kiln-models", "melior"] {
+        assert!(
+            !tree.contains(banned),
+            "kiln-runtime depends on {banned}:\n{tree}"
+        );
+    }
+}
+
+/// `examples/deploy.rs` (which `cargo test` builds beside the tests) generates from an
+/// artifact what transformers generates, and refuses a bad file.
+#[test]
+fn the_deploy_example_runs() {
+    let exe = std::env::current_exe().unwrap();
+    let example = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .map(|dir| {
+            dir.join("examples")
+                .join(format!("deploy{}", std::env::consts::EXE_SUFFIX))
+        })
+        .unwrap();
+    assert!(
+        example.is_file(),
+        "{} not built (run the tests with cargo test)",
+        example.display()
+    );
+    let r = reference_json("llama");
+    let path = compiled_file("llama", Precision::F32);
+    let o = std::process::Command::new(&example)
+        .args([path.to_str().unwrap(), r["prompt"].as_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let want: Vec<String> = ids(&r["greedy_ids"])[..20]
+        .iter()
+        .map(u32::to_string)
+        .collect();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains(&format!("generated ids: [{}]", want.join(", "))),
+        "{out}"
+    );
+    let o = std::process::Command::new(&example)
+        .args([fixture("llama").join("config.json").to_str().unwrap(), "x"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not a kiln artifact"));
+}
