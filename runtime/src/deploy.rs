@@ -303,6 +303,7 @@ impl EncoderModel {
 }
 
 /// A model opened from an artifact.
+#[allow(clippy::large_enum_variant)] // made once per process: its size does not matter
 pub enum Model {
     /// A causal LM.
     Causal(CausalModel),
