@@ -14,13 +14,15 @@
 //! node is computed as its primitive op and rounded to its dtype: bf16 and f16 to nearest even
 //! (as `half`), fp8 as [`kiln_ir::f8`]. Accuracy against the reference (which evaluates in f64
 //! and rounds to f32, then to the node's dtype): add, sub, mul, div, sqrt, recip, neg, abs,
-//! relu, max, min, comparisons, where and casts are bit-exact; rsqrt, tanh, erf, gelu,
-//! gelu_tanh, log, sin, cos and pow evaluate the IR's own f64 formula per element (bit-exact,
-//! but scalar code); exp, sigmoid and silu use a vectorized f32 exponential and are within
-//! 1e-6 relative (a few ulp) or 1e-30 absolute. A node narrower than f32 inherits that: a few-ulp
+//! relu, max, min, comparisons, where and casts are bit-exact; rsqrt, log, sin, cos and pow
+//! evaluate the IR's own f64 formula per element (bit-exact, but scalar code); exp, sigmoid and
+//! silu use a vectorized f32 exponential and are within 1e-6 relative (a few ulp) or 1e-30
+//! absolute; tanh and erf use vectorized f32 rational approximations (a few ulp), and gelu and
+//! gelu_tanh are computed from them in f32 as PyTorch's CPU kernels do, within 2e-6 relative
+//! or 2e-6 absolute (the `1 + erf` of a negative tail loses digits to cancellation in f32). A node narrower than f32 inherits that: a few-ulp
 //! f32 difference can move its rounding by one ulp of its own dtype.
 
-use crate::simd::{exp, vector_level, Isa};
+use crate::simd::{erf, exp, madd, tanh, vector_level, Isa};
 use crate::KernelError;
 use kiln_ir::{f8, BinaryOp, CmpOp, DType, Expr, UnaryOp};
 use rayon::prelude::*;
@@ -452,13 +454,16 @@ fn exec<const FMA: bool>(kind: Kind, a: &[f32], b: &[f32], c: &[f32], o: &mut [f
             UnaryOp::Sigmoid => map1!(|x| 1.0 / (1.0 + exp_full::<FMA>(-x))),
             UnaryOp::Silu => map1!(|x| x / (1.0 + exp_full::<FMA>(-x))),
             UnaryOp::Rsqrt => map1!(|x| (1.0 / f64::from(x).sqrt()) as f32),
-            UnaryOp::Log
-            | UnaryOp::Tanh
-            | UnaryOp::Erf
-            | UnaryOp::Gelu
-            | UnaryOp::GeluTanh
-            | UnaryOp::Sin
-            | UnaryOp::Cos => map1!(|x| u.eval(f64::from(x)) as f32),
+            UnaryOp::Tanh => map1!(|x| tanh::<FMA>(x)),
+            UnaryOp::Erf => map1!(|x| erf::<FMA>(x)),
+            UnaryOp::Gelu => {
+                map1!(|x| 0.5 * x * (1.0 + erf::<FMA>(x * std::f32::consts::FRAC_1_SQRT_2)))
+            }
+            UnaryOp::GeluTanh => map1!(|x| {
+                let inner = 0.797_884_6 * madd::<FMA>(0.044_715 * x * x, x, x);
+                0.5 * x * (1.0 + tanh::<FMA>(inner))
+            }),
+            UnaryOp::Log | UnaryOp::Sin | UnaryOp::Cos => map1!(|x| u.eval(f64::from(x)) as f32),
         },
         Kind::Binary(op) => match op {
             BinaryOp::Add => map2!(|x, y| x + y),

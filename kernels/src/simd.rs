@@ -188,9 +188,92 @@ pub(crate) fn exp<const FMA: bool>(x: f32) -> f32 {
     }
 }
 
+/// `tanh(x)` in f32 with a rational minimax approximation on `[-7.905, 7.905]` (its value at
+/// ±7.905 up to |x| = 9, exactly ±1 beyond, `x` itself below 4e-4), within a few ulp; NaN
+/// stays NaN. Vectorizable like [`exp`].
+#[inline(always)]
+pub(crate) fn tanh<const FMA: bool>(x: f32) -> f32 {
+    const CLAMP: f32 = 7.905_311;
+    let xc = x.clamp(-CLAMP, CLAMP);
+    let x2 = xc * xc;
+    let mut p = -2.760_768_5e-16f32;
+    p = madd::<FMA>(x2, p, 2.000_187_9e-13);
+    p = madd::<FMA>(x2, p, -8.604_672e-11);
+    p = madd::<FMA>(x2, p, 5.122_297e-8);
+    p = madd::<FMA>(x2, p, 1.485_722_4e-5);
+    p = madd::<FMA>(x2, p, 6.372_619_3e-4);
+    p = madd::<FMA>(x2, p, 4.893_524_6e-3);
+    let p = p * xc;
+    let mut q = 1.198_258_4e-6f32;
+    q = madd::<FMA>(x2, q, 1.185_347_1e-4);
+    q = madd::<FMA>(x2, q, 2.268_434_6e-3);
+    q = madd::<FMA>(x2, q, 4.893_525_2e-3);
+    if x.abs() < 4e-4 {
+        x
+    } else if x.abs() >= 9.0 {
+        // tanh's nearest f32 is ±1 here (the approximation stops a few ulp short of it).
+        1.0f32.copysign(x)
+    } else {
+        p / q
+    }
+}
+
+/// `erf(x)` in f32 with a rational minimax approximation on `(-3.92, 3.92)` and ±1 beyond
+/// (where ±1 is erf's nearest f32), within a few ulp; NaN stays NaN. Vectorizable like [`exp`].
+#[inline(always)]
+pub(crate) fn erf<const FMA: bool>(x: f32) -> f32 {
+    let xc = x.clamp(-4.0, 4.0);
+    let x2 = xc * xc;
+    let mut p = -2.726_142_3e-10f32;
+    p = madd::<FMA>(x2, p, 2.770_681_4e-8);
+    p = madd::<FMA>(x2, p, -2.101_024e-6);
+    p = madd::<FMA>(x2, p, -5.692_506_4e-5);
+    p = madd::<FMA>(x2, p, -7.349_906_3e-4);
+    p = madd::<FMA>(x2, p, -2.954_6e-3);
+    p = madd::<FMA>(x2, p, -1.609_603_3e-2);
+    let p = p * xc;
+    let mut q = -1.456_607_2e-5f32;
+    q = madd::<FMA>(x2, q, -2.133_740_6e-4);
+    q = madd::<FMA>(x2, q, -1.682_827e-3);
+    q = madd::<FMA>(x2, q, -7.373_329_2e-3);
+    q = madd::<FMA>(x2, q, -1.426_473_9e-2);
+    if x.abs() >= 3.92 {
+        1.0f32.copysign(x)
+    } else {
+        p / q
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tanh_and_erf_are_within_a_few_ulp() {
+        let (mut worst_tanh, mut worst_erf) = (0.0f64, 0.0f64);
+        let mut x = -9.0f32;
+        while x < 9.0 {
+            for fma in [false, true] {
+                let (t, e) = if fma {
+                    (tanh::<true>(x), erf::<true>(x))
+                } else {
+                    (tanh::<false>(x), erf::<false>(x))
+                };
+                let ulps = |got: f32, want: f64| {
+                    (f64::from(got) - want).abs()
+                        / (f64::from(f32::EPSILON) * want.abs().max(1e-30))
+                };
+                worst_tanh = worst_tanh.max(ulps(t, f64::from(x).tanh()));
+                worst_erf = worst_erf.max(ulps(e, kiln_ir::UnaryOp::Erf.eval(f64::from(x))));
+            }
+            x += 0.0007;
+        }
+        assert!(worst_tanh <= 4.0, "tanh: worst error {worst_tanh} ulp");
+        assert!(worst_erf <= 4.0, "erf: worst error {worst_erf} ulp");
+        assert!(tanh::<false>(f32::NAN).is_nan() && erf::<false>(f32::NAN).is_nan());
+        assert_eq!(tanh::<false>(f32::INFINITY), 1.0);
+        assert_eq!(erf::<false>(f32::NEG_INFINITY), -1.0);
+    }
 
     #[test]
     fn exp_is_within_two_ulp_and_handles_the_edges() {
