@@ -197,7 +197,7 @@ pub(crate) fn tanh<const FMA: bool>(x: f32) -> f32 {
     let xc = x.clamp(-CLAMP, CLAMP);
     let x2 = xc * xc;
     let mut p = -2.760_768_5e-16f32;
-    p = madd::<FMA>(x2, p, 2.000_187_9e-13);
+    p = madd::<FMA>(x2, p, 2.000_188e-13);
     p = madd::<FMA>(x2, p, -8.604_672e-11);
     p = madd::<FMA>(x2, p, 5.122_297e-8);
     p = madd::<FMA>(x2, p, 1.485_722_4e-5);
@@ -207,7 +207,7 @@ pub(crate) fn tanh<const FMA: bool>(x: f32) -> f32 {
     let mut q = 1.198_258_4e-6f32;
     q = madd::<FMA>(x2, q, 1.185_347_1e-4);
     q = madd::<FMA>(x2, q, 2.268_434_6e-3);
-    q = madd::<FMA>(x2, q, 4.893_525_2e-3);
+    q = madd::<FMA>(x2, q, 4.893_525e-3);
     if x.abs() < 4e-4 {
         x
     } else if x.abs() >= 9.0 {
