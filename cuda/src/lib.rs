@@ -10,6 +10,7 @@
 //!   caching allocator ([`alloc`]), uploads and downloads.
 //! * [`codegen`]: CUDA C generated from fused elementwise bodies, and the hand-written kernels
 //!   (norms, softmax, RoPE, gather, argmax, flash attention prefill and decode, GEMV).
+//! * [`launch`]: host-side launchers of every kernel on a [`device::Device`].
 //!
 //! Nothing here runs a model yet: the kernels are checked against the reference executor on a
 //! GPU by `tests/gpu.rs` (`scripts/gpu-check`).
@@ -18,6 +19,7 @@ pub mod alloc;
 pub mod codegen;
 pub mod compile;
 pub mod device;
+pub mod launch;
 pub mod ptxas;
 pub mod toolkit;
 
