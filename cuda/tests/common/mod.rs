@@ -1,6 +1,9 @@
 //! Helpers shared by kiln-cuda's integration tests: locating NVRTC (or skipping loudly) and the
 //! generated elementwise kernels that cover every op and cast.
 
+// Each test crate uses a subset of these.
+#![allow(dead_code)]
+
 use kiln_cuda::codegen::elementwise::{ArgLayout, Elementwise};
 use kiln_cuda::toolkit::{preload_nvrtc, Toolkit};
 use kiln_cuda::Arch;
