@@ -133,17 +133,49 @@ fn options(tk: &Toolkit, arch: Arch) -> CompileOptions {
     }
 }
 
-/// Compiles `src` for `arch`, or returns the cached PTX.
-pub fn compile(src: &KernelSource, arch: Arch) -> Result<Arc<Compiled>, CudaError> {
-    static MEMORY: OnceLock<Mutex<HashMap<u128, Arc<Compiled>>>> = OnceLock::new();
+/// The cache key of `src` for `arch` and the options it compiles with.
+fn key_and_options(src: &KernelSource, arch: Arch) -> Result<(u128, CompileOptions), CudaError> {
     let tk = preload_nvrtc()?;
     let opts = options(tk, arch);
     let key = content_hash(&[
         nvrtc_version().as_bytes(),
         arch.name().as_bytes(),
-        format!("{:?}", opts.clone().options).as_bytes(),
+        format!("{:?}", opts.options).as_bytes(),
         src.source.as_bytes(),
     ]);
+    Ok((key, opts))
+}
+
+fn nvrtc(src: &KernelSource, arch: Arch, opts: CompileOptions) -> Result<String, CudaError> {
+    Ok(compile_ptx_with_opts(&src.source, opts)
+        .map_err(|e| CudaError::Compile {
+            name: src.name.clone(),
+            arch: arch.name().into(),
+            log: match e {
+                cudarc::nvrtc::CompileError::CompileError { log, .. } => {
+                    log.to_string_lossy().into_owned()
+                }
+                other => other.to_string(),
+            },
+        })?
+        .to_src())
+}
+
+/// Compiles `src` for `arch` with NVRTC, bypassing both caches.
+pub fn compile_fresh(src: &KernelSource, arch: Arch) -> Result<Compiled, CudaError> {
+    let (key, opts) = key_and_options(src, arch)?;
+    Ok(Compiled {
+        name: src.name.clone(),
+        arch,
+        ptx: nvrtc(src, arch, opts)?,
+        key,
+    })
+}
+
+/// Compiles `src` for `arch`, or returns the PTX cached in memory or on disk.
+pub fn compile(src: &KernelSource, arch: Arch) -> Result<Arc<Compiled>, CudaError> {
+    static MEMORY: OnceLock<Mutex<HashMap<u128, Arc<Compiled>>>> = OnceLock::new();
+    let (key, opts) = key_and_options(src, arch)?;
     let memory = MEMORY.get_or_init(Default::default);
     if let Some(c) = memory.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
         return Ok(c.clone());
@@ -153,18 +185,7 @@ pub fn compile(src: &KernelSource, arch: Arch) -> Result<Arc<Compiled>, CudaErro
     let ptx = match cached {
         Some(ptx) => ptx,
         None => {
-            let ptx = compile_ptx_with_opts(&src.source, opts)
-                .map_err(|e| CudaError::Compile {
-                    name: src.name.clone(),
-                    arch: arch.name().into(),
-                    log: match e {
-                        cudarc::nvrtc::CompileError::CompileError { log, .. } => {
-                            log.to_string_lossy().into_owned()
-                        }
-                        other => other.to_string(),
-                    },
-                })?
-                .to_src();
+            let ptx = nvrtc(src, arch, opts)?;
             if let Some(f) = &file {
                 // A cache that cannot be written only costs a recompilation next time.
                 let tmp = f.with_extension(format!("tmp{}", std::process::id()));

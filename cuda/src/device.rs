@@ -136,6 +136,38 @@ impl Device {
         Ok(out)
     }
 
+    /// The median time of `reps` runs of `f` after `warmup` runs, in milliseconds, each run
+    /// timed with device events on the stream.
+    pub fn time_ms(
+        &self,
+        warmup: usize,
+        reps: usize,
+        mut f: impl FnMut() -> Result<(), CudaError>,
+    ) -> Result<f64, CudaError> {
+        for _ in 0..warmup {
+            f()?;
+        }
+        let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let mut times = vec![];
+        for _ in 0..reps.max(1) {
+            let (start, end) = (self.ctx.new_event(flags)?, self.ctx.new_event(flags)?);
+            start.record(&self.stream)?;
+            f()?;
+            end.record(&self.stream)?;
+            times.push(f64::from(start.elapsed_ms(&end)?));
+        }
+        times.sort_by(f64::total_cmp);
+        Ok(times[times.len() / 2])
+    }
+
+    /// Device-to-device copy of `src` into `dst` (the copy-bandwidth ceiling).
+    pub fn copy(&self, src: &Buffer, dst: &mut Buffer) -> Result<(), CudaError> {
+        let n = src.len().min(dst.len());
+        let from = src.slice().slice(..n);
+        let mut to = dst.slice_mut().slice_mut(..n);
+        Ok(self.stream.memcpy_dtod(&from, &mut to)?)
+    }
+
     /// Waits for all queued work.
     pub fn synchronize(&self) -> Result<(), CudaError> {
         Ok(self.stream.synchronize()?)

@@ -95,11 +95,21 @@ pub fn elementwise(
         }
         b.arg(meta_buf.slice()).arg(&n64).arg(flag.slice());
     })?;
-    check_flag(
-        dev,
-        &flag,
-        "integer division by zero in a fused elementwise kernel",
-    )
+    // Only an integer division can set the flag; reading it waits for the kernel.
+    let mut divides = false;
+    ew.body.visit(&mut |e| {
+        if let kiln_ir::Expr::Binary(kiln_ir::BinaryOp::Div, x, _) = e {
+            divides |= x.dtype(&ew.args).is_ok_and(|d| d.is_int());
+        }
+    });
+    if divides {
+        check_flag(
+            dev,
+            &flag,
+            "integer division by zero in a fused elementwise kernel",
+        )?;
+    }
+    Ok(())
 }
 
 fn float_kernel(dev: &Device, k: Kernel, entry: &str) -> Result<CudaFunction, CudaError> {

@@ -38,6 +38,7 @@ impl Toolkit {
             &[
                 "nvidia/cuda_nvrtc/lib/libnvrtc.so.12",
                 "lib64/libnvrtc.so",
+                "lib64/libnvrtc.so.13",
                 "lib/libnvrtc.so",
                 "targets/x86_64-linux/lib/libnvrtc.so",
             ],

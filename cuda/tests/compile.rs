@@ -7,7 +7,7 @@ mod common;
 
 use common::{generated_kernels, toolkit_or_skip};
 use kiln_cuda::codegen::Kernel;
-use kiln_cuda::compile::{compile, KernelSource};
+use kiln_cuda::compile::{compile, compile_fresh, KernelSource};
 use kiln_cuda::{ptxas, Arch};
 
 fn all_sources(arch: Arch) -> Vec<KernelSource> {
@@ -18,7 +18,7 @@ fn all_sources(arch: Arch) -> Vec<KernelSource> {
     v.extend(
         generated_kernels(arch)
             .iter()
-            .map(|e| e.source(arch).unwrap()),
+            .map(|(_, e)| e.source(arch).unwrap()),
     );
     v
 }
@@ -37,7 +37,7 @@ fn every_kernel_compiles_for_sm80_and_sm90() {
                     all_sources(arch)
                         .iter()
                         .filter_map(|src| {
-                            let c = match compile(src, arch) {
+                            let c = match compile_fresh(src, arch) {
                                 Ok(c) => c,
                                 Err(e) => return Some(e.to_string()),
                             };
@@ -65,6 +65,28 @@ fn every_kernel_compiles_for_sm80_and_sm90() {
 }
 
 #[test]
+fn cached_ptx_is_the_fresh_compilation() {
+    if toolkit_or_skip("cached_ptx_is_the_fresh_compilation").is_none() {
+        return;
+    }
+    let src = Kernel::Argmax(kiln_ir::DType::BF16)
+        .source(Arch::Sm90)
+        .unwrap();
+    let fresh = compile_fresh(&src, Arch::Sm90).unwrap();
+    let first = compile(&src, Arch::Sm90).unwrap();
+    assert_eq!(first.ptx, fresh.ptx);
+    assert_eq!(first.key, fresh.key);
+    assert!(std::sync::Arc::ptr_eq(
+        &first,
+        &compile(&src, Arch::Sm90).unwrap()
+    ));
+    let other = Kernel::Argmax(kiln_ir::DType::F32)
+        .source(Arch::Sm90)
+        .unwrap();
+    assert_ne!(compile(&other, Arch::Sm90).unwrap().key, first.key);
+}
+
+#[test]
 fn fp8_kernels_exist_only_from_sm89() {
     assert!(Kernel::Gemv(kiln_ir::DType::F8E4M3)
         .source(Arch::Sm80)
@@ -75,10 +97,10 @@ fn fp8_kernels_exist_only_from_sm89() {
     assert!(Kernel::AttentionPrefill(96).source(Arch::Sm90).is_err());
 }
 
-/// The attention, GEMV and fused kernels `ptxas` checks.
-fn ptxas_checked() -> Vec<KernelSource> {
+/// The attention, GEMV, norm and fused kernels `ptxas` checks, with labels for the table.
+fn ptxas_checked() -> Vec<(String, KernelSource)> {
     let arch = ptxas::CHECK_ARCH;
-    let mut v: Vec<KernelSource> = Kernel::all(arch)
+    let mut v: Vec<(String, KernelSource)> = Kernel::all(arch)
         .into_iter()
         .filter(|k| {
             matches!(
@@ -89,12 +111,12 @@ fn ptxas_checked() -> Vec<KernelSource> {
                     | Kernel::Rowwise(kiln_ir::DType::BF16)
             )
         })
-        .map(|k| k.source(arch).unwrap())
+        .map(|k| (String::new(), k.source(arch).unwrap()))
         .collect();
     v.extend(
         generated_kernels(arch)
-            .iter()
-            .map(|e| e.source(arch).unwrap()),
+            .into_iter()
+            .map(|(label, e)| (label, e.source(arch).unwrap())),
     );
     v
 }
@@ -105,7 +127,7 @@ fn ptxas_sm90_no_spills() {
         return;
     };
     let mut rows = vec![];
-    for src in ptxas_checked() {
+    for (label, src) in ptxas_checked() {
         let c = compile(&src, ptxas::CHECK_ARCH).unwrap();
         let res = ptxas::resources(tk, &c).unwrap();
         assert_eq!(res.len(), src.entries.len(), "{}: {res:?}", src.name);
@@ -115,9 +137,14 @@ fn ptxas_sm90_no_spills() {
                 "{} spills: {r:?}",
                 src.name
             );
+            let name = if label.is_empty() {
+                format!("`{}`", r.kernel)
+            } else {
+                label.clone()
+            };
             rows.push(format!(
-                "| `{}` | {} | {} | {} |",
-                r.kernel, r.registers, r.shared, r.stack
+                "| {name} | {} | {} | {} |",
+                r.registers, r.shared, r.stack
             ));
         }
     }

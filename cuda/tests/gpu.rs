@@ -51,7 +51,7 @@ fn fused_elementwise_matches_reference() {
         return;
     };
     let mut rng = rng("fused_elementwise");
-    for ew in generated_kernels(dev.arch()) {
+    for (label, ew) in generated_kernels(dev.arch()) {
         // Every operand is read as the output (Same), through one element (Scalar), or
         // broadcast along two of three axes (Strided).
         let shapes: Vec<Vec<usize>> = ew
@@ -96,8 +96,19 @@ fn fused_elementwise_matches_reference() {
             },
             &args.iter().collect::<Vec<_>>(),
         );
-        assert_matches(&format!("{}", ew.body), &got, &want, ulp_bound(out_dt));
+        assert_matches(&label, &got, &want, ulp_bound(out_dt));
     }
+    // An integer division by zero is reported, as the reference executor reports it.
+    let div = Elementwise {
+        body: "(div $0 $1)".parse().unwrap(),
+        args: vec![DType::I64, DType::I64],
+        layouts: vec![ArgLayout::Same, ArgLayout::Same],
+        rank: 1,
+    };
+    let a = upload(&dev, &Tensor::from_i64(vec![2], vec![7, 8]).unwrap());
+    let z = upload(&dev, &Tensor::from_i64(vec![2], vec![2, 0]).unwrap());
+    let out = poisoned(&dev, DType::I64, 2);
+    assert!(launch::elementwise(&dev, &div, &out, &[&a, &z], &[2], 2).is_err());
 }
 
 #[test]

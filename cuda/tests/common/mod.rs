@@ -101,37 +101,55 @@ pub fn every_cast_body(ds: &[DType]) -> Expr {
     e
 }
 
-/// Every generated kernel the tests compile for `arch`: all ops per dtype, all casts, and
-/// constants of every dtype, with every operand layout.
-pub fn generated_kernels(arch: Arch) -> Vec<Elementwise> {
+/// Every generated kernel the tests compile for `arch`, with a label: all ops per dtype, all
+/// casts, and constants of every dtype, with every operand layout.
+pub fn generated_kernels(arch: Arch) -> Vec<(String, Elementwise)> {
     let dtypes: Vec<DType> = DType::ALL
         .into_iter()
         .filter(|d| arch.has_fp8() || !matches!(d, DType::F8E4M3 | DType::F8E5M2))
         .collect();
     let mut v = vec![];
     for &d in &dtypes {
-        v.push(Elementwise {
-            body: every_op_body(d),
-            args: vec![d, d],
-            layouts: vec![ArgLayout::Same, ArgLayout::Strided],
-            rank: 3,
-        });
+        v.push((
+            format!("fused: every {d} op, broadcast"),
+            Elementwise {
+                body: every_op_body(d),
+                args: vec![d, d],
+                layouts: vec![ArgLayout::Same, ArgLayout::Strided],
+                rank: 3,
+            },
+        ));
         let c = match constant(d, -1.5) {
             Expr::Const(l) => l,
             _ => unreachable!(),
         };
-        v.push(Elementwise {
-            body: Expr::Where(b(Expr::Arg(0)), b(Expr::Const(c)), b(Expr::Arg(1))),
-            args: vec![DType::Bool, d],
-            layouts: vec![ArgLayout::Scalar, ArgLayout::Same],
-            rank: 1,
-        });
+        v.push((
+            format!("fused: where with a {d} constant"),
+            Elementwise {
+                body: Expr::Where(b(Expr::Arg(0)), b(Expr::Const(c)), b(Expr::Arg(1))),
+                args: vec![DType::Bool, d],
+                layouts: vec![ArgLayout::Scalar, ArgLayout::Same],
+                rank: 1,
+            },
+        ));
     }
-    v.push(Elementwise {
-        body: every_cast_body(&dtypes),
-        args: vec![dtypes[0]],
-        layouts: vec![ArgLayout::Same],
-        rank: 1,
-    });
+    v.push((
+        "fused: silu(a)*b bf16".to_string(),
+        Elementwise {
+            body: "(mul (silu $0) $1)".parse().expect("body"),
+            args: vec![DType::BF16, DType::BF16],
+            layouts: vec![ArgLayout::Same, ArgLayout::Same],
+            rank: 1,
+        },
+    ));
+    v.push((
+        "fused: every cast".to_string(),
+        Elementwise {
+            body: every_cast_body(&dtypes),
+            args: vec![dtypes[0]],
+            layouts: vec![ArgLayout::Same],
+            rank: 1,
+        },
+    ));
     v
 }
