@@ -419,6 +419,45 @@ mod tests {
         assert_eq!(broadcast_strides(&[2, 3], &[3]), None);
     }
 
+    /// The kernel's index arithmetic over the plan's strides reads what the reference
+    /// executor's `expand` (numpy broadcasting) puts at each output element.
+    #[test]
+    fn strided_reads_match_reference_broadcast() {
+        use kiln_ir::trace::Tracer;
+        use kiln_runtime::reference::{run, NoParams};
+        use kiln_runtime::Tensor;
+        let out = [2usize, 3, 4, 5];
+        for shape in [
+            vec![3, 1, 5],
+            vec![2, 1, 4, 1],
+            vec![5],
+            vec![1, 3, 4, 1],
+            vec![2, 3, 4, 5],
+        ] {
+            let n: usize = shape.iter().product();
+            let data: Vec<f32> = (0..n).map(|i| i as f32).collect();
+            let t = Tracer::new();
+            let x = t.input("x", DType::F32, shape.iter().copied());
+            let dims: Vec<kiln_ir::Dim> = out.iter().map(|&d| (d as i64).into()).collect();
+            let y = x.expand(&dims).unwrap();
+            t.output("y", &y);
+            let inputs = [(
+                "x".to_string(),
+                Tensor::from_f32(shape.clone(), data.clone()).unwrap(),
+            )]
+            .into_iter()
+            .collect();
+            let want = run(&t.finish().unwrap(), &inputs, &NoParams).unwrap()["y"].clone();
+            let plan = Plan::new(&[&shape, &out]).unwrap();
+            let strides = broadcast_strides(&shape, &out).unwrap();
+            let meta_dims = &plan.meta[..out.len()];
+            let got: Vec<f32> = (0..out.iter().product::<usize>() as i64)
+                .map(|i| data[strided_offset(i, meta_dims, &strides) as usize])
+                .collect();
+            assert_eq!(got, want.as_f32().unwrap(), "{shape:?}");
+        }
+    }
+
     #[test]
     fn text_has_every_node() {
         let e: Elementwise = Elementwise {
