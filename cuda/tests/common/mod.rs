@@ -53,21 +53,25 @@ pub fn every_op_body(d: DType) -> Expr {
         .map(|op| Expr::Binary(op, b(x.clone()), b(y.clone())))
         .filter(typed)
         .collect();
-    let combine = if d == DType::Bool {
-        BinaryOp::Or
-    } else {
-        BinaryOp::Add
+    // Terms are summed (bools: xor'ed, as `ne`), so that every node reaches the result.
+    let combine = |a: Expr, e: Expr| {
+        if d == DType::Bool {
+            Expr::Compare(CmpOp::Ne, b(a), b(e))
+        } else {
+            Expr::Binary(BinaryOp::Add, b(a), b(e))
+        }
     };
-    let mut acc = Expr::Binary(combine, b(x.clone()), b(constant(d, 0.5)));
+    let mut acc = combine(x.clone(), constant(d, 0.5));
     for e in unaries.into_iter().chain(binaries) {
-        acc = Expr::Binary(combine, b(acc), b(e));
+        acc = combine(acc, e);
     }
     for c in CmpOp::ALL {
-        acc = Expr::Where(
+        let pick = Expr::Where(
             b(Expr::Compare(c, b(x.clone()), b(y.clone()))),
-            b(acc),
+            b(x.clone()),
             b(y.clone()),
         );
+        acc = combine(acc, pick);
     }
     acc
 }
