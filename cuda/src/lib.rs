@@ -12,8 +12,10 @@
 //!   (norms, softmax, RoPE, gather, argmax, flash attention prefill and decode, GEMV).
 //! * [`launch`]: host-side launchers of every kernel on a [`device::Device`].
 //!
-//! Nothing here runs a model yet: the kernels are checked against the reference executor on a
-//! GPU by `tests/gpu.rs` (`scripts/gpu-check`).
+//! Nothing here runs a model yet. Tests: `tests/compile.rs` (NVRTC for sm_80/sm_90, ptxas
+//! spills), `tests/host_codegen.rs` (generated elementwise code run on the CPU against the
+//! reference executor) and `tests/gpu.rs` (every kernel against the reference executor on a
+//! GPU, via `scripts/gpu-check`).
 
 pub mod alloc;
 pub mod codegen;

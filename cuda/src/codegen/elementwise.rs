@@ -318,8 +318,9 @@ impl Elementwise {
         format!("kiln_ew_{:016x}", key as u64)
     }
 
-    /// The module's source for `arch`.
-    pub fn source(&self, arch: Arch) -> Result<KernelSource, CudaError> {
+    /// The kernel's own text (without the prelude: it needs `cu/prelude.cuh`'s conversions and
+    /// [`super::MATH`]) for `arch`.
+    pub fn kernel_text(&self, arch: Arch) -> Result<String, CudaError> {
         let out = self.out_dtype()?;
         if self.layouts.len() != self.args.len() {
             return Err(CudaError::Codegen(format!(
@@ -389,9 +390,15 @@ impl Elementwise {
         let (v, _) = em.emit(&self.body)?;
         k += &em.lines;
         let _ = writeln!(k, "        out[i] = {};\n    }}\n}}", store(out, &v));
+        Ok(k)
+    }
+
+    /// The module's source for `arch`.
+    pub fn source(&self, arch: Arch) -> Result<KernelSource, CudaError> {
+        let name = self.entry();
         Ok(KernelSource {
             name: name.clone(),
-            source: assemble(arch, &[], &k),
+            source: assemble(arch, &[], &self.kernel_text(arch)?),
             entries: vec![name],
         })
     }

@@ -2,7 +2,8 @@
 //! hand-written kernels (`cu/*.cu`), instantiated per storage type and head dimension by
 //! [`Kernel::source`].
 //!
-//! Every module starts with `cu/prelude.cuh` (storage types, conversions, block reductions);
+//! Every module starts with `cu/prelude.cuh` (storage types and conversions), `cu/math.cuh`
+//! (scalar helpers, valid in host code too: [`MATH`]) and `cu/reduce.cuh` (block reductions);
 //! `KILN_FP8` enables `cuda_fp8.h`, only for architectures with fp8 ([`Arch::has_fp8`]).
 //! Kernel entry points are `extern "C"` and named `<kernel>_<suffix>` through `KILN_NAME`.
 
@@ -13,6 +14,10 @@ use crate::CudaError;
 use kiln_ir::DType;
 
 const PRELUDE: &str = include_str!("cu/prelude.cuh");
+/// kiln's scalar helpers (NaN-propagating min/max, float-to-int casts, wrapping integer
+/// division, GELU), plain C++ that also compiles for the host.
+pub const MATH: &str = include_str!("cu/math.cuh");
+const REDUCE: &str = include_str!("cu/reduce.cuh");
 
 /// The CUDA C storage type of a dtype.
 pub fn c_type(d: DType) -> &'static str {
@@ -34,7 +39,7 @@ pub(crate) fn assemble(arch: Arch, defines: &[(&str, String)], body: &str) -> St
     for (k, v) in defines {
         s += &format!("#define {k} {v}\n");
     }
-    s + PRELUDE + "\n" + body
+    s + PRELUDE + "\n" + MATH + "\n" + REDUCE + "\n" + body
 }
 
 /// The hand-written kernel families.
