@@ -18,6 +18,7 @@ pub struct Device {
     name: String,
     alloc: Allocator,
     modules: Mutex<HashMap<u128, Arc<CudaModule>>>,
+    functions: Mutex<HashMap<String, CudaFunction>>,
 }
 
 /// Whether the CUDA driver library can be loaded at all (no device query).
@@ -65,6 +66,7 @@ impl Device {
             arch,
             name,
             modules: Mutex::default(),
+            functions: Mutex::default(),
         })
     }
 
@@ -108,6 +110,30 @@ impl Device {
             }
         };
         Ok(module.load_function(entry)?)
+    }
+
+    /// The function cached under `key`, or the entry point `entry` of the module `source()`
+    /// makes (so that repeated launches skip building and hashing the source).
+    pub fn function_cached(
+        &self,
+        key: &str,
+        source: impl FnOnce() -> Result<KernelSource, CudaError>,
+        entry: &str,
+    ) -> Result<CudaFunction, CudaError> {
+        if let Some(f) = self
+            .functions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
+        {
+            return Ok(f.clone());
+        }
+        let f = self.function(&source()?, entry)?;
+        self.functions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key.to_string(), f.clone());
+        Ok(f)
     }
 
     /// A buffer holding `bytes`.

@@ -113,14 +113,12 @@ pub fn elementwise(
 }
 
 fn float_kernel(dev: &Device, k: Kernel, entry: &str) -> Result<CudaFunction, CudaError> {
-    let src = k.source(dev.arch())?;
-    let name = src
-        .entries
-        .iter()
+    let name = k
+        .entries()
+        .into_iter()
         .find(|e| e.starts_with(entry))
-        .cloned()
         .ok_or_else(|| CudaError::Codegen(format!("{entry} not in {k:?}")))?;
-    dev.function(&src, &name)
+    dev.function_cached(&format!("{k:?}/{name}"), || k.source(dev.arch()), &name)
 }
 
 /// Threads per block for a row of `n` elements.
