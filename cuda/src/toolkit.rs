@@ -2,8 +2,9 @@
 //!
 //! The root is `KILN_CUDA_HOME` if set, else `~/.cache/kiln/cuda` where
 //! `scripts/fetch-cuda-tools` unzips the pip wheels, else `CUDA_HOME` or `/usr/local/cuda`.
-//! Both layouts are understood: the wheels' (`nvidia/cuda_nvrtc/lib`, `nvidia/cuda_runtime/include`,
-//! `nvidia/cuda_nvcc/bin`) and a toolkit's (`lib64`, `include`, `bin`).
+//! Both layouts are understood: the CUDA 12 wheels' (`nvidia/cuda_nvrtc/lib`,
+//! `nvidia/cuda_runtime/include`, `nvidia/cuda_nvcc/bin`) and a toolkit's (`lib64`, `include`,
+//! `bin`), which also covers the CUDA 13 wheels' `nvidia/cu13` (`lib`, `include`).
 //!
 //! Before cudarc first touches NVRTC, [`preload_nvrtc`] loads the library found here by its
 //! full path, so that cudarc's own load by name (`libnvrtc.so.12`) finds it already in the
@@ -40,6 +41,7 @@ impl Toolkit {
                 "lib64/libnvrtc.so",
                 "lib64/libnvrtc.so.13",
                 "lib/libnvrtc.so",
+                "lib/libnvrtc.so.13",
                 "targets/x86_64-linux/lib/libnvrtc.so",
             ],
         );
