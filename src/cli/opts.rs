@@ -8,7 +8,7 @@ use std::path::PathBuf;
 /// Where to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Device {
-    /// The best available (the CPU in this build).
+    /// The best available: the CPU until models run on CUDA.
     Auto,
     /// The CPU.
     Cpu,
@@ -62,9 +62,19 @@ impl ModelOpts {
     /// Refuses targets this build cannot run yet, with a message saying what can.
     pub fn check_target(&self) -> Result<(), CliError> {
         if self.device == Device::Cuda {
-            return Err(CliError::Input(
-                "--device cuda: the CUDA backend is not available yet in this build; use --device cpu (or auto)".into(),
-            ));
+            // Names why CUDA cannot be had: no driver, no device, or (with one) no model
+            // execution on CUDA yet.
+            let why = match kiln_cuda::Device::open(0) {
+                Err(e) => e.to_string(),
+                Ok(d) => format!(
+                    "found {} ({}), but kiln cannot run models on CUDA yet",
+                    d.name(),
+                    d.arch()
+                ),
+            };
+            return Err(CliError::Input(format!(
+                "--device cuda: {why}; use --device cpu (or auto)"
+            )));
         }
         let target = kiln::compiler::Target::cpu();
         kiln::compiler::precision::check(self.precision, &target)

@@ -1,0 +1,21 @@
+// kiln's scalar helpers, valid in host code too (tests/host_codegen.rs runs generated kernels
+// on the CPU with them).
+__device__ __forceinline__ float kiln_max_nan(float a, float b) { return (a != a || b != b) ? __int_as_float(0x7fc00000) : fmaxf(a, b); }
+__device__ __forceinline__ float kiln_min_nan(float a, float b) { return (a != a || b != b) ? __int_as_float(0x7fc00000) : fminf(a, b); }
+// Float to integer as kiln's cast: truncate toward zero, NaN to 0, saturate to i64.
+__device__ __forceinline__ i64 kiln_f2i(double x) {
+    if (x != x) return 0;
+    if (x >= 9223372036854775808.0) return (i64)0x7fffffffffffffffULL;
+    if (x <= -9223372036854775808.0) return (i64)0x8000000000000000ULL;
+    return (i64)x;
+}
+// Wrapping integer division; division by zero sets *err and gives 0.
+__device__ __forceinline__ i64 kiln_idiv(i64 a, i64 b, int* err) {
+    if (b == 0) { atomicExch(err, 1); return 0; }
+    if (b == -1) return (i64)(0ULL - (u64)a);
+    return a / b;
+}
+__device__ __forceinline__ double kiln_gelu(double x) { return 0.5 * x * (1.0 + erf(x / 1.4142135623730951)); }
+__device__ __forceinline__ double kiln_gelu_tanh(double x) {
+    return 0.5 * x * (1.0 + tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)));
+}

@@ -1,0 +1,179 @@
+//! Helpers for the GPU tests and benchmarks: opening the device (or reporting "no CUDA device"
+//! and skipping; `KILN_REQUIRE_GPU=1`, set by `scripts/gpu-check`, makes that a failure), fresh
+//! random inputs, host tensors to and from device bytes, and comparisons with the reference.
+
+#![allow(dead_code)]
+
+use half::{bf16, f16};
+use kiln_cuda::alloc::Buffer;
+use kiln_cuda::Device;
+use kiln_ir::scalar::Scalar;
+use kiln_ir::DType;
+use kiln_runtime::{Storage, Tensor};
+use rand::{Rng, SeedableRng};
+
+/// The device, or `None` after printing why there is none.
+pub fn device_or_skip(test: &str) -> Option<Device> {
+    match Device::open(0) {
+        Ok(d) => Some(d),
+        Err(e) if std::env::var("KILN_REQUIRE_GPU").as_deref() == Ok("1") => {
+            panic!("{test}: KILN_REQUIRE_GPU=1 but {e}")
+        }
+        Err(e) => {
+            eprintln!("{test}: skipped, no CUDA device ({e})");
+            None
+        }
+    }
+}
+
+/// A generator with a fresh seed, printed so that a failure can be replayed (`KILN_SEED`).
+pub fn rng(test: &str) -> rand::rngs::StdRng {
+    let seed = std::env::var("KILN_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| rand::rng().random::<u64>());
+    eprintln!("{test}: seed {seed}");
+    rand::rngs::StdRng::seed_from_u64(seed)
+}
+
+/// Random values of `dtype`: floats in ±`scale` (in (`scale`/20, `scale`) when `nonzero`, so
+/// that log, sqrt and pow stay finite), integers in ±50 (without 0 when `nonzero`), bools
+/// half true.
+pub fn random(
+    rng: &mut impl Rng,
+    dtype: DType,
+    shape: &[usize],
+    scale: f64,
+    nonzero: bool,
+) -> Tensor {
+    let n: usize = shape.iter().product();
+    let values = (0..n).map(|_| match dtype {
+        DType::Bool => Scalar::Bool(rng.random::<bool>()),
+        DType::U8 => Scalar::Int(rng.random_range(i64::from(nonzero)..200)),
+        d if d.is_int() => {
+            let v = rng.random_range(1..=50);
+            Scalar::Int(if nonzero || rng.random::<bool>() {
+                if rng.random() {
+                    v
+                } else {
+                    -v
+                }
+            } else {
+                0
+            })
+        }
+        _ if nonzero => Scalar::Float(rng.random_range(scale / 20.0..scale)),
+        _ => Scalar::Float(rng.random_range(-scale..scale)),
+    });
+    Tensor::new(shape.to_vec(), Storage::from_scalars(dtype, values)).expect("shape")
+}
+
+/// The tensor's elements as the device stores them (little-endian, bool as one byte).
+pub fn to_bytes(t: &Tensor) -> Vec<u8> {
+    match t.storage() {
+        Storage::F32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        Storage::F16(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        Storage::BF16(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        Storage::F8E4M3(v) | Storage::F8E5M2(v) | Storage::U8(v) => v.clone(),
+        Storage::I64(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        Storage::I32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        Storage::Bool(v) => v.iter().map(|&b| u8::from(b)).collect(),
+    }
+}
+
+/// A tensor of `dtype` and `shape` from device bytes.
+pub fn from_bytes(dtype: DType, shape: &[usize], b: &[u8]) -> Tensor {
+    let s = match dtype {
+        DType::F32 => Storage::F32(
+            b.chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect(),
+        ),
+        DType::F16 => Storage::F16(
+            b.chunks_exact(2)
+                .map(|c| f16::from_le_bytes(c.try_into().unwrap()))
+                .collect(),
+        ),
+        DType::BF16 => Storage::BF16(
+            b.chunks_exact(2)
+                .map(|c| bf16::from_le_bytes(c.try_into().unwrap()))
+                .collect(),
+        ),
+        DType::F8E4M3 => Storage::F8E4M3(b.to_vec()),
+        DType::F8E5M2 => Storage::F8E5M2(b.to_vec()),
+        DType::U8 => Storage::U8(b.to_vec()),
+        DType::I64 => Storage::I64(
+            b.chunks_exact(8)
+                .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+                .collect(),
+        ),
+        DType::I32 => Storage::I32(
+            b.chunks_exact(4)
+                .map(|c| i32::from_le_bytes(c.try_into().unwrap()))
+                .collect(),
+        ),
+        DType::Bool => Storage::Bool(b.iter().map(|&x| x != 0).collect()),
+    };
+    Tensor::new(shape.to_vec(), s).expect("shape")
+}
+
+/// Uploads `t`.
+pub fn upload(dev: &Device, t: &Tensor) -> Buffer {
+    dev.upload(&to_bytes(t)).expect("upload")
+}
+
+/// An output buffer for `n` elements of `dtype`, poisoned (all bits set: NaN for floats, -1
+/// for integers) so that unwritten elements show.
+pub fn poisoned(dev: &Device, dtype: DType, n: usize) -> Buffer {
+    dev.filled(n * dtype.size_bytes(), 0xff).expect("alloc")
+}
+
+/// Downloads `b` as a tensor.
+pub fn download(dev: &Device, b: &Buffer, dtype: DType, shape: &[usize]) -> Tensor {
+    from_bytes(dtype, shape, &dev.download(b).expect("download"))
+}
+
+/// Asserts `got` equals `want` within `rel` of ‖want‖ (floats; NaN exactly where the
+/// reference has NaN), or exactly (integers, bools).
+pub fn assert_matches(what: &str, got: &Tensor, want: &Tensor, rel: f64) {
+    assert_eq!(got.shape(), want.shape(), "{what}: shape");
+    assert_eq!(got.dtype(), want.dtype(), "{what}: dtype");
+    let (g, w) = (got.to_f64_vec(), want.to_f64_vec());
+    if !want.dtype().is_float() {
+        let bad = g.iter().zip(&w).position(|(a, b)| a != b);
+        assert!(
+            bad.is_none(),
+            "{what}: element {bad:?} differs: {:?} vs {:?}",
+            bad.map(|i| g[i]),
+            bad.map(|i| w[i])
+        );
+        return;
+    }
+    for (i, (a, b)) in g.iter().zip(&w).enumerate() {
+        assert_eq!(
+            a.is_nan(),
+            b.is_nan(),
+            "{what}: element {i}: got {a}, want {b}"
+        );
+        if b.is_infinite() {
+            assert_eq!(a, b, "{what}: element {i}");
+        }
+    }
+    let finite = |x: &&(&f64, &f64)| x.1.is_finite();
+    let pairs: Vec<(&f64, &f64)> = g.iter().zip(&w).collect();
+    let diff: f64 = pairs
+        .iter()
+        .filter(finite)
+        .map(|(a, b)| (*a - *b).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    let norm: f64 = pairs
+        .iter()
+        .filter(finite)
+        .map(|(_, b)| b.powi(2))
+        .sum::<f64>()
+        .sqrt();
+    let err = diff / norm.max(f64::MIN_POSITIVE);
+    eprintln!("{what}: relative error {err:.2e} (bound {rel:.0e})");
+    assert!(err <= rel, "{what}: relative error {err:.3e} > {rel:.0e}");
+}

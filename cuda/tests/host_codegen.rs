@@ -1,0 +1,177 @@
+//! The generated elementwise CUDA C run on the CPU: the kernel text (with kiln's real scalar
+//! helpers, `cu/math.cuh`) compiled by the host C++ compiler against `tests/host/shim.h`, one
+//! thread covering every element, on random inputs with broadcasting, compared with the
+//! reference executor. This checks the code generator's semantics (op mapping, rounding to
+//! each node's dtype, integer wrapping, casts, broadcast index math) without a GPU; the GPU
+//! run (`tests/gpu.rs`) checks the same kernels with CUDA's own conversions and math.
+//! fp8 bodies are left to the GPU (the host has no fp8 conversions of CUDA's).
+//! Needs `c++`; without it the test prints a notice and returns, unless
+//! `KILN_REQUIRE_NVRTC=1` (CI), which makes that a failure.
+
+mod common;
+mod gpu_support;
+
+use common::generated_kernels;
+use gpu_support::{assert_matches, from_bytes, random, rng, to_bytes};
+use kiln_cuda::codegen::elementwise::{ArgLayout, Elementwise, Plan};
+use kiln_cuda::codegen::{c_type, MATH};
+use kiln_cuda::Arch;
+use kiln_ir::trace::Tracer;
+use kiln_ir::{DType, Op};
+use kiln_runtime::reference::{run, NoParams};
+use kiln_runtime::Tensor;
+use std::collections::HashMap;
+use std::fmt::Write;
+use std::process::Command;
+
+fn c_array(name: &str, bytes: &[u8]) -> String {
+    let mut s = format!("alignas(16) static const unsigned char {name}[] = {{");
+    for b in bytes {
+        let _ = write!(s, "{b},");
+    }
+    s + "0};\n"
+}
+
+/// Runs `ew` over `args` (broadcast by `plan`) through the host compiler; the output bytes and
+/// the error flag.
+fn run_on_host(
+    dir: &std::path::Path,
+    ew: &Elementwise,
+    args: &[Tensor],
+    plan: &Plan,
+) -> (Vec<u8>, i32) {
+    let out_dt = ew.out_dtype().unwrap();
+    let n: usize = plan.out.iter().product();
+    let mut src = String::from(include_str!("host/shim.h"));
+    src += MATH;
+    src += &ew.kernel_text(Arch::Sm80).unwrap();
+    for (i, a) in args.iter().enumerate() {
+        src += &c_array(&format!("in{i}"), &to_bytes(a));
+    }
+    let meta: Vec<String> = plan.meta.iter().map(|m| format!("{m}LL")).collect();
+    let _ = write!(
+        src,
+        "static const i64 meta[] = {{{}, 0}};\nstatic {} out[{n}];\nint main() {{\n    int err = 0;\n    {}(out",
+        meta.join(", "),
+        c_type(out_dt),
+        ew.entry()
+    );
+    for (i, d) in ew.args.iter().enumerate() {
+        let _ = write!(src, ", (const {}*)in{i}", c_type(*d));
+    }
+    let _ = write!(
+        src,
+        ", meta, {n}, &err);\n    fwrite(out, sizeof(out[0]), {n}, stdout);\n    return err;\n}}\n"
+    );
+    let file = dir.join(format!("{}.cpp", ew.entry()));
+    let exe = dir.join(ew.entry());
+    std::fs::write(&file, src).unwrap();
+    let cc = Command::new("c++")
+        .args(["-std=c++17", "-O1", "-ffp-contract=off", "-w", "-o"])
+        .arg(&exe)
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        cc.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cc.stderr)
+    );
+    let o = Command::new(&exe).output().unwrap();
+    (o.stdout, o.status.code().unwrap_or(-1))
+}
+
+fn reference(ew: &Elementwise, args: &[Tensor]) -> Tensor {
+    let t = Tracer::new();
+    let xs: Vec<_> = args
+        .iter()
+        .enumerate()
+        .map(|(i, a)| t.input(&format!("a{i}"), a.dtype(), a.shape().iter().copied()))
+        .collect();
+    let y = t
+        .apply(
+            Op::FusedElementwise {
+                body: ew.body.clone(),
+            },
+            &xs.iter().collect::<Vec<_>>(),
+        )
+        .unwrap();
+    t.output("y", &y);
+    let inputs: HashMap<String, Tensor> = args
+        .iter()
+        .enumerate()
+        .map(|(i, a)| (format!("a{i}"), a.clone()))
+        .collect();
+    run(&t.finish().unwrap(), &inputs, &NoParams).unwrap()["y"].clone()
+}
+
+#[test]
+fn generated_elementwise_runs_on_the_host_as_the_reference() {
+    if Command::new("c++").arg("--version").output().is_err() {
+        let msg = "generated_elementwise_runs_on_the_host: no C++ compiler (c++)";
+        assert!(
+            std::env::var("KILN_REQUIRE_NVRTC").as_deref() != Ok("1"),
+            "{msg}"
+        );
+        eprintln!("\n*** NOTICE: {msg}; the test did NOT run.\n");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("kiln-host-codegen-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut rng = rng("host_codegen");
+    for (label, ew) in generated_kernels(Arch::Sm80) {
+        let shapes: Vec<Vec<usize>> = ew
+            .layouts
+            .iter()
+            .map(|l| match (l, ew.rank) {
+                (ArgLayout::Scalar, _) => vec![1],
+                (ArgLayout::Strided, _) => vec![7, 1],
+                (ArgLayout::Same, 3) => vec![3, 7, 11],
+                (ArgLayout::Same, _) => vec![300],
+            })
+            .collect();
+        let args: Vec<Tensor> = ew
+            .args
+            .iter()
+            .zip(&shapes)
+            .map(|(&d, s)| random(&mut rng, d, s, 3.0, true))
+            .collect();
+        let plan = Plan::new(&shapes.iter().map(Vec::as_slice).collect::<Vec<_>>()).unwrap();
+        let ew = Elementwise {
+            layouts: plan.layouts.clone(),
+            rank: plan.out.len(),
+            ..ew
+        };
+        let (bytes, err) = run_on_host(&dir, &ew, &args, &plan);
+        assert_eq!(err, 0, "{label}: error flag");
+        let out_dt = ew.out_dtype().unwrap();
+        let got = from_bytes(out_dt, &plan.out, &bytes);
+        // f32 nodes round exactly as the reference; the transcendental ones go through the
+        // same libm in f64. Allow one f32 rounding of slack for the f64 functions.
+        let bound = if out_dt == DType::F32 { 1e-7 } else { 0.0 };
+        assert_matches(
+            &format!("host {label}"),
+            &got,
+            &reference(&ew, &args),
+            bound,
+        );
+    }
+    // Integer division by zero sets the flag.
+    let div = Elementwise {
+        body: "(div $0 $1)".parse().unwrap(),
+        args: vec![DType::I32, DType::I32],
+        layouts: vec![ArgLayout::Same, ArgLayout::Same],
+        rank: 1,
+    };
+    let a = Tensor::new(vec![2], kiln_runtime::Storage::I32(vec![7, i32::MIN])).unwrap();
+    let z = Tensor::new(vec![2], kiln_runtime::Storage::I32(vec![0, -1])).unwrap();
+    let plan = Plan::new(&[&[2], &[2]]).unwrap();
+    let (bytes, err) = run_on_host(&dir, &div, &[a, z], &plan);
+    assert_eq!(err, 1);
+    // i32::MIN / -1 wraps to i32::MIN, as the reference's wrapping i64 division wrapped to i32.
+    assert_eq!(
+        from_bytes(DType::I32, &[2], &bytes).to_f64_vec(),
+        vec![0.0, f64::from(i32::MIN)]
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
