@@ -22,12 +22,14 @@
 //! probability 0 and lies in a block where every score so far is `-inf` does not reach the
 //! output (the reference multiplies it by 0 and gets NaN).
 
-use crate::simd::{dot, exp, madd, vector_level, Isa};
+use crate::simd::{dot, exp, hsum, madd, vector_level, Isa, LANES};
 use crate::KernelError;
 use rayon::prelude::*;
 
 /// Keys scored per step of the online softmax.
 const KEY_BLOCK: usize = 64;
+/// Value columns accumulated in registers at a time (four AVX-512 vectors).
+const VALUE_GROUP: usize = 64;
 /// Query rows (of one head) that share each transposed block of keys.
 const QUERY_BLOCK: usize = 8;
 /// Decode (fewer query rows than twice the threads) splits a row's key range into parts of at least this many keys.
@@ -517,12 +519,40 @@ fn update<const FMA: bool>(
         }
         st.m = m_new;
     }
-    for (t, &x) in sc.iter().enumerate() {
-        let p = exp::<FMA>(x - m_new);
-        st.l += p;
-        let vr = &v[(j0 + t) * vs..][..acc.len()];
-        for (a, &y) in acc.iter_mut().zip(vr) {
-            *a = madd::<FMA>(p, y, *a);
+    let mut p = [0.0f32; KEY_BLOCK];
+    let p = &mut p[..sc.len()];
+    for (o, &x) in p.iter_mut().zip(sc) {
+        *o = exp::<FMA>(x - m_new);
+    }
+    let mut lanes = [0.0f32; LANES];
+    let mut chunks = p.chunks_exact(LANES);
+    for c in &mut chunks {
+        for l in 0..LANES {
+            lanes[l] += c[l];
+        }
+    }
+    st.l += hsum(&lanes) + chunks.remainder().iter().sum::<f32>();
+    // acc += Σ_t p_t · v_{j0+t}, in groups of VALUE_GROUP columns kept in registers over the
+    // keys, then the remaining columns.
+    let dv = acc.len();
+    let full = dv / VALUE_GROUP * VALUE_GROUP;
+    for c0 in (0..full).step_by(VALUE_GROUP) {
+        let mut a = [0.0f32; VALUE_GROUP];
+        a.copy_from_slice(&acc[c0..c0 + VALUE_GROUP]);
+        for (t, &pt) in p.iter().enumerate() {
+            let vr = &v[(j0 + t) * vs + c0..][..VALUE_GROUP];
+            for l in 0..VALUE_GROUP {
+                a[l] = madd::<FMA>(pt, vr[l], a[l]);
+            }
+        }
+        acc[c0..c0 + VALUE_GROUP].copy_from_slice(&a);
+    }
+    if full < dv {
+        for (t, &pt) in p.iter().enumerate() {
+            let vr = &v[(j0 + t) * vs + full..][..dv - full];
+            for (a, &y) in acc[full..].iter_mut().zip(vr) {
+                *a = madd::<FMA>(pt, y, *a);
+            }
         }
     }
 }
@@ -592,7 +622,6 @@ fn block_body<const FMA: bool>(c: &Ctx, blk: usize, sc: &mut Scratch, out: &OutP
     let khi = ranges.iter().map(|r| r.1).max().unwrap_or(0);
     let mut stats = [EMPTY; QUERY_BLOCK];
     sc.acc.fill(0.0);
-    let mut scores = [0.0f32; KEY_BLOCK];
     let mut j0 = klo;
     while j0 < khi {
         let n = KEY_BLOCK.min(khi - j0);
@@ -609,11 +638,11 @@ fn block_body<const FMA: bool>(c: &Ctx, blk: usize, sc: &mut Scratch, out: &OutP
             }
             let i = i0 + r;
             let q = &c.q.data[c.q.strides.offset(b, h, i)..][..d];
-            scores.fill(0.0);
+            let mut scores = [0.0f32; KEY_BLOCK];
             for (t, &qt) in q.iter().enumerate() {
                 let kt = &sc.kt[t * KEY_BLOCK..][..KEY_BLOCK];
-                for (o, &x) in scores.iter_mut().zip(kt) {
-                    *o = madd::<FMA>(qt, x, *o);
+                for l in 0..KEY_BLOCK {
+                    scores[l] = madd::<FMA>(qt, kt[l], scores[l]);
                 }
             }
             // Only keys lo..hi of this block take part.
