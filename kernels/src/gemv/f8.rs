@@ -206,18 +206,52 @@ mod x86 {
 
     /// `yb[i·mb + r] = Σ_j W[i,j] · xb[r·k + j]` with `vdpbf16ps`: `w` holds `yb.len() / mb`
     /// rows of k e4m3 bytes, `xb` mb ≤ [`MAX_BATCH`] rows of k bf16 values. Each block of 32
-    /// weights is widened to bf16 once and multiplied with every row of x; the last `k % 32`
-    /// columns use zero-masked loads (zero weights and zero x add nothing).
+    /// weights is widened to bf16 once and multiplied with every row of x; a single row of x
+    /// is run against four weight rows at a time (four independent accumulators); the last
+    /// `k % 32` columns use zero-masked loads (zero weights and zero x add nothing).
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
     pub(super) fn rows_avx512(w: &[u8], k: usize, xb: &[u16], mb: usize, yb: &mut [f32]) {
         assert!(mb <= MAX_BATCH && xb.len() == mb * k && w.len() * mb == yb.len() * k);
-        let tabs = magnitude_tables();
-        // SAFETY: each table is 32 u16 = 64 bytes; unaligned loads.
-        let [t0, t1, t2, t3] = tabs.map(|t| unsafe { _mm512_loadu_si512(t.as_ptr().cast()) });
-        let full = k / 32;
-        let rem = k % 32;
-        let tail_mask: __mmask32 = ((1u64 << rem) - 1) as u32;
-        let widen = |bytes: __m256i| -> __m512bh {
+        let t = Tables::new();
+        match mb {
+            1 => {
+                let quads = yb.len() / 4 * 4;
+                let (y4, y1) = yb.split_at_mut(quads);
+                // SAFETY (both calls): the row counts and lengths satisfy `tile`'s contract by
+                // the assert above (the second call starts at row `quads`).
+                unsafe {
+                    tile::<4, 1>(&t, w, k, xb, y4);
+                    tile::<1, 1>(&t, &w[quads * k..], k, xb, y1);
+                }
+            }
+            // SAFETY (every arm): as above, with mb = M rows of x.
+            2 => unsafe { tile::<1, 2>(&t, w, k, xb, yb) },
+            3 => unsafe { tile::<1, 3>(&t, w, k, xb, yb) },
+            4 => unsafe { tile::<1, 4>(&t, w, k, xb, yb) },
+            5 => unsafe { tile::<1, 5>(&t, w, k, xb, yb) },
+            6 => unsafe { tile::<1, 6>(&t, w, k, xb, yb) },
+            7 => unsafe { tile::<1, 7>(&t, w, k, xb, yb) },
+            _ => unsafe { tile::<1, 8>(&t, w, k, xb, yb) },
+        }
+    }
+
+    /// The magnitude tables in registers.
+    struct Tables([__m512i; 4]);
+
+    impl Tables {
+        #[target_feature(enable = "avx512f")]
+        fn new() -> Tables {
+            let tabs = magnitude_tables();
+            // SAFETY: each table is 32 u16 = 64 bytes; unaligned loads.
+            Tables(tabs.map(|t| unsafe { _mm512_loadu_si512(t.as_ptr().cast()) }))
+        }
+
+        /// 32 e4m3 bytes widened to bf16: magnitude looked up (bit 6 picks the table pair),
+        /// sign bit moved to bit 15.
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+        fn widen(&self, bytes: __m256i) -> __m512bh {
+            let [t0, t1, t2, t3] = self.0;
             let idx = _mm512_cvtepu8_epi16(bytes);
             let lo = _mm512_permutex2var_epi16(t0, idx, t1);
             let hi = _mm512_permutex2var_epi16(t2, idx, t3);
@@ -226,31 +260,60 @@ mod x86 {
             let sign = _mm512_slli_epi16::<8>(_mm512_and_si512(idx, _mm512_set1_epi16(0x80)));
             // SAFETY: both are 512-bit plain-data vectors; any bit pattern is valid.
             unsafe { std::mem::transmute::<__m512i, __m512bh>(_mm512_or_si512(mag, sign)) }
-        };
+        }
+    }
+
+    /// [`rows_avx512`] for `R` weight rows at a time against `M` rows of x.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F/BW/VL and BF16; `yb.len()` is a multiple of `R · M`, `w` holds at
+    /// least `yb.len() / M` rows of k bytes and `xb` `M` rows of k values.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    unsafe fn tile<const R: usize, const M: usize>(
+        t: &Tables,
+        w: &[u8],
+        k: usize,
+        xb: &[u16],
+        yb: &mut [f32],
+    ) {
+        let full = k / 32;
+        let rem = k % 32;
+        let tail_mask: __mmask32 = ((1u64 << rem) - 1) as u32;
         let xp = xb.as_ptr();
-        for (i, out) in yb.chunks_exact_mut(mb).enumerate() {
-            let wp = w[i * k..].as_ptr();
-            let mut acc = [_mm512_setzero_ps(); MAX_BATCH];
+        for (i, out) in yb.chunks_exact_mut(R * M).enumerate() {
+            let wp = w[i * R * k..].as_ptr();
+            let mut acc = [[_mm512_setzero_ps(); M]; R];
             for c in 0..=full {
                 let off = c * 32;
                 let m = if c < full { u32::MAX } else { tail_mask };
                 if m == 0 {
                     break;
                 }
-                // SAFETY: bytes off..off+32 of row i are in bounds for full blocks (c < full),
-                // and the masked tail reads only off..off+rem ≤ k (masked-off lanes are not
-                // accessed); row i < yb.len() / mb is inside `w` by the assert.
-                let wv = widen(unsafe { _mm256_maskz_loadu_epi8(m, wp.add(off).cast()) });
-                for (r, a) in acc.iter_mut().enumerate().take(mb) {
-                    // SAFETY: x row r holds k values at r·k (assert); same bounds as above.
-                    let xv = unsafe { _mm512_maskz_loadu_epi16(m, xp.add(r * k + off).cast()) };
+                let mut xv = [_mm512_setzero_ps(); M].map(|_| {
+                    // SAFETY: plain-data reinterpretation of 512 zero bits.
+                    unsafe { std::mem::transmute::<__m512i, __m512bh>(_mm512_setzero_si512()) }
+                });
+                for (r, x) in xv.iter_mut().enumerate() {
+                    // SAFETY: x row r < M holds k values at r·k (caller); full blocks read
+                    // off..off+32 ≤ k, the masked tail only off..off+rem ≤ k.
+                    let v = unsafe { _mm512_maskz_loadu_epi16(m, xp.add(r * k + off).cast()) };
                     // SAFETY: plain-data reinterpretation of 512 bits.
-                    let xv = unsafe { std::mem::transmute::<__m512i, __m512bh>(xv) };
-                    *a = _mm512_dpbf16_ps(*a, wv, xv);
+                    *x = unsafe { std::mem::transmute::<__m512i, __m512bh>(v) };
+                }
+                for (q, a) in acc.iter_mut().enumerate() {
+                    // SAFETY: weight row i·R + q is inside `w` (caller); bytes as for x.
+                    let wb = unsafe { _mm256_maskz_loadu_epi8(m, wp.add(q * k + off).cast()) };
+                    let wv = t.widen(wb);
+                    for (ar, x) in a.iter_mut().zip(&xv) {
+                        *ar = _mm512_dpbf16_ps(*ar, wv, *x);
+                    }
                 }
             }
-            for (o, a) in out.iter_mut().zip(acc) {
-                *o = _mm512_reduce_add_ps(a);
+            for (q, a) in acc.iter().enumerate() {
+                for (r, v) in a.iter().enumerate() {
+                    out[q * M + r] = _mm512_reduce_add_ps(*v);
+                }
             }
         }
     }
