@@ -4,8 +4,8 @@
 //! softmax on 512×4096, and `silu(a)·b` on 4M elements; for the fast CPU executor: flash
 //! attention (prefill seq 512, 12 query / 4 kv heads, head dim 64, throughput: flops of
 //! `q·kᵀ` and `p·v`; decode q_len 1 over 1024 keys, throughput: K and V bytes read), the
-//! compiled fused program `(mul (silu $0) $1)` on 16M elements (bytes read + written; the copy
-//! bandwidth ceiling is printed first), layernorm on 512×4096, and a `[b, s, h, d]` →
+//! compiled fused program `(mul (silu $0) $1)` on 16M elements (bytes read + written; the machine's
+//! ceilings are printed first), layernorm on 512×4096, and a `[b, s, h, d]` →
 //! `[b, h, s, d]` strided copy; fp8 e4m3 GEMV (one row and four rows of x) at 4096² and 8192²
 //! (throughput: weight bytes read). `kiln bench kernel` gives the same figures as GFLOP/s and GB/s
 //! against the machine's ceilings.
@@ -65,6 +65,7 @@ fn gemm(c: &mut Criterion) {
 }
 
 fn gemv_bench(c: &mut Criterion) {
+    print_ceilings();
     let (n, k) = (4096usize, 4096usize);
     let wf = data(n * k, 0.0);
     let wb: Vec<bf16> = wf.iter().map(|&v| bf16::from_f32(v)).collect();
@@ -129,7 +130,19 @@ fn rows_and_elementwise(c: &mut Criterion) {
     g.finish();
 }
 
+/// Prints this machine's ceilings, measured now (the machine is shared: compare each figure
+/// with the ceilings printed in the same run).
+fn print_ceilings() {
+    eprintln!(
+        "ceilings: peak f32 FMA {:.1} GFLOP/s, read {:.1} GB/s, copy (read + write) {:.1} GB/s",
+        peak::fma_f32_gflops(5).unwrap_or(f64::NAN),
+        peak::read_gbps(peak::BANDWIDTH_BYTES, 5),
+        peak::copy_gbps(peak::BANDWIDTH_BYTES, 5)
+    );
+}
+
 fn attention(c: &mut Criterion) {
+    print_ceilings();
     let (hq, hkv, d) = (12usize, 4usize, 64usize);
     let mut g = c.benchmark_group("attention");
     g.sample_size(20);
@@ -192,10 +205,7 @@ fn attention(c: &mut Criterion) {
 }
 
 fn executor_memory_kernels(c: &mut Criterion) {
-    eprintln!(
-        "copy bandwidth ceiling (256 MiB, read + write): {:.1} GB/s",
-        peak::copy_gbps(256 << 20, 5)
-    );
+    print_ceilings();
     let n = 1usize << 24;
     let (a, bb) = (data(n, 0.0), data(n, 1.0));
     let mut out = vec![0.0; n];

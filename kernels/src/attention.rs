@@ -4,9 +4,9 @@
 //! Each query row walks its visible keys in blocks of [`KEY_BLOCK`] with an online softmax
 //! (running maximum `m`, running sum `l`, accumulator `acc[dv]` rescaled by `exp(m_old - m_new)`
 //! when the maximum grows, as FlashAttention-2). Prefill works on blocks of [`QUERY_BLOCK`]
-//! query rows of one head spread over [`crate::threads`] threads: each block of keys is
-//! transposed once into a scratch buffer and every query row of the block scores it with FMAs
-//! along the keys (no horizontal sums). With fewer than `QUERY_BLOCK / 2` queries per head,
+//! queries of every query head sharing one kv head (GQA), spread over [`crate::threads`]
+//! threads: each block of keys is transposed once into a scratch buffer and every query row of
+//! the block scores it with FMAs along the keys (no horizontal sums). With fewer than `QUERY_BLOCK / 2` queries per head,
 //! rows are spread over the threads and score keys with dot products; with fewer rows than
 //! twice the threads and a long key range (decode), each row's key range is split into parts
 //! computed in parallel whose `(m, l, acc)` are merged (flash-decoding).
@@ -22,14 +22,16 @@
 //! probability 0 and lies in a block where every score so far is `-inf` does not reach the
 //! output (the reference multiplies it by 0 and gets NaN).
 
-use crate::simd::{dot, exp, madd, vector_level, Isa};
+use crate::simd::{dot, exp, hsum, madd, vector_level, Isa, LANES};
 use crate::KernelError;
 use rayon::prelude::*;
 
 /// Keys scored per step of the online softmax.
 const KEY_BLOCK: usize = 64;
-/// Query rows (of one head) that share each transposed block of keys.
-const QUERY_BLOCK: usize = 8;
+/// Value columns accumulated in registers at a time (four AVX-512 vectors).
+const VALUE_GROUP: usize = 64;
+/// Queries per head that share each transposed block of keys.
+const QUERY_BLOCK: usize = 16;
 /// Decode (fewer query rows than twice the threads) splits a row's key range into parts of at least this many keys.
 const MIN_SPLIT_KEYS: usize = 256;
 /// Work (query rows × visible keys × head dims) below which everything runs on one thread.
@@ -211,7 +213,7 @@ pub fn attention_f32_with(
     let out_ptr = OutPtr(out.as_mut_ptr());
     let threads = crate::threads();
     let work = rows * s.kv_len.max(1) * (s.head_dim + s.v_dim).max(1);
-    let blocks = s.batch * s.q_heads * s.q_len.div_ceil(QUERY_BLOCK);
+    let blocks = s.batch * s.kv_heads * s.q_len.div_ceil(QUERY_BLOCK);
     if threads > 1
         && work >= PARALLEL_MIN_WORK
         && rows < 2 * threads
@@ -239,11 +241,12 @@ pub fn attention_f32_with(
             .with_min_len(rows_per_task)
             .for_each_init(|| vec![0.0; s.v_dim], |acc, r| ctx.row(r, 1, acc, &out_ptr));
     } else if threads > 1 && work >= PARALLEL_MIN_WORK {
-        (0..blocks)
-            .into_par_iter()
-            .for_each_init(|| Scratch::new(&s), |sc, blk| ctx.block(blk, sc, &out_ptr));
+        (0..blocks).into_par_iter().for_each_init(
+            || Scratch::new(&s, group),
+            |sc, blk| ctx.block(blk, sc, &out_ptr),
+        );
     } else {
-        let mut sc = Scratch::new(&s);
+        let mut sc = Scratch::new(&s, group);
         for blk in 0..blocks {
             ctx.block(blk, &mut sc, &out_ptr);
         }
@@ -333,13 +336,16 @@ struct Scratch {
     kt: Vec<f32>,
     /// Per query row of the block: its accumulator (`v_dim` each).
     acc: Vec<f32>,
+    /// Per query row of the block: its running softmax state.
+    stats: Vec<Stats>,
 }
 
 impl Scratch {
-    fn new(s: &AttnShape) -> Scratch {
+    fn new(s: &AttnShape, group: usize) -> Scratch {
         Scratch {
             kt: vec![0.0; s.head_dim * KEY_BLOCK],
-            acc: vec![0.0; QUERY_BLOCK * s.v_dim],
+            acc: vec![0.0; group * QUERY_BLOCK * s.v_dim],
+            stats: vec![EMPTY; group * QUERY_BLOCK],
         }
     }
 }
@@ -436,8 +442,8 @@ impl Ctx<'_> {
         }
     }
 
-    /// Computes and writes query block `blk`: rows `QUERY_BLOCK·q..` of one `(b, h)`, in
-    /// row-major order of `(b, h, q)`.
+    /// Computes and writes query block `blk`: queries `QUERY_BLOCK·q..` of every query head
+    /// reading kv head `hk` of batch `b`, blocks in row-major order of `(b, hk, q)`.
     fn block(&self, blk: usize, sc: &mut Scratch, out: &OutPtr) {
         match self.level {
             #[cfg(target_arch = "x86_64")]
@@ -517,12 +523,40 @@ fn update<const FMA: bool>(
         }
         st.m = m_new;
     }
-    for (t, &x) in sc.iter().enumerate() {
-        let p = exp::<FMA>(x - m_new);
-        st.l += p;
-        let vr = &v[(j0 + t) * vs..][..acc.len()];
-        for (a, &y) in acc.iter_mut().zip(vr) {
-            *a = madd::<FMA>(p, y, *a);
+    let mut p = [0.0f32; KEY_BLOCK];
+    let p = &mut p[..sc.len()];
+    for (o, &x) in p.iter_mut().zip(sc) {
+        *o = exp::<FMA>(x - m_new);
+    }
+    let mut lanes = [0.0f32; LANES];
+    let mut chunks = p.chunks_exact(LANES);
+    for c in &mut chunks {
+        for l in 0..LANES {
+            lanes[l] += c[l];
+        }
+    }
+    st.l += hsum(&lanes) + chunks.remainder().iter().sum::<f32>();
+    // acc += Σ_t p_t · v_{j0+t}, in groups of VALUE_GROUP columns kept in registers over the
+    // keys, then the remaining columns.
+    let dv = acc.len();
+    let full = dv / VALUE_GROUP * VALUE_GROUP;
+    for c0 in (0..full).step_by(VALUE_GROUP) {
+        let mut a = [0.0f32; VALUE_GROUP];
+        a.copy_from_slice(&acc[c0..c0 + VALUE_GROUP]);
+        for (t, &pt) in p.iter().enumerate() {
+            let vr = &v[(j0 + t) * vs + c0..][..VALUE_GROUP];
+            for l in 0..VALUE_GROUP {
+                a[l] = madd::<FMA>(pt, vr[l], a[l]);
+            }
+        }
+        acc[c0..c0 + VALUE_GROUP].copy_from_slice(&a);
+    }
+    if full < dv {
+        for (t, &pt) in p.iter().enumerate() {
+            let vr = &v[(j0 + t) * vs + full..][..dv - full];
+            for (a, &y) in acc[full..].iter_mut().zip(vr) {
+                *a = madd::<FMA>(pt, y, *a);
+            }
         }
     }
 }
@@ -574,25 +608,31 @@ fn part_body<const FMA: bool>(
 fn block_body<const FMA: bool>(c: &Ctx, blk: usize, sc: &mut Scratch, out: &OutPtr) {
     let s = &c.s;
     let per_head = s.q_len.div_ceil(QUERY_BLOCK);
-    let (qb, h, b) = (
+    let (qb, hk, b) = (
         blk % per_head,
-        (blk / per_head) % s.q_heads,
-        blk / (per_head * s.q_heads),
+        (blk / per_head) % s.kv_heads,
+        blk / (per_head * s.kv_heads),
     );
     let (i0, i1) = (
         qb * QUERY_BLOCK,
         (qb * QUERY_BLOCK + QUERY_BLOCK).min(s.q_len),
     );
-    let hk = h / c.group;
+    let nq = i1 - i0;
     let k = &c.k.data[c.k.strides.offset(b, hk, 0)..];
     let v = &c.v.data[c.v.strides.offset(b, hk, 0)..];
     let (ks, vs, d, dv) = (c.k.strides.seq, c.v.strides.seq, s.head_dim, s.v_dim);
-    let ranges: Vec<(usize, usize)> = (i0..i1).map(|i| c.visible(i)).collect();
+    let mut ranges = [(0usize, 0usize); QUERY_BLOCK];
+    for (r, i) in ranges.iter_mut().zip(i0..i1) {
+        *r = c.visible(i);
+    }
+    let ranges = &ranges[..nq];
     let klo = ranges.iter().map(|r| r.0).min().unwrap_or(0);
     let khi = ranges.iter().map(|r| r.1).max().unwrap_or(0);
-    let mut stats = [EMPTY; QUERY_BLOCK];
-    sc.acc.fill(0.0);
-    let mut scores = [0.0f32; KEY_BLOCK];
+    // Row r of the block is query i0 + r % nq of head hk·group + r / nq.
+    let rows = c.group * nq;
+    let head = |r: usize| hk * c.group + r / nq;
+    sc.stats[..rows].fill(EMPTY);
+    sc.acc[..rows * dv].fill(0.0);
     let mut j0 = klo;
     while j0 < khi {
         let n = KEY_BLOCK.min(khi - j0);
@@ -603,17 +643,18 @@ fn block_body<const FMA: bool>(c: &Ctx, blk: usize, sc: &mut Scratch, out: &OutP
                 sc.kt[t * KEY_BLOCK + j] = x;
             }
         }
-        for (r, &(lo, hi)) in ranges.iter().enumerate() {
+        for r in 0..rows {
+            let (lo, hi) = ranges[r % nq];
             if hi <= j0 || lo >= j0 + n || lo >= hi {
                 continue;
             }
-            let i = i0 + r;
+            let (h, i) = (head(r), i0 + r % nq);
             let q = &c.q.data[c.q.strides.offset(b, h, i)..][..d];
-            scores.fill(0.0);
+            let mut scores = [0.0f32; KEY_BLOCK];
             for (t, &qt) in q.iter().enumerate() {
                 let kt = &sc.kt[t * KEY_BLOCK..][..KEY_BLOCK];
-                for (o, &x) in scores.iter_mut().zip(kt) {
-                    *o = madd::<FMA>(qt, x, *o);
+                for l in 0..KEY_BLOCK {
+                    scores[l] = madd::<FMA>(qt, kt[l], scores[l]);
                 }
             }
             // Only keys lo..hi of this block take part.
@@ -629,13 +670,21 @@ fn block_body<const FMA: bool>(c: &Ctx, blk: usize, sc: &mut Scratch, out: &OutP
                 }
             }
             let acc = &mut sc.acc[r * dv..(r + 1) * dv];
-            update::<FMA>(&mut stats[r], sc_row, acc, v, vs, a);
+            update::<FMA>(&mut sc.stats[r], sc_row, acc, v, vs, a);
         }
         j0 += n;
     }
-    for (r, &(lo, hi)) in ranges.iter().enumerate() {
-        let st = (lo < hi).then_some(stats[r]);
-        c.write(out, b, h, i0 + r, st, &sc.acc[r * dv..(r + 1) * dv]);
+    for r in 0..rows {
+        let (lo, hi) = ranges[r % nq];
+        let st = (lo < hi).then_some(sc.stats[r]);
+        c.write(
+            out,
+            b,
+            head(r),
+            i0 + r % nq,
+            st,
+            &sc.acc[r * dv..(r + 1) * dv],
+        );
     }
 }
 

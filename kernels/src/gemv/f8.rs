@@ -4,9 +4,12 @@
 //!
 //! Every e4m3 value is exact in bf16, so on every path the sum is `Σ_j e4m3(W[i,j]) ·
 //! bf16(x[j])` accumulated in f32 (products of two bf16 are exact in f32), then multiplied by
-//! `scale`. The AVX512-BF16 path widens 32 weight bytes at a time to bf16 in registers (two
-//! `vpermi2w` lookups in a 128-entry table of magnitudes, a blend on bit 6 and the sign bit
-//! or-ed in) and multiplies with `vdpbf16ps`; the other paths look the weights up in a
+//! `scale`. With AVX512-BF16 and VBMI, 64 weight bytes at a time are widened to bf16 in
+//! registers by two `vpermi2b` lookups (high and low byte of each bf16, indexed by the 7-bit
+//! magnitude), the sign bit or-ed in and the bytes interleaved into words; the interleave
+//! orders the weights lane-wise, so x is permuted the same way once per call; `vdpbf16ps`
+//! multiplies. With AVX512-BF16 only, 32 bytes at a time go through two `vpermi2w` lookups in a
+//! 128-entry table of magnitudes and a blend on bit 6. Other CPUs look the weights up in a
 //! 256-entry f32 table and use f32 multiply-adds. Only the order of the f32 additions differs.
 //! [`gemv_f8e4m3_batch`] multiplies up to a few rows of x at once (decode with batch > 1),
 //! widening each weight block once for all rows.
@@ -110,12 +113,23 @@ fn batch(isa: Isa, mb: usize, n: usize, k: usize, w: &[u8], scale: f32, x: &[f32
         #[cfg(target_arch = "x86_64")]
         if isa >= Isa::Avx512Bf16 && Isa::Avx512Bf16.available() {
             let xb: Vec<u16> = x.iter().map(|&v| bf16::from_f32(v).to_bits()).collect();
-            split_rows(n, k, mb, yt, |i0, yb| {
-                let wr = &w[i0 * k..(i0 + yb.len() / mb) * k];
-                // SAFETY: the CPU has AVX-512 F/BW/VL and BF16 (checked just above); `wr`
-                // holds yb.len() / mb rows of k weights, `xb` mb rows of k values.
-                unsafe { x86::rows_avx512(wr, k, &xb, mb, yb) }
-            });
+            if x86::has_vbmi() {
+                let xp = x86::permute_x(&xb, mb, k);
+                split_rows(n, k, mb, yt, |i0, yb| {
+                    let wr = &w[i0 * k..(i0 + yb.len() / mb) * k];
+                    // SAFETY: the CPU has AVX-512 F/BW/VL, BF16 and VBMI (checked just
+                    // above); `wr` holds yb.len() / mb rows of k weights, `xp` mb permuted
+                    // rows of x.
+                    unsafe { x86::rows_vbmi(wr, k, &xp, mb, yb) }
+                });
+            } else {
+                split_rows(n, k, mb, yt, |i0, yb| {
+                    let wr = &w[i0 * k..(i0 + yb.len() / mb) * k];
+                    // SAFETY: the CPU has AVX-512 F/BW/VL and BF16 (checked just above);
+                    // `wr` holds yb.len() / mb rows of k weights, `xb` mb rows of k values.
+                    unsafe { x86::rows_avx512(wr, k, &xb, mb, yb) }
+                });
+            }
         } else {
             portable_rows(isa, mb, n, k, w, x, yt);
         }
@@ -206,18 +220,52 @@ mod x86 {
 
     /// `yb[i·mb + r] = Σ_j W[i,j] · xb[r·k + j]` with `vdpbf16ps`: `w` holds `yb.len() / mb`
     /// rows of k e4m3 bytes, `xb` mb ≤ [`MAX_BATCH`] rows of k bf16 values. Each block of 32
-    /// weights is widened to bf16 once and multiplied with every row of x; the last `k % 32`
-    /// columns use zero-masked loads (zero weights and zero x add nothing).
+    /// weights is widened to bf16 once and multiplied with every row of x; a single row of x
+    /// is run against four weight rows at a time (four independent accumulators); the last
+    /// `k % 32` columns use zero-masked loads (zero weights and zero x add nothing).
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
     pub(super) fn rows_avx512(w: &[u8], k: usize, xb: &[u16], mb: usize, yb: &mut [f32]) {
         assert!(mb <= MAX_BATCH && xb.len() == mb * k && w.len() * mb == yb.len() * k);
-        let tabs = magnitude_tables();
-        // SAFETY: each table is 32 u16 = 64 bytes; unaligned loads.
-        let [t0, t1, t2, t3] = tabs.map(|t| unsafe { _mm512_loadu_si512(t.as_ptr().cast()) });
-        let full = k / 32;
-        let rem = k % 32;
-        let tail_mask: __mmask32 = ((1u64 << rem) - 1) as u32;
-        let widen = |bytes: __m256i| -> __m512bh {
+        let t = Tables::new();
+        match mb {
+            1 => {
+                let quads = yb.len() / 4 * 4;
+                let (y4, y1) = yb.split_at_mut(quads);
+                // SAFETY (both calls): the row counts and lengths satisfy `tile`'s contract by
+                // the assert above (the second call starts at row `quads`).
+                unsafe {
+                    tile::<4, 1>(&t, w, k, xb, y4);
+                    tile::<1, 1>(&t, &w[quads * k..], k, xb, y1);
+                }
+            }
+            // SAFETY (every arm): as above, with mb = M rows of x.
+            2 => unsafe { tile::<1, 2>(&t, w, k, xb, yb) },
+            3 => unsafe { tile::<1, 3>(&t, w, k, xb, yb) },
+            4 => unsafe { tile::<1, 4>(&t, w, k, xb, yb) },
+            5 => unsafe { tile::<1, 5>(&t, w, k, xb, yb) },
+            6 => unsafe { tile::<1, 6>(&t, w, k, xb, yb) },
+            7 => unsafe { tile::<1, 7>(&t, w, k, xb, yb) },
+            _ => unsafe { tile::<1, 8>(&t, w, k, xb, yb) },
+        }
+    }
+
+    /// The magnitude tables in registers.
+    struct Tables([__m512i; 4]);
+
+    impl Tables {
+        #[target_feature(enable = "avx512f")]
+        fn new() -> Tables {
+            let tabs = magnitude_tables();
+            // SAFETY: each table is 32 u16 = 64 bytes; unaligned loads.
+            Tables(tabs.map(|t| unsafe { _mm512_loadu_si512(t.as_ptr().cast()) }))
+        }
+
+        /// 32 e4m3 bytes widened to bf16: magnitude looked up (bit 6 picks the table pair),
+        /// sign bit moved to bit 15.
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+        fn widen(&self, bytes: __m256i) -> __m512bh {
+            let [t0, t1, t2, t3] = self.0;
             let idx = _mm512_cvtepu8_epi16(bytes);
             let lo = _mm512_permutex2var_epi16(t0, idx, t1);
             let hi = _mm512_permutex2var_epi16(t2, idx, t3);
@@ -226,31 +274,258 @@ mod x86 {
             let sign = _mm512_slli_epi16::<8>(_mm512_and_si512(idx, _mm512_set1_epi16(0x80)));
             // SAFETY: both are 512-bit plain-data vectors; any bit pattern is valid.
             unsafe { std::mem::transmute::<__m512i, __m512bh>(_mm512_or_si512(mag, sign)) }
-        };
+        }
+    }
+
+    /// [`rows_avx512`] for `R` weight rows at a time against `M` rows of x.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F/BW/VL and BF16; `yb.len()` is a multiple of `R · M`, `w` holds at
+    /// least `yb.len() / M` rows of k bytes and `xb` `M` rows of k values.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    unsafe fn tile<const R: usize, const M: usize>(
+        t: &Tables,
+        w: &[u8],
+        k: usize,
+        xb: &[u16],
+        yb: &mut [f32],
+    ) {
+        let full = k / 32;
+        let rem = k % 32;
+        let tail_mask: __mmask32 = ((1u64 << rem) - 1) as u32;
         let xp = xb.as_ptr();
-        for (i, out) in yb.chunks_exact_mut(mb).enumerate() {
-            let wp = w[i * k..].as_ptr();
-            let mut acc = [_mm512_setzero_ps(); MAX_BATCH];
+        for (i, out) in yb.chunks_exact_mut(R * M).enumerate() {
+            let wp = w[i * R * k..].as_ptr();
+            let mut acc = [[_mm512_setzero_ps(); M]; R];
             for c in 0..=full {
                 let off = c * 32;
                 let m = if c < full { u32::MAX } else { tail_mask };
                 if m == 0 {
                     break;
                 }
-                // SAFETY: bytes off..off+32 of row i are in bounds for full blocks (c < full),
-                // and the masked tail reads only off..off+rem ≤ k (masked-off lanes are not
-                // accessed); row i < yb.len() / mb is inside `w` by the assert.
-                let wv = widen(unsafe { _mm256_maskz_loadu_epi8(m, wp.add(off).cast()) });
-                for (r, a) in acc.iter_mut().enumerate().take(mb) {
-                    // SAFETY: x row r holds k values at r·k (assert); same bounds as above.
-                    let xv = unsafe { _mm512_maskz_loadu_epi16(m, xp.add(r * k + off).cast()) };
+                let mut xv = [_mm512_setzero_ps(); M].map(|_| {
+                    // SAFETY: plain-data reinterpretation of 512 zero bits.
+                    unsafe { std::mem::transmute::<__m512i, __m512bh>(_mm512_setzero_si512()) }
+                });
+                for (r, x) in xv.iter_mut().enumerate() {
+                    // SAFETY: x row r < M holds k values at r·k (caller); full blocks read
+                    // off..off+32 ≤ k, the masked tail only off..off+rem ≤ k.
+                    let v = unsafe { _mm512_maskz_loadu_epi16(m, xp.add(r * k + off).cast()) };
                     // SAFETY: plain-data reinterpretation of 512 bits.
-                    let xv = unsafe { std::mem::transmute::<__m512i, __m512bh>(xv) };
-                    *a = _mm512_dpbf16_ps(*a, wv, xv);
+                    *x = unsafe { std::mem::transmute::<__m512i, __m512bh>(v) };
+                }
+                for (q, a) in acc.iter_mut().enumerate() {
+                    // SAFETY: weight row i·R + q is inside `w` (caller); bytes as for x.
+                    let wb = unsafe { _mm256_maskz_loadu_epi8(m, wp.add(q * k + off).cast()) };
+                    let wv = t.widen(wb);
+                    for (ar, x) in a.iter_mut().zip(&xv) {
+                        *ar = _mm512_dpbf16_ps(*ar, wv, *x);
+                    }
                 }
             }
-            for (o, a) in out.iter_mut().zip(acc) {
-                *o = _mm512_reduce_add_ps(a);
+            for (q, a) in acc.iter().enumerate() {
+                for (r, v) in a.iter().enumerate() {
+                    out[q * M + r] = _mm512_reduce_add_ps(*v);
+                }
+            }
+        }
+    }
+
+    /// True when the CPU has AVX-512 VBMI (`vpermi2b`), besides what the bf16 path needs.
+    pub(super) fn has_vbmi() -> bool {
+        crate::features().avx512_bf16 && is_x86_feature_detected!("avx512vbmi")
+    }
+
+    /// Position of weight `e` (0..64) of a block in the order [`widen64`] returns them: the two
+    /// byte interleaves work per 128-bit lane, giving weights `16·L + j` (j < 8) of each lane L
+    /// first, then weights `16·L + 8 + j`.
+    fn widened_position(e: usize) -> usize {
+        let (lane, pos) = (e / 16, e % 16);
+        if pos < 8 {
+            lane * 8 + pos
+        } else {
+            32 + lane * 8 + pos - 8
+        }
+    }
+
+    /// The `mb` rows of x (bf16 bits, `k` each) padded with zeros to a multiple of 64 and
+    /// permuted within each block of 64 as [`widen64`] orders the weights, so products pair up.
+    pub(super) fn permute_x(xb: &[u16], mb: usize, k: usize) -> Vec<u16> {
+        let kp = k.next_multiple_of(64);
+        let mut out = vec![0u16; mb * kp];
+        for (src, dst) in xb
+            .chunks_exact(k.max(1))
+            .zip(out.chunks_exact_mut(kp.max(1)))
+        {
+            for (j, &v) in src.iter().enumerate() {
+                dst[j / 64 * 64 + widened_position(j % 64)] = v;
+            }
+        }
+        out
+    }
+
+    /// One byte of a bf16 bit pattern.
+    type ByteOf = fn(u16) -> u8;
+
+    /// The bf16 bits of the e4m3 magnitudes 0..128 split into high and low bytes, each as two
+    /// 64-byte vectors (a `vpermi2b` table).
+    struct ByteTables {
+        hi: [__m512i; 2],
+        lo: [__m512i; 2],
+    }
+
+    impl ByteTables {
+        #[target_feature(enable = "avx512f")]
+        fn new() -> ByteTables {
+            let words = magnitude_tables().concat();
+            let bytes = |f: ByteOf, half: usize| -> __m512i {
+                let b: [u8; 64] = std::array::from_fn(|i| f(words[half * 64 + i]));
+                // SAFETY: 64 bytes, unaligned load.
+                unsafe { _mm512_loadu_si512(b.as_ptr().cast()) }
+            };
+            let (hi, lo): (ByteOf, ByteOf) = (|w| (w >> 8) as u8, |w| w as u8);
+            ByteTables {
+                hi: [bytes(hi, 0), bytes(hi, 1)],
+                lo: [bytes(lo, 0), bytes(lo, 1)],
+            }
+        }
+    }
+
+    /// 64 e4m3 bytes widened to bf16 as two vectors of 32, in [`widened_position`] order: both
+    /// bytes of each bf16 looked up by the 7-bit magnitude, the sign bit or-ed into the high
+    /// byte, then bytes interleaved into words.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512bf16")]
+    fn widen64(t: &ByteTables, bytes: __m512i) -> (__m512bh, __m512bh) {
+        let hi = _mm512_permutex2var_epi8(t.hi[0], bytes, t.hi[1]);
+        let lo = _mm512_permutex2var_epi8(t.lo[0], bytes, t.lo[1]);
+        let sign = _mm512_and_si512(bytes, _mm512_set1_epi8(0x80u8 as i8));
+        let hi = _mm512_or_si512(hi, sign);
+        let a = _mm512_unpacklo_epi8(lo, hi);
+        let b = _mm512_unpackhi_epi8(lo, hi);
+        // SAFETY: plain-data reinterpretations of 512 bits.
+        unsafe {
+            (
+                std::mem::transmute::<__m512i, __m512bh>(a),
+                std::mem::transmute::<__m512i, __m512bh>(b),
+            )
+        }
+    }
+
+    /// As [`rows_avx512`] with the weights widened 64 at a time by [`widen64`]; `xp` holds the
+    /// mb rows of x as [`permute_x`] returns them.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,avx512vbmi")]
+    pub(super) fn rows_vbmi(w: &[u8], k: usize, xp: &[u16], mb: usize, yb: &mut [f32]) {
+        let kp = k.next_multiple_of(64);
+        assert!(mb <= MAX_BATCH && xp.len() == mb * kp && w.len() * mb == yb.len() * k);
+        let t = ByteTables::new();
+        match mb {
+            1 => {
+                let quads = yb.len() / 4 * 4;
+                let (y4, y1) = yb.split_at_mut(quads);
+                // SAFETY (both calls): the lengths satisfy `tile_vbmi`'s contract by the assert
+                // above (the second call starts at row `quads`).
+                unsafe {
+                    tile_vbmi::<4, 1>(&t, w, k, xp, y4);
+                    tile_vbmi::<1, 1>(&t, &w[quads * k..], k, xp, y1);
+                }
+            }
+            // SAFETY (every arm): as above, with mb = M rows of x.
+            2 => unsafe { tile_vbmi::<1, 2>(&t, w, k, xp, yb) },
+            3 => unsafe { tile_vbmi::<1, 3>(&t, w, k, xp, yb) },
+            4 => unsafe { tile_vbmi::<1, 4>(&t, w, k, xp, yb) },
+            5 => unsafe { tile_vbmi::<1, 5>(&t, w, k, xp, yb) },
+            6 => unsafe { tile_vbmi::<1, 6>(&t, w, k, xp, yb) },
+            7 => unsafe { tile_vbmi::<1, 7>(&t, w, k, xp, yb) },
+            _ => unsafe { tile_vbmi::<1, 8>(&t, w, k, xp, yb) },
+        }
+    }
+
+    /// [`rows_vbmi`] for `R` weight rows at a time against `M` rows of x.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F/BW/VL, BF16 and VBMI; `yb.len()` is a multiple of `R · M`, `w`
+    /// holds at least `yb.len() / M` rows of k bytes and `xp` `M` rows of `k` rounded up to
+    /// a multiple of 64 values.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,avx512vbmi")]
+    unsafe fn tile_vbmi<const R: usize, const M: usize>(
+        t: &ByteTables,
+        w: &[u8],
+        k: usize,
+        xp: &[u16],
+        yb: &mut [f32],
+    ) {
+        let kp = k.next_multiple_of(64);
+        let full = k / 64;
+        let tail: __mmask64 = (1u64 << (k % 64)) - 1;
+        let xptr = xp.as_ptr();
+        let ld = |p: *const u16| {
+            // SAFETY: callers pass offsets of whole blocks of 32 inside `xp` (padded rows).
+            let v = unsafe { _mm512_loadu_si512(p.cast()) };
+            // SAFETY: plain-data reinterpretation of 512 bits.
+            unsafe { std::mem::transmute::<__m512i, __m512bh>(v) }
+        };
+        for (i, out) in yb.chunks_exact_mut(R * M).enumerate() {
+            let wp = w[i * R * k..].as_ptr();
+            let mut acc = [[_mm512_setzero_ps(); M]; R];
+            for c in 0..kp / 64 {
+                let off = c * 64;
+                let m = if c < full { u64::MAX } else { tail };
+                // SAFETY: row r < M of xp holds kp values; off + 64 <= kp.
+                let xa: [__m512bh; M] =
+                    std::array::from_fn(|r| ld(unsafe { xptr.add(r * kp + off) }));
+                // SAFETY: as above, the second half of the block.
+                let xb: [__m512bh; M] =
+                    std::array::from_fn(|r| ld(unsafe { xptr.add(r * kp + off + 32) }));
+                for (q, a) in acc.iter_mut().enumerate() {
+                    // SAFETY: weight row i·R + q is inside `w` (caller); full blocks read
+                    // off..off+64 <= k, the masked tail only off..k.
+                    let bytes = unsafe { _mm512_maskz_loadu_epi8(m, wp.add(q * k + off).cast()) };
+                    let (wa, wb) = widen64(t, bytes);
+                    for ((ar, x0), x1) in a.iter_mut().zip(&xa).zip(&xb) {
+                        *ar = _mm512_dpbf16_ps(_mm512_dpbf16_ps(*ar, wa, *x0), wb, *x1);
+                    }
+                }
+            }
+            for (q, a) in acc.iter().enumerate() {
+                for (r, v) in a.iter().enumerate() {
+                    out[q * M + r] = _mm512_reduce_add_ps(*v);
+                }
+            }
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn vbmi_and_word_lookup_paths_agree() {
+            if !has_vbmi() {
+                return; // nothing to compare on this CPU
+            }
+            for (mb, n, k) in [(1usize, 9usize, 200usize), (3, 5, 64), (8, 4, 7)] {
+                let w: Vec<u8> = (0..n * k)
+                    .map(|i| (i * 37 % 256) as u8 & !0x7f | (i % 127) as u8)
+                    .collect();
+                let xb: Vec<u16> = (0..mb * k)
+                    .map(|i| half::bf16::from_f32((i % 13) as f32 * 0.25 - 1.5).to_bits())
+                    .collect();
+                let (mut y1, mut y2) = (vec![0.0; n * mb], vec![0.0; n * mb]);
+                // SAFETY: this CPU has AVX-512 BF16 and VBMI (checked above); lengths as the
+                // kernels require.
+                unsafe {
+                    rows_avx512(&w, k, &xb, mb, &mut y1);
+                    rows_vbmi(&w, k, &permute_x(&xb, mb, k), mb, &mut y2);
+                }
+                for (a, b) in y1.iter().zip(&y2) {
+                    assert!(
+                        (a - b).abs() <= 1e-5 * a.abs().max(1.0),
+                        "{mb}x{n}x{k}: {a} vs {b}"
+                    );
+                }
             }
         }
     }
