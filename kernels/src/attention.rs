@@ -1,15 +1,15 @@
 //! Flash attention in f32: the IR's `attention` op ([`kiln_ir::Op::Attention`]) without
 //! materializing the score matrix or repeated key/value heads.
 //!
-//! Each query row walks its visible keys in blocks of [`KEY_BLOCK`] with an online softmax
+//! Each query row walks its visible keys in blocks of `KEY_BLOCK` (64) with an online softmax
 //! (running maximum `m`, running sum `l`, accumulator `acc[dv]` rescaled by `exp(m_old - m_new)`
-//! when the maximum grows, as FlashAttention-2). Prefill works on blocks of [`QUERY_BLOCK`]
+//! when the maximum grows, as FlashAttention-2). Prefill works on blocks of `QUERY_BLOCK` (16)
 //! queries of every query head sharing one kv head (GQA), spread over [`crate::threads`]
 //! threads: each block of keys is transposed once into a scratch buffer and every query row of
-//! the block scores it with FMAs along the keys (no horizontal sums). With fewer than `QUERY_BLOCK / 2` queries per head,
-//! rows are spread over the threads and score keys with dot products; with fewer rows than
-//! twice the threads and a long key range (decode), each row's key range is split into parts
-//! computed in parallel whose `(m, l, acc)` are merged (flash-decoding).
+//! the block scores it with FMAs along the keys (no horizontal sums). With fewer than 8 queries
+//! per head, rows are spread over the threads and score keys with dot products; with fewer
+//! rows than twice the threads and a long key range (decode), each row's key range is split
+//! into parts computed in parallel whose `(m, l, acc)` are merged (flash-decoding).
 //! Operands are strided views so the caller can pass permuted layouts (e.g. write the output
 //! as `[b, s, h, d]`); the loops are plain Rust compiled for AVX-512, AVX2 + FMA and portably
 //! and picked at run time.
@@ -195,7 +195,7 @@ pub fn attention_f32_with(
             "attention out: strides {out_strides:?} make rows of {out_dims:?} overlap"
         )));
     }
-    let rows = s.batch * s.q_heads * s.q_len;
+    let rows = s.batch.saturating_mul(s.q_heads).saturating_mul(s.q_len);
     if rows == 0 || s.v_dim == 0 {
         return Ok(());
     }
