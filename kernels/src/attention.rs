@@ -10,6 +10,12 @@
 //! per head, rows are spread over the threads and score keys with dot products; with fewer
 //! rows than twice the threads and a long key range (decode), each row's key range is split
 //! into parts computed in parallel whose `(m, l, acc)` are merged (flash-decoding).
+//! Prefill with many queries per head and a score matrix of at most `GEMM_MAX_SCORES` elements
+//! per head instead runs as two single-threaded GEMMs per (batch, query head), heads spread
+//! over the threads: `S = scale · Q·Kᵀ` with the `gemm` crate's micro-kernels, a masked
+//! softmax of each row over its visible keys, then `O = P·V` — a CPU's best use of its FMA
+//! units at these sizes, where the flash loop's scalar key transposes cost more than the score
+//! matrix's memory.
 //! Operands are strided views so the caller can pass permuted layouts (e.g. write the output
 //! as `[b, s, h, d]`); the loops are plain Rust compiled for AVX-512, AVX2 + FMA and portably
 //! and picked at run time.
@@ -22,6 +28,7 @@
 //! probability 0 and lies in a block where every score so far is `-inf` does not reach the
 //! output (the reference multiplies it by 0 and gets NaN).
 
+use crate::gemm::{self, Gemm, MatLayout};
 use crate::simd::{dot, exp, hsum, madd, vector_level, Isa, LANES};
 use crate::KernelError;
 use rayon::prelude::*;
@@ -36,6 +43,8 @@ const QUERY_BLOCK: usize = 16;
 const MIN_SPLIT_KEYS: usize = 256;
 /// Work (query rows × visible keys × head dims) below which everything runs on one thread.
 const PARALLEL_MIN_WORK: usize = 1 << 16;
+/// Largest score matrix (`q_len × kv_len` elements) per head for the GEMM path.
+const GEMM_MAX_SCORES: usize = 1 << 20;
 
 /// Element strides of a 4-D operand `[batch, heads, seq, dim]`; the last axis is contiguous
 /// (stride 1).
@@ -240,6 +249,25 @@ pub fn attention_f32_with(
             .into_par_iter()
             .with_min_len(rows_per_task)
             .for_each_init(|| vec![0.0; s.v_dim], |acc, r| ctx.row(r, 1, acc, &out_ptr));
+    } else if s.q_len >= 2 * QUERY_BLOCK
+        && s.head_dim >= 8
+        && s.q_len.saturating_mul(s.kv_len) <= GEMM_MAX_SCORES
+    {
+        let heads = s.batch * s.q_heads;
+        let per_task = if threads > 1 && work >= PARALLEL_MIN_WORK {
+            1
+        } else {
+            heads
+        };
+        (0..heads)
+            .into_par_iter()
+            .with_min_len(per_task)
+            .for_each_init(
+                || (Vec::new(), Vec::new()),
+                |(scores, acc), bh| {
+                    ctx.head_gemm(bh / s.q_heads, bh % s.q_heads, scores, acc, &out_ptr)
+                },
+            );
     } else if threads > 1 && work >= PARALLEL_MIN_WORK {
         (0..blocks).into_par_iter().for_each_init(
             || Scratch::new(&s, group),
@@ -388,6 +416,93 @@ impl Ctx<'_> {
                     *d = a * inv;
                 }
             }
+        }
+    }
+
+    /// Query head `(b, h)` with two GEMMs: scores `S = scale · Q·Kᵀ` (`q_len × kv_len`), each
+    /// row's softmax over its visible keys (mask added, others zero), `O = P·V`, rows written
+    /// as [`Ctx::write`] does. `scores` and `acc` are the thread's scratch.
+    fn head_gemm(
+        &self,
+        b: usize,
+        h: usize,
+        scores: &mut Vec<f32>,
+        acc: &mut Vec<f32>,
+        out: &OutPtr,
+    ) {
+        let s = &self.s;
+        let (sq, sk, d, dv) = (s.q_len, s.kv_len, s.head_dim, s.v_dim);
+        let kh = h / self.group;
+        let q = &self.q.data[b * self.q.strides.batch + h * self.q.strides.head..];
+        let k = &self.k.data[b * self.k.strides.batch + kh * self.k.strides.head..];
+        let v = &self.v.data[b * self.v.strides.batch + kh * self.v.strides.head..];
+        scores.resize(sq * sk, 0.0);
+        acc.resize(sq * dv, 0.0);
+        let qk = Gemm {
+            m: sq,
+            n: sk,
+            k: d,
+            a: MatLayout {
+                ld: self.q.strides.seq,
+                trans: false,
+            },
+            b: MatLayout {
+                ld: self.k.strides.seq,
+                trans: true,
+            },
+            ldc: sk,
+            alpha: self.opts.scale,
+            beta: 0.0,
+        };
+        gemm::run(&qk, q, k, scores, 1);
+        let mut stats: Vec<Option<Stats>> = Vec::with_capacity(sq);
+        for (i, row) in scores.chunks_exact_mut(sk.max(1)).enumerate().take(sq) {
+            let (lo, hi) = self.visible(i);
+            if lo >= hi {
+                row.fill(0.0);
+                stats.push(None);
+                continue;
+            }
+            if let Some(m) = &self.mask {
+                let mrow = &m.data[b * m.strides.batch + h * m.strides.head + i * m.strides.seq..];
+                for (x, &a) in row[lo..hi].iter_mut().zip(&mrow[lo..hi]) {
+                    *x += a;
+                }
+            }
+            let nan = row[lo..hi].iter().any(|x| x.is_nan());
+            let m = row[lo..hi].iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
+            let mut l = 0.0f32;
+            for x in &mut row[lo..hi] {
+                *x = exp::<false>(*x - m);
+                l += *x;
+            }
+            row[..lo].fill(0.0);
+            row[hi..].fill(0.0);
+            stats.push(Some(Stats {
+                m,
+                l,
+                nan: nan || m == f32::NEG_INFINITY,
+            }));
+        }
+        let pv = Gemm {
+            m: sq,
+            n: dv,
+            k: sk,
+            a: MatLayout {
+                ld: sk,
+                trans: false,
+            },
+            b: MatLayout {
+                ld: self.v.strides.seq,
+                trans: false,
+            },
+            ldc: dv,
+            alpha: 1.0,
+            beta: 0.0,
+        };
+        gemm::run(&pv, scores, v, acc, 1);
+        for (i, st) in stats.into_iter().enumerate() {
+            self.write(out, b, h, i, st, &acc[i * dv..(i + 1) * dv]);
         }
     }
 

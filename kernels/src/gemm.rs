@@ -135,7 +135,7 @@ impl Gemm {
 const PARALLEL_MIN_MACS: usize = 48 * 48 * 48;
 
 /// Runs `p` on `a`, `b`, `c` with up to `threads` threads (1 = the calling thread only).
-fn run(p: &Gemm, a: &[f32], b: &[f32], c: &mut [f32], threads: usize) {
+pub(crate) fn run(p: &Gemm, a: &[f32], b: &[f32], c: &mut [f32], threads: usize) {
     if p.m == 0 || p.n == 0 {
         return;
     }
