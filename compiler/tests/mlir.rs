@@ -288,6 +288,9 @@ fn matmul_matches_reference_for_every_transpose_and_batch() {
         (vec![3], vec![3], 7, 33, 5),
         (vec![2, 3], vec![1], 7, 9, 33),
         (vec![4], vec![], 65, 64, 63),
+        // Big enough (> 65536 outputs) to run in parallel row / batch blocks.
+        (vec![], vec![], 300, 257, 9),
+        (vec![8], vec![8], 100, 100, 3),
     ];
     for (ba, bb, m, n, k) in cases {
         for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {

@@ -11,7 +11,7 @@ use melior::ir::operation::{OperationBuilder, OperationLike};
 use melior::ir::r#type::{IntegerType, MemRefType};
 use melior::ir::{
     AffineExpr, AffineMap, Attribute, Block, BlockLike, Identifier, Location, Region, RegionLike,
-    Type, Value, ValueLike,
+    Type, Value,
 };
 use melior::utility::{register_all_dialects, register_all_llvm_translations, register_all_passes};
 use melior::Context;
@@ -259,8 +259,8 @@ impl<'c> Builder<'c> {
         self.named(block, "linalg.fill", &[c], &[out])
     }
 
-    /// A new f32 buffer of `shape` whose dim 0 is that of `like` when dynamic, freed by the
-    /// returned dealloc closure's caller at the end of the function.
+    /// A new f32 buffer (`memref.alloc`) of `shape`, its dim 0 that of `like` when dynamic;
+    /// the caller frees it with [`Builder::dealloc`].
     pub fn alloc<'a>(
         &self,
         block: &'a Block<'c>,
@@ -305,10 +305,5 @@ impl<'c> Builder<'c> {
                 .build()?,
         );
         Ok(())
-    }
-
-    /// The element type of a value (for checks in the lowerings).
-    pub fn is_f32(&self, v: Value<'c, '_>) -> bool {
-        v.r#type() == self.f32()
     }
 }

@@ -25,8 +25,9 @@ pub const PIPELINE: &str = "builtin.module(func.func(convert-linalg-to-loops), \
 /// LLVM's optimization level for the JIT.
 const OPT_LEVEL: i32 = 3;
 
-/// Fewest elements a parallel block of rows should hold.
-const MIN_BLOCK: usize = 1 << 14;
+/// Elements of the output a parallel block of rows should hold: 256 KiB of f32, so that the
+/// several passes of a row-wise kernel over its block stay in the L2 cache.
+const BLOCK: usize = 1 << 16;
 
 type Packed = unsafe extern "C" fn(*mut *mut c_void);
 
@@ -168,9 +169,13 @@ impl MlirKernel {
         }
         let rows = last.shape[0];
         let row = out.len() / rows;
-        let per = rows
-            .div_ceil(4 * crate::mlir::cpu::threads())
-            .max(MIN_BLOCK.div_ceil(row));
+        // Small kernels run in one call; larger ones in blocks of about BLOCK elements, at
+        // least one block per thread.
+        let per = if out.len() <= BLOCK {
+            rows
+        } else {
+            BLOCK.div_ceil(row).min(rows.div_ceil(threads())).max(1)
+        };
         // Raw pointers are not `Send`; the blocks carry addresses.
         let addrs: Vec<usize> = ptrs.iter().map(|p| *p as usize).collect();
         out.par_chunks_mut(per * row)
