@@ -89,7 +89,7 @@ fn map_rows<'c>(
 }
 
 /// Softmax (`log` false) or log-softmax over the last axis (`axis` must be it): row max, then
-/// `exp(x - max)`, its row sum, and the normalization.
+/// `exp(x - max)`, its row sum, and the normalization (by the sum's reciprocal).
 pub fn softmax<'c>(
     ctx: &'c Context,
     shape: &[usize],
@@ -140,10 +140,12 @@ pub fn softmax<'c>(
                     let s = Scalars { b, block: blk };
                     Ok(vec![s.exp(s.bin("arith.subf", a[0], a[1])?)?])
                 })?;
+                // One division per row, then a product per element.
                 let sum = row_sum(b, block, &[y], &[m.x], |_, a| Ok(a[0]))?;
+                map_rows(b, block, sum, |s, v| s.recip(v))?;
                 b.generic(block, &[sum], &[y], &[m.row, m.x], &PP, |blk, a| {
                     let s = Scalars { b, block: blk };
-                    Ok(vec![s.bin("arith.divf", a[1], a[0])?])
+                    Ok(vec![s.bin("arith.mulf", a[1], a[0])?])
                 })?;
                 b.dealloc(block, sum)?;
             }
