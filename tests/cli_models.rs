@@ -494,3 +494,26 @@ fn dump_ir_after_a_pass_parses_back() {
         &["no pass named \"bogus\"", "algebra, norm"],
     );
 }
+
+#[test]
+fn emit_mlir_prints_each_kernel_or_says_the_build_lacks_mlir() {
+    let model = fixture("llama");
+    let args = ["inspect", "--model", &model, "--emit", "mlir"];
+    if !cfg!(feature = "mlir") {
+        refused(&args, &["built without MLIR support", "--features mlir"]);
+        return;
+    }
+    let o = kiln(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(text.matches("// ==== ").count(), 2, "prefill and decode");
+    for op in ["rmsnorm", "matmul", "fused_elementwise"] {
+        assert!(
+            text.contains(&format!("// {op} [")),
+            "no {op} kernel in\n{text}"
+        );
+    }
+    assert!(text.contains("func.func @kernel") && text.contains("linalg.generic"));
+    // Kernels MLIR does not lower say why.
+    assert!(text.contains("not lowered to MLIR"), "{text}");
+}

@@ -5,12 +5,15 @@
 //! - [`cost`]: the roofline cost model and the [`Target`] table;
 //! - [`rules`]: the rewrite rule sets;
 //! - [`precision`]: precision lowering (`--precision bf16|fp16|fp8`), run after [`optimize`];
+//! - [`mlir`] (feature `mlir`): MLIR code generation through melior (CPU JIT, GPU PTX);
 //! - [`dce`]: dead-code elimination and common-subexpression elimination, the clean-up every
 //!   rewrite stage ends with.
 
 pub mod cost;
 pub mod dce;
 pub mod egraph;
+#[cfg(feature = "mlir")]
+pub mod mlir;
 pub mod pipeline;
 pub mod precision;
 pub mod rules;

@@ -80,7 +80,7 @@ fn kernels(g: &Graph) -> BTreeMap<&'static str, usize> {
 }
 
 /// The traced graphs of a model directory, named (`prefill`/`decode`, or `encoder`).
-fn traced(dir: &kiln::models::ModelDir) -> Result<Vec<(&'static str, Graph)>, CliError> {
+pub(super) fn traced(dir: &kiln::models::ModelDir) -> Result<Vec<(&'static str, Graph)>, CliError> {
     if dir.config.head == kiln::models::Head::CausalLm {
         let g = kiln::load::causal_graphs(dir).map_err(|e| CliError::Input(e.to_string()))?;
         Ok(vec![("prefill", g.prefill), ("decode", g.decode)])

@@ -3,6 +3,7 @@
 mod bench;
 mod bench_model;
 mod compile;
+mod emit;
 mod encode;
 mod error;
 mod forward;
@@ -56,6 +57,11 @@ enum Command {
         /// With --model: print the IR right after this optimizer pass (algebra, norm, ...).
         #[arg(long, requires = "model", value_name = "PASS", conflicts_with_all = ["passes", "no_optimize"])]
         dump_ir: Option<String>,
+        /// With --model: print each distinct kernel as MLIR (`mlir`; needs the `mlir` feature),
+        /// symbolic dims bound to 8.
+        #[arg(long, requires = "model", value_name = "FORMAT", value_parser = ["mlir"],
+              conflicts_with_all = ["passes", "no_optimize", "dump_ir"])]
+        emit: Option<String>,
     },
     /// One forward pass on token ids (batch 1): logits for causal LMs, last_hidden_state for encoders.
     Forward {
@@ -136,7 +142,9 @@ pub fn dispatch(cli: Cli) -> Result<(), CliError> {
             json,
             no_optimize,
             dump_ir,
+            emit,
         } => match (target.model, target.graph, dump_ir) {
+            (Some(model), _, _) if emit.is_some() => emit::emit_mlir(&model),
             (Some(model), _, Some(pass)) => inspect::dump_ir(&model, &pass),
             (Some(model), _, None) => inspect::inspect_model(&model, passes, json, !no_optimize),
             (None, Some(graph), _) => inspect::inspect(&graph),

@@ -1,0 +1,49 @@
+//! MLIR code generation through melior (feature `mlir`): kiln kernels lowered to MLIR's
+//! `linalg`/`arith`/`math`/`memref` dialects, JIT-compiled for the host CPU, or lowered through
+//! `gpu` + `nvvm` to PTX.
+//!
+//! One kernel is one graph node at concrete shapes ([`KernelSpec`]). The pieces:
+//! - [`spec`]: what a kernel is (op, operand types) and what this backend accepts;
+//! - [`build`]: melior builder helpers (types, affine maps, `linalg.generic`, constants);
+//! - [`scalar`]: a [`kiln_ir::Expr`] body (and the fixed scalar formulas) as `arith`/`math` ops;
+//! - [`lower`]: one [`kiln_ir::Op`] as a verified `func.func @kernel` on memrefs (elementwise
+//!   bodies and reductions there, [`norm`] for softmax/rmsnorm/layernorm, [`matmul`]);
+//! - [`cpu`]: the pass pipeline down to LLVM, the JIT ([`MlirKernel`]) and its cache;
+//! - [`gpu`]: the same kernels as PTX for NVIDIA GPUs.
+//!
+//! Anything this backend cannot lower is an [`MlirError::Unsupported`] carrying the reason, so a
+//! caller can fall back to its native kernel.
+
+pub mod build;
+pub mod cpu;
+pub mod gpu;
+pub mod lower;
+pub mod matmul;
+pub mod norm;
+pub mod scalar;
+pub mod spec;
+
+pub use cpu::{KernelCache, MlirKernel};
+pub use gpu::ptx;
+pub use lower::emit;
+pub use spec::KernelSpec;
+
+/// Why a kernel could not be generated or run.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MlirError {
+    /// The op, its dtypes or its shapes are outside what this backend lowers.
+    #[error("not lowered to MLIR: {0}")]
+    Unsupported(String),
+    /// The operands given to [`MlirKernel::run`] do not match the kernel.
+    #[error("bad kernel arguments: {0}")]
+    Arguments(String),
+    /// MLIR rejected what was built or a pass failed (a bug in this backend).
+    #[error("MLIR failed: {0}")]
+    Mlir(String),
+}
+
+impl From<melior::Error> for MlirError {
+    fn from(e: melior::Error) -> Self {
+        MlirError::Mlir(e.to_string())
+    }
+}

@@ -1,0 +1,263 @@
+//! Scalar code inside `linalg.generic` bodies: a fused elementwise [`Expr`] as `arith`/`math`
+//! ops on f32 (and i1 for comparisons), following each primitive op's formula in
+//! [`kiln_ir::UnaryOp::eval`] and friends.
+//!
+//! `exp` (and with it sigmoid, SiLU and softmax) is a Cephes-style polynomial built from `arith`
+//! ops only, so LLVM can vectorize it (MLIR's `math.exp` becomes a scalar `expf` call) and the
+//! GPU path needs no libdevice for it: range reduction
+//! `x = n·ln2 + r`, a degree-6 polynomial for `e^r` (about 1 ulp), and `2^n` applied as two
+//! exponent-field factors so that results in the subnormal range round once. Other
+//! transcendental functions use `math` ops, which become libm calls.
+
+use super::build::Builder;
+use super::MlirError;
+use kiln_ir::{BinaryOp, CmpOp, DType, Expr, Scalar, UnaryOp};
+use melior::dialect::arith::{self, CmpfPredicate};
+use melior::ir::{Block, BlockLike, Value};
+
+/// Emits scalar ops into one block.
+pub struct Scalars<'b, 'c, 'a> {
+    /// The builder.
+    pub b: &'b Builder<'c>,
+    /// The block receiving the ops.
+    pub block: &'a Block<'c>,
+}
+
+type V<'c, 'a> = Value<'c, 'a>;
+
+impl<'c, 'a> Scalars<'_, 'c, 'a> {
+    /// An f32 constant.
+    pub fn c(&self, v: f64) -> Result<V<'c, 'a>, MlirError> {
+        self.b.f32_const(self.block, v)
+    }
+
+    /// A same-typed binary op such as `arith.addf`.
+    pub fn bin(&self, name: &str, x: V<'c, '_>, y: V<'c, '_>) -> Result<V<'c, 'a>, MlirError> {
+        self.b.op(self.block, name, &[x, y], None, &[])
+    }
+
+    /// A unary op such as `math.sqrt`.
+    pub fn un(&self, name: &str, x: V<'c, '_>) -> Result<V<'c, 'a>, MlirError> {
+        self.b.op(self.block, name, &[x], None, &[])
+    }
+
+    /// `x + y`, `x * y`, ... with reassociation allowed (reduction accumulators, so LLVM can
+    /// vectorize the reduction loop).
+    pub fn reassoc(&self, name: &str, x: V<'c, '_>, y: V<'c, '_>) -> Result<V<'c, 'a>, MlirError> {
+        let fm = self.b.attr("#arith.fastmath<reassoc>")?;
+        self.b
+            .op(self.block, name, &[x, y], None, &[("fastmath", fm)])
+    }
+
+    /// `arith.cmpf`.
+    pub fn cmp(
+        &self,
+        p: CmpfPredicate,
+        x: V<'c, '_>,
+        y: V<'c, '_>,
+    ) -> Result<V<'c, 'a>, MlirError> {
+        Ok(self
+            .block
+            .append_operation(arith::cmpf(self.b.ctx, p, x, y, self.b.loc))
+            .result(0)?
+            .into())
+    }
+
+    /// `arith.select`.
+    pub fn select(&self, c: V<'c, '_>, x: V<'c, '_>, y: V<'c, '_>) -> Result<V<'c, 'a>, MlirError> {
+        Ok(self
+            .block
+            .append_operation(arith::select(c, x, y, self.b.loc))
+            .result(0)?
+            .into())
+    }
+
+    /// `1 / x`.
+    pub fn recip(&self, x: V<'c, '_>) -> Result<V<'c, 'a>, MlirError> {
+        let one = self.c(1.0)?;
+        self.bin("arith.divf", one, x)
+    }
+
+    /// `e^x` as a vectorizable polynomial (see the module doc).
+    pub fn exp(&self, x: V<'c, '_>) -> Result<V<'c, 'a>, MlirError> {
+        let b = self.b;
+        let lo = self.c(-103.972_077_083_991_8)?; // below: e^x rounds to 0 in f32
+        let hi = self.c(88.722_839_355_468_75)?; // above: e^x overflows f32
+        let xc = self.bin("arith.maximumf", x, lo)?;
+        let xc = self.bin("arith.minimumf", xc, hi)?;
+        let half = self.c(0.5)?;
+        let t = self.bin("arith.mulf", xc, self.c(std::f64::consts::LOG2_E)?)?;
+        let t = self.bin("arith.addf", t, half)?;
+        // n = floor(t) from arith alone (no libm/libdevice call): truncate, then step down
+        // where truncation rounded up (t < 0). |t| < 151, so i32 holds it.
+        let i32t = b.i32();
+        let tr = b.op(self.block, "arith.fptosi", &[t], Some(i32t), &[])?;
+        let tf = b.op(self.block, "arith.sitofp", &[tr], Some(b.f32()), &[])?;
+        let up = self.cmp(CmpfPredicate::Ogt, tf, t)?;
+        let one = b.int_const(self.block, i32t, 1)?;
+        let ni = self.select(up, self.bin("arith.subi", tr, one)?, tr)?;
+        let n = self.select(up, self.bin("arith.subf", tf, self.c(1.0)?)?, tf)?;
+        // r = x - n·ln2, ln2 split in two so n·C1 is exact.
+        let r = self.bin(
+            "arith.subf",
+            xc,
+            self.bin("arith.mulf", n, self.c(0.693_359_375)?)?,
+        )?;
+        let r = self.bin(
+            "arith.subf",
+            r,
+            self.bin("arith.mulf", n, self.c(-2.121_944_400_546_905_8e-4)?)?,
+        )?;
+        let mut p = self.c(1.987_569_150_0e-4)?;
+        for k in [
+            1.398_199_950_7e-3,
+            8.333_451_907_3e-3,
+            4.166_579_589_4e-2,
+            1.666_666_545_9e-1,
+            5.000_000_120_1e-1,
+        ] {
+            p = self.bin("arith.mulf", p, r)?;
+            p = self.bin("arith.addf", p, self.c(k)?)?;
+        }
+        let z = self.bin("arith.mulf", r, r)?;
+        let y = self.bin("arith.mulf", p, z)?;
+        let y = self.bin("arith.addf", y, r)?;
+        let y = self.bin("arith.addf", y, self.c(1.0)?)?;
+        // 2^n = 2^(n>>1) · 2^(n - n>>1), each a normal float built in the exponent field.
+        let n1 = self.bin("arith.shrsi", ni, one)?;
+        let n2 = self.bin("arith.subi", ni, n1)?;
+        let bias = b.int_const(self.block, i32t, 127)?;
+        let shift = b.int_const(self.block, i32t, 23)?;
+        let mut out = y;
+        for e in [n1, n2] {
+            let bits = self.bin("arith.shli", self.bin("arith.addi", e, bias)?, shift)?;
+            let scale = b.op(self.block, "arith.bitcast", &[bits], Some(b.f32()), &[])?;
+            out = self.bin("arith.mulf", out, scale)?;
+        }
+        // Exact ends: +inf above the overflow bound, NaN stays NaN (0 below comes out of the
+        // scaling already).
+        let over = self.cmp(CmpfPredicate::Ogt, x, hi)?;
+        out = self.select(over, self.c(f64::INFINITY)?, out)?;
+        let nan = self.cmp(CmpfPredicate::Uno, x, x)?;
+        self.select(nan, x, out)
+    }
+
+    /// `1 / (1 + e^-x)`.
+    fn sigmoid(&self, x: V<'c, '_>) -> Result<V<'c, 'a>, MlirError> {
+        let e = self.exp(self.un("arith.negf", x)?)?;
+        self.recip(self.bin("arith.addf", self.c(1.0)?, e)?)
+    }
+
+    /// A unary op on f32 (`not` on i1).
+    pub fn unary(&self, u: UnaryOp, x: V<'c, '_>) -> Result<V<'c, 'a>, MlirError> {
+        Ok(match u {
+            UnaryOp::Neg => self.un("arith.negf", x)?,
+            UnaryOp::Exp => self.exp(x)?,
+            UnaryOp::Log => self.un("math.log", x)?,
+            UnaryOp::Sqrt => self.un("math.sqrt", x)?,
+            UnaryOp::Rsqrt => self.recip(self.un("math.sqrt", x)?)?,
+            UnaryOp::Tanh => self.un("math.tanh", x)?,
+            UnaryOp::Erf => self.un("math.erf", x)?,
+            UnaryOp::Sigmoid => self.sigmoid(x)?,
+            UnaryOp::Relu => {
+                let neg = self.cmp(CmpfPredicate::Olt, x, self.c(0.0)?)?;
+                self.select(neg, self.c(0.0)?, x)?
+            }
+            UnaryOp::Gelu => {
+                let s = self.bin("arith.mulf", x, self.c(std::f64::consts::FRAC_1_SQRT_2)?)?;
+                let e = self.bin("arith.addf", self.c(1.0)?, self.un("math.erf", s)?)?;
+                self.bin("arith.mulf", self.bin("arith.mulf", x, self.c(0.5)?)?, e)?
+            }
+            UnaryOp::GeluTanh => {
+                let k = (2.0 / std::f64::consts::PI).sqrt();
+                let x3 = self.bin("arith.mulf", self.bin("arith.mulf", x, x)?, x)?;
+                let inner = self.bin(
+                    "arith.addf",
+                    x,
+                    self.bin("arith.mulf", x3, self.c(0.044715)?)?,
+                )?;
+                let t = self.un("math.tanh", self.bin("arith.mulf", inner, self.c(k)?)?)?;
+                let e = self.bin("arith.addf", self.c(1.0)?, t)?;
+                self.bin("arith.mulf", self.bin("arith.mulf", x, self.c(0.5)?)?, e)?
+            }
+            UnaryOp::Silu => {
+                let e = self.exp(self.un("arith.negf", x)?)?;
+                self.bin("arith.divf", x, self.bin("arith.addf", self.c(1.0)?, e)?)?
+            }
+            UnaryOp::Sin => self.un("math.sin", x)?,
+            UnaryOp::Cos => self.un("math.cos", x)?,
+            UnaryOp::Recip => self.recip(x)?,
+            UnaryOp::Abs => self.un("math.absf", x)?,
+            UnaryOp::Not => {
+                let t = self.b.int_const(self.block, self.b.i1(), 1)?;
+                self.bin("arith.xori", x, t)?
+            }
+        })
+    }
+
+    /// A binary op on f32 (`and`/`or` on i1).
+    pub fn binary(&self, op: BinaryOp, x: V<'c, '_>, y: V<'c, '_>) -> Result<V<'c, 'a>, MlirError> {
+        let name = match op {
+            BinaryOp::Add => "arith.addf",
+            BinaryOp::Sub => "arith.subf",
+            BinaryOp::Mul => "arith.mulf",
+            BinaryOp::Div => "arith.divf",
+            BinaryOp::Pow => "math.powf",
+            BinaryOp::Max => "arith.maximumf",
+            BinaryOp::Min => "arith.minimumf",
+            BinaryOp::And => "arith.andi",
+            BinaryOp::Or => "arith.ori",
+        };
+        self.bin(name, x, y)
+    }
+
+    /// A fused elementwise body over the block arguments `args` (f32 operands).
+    pub fn expr(&self, e: &Expr, args: &[V<'c, 'a>]) -> Result<V<'c, 'a>, MlirError> {
+        let bad = |what: String| MlirError::Unsupported(what);
+        Ok(match e {
+            Expr::Arg(i) => *args
+                .get(*i)
+                .ok_or_else(|| bad(format!("body refers to ${i}")))?,
+            Expr::Const(lit) => match (lit.dtype(), lit.values().first()) {
+                (DType::F32, Some(Scalar::Float(v))) => self.c(*v)?,
+                (DType::Bool, Some(Scalar::Bool(v))) => {
+                    self.b.int_const(self.block, self.b.i1(), i64::from(*v))?
+                }
+                (d, _) => return Err(bad(format!("a {d} constant in a fused body"))),
+            },
+            Expr::Unary(u, a) => self.unary(*u, self.expr(a, args)?)?,
+            Expr::Binary(op, x, y) => self.binary(*op, self.expr(x, args)?, self.expr(y, args)?)?,
+            Expr::Compare(c, x, y) => {
+                let p = match c {
+                    CmpOp::Eq => CmpfPredicate::Oeq,
+                    CmpOp::Ne => CmpfPredicate::Une,
+                    CmpOp::Lt => CmpfPredicate::Olt,
+                    CmpOp::Le => CmpfPredicate::Ole,
+                    CmpOp::Gt => CmpfPredicate::Ogt,
+                    CmpOp::Ge => CmpfPredicate::Oge,
+                };
+                self.cmp(p, self.expr(x, args)?, self.expr(y, args)?)?
+            }
+            Expr::Where(c, x, y) => self.select(
+                self.expr(c, args)?,
+                self.expr(x, args)?,
+                self.expr(y, args)?,
+            )?,
+            Expr::Cast(to, a) => {
+                let from = a
+                    .dtype(&vec![DType::F32; args.len()])
+                    .map_err(MlirError::Unsupported)?;
+                let v = self.expr(a, args)?;
+                match (from, *to) {
+                    (f, t) if f == t => v,
+                    (DType::Bool, DType::F32) => {
+                        self.b
+                            .op(self.block, "arith.uitofp", &[v], Some(self.b.f32()), &[])?
+                    }
+                    (DType::F32, DType::Bool) => self.cmp(CmpfPredicate::Une, v, self.c(0.0)?)?,
+                    (f, t) => return Err(bad(format!("cast from {f} to {t}"))),
+                }
+            }
+        })
+    }
+}

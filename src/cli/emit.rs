@@ -1,0 +1,63 @@
+//! `kiln inspect --model DIR --emit mlir`: the MLIR of every distinct kernel of a model's
+//! optimized graphs (needs the `mlir` feature; without it, an error saying so).
+
+use super::CliError;
+use std::path::Path;
+
+/// Every symbolic dim (sequence length, past length, ...) is bound to this to give kernels
+/// concrete shapes.
+#[cfg(feature = "mlir")]
+pub const SYMBOL_SIZE: i64 = 8;
+
+/// Prints each distinct kernel (op and operand shapes) once, as MLIR, or why it is not lowered.
+#[cfg(feature = "mlir")]
+pub fn emit_mlir(dir: &Path) -> Result<(), CliError> {
+    use kiln::compiler::mlir::{emit, KernelSpec};
+    use kiln::ir::{Bindings, Op};
+    let model = kiln::models::ModelDir::open(dir).map_err(|e| CliError::Input(e.to_string()))?;
+    let (names, traced): (Vec<&str>, Vec<_>) = super::inspect::traced(&model)?.into_iter().unzip();
+    let (graphs, _) = kiln::load::prepare(traced, &kiln::load::LoadOptions::default())
+        .map_err(super::forward::load_error)?;
+    for (name, g) in names.iter().zip(&graphs) {
+        let mut env = Bindings::new();
+        for n in g.nodes() {
+            for s in n.ty.shape.iter().flat_map(|d| d.symbols()) {
+                env.insert(s.to_string(), SYMBOL_SIZE);
+            }
+        }
+        println!(
+            "// ==== {name} graph of {} (symbolic dims = {SYMBOL_SIZE})",
+            dir.display()
+        );
+        let mut seen = std::collections::HashSet::new();
+        for n in g.nodes() {
+            if matches!(
+                n.op,
+                Op::Input { .. } | Op::Param { .. } | Op::Const { .. } | Op::Reshape { .. }
+            ) {
+                continue;
+            }
+            let tys: Vec<_> = n.inputs.iter().map(|v| g.ty(*v)).collect();
+            let spec = KernelSpec::from_types(&n.op, &tys, &env);
+            let key = spec.clone().map_err(|_| format!("{:?} {tys:?}", n.op));
+            if !seen.insert(key) {
+                continue;
+            }
+            match spec.and_then(|s| emit(&s).map(|m| (s, m))) {
+                Ok((s, m)) => println!("// {} {:?}\n{m}", n.op.name(), s.inputs),
+                Err(e) => println!("// {}: {e}", n.op.name()),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Without the `mlir` feature: the error saying so.
+#[cfg(not(feature = "mlir"))]
+pub fn emit_mlir(_dir: &Path) -> Result<(), CliError> {
+    Err(CliError::Input(
+        "--emit mlir: this kiln was built without MLIR support (rebuild with `--features mlir`, \
+         see DEVELOPERS.md)"
+            .into(),
+    ))
+}
