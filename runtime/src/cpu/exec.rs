@@ -24,6 +24,8 @@ pub struct CpuGraph {
     graph: Graph,
     plan: Plan,
     slots: SlotPlan,
+    /// Per node: the last node reading it (see [`reference::last_uses`]).
+    last_use: Vec<usize>,
     weights: Arc<Weights>,
     buffers: Mutex<Vec<Vec<f32>>>,
     /// With `KILN_PROFILE` set: seconds and calls per kind of step, over all runs.
@@ -59,6 +61,7 @@ impl CpuGraph {
             .map(|(graph, plan)| {
                 let slots = SlotPlan::new(&graph, &plan);
                 CpuGraph {
+                    last_use: reference::last_uses(&graph),
                     buffers: Mutex::new(vec![Vec::new(); slots.count]),
                     profile: std::env::var_os("KILN_PROFILE").map(|_| Mutex::default()),
                     graph,
@@ -157,7 +160,6 @@ impl CpuGraph {
         for s in &sources {
             vals[s.id.index()] = Val::Ext(s.tensor, s.tensor.shape().to_vec());
         }
-        let last_use = reference::last_uses(&self.graph);
         for (id, node) in self.graph.iter() {
             let i = id.index();
             let step = &self.plan.steps[i];
@@ -174,7 +176,7 @@ impl CpuGraph {
                 }
             }
             for v in node.inputs.iter().chain([&id]) {
-                if last_use[v.index()] == i && !matches!(vals[v.index()], Val::Buf(..)) {
+                if self.last_use[v.index()] == i && !matches!(vals[v.index()], Val::Buf(..)) {
                     vals[v.index()] = Val::Empty;
                 }
             }
