@@ -2,6 +2,7 @@
 //! order with values in reusable f32 buffers, and returns the graph's outputs as tensors.
 
 use super::layout::Layout;
+use super::moe::moe_f32;
 use super::plan::{self, Plan, Step};
 use super::slots::SlotPlan;
 use super::weights::Weights;
@@ -450,6 +451,22 @@ impl CpuGraph {
                 };
                 return attention((*scale, *causal, *window), [q, k, v], mask, shape, out)
                     .map_err(kerr);
+            }
+            Step::Moe { top_k } => {
+                let (Some((x, xs)), Some((gate, _))) = (f32s(0), f32s(1)) else {
+                    return Ok(false);
+                };
+                let mut experts = Vec::with_capacity(node.inputs.len() / 3);
+                for e in 0..(node.inputs.len().saturating_sub(2)) / 3 {
+                    let (Some((w1, _)), Some((w3, _)), Some((w2, _))) =
+                        (f32s(2 + 3 * e), f32s(3 + 3 * e), f32s(4 + 3 * e))
+                    else {
+                        return Ok(false);
+                    };
+                    experts.push([w1, w3, w2]);
+                }
+                let h = xs.last().copied().unwrap_or(0);
+                moe_f32(*top_k, h, x, gate, &experts, out).map_err(kerr)?;
             }
             Step::Source | Step::Skip | Step::Alias | Step::View | Step::Reference => {
                 return Ok(false)

@@ -19,6 +19,7 @@
 
 mod exec;
 mod layout;
+mod moe;
 mod plan;
 mod slots;
 mod weights;

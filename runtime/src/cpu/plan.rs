@@ -74,6 +74,11 @@ pub enum Step {
     },
     /// Embedding lookup: rows of a 2-D f32 table by integer ids.
     Embedding,
+    /// Mixture of experts: tokens routed, each expert run on its own tokens.
+    Moe {
+        /// Experts per token.
+        top_k: usize,
+    },
     /// The reference executor's op on this node alone.
     Reference,
 }
@@ -115,6 +120,7 @@ impl Step {
             Step::RmsNorm { .. } => "rmsnorm".into(),
             Step::Softmax => "softmax".into(),
             Step::Embedding => "embedding".into(),
+            Step::Moe { .. } => "moe".into(),
             Step::Reference => "reference".into(),
         }
     }
@@ -229,6 +235,7 @@ fn select(graph: &Graph, node: &Node) -> Step {
             window: *window,
         },
         Op::FusedElementwise { body } if dtype.is_float() => fused(graph, node, body),
+        Op::Moe { top_k } if dtype == DType::F32 => Step::Moe { top_k: *top_k },
         Op::Unary(_) | Op::Binary(_) | Op::Compare(_) | Op::Where if dtype.is_float() => {
             let args = (0..node.inputs.len()).map(Expr::Arg).collect();
             match Expr::from_op(&node.op, args) {
