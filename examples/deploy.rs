@@ -8,25 +8,32 @@
 //! ```
 
 use kiln_runtime::deploy::{DeployError, Model};
+use std::io::Write;
 use std::path::Path;
 use std::process::ExitCode;
 
-fn run(path: &Path, texts: &[String]) -> Result<(), DeployError> {
+/// Opens the artifact at `path` and continues (causal LM) or embeds (encoder) each text,
+/// writing the results to `out`.
+pub fn run(path: &Path, texts: &[String], out: &mut dyn Write) -> Result<(), DeployError> {
     match Model::open(path)? {
         Model::Causal(mut lm) => {
             let mut cfg = lm.generation_config()?;
             cfg.do_sample = false;
             cfg.max_new_tokens = Some(20);
             for prompt in texts {
-                let out = lm.generate(prompt, &cfg, 0)?;
-                println!("{prompt}{}", out.text);
-                println!("generated ids: {:?}", out.ids);
+                let g = lm.generate(prompt, &cfg, 0)?;
+                let _ = writeln!(out, "{prompt}{}\ngenerated ids: {:?}", g.text, g.ids);
             }
         }
         Model::Encoder(enc) => {
             for (text, e) in texts.iter().zip(enc.embed(texts)?) {
                 let head: Vec<String> = e.iter().take(4).map(|x| format!("{x:.4}")).collect();
-                println!("{text:?}: [{}, ...] ({} dims)", head.join(", "), e.len());
+                let _ = writeln!(
+                    out,
+                    "{text:?}: [{}, ...] ({} dims)",
+                    head.join(", "),
+                    e.len()
+                );
             }
         }
     }
@@ -39,7 +46,7 @@ fn main() -> ExitCode {
         eprintln!("usage: deploy MODEL.kiln TEXT...");
         return ExitCode::from(2);
     };
-    match run(Path::new(path), texts) {
+    match run(Path::new(path), texts, &mut std::io::stdout()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("deploy: {e}");

@@ -8,6 +8,9 @@
 //! `(ulimit -v 4194304; cargo test --test artifact artifact_fuzz -- --ignored --nocapture)`
 
 mod common;
+#[allow(dead_code)] // its `main` is for `cargo run --example deploy`
+#[path = "../examples/deploy.rs"]
+mod deploy;
 
 use common::{fixture, ids, kiln, reference, reference_json, refused};
 use kiln::compile::{compile, CompileOptions};
@@ -46,9 +49,10 @@ fn compiled(name: &str, precision: Precision) -> Vec<u8> {
     compile(&fixture(name), &opts).unwrap().0
 }
 
-/// Compiles the fixture into a temporary file and returns its path.
-fn compiled_file(name: &str, precision: Precision) -> PathBuf {
-    let path = temp(&format!("{name}-{}.kiln", precision.name()));
+/// Compiles the fixture into a temporary file (named after the test `tag`, since tests run
+/// concurrently) and returns its path.
+fn compiled_file(name: &str, precision: Precision, tag: &str) -> PathBuf {
+    let path = temp(&format!("{tag}-{name}-{}.kiln", precision.name()));
     std::fs::write(&path, compiled(name, precision)).unwrap();
     path
 }
@@ -71,7 +75,7 @@ fn cosine(a: &[f32], b: &[f32]) -> f64 {
 fn causal_artifacts_match_transformers() {
     for name in CAUSAL {
         let (r, tensors) = reference(name);
-        let path = compiled_file(name, Precision::F32);
+        let path = compiled_file(name, Precision::F32, "causal");
         let Model::Causal(mut m) = Model::open(&path).unwrap() else {
             panic!("{name}: not a causal LM")
         };
@@ -105,7 +109,7 @@ fn causal_artifacts_match_transformers() {
 fn encoder_artifacts_match_transformers() {
     for name in ["bert", "distilbert"] {
         let (r, tensors) = reference(name);
-        let path = compiled_file(name, Precision::F32);
+        let path = compiled_file(name, Precision::F32, "encoder");
         let Model::Encoder(m) = Model::open(&path).unwrap() else {
             panic!("{name}: not an encoder")
         };
@@ -128,7 +132,7 @@ fn encoder_artifacts_match_transformers() {
     }
     for name in ["bert_cls", "distilbert_cls"] {
         let r = reference_json(name);
-        let path = compiled_file(name, Precision::F32);
+        let path = compiled_file(name, Precision::F32, "encoder");
         let enc = load::encoder(&path).unwrap().model;
         let texts: Vec<&str> = r["texts"]
             .as_array()
@@ -169,7 +173,7 @@ fn artifacts_run_exactly_as_the_directory_does() {
         ("mixtral", Precision::Fp8),
         ("gpt2", Precision::F32),
     ] {
-        let path = compiled_file(name, precision);
+        let path = compiled_file(name, precision, "exact");
         let opts = LoadOptions {
             precision,
             ..Default::default()
@@ -634,44 +638,32 @@ fn artifact_loading_needs_only_the_runtime() {
     }
 }
 
-/// `examples/deploy.rs` (which `cargo test` builds beside the tests) generates from an
-/// artifact what transformers generates, and refuses a bad file.
+/// `examples/deploy.rs`, compiled into this test, generates from an artifact what
+/// transformers generates, and refuses a bad file.
 #[test]
 fn the_deploy_example_runs() {
-    let exe = std::env::current_exe().unwrap();
-    let example = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .map(|dir| {
-            dir.join("examples")
-                .join(format!("deploy{}", std::env::consts::EXE_SUFFIX))
-        })
-        .unwrap();
-    assert!(
-        example.is_file(),
-        "{} not built (run the tests with cargo test)",
-        example.display()
-    );
     let r = reference_json("llama");
-    let path = compiled_file("llama", Precision::F32);
-    let o = std::process::Command::new(&example)
-        .args([path.to_str().unwrap(), r["prompt"].as_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let path = compiled_file("llama", Precision::F32, "deploy");
+    let mut out = Vec::new();
+    let prompt = r["prompt"].as_str().unwrap().to_string();
+    deploy::run(&path, &[prompt], &mut out).unwrap();
     let want: Vec<String> = ids(&r["greedy_ids"])[..20]
         .iter()
         .map(u32::to_string)
         .collect();
-    let out = String::from_utf8_lossy(&o.stdout);
+    let out = String::from_utf8(out).unwrap();
     assert!(
         out.contains(&format!("generated ids: [{}]", want.join(", "))),
         "{out}"
     );
-    let o = std::process::Command::new(&example)
-        .args([fixture("llama").join("config.json").to_str().unwrap(), "x"])
-        .output()
-        .unwrap();
-    assert_eq!(o.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("not a kiln artifact"));
+    let e = deploy::run(
+        &fixture("llama").join("config.json"),
+        &["x".into()],
+        &mut Vec::new(),
+    )
+    .unwrap_err();
+    assert!(
+        e.is_input() && e.to_string().contains("not a kiln artifact"),
+        "{e}"
+    );
 }

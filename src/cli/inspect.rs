@@ -127,11 +127,11 @@ precision: {}",
     println!("sections:");
     for (i, s) in art.sections.iter().enumerate() {
         println!(
-            "  {i:>2} {:<18} offset {:>12} length {:>12} crc32 {:08x}",
+            "  {i:>2} {:<18} offset {:>12} length {:>12} xxh64 {:016x}",
             s.kind.name(),
             s.offset,
             s.len,
-            s.crc
+            s.hash
         );
     }
     let mut by_dtype: BTreeMap<&str, (usize, u64)> = BTreeMap::new();

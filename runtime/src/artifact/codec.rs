@@ -2,7 +2,7 @@
 //! straight from the file into each tensor's storage through one small buffer, feeding the
 //! section's running checksum, so loading needs no second copy of the weights.
 
-use super::crc::Crc32;
+use super::checksum::Hasher;
 use crate::{Storage, Tensor};
 use half::{bf16, f16};
 use kiln_ir::DType;
@@ -68,33 +68,33 @@ pub enum ReadError {
     Invalid(String),
 }
 
-/// Reads exactly `buf.len()` bytes into `buf`, feeding `crc`.
-pub fn read_into<R: Read>(r: &mut R, buf: &mut [u8], crc: &mut Crc32) -> Result<(), ReadError> {
+/// Reads exactly `buf.len()` bytes into `buf`, feeding the section's `hash`.
+pub fn read_into<R: Read>(r: &mut R, buf: &mut [u8], hash: &mut Hasher) -> Result<(), ReadError> {
     r.read_exact(buf).map_err(ReadError::Io)?;
-    crc.update(buf);
+    hash.update(buf);
     Ok(())
 }
 
 fn read_elems<T: Elem, R: Read>(
     r: &mut R,
     n: usize,
-    crc: &mut Crc32,
+    hash: &mut Hasher,
     buf: &mut [u8],
 ) -> Result<Vec<T>, ReadError> {
     let mut v = Vec::with_capacity(n);
     let mut left = n * T::N;
     while left > 0 {
         let take = left.min(buf.len() / T::N * T::N);
-        read_into(r, &mut buf[..take], crc)?;
+        read_into(r, &mut buf[..take], hash)?;
         v.extend(buf[..take].chunks_exact(T::N).map(T::from_le));
         left -= take;
     }
     Ok(v)
 }
 
-fn read_bytes<R: Read>(r: &mut R, n: usize, crc: &mut Crc32) -> Result<Vec<u8>, ReadError> {
+fn read_bytes<R: Read>(r: &mut R, n: usize, hash: &mut Hasher) -> Result<Vec<u8>, ReadError> {
     let mut v = vec![0u8; n];
-    read_into(r, &mut v, crc)?;
+    read_into(r, &mut v, hash)?;
     Ok(v)
 }
 
@@ -105,20 +105,20 @@ pub fn read_tensor<R: Read>(
     dtype: DType,
     shape: Vec<usize>,
     numel: usize,
-    crc: &mut Crc32,
+    hash: &mut Hasher,
     buf: &mut [u8],
 ) -> Result<Tensor, ReadError> {
     let storage = match dtype {
-        DType::F32 => Storage::F32(read_elems(r, numel, crc, buf)?),
-        DType::F16 => Storage::F16(read_elems(r, numel, crc, buf)?),
-        DType::BF16 => Storage::BF16(read_elems(r, numel, crc, buf)?),
-        DType::I64 => Storage::I64(read_elems(r, numel, crc, buf)?),
-        DType::I32 => Storage::I32(read_elems(r, numel, crc, buf)?),
-        DType::F8E4M3 => Storage::F8E4M3(read_bytes(r, numel, crc)?),
-        DType::F8E5M2 => Storage::F8E5M2(read_bytes(r, numel, crc)?),
-        DType::U8 => Storage::U8(read_bytes(r, numel, crc)?),
+        DType::F32 => Storage::F32(read_elems(r, numel, hash, buf)?),
+        DType::F16 => Storage::F16(read_elems(r, numel, hash, buf)?),
+        DType::BF16 => Storage::BF16(read_elems(r, numel, hash, buf)?),
+        DType::I64 => Storage::I64(read_elems(r, numel, hash, buf)?),
+        DType::I32 => Storage::I32(read_elems(r, numel, hash, buf)?),
+        DType::F8E4M3 => Storage::F8E4M3(read_bytes(r, numel, hash)?),
+        DType::F8E5M2 => Storage::F8E5M2(read_bytes(r, numel, hash)?),
+        DType::U8 => Storage::U8(read_bytes(r, numel, hash)?),
         DType::Bool => {
-            let bytes = read_bytes(r, numel, crc)?;
+            let bytes = read_bytes(r, numel, hash)?;
             if let Some(b) = bytes.iter().find(|&&b| b > 1) {
                 return Err(ReadError::Invalid(format!(
                     "bool element {b} is not 0 or 1"
@@ -149,31 +149,31 @@ mod tests {
             let mut bytes = Vec::new();
             append(&t, &mut bytes);
             assert_eq!(bytes.len(), t.storage().len() * t.dtype().size_bytes());
-            let mut crc = Crc32::new();
+            let mut hash = Hasher::new();
             let mut buf = vec![0u8; 8];
             let back = read_tensor(
                 &mut bytes.as_slice(),
                 t.dtype(),
                 t.shape().to_vec(),
                 t.storage().len(),
-                &mut crc,
+                &mut hash,
                 &mut buf,
             )
             .unwrap();
             assert_eq!(back, t);
-            assert_eq!(crc.finish(), super::super::crc::crc32(&bytes));
+            assert_eq!(hash.finish(), super::super::checksum::xxh64(&bytes));
         }
     }
 
     #[test]
     fn bool_bytes_other_than_0_and_1_are_refused() {
-        let mut crc = Crc32::new();
+        let mut hash = Hasher::new();
         let e = read_tensor(
             &mut &[0u8, 2][..],
             DType::Bool,
             vec![2],
             2,
-            &mut crc,
+            &mut hash,
             &mut [0; 8],
         );
         assert!(matches!(e, Err(ReadError::Invalid(m)) if m.contains("not 0 or 1")));

@@ -60,7 +60,7 @@ pub enum ArtifactError {
         what: &'static str,
     },
     /// A section's bytes do not match their checksum.
-    #[error("{origin}: section {index} ({kind}) is corrupt: CRC-32 {actual:08x}, expected {expected:08x}")]
+    #[error("{origin}: section {index} ({kind}) is corrupt: checksum {actual:016x}, expected {expected:016x}")]
     Checksum {
         /// The file.
         origin: String,
@@ -69,9 +69,9 @@ pub enum ArtifactError {
         /// Its kind.
         kind: &'static str,
         /// The stored checksum.
-        expected: u32,
+        expected: u64,
         /// The checksum of the bytes read.
-        actual: u32,
+        actual: u64,
     },
     /// A size or offset in the file is impossible (past the end of the file, overflowing,
     /// overlapping, too many sections).

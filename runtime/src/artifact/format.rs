@@ -6,11 +6,11 @@
 //!       8..12   format version (u32)
 //!      12..16   number of sections (u32, at most MAX_SECTIONS)
 //!      16..24   length of the whole file (u64)
-//!      24..28   CRC-32 of the section table
-//!      28..32   CRC-32 of bytes 0..28
-//!      32..64   zero
+//!      24..32   XXH64 of the section table
+//!      32..40   XXH64 of bytes 0..32
+//!      40..64   zero
 //! 64  section table: one 32-byte entry per section
-//!       kind (u32), 0 (u32), offset (u64), length (u64), CRC-32 of the bytes (u32), 0 (u32)
+//!       kind (u32), 0 (u32), offset (u64), length (u64), XXH64 of the bytes (u64)
 //!     sections, in table order, each at a multiple of 64 bytes, zero padding between
 //! ```
 //!
@@ -102,8 +102,8 @@ pub struct Section {
     pub offset: u64,
     /// Its length in bytes.
     pub len: u64,
-    /// CRC-32 of its bytes.
-    pub crc: u32,
+    /// XXH64 of its bytes.
+    pub hash: u64,
 }
 
 /// The artifact's description of itself and of its model.

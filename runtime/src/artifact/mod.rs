@@ -6,12 +6,12 @@
 //! - [`write`]: the writer ([`write::to_bytes`]), deterministic byte for byte;
 //! - [`read`]: the checking reader ([`Artifact::open`]), which refuses a bad file with an
 //!   [`ArtifactError`] and never panics;
-//! - [`crc`]: the per-section checksum; `codec`: tensors to and from little-endian bytes.
+//! - [`checksum`]: the per-section checksum (XXH64); `codec`: tensors to and from little-endian bytes.
 //!
 //! [`crate::deploy::Model::open`] turns an artifact into a model ready to generate or embed.
 
+pub mod checksum;
 mod codec;
-pub mod crc;
 mod error;
 pub mod format;
 pub mod read;
@@ -47,11 +47,11 @@ pub fn reseal(bytes: &mut [u8]) {
         else {
             continue;
         };
-        let c = crc::crc32(&bytes[off as usize..end as usize]);
-        bytes[e + 24..e + 28].copy_from_slice(&c.to_le_bytes());
+        let c = checksum::xxh64(&bytes[off as usize..end as usize]);
+        bytes[e + 24..e + 32].copy_from_slice(&c.to_le_bytes());
     }
-    let t = crc::crc32(&bytes[HEADER_LEN..table_end]);
-    bytes[24..28].copy_from_slice(&t.to_le_bytes());
-    let h = crc::crc32(&bytes[..28]);
-    bytes[28..32].copy_from_slice(&h.to_le_bytes());
+    let t = checksum::xxh64(&bytes[HEADER_LEN..table_end]);
+    bytes[24..32].copy_from_slice(&t.to_le_bytes());
+    let h = checksum::xxh64(&bytes[..32]);
+    bytes[32..40].copy_from_slice(&h.to_le_bytes());
 }

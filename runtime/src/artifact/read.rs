@@ -4,8 +4,8 @@
 //! verified), the weight index against its bytes and against the graphs' parameters, and the
 //! target. Nothing is allocated beyond what the file's own length justifies.
 
+use super::checksum::{xxh64, Hasher};
 use super::codec::{self, ReadError, CHUNK};
-use super::crc::{crc32, Crc32};
 use super::format::{
     graph_names, Manifest, Section, SectionKind, WeightEntry, ALIGN, ENTRY_LEN, FORMAT_VERSION,
     HEADER_LEN, HOST_TARGET, MAGIC, MAX_SECTIONS,
@@ -109,7 +109,7 @@ impl<R: Read + Seek> Reader<'_, R> {
                 supported: FORMAT_VERSION,
             });
         }
-        if crc32(&head[..28]) != u32_at(&head, 28) || head[32..].iter().any(|&b| b != 0) {
+        if xxh64(&head[..32]) != u64_at(&head, 32) || head[40..].iter().any(|&b| b != 0) {
             return Err(ArtifactError::HeaderChecksum {
                 origin,
                 what: "header",
@@ -146,7 +146,7 @@ impl<R: Read + Seek> Reader<'_, R> {
         }
         let mut raw = vec![0u8; ENTRY_LEN * count as usize];
         self.read_at(HEADER_LEN as u64, &mut raw)?;
-        if crc32(&raw) != u32_at(&head, 24) {
+        if xxh64(&raw) != u64_at(&head, 24) {
             return Err(ArtifactError::HeaderChecksum {
                 origin,
                 what: "section table",
@@ -158,7 +158,7 @@ impl<R: Read + Seek> Reader<'_, R> {
             let code = u32_at(e, 0);
             let kind = SectionKind::from_code(code)
                 .ok_or_else(|| self.malformed(format!("section {i} has unknown kind {code}")))?;
-            if u32_at(e, 4) != 0 || u32_at(e, 28) != 0 {
+            if u32_at(e, 4) != 0 {
                 return Err(self.malformed(format!("section {i}: reserved fields are not zero")));
             }
             let (offset, len) = (u64_at(e, 8), u64_at(e, 16));
@@ -186,7 +186,7 @@ impl<R: Read + Seek> Reader<'_, R> {
                 kind,
                 offset,
                 len,
-                crc: u32_at(e, 24),
+                hash: u64_at(e, 24),
             });
         }
         Ok(sections)
@@ -198,13 +198,13 @@ impl<R: Read + Seek> Reader<'_, R> {
         let len = usize::try_from(s.len).map_err(|_| self.bounds("section too large"))?;
         let mut bytes = vec![0u8; len];
         self.read_at(s.offset, &mut bytes)?;
-        let actual = crc32(&bytes);
-        if actual != s.crc {
+        let actual = xxh64(&bytes);
+        if actual != s.hash {
             return Err(ArtifactError::Checksum {
                 origin: self.origin.to_string(),
                 index,
                 kind: s.kind.name(),
-                expected: s.crc,
+                expected: s.hash,
                 actual,
             });
         }
@@ -266,12 +266,12 @@ impl<R: Read + Seek> Reader<'_, R> {
         self.r
             .seek(SeekFrom::Start(s.offset))
             .map_err(|e| self.io(e))?;
-        let mut crc = Crc32::new();
+        let mut hash = Hasher::new();
         let mut buf = vec![0u8; CHUNK];
         let mut pos = 0u64;
         let mut params = Params::with_capacity(index.len());
         for w in index {
-            self.skip(w.offset - pos, &mut crc, &mut buf)?;
+            self.skip(w.offset - pos, &mut hash, &mut buf)?;
             let dtype: DType = w.dtype.parse().map_err(|_| self.malformed("dtype"))?;
             let numel = w.shape.iter().product();
             let t = codec::read_tensor(
@@ -279,7 +279,7 @@ impl<R: Read + Seek> Reader<'_, R> {
                 dtype,
                 w.shape.clone(),
                 numel,
-                &mut crc,
+                &mut hash,
                 &mut buf,
             )
             .map_err(|e| match e {
@@ -289,14 +289,14 @@ impl<R: Read + Seek> Reader<'_, R> {
             params.insert(w.name.clone(), t);
             pos = w.offset + w.len;
         }
-        self.skip(s.len - pos, &mut crc, &mut buf)?;
-        let actual = crc.finish();
-        if actual != s.crc {
+        self.skip(s.len - pos, &mut hash, &mut buf)?;
+        let actual = hash.finish();
+        if actual != s.hash {
             return Err(ArtifactError::Checksum {
                 origin: self.origin.to_string(),
                 index: index_no,
                 kind: s.kind.name(),
-                expected: s.crc,
+                expected: s.hash,
                 actual,
             });
         }
@@ -304,10 +304,10 @@ impl<R: Read + Seek> Reader<'_, R> {
     }
 
     /// Reads and checksums `n` padding bytes.
-    fn skip(&mut self, mut n: u64, crc: &mut Crc32, buf: &mut [u8]) -> Result<(), ArtifactError> {
+    fn skip(&mut self, mut n: u64, hash: &mut Hasher, buf: &mut [u8]) -> Result<(), ArtifactError> {
         while n > 0 {
             let take = n.min(buf.len() as u64) as usize;
-            codec::read_into(&mut self.r, &mut buf[..take], crc).map_err(|e| match e {
+            codec::read_into(&mut self.r, &mut buf[..take], hash).map_err(|e| match e {
                 ReadError::Io(e) => self.io(e),
                 ReadError::Invalid(m) => self.malformed(m),
             })?;

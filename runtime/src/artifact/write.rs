@@ -1,8 +1,8 @@
 //! Writing an artifact: the sections laid out as [`format`](super::format) describes, in a
 //! fixed order and with sorted weights, so the same inputs always give the same bytes.
 
+use super::checksum::xxh64;
 use super::codec;
-use super::crc::crc32;
 use super::format::{
     align_up, Manifest, Section, SectionKind, WeightEntry, ALIGN, ENTRY_LEN, FORMAT_VERSION,
     HEADER_LEN, MAGIC,
@@ -69,7 +69,7 @@ pub fn assemble(sections: &[(SectionKind, Vec<u8>)]) -> Vec<u8> {
             kind: *kind,
             offset,
             len: bytes.len() as u64,
-            crc: crc32(bytes),
+            hash: xxh64(bytes),
         });
         offset = align_up(offset + bytes.len() as u64).unwrap_or(offset);
     }
@@ -95,8 +95,7 @@ pub fn table_bytes(table: &[Section]) -> Vec<u8> {
         out.extend_from_slice(&0u32.to_le_bytes());
         out.extend_from_slice(&s.offset.to_le_bytes());
         out.extend_from_slice(&s.len.to_le_bytes());
-        out.extend_from_slice(&s.crc.to_le_bytes());
-        out.extend_from_slice(&0u32.to_le_bytes());
+        out.extend_from_slice(&s.hash.to_le_bytes());
     }
     out
 }
@@ -108,9 +107,9 @@ pub fn header(count: u32, file_len: u64, table: &[Section]) -> [u8; HEADER_LEN] 
     h[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
     h[12..16].copy_from_slice(&count.to_le_bytes());
     h[16..24].copy_from_slice(&file_len.to_le_bytes());
-    h[24..28].copy_from_slice(&crc32(&table_bytes(table)).to_le_bytes());
-    let own = crc32(&h[0..28]);
-    h[28..32].copy_from_slice(&own.to_le_bytes());
+    h[24..32].copy_from_slice(&xxh64(&table_bytes(table)).to_le_bytes());
+    let own = xxh64(&h[0..32]);
+    h[32..40].copy_from_slice(&own.to_le_bytes());
     h
 }
 
