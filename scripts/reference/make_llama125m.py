@@ -18,7 +18,8 @@ defaulting to ``~/.cache/kiln``; never inside the repository) holding:
   so the same directory converts to GGUF, and what ``kiln generate`` reads.
 
 The weights are random: the checkpoint is for throughput only, its text is gibberish.
-Deterministic for a given torch/transformers/tokenizers build (fixed seeds, one thread).
+Seeded (corpus and weights; torch on one thread), so meant to be reproducible
+for a given torch/transformers/tokenizers build; a second run was not compared byte-for-byte.
 
     /work/ref-venv/bin/python scripts/reference/make_llama125m.py [--out DIR]
 
