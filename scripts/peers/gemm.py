@@ -12,21 +12,8 @@ runs, printed as GFLOP/s (2 N^3 flops per product).
 import argparse
 import json
 import os
-import statistics
-import time
 
-THREADS = 2
-
-
-def median_secs(f, runs):
-    f()
-    f()
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        f()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+from common import THREADS, median_secs
 
 
 def torch_rates(n, runs):
