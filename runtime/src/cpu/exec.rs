@@ -8,7 +8,7 @@ use super::slots::SlotPlan;
 use super::weights::Weights;
 use crate::reference::{self, bind, Ctx, ExecError, ParamSource};
 use crate::{Storage, Tensor};
-use kiln_ir::{f8, verify, Bindings, DType, Graph, Node, Op, ValueId};
+use kiln_ir::{verify, Bindings, DType, Graph, Node, Op, ValueId};
 use kiln_kernels::attention::{attention_f32, AttnOptions, AttnShape, MaskView, Strides4, View};
 use kiln_kernels::gemm::{matmul_f32, matmul_f32_batched, BatchStrides, Gemm};
 use kiln_kernels::layout::copy_strided;
@@ -291,12 +291,6 @@ impl CpuGraph {
         };
         let kerr = |e: KernelError| ctx.mismatch(e.to_string());
         match step {
-            Step::Round(to) => {
-                let Some((x, _)) = f32s(0) else {
-                    return Ok(false);
-                };
-                round_into(*to, x, out);
-            }
             Step::Linear { weight, transposed } => {
                 let Some((x, xs)) = f32s(0) else {
                     return Ok(false);
@@ -560,20 +554,6 @@ fn to_tensor<'v>(v: &'v Val<'_>, dtype: DType, bufs: &[Vec<f32>]) -> Option<Cow<
                 t.cast(dtype)
             }))
         }
-    }
-}
-
-/// Rounds f32 values to `to` (a float dtype), keeping them widened.
-fn round_into(to: DType, x: &[f32], out: &mut [f32]) {
-    let round: fn(f32) -> f32 = match to {
-        DType::BF16 => |v| half::bf16::from_f32(v).to_f32(),
-        DType::F16 => |v| half::f16::from_f32(v).to_f32(),
-        DType::F8E4M3 => |v| f8::f8e4m3_to_f32(f8::f32_to_f8e4m3(v)),
-        DType::F8E5M2 => |v| f8::f8e5m2_to_f32(f8::f32_to_f8e5m2(v)),
-        _ => |v| v,
-    };
-    for (o, &v) in out.iter_mut().zip(x) {
-        *o = round(v);
     }
 }
 

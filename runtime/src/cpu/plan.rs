@@ -31,8 +31,6 @@ pub enum Step {
     Copy,
     /// `concat`: each operand copied into its place.
     Concat,
-    /// Rounds operand 0 to a narrower float dtype (stored widened).
-    Round(DType),
     /// An elementwise body (a `fused_elementwise` op, or one primitive elementwise op) compiled
     /// once into a register program over strided, broadcast operands.
     Fused(Arc<Program>),
@@ -111,7 +109,6 @@ impl Step {
             Step::View => "view".into(),
             Step::Copy => "copy".into(),
             Step::Concat => "concat".into(),
-            Step::Round(d) => format!("round {d}"),
             Step::Fused(_) => "fused".into(),
             Step::LayerNorm { .. } => "layernorm".into(),
             Step::Attention { .. } => "attention".into(),
@@ -248,7 +245,8 @@ fn select(graph: &Graph, node: &Node) -> Step {
                 if *to == DType::F32 {
                     Step::Alias
                 } else {
-                    Step::Round(*to)
+                    // Rounding to a narrower float: a one-node program (vectorized, strided).
+                    fused(graph, node, &Expr::Cast(*to, Box::new(Expr::Arg(0))))
                 }
             }
             _ => Step::Reference,
