@@ -688,3 +688,39 @@ fn attention(
     attention_f32(&dims, &opts, qv, kv, vv, mask, out, out_strides)?;
     Ok(true)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reference::NoParams;
+    use kiln_ir::trace::Tracer;
+    use kiln_ir::{Dim, UnaryOp};
+
+    /// A run whose memory plan exceeds the machine's memory is refused before any buffer grows,
+    /// with the plan's estimate in the message.
+    #[test]
+    fn refuses_a_run_larger_than_memory() {
+        let t = Tracer::new();
+        let x = t.input("x", DType::F32, [1i64]);
+        // 2^40 elements: 4 TiB of f32, more than any machine this runs on.
+        let big = x.expand(&[Dim::fixed(1 << 40)]).unwrap();
+        let y = t.apply(Op::Unary(UnaryOp::Exp), &[&big]).unwrap();
+        t.output("y", &y);
+        let g = t.finish().unwrap();
+        let plan = CpuGraph::compile(vec![g], &NoParams)
+            .unwrap()
+            .pop()
+            .unwrap();
+        let inputs = HashMap::from([(
+            "x".to_string(),
+            Tensor::from_f32(vec![1], vec![0.5]).unwrap(),
+        )]);
+        let err = plan.run(&inputs, &NoParams).unwrap_err();
+        let ExecError::OutOfMemory { needed, .. } = &err else {
+            panic!("expected OutOfMemory, got {err}");
+        };
+        // The exp result, plus the expand's copy (an input is not viewed in place).
+        assert_eq!(*needed, 8usize << 40);
+        assert!(err.to_string().contains("memory plan"), "{err}");
+    }
+}
