@@ -13,11 +13,11 @@ use kiln_ir::DType;
 use kiln_kernels::gemm_bf16::PackedBf16;
 use std::collections::HashMap;
 
-/// Prepared weights of one or more plans over the same parameters, by parameter name and
-/// storage orientation.
+/// Prepared weights of one or more plans over the same parameters, by parameter name, then
+/// storage orientation (`[transposed as usize]`).
 #[derive(Debug, Default)]
 pub struct Weights {
-    packed: HashMap<(String, bool), PackedBf16>,
+    packed: HashMap<String, [Option<PackedBf16>; 2]>,
 }
 
 impl Weights {
@@ -25,23 +25,22 @@ impl Weights {
     /// steps read it). A weight that is missing or cannot be packed is left out; the step then
     /// finds no prepared weight and runs the reference op, which reports the problem.
     pub fn prepare(plans: &[&Plan], params: &dyn ParamSource) -> Weights {
-        let mut packed = HashMap::new();
+        let mut packed: HashMap<String, [Option<PackedBf16>; 2]> = HashMap::new();
         for plan in plans {
             for step in &plan.steps {
                 let Step::Linear { weight, transposed } = step else {
                     continue;
                 };
-                let key = (weight.clone(), *transposed);
                 let fp8_in_place = *transposed
                     && params
                         .get(weight)
                         .is_some_and(|t| t.dtype() == DType::F8E4M3);
-                if fp8_in_place || packed.contains_key(&key) {
+                let entry = packed.entry(weight.clone()).or_default();
+                let slot = &mut entry[usize::from(*transposed)];
+                if fp8_in_place || slot.is_some() {
                     continue;
                 }
-                if let Some(p) = params.get(weight).and_then(|t| pack(t, *transposed)) {
-                    packed.insert(key, p);
-                }
+                *slot = params.get(weight).and_then(|t| pack(t, *transposed));
             }
         }
         Weights { packed }
@@ -49,12 +48,17 @@ impl Weights {
 
     /// The packed form of `weight` stored with orientation `transposed`, if prepared.
     pub fn packed(&self, weight: &str, transposed: bool) -> Option<&PackedBf16> {
-        self.packed.get(&(weight.to_string(), transposed))
+        self.packed.get(weight)?[usize::from(transposed)].as_ref()
     }
 
     /// Bytes held by the packed weights.
     pub fn bytes(&self) -> usize {
-        self.packed.values().map(PackedBf16::bytes).sum()
+        self.packed
+            .values()
+            .flatten()
+            .flatten()
+            .map(PackedBf16::bytes)
+            .sum()
     }
 }
 
