@@ -137,7 +137,6 @@ impl Plan {
     pub fn new(graph: &Graph) -> Plan {
         let nodes = graph.nodes();
         let mut steps: Vec<Step> = nodes.iter().map(|n| select(graph, n)).collect();
-        leave_rounding_to_linears(graph, &mut steps);
         // Views read by a kernel that needs dense data become copies; then a reshape of a
         // (still) strided value becomes a copy too.
         for (i, node) in nodes.iter().enumerate() {
@@ -290,57 +289,6 @@ fn select(graph: &Graph, node: &Node) -> Step {
             Step::Embedding
         }
         _ => Step::Reference,
-    }
-}
-
-/// Makes each rounding to bf16 an alias when every reader is, through a widening cast, the input
-/// of a linear layer on bf16 or e4m3 weights: those kernels (`matmul_bf16`, the fp8 GEMV)
-/// round their input to bf16 themselves, so the separate pass would compute the same values.
-fn leave_rounding_to_linears(graph: &Graph, steps: &mut [Step]) {
-    let nodes = graph.nodes();
-    let mut users: Vec<Vec<usize>> = vec![Vec::new(); nodes.len()];
-    for (i, node) in nodes.iter().enumerate() {
-        for v in &node.inputs {
-            users[v.index()].push(i);
-        }
-    }
-    let mut is_output = vec![false; nodes.len()];
-    for o in graph.outputs() {
-        is_output[o.value.index()] = true;
-    }
-    let narrow: std::collections::HashSet<&str> = graph
-        .params()
-        .filter(|(_, _, t)| matches!(t.dtype, DType::BF16 | DType::F8E4M3))
-        .map(|(n, ..)| n)
-        .collect();
-    let linear_input = |w: usize, u: usize| match &steps[w] {
-        Step::Linear { weight, .. } => {
-            narrow.contains(weight.as_str())
-                && nodes[w].inputs.first().map(|v| v.index()) == Some(u)
-                && nodes[w].inputs.get(1).map(|v| v.index()) != Some(u)
-        }
-        _ => false,
-    };
-    let absorbed: Vec<usize> = nodes
-        .iter()
-        .enumerate()
-        .filter(|(i, node)| {
-            matches!(node.op, Op::Cast { to: DType::BF16 })
-                && matches!(steps[*i], Step::Fused(_))
-                && !is_output[*i]
-                && !users[*i].is_empty()
-                && users[*i].iter().all(|&u| {
-                    matches!(nodes[u].op, Op::Cast { to: DType::F32 })
-                        && matches!(steps[u], Step::Alias)
-                        && !is_output[u]
-                        && !users[u].is_empty()
-                        && users[u].iter().all(|&w| linear_input(w, u))
-                })
-        })
-        .map(|(i, _)| i)
-        .collect();
-    for i in absorbed {
-        steps[i] = Step::Alias;
     }
 }
 
