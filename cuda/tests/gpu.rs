@@ -8,7 +8,7 @@ mod gpu_support;
 
 use common::generated_kernels;
 use gpu_support::*;
-use kiln_cuda::codegen::elementwise::{ArgLayout, Elementwise, Plan};
+use kiln_cuda::codegen::elementwise::{ArgLayout, Elementwise};
 use kiln_cuda::launch::{self, Attention, Rowwise};
 use kiln_cuda::Device;
 use kiln_ir::trace::Tracer;
@@ -61,30 +61,7 @@ fn fused_elementwise_matches_reference() {
     };
     let mut rng = rng("fused_elementwise");
     for (label, ew) in generated_kernels(dev.arch()) {
-        // Every operand is read as the output (Same), through one element (Scalar), or
-        // broadcast along two of three axes (Strided).
-        let shapes: Vec<Vec<usize>> = ew
-            .layouts
-            .iter()
-            .map(|l| match (l, ew.rank) {
-                (ArgLayout::Scalar, _) => vec![1],
-                (ArgLayout::Strided, _) => vec![37, 1],
-                (ArgLayout::Same, 3) => vec![3, 37, 41],
-                (ArgLayout::Same, _) => vec![1000],
-            })
-            .collect();
-        let args: Vec<Tensor> = ew
-            .args
-            .iter()
-            .zip(&shapes)
-            .map(|(&d, s)| random(&mut rng, d, s, 3.0, true))
-            .collect();
-        let plan = Plan::new(&shapes.iter().map(Vec::as_slice).collect::<Vec<_>>()).unwrap();
-        let ew = Elementwise {
-            layouts: plan.layouts.clone(),
-            rank: plan.out.len(),
-            ..ew
-        };
+        let (ew, args, plan) = elementwise_case(&mut rng, ew, 37, [3, 37, 41], 1000);
         let out_dt = ew.out_dtype().unwrap();
         let n: usize = plan.out.iter().product();
         let bufs: Vec<_> = args.iter().map(|a| upload(&dev, a)).collect();

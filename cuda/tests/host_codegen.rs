@@ -12,7 +12,7 @@ mod common;
 mod gpu_support;
 
 use common::generated_kernels;
-use gpu_support::{assert_matches, from_bytes, random, rng, to_bytes};
+use gpu_support::{assert_matches, elementwise_case, from_bytes, rng, to_bytes};
 use kiln_cuda::codegen::elementwise::{ArgLayout, Elementwise, Plan};
 use kiln_cuda::codegen::{c_type, MATH};
 use kiln_cuda::Arch;
@@ -120,28 +120,7 @@ fn generated_elementwise_runs_on_the_host_as_the_reference() {
     std::fs::create_dir_all(&dir).unwrap();
     let mut rng = rng("host_codegen");
     for (label, ew) in generated_kernels(Arch::Sm80) {
-        let shapes: Vec<Vec<usize>> = ew
-            .layouts
-            .iter()
-            .map(|l| match (l, ew.rank) {
-                (ArgLayout::Scalar, _) => vec![1],
-                (ArgLayout::Strided, _) => vec![7, 1],
-                (ArgLayout::Same, 3) => vec![3, 7, 11],
-                (ArgLayout::Same, _) => vec![300],
-            })
-            .collect();
-        let args: Vec<Tensor> = ew
-            .args
-            .iter()
-            .zip(&shapes)
-            .map(|(&d, s)| random(&mut rng, d, s, 3.0, true))
-            .collect();
-        let plan = Plan::new(&shapes.iter().map(Vec::as_slice).collect::<Vec<_>>()).unwrap();
-        let ew = Elementwise {
-            layouts: plan.layouts.clone(),
-            rank: plan.out.len(),
-            ..ew
-        };
+        let (ew, args, plan) = elementwise_case(&mut rng, ew, 7, [3, 7, 11], 300);
         let (bytes, err) = run_on_host(&dir, &ew, &args, &plan);
         assert_eq!(err, 0, "{label}: error flag");
         let out_dt = ew.out_dtype().unwrap();

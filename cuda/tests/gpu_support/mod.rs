@@ -177,3 +177,44 @@ pub fn assert_matches(what: &str, got: &Tensor, want: &Tensor, rel: f64) {
     eprintln!("{what}: relative error {err:.2e} (bound {rel:.0e})");
     assert!(err <= rel, "{what}: relative error {err:.3e} > {rel:.0e}");
 }
+
+/// Random operands for a generated elementwise kernel, each read as the output (`Same`: `same3`
+/// for rank-3 kernels, `[same1]` otherwise), through one element (`Scalar`) or broadcast along
+/// two of three axes (`Strided`: `[rows, 1]`); the kernel re-planned for those shapes.
+pub fn elementwise_case(
+    rng: &mut rand::rngs::StdRng,
+    ew: kiln_cuda::codegen::elementwise::Elementwise,
+    rows: usize,
+    same3: [usize; 3],
+    same1: usize,
+) -> (
+    kiln_cuda::codegen::elementwise::Elementwise,
+    Vec<Tensor>,
+    kiln_cuda::codegen::elementwise::Plan,
+) {
+    use kiln_cuda::codegen::elementwise::{ArgLayout, Elementwise, Plan};
+    let shapes: Vec<Vec<usize>> = ew
+        .layouts
+        .iter()
+        .map(|l| match (l, ew.rank) {
+            (ArgLayout::Scalar, _) => vec![1],
+            (ArgLayout::Strided, _) => vec![rows, 1],
+            (ArgLayout::Same, 3) => same3.to_vec(),
+            (ArgLayout::Same, _) => vec![same1],
+        })
+        .collect();
+    let args: Vec<Tensor> = ew
+        .args
+        .iter()
+        .zip(&shapes)
+        .map(|(&d, s)| random(rng, d, s, 3.0, true))
+        .collect();
+    let plan = Plan::new(&shapes.iter().map(Vec::as_slice).collect::<Vec<_>>())
+        .expect("the shapes broadcast");
+    let ew = Elementwise {
+        layouts: plan.layouts.clone(),
+        rank: plan.out.len(),
+        ..ew
+    };
+    (ew, args, plan)
+}
