@@ -22,7 +22,7 @@
 //! or 2e-6 absolute (the `1 + erf` of a negative tail loses digits to cancellation in f32). A node narrower than f32 inherits that: a few-ulp
 //! f32 difference can move its rounding by one ulp of its own dtype.
 
-use crate::simd::{erf, exp, madd, tanh, vector_level, Isa};
+use crate::simd::{erf, exp, madd, round_bf16, tanh, vector_level, Isa};
 use crate::KernelError;
 use kiln_ir::{f8, BinaryOp, CmpOp, DType, Expr, UnaryOp};
 use rayon::prelude::*;
@@ -534,19 +534,6 @@ fn round(r: Round, o: &mut [f32]) {
     }
 }
 
-/// `x` rounded to bf16 (nearest, ties to even; NaN stays a quiet NaN) and widened back, as
-/// `half::bf16::from_f32(x).to_f32()`, with only integer arithmetic so loops vectorize.
-#[inline(always)]
-fn round_bf16(x: f32) -> f32 {
-    let b = x.to_bits();
-    let r = if x.is_nan() {
-        b | 0x0040_0000
-    } else {
-        b.wrapping_add(0x7fff + ((b >> 16) & 1))
-    };
-    f32::from_bits(r & 0xffff_0000)
-}
-
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{range_body, Plan, Program, Scratch};
@@ -571,37 +558,5 @@ mod x86 {
         s: &mut Scratch,
     ) {
         range_body::<true>(p, plan, start, out, s)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::round_bf16;
-    use half::bf16;
-
-    #[test]
-    fn bf16_rounding_matches_half() {
-        let probes = [
-            0.0f32,
-            -0.0,
-            1.0,
-            1.003_906_3, // a tie
-            1.011_718_8, // a tie rounding up
-            3.4e38,      // rounds to infinity
-            f32::INFINITY,
-            f32::MIN_POSITIVE / 3.0,
-            f32::NAN,
-        ];
-        for x in probes
-            .into_iter()
-            .chain((0..1000).map(|i| i as f32 * 0.37 - 100.0))
-        {
-            let want = bf16::from_f32(x).to_f32();
-            let got = round_bf16(x);
-            assert!(
-                got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
-                "{x}: {got} vs {want}"
-            );
-        }
     }
 }

@@ -11,7 +11,7 @@
 //! (same rounding of A, different accumulation order).
 
 use crate::gemm::{matmul_f32, Gemm};
-use crate::simd::Isa;
+use crate::simd::{bf16_bits, Isa};
 use crate::KernelError;
 use half::bf16;
 use rayon::prelude::*;
@@ -20,6 +20,8 @@ use rayon::prelude::*;
 pub const NR: usize = 32;
 /// Rows of C per micro-kernel tile.
 const MR: usize = 8;
+/// Elements of A below which it is converted to bf16 on the calling thread only.
+const PACK_PARALLEL_MIN: usize = 1 << 16;
 
 /// bf16 weights `W[n×k]` packed for [`matmul_bf16`].
 #[derive(Debug, Clone)]
@@ -130,19 +132,24 @@ pub fn matmul_bf16_with(
         return Ok(());
     }
     let pairs = k.div_ceil(2);
-    // A as bf16 pairs, row-major m × pairs (odd k padded with a zero).
+    // A as bf16 pairs, row-major m × pairs (odd k padded with a zero), rows over the threads.
     let mut ap = vec![0u32; m * pairs];
-    for (row, out) in a
-        .chunks_exact(k.max(1))
-        .zip(ap.chunks_exact_mut(pairs.max(1)))
-    {
-        for (p, o) in out.iter_mut().enumerate() {
-            let lo = u32::from(bf16::from_f32(row[2 * p]).to_bits());
-            let hi = row
-                .get(2 * p + 1)
-                .map_or(0, |&v| u32::from(bf16::from_f32(v).to_bits()));
-            *o = lo | (hi << 16);
+    let pack_row = |(row, out): (&[f32], &mut [u32])| {
+        for (o, pair) in out.iter_mut().zip(row.chunks_exact(2)) {
+            *o = u32::from(bf16_bits(pair[0])) | (u32::from(bf16_bits(pair[1])) << 16);
         }
+        if k % 2 == 1 {
+            out[pairs - 1] = u32::from(bf16_bits(row[k - 1]));
+        }
+    };
+    if k > 0 && m * k >= PACK_PARALLEL_MIN {
+        a.par_chunks_exact(k)
+            .zip(ap.par_chunks_exact_mut(pairs))
+            .for_each(pack_row);
+    } else if k > 0 {
+        a.chunks_exact(k)
+            .zip(ap.chunks_exact_mut(pairs))
+            .for_each(pack_row);
     }
     #[cfg(target_arch = "x86_64")]
     if isa >= Isa::Avx512Bf16 && Isa::Avx512Bf16.available() {

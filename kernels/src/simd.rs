@@ -244,9 +244,54 @@ pub(crate) fn erf<const FMA: bool>(x: f32) -> f32 {
     }
 }
 
+/// `x` rounded to bf16 (nearest, ties to even; NaN stays a quiet NaN) and widened back, as
+/// `half::bf16::from_f32(x).to_f32()`, with only integer arithmetic so loops vectorize.
+#[inline(always)]
+pub(crate) fn round_bf16(x: f32) -> f32 {
+    let b = x.to_bits();
+    let r = if x.is_nan() {
+        b | 0x0040_0000
+    } else {
+        b.wrapping_add(0x7fff + ((b >> 16) & 1))
+    };
+    f32::from_bits(r & 0xffff_0000)
+}
+
+/// The bf16 bits of `x` rounded as [`round_bf16`].
+#[inline(always)]
+pub(crate) fn bf16_bits(x: f32) -> u16 {
+    (round_bf16(x).to_bits() >> 16) as u16
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bf16_rounding_matches_half() {
+        let probes = [
+            0.0f32,
+            -0.0,
+            1.0,
+            1.003_906_3, // a tie
+            1.011_718_8, // a tie rounding up
+            3.4e38,      // rounds to infinity
+            f32::INFINITY,
+            f32::MIN_POSITIVE / 3.0,
+            f32::NAN,
+        ];
+        for x in probes
+            .into_iter()
+            .chain((0..1000).map(|i| i as f32 * 0.37 - 100.0))
+        {
+            let want = half::bf16::from_f32(x).to_f32();
+            let got = round_bf16(x);
+            assert!(
+                got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
+                "{x}: {got} vs {want}"
+            );
+        }
+    }
 
     #[test]
     fn tanh_and_erf_are_within_a_few_ulp() {
