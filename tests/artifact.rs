@@ -3,9 +3,10 @@
 //! refused with its own message; and mutations of real artifacts (bit flips, truncations,
 //! header fields overwritten with huge values), none of which may panic or hang.
 //!
-//! The long fuzz run (ignored by default; the count is `KILN_FUZZ_CASES`, default 1,000,000,
-//! under a 4 GiB address-space limit so that a huge allocation would abort it):
-//! `(ulimit -v 4194304; cargo test --test artifact artifact_fuzz -- --ignored --nocapture)`
+//! The mutation test runs `KILN_FUZZ_CASES` cases (3,000 by default, enough for CI); the long
+//! run sets it, in release and under a 4 GiB address-space limit so that a huge allocation would
+//! abort it: `(ulimit -v 4194304; KILN_FUZZ_CASES=1000000 cargo test --release --test artifact
+//! mutated_artifacts_never_panic -- --nocapture)`
 
 mod common;
 #[allow(dead_code)] // its `main` is for `cargo run --example deploy`
@@ -595,19 +596,13 @@ fn fuzz(cases: u64) {
     );
 }
 
+/// `KILN_FUZZ_CASES` mutated artifacts (3,000 unless set; see the module docs for the long run).
 #[test]
 fn mutated_artifacts_never_panic() {
-    fuzz(3000);
-}
-
-/// The long run; see the module docs for the command.
-#[test]
-#[ignore]
-fn artifact_fuzz() {
     let cases = std::env::var("KILN_FUZZ_CASES")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(1_000_000);
+        .unwrap_or(3000);
     fuzz(cases);
 }
 
