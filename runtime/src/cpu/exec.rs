@@ -114,19 +114,34 @@ impl CpuGraph {
 
     /// Peak bytes of activation buffers a run with these bindings needs.
     pub fn activation_bytes(&self, env: &Bindings) -> Result<usize, ExecError> {
-        let mut elems = vec![None; self.graph.nodes().len()];
-        for (id, node) in self.graph.iter() {
-            if self.slots.slot[id.index()].is_some() {
-                let ctx = ctx(id, node, env);
-                elems[id.index()] = Some(ctx.shape(&node.ty.shape)?.iter().product::<usize>());
-            }
-        }
-        Ok(self.slots.peak_bytes(|i| elems[i]))
+        Ok(self.buffer_bytes(&self.shapes(env)?))
+    }
+
+    /// The concrete shape of every computed node (empty for sources and skipped nodes).
+    fn shapes(&self, env: &Bindings) -> Result<Vec<Vec<usize>>, ExecError> {
+        self.graph
+            .iter()
+            .map(|(id, node)| match self.plan.steps[id.index()] {
+                Step::Source | Step::Skip => Ok(Vec::new()),
+                _ => ctx(id, node, env).shape(&node.ty.shape),
+            })
+            .collect()
+    }
+
+    /// Bytes of the buffers for values of these shapes (views and aliases hold none of their
+    /// own).
+    fn buffer_bytes(&self, shapes: &[Vec<usize>]) -> usize {
+        let nodes = self.graph.nodes();
+        self.slots.peak_bytes(|i| {
+            self.plan.steps[i]
+                .owns_buffer(&nodes[i])
+                .then(|| shapes[i].iter().product())
+        })
     }
 
     /// Refuses a run whose buffers would outgrow the memory available, before growing them.
-    fn check_memory(&self, env: &Bindings, bufs: &[Vec<f32>]) -> Result<(), ExecError> {
-        let needed = self.activation_bytes(env)?;
+    fn check_memory(&self, shapes: &[Vec<usize>], bufs: &[Vec<f32>]) -> Result<(), ExecError> {
+        let needed = self.buffer_bytes(shapes);
         let held: usize = bufs.iter().map(|b| b.capacity() * 4).sum();
         if needed <= held {
             return Ok(());
@@ -156,7 +171,8 @@ impl CpuGraph {
         let env = bind::bind(&sources, &Bindings::new())?;
         let mut guard = self.buffers.lock().unwrap_or_else(|e| e.into_inner());
         let bufs: &mut Vec<Vec<f32>> = &mut guard;
-        self.check_memory(&env, bufs)?;
+        let mut shapes = self.shapes(&env)?;
+        self.check_memory(&shapes, bufs)?;
         let mut vals: Vec<Val<'_>> = (0..self.graph.nodes().len()).map(|_| Val::Empty).collect();
         for s in &sources {
             vals[s.id.index()] = Val::Ext(s.tensor, s.tensor.shape().to_vec());
@@ -166,7 +182,7 @@ impl CpuGraph {
             let step = &self.plan.steps[i];
             if !matches!(step, Step::Source | Step::Skip) {
                 let ctx = ctx(id, node, &env);
-                let shape = ctx.shape(&node.ty.shape)?;
+                let shape = std::mem::take(&mut shapes[i]);
                 let started = self.profile.as_ref().map(|_| Instant::now());
                 vals[i] = self.eval(&ctx, node, step, shape, &vals, bufs, params)?;
                 if let (Some(p), Some(t)) = (&self.profile, started) {
