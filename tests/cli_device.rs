@@ -1,6 +1,6 @@
-//! `--device`: `cuda` fails with one message naming CUDA when it cannot be used (on a machine
-//! without a GPU, or while models do not run on CUDA), and `auto` runs on the CPU with output
-//! identical to `--device cpu`.
+//! `--device` on a machine without CUDA (CI's): `cuda` fails with one message naming CUDA, and
+//! `auto` runs on the CPU with output identical to `--device cpu`. (On a GPU machine,
+//! `tests/cuda_models.rs` checks the CUDA runs.)
 
 mod common;
 

@@ -24,7 +24,7 @@ fn to_i32(v: usize, what: &str) -> Result<i32, CudaError> {
     i32::try_from(v).map_err(|_| CudaError::Args(format!("{what} = {v} exceeds i32")))
 }
 
-fn cfg(grid: (u32, u32, u32), block: u32) -> LaunchConfig {
+pub(crate) fn cfg(grid: (u32, u32, u32), block: u32) -> LaunchConfig {
     LaunchConfig {
         grid_dim: grid,
         block_dim: (block, 1, 1),
@@ -32,12 +32,12 @@ fn cfg(grid: (u32, u32, u32), block: u32) -> LaunchConfig {
     }
 }
 
-fn grid_1d(n: usize, block: u32) -> u32 {
+pub(crate) fn grid_1d(n: usize, block: u32) -> u32 {
     n.div_ceil(block as usize).clamp(1, 65535 * 8) as u32
 }
 
 /// Launches `f` with the arguments pushed by `push`.
-fn launch<'a>(
+pub(crate) fn launch<'a>(
     dev: &'a Device,
     f: &'a CudaFunction,
     config: LaunchConfig,

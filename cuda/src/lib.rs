@@ -18,9 +18,11 @@
 //! GPU, via `scripts/gpu-check`).
 
 pub mod alloc;
+pub mod blas;
 pub mod codegen;
 pub mod compile;
 pub mod device;
+pub mod exec;
 pub mod launch;
 pub mod ptxas;
 pub mod toolkit;

@@ -109,7 +109,7 @@ impl CpuGraph {
         params: &dyn ParamSource,
     ) -> Result<Bindings, ExecError> {
         let sources = reference::sources(&self.graph, inputs, params)?;
-        bind::bind(&sources, &Bindings::new())
+        bind::bind(&source_types(&sources), &Bindings::new())
     }
 
     /// Peak bytes of activation buffers a run with these bindings needs.
@@ -168,14 +168,14 @@ impl CpuGraph {
         params: &dyn ParamSource,
     ) -> Result<HashMap<String, Tensor>, ExecError> {
         let sources = reference::sources(&self.graph, inputs, params)?;
-        let env = bind::bind(&sources, &Bindings::new())?;
+        let env = bind::bind(&source_types(&sources), &Bindings::new())?;
         let mut guard = self.buffers.lock().unwrap_or_else(|e| e.into_inner());
         let bufs: &mut Vec<Vec<f32>> = &mut guard;
         let mut shapes = self.shapes(&env)?;
         self.check_memory(&shapes, bufs)?;
         let mut vals: Vec<Val<'_>> = (0..self.graph.nodes().len()).map(|_| Val::Empty).collect();
-        for s in &sources {
-            vals[s.id.index()] = Val::Ext(s.tensor, s.tensor.shape().to_vec());
+        for (s, t) in &sources {
+            vals[s.id.index()] = Val::Ext(t, t.shape().to_vec());
         }
         for (id, node) in self.graph.iter() {
             let i = id.index();
@@ -492,6 +492,11 @@ fn available_memory() -> Option<usize> {
     let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
     let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
     kib.checked_mul(1024)
+}
+
+/// The sources' declared and supplied types, for binding.
+fn source_types<'a>(sources: &[(bind::Source<'a>, &'a Tensor)]) -> Vec<bind::Source<'a>> {
+    sources.iter().map(|s| s.0).collect()
 }
 
 /// The node's evaluation context.
