@@ -192,7 +192,10 @@ fn bf16_graphs_run_on_device_kernels() {
                 host.iter().all(|op| matches!(*op, "attention" | "moe")),
                 "{name}: {host:?} on the host"
             );
-            assert!(plan.summary().contains("linear×"), "{name}: no linear kernels");
+            assert!(
+                plan.summary().contains("linear×"),
+                "{name}: no linear kernels"
+            );
         }
     }
 }
