@@ -25,6 +25,17 @@ fn device_cuda_is_refused_naming_cuda() {
         ],
         &["CUDA"],
     );
+    refused(
+        &["bench", "ceilings", "--device", "cuda"],
+        &["--device cuda", "CUDA"],
+    );
+    refused(
+        &[
+            "bench", "kernel", "--op", "gemv", "--shape", "64x64", "--dtype", "bf16", "--device",
+            "cuda",
+        ],
+        &["CUDA"],
+    );
 }
 
 #[test]

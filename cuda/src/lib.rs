@@ -18,6 +18,7 @@
 //! GPU, via `scripts/gpu-check`).
 
 pub mod alloc;
+pub mod bench;
 pub mod blas;
 pub mod codegen;
 pub mod compile;

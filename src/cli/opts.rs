@@ -16,6 +16,22 @@ pub enum Device {
     Cuda,
 }
 
+fn placement(device: Device) -> kiln::placement::Placement {
+    match device {
+        Device::Auto => kiln::placement::Placement::Auto,
+        Device::Cpu => kiln::placement::Placement::Cpu,
+        Device::Cuda => kiln::placement::Placement::Cuda,
+    }
+}
+
+/// The CUDA backend `device` asks for (`None`: the CPU), or the reason CUDA cannot be had.
+pub fn backend(
+    device: Device,
+) -> Result<Option<std::sync::Arc<kiln_cuda::exec::Backend>>, CliError> {
+    kiln::placement::resolve(placement(device))
+        .map_err(|why| CliError::Input(format!("--device cuda: {why}; use --device cpu (or auto)")))
+}
+
 /// Parses `--precision` into the compiler's precision.
 pub fn parse_precision(name: &str) -> Result<Precision, String> {
     Precision::from_name(name).ok_or_else(|| {
@@ -48,11 +64,7 @@ impl ModelOpts {
         kiln::load::LoadOptions {
             optimize: !self.no_optimize,
             precision: self.precision,
-            placement: match self.device {
-                Device::Auto => kiln::placement::Placement::Auto,
-                Device::Cpu => kiln::placement::Placement::Cpu,
-                Device::Cuda => kiln::placement::Placement::Cuda,
-            },
+            placement: placement(self.device),
             ..Default::default()
         }
     }
