@@ -199,3 +199,85 @@ fn bf16_graphs_run_on_device_kernels() {
         }
     }
 }
+
+/// Every kernel the CUDA executor generates for every family fixture — prefill and decode, f32,
+/// bf16 and fp8, batch 2 with 5 new and 3 cached positions — compiles with NVRTC for sm_90
+/// (and, except fp8 ones, sm_80). Needs no GPU, only the CUDA tools
+/// (`scripts/fetch-cuda-tools`; `KILN_REQUIRE_NVRTC=1` makes their absence a failure).
+#[test]
+fn generated_kernels_compile_for_every_family() {
+    use kiln::ir::{Bindings, DType};
+    use kiln::runtime::GraphExecutor as _;
+    use kiln_cuda::compile::compile;
+    use kiln_cuda::exec::{kernels, select::Plan};
+    use kiln_cuda::Arch;
+    use std::collections::HashSet;
+    if let Err(e) = kiln_cuda::toolkit::preload_nvrtc() {
+        assert!(
+            std::env::var("KILN_REQUIRE_NVRTC").as_deref() != Ok("1"),
+            "KILN_REQUIRE_NVRTC=1 but {e}"
+        );
+        eprintln!("*** NOTICE: generated_kernels_compile_for_every_family did NOT run: {e}");
+        return;
+    }
+    let mut seen = HashSet::new();
+    for name in CAUSAL.iter().chain(&["bert", "bert_cls", "distilbert"]) {
+        for precision in [Precision::F32, Precision::Bf16, Precision::Fp8] {
+            let o = opts(precision, Placement::Cpu);
+            let graphs: Vec<kiln::ir::Graph> = match causal_lm_with(&fixture(name), &o) {
+                Ok(m) => m
+                    .model
+                    .lm
+                    .graphs()
+                    .iter()
+                    .map(|g| g.graph().clone())
+                    .collect(),
+                Err(_) => {
+                    let e = encoder_with(&fixture(name), &o).unwrap().model;
+                    vec![e.runner.plan().graph().clone()]
+                }
+            };
+            for g in &graphs {
+                // Every size symbol bound to a small distinct value.
+                let mut env = Bindings::new();
+                let mut values = [2i64, 5, 3, 7, 4].into_iter().cycle();
+                for (_, _, ty) in g.inputs() {
+                    for d in &ty.shape {
+                        for sym in d.symbols() {
+                            if !env.contains_key(sym) {
+                                env.insert(sym.to_string(), values.next().unwrap_or(2));
+                            }
+                        }
+                    }
+                }
+                let plan = Plan::new(g);
+                let list = kernels::generated(g, &plan, &env).unwrap();
+                assert!(
+                    !list.is_empty(),
+                    "{name} {precision:?}: no generated kernels"
+                );
+                for (ew, _) in list {
+                    if !seen.insert(ew.clone()) {
+                        continue;
+                    }
+                    let mut fp8 = false;
+                    ew.body.visit(&mut |e| {
+                        fp8 |= e
+                            .dtype(&ew.args)
+                            .is_ok_and(|d| matches!(d, DType::F8E4M3 | DType::F8E5M2));
+                    });
+                    for arch in Arch::ALL {
+                        if fp8 && !arch.has_fp8() {
+                            continue;
+                        }
+                        let src = ew.source(arch).unwrap_or_else(|e| panic!("{name}: {e}"));
+                        if let Err(e) = compile(&src, arch) {
+                            panic!("{name} {precision:?} for {arch}: {e}\n{:?}", ew.body);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    eprintln!("{} distinct generated kernels compiled", seen.len());
+}

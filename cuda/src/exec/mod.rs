@@ -11,6 +11,7 @@
 //! op on the host, so coverage never changes results.
 
 pub mod host;
+pub mod kernels;
 mod run;
 pub mod select;
 

@@ -2,10 +2,10 @@
 //! kernel on the device's stream, and returns the outputs as device values.
 
 use super::select::Step;
-use super::{backend_err, host, CudaGraph, DevTensor, Prepared};
+use super::{backend_err, host, kernels, CudaGraph, DevTensor, Prepared};
 use crate::alloc::Buffer;
 use crate::blas::GemmShape;
-use crate::codegen::elementwise::{broadcast_strides, ArgLayout, Elementwise, Plan as EwPlan};
+use crate::codegen::elementwise::{broadcast_strides, Elementwise};
 use crate::launch::{self, Attention, Rowwise};
 use crate::CudaError;
 use cudarc::driver::{sys, DevicePtr, PushKernelArg};
@@ -141,17 +141,6 @@ impl CudaGraph {
     }
 }
 
-/// Row-major strides of `shape`.
-fn dense_strides(shape: &[usize]) -> Vec<i64> {
-    let mut s = vec![0i64; shape.len()];
-    let mut acc = 1i64;
-    for i in (0..shape.len()).rev() {
-        s[i] = acc;
-        acc *= shape[i] as i64;
-    }
-    s
-}
-
 fn ptr(t: &DevTensor) -> u64 {
     let (p, _sync) = t.buf.slice().device_ptr(t.buf.slice().stream());
     p
@@ -266,21 +255,13 @@ impl StepCx<'_> {
         args: &[&DevTensor],
         shape: &[usize],
     ) -> Result<Option<DevTensor>, ExecError> {
-        let shapes: Vec<&[usize]> = args.iter().map(|a| a.shape.as_slice()).collect();
-        let Ok(plan) = EwPlan::new(&shapes) else {
+        let types: Vec<(DType, &[usize])> =
+            args.iter().map(|a| (a.dtype, a.shape.as_slice())).collect();
+        let Some((ew, meta)) = kernels::elementwise(body, &types, shape) else {
             return Ok(None);
-        };
-        if plan.out != shape {
-            return Ok(None);
-        }
-        let ew = Elementwise {
-            body: body.clone(),
-            args: args.iter().map(|a| a.dtype).collect(),
-            layouts: plan.layouts,
-            rank: shape.len(),
         };
         let ptrs: Vec<u64> = args.iter().map(|a| ptr(a)).collect();
-        self.launch_elementwise(ew, plan.meta, &ptrs, shape)
+        self.launch_elementwise(ew, meta, &ptrs, shape)
     }
 
     /// Launches `ew` (compiled and its `meta` uploaded once per distinct sizes) on operand
@@ -380,32 +361,11 @@ impl StepCx<'_> {
     /// Permute, slice or expand: a strided copy (the identity body over a strided operand).
     fn layout(&self, shape: &[usize]) -> Result<Option<DevTensor>, ExecError> {
         let x = self.operand(0)?;
-        let st = dense_strides(&x.shape);
-        let (offset, strides) = match &self.node.op {
-            Op::Permute { perm } => (0, perm.iter().map(|&p| st[p]).collect::<Vec<i64>>()),
-            Op::Slice { axis, start, .. } => {
-                let s = start
-                    .eval(self.env)
-                    .map_err(|e| self.mismatch(e.to_string()))?;
-                (s * st[*axis], st.clone())
-            }
-            Op::Expand { .. } => match broadcast_strides(&x.shape, shape) {
-                Some(s) => (0, s),
-                None => return Ok(None),
-            },
-            _ => return Ok(None),
-        };
-        if strides.len() != shape.len() || offset < 0 {
+        let Some(((ew, meta), offset)) =
+            kernels::layout(&self.node.op, self.env, x.dtype, &x.shape, shape)?
+        else {
             return Ok(None);
-        }
-        let ew = Elementwise {
-            body: Expr::Arg(0),
-            args: vec![x.dtype],
-            layouts: vec![ArgLayout::Strided],
-            rank: shape.len(),
         };
-        let mut meta: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
-        meta.extend(strides);
         let base = ptr(x) + (offset as u64) * x.dtype.size_bytes() as u64;
         self.launch_elementwise(ew, meta, &[base], shape)
     }
@@ -517,7 +477,7 @@ impl StepCx<'_> {
             (Some(DType::F8E4M3), DType::F32) => {
                 // fp8 weights with several rows: widen the weight to bf16, round the rows.
                 let wt = self.g.tensor(w.clone(), DType::F8E4M3, vec![n * k]);
-                let to_bf16 = Expr::Cast(DType::BF16, Box::new(Expr::Arg(0)));
+                let to_bf16 = kernels::cast(DType::BF16);
                 let (Some(wb), Some(xb)) = (
                     self.elementwise(&to_bf16, &[&wt], &[n * k])?,
                     self.elementwise(&to_bf16, &[x], &x.shape)?,
@@ -637,13 +597,7 @@ impl StepCx<'_> {
                 let Some(st) = broadcast_strides(&m.shape, &full) else {
                     return Ok(None);
                 };
-                // To bf16, with -inf and f32::MIN clamped to -1e30 (finite in bf16, where f32::MIN
-                // would round to -inf): a fully masked row then averages its values as the
-                // reference does with finite masks, instead of turning into NaN (which would
-                // reach other rows through 0 · NaN in the value products).
-                let floor = Expr::Const(kiln_ir::Literal::scalar(m.dtype, -1e30));
-                let clamped = Expr::Binary(BinaryOp::Max, Box::new(Expr::Arg(0)), Box::new(floor));
-                let to_bf16 = Expr::Cast(DType::BF16, Box::new(clamped));
+                let to_bf16 = kernels::mask_to_bf16(m.dtype);
                 let Some(mb) = self.elementwise(&to_bf16, &[m], &m.shape.clone())? else {
                     return Ok(None);
                 };
@@ -661,8 +615,7 @@ impl StepCx<'_> {
             launch::attention_prefill(dev, &a, &q.buf, &k.buf, &v.buf, m, &out.buf)
         };
         r.map_err(backend_err)?;
-        let to_f32 = Expr::Cast(DType::F32, Box::new(Expr::Arg(0)));
-        self.elementwise(&to_f32, &[&out], shape)
+        self.elementwise(&kernels::cast(DType::F32), &[&out], shape)
     }
 
     fn embedding(&self, shape: &[usize]) -> Result<Option<DevTensor>, ExecError> {
