@@ -173,7 +173,6 @@ fn encoders_match_the_cpu() {
 /// 64 and 128 run on the device), which run on the host.
 #[test]
 fn bf16_graphs_run_on_device_kernels() {
-    use kiln::runtime::GraphExecutor as _;
     use kiln_cuda::exec::select::{Plan, Step};
     for name in CAUSAL {
         let m = causal_lm_with(&fixture(name), &opts(Precision::Bf16, Placement::Cpu))
@@ -207,7 +206,6 @@ fn bf16_graphs_run_on_device_kernels() {
 #[test]
 fn generated_kernels_compile_for_every_family() {
     use kiln::ir::{Bindings, DType};
-    use kiln::runtime::GraphExecutor as _;
     use kiln_cuda::compile::compile;
     use kiln_cuda::exec::{kernels, select::Plan};
     use kiln_cuda::Arch;
