@@ -570,6 +570,7 @@ mod tests {
             dtype: dtype.into(),
             runs,
             json: false,
+            device: crate::cli::opts::Device::Cpu,
         }
     }
 
