@@ -17,7 +17,6 @@
 use super::split_rows;
 use crate::simd::{madd, Isa};
 use crate::KernelError;
-use half::bf16;
 use std::sync::OnceLock;
 
 /// The f32 value of every e4m3 byte.
@@ -109,32 +108,11 @@ pub fn gemv_f8e4m3_batch_with(
 /// over weight rows, scales it, then writes `y[r·n + i]`.
 #[allow(clippy::too_many_arguments)]
 fn batch(isa: Isa, mb: usize, n: usize, k: usize, w: &[u8], scale: f32, x: &[f32], y: &mut [f32]) {
+    let xp = PreparedX::new(isa, x, mb, k);
     let compute = |yt: &mut [f32]| {
-        #[cfg(target_arch = "x86_64")]
-        if isa >= Isa::Avx512Bf16 && Isa::Avx512Bf16.available() {
-            let xb: Vec<u16> = x.iter().map(|&v| bf16::from_f32(v).to_bits()).collect();
-            if x86::has_vbmi() {
-                let xp = x86::permute_x(&xb, mb, k);
-                split_rows(n, k, mb, yt, |i0, yb| {
-                    let wr = &w[i0 * k..(i0 + yb.len() / mb) * k];
-                    // SAFETY: the CPU has AVX-512 F/BW/VL, BF16 and VBMI (checked just
-                    // above); `wr` holds yb.len() / mb rows of k weights, `xp` mb permuted
-                    // rows of x.
-                    unsafe { x86::rows_vbmi(wr, k, &xp, mb, yb) }
-                });
-            } else {
-                split_rows(n, k, mb, yt, |i0, yb| {
-                    let wr = &w[i0 * k..(i0 + yb.len() / mb) * k];
-                    // SAFETY: the CPU has AVX-512 F/BW/VL and BF16 (checked just above);
-                    // `wr` holds yb.len() / mb rows of k weights, `xb` mb rows of k values.
-                    unsafe { x86::rows_avx512(wr, k, &xb, mb, yb) }
-                });
-            }
-        } else {
-            portable_rows(isa, mb, n, k, w, x, yt);
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        portable_rows(isa, mb, n, k, w, x, yt);
+        split_rows(n, k, mb, yt, |i0, yb| {
+            xp.rows(&w[i0 * k..(i0 + yb.len() / mb) * k], yb)
+        });
         for v in yt.iter_mut() {
             *v *= scale;
         }
@@ -152,22 +130,71 @@ fn batch(isa: Isa, mb: usize, n: usize, k: usize, w: &[u8], scale: f32, x: &[f32
     }
 }
 
-/// The table-lookup path (AVX2 + FMA or portable), parallel over weight rows.
-fn portable_rows(isa: Isa, mb: usize, n: usize, k: usize, w: &[u8], x: &[f32], yt: &mut [f32]) {
-    let xr: Vec<f32> = x.iter().map(|&v| bf16::from_f32(v).to_f32()).collect();
-    let level = crate::simd::vector_level(isa);
-    split_rows(n, k, mb, yt, |i0, yb| {
-        let wr = &w[i0 * k..(i0 + yb.len() / mb) * k];
-        match level {
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 | Isa::Avx512 | Isa::Avx512Bf16 => {
-                // SAFETY: `vector_level` returned an available level, so AVX2 and FMA are
-                // present.
-                unsafe { x86::rows_table_avx2(wr, k, &xr, mb, yb) }
-            }
-            _ => rows_table::<false>(wr, k, &xr, mb, yb),
+/// Up to [`MAX_BATCH`] rows of x prepared once for the path this CPU runs at a level: bf16
+/// bits permuted for the VBMI widening, plain bf16 bits for the word lookup, or bf16-rounded
+/// f32 values for the table path.
+pub(crate) struct PreparedX {
+    mb: usize,
+    k: usize,
+    path: Path,
+}
+
+enum Path {
+    #[cfg(target_arch = "x86_64")]
+    Vbmi(Vec<u16>),
+    #[cfg(target_arch = "x86_64")]
+    Avx512(Vec<u16>),
+    Table(Isa, Vec<f32>),
+}
+
+impl PreparedX {
+    /// `x` (`mb × k`, `mb ≤ MAX_BATCH`) for the best path at or below `isa`.
+    pub(crate) fn new(isa: Isa, x: &[f32], mb: usize, k: usize) -> PreparedX {
+        debug_assert!(mb <= MAX_BATCH && x.len() == mb * k);
+        #[cfg(target_arch = "x86_64")]
+        if isa >= Isa::Avx512Bf16 && Isa::Avx512Bf16.available() {
+            let xb: Vec<u16> = x.iter().map(|&v| crate::simd::bf16_bits(v)).collect();
+            let path = if x86::has_vbmi() {
+                Path::Vbmi(x86::permute_x(&xb, mb, k))
+            } else {
+                Path::Avx512(xb)
+            };
+            return PreparedX { mb, k, path };
         }
-    });
+        let xr: Vec<f32> = x.iter().map(|&v| crate::simd::round_bf16(v)).collect();
+        PreparedX {
+            mb,
+            k,
+            path: Path::Table(crate::simd::vector_level(isa), xr),
+        }
+    }
+
+    /// `yb[i·mb + r] = Σ_j W[i,j] · bf16(x[r, j])` (unscaled) for the `yb.len() / mb` weight
+    /// rows of `w` (`k` bytes each).
+    pub(crate) fn rows(&self, w: &[u8], yb: &mut [f32]) {
+        let (mb, k) = (self.mb, self.k);
+        assert_eq!(w.len() * mb, yb.len() * k, "gemv_f8e4m3 rows");
+        match &self.path {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: the CPU has AVX-512 F/BW/VL, BF16 and VBMI (checked when the path was
+            // chosen); `w` holds yb.len() / mb rows of k weights (asserted), `xp` mb permuted
+            // rows of x.
+            Path::Vbmi(xp) => unsafe { x86::rows_vbmi(w, k, xp, mb, yb) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: the CPU has AVX-512 F/BW/VL and BF16 (checked when the path was
+            // chosen); `w` holds yb.len() / mb rows of k weights, `xb` mb rows of k values.
+            Path::Avx512(xb) => unsafe { x86::rows_avx512(w, k, xb, mb, yb) },
+            Path::Table(level, xr) => match level {
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx2 | Isa::Avx512 | Isa::Avx512Bf16 => {
+                    // SAFETY: `vector_level` returned an available level, so AVX2 and FMA are
+                    // present.
+                    unsafe { x86::rows_table_avx2(w, k, xr, mb, yb) }
+                }
+                _ => rows_table::<false>(w, k, xr, mb, yb),
+            },
+        }
+    }
 }
 
 /// `yb[i·mb + r] = Σ_j table[W[i,j]] · xr[r·k + j]`, 16 columns at a time.
