@@ -233,6 +233,7 @@ fn rows_table<const FMA: bool>(w: &[u8], k: usize, xr: &[f32], mb: usize, yb: &m
 mod x86 {
     use super::{rows_table, table, MAX_BATCH};
     use std::arch::x86_64::*;
+    use std::sync::OnceLock;
 
     #[target_feature(enable = "avx2,fma")]
     pub(super) fn rows_table_avx2(w: &[u8], k: usize, xr: &[f32], mb: usize, yb: &mut [f32]) {
@@ -403,18 +404,23 @@ mod x86 {
     }
 
     impl ByteTables {
+        /// Loaded from byte arrays built once per process.
         #[target_feature(enable = "avx512f")]
         fn new() -> ByteTables {
-            let words = magnitude_tables().concat();
-            let bytes = |f: ByteOf, half: usize| -> __m512i {
-                let b: [u8; 64] = std::array::from_fn(|i| f(words[half * 64 + i]));
-                // SAFETY: 64 bytes, unaligned load.
-                unsafe { _mm512_loadu_si512(b.as_ptr().cast()) }
-            };
-            let (hi, lo): (ByteOf, ByteOf) = (|w| (w >> 8) as u8, |w| w as u8);
+            static BYTES: OnceLock<[[u8; 64]; 4]> = OnceLock::new();
+            let b = BYTES.get_or_init(|| {
+                let words = magnitude_tables().concat();
+                let bytes = |f: ByteOf, half: usize| -> [u8; 64] {
+                    std::array::from_fn(|i| f(words[half * 64 + i]))
+                };
+                let (hi, lo): (ByteOf, ByteOf) = (|w| (w >> 8) as u8, |w| w as u8);
+                [bytes(hi, 0), bytes(hi, 1), bytes(lo, 0), bytes(lo, 1)]
+            });
+            // SAFETY: each array is 64 bytes; unaligned loads.
+            let ld = |a: &[u8; 64]| unsafe { _mm512_loadu_si512(a.as_ptr().cast()) };
             ByteTables {
-                hi: [bytes(hi, 0), bytes(hi, 1)],
-                lo: [bytes(lo, 0), bytes(lo, 1)],
+                hi: [ld(&b[0]), ld(&b[1])],
+                lo: [ld(&b[2]), ld(&b[3])],
             }
         }
     }
@@ -496,7 +502,10 @@ mod x86 {
         };
         for (i, out) in yb.chunks_exact_mut(R * M).enumerate() {
             let wp = w[i * R * k..].as_ptr();
+            // Two accumulators per (weight row, x row), one per half of the 64-weight block,
+            // so consecutive `vdpbf16ps` do not wait on each other.
             let mut acc = [[_mm512_setzero_ps(); M]; R];
+            let mut acc2 = [[_mm512_setzero_ps(); M]; R];
             for c in 0..kp / 64 {
                 let off = c * 64;
                 let m = if c < full { u64::MAX } else { tail };
@@ -506,19 +515,20 @@ mod x86 {
                 // SAFETY: as above, the second half of the block.
                 let xb: [__m512bh; M] =
                     std::array::from_fn(|r| ld(unsafe { xptr.add(r * kp + off + 32) }));
-                for (q, a) in acc.iter_mut().enumerate() {
+                for (q, (a, a2)) in acc.iter_mut().zip(acc2.iter_mut()).enumerate() {
                     // SAFETY: weight row i·R + q is inside `w` (caller); full blocks read
                     // off..off+64 <= k, the masked tail only off..k.
                     let bytes = unsafe { _mm512_maskz_loadu_epi8(m, wp.add(q * k + off).cast()) };
                     let (wa, wb) = widen64(t, bytes);
-                    for ((ar, x0), x1) in a.iter_mut().zip(&xa).zip(&xb) {
-                        *ar = _mm512_dpbf16_ps(_mm512_dpbf16_ps(*ar, wa, *x0), wb, *x1);
+                    for (r, (ar, ar2)) in a.iter_mut().zip(a2.iter_mut()).enumerate() {
+                        *ar = _mm512_dpbf16_ps(*ar, wa, xa[r]);
+                        *ar2 = _mm512_dpbf16_ps(*ar2, wb, xb[r]);
                     }
                 }
             }
-            for (q, a) in acc.iter().enumerate() {
-                for (r, v) in a.iter().enumerate() {
-                    out[q * M + r] = _mm512_reduce_add_ps(*v);
+            for (q, (a, a2)) in acc.iter().zip(&acc2).enumerate() {
+                for (r, (v, v2)) in a.iter().zip(a2).enumerate() {
+                    out[q * M + r] = _mm512_reduce_add_ps(_mm512_add_ps(*v, *v2));
                 }
             }
         }
