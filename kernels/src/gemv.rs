@@ -209,8 +209,14 @@ fn rows_f32<const FMA: bool>(wrows: &[f32], k: usize, x: &[f32], yb: &mut [f32])
         let (r2, r3) = rest.split_at(k);
         let mut acc = [[0.0f32; LANES]; 4];
         let full = k / LANES * LANES;
+        let next = w4.as_ptr_range().end;
         let mut j = 0;
         while j < full {
+            // The next four rows (contiguous) stream in while these are computed: four rows
+            // read side by side are too many short streams for the hardware prefetcher.
+            for line in 0..4 {
+                crate::simd::prefetch(next.wrapping_add(4 * j + line * LANES));
+            }
             let xv = &x[j..j + LANES];
             let (a, b, c, d) = (
                 &r0[j..j + LANES],

@@ -509,6 +509,12 @@ mod x86 {
             for c in 0..kp / 64 {
                 let off = c * 64;
                 let m = if c < full { u64::MAX } else { tail };
+                // The next R rows (contiguous, R·k bytes) stream in while these are computed:
+                // R lines per block of 64 columns covers them. Rows of a few hundred bytes are
+                // too short for the hardware prefetcher to follow R interleaved streams.
+                for q in 0..R {
+                    crate::simd::prefetch(wp.wrapping_add(R * k + (c * R + q) * 64));
+                }
                 // SAFETY: row r < M of xp holds kp values; off + 64 <= kp.
                 let xa: [__m512bh; M] =
                     std::array::from_fn(|r| ld(unsafe { xptr.add(r * kp + off) }));
