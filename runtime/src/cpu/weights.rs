@@ -5,7 +5,7 @@
 //! `[n, k]` (read one byte per weight by the fp8 GEMV), are used in place from the parameters,
 //! with no copy.
 
-use super::plan::{Plan, Step};
+use super::plan::{LinearLayer, Plan, Step};
 use crate::reference::ParamSource;
 use crate::{Storage, Tensor};
 use half::bf16;
@@ -28,19 +28,24 @@ impl Weights {
         let mut packed: HashMap<String, [Option<PackedBf16>; 2]> = HashMap::new();
         for plan in plans {
             for step in &plan.steps {
-                let Step::Linear { weight, transposed } = step else {
+                let Step::Linear(layers) = step else {
                     continue;
                 };
-                let fp8_in_place = *transposed
-                    && params
-                        .get(weight)
-                        .is_some_and(|t| t.dtype() == DType::F8E4M3);
-                let entry = packed.entry(weight.clone()).or_default();
-                let slot = &mut entry[usize::from(*transposed)];
-                if fp8_in_place || slot.is_some() {
-                    continue;
+                for LinearLayer {
+                    weight, transposed, ..
+                } in layers.iter()
+                {
+                    let fp8_in_place = *transposed
+                        && params
+                            .get(weight)
+                            .is_some_and(|t| t.dtype() == DType::F8E4M3);
+                    let entry = packed.entry(weight.clone()).or_default();
+                    let slot = &mut entry[usize::from(*transposed)];
+                    if fp8_in_place || slot.is_some() {
+                        continue;
+                    }
+                    *slot = params.get(weight).and_then(|t| pack(t, *transposed));
                 }
-                *slot = params.get(weight).and_then(|t| pack(t, *transposed));
             }
         }
         Weights { packed }
@@ -64,7 +69,7 @@ impl Weights {
 
 /// `t` (2-D, narrow float) as a bf16 matrix `[n, k]` packed for `matmul_bf16`; `transposed`
 /// says `t` is stored `[n, k]` already, else `[k, n]`.
-fn pack(t: &Tensor, transposed: bool) -> Option<PackedBf16> {
+pub(super) fn pack(t: &Tensor, transposed: bool) -> Option<PackedBf16> {
     let &[rows, cols] = t.shape() else {
         return None;
     };
