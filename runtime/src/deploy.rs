@@ -3,8 +3,14 @@
 //! An artifact opens into one ([`Model::open`]); `kiln::load` builds the same types from a
 //! model directory, so the CLI treats both alike. [`CausalModel::new`] and
 //! [`EncoderModel::new`] are the one place the executors are constructed.
+//!
+//! A model opened from an artifact runs on weights used in place from the file while their
+//! checksum is still being computed ([`WeightCheck`]): every method that hands out something
+//! computed from the weights waits for the verdict first (generation: before the first piece of
+//! text), and returns [`ArtifactError::Checksum`] for a corrupt file. The public `lm` and
+//! `runner` fields do not wait: call `verify` before using them directly.
 
-use crate::artifact::{Artifact, ArtifactError};
+use crate::artifact::{Artifact, ArtifactError, WeightCheck};
 use crate::encoder::{EncoderOutput, EncoderRunner};
 use crate::generate::{self, ConfigError, GenerateError, GenerationConfig, Stopper, StreamError};
 use crate::info::{AssetError, Assets, Head, InputError, ModelInfo};
@@ -103,6 +109,13 @@ pub struct CausalModel {
     pub assets: Assets,
     /// Compile-time limits.
     pub limits: InputLimits,
+    /// The weights' pending checksum, for a model from an artifact.
+    check: Option<WeightCheck>,
+}
+
+/// Waits for the weights' checksum, if there is one.
+fn verified(check: Option<&WeightCheck>) -> Result<(), DeployError> {
+    Ok(check.map_or(Ok(()), WeightCheck::wait)?)
 }
 
 impl CausalModel {
@@ -121,7 +134,13 @@ impl CausalModel {
             info,
             assets,
             limits,
+            check: None,
         })
+    }
+
+    /// Waits until the weights are known to be intact (at once for a model directory).
+    pub fn verify(&self) -> Result<(), DeployError> {
+        verified(self.check.as_ref())
     }
 
     /// The model's generation config (see [`Assets::generation_config`]).
@@ -132,7 +151,9 @@ impl CausalModel {
     /// Logits `[1, len, vocab]` of one sequence.
     pub fn forward(&self, ids: &[u32]) -> Result<Tensor, DeployError> {
         self.info.check_ids(ids, self.limits.max_seq)?;
-        Ok(self.lm.forward(ids)?)
+        let logits = self.lm.forward(ids)?;
+        self.verify()?;
+        Ok(logits)
     }
 
     /// Tokenizes `prompt` and generates a continuation with `cfg`, calling `on_text` with each
@@ -173,28 +194,37 @@ impl CausalModel {
             }
         }
         let mut stopper = Stopper::from_config(&tok, cfg, 1);
-        let mut failure = None;
+        let mut failure: Option<DeployError> = None;
+        let check = self.check.as_ref();
         let generated = generate::generate(
             &mut self.lm,
             std::slice::from_ref(&prompt_ids),
             cfg,
             seed,
-            &mut |row, token| match stopper.push(row, token) {
-                Ok(step) => {
-                    if !step.text.is_empty() {
-                        on_text(&step.text);
-                    }
-                    !step.stop
-                }
-                Err(e) => {
+            &mut |row, token| {
+                // Nothing computed from the weights leaves before they are known to be intact.
+                if let Err(e) = verified(check) {
                     failure = Some(e);
-                    false
+                    return false;
+                }
+                match stopper.push(row, token) {
+                    Ok(step) => {
+                        if !step.text.is_empty() {
+                            on_text(&step.text);
+                        }
+                        !step.stop
+                    }
+                    Err(e) => {
+                        failure = Some(e.into());
+                        false
+                    }
                 }
             },
         )?;
         if let Some(e) = failure {
-            return Err(e.into());
+            return Err(e);
         }
+        self.verify()?;
         let tail = stopper.finish(0)?;
         if !tail.is_empty() {
             on_text(&tail);
@@ -232,6 +262,8 @@ pub struct EncoderModel {
     pub assets: Assets,
     /// Compile-time limits.
     pub limits: InputLimits,
+    /// The weights' pending checksum, for a model from an artifact.
+    check: Option<WeightCheck>,
 }
 
 /// An encoder run on texts.
@@ -257,7 +289,13 @@ impl EncoderModel {
             info,
             assets,
             limits,
+            check: None,
         })
+    }
+
+    /// Waits until the weights are known to be intact (at once for a model directory).
+    pub fn verify(&self) -> Result<(), DeployError> {
+        verified(self.check.as_ref())
     }
 
     /// Runs token-id sequences (checked) as one right-padded batch.
@@ -266,7 +304,9 @@ impl EncoderModel {
         for ids in batch {
             self.info.check_ids(ids, self.limits.max_seq)?;
         }
-        Ok(self.runner.run(batch)?)
+        let out = self.runner.run(batch)?;
+        self.verify()?;
+        Ok(out)
     }
 
     /// Tokenizes `texts` (with special tokens, as transformers' tokenizer call does) and runs
@@ -312,15 +352,26 @@ pub enum Model {
 }
 
 impl Model {
-    /// Opens and checks the artifact at `path` and builds its model.
+    /// Opens and checks the artifact at `path` and builds its model (the weights' checksum
+    /// is still being computed: see the module docs).
     pub fn open(path: &Path) -> Result<Model, DeployError> {
         Ok(Artifact::open(path)?.into_model()?)
+    }
+
+    /// Waits until the weights are known to be intact (at once for a model directory).
+    pub fn verify(&self) -> Result<(), DeployError> {
+        match self {
+            Model::Causal(m) => m.verify(),
+            Model::Encoder(m) => m.verify(),
+        }
     }
 }
 
 impl Artifact {
-    /// The model this artifact holds.
+    /// The model this artifact holds, waiting for the weights' checksum before its first
+    /// output.
     pub fn into_model(self) -> Result<Model, ArtifactError> {
+        let check = Some(self.check.clone());
         let limits = InputLimits {
             max_seq: self.manifest.max_seq,
             max_batch: self.manifest.max_batch,
@@ -334,18 +385,20 @@ impl Artifact {
         let mut graphs = self.graphs.into_iter();
         let (first, second) = (graphs.next(), graphs.next());
         match (info.head, first, second) {
-            (Head::CausalLm, Some(prefill), Some(decode)) => Ok(Model::Causal(
-                CausalModel::new(prefill, decode, self.params, info, self.assets, limits)
-                    .map_err(malformed)?,
-            )),
+            (Head::CausalLm, Some(prefill), Some(decode)) => Ok(Model::Causal(CausalModel {
+                check,
+                ..CausalModel::new(prefill, decode, self.params, info, self.assets, limits)
+                    .map_err(malformed)?
+            })),
             (Head::CausalLm, ..) => Err(ArtifactError::Malformed {
                 origin: self.origin,
                 message: "a causal LM needs prefill and decode graphs".into(),
             }),
-            (_, Some(graph), None) => Ok(Model::Encoder(
-                EncoderModel::new(graph, self.params, info, self.assets, limits)
-                    .map_err(malformed)?,
-            )),
+            (_, Some(graph), None) => Ok(Model::Encoder(EncoderModel {
+                check,
+                ..EncoderModel::new(graph, self.params, info, self.assets, limits)
+                    .map_err(malformed)?
+            })),
             _ => Err(ArtifactError::Malformed {
                 origin: self.origin,
                 message: "an encoder needs exactly one graph".into(),

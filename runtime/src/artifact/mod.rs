@@ -10,6 +10,7 @@
 //!
 //! [`crate::deploy::Model::open`] turns an artifact into a model ready to generate or embed.
 
+mod check;
 pub mod checksum;
 mod codec;
 mod error;
@@ -17,6 +18,7 @@ pub mod format;
 pub mod read;
 pub mod write;
 
+pub use check::WeightCheck;
 pub use error::ArtifactError;
 pub use format::{Manifest, Section, SectionKind, WeightEntry};
 pub use read::Artifact;

@@ -7,6 +7,7 @@ use super::plan::{self, Plan, Step};
 use super::slots::SlotPlan;
 use super::weights::Weights;
 use crate::reference::{self, bind, Ctx, ExecError, ParamSource};
+use crate::tensor::Elements;
 use crate::{Storage, Tensor};
 use kiln_ir::{verify, Bindings, DType, Graph, Node, Op, ValueId};
 use kiln_kernels::attention::{attention_f32, AttnOptions, AttnShape, MaskView, Strides4, View};
@@ -318,8 +319,8 @@ impl CpuGraph {
                     return Ok(true);
                 }
                 let m = x.len() / k;
-                let stored = params.get(weight).map(Tensor::storage);
-                if let (Some(Storage::F8E4M3(w)), true) = (stored, *transposed) {
+                let stored = params.get(weight).map(Tensor::elements);
+                if let (Some(Elements::F8E4M3(w)), true) = (stored, *transposed) {
                     // fp8 weights stay one byte each; the graph applies the scale afterwards.
                     gemv::gemv_f8e4m3_batch(m, n, k, w, 1.0, x, out).map_err(kerr)?;
                 } else if let Some(w) = self.weights.packed(weight, *transposed) {

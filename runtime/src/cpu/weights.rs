@@ -7,6 +7,7 @@
 
 use super::plan::{Plan, Step};
 use crate::reference::ParamSource;
+use crate::tensor::Elements;
 use crate::{Storage, Tensor};
 use half::bf16;
 use kiln_ir::DType;
@@ -68,9 +69,9 @@ fn pack(t: &Tensor, transposed: bool) -> Option<PackedBf16> {
     let &[rows, cols] = t.shape() else {
         return None;
     };
-    let values: Vec<bf16> = match t.storage() {
-        Storage::BF16(v) => v.clone(),
-        Storage::F16(_) | Storage::F8E4M3(_) | Storage::F8E5M2(_) => {
+    let values: Vec<bf16> = match t.elements() {
+        Elements::BF16(v) => v.to_vec(),
+        Elements::F16(_) | Elements::F8E4M3(_) | Elements::F8E5M2(_) => {
             match t.cast(DType::BF16).storage() {
                 Storage::BF16(v) => v.clone(),
                 _ => return None,
