@@ -11,12 +11,15 @@
 //! `runner` fields do not wait: call `verify` before using them directly.
 
 use crate::artifact::{Artifact, ArtifactError, WeightCheck};
+use crate::background::Background;
 use crate::encoder::{EncoderOutput, EncoderRunner};
 use crate::generate::{self, ConfigError, GenerateError, GenerationConfig, Stopper, StreamError};
 use crate::info::{AssetError, Assets, Head, InputError, ModelInfo};
 use crate::{GraphLm, LanguageModel, ModelError, Params, Tensor};
 use kiln_ir::Graph;
+use std::borrow::Cow;
 use std::path::Path;
+use tokenizers::Tokenizer;
 
 /// InputLimits fixed when compiling (`kiln compile --max-seq/--max-batch`); none for a directory.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -109,13 +112,48 @@ pub struct CausalModel {
     pub assets: Assets,
     /// Compile-time limits.
     pub limits: InputLimits,
-    /// The weights' pending checksum, for a model from an artifact.
+    /// Work started when the model was opened.
+    started: Started,
+}
+
+/// Work started when a model is opened, on threads of its own, that the model waits for where
+/// it needs it: parsing the tokenizer, and (from an artifact) the weights' checksum.
+#[derive(Clone)]
+struct Started {
+    /// The tokenizer; `None` inside when it cannot be parsed (parsing it again where it is
+    /// needed gives the error).
+    tokenizer: Background<Option<Tokenizer>>,
+    /// The weights' checksum.
     check: Option<WeightCheck>,
 }
 
-/// Waits for the weights' checksum, if there is one.
-fn verified(check: Option<&WeightCheck>) -> Result<(), DeployError> {
-    Ok(check.map_or(Ok(()), WeightCheck::wait)?)
+/// Starts parsing `assets`' tokenizer on a thread of its own.
+pub(crate) fn parse_tokenizer(assets: &Assets) -> Background<Option<Tokenizer>> {
+    let assets = assets.clone();
+    Background::spawn("kiln-tokenizer", move || assets.tokenizer().ok())
+}
+
+impl Started {
+    /// For a model directory: starts parsing `assets`' tokenizer.
+    fn new(assets: &Assets) -> Started {
+        Started {
+            tokenizer: parse_tokenizer(assets),
+            check: None,
+        }
+    }
+
+    /// Waits for the weights' checksum, if there is one.
+    fn verified(&self) -> Result<(), DeployError> {
+        Ok(self.check.as_ref().map_or(Ok(()), WeightCheck::wait)?)
+    }
+
+    /// The tokenizer (waiting for it), or why `assets` have none.
+    fn tokenizer<'a>(&'a self, assets: &Assets) -> Result<Cow<'a, Tokenizer>, DeployError> {
+        match self.tokenizer.get() {
+            Some(Some(t)) => Ok(Cow::Borrowed(t)),
+            _ => Ok(Cow::Owned(assets.tokenizer()?)),
+        }
+    }
 }
 
 impl CausalModel {
@@ -128,19 +166,32 @@ impl CausalModel {
         assets: Assets,
         limits: InputLimits,
     ) -> Result<Self, DeployError> {
+        let started = Started::new(&assets);
+        Self::with(prefill, decode, params, info, assets, limits, started)
+    }
+
+    fn with(
+        prefill: Graph,
+        decode: Graph,
+        params: Params,
+        info: ModelInfo,
+        assets: Assets,
+        limits: InputLimits,
+        started: Started,
+    ) -> Result<Self, DeployError> {
         let lm = GraphLm::new(prefill, decode, params, info.num_layers, info.vocab_size)?;
         Ok(CausalModel {
             lm,
             info,
             assets,
             limits,
-            check: None,
+            started,
         })
     }
 
     /// Waits until the weights are known to be intact (at once for a model directory).
     pub fn verify(&self) -> Result<(), DeployError> {
-        verified(self.check.as_ref())
+        self.started.verified()
     }
 
     /// The model's generation config (see [`Assets::generation_config`]).
@@ -171,7 +222,7 @@ impl CausalModel {
                 "the prompt is empty: give some text to continue".into(),
             ));
         }
-        let tok = self.assets.tokenizer()?;
+        let tok = self.started.tokenizer(&self.assets)?;
         let prompt_ids = tok
             .encode(prompt, true)
             .map_err(|e| DeployError::Input(format!("cannot tokenize the prompt: {e}")))?
@@ -195,7 +246,7 @@ impl CausalModel {
         }
         let mut stopper = Stopper::from_config(&tok, cfg, 1);
         let mut failure: Option<DeployError> = None;
-        let check = self.check.as_ref();
+        let started = &self.started;
         let generated = generate::generate(
             &mut self.lm,
             std::slice::from_ref(&prompt_ids),
@@ -203,7 +254,7 @@ impl CausalModel {
             seed,
             &mut |row, token| {
                 // Nothing computed from the weights leaves before they are known to be intact.
-                if let Err(e) = verified(check) {
+                if let Err(e) = started.verified() {
                     failure = Some(e);
                     return false;
                 }
@@ -262,8 +313,8 @@ pub struct EncoderModel {
     pub assets: Assets,
     /// Compile-time limits.
     pub limits: InputLimits,
-    /// The weights' pending checksum, for a model from an artifact.
-    check: Option<WeightCheck>,
+    /// Work started when the model was opened.
+    started: Started,
 }
 
 /// An encoder run on texts.
@@ -283,19 +334,31 @@ impl EncoderModel {
         assets: Assets,
         limits: InputLimits,
     ) -> Result<Self, DeployError> {
+        let started = Started::new(&assets);
+        Self::with(graph, params, info, assets, limits, started)
+    }
+
+    fn with(
+        graph: Graph,
+        params: Params,
+        info: ModelInfo,
+        assets: Assets,
+        limits: InputLimits,
+        started: Started,
+    ) -> Result<Self, DeployError> {
         let runner = EncoderRunner::new(graph, params, info.uses_token_types)?;
         Ok(EncoderModel {
             runner,
             info,
             assets,
             limits,
-            check: None,
+            started,
         })
     }
 
     /// Waits until the weights are known to be intact (at once for a model directory).
     pub fn verify(&self) -> Result<(), DeployError> {
-        verified(self.check.as_ref())
+        self.started.verified()
     }
 
     /// Runs token-id sequences (checked) as one right-padded batch.
@@ -321,7 +384,7 @@ impl EncoderModel {
                 i + 1
             )));
         }
-        let tok = self.assets.tokenizer()?;
+        let tok = self.started.tokenizer(&self.assets)?;
         let mut ids = Vec::with_capacity(texts.len());
         for text in texts {
             let text = text.as_ref();
@@ -371,7 +434,10 @@ impl Artifact {
     /// The model this artifact holds, waiting for the weights' checksum before its first
     /// output.
     pub fn into_model(self) -> Result<Model, ArtifactError> {
-        let check = Some(self.check.clone());
+        let started = Started {
+            tokenizer: self.tokenizer.clone(),
+            check: Some(self.check.clone()),
+        };
         let limits = InputLimits {
             max_seq: self.manifest.max_seq,
             max_batch: self.manifest.max_batch,
@@ -385,20 +451,26 @@ impl Artifact {
         let mut graphs = self.graphs.into_iter();
         let (first, second) = (graphs.next(), graphs.next());
         match (info.head, first, second) {
-            (Head::CausalLm, Some(prefill), Some(decode)) => Ok(Model::Causal(CausalModel {
-                check,
-                ..CausalModel::new(prefill, decode, self.params, info, self.assets, limits)
-                    .map_err(malformed)?
-            })),
+            (Head::CausalLm, Some(prefill), Some(decode)) => Ok(Model::Causal(
+                CausalModel::with(
+                    prefill,
+                    decode,
+                    self.params,
+                    info,
+                    self.assets,
+                    limits,
+                    started,
+                )
+                .map_err(malformed)?,
+            )),
             (Head::CausalLm, ..) => Err(ArtifactError::Malformed {
                 origin: self.origin,
                 message: "a causal LM needs prefill and decode graphs".into(),
             }),
-            (_, Some(graph), None) => Ok(Model::Encoder(EncoderModel {
-                check,
-                ..EncoderModel::new(graph, self.params, info, self.assets, limits)
-                    .map_err(malformed)?
-            })),
+            (_, Some(graph), None) => Ok(Model::Encoder(
+                EncoderModel::with(graph, self.params, info, self.assets, limits, started)
+                    .map_err(malformed)?,
+            )),
             _ => Err(ArtifactError::Malformed {
                 origin: self.origin,
                 message: "an encoder needs exactly one graph".into(),

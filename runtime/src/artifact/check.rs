@@ -6,30 +6,23 @@
 
 use super::checksum::xxh64;
 use super::ArtifactError;
+use crate::background::Background;
 use crate::tensor::SharedBytes;
 use std::ops::Range;
-use std::sync::{Arc, Mutex, OnceLock};
-use std::thread::JoinHandle;
 
 /// The pending or finished check of one section's checksum (clones share it).
 #[derive(Clone)]
-pub struct WeightCheck(Arc<Inner>);
-
-struct Inner {
+pub struct WeightCheck {
     origin: String,
     index: usize,
     kind: &'static str,
     expected: u64,
-    /// The hashing thread, until its result is taken.
-    running: Mutex<Option<JoinHandle<u64>>>,
-    /// The checksum of the bytes, or `None` when the hashing thread died.
-    actual: OnceLock<Option<u64>>,
+    actual: Background<u64>,
 }
 
 impl WeightCheck {
     /// Starts hashing `range` of `bytes` (section `index` of `origin`, of kind `kind`, whose
-    /// table entry gives the checksum `expected`) on a new thread, or here and now when no
-    /// thread can be started.
+    /// table entry gives the checksum `expected`).
     pub fn start(
         bytes: SharedBytes,
         range: Range<usize>,
@@ -38,69 +31,43 @@ impl WeightCheck {
         kind: &'static str,
         expected: u64,
     ) -> WeightCheck {
-        let hash = move || bytes.as_slice().get(range).map_or(0, xxh64);
-        let (running, actual) = match std::thread::Builder::new()
-            .name("kiln-weight-check".into())
-            .spawn(hash.clone())
-        {
-            Ok(handle) => (Some(handle), OnceLock::new()),
-            Err(_) => (None, OnceLock::from(Some(hash()))),
-        };
-        WeightCheck(Arc::new(Inner {
+        let actual = Background::spawn("kiln-weight-check", move || {
+            bytes.as_slice().get(range).map_or(0, xxh64)
+        });
+        WeightCheck {
             origin: origin.to_string(),
             index,
             kind,
             expected,
-            running: Mutex::new(running),
             actual,
-        }))
+        }
     }
 
     /// Waits for the checksum (if it is still being computed) and compares it with the table's.
     pub fn wait(&self) -> Result<(), ArtifactError> {
-        let c = &self.0;
-        let actual = *c.actual.get_or_init(|| {
-            let running = c.running.lock().unwrap_or_else(|e| e.into_inner()).take();
-            running.and_then(|h| h.join().ok())
-        });
-        match actual {
-            Some(actual) if actual == c.expected => Ok(()),
-            Some(actual) => Err(ArtifactError::Checksum {
-                origin: c.origin.clone(),
-                index: c.index,
-                kind: c.kind,
-                expected: c.expected,
+        match self.actual.get() {
+            Some(&actual) if actual == self.expected => Ok(()),
+            Some(&actual) => Err(ArtifactError::Checksum {
+                origin: self.origin.clone(),
+                index: self.index,
+                kind: self.kind,
+                expected: self.expected,
                 actual,
             }),
-            None => Err(c.died()),
-        }
-    }
-}
-
-impl Inner {
-    fn died(&self) -> ArtifactError {
-        ArtifactError::Malformed {
-            origin: self.origin.clone(),
-            message: format!(
-                "section {} ({}) could not be checked: the checking thread stopped",
-                self.index, self.kind
-            ),
+            None => Err(ArtifactError::Malformed {
+                origin: self.origin.clone(),
+                message: format!(
+                    "section {} ({}) could not be checked: the checking thread stopped",
+                    self.index, self.kind
+                ),
+            }),
         }
     }
 }
 
 impl std::fmt::Debug for WeightCheck {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let done = if self.0.actual.get().is_some() {
-            "done"
-        } else {
-            "running"
-        };
-        write!(
-            f,
-            "WeightCheck(section {} of {}, {done})",
-            self.0.index, self.0.origin
-        )
+        write!(f, "WeightCheck(section {} of {})", self.index, self.origin)
     }
 }
 

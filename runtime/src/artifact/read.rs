@@ -7,6 +7,7 @@
 //! The file is memory-mapped and the weights are used in place from the map (every tensor is
 //! 64-byte aligned in the file): opening copies no weight. The weight data's checksum is
 //! computed on its own thread meanwhile ([`WeightCheck`]); [`Artifact::verify`] waits for it.
+//! The tokenizer is parsed on another, from the start.
 
 use super::check::WeightCheck;
 use super::checksum::xxh64;
@@ -16,12 +17,15 @@ use super::format::{
     HEADER_LEN, HOST_TARGET, MAGIC, MAX_SECTIONS,
 };
 use super::ArtifactError;
+use crate::background::Background;
+use crate::deploy::parse_tokenizer;
 use crate::info::{Assets, Head};
 use crate::tensor::SharedBytes;
 use crate::{Params, Tensor};
 use kiln_ir::{DType, Graph};
 use std::collections::BTreeSet;
 use std::ops::Range;
+use tokenizers::Tokenizer;
 
 /// A checked artifact, with its weights used in place from its bytes.
 #[derive(Debug)]
@@ -45,6 +49,8 @@ pub struct Artifact {
     pub assets: Assets,
     /// The weight data's checksum (handed to the models built from the artifact).
     pub(crate) check: WeightCheck,
+    /// The tokenizer, being parsed (handed to the models built from the artifact).
+    pub(crate) tokenizer: Background<Option<Tokenizer>>,
 }
 
 struct Reader<'o> {
@@ -385,6 +391,18 @@ impl Artifact {
             data.kind.name(),
             data.hash,
         );
+        let text_asset = |kind| -> Result<Option<Vec<u8>>, ArtifactError> {
+            match one(&rd, kind, true)? {
+                Some(i) => Ok(Some(rd.section(i, &sections[i])?.to_vec())),
+                None => Ok(None),
+            }
+        };
+        let assets = Assets {
+            origin: origin.to_string(),
+            tokenizer_json: text_asset(SectionKind::Tokenizer)?,
+            generation_config_json: text_asset(SectionKind::GenerationConfig)?,
+        };
+        let tokenizer = parse_tokenizer(&assets);
         let manifest: Manifest = rd.json(mi, &sections[mi])?;
         if !runs_here(&manifest.target) {
             return Err(ArtifactError::WrongTarget {
@@ -417,14 +435,6 @@ impl Artifact {
                 .map_err(|e| rd.malformed(format!("the {name} graph: {e}")))?;
             graphs.push(g);
         }
-        let text_asset = |kind| -> Result<Option<Vec<u8>>, ArtifactError> {
-            match one(&rd, kind, true)? {
-                Some(i) => Ok(Some(rd.section(i, &sections[i])?.to_vec())),
-                None => Ok(None),
-            }
-        };
-        let tokenizer_json = text_asset(SectionKind::Tokenizer)?;
-        let generation_config_json = text_asset(SectionKind::GenerationConfig)?;
         let weights: Vec<WeightEntry> = rd.json(ii, &sections[ii])?;
         rd.check_index(&weights, sections[di].len)?;
         check_params(&graphs, &manifest.graphs, &weights).map_err(|m| rd.malformed(m))?;
@@ -437,12 +447,9 @@ impl Artifact {
             graphs,
             weights,
             params,
-            assets: Assets {
-                origin: origin.to_string(),
-                tokenizer_json,
-                generation_config_json,
-            },
+            assets,
             check,
+            tokenizer,
         })
     }
 }
