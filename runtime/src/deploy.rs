@@ -202,9 +202,9 @@ impl CausalModel {
     /// Logits `[1, len, vocab]` of one sequence.
     pub fn forward(&self, ids: &[u32]) -> Result<Tensor, DeployError> {
         self.info.check_ids(ids, self.limits.max_seq)?;
-        let logits = self.lm.forward(ids)?;
+        let logits = self.lm.forward(ids);
         self.verify()?;
-        Ok(logits)
+        Ok(logits?)
     }
 
     /// Tokenizes `prompt` and generates a continuation with `cfg`, calling `on_text` with each
@@ -271,11 +271,13 @@ impl CausalModel {
                     }
                 }
             },
-        )?;
+        );
+        // A corrupt file explains any failure better than what it caused.
+        self.verify()?;
+        let generated = generated?;
         if let Some(e) = failure {
             return Err(e);
         }
-        self.verify()?;
         let tail = stopper.finish(0)?;
         if !tail.is_empty() {
             on_text(&tail);
@@ -367,9 +369,9 @@ impl EncoderModel {
         for ids in batch {
             self.info.check_ids(ids, self.limits.max_seq)?;
         }
-        let out = self.runner.run(batch)?;
+        let out = self.runner.run(batch);
         self.verify()?;
-        Ok(out)
+        Ok(out?)
     }
 
     /// Tokenizes `texts` (with special tokens, as transformers' tokenizer call does) and runs
