@@ -48,50 +48,36 @@ pub fn to_cuda(model: Model, backend: &Arc<Backend>) -> Result<Model, String> {
 
 /// A causal LM with its prefill and decode graphs compiled for `backend`.
 pub fn causal_to_cuda(m: CausalModel, backend: &Arc<Backend>) -> Result<CausalModel, String> {
-    let CausalModel {
-        lm,
-        info,
-        assets,
-        limits,
-    } = m;
-    let (prefill, decode, _) = lm.parts();
-    let graphs = vec![prefill.clone(), decode.clone()];
-    let params = lm.into_params();
-    let compiled = CudaGraph::compile(backend, graphs, &params).map_err(|e| e.to_string())?;
-    let mut it = compiled
-        .into_iter()
-        .map(|g| Box::new(g) as Box<dyn GraphExecutor>);
-    let (Some(p), Some(d)) = (it.next(), it.next()) else {
-        return Err("internal: expected two compiled graphs".into());
-    };
-    let lm = GraphLm::with_executors(p, d, params, info.num_layers, info.vocab_size);
-    Ok(CausalModel {
-        lm,
-        info,
-        assets,
-        limits,
+    let (layers, vocab) = (m.info.num_layers, m.info.vocab_size);
+    m.map_lm(|lm| {
+        let (prefill, decode, _) = lm.parts();
+        let graphs = vec![prefill.clone(), decode.clone()];
+        let params = lm.into_params();
+        let compiled = CudaGraph::compile(backend, graphs, &params).map_err(|e| e.to_string())?;
+        let mut it = compiled
+            .into_iter()
+            .map(|g| Box::new(g) as Box<dyn GraphExecutor>);
+        let (Some(p), Some(d)) = (it.next(), it.next()) else {
+            return Err("internal: expected two compiled graphs".to_string());
+        };
+        Ok(GraphLm::with_executors(p, d, params, layers, vocab))
     })
 }
 
 /// An encoder with its graph compiled for `backend`.
 pub fn encoder_to_cuda(e: EncoderModel, backend: &Arc<Backend>) -> Result<EncoderModel, String> {
-    let EncoderModel {
-        runner,
-        info,
-        assets,
-        limits,
-    } = e;
-    let graph = runner.parts().0.clone();
-    let params = runner.into_params();
-    let compiled = CudaGraph::compile(backend, vec![graph], &params)
-        .map_err(|e| e.to_string())?
-        .pop()
-        .ok_or("internal: expected one compiled graph")?;
-    let runner = EncoderRunner::with_executor(Box::new(compiled), params, info.uses_token_types);
-    Ok(EncoderModel {
-        runner,
-        info,
-        assets,
-        limits,
+    let token_types = e.info.uses_token_types;
+    e.map_runner(|runner| {
+        let graph = runner.parts().0.clone();
+        let params = runner.into_params();
+        let compiled = CudaGraph::compile(backend, vec![graph], &params)
+            .map_err(|e| e.to_string())?
+            .pop()
+            .ok_or("internal: expected one compiled graph")?;
+        Ok(EncoderRunner::with_executor(
+            Box::new(compiled),
+            params,
+            token_types,
+        ))
     })
 }

@@ -3,6 +3,7 @@
 //! the ahead-of-time artifacts they load from ([`artifact`]). It never depends on the compiler.
 
 pub mod artifact;
+pub mod background;
 pub mod cpu;
 pub mod deploy;
 pub mod encoder;

@@ -56,6 +56,7 @@ pub fn bench_model(args: &ModelArgs) -> Result<(), CliError> {
     let started = Instant::now();
     let (model, reports) =
         load::model_with(&args.opts.model, &args.opts.load_options()).map_err(load_error)?;
+    model.verify().map_err(super::forward::deploy_error)?;
     ModelOpts::warn(&reports);
     let load_s = started.elapsed().as_secs_f64();
     let mut profiles = Vec::new();
