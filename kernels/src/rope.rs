@@ -4,8 +4,10 @@
 //! `out[j] = x[j]·cos[j] − x[j+h]·sin[j]` for `j < h` and `out[j] = x[j]·cos[j] + x[j−h]·sin[j]`
 //! for `j ≥ h`. One pass, where the traced graph takes a slice pair, a negation, a concat and
 //! a fused multiply-add. Operands are strided (0 = broadcast, e.g. `cos` shared by the heads);
-//! the result is dense.
+//! the result is dense, optionally rounded to bf16 (to nearest even) and stored widened, for a
+//! bf16 graph's attention operand.
 
+use crate::simd::round_bf16;
 use crate::KernelError;
 use rayon::prelude::*;
 
@@ -13,12 +15,14 @@ use rayon::prelude::*;
 const PARALLEL_MIN_ELEMS: usize = 1 << 15;
 
 /// `out = x · cos + rotate_half(x) · sin` over `shape` (last axis even); each operand is
-/// `(elements from its first one, element strides per axis)`, `out` dense.
+/// `(elements from its first one, element strides per axis)`, `out` dense; with `to_bf16`
+/// each result is rounded to bf16.
 pub fn rope_rotate_half(
     shape: &[usize],
     x: (&[f32], &[usize]),
     cos: (&[f32], &[usize]),
     sin: (&[f32], &[usize]),
+    to_bf16: bool,
     out: &mut [f32],
 ) -> Result<(), KernelError> {
     let err = |what: String| Err(KernelError::Layout(format!("rope {shape:?}: {what}")));
@@ -74,6 +78,11 @@ pub fn rope_rotate_half(
             for (j, v) in y.iter_mut().enumerate() {
                 let rot = if j < h { -at(xv, j + h) } else { at(xv, j - h) };
                 *v = at(xv, j) * at(cv, j) + rot * at(sv, j);
+            }
+        }
+        if to_bf16 {
+            for v in y.iter_mut() {
+                *v = round_bf16(*v);
             }
         }
     };

@@ -162,7 +162,7 @@ fn linear_epilogues_match_the_reference() {
 fn rotate_half_rope_matches_the_reference() {
     let mut rng = ChaCha8Rng::seed_from_u64(3);
     for (b, h, s) in [(1usize, 1usize, 1usize), (2, 7, 3), (1, 3, 33)] {
-        for d in [2usize, 8, 34] {
+        for (d, to_bf16) in [(2usize, false), (8, true), (34, false), (34, true)] {
             let t = Tracer::new();
             let dims = |v: &[usize]| v.iter().map(|&x| x as i64).collect::<Vec<_>>();
             let x0 = t.input("x", DType::F32, dims(&[b, s, h, d]));
@@ -178,6 +178,12 @@ fn rotate_half_rope_matches_the_reference() {
             let y = t
                 .apply(Op::FusedElementwise { body }, &[&x, &cos, &rot, &sin])
                 .unwrap();
+            // A bf16 graph rounds the query for attention; the rope step does it.
+            let y = if to_bf16 {
+                y.cast(DType::BF16).unwrap().cast(DType::F32).unwrap()
+            } else {
+                y
+            };
             t.output("y", &y);
             let inputs = HashMap::from([
                 ("x".to_string(), random(&mut rng, &[b, s, h, d])),
@@ -186,8 +192,16 @@ fn rotate_half_rope_matches_the_reference() {
             ]);
             let steps = check(t.finish().unwrap(), &inputs, &HashMap::new());
             assert!(
-                steps.iter().any(|s| matches!(s, Step::Rope { .. })),
-                "{b}x{h}x{s}x{d}: no rope step"
+                steps
+                    .iter()
+                    .any(|s| matches!(s, Step::Rope { round_bf16, .. } if *round_bf16 == to_bf16)),
+                "{b}x{h}x{s}x{d} (bf16: {to_bf16}): no rope step"
+            );
+            // Only x's own producer (x0²) is an elementwise step.
+            let fused = steps.iter().filter(|s| matches!(s, Step::Fused(_))).count();
+            assert_eq!(
+                fused, 1,
+                "{b}x{h}x{s}x{d}: a separate elementwise step remains"
             );
             assert!(
                 !steps.iter().any(|s| matches!(s, Step::Concat | Step::Copy)),

@@ -416,7 +416,12 @@ impl CpuGraph {
         };
         let kerr = |e: KernelError| ctx.mismatch(e.to_string());
         match step {
-            Step::Rope { x, cos, sin } => {
+            Step::Rope {
+                x,
+                cos,
+                sin,
+                round_bf16,
+            } => {
                 let operand = |v: &ValueId| {
                     let (d, l) = strided_data(&vals[v.index()], bufs)?;
                     let strides = l.broadcast_to(shape)?;
@@ -425,8 +430,8 @@ impl CpuGraph {
                 let (Some(x), Some(c), Some(s)) = (operand(x), operand(cos), operand(sin)) else {
                     return Ok(false);
                 };
-                rope_rotate_half(shape, (x.0, &x.1), (c.0, &c.1), (s.0, &s.1), out)
-                    .map_err(kerr)?;
+                let (x, c, s) = ((x.0, &x.1[..]), (c.0, &c.1[..]), (s.0, &s.1[..]));
+                rope_rotate_half(shape, x, c, s, *round_bf16, out).map_err(kerr)?;
             }
             Step::MatMul { ta, tb } => {
                 let (Some((a, sa)), Some((b, sb))) = (f32s(0), f32s(1)) else {

@@ -10,7 +10,9 @@
 //!   consumer adds a residual of its shape or a bias `[n]` computes that in its epilogue.
 //! - **Linear groups** ([`linear_groups`]): linear layers reading the same activation (Q/K/V,
 //!   gate/up) become one step at the first one's node, one parallel region in decode.
-//! - **Rotary embedding** ([`rope`]): `x·cos + concat(-x[.., h..], x[.., ..h])·sin` is one step.
+//! - **Rotary embedding** ([`rope`]): `x·cos + concat(-x[.., h..], x[.., ..h])·sin` is one step;
+//!   its rounding to bf16, where that is its only consumer, is done by the same step
+//!   ([`rope_rounding`]).
 //! - **Attention output layout** ([`attention_layout`]): attention whose only consumer permutes
 //!   `[b, h, s, d]` to `[b, s, h, d]` writes that layout, so the permute is a dense view.
 
@@ -239,12 +241,48 @@ pub(super) fn rope(graph: &Graph, node: &Node, body: &Expr) -> Option<Step> {
                 let (x, cos, sin) = (val(x)?, val(cos)?, val(sin)?);
                 let same_type = graph.node(x).is_some_and(|n| n.ty == node.ty);
                 if same_type && rotate_half_of(graph, val(rot)?) == Some(x) {
-                    return Some(Step::Rope { x, cos, sin });
+                    return Some(Step::Rope {
+                        x,
+                        cos,
+                        sin,
+                        round_bf16: false,
+                    });
                 }
             }
         }
     }
     None
+}
+
+/// A rotary step whose only consumer rounds it to bf16 (a bf16 graph's query) moves to that
+/// cast's node and rounds its result itself.
+pub(super) fn rope_rounding(graph: &Graph, steps: &mut [Step]) {
+    let nodes = graph.nodes();
+    let users = users(graph);
+    for r in 0..nodes.len() {
+        let Step::Rope {
+            x,
+            cos,
+            sin,
+            round_bf16: false,
+        } = steps[r]
+        else {
+            continue;
+        };
+        let [c] = users[r][..] else { continue };
+        let rounds = nodes
+            .get(c)
+            .is_some_and(|n| matches!(n.op, Op::Cast { to: DType::BF16 }));
+        if rounds && matches!(steps[c], Step::Fused(_)) {
+            steps[c] = Step::Rope {
+                x,
+                cos,
+                sin,
+                round_bf16: true,
+            };
+            steps[r] = Step::Skip;
+        }
+    }
 }
 
 /// `x` if `v` is `concat(neg(x[.., h..2h]), x[.., ..h])` over the last axis of `x` (size 2h).

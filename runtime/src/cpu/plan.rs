@@ -74,6 +74,9 @@ pub enum Step {
         cos: ValueId,
         /// Multiplies `rotate_half(x)`.
         sin: ValueId,
+        /// The result is rounded to bf16 (the step sits at the node of that rounding: a
+        /// bf16 graph's attention operand).
+        round_bf16: bool,
     },
     /// A batched product of two activations.
     MatMul {
@@ -137,7 +140,7 @@ impl Step {
                 v.extend(layers.iter().filter_map(|l| l.add));
                 v
             }
-            Step::Rope { x, cos, sin } => vec![*x, *cos, *sin],
+            Step::Rope { x, cos, sin, .. } => vec![*x, *cos, *sin],
             _ => node.inputs.clone(),
         }
     }
@@ -178,9 +181,12 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// Selects a step for every node of `graph` (which must be verified), then marks the nodes
-    /// no output depends on through a value operand as [`Step::Skip`], and turns each view
-    /// read by a kernel that needs dense data into a copy.
+    /// Selects a step for every node of `graph` (which must be verified; rotary embeddings are
+    /// recognized here), leaves bf16 operand roundings to the linear kernels and folds linear
+    /// epilogues ([`fuse`]), marks the nodes no output depends on through a value operand as
+    /// [`Step::Skip`], turns each view read by a kernel that needs dense data into a copy
+    /// (except the permute of an attention output stored permuted), and finally groups the
+    /// linear layers reading one activation.
     pub fn new(graph: &Graph) -> Plan {
         let nodes = graph.nodes();
         let mut steps: Vec<Step> = nodes
@@ -190,6 +196,7 @@ impl Plan {
             .collect();
         fuse::rounding_in_kernels(graph, &mut steps);
         fuse::linear_epilogues(graph, &mut steps);
+        fuse::rope_rounding(graph, &mut steps);
         // Liveness: an output, or a value operand of a needed node.
         let mut needed = vec![false; nodes.len()];
         for out in graph.outputs() {
