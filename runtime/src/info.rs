@@ -155,11 +155,9 @@ impl Assets {
             origin: self.origin.clone(),
             message: e.to_string(),
         };
-        serde_json::from_slice::<serde_json::Value>(bytes).map_err(|e| {
-            AssetError::Tokenizer {
-                origin: self.origin.clone(),
-                message: format!("not valid JSON: {e}"),
-            }
+        serde_json::from_slice::<serde_json::Value>(bytes).map_err(|e| AssetError::Tokenizer {
+            origin: self.origin.clone(),
+            message: format!("not valid JSON: {e}"),
         })?;
         let mut tok = tokenizers::Tokenizer::from_bytes(bytes).map_err(fail)?;
         tok.with_padding(None);
