@@ -9,7 +9,8 @@
 //! - [`lower`]: one [`kiln_ir::Op`] as a verified `func.func @kernel` on memrefs (elementwise
 //!   bodies and reductions there, [`norm`] for softmax/rmsnorm/layernorm, [`matmul`]);
 //! - [`cpu`]: the pass pipeline down to LLVM, the JIT ([`MlirKernel`]) and its cache;
-//! - [`gpu`]: the same kernels as PTX for NVIDIA GPUs.
+//! - [`gpu`]: the same kernels as PTX for NVIDIA GPUs;
+//! - [`provider`]: the CPU backend's kernel hook ([`MlirProvider`], `--codegen mlir`).
 //!
 //! Anything this backend cannot lower is an [`MlirError::Unsupported`] carrying the reason, so a
 //! caller can fall back to its native kernel.
@@ -20,12 +21,14 @@ pub mod gpu;
 pub mod lower;
 pub mod matmul;
 pub mod norm;
+pub mod provider;
 pub mod scalar;
 pub mod spec;
 
 pub use cpu::{KernelCache, MlirKernel};
 pub use gpu::ptx;
 pub use lower::emit;
+pub use provider::MlirProvider;
 pub use spec::KernelSpec;
 
 /// Why a kernel could not be generated or run.

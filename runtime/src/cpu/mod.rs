@@ -18,6 +18,7 @@
 //! must agree with it within the kernels' documented tolerances (tests in `tests/`).
 
 mod exec;
+pub mod external;
 mod layout;
 mod moe;
 mod plan;

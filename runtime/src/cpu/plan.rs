@@ -3,6 +3,7 @@
 //! kernel at run time (say, an f16 input where the kernel reads f32) runs the reference op
 //! instead, so selection affects speed, never results beyond kernel tolerances.
 
+use super::external::Provider;
 use kiln_ir::{DType, Expr, Graph, Node, Op, ValueId};
 use kiln_kernels::fused::Program;
 use std::fmt;
@@ -79,6 +80,14 @@ pub enum Step {
     },
     /// The reference executor's op on this node alone.
     Reference,
+    /// A kernel from an external provider ([`crate::cpu::external`]), `native` where it has
+    /// none.
+    External {
+        /// Who makes the kernel.
+        provider: Arc<Provider>,
+        /// The step it replaces, run when the provider cannot.
+        native: Box<Step>,
+    },
 }
 
 impl Step {
@@ -119,6 +128,9 @@ impl Step {
             Step::Embedding => "embedding".into(),
             Step::Moe { .. } => "moe".into(),
             Step::Reference => "reference".into(),
+            Step::External { provider, native } => {
+                format!("{} {}", provider.name(), native.name())
+            }
         }
     }
 }
@@ -135,8 +147,22 @@ impl Plan {
     /// no output depends on through a value operand as [`Step::Skip`], and turns each view
     /// read by a kernel that needs dense data into a copy.
     pub fn new(graph: &Graph) -> Plan {
+        Plan::with_provider(graph, None)
+    }
+
+    /// [`Plan::new`], with the kernels `provider` accepts chosen over the native ones.
+    pub fn with_provider(graph: &Graph, provider: Option<&Arc<Provider>>) -> Plan {
         let nodes = graph.nodes();
-        let mut steps: Vec<Step> = nodes.iter().map(|n| select(graph, n)).collect();
+        let mut steps: Vec<Step> = nodes
+            .iter()
+            .map(|n| {
+                let native = select(graph, n);
+                match provider {
+                    Some(p) => p.choose(native, &n.op, &operand_types(graph, n)),
+                    None => native,
+                }
+            })
+            .collect();
         // Views read by a kernel that needs dense data become copies; then a reshape of a
         // (still) strided value becomes a copy too.
         for (i, node) in nodes.iter().enumerate() {
@@ -290,6 +316,14 @@ fn select(graph: &Graph, node: &Node) -> Step {
         }
         _ => Step::Reference,
     }
+}
+
+/// The declared types of a node's operands.
+fn operand_types<'g>(graph: &'g Graph, node: &Node) -> Vec<&'g kiln_ir::TensorType> {
+    node.inputs
+        .iter()
+        .filter_map(|v| graph.node(*v).map(|n| &n.ty))
+        .collect()
 }
 
 /// The body compiled for the operands' dtypes, or the reference op if it cannot be.
