@@ -3,7 +3,8 @@
 //! with the same bounds as the native tests (`tests/hf_causal.rs`, `tests/artifact.rs`):
 //! causal prompt logits within 1e-4 (max abs) and one cached decode step equal to the full
 //! forward's row; encoder hidden states and masked-LM logits at cosine ≥ 0.9999; classifier
-//! logits within 1e-4. Each family must run a positive number of nodes on MLIR kernels.
+//! logits within 1e-4. Each family must run a positive number of nodes on MLIR kernels, and
+//! none of its attention, norm, softmax or activation-product nodes may fall back to native.
 //!
 //! This lives in `kiln-compiler` (not the root package) so that CI, which builds the compiler
 //! with `--features mlir`, runs it without building the root package with the feature too. It
@@ -140,6 +141,10 @@ fn ran_on_mlir(name: &str, provider: &Provider) {
         provider.fallbacks()
     );
     assert!(provider.runs() > 0, "{name}: no node ran on an MLIR kernel");
+    let native = provider.fallbacks();
+    for kind in ["attention", "rmsnorm", "layernorm", "softmax", "matmul"] {
+        assert!(!native.contains_key(kind), "{name}: {kind} stayed native");
+    }
 }
 
 #[test]

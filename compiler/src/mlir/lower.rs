@@ -10,7 +10,7 @@
 use super::build::{context, Builder, Iter};
 use super::scalar::Scalars;
 use super::spec::KernelSpec;
-use super::{matmul, norm, MlirError};
+use super::{attention, matmul, norm, MlirError};
 use kiln_ir::{Expr, Op, ReduceOp};
 use melior::ir::attribute::{StringAttribute, TypeAttribute};
 use melior::ir::operation::{OperationBuilder, OperationLike};
@@ -132,6 +132,11 @@ pub fn lower<'c>(ctx: &'c Context, spec: &KernelSpec) -> Result<Lowered<'c>, Mli
             transpose_a,
             transpose_b,
         } => matmul::matmul(ctx, spec, &out, *transpose_a, *transpose_b),
+        Op::Attention {
+            scale,
+            causal,
+            window,
+        } => attention::attention(ctx, spec, (scale.0, *causal, *window)),
         op => Err(MlirError::Unsupported(format!(
             "no MLIR lowering for {}",
             op.name()

@@ -40,6 +40,7 @@ fn lowered(op: &Op) -> bool {
             | Op::RmsNorm { .. }
             | Op::LayerNorm { .. }
             | Op::MatMul { .. }
+            | Op::Attention { .. }
     )
 }
 
