@@ -5,11 +5,12 @@
 //! and value head `h / (hq / hkv)`; causal and sliding-window visibility bound the key loop
 //! (query `i` sits at `sk - sq + i`); an additive mask of any shape broadcastable to the
 //! scores is read at index 0 on its broadcast axes. As the reference executor: a query with no
-//! visible key gives zeros, visible keys all `-inf` give NaN. Batches are split across threads
-//! by the JIT.
+//! visible key gives zeros, visible keys all `-inf` give NaN. The (batch, query head) rows are
+//! split across threads by the JIT; keys, values and the mask are read whole at the absolute
+//! row ([`super::lower::Lowered::first_row`]).
 
 use super::build::Builder;
-use super::lower::{module, ArgLayout, Lowered};
+use super::lower::{module_with, ArgLayout, Lowered};
 use super::scalar::Scalars;
 use super::spec::KernelSpec;
 use super::MlirError;
@@ -156,28 +157,28 @@ pub fn attention<'c>(
             )))
         }
     };
+    // Rows are (batch, query head) pairs, split across threads; keys, values and the mask are
+    // passed whole and read at the absolute row (the block's first row comes last).
     let mut args = vec![
-        ArgLayout::rows(spec.inputs[0].clone()),
-        ArgLayout::rows(spec.inputs[1].clone()),
-        ArgLayout::rows(spec.inputs[2].clone()),
+        ArgLayout::rows(vec![b * hq, sq, d]),
+        ArgLayout::whole(vec![b * hkv, sk, d]),
+        ArgLayout::whole(vec![b * hkv, sk, dv]),
     ];
-    if let Some((m4, follows)) = &mask {
-        args.push(ArgLayout {
-            shape: m4.clone(),
-            split: follows[0],
-        });
+    if let Some((m4, _)) = &mask {
+        args.push(ArgLayout::whole(m4.clone()));
     }
-    args.push(ArgLayout::rows(vec![b, hq, sq, dv]));
+    args.push(ArgLayout::rows(vec![b * hq, sq, dv]));
     let window = i64::try_from(window)
         .map_err(|_| MlirError::Unsupported(format!("attention window {window}")))?;
     let offset = sk as i64 - sq as i64;
-    module(
+    module_with(
         ctx,
         args,
+        true,
         Box::new(move |bd, block, vals| {
             let (q, k, v) = (vals[0], vals[1], vals[2]);
             let m_arg = mask.as_ref().map(|(_, f)| (vals[3], f.clone()));
-            let out = vals[vals.len() - 1];
+            let (out, first) = (vals[vals.len() - 2], vals[vals.len() - 1]);
             let top = Ix { b: bd, block };
             let acc_ty = bd.memref(&[dv], false);
             let acc = bd.op(
@@ -195,12 +196,16 @@ pub fn attention<'c>(
                 Some(Type::index(bd.ctx)),
                 &[],
             )?;
-            for_loop(bd, block, (zero, rows), &[], |blk, bi, _| {
-                let hq_n = Ix { b: bd, block: blk }.c(hq as i64)?;
-                let z = Ix { b: bd, block: blk }.c(0)?;
-                for_loop(bd, blk, (z, hq_n), &[], |blk, h, _| {
+            for_loop(bd, block, (zero, rows), &[], |blk, r, _| {
+                {
                     let ix = Ix { b: bd, block: blk };
+                    let row = ix.op("arith.addi", first, r)?;
+                    let hq_n = ix.c(hq as i64)?;
+                    let bi = ix.op("arith.divui", row, hq_n)?;
+                    let h = ix.op("arith.remui", row, hq_n)?;
                     let hk = ix.op("arith.divui", h, ix.c(group as i64)?)?;
+                    let kr = ix.op("arith.muli", bi, ix.c(hkv as i64)?)?;
+                    let kr = ix.op("arith.addi", kr, hk)?;
                     let (z, sq_n) = (ix.c(0)?, ix.c(sq as i64)?);
                     for_loop(bd, blk, (z, sq_n), &[], |blk, i, _| {
                         let ix = Ix { b: bd, block: blk };
@@ -232,9 +237,10 @@ pub fn attention<'c>(
                             let dot = for_loop(bd, blk, (z, d_n), &[s.c(0.0)?], |blk, p, acc| {
                                 let ix = Ix { b: bd, block: blk };
                                 let s = ix.scalars();
-                                let x = ix.load(q, &[bi, h, i, p])?;
-                                let y = ix.load(k, &[bi, hk, j, p])?;
-                                Ok(vec![s.bin(
+                                let x = ix.load(q, &[r, i, p])?;
+                                let y = ix.load(k, &[kr, j, p])?;
+                                // Reassociable, so LLVM vectorizes the dot product.
+                                Ok(vec![s.reassoc(
                                     "arith.addf",
                                     acc[0],
                                     s.bin("arith.mulf", x, y)?,
@@ -270,7 +276,7 @@ pub fn attention<'c>(
                                 let ix = Ix { b: bd, block: blk };
                                 let s = ix.scalars();
                                 let a = s.bin("arith.mulf", ix.load(acc, &[c])?, alpha)?;
-                                let x = s.bin("arith.mulf", pj, ix.load(v, &[bi, hk, j, c])?)?;
+                                let x = s.bin("arith.mulf", pj, ix.load(v, &[kr, j, c])?)?;
                                 ix.store(s.bin("arith.addf", a, x)?, acc, &[c])?;
                                 Ok(vec![])
                             })?;
@@ -287,19 +293,18 @@ pub fn attention<'c>(
                             ))
                             .result(0)?
                             .into();
-                        let r = s.select(empty, s.c(0.0)?, s.recip(ml[1])?)?;
+                        let inv = s.select(empty, s.c(0.0)?, s.recip(ml[1])?)?;
                         let (z, dv_n) = (ix.c(0)?, ix.c(dv as i64)?);
                         for_loop(bd, blk, (z, dv_n), &[], |blk, c, _| {
                             let ix = Ix { b: bd, block: blk };
                             let s = ix.scalars();
-                            let y = s.bin("arith.mulf", ix.load(acc, &[c])?, r)?;
-                            ix.store(y, out, &[bi, h, i, c])?;
+                            let y = s.bin("arith.mulf", ix.load(acc, &[c])?, inv)?;
+                            ix.store(y, out, &[r, i, c])?;
                             Ok(vec![])
                         })?;
                         Ok(vec![])
                     })?;
-                    Ok(vec![])
-                })?;
+                }
                 Ok(vec![])
             })?;
             Ok(())
