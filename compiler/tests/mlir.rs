@@ -410,6 +410,25 @@ fn cache_compiles_each_spec_once() {
         .get(&KernelSpec::new(Op::Softmax { axis: 0 }, &[&[2, 2]]))
         .is_err());
     assert_eq!(cache.len(), 2);
+    // A bounded cache empties itself for a spec beyond its limit.
+    let bounded = KernelCache::bounded(2);
+    let specs: Vec<KernelSpec> = [1usize, 2, 3]
+        .iter()
+        .map(|&n| KernelSpec::new(Op::Unary(UnaryOp::Exp), &[&[n]]))
+        .collect();
+    let first = bounded.get(&specs[0]).unwrap();
+    bounded.get(&specs[1]).unwrap();
+    assert_eq!(bounded.len(), 2);
+    bounded.get(&specs[2]).unwrap();
+    assert_eq!(bounded.len(), 1);
+    // An evicted kernel still runs for whoever holds it, and is compiled anew when asked.
+    let mut y = [0.0];
+    first.run(&[(&[0.0], &[1])], &mut y, &[1]).unwrap();
+    assert_eq!(y, [1.0]);
+    assert!(!std::sync::Arc::ptr_eq(
+        &first,
+        &bounded.get(&specs[0]).unwrap()
+    ));
 }
 
 /// `ptxas`: `$KILN_PTXAS`, else the CUDA wheel unpacked under `~/.cache/kiln/cuda`, else `PATH`.

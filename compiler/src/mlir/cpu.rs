@@ -247,9 +247,15 @@ pub fn threads() -> usize {
 
 /// Compiled kernels by spec (op and shapes); failures are remembered too, so an unsupported
 /// node is diagnosed once.
-#[derive(Default)]
 pub struct KernelCache {
     kernels: Mutex<HashMap<KernelSpec, Result<Arc<MlirKernel>, MlirError>>>,
+    limit: usize,
+}
+
+impl Default for KernelCache {
+    fn default() -> Self {
+        Self::bounded(usize::MAX)
+    }
 }
 
 impl KernelCache {
@@ -258,12 +264,26 @@ impl KernelCache {
         Self::default()
     }
 
+    /// An empty cache holding at most `limit` specs: a new spec beyond that empties it first
+    /// (kernels still in use live on through their `Arc`s). Keeps a decode loop, whose
+    /// cache-length-dependent kernels are new at every step, from holding one compiled kernel
+    /// per step.
+    pub fn bounded(limit: usize) -> Self {
+        KernelCache {
+            kernels: Mutex::default(),
+            limit: limit.max(1),
+        }
+    }
+
     /// The kernel for `spec`, compiled on first use.
     pub fn get(&self, spec: &KernelSpec) -> Result<Arc<MlirKernel>, MlirError> {
         let mut map = self
             .kernels
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if map.len() >= self.limit && !map.contains_key(spec) {
+            map.clear();
+        }
         map.entry(spec.clone())
             .or_insert_with(|| MlirKernel::compile(spec).map(Arc::new))
             .clone()

@@ -11,9 +11,21 @@ use kiln_runtime::cpu::external::{ExternalKernel, KernelProvider};
 use std::sync::Arc;
 
 /// MLIR-compiled kernels for the CPU backend, compiled on first use per shape.
-#[derive(Default)]
 pub struct MlirProvider {
     cache: KernelCache,
+}
+
+/// Kernels a provider keeps compiled: every distinct kernel of a model's prefill and decode
+/// graphs at a few shapes, while a long decode loop (new attention shapes every step) does not
+/// hold one engine per step.
+const CACHED_KERNELS: usize = 256;
+
+impl Default for MlirProvider {
+    fn default() -> Self {
+        MlirProvider {
+            cache: KernelCache::bounded(CACHED_KERNELS),
+        }
+    }
 }
 
 impl MlirProvider {
