@@ -1,12 +1,14 @@
 //! MLIR-JIT kernels (feature `mlir`) against the native kernels of kiln-kernels, same data,
 //! same threads (rayon's global pool for both): fused `(mul (silu $0) $1)` on 16M elements,
-//! rmsnorm and softmax on 4096×4096, f32 matmul 512³. Compilation is outside the timing.
+//! rmsnorm and softmax on 4096×4096, f32 matmul 512³, causal GQA attention (8 query heads over
+//! 2 key/value heads, 512 positions, head dim 64). Compilation is outside the timing.
 //!
 //! `cargo bench --features mlir --bench mlir_kernels`
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use kiln_compiler::mlir::{KernelSpec, MlirKernel};
 use kiln_ir::{Expr, Op, F64};
+use kiln_kernels::attention::{attention_f32, AttnOptions, AttnShape, Strides4, View};
 use kiln_kernels::gemm::{matmul_f32, Gemm};
 use kiln_kernels::{elementwise, rowwise};
 use std::hint::black_box;
@@ -88,6 +90,54 @@ fn kernels(c: &mut Criterion) {
         &[data(m * m, 0.0), data(m * m, 1.0)],
         (m * m * m) as u64,
         |x, y| matmul_f32(&p, &x[0], &x[1], y).unwrap(),
+    );
+    let (hq, hkv, seq, d) = (8, 2, 512, 64);
+    let dims = AttnShape {
+        batch: 1,
+        q_heads: hq,
+        kv_heads: hkv,
+        q_len: seq,
+        kv_len: seq,
+        head_dim: d,
+        v_dim: d,
+    };
+    let scale = 1.0 / (d as f64).sqrt();
+    let opts = AttnOptions {
+        scale: scale as f32,
+        causal: true,
+        window: 0,
+    };
+    fn view(x: &[f32], heads: usize, seq: usize, d: usize) -> View<'_> {
+        View {
+            data: x,
+            strides: Strides4::dense(heads, seq, d),
+        }
+    }
+    pair(
+        c,
+        "attention_gqa_8x2x512x64",
+        KernelSpec::new(
+            Op::Attention {
+                scale: F64(scale),
+                causal: true,
+                window: 0,
+            },
+            &[&[1, hq, seq, d], &[1, hkv, seq, d], &[1, hkv, seq, d]],
+        ),
+        &[
+            data(hq * seq * d, 0.0),
+            data(hkv * seq * d, 1.0),
+            data(hkv * seq * d, 2.0),
+        ],
+        (hq * seq * seq / 2 * d) as u64,
+        |x, y| {
+            let (q, k, v) = (
+                view(&x[0], hq, seq, d),
+                view(&x[1], hkv, seq, d),
+                view(&x[2], hkv, seq, d),
+            );
+            attention_f32(&dims, &opts, q, k, v, None, y, Strides4::dense(hq, seq, d)).unwrap()
+        },
     );
 }
 

@@ -11,6 +11,7 @@ pub use kiln_ir as ir;
 pub use kiln_models as models;
 pub use kiln_runtime as runtime;
 
+pub mod codegen;
 pub mod compile;
 pub mod load;
 pub mod placement;

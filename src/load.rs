@@ -3,6 +3,7 @@
 //! weights) or from an artifact (`kiln compile`'s output, read by `kiln_runtime::artifact`),
 //! into the runtime's ready-to-use [`CausalModel`] or [`EncoderModel`].
 
+use crate::codegen::{self, Codegen};
 use crate::placement::{self, Placement};
 use kiln_compiler::cost::Target;
 use kiln_compiler::pipeline::{optimize, Limits, OptimizeError, Report};
@@ -57,6 +58,8 @@ pub struct LoadOptions {
     pub precision: Precision,
     /// Where the model runs (the CPU by default).
     pub placement: Placement,
+    /// Whose kernels the CPU backend runs (`--codegen`, native by default).
+    pub codegen: Codegen,
 }
 
 impl Default for LoadOptions {
@@ -66,6 +69,7 @@ impl Default for LoadOptions {
             target: Target::cpu(),
             precision: Precision::F32,
             placement: Placement::Cpu,
+            codegen: Codegen::Native,
         }
     }
 }
@@ -281,7 +285,7 @@ fn artifact(path: &Path, opts: &LoadOptions) -> Result<Model, LoadError> {
             path.display()
         )));
     }
-    let model = art.into_model()?;
+    let model = codegen::apply(art.into_model()?, opts.codegen).map_err(LoadError::Unsupported)?;
     match placement::resolve(opts.placement).map_err(cuda_error)? {
         Some(b) => placement::to_cuda(model, &b).map_err(cuda_error),
         None => Ok(model),
@@ -358,6 +362,7 @@ pub fn causal_lm_with(path: &Path, opts: &LoadOptions) -> Result<CausalLm, LoadE
         InputLimits::default(),
     )
     .map_err(|e| LoadError::Unsupported(e.to_string()))?;
+    let model = codegen::causal(model, opts.codegen).map_err(LoadError::Unsupported)?;
     let model = match placement::resolve(opts.placement).map_err(cuda_error)? {
         Some(b) => placement::causal_to_cuda(model, &b).map_err(cuda_error)?,
         None => model,
@@ -439,6 +444,7 @@ pub fn encoder_with(path: &Path, opts: &LoadOptions) -> Result<Encoder, LoadErro
         InputLimits::default(),
     )
     .map_err(|e| LoadError::Unsupported(e.to_string()))?;
+    let model = codegen::encoder(model, opts.codegen).map_err(LoadError::Unsupported)?;
     let model = match placement::resolve(opts.placement).map_err(cuda_error)? {
         Some(b) => placement::encoder_to_cuda(model, &b).map_err(cuda_error)?,
         None => model,

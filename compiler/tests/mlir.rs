@@ -321,6 +321,63 @@ fn matmul_matches_reference_for_every_transpose_and_batch() {
     }
 }
 
+/// `(b, hq, hkv, sq, sk, d, dv, causal, window, mask shape)`.
+type AttnCase = ([usize; 7], bool, usize, Option<Vec<usize>>);
+
+#[test]
+fn attention_matches_reference_with_gqa_causal_window_and_masks() {
+    let mut r = ChaCha8Rng::seed_from_u64(8);
+    let cases: &[AttnCase] = &[
+        ([1, 4, 4, 7, 7, 8, 8], true, 0, None),
+        // Grouped-query heads, fewer queries than keys (a later chunk of a prompt).
+        ([2, 8, 2, 5, 33, 16, 16], true, 0, None),
+        ([1, 2, 1, 33, 33, 7, 5], true, 4, None),
+        // A padding mask per batch row (with -inf keys), not causal.
+        ([3, 4, 2, 9, 9, 33, 3], false, 0, Some(vec![3, 1, 1, 9])),
+        // One decode query over 65 keys, a full mask.
+        ([2, 4, 4, 1, 65, 8, 8], true, 0, Some(vec![2, 4, 1, 65])),
+        // More queries than keys: the first ones see no key (zeros).
+        ([1, 1, 1, 5, 3, 4, 4], true, 0, None),
+        // Big enough (> 65536 outputs) to run in parallel batch blocks; a 2-D mask.
+        ([5, 4, 4, 64, 64, 64, 64], true, 16, Some(vec![64, 64])),
+    ];
+    for ([b, hq, hkv, sq, sk, d, dv], causal, window, mask) in cases {
+        let op = Op::Attention {
+            scale: F64(1.0 / (*d as f64).sqrt()),
+            causal: *causal,
+            window: *window,
+        };
+        let mut shapes = vec![vec![*b, *hq, *sq, *d], vec![*b, *hkv, *sk, *d]];
+        shapes.push(vec![*b, *hkv, *sk, *dv]);
+        shapes.extend(mask.clone());
+        let refs: Vec<&[usize]> = shapes.iter().map(Vec::as_slice).collect();
+        let spec = KernelSpec::new(op, &refs);
+        let mut data: Vec<Vec<f32>> = shapes
+            .iter()
+            .map(|s| random(&mut r, s.iter().product(), -2.0, 2.0))
+            .collect();
+        if let Some(m) = data.get_mut(3) {
+            // Some keys hidden outright; in the padding case, every key of batch row 0 (NaN
+            // there, as softmax of all -inf).
+            for (i, x) in m.iter_mut().enumerate() {
+                if i % 5 == 3 || (*b == 3 && i < *sk) {
+                    *x = f32::NEG_INFINITY;
+                }
+            }
+        }
+        // Bound Σ_j p_j·|v_j| per output: the result's own scale.
+        let mut abs = data.clone();
+        abs[2] = abs[2].iter().map(|x| x.abs()).collect();
+        let bound = reference(&spec, &abs);
+        check(
+            &format!("attention {shapes:?} causal={causal} window={window}"),
+            &mlir(&spec, &data),
+            &reference(&spec, &data),
+            |i, _| 1e-5 * f64::from(bound[i]) + 1e-6,
+        );
+    }
+}
+
 #[test]
 fn unsupported_ops_and_bad_arguments_are_errors() {
     let e = MlirKernel::compile(&KernelSpec::new(Op::Softmax { axis: 0 }, &[&[3, 4]])).unwrap_err();
@@ -353,6 +410,25 @@ fn cache_compiles_each_spec_once() {
         .get(&KernelSpec::new(Op::Softmax { axis: 0 }, &[&[2, 2]]))
         .is_err());
     assert_eq!(cache.len(), 2);
+    // A bounded cache empties itself for a spec beyond its limit.
+    let bounded = KernelCache::bounded(2);
+    let specs: Vec<KernelSpec> = [1usize, 2, 3]
+        .iter()
+        .map(|&n| KernelSpec::new(Op::Unary(UnaryOp::Exp), &[&[n]]))
+        .collect();
+    let first = bounded.get(&specs[0]).unwrap();
+    bounded.get(&specs[1]).unwrap();
+    assert_eq!(bounded.len(), 2);
+    bounded.get(&specs[2]).unwrap();
+    assert_eq!(bounded.len(), 1);
+    // An evicted kernel still runs for whoever holds it, and is compiled anew when asked.
+    let mut y = [0.0];
+    first.run(&[(&[0.0], &[1])], &mut y, &[1]).unwrap();
+    assert_eq!(y, [1.0]);
+    assert!(!std::sync::Arc::ptr_eq(
+        &first,
+        &bounded.get(&specs[0]).unwrap()
+    ));
 }
 
 /// `ptxas`: `$KILN_PTXAS`, else the CUDA wheel unpacked under `~/.cache/kiln/cuda`, else `PATH`.

@@ -32,6 +32,16 @@ pub fn backend(
         .map_err(|why| CliError::Input(format!("--device cuda: {why}; use --device cpu (or auto)")))
 }
 
+/// Whose kernels the CPU backend runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CodegenArg {
+    /// kiln's hand-written kernels.
+    Native,
+    /// MLIR-JIT kernels where MLIR lowers the node, native kernels elsewhere (needs a build
+    /// with `--features mlir`).
+    Mlir,
+}
+
 /// Parses `--precision` into the compiler's precision.
 pub fn parse_precision(name: &str) -> Result<Precision, String> {
     Precision::from_name(name).ok_or_else(|| {
@@ -56,6 +66,9 @@ pub struct ModelOpts {
     /// Run the traced graphs as they are, without the optimizer (to compare).
     #[arg(long)]
     pub no_optimize: bool,
+    /// Whose kernels the CPU backend runs.
+    #[arg(long, value_enum, default_value_t = CodegenArg::Native)]
+    pub codegen: CodegenArg,
 }
 
 impl ModelOpts {
@@ -64,7 +77,15 @@ impl ModelOpts {
         kiln::load::LoadOptions {
             optimize: !self.no_optimize,
             precision: self.precision,
-            placement: placement(self.device),
+            // MLIR kernels run on the CPU backend: `auto` then means the CPU.
+            placement: match (self.device, self.codegen) {
+                (Device::Auto, CodegenArg::Mlir) => kiln::placement::Placement::Cpu,
+                (d, _) => placement(d),
+            },
+            codegen: match self.codegen {
+                CodegenArg::Native => kiln::codegen::Codegen::Native,
+                CodegenArg::Mlir => kiln::codegen::Codegen::Mlir,
+            },
             ..Default::default()
         }
     }
@@ -78,10 +99,18 @@ impl ModelOpts {
 
     /// Refuses a device or precision that cannot be had, with a message saying what can.
     pub fn check_target(&self) -> Result<(), CliError> {
-        let placement = self.load_options().placement;
-        let backend = kiln::placement::resolve(placement).map_err(|why| {
+        let opts = self.load_options();
+        if let Some(why) = kiln::codegen::unavailable(opts.codegen) {
+            return Err(CliError::Input(why.into()));
+        }
+        let backend = kiln::placement::resolve(opts.placement).map_err(|why| {
             CliError::Input(format!("--device cuda: {why}; use --device cpu (or auto)"))
         })?;
+        if backend.is_some() && opts.codegen == kiln::codegen::Codegen::Mlir {
+            return Err(CliError::Input(
+                "--codegen mlir runs on the CPU backend; use --device cpu".into(),
+            ));
+        }
         let target = match &backend {
             Some(b) => kiln::compiler::Target::by_name(match b.device().arch() {
                 kiln_cuda::Arch::Sm80 => "cuda-sm80",

@@ -54,6 +54,7 @@ pub struct MlirKernel {
     spec: KernelSpec,
     out: Vec<usize>,
     args: Vec<ArgLayout>,
+    first_row: bool,
     func: Packed,
     _jit: Jit,
 }
@@ -117,6 +118,7 @@ impl MlirKernel {
             spec: spec.clone(),
             out,
             args: lowered.args,
+            first_row: lowered.first_row,
             func,
             _jit: jit,
         })
@@ -219,12 +221,16 @@ impl MlirKernel {
             d.extend(strides);
             slots.push(d);
         }
+        if self.first_row {
+            slots.push(vec![first as i64]);
+        }
         let mut args: Vec<*mut c_void> = slots
             .iter_mut()
             .flat_map(|d| d.iter_mut().map(|v| (v as *mut i64).cast::<c_void>()))
             .collect();
         // SAFETY: `func` is the packed entry of this kernel's `@kernel`, whose arguments are
-        // exactly the memref descriptors built above (one field per slot, in order). Every
+        // exactly the memref descriptors built above (one field per slot, in order), then the
+        // first row as an `index` (i64) when the kernel takes it. Every
         // descriptor points into a live buffer holding the whole described shape: `run`
         // checked the operands' and the output's lengths against the spec, and a split
         // argument is offset by whole rows within its buffer. The kernel only reads the input
@@ -241,9 +247,15 @@ pub fn threads() -> usize {
 
 /// Compiled kernels by spec (op and shapes); failures are remembered too, so an unsupported
 /// node is diagnosed once.
-#[derive(Default)]
 pub struct KernelCache {
     kernels: Mutex<HashMap<KernelSpec, Result<Arc<MlirKernel>, MlirError>>>,
+    limit: usize,
+}
+
+impl Default for KernelCache {
+    fn default() -> Self {
+        Self::bounded(usize::MAX)
+    }
 }
 
 impl KernelCache {
@@ -252,12 +264,26 @@ impl KernelCache {
         Self::default()
     }
 
+    /// An empty cache holding at most `limit` specs: a new spec beyond that empties it first
+    /// (kernels still in use live on through their `Arc`s). Keeps a decode loop, whose
+    /// cache-length-dependent kernels are new at every step, from holding one compiled kernel
+    /// per step.
+    pub fn bounded(limit: usize) -> Self {
+        KernelCache {
+            kernels: Mutex::default(),
+            limit: limit.max(1),
+        }
+    }
+
     /// The kernel for `spec`, compiled on first use.
     pub fn get(&self, spec: &KernelSpec) -> Result<Arc<MlirKernel>, MlirError> {
         let mut map = self
             .kernels
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if map.len() >= self.limit && !map.contains_key(spec) {
+            map.clear();
+        }
         map.entry(spec.clone())
             .or_insert_with(|| MlirKernel::compile(spec).map(Arc::new))
             .clone()

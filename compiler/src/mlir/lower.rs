@@ -10,7 +10,7 @@
 use super::build::{context, Builder, Iter};
 use super::scalar::Scalars;
 use super::spec::KernelSpec;
-use super::{matmul, norm, MlirError};
+use super::{attention, matmul, norm, MlirError};
 use kiln_ir::{Expr, Op, ReduceOp};
 use melior::ir::attribute::{StringAttribute, TypeAttribute};
 use melior::ir::operation::{OperationBuilder, OperationLike};
@@ -51,8 +51,11 @@ impl ArgLayout {
 pub struct Lowered<'c> {
     /// The verified module.
     pub module: Module<'c>,
-    /// One per function argument.
+    /// One per memref argument.
     pub args: Vec<ArgLayout>,
+    /// After the memrefs, an `index` argument: the first row of the split arguments within
+    /// the whole (for kernels that index whole arguments by the absolute row).
+    pub first_row: bool,
 }
 
 /// The body of `@kernel`: gets the builder, the entry block and the function arguments.
@@ -65,11 +68,25 @@ pub fn module<'c>(
     args: Vec<ArgLayout>,
     body: Box<Body<'_, 'c>>,
 ) -> Result<Lowered<'c>, MlirError> {
+    module_with(ctx, args, false, body)
+}
+
+/// [`module`]; with `first_row`, the function also takes the first row of the split arguments
+/// as a last `index` argument (see [`Lowered::first_row`]), which `body` gets last.
+pub fn module_with<'c>(
+    ctx: &'c Context,
+    args: Vec<ArgLayout>,
+    first_row: bool,
+    body: Box<Body<'_, 'c>>,
+) -> Result<Lowered<'c>, MlirError> {
     let b = Builder::new(ctx);
-    let types: Vec<_> = args.iter().map(|a| b.memref(&a.shape, a.split)).collect();
+    let mut types: Vec<_> = args.iter().map(|a| b.memref(&a.shape, a.split)).collect();
+    if first_row {
+        types.push(melior::ir::Type::index(ctx));
+    }
     let block = Block::new(&types.iter().map(|t| (*t, b.loc)).collect::<Vec<_>>());
     {
-        let vals: Vec<Value<'c, '_>> = (0..args.len())
+        let vals: Vec<Value<'c, '_>> = (0..types.len())
             .map(|i| block.argument(i).map(Into::into))
             .collect::<Result<_, _>>()?;
         body(&b, &block, &vals)?;
@@ -88,7 +105,11 @@ pub fn module<'c>(
     let module = Module::new(b.loc);
     module.body().append_operation(func);
     verify(ctx, &module)?;
-    Ok(Lowered { module, args })
+    Ok(Lowered {
+        module,
+        args,
+        first_row,
+    })
 }
 
 /// Verifies a module, with MLIR's diagnostics in the error.
@@ -132,6 +153,11 @@ pub fn lower<'c>(ctx: &'c Context, spec: &KernelSpec) -> Result<Lowered<'c>, Mli
             transpose_a,
             transpose_b,
         } => matmul::matmul(ctx, spec, &out, *transpose_a, *transpose_b),
+        Op::Attention {
+            scale,
+            causal,
+            window,
+        } => attention::attention(ctx, spec, (scale.0, *causal, *window)),
         op => Err(MlirError::Unsupported(format!(
             "no MLIR lowering for {}",
             op.name()

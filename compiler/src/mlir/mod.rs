@@ -7,25 +7,30 @@
 //! - [`build`]: melior builder helpers (types, affine maps, `linalg.generic`, constants);
 //! - [`scalar`]: a [`kiln_ir::Expr`] body (and the fixed scalar formulas) as `arith`/`math` ops;
 //! - [`lower`]: one [`kiln_ir::Op`] as a verified `func.func @kernel` on memrefs (elementwise
-//!   bodies and reductions there, [`norm`] for softmax/rmsnorm/layernorm, [`matmul`]);
+//!   bodies and reductions there, [`norm`] for softmax/rmsnorm/layernorm, [`matmul`],
+//!   [`attention`] as an `scf` loop nest with online softmax);
 //! - [`cpu`]: the pass pipeline down to LLVM, the JIT ([`MlirKernel`]) and its cache;
-//! - [`gpu`]: the same kernels as PTX for NVIDIA GPUs.
+//! - [`gpu`]: the same kernels as PTX for NVIDIA GPUs;
+//! - [`provider`]: the CPU backend's kernel hook ([`MlirProvider`], `--codegen mlir`).
 //!
 //! Anything this backend cannot lower is an [`MlirError::Unsupported`] carrying the reason, so a
 //! caller can fall back to its native kernel.
 
+pub mod attention;
 pub mod build;
 pub mod cpu;
 pub mod gpu;
 pub mod lower;
 pub mod matmul;
 pub mod norm;
+pub mod provider;
 pub mod scalar;
 pub mod spec;
 
 pub use cpu::{KernelCache, MlirKernel};
 pub use gpu::ptx;
 pub use lower::emit;
+pub use provider::MlirProvider;
 pub use spec::KernelSpec;
 
 /// Why a kernel could not be generated or run.

@@ -1,6 +1,7 @@
 //! The run loop of the CPU backend: binds sizes from the inputs, walks the plan's steps in node
 //! order with values in reusable f32 buffers, and returns the graph's outputs as tensors.
 
+use super::external::Provider;
 use super::layout::Layout;
 use super::moe::moe_f32;
 use super::plan::{self, LinearLayer, Plan, Step};
@@ -54,10 +55,22 @@ impl CpuGraph {
         graphs: Vec<Graph>,
         params: &dyn ParamSource,
     ) -> Result<Vec<CpuGraph>, ExecError> {
+        CpuGraph::compile_with(graphs, params, None)
+    }
+
+    /// [`CpuGraph::compile`], with the kernels `provider` accepts in place of native ones.
+    pub fn compile_with(
+        graphs: Vec<Graph>,
+        params: &dyn ParamSource,
+        provider: Option<&Arc<Provider>>,
+    ) -> Result<Vec<CpuGraph>, ExecError> {
         for g in &graphs {
             verify(g)?;
         }
-        let plans: Vec<Plan> = graphs.iter().map(Plan::new).collect();
+        let plans: Vec<Plan> = graphs
+            .iter()
+            .map(|g| Plan::with_provider(g, provider))
+            .collect();
         let weights = Arc::new(Weights::prepare(&plans.iter().collect::<Vec<_>>(), params));
         Ok(graphs
             .into_iter()
@@ -576,6 +589,19 @@ impl CpuGraph {
                 }
                 let h = xs.last().copied().unwrap_or(0);
                 moe_f32(*top_k, h, x, gate, &experts, out).map_err(kerr)?;
+            }
+            Step::External { provider, native } => {
+                let dense: Option<Vec<_>> = (0..node.inputs.len()).map(f32s).collect();
+                match dense {
+                    Some(ins) if provider.run(native, &node.op, &ins, out, shape) => {}
+                    Some(_) => {
+                        return self.kernel(ctx, node, native, shape, vals, bufs, out)
+                    }
+                    None => {
+                        provider.fell_back(native, "operands are not dense f32".into());
+                        return self.kernel(ctx, node, native, shape, vals, bufs, out);
+                    }
+                }
             }
             Step::Source
             | Step::Skip

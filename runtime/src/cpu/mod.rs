@@ -20,6 +20,7 @@
 //! must agree with it within the kernels' documented tolerances (tests in `tests/`).
 
 mod exec;
+pub mod external;
 mod fuse;
 mod layout;
 mod moe;

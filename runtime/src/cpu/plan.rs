@@ -3,6 +3,7 @@
 //! kernel at run time (say, an f16 input where the kernel reads f32) runs the reference op
 //! instead, so selection affects speed, never results beyond kernel tolerances.
 
+use super::external::Provider;
 use super::fuse;
 use kiln_ir::{DType, Expr, Graph, Node, Op, ValueId};
 use kiln_kernels::fused::Program;
@@ -118,6 +119,14 @@ pub enum Step {
     },
     /// The reference executor's op on this node alone.
     Reference,
+    /// A kernel from an external provider ([`crate::cpu::external`]), `native` where it has
+    /// none.
+    External {
+        /// Who makes the kernel.
+        provider: Arc<Provider>,
+        /// The step it replaces, run when the provider cannot.
+        native: Box<Step>,
+    },
 }
 
 impl Step {
@@ -169,6 +178,9 @@ impl Step {
             Step::Embedding => "embedding".into(),
             Step::Moe { .. } => "moe".into(),
             Step::Reference => "reference".into(),
+            Step::External { provider, native } => {
+                format!("{} {}", provider.name(), native.name())
+            }
         }
     }
 }
@@ -188,11 +200,22 @@ impl Plan {
     /// (except the permute of an attention output stored permuted), and finally groups the
     /// linear layers reading one activation.
     pub fn new(graph: &Graph) -> Plan {
+        Plan::with_provider(graph, None)
+    }
+
+    /// [`Plan::new`], with the kernels `provider` accepts chosen over the native ones.
+    pub fn with_provider(graph: &Graph, provider: Option<&Arc<Provider>>) -> Plan {
         let nodes = graph.nodes();
         let mut steps: Vec<Step> = nodes
             .iter()
             .enumerate()
-            .map(|(i, n)| select(graph, i, n))
+            .map(|(i, n)| {
+                let native = select(graph, i, n);
+                match provider {
+                    Some(p) => p.choose(native, &n.op, &operand_types(graph, n)),
+                    None => native,
+                }
+            })
             .collect();
         fuse::rounding_in_kernels(graph, &mut steps);
         fuse::linear_epilogues(graph, &mut steps);
@@ -364,6 +387,14 @@ fn select(graph: &Graph, i: usize, node: &Node) -> Step {
         }
         _ => Step::Reference,
     }
+}
+
+/// The declared types of a node's operands.
+fn operand_types<'g>(graph: &'g Graph, node: &Node) -> Vec<&'g kiln_ir::TensorType> {
+    node.inputs
+        .iter()
+        .filter_map(|v| graph.node(*v).map(|n| &n.ty))
+        .collect()
 }
 
 /// The body compiled for the operands' dtypes, or the reference op if it cannot be.

@@ -1,0 +1,313 @@
+//! Attention (`Op::Attention`) as an `scf` loop nest with online softmax: for each batch,
+//! query head and query, one pass over the visible keys keeps the running maximum `m`, the
+//! running sum `l` of `e^(s - m)` and the rescaled accumulator `acc[dv]` (flash attention's
+//! recurrence with key tiles of one row), then writes `acc / l`. Grouped-query heads read key
+//! and value head `h / (hq / hkv)`; causal and sliding-window visibility bound the key loop
+//! (query `i` sits at `sk - sq + i`); an additive mask of any shape broadcastable to the
+//! scores is read at index 0 on its broadcast axes. As the reference executor: a query with no
+//! visible key gives zeros, visible keys all `-inf` give NaN. The (batch, query head) rows are
+//! split across threads by the JIT; keys, values and the mask are read whole at the absolute
+//! row ([`super::lower::Lowered::first_row`]).
+
+use super::build::Builder;
+use super::lower::{module_with, ArgLayout, Lowered};
+use super::scalar::Scalars;
+use super::spec::KernelSpec;
+use super::MlirError;
+use melior::dialect::arith::{self, CmpfPredicate, CmpiPredicate};
+use melior::ir::operation::OperationBuilder;
+use melior::ir::r#type::Type;
+use melior::ir::{Block, BlockLike, Region, RegionLike, Value, ValueLike};
+use melior::Context;
+
+type V<'c, 'a> = Value<'c, 'a>;
+
+/// `scf.for %iv = lo to hi iter_args(inits)` appended to `block`: `body` gets the loop's block,
+/// the induction variable and the carried values and returns the values to carry on; the
+/// loop's results are returned.
+fn for_loop<'c, 'a>(
+    b: &Builder<'c>,
+    block: &'a Block<'c>,
+    (lo, hi): (V<'c, '_>, V<'c, '_>),
+    inits: &[V<'c, '_>],
+    body: impl for<'i> FnOnce(
+        &'i Block<'c>,
+        V<'c, 'i>,
+        &[V<'c, 'i>],
+    ) -> Result<Vec<V<'c, 'i>>, MlirError>,
+) -> Result<Vec<V<'c, 'a>>, MlirError> {
+    let index = Type::index(b.ctx);
+    let one = b.int_const(block, index, 1)?;
+    let types: Vec<Type<'c>> = inits.iter().map(|v| v.r#type()).collect();
+    let mut args = vec![(index, b.loc)];
+    args.extend(types.iter().map(|t| (*t, b.loc)));
+    let inner = Block::new(&args);
+    {
+        let iv: V<'c, '_> = inner.argument(0)?.into();
+        let carried: Vec<V<'c, '_>> = (1..args.len())
+            .map(|i| inner.argument(i).map(Into::into))
+            .collect::<Result<_, _>>()?;
+        let next = body(&inner, iv, &carried)?;
+        inner.append_operation(
+            OperationBuilder::new("scf.yield", b.loc)
+                .add_operands(&next)
+                .build()?,
+        );
+    }
+    let region = Region::new();
+    region.append_block(inner);
+    let op = OperationBuilder::new("scf.for", b.loc)
+        .add_operands(&[lo, hi, one])
+        .add_operands(inits)
+        .add_results(&types)
+        .add_regions([region])
+        .build()?;
+    let op = block.append_operation(op);
+    (0..types.len())
+        .map(|i| op.result(i).map(Into::into).map_err(MlirError::from))
+        .collect()
+}
+
+/// Index arithmetic and memory access in one block.
+struct Ix<'b, 'c, 'a> {
+    b: &'b Builder<'c>,
+    block: &'a Block<'c>,
+}
+
+impl<'c, 'a> Ix<'_, 'c, 'a> {
+    fn c(&self, v: i64) -> Result<V<'c, 'a>, MlirError> {
+        self.b.int_const(self.block, Type::index(self.b.ctx), v)
+    }
+
+    fn op(&self, name: &str, x: V<'c, '_>, y: V<'c, '_>) -> Result<V<'c, 'a>, MlirError> {
+        self.b.op(self.block, name, &[x, y], None, &[])
+    }
+
+    fn load(&self, mem: V<'c, '_>, at: &[V<'c, '_>]) -> Result<V<'c, 'a>, MlirError> {
+        let mut operands = vec![mem];
+        operands.extend_from_slice(at);
+        self.b.op(
+            self.block,
+            "memref.load",
+            &operands,
+            Some(self.b.f32()),
+            &[],
+        )
+    }
+
+    fn store(&self, x: V<'c, '_>, mem: V<'c, '_>, at: &[V<'c, '_>]) -> Result<(), MlirError> {
+        let mut operands = vec![x, mem];
+        operands.extend_from_slice(at);
+        self.block.append_operation(
+            OperationBuilder::new("memref.store", self.b.loc)
+                .add_operands(&operands)
+                .build()?,
+        );
+        Ok(())
+    }
+
+    fn scalars(&self) -> Scalars<'_, 'c, 'a> {
+        Scalars {
+            b: self.b,
+            block: self.block,
+        }
+    }
+}
+
+/// Attention over `spec`'s operands `q[b, hq, sq, d]`, `k[b, hkv, sk, d]`, `v[b, hkv, sk, dv]`
+/// and the optional mask.
+pub fn attention<'c>(
+    ctx: &'c Context,
+    spec: &KernelSpec,
+    (scale, causal, window): (f64, bool, usize),
+) -> Result<Lowered<'c>, MlirError> {
+    let four = |s: &[usize]| -> Result<[usize; 4], MlirError> {
+        <[usize; 4]>::try_from(s)
+            .map_err(|_| MlirError::Unsupported(format!("attention operand of shape {s:?}")))
+    };
+    let [b, hq, sq, d] = four(&spec.inputs[0])?;
+    let [_, hkv, sk, _] = four(&spec.inputs[1])?;
+    let dv = four(&spec.inputs[2])?[3];
+    if hkv == 0 || hq % hkv != 0 {
+        return Err(MlirError::Unsupported(format!(
+            "attention with {hq} query heads over {hkv} key heads"
+        )));
+    }
+    let group = hq / hkv;
+    let scores = [b, hq, sq, sk];
+    // The mask with leading unit axes up to rank 4, and per axis whether it follows the scores
+    // (else it is broadcast, read at 0).
+    let mask = match spec.inputs.get(3) {
+        None => None,
+        Some(m) if m.len() <= 4 => {
+            let mut m4 = vec![1; 4 - m.len()];
+            m4.extend_from_slice(m);
+            let follows: Vec<bool> = m4.iter().zip(&scores).map(|(x, s)| x == s).collect();
+            if m4.iter().zip(&follows).any(|(x, f)| !f && *x != 1) {
+                return Err(MlirError::Unsupported(format!(
+                    "attention mask {m:?} does not broadcast to the scores {scores:?}"
+                )));
+            }
+            Some((m4, follows))
+        }
+        Some(m) => {
+            return Err(MlirError::Unsupported(format!(
+                "attention mask of rank {}",
+                m.len()
+            )))
+        }
+    };
+    // Rows are (batch, query head) pairs, split across threads; keys, values and the mask are
+    // passed whole and read at the absolute row (the block's first row comes last).
+    let mut args = vec![
+        ArgLayout::rows(vec![b * hq, sq, d]),
+        ArgLayout::whole(vec![b * hkv, sk, d]),
+        ArgLayout::whole(vec![b * hkv, sk, dv]),
+    ];
+    if let Some((m4, _)) = &mask {
+        args.push(ArgLayout::whole(m4.clone()));
+    }
+    args.push(ArgLayout::rows(vec![b * hq, sq, dv]));
+    let window = i64::try_from(window)
+        .map_err(|_| MlirError::Unsupported(format!("attention window {window}")))?;
+    let offset = sk as i64 - sq as i64;
+    module_with(
+        ctx,
+        args,
+        true,
+        Box::new(move |bd, block, vals| {
+            let (q, k, v) = (vals[0], vals[1], vals[2]);
+            let m_arg = mask.as_ref().map(|(_, f)| (vals[3], f.clone()));
+            let (out, first) = (vals[vals.len() - 2], vals[vals.len() - 1]);
+            let top = Ix { b: bd, block };
+            let acc_ty = bd.memref(&[dv], false);
+            let acc = bd.op(
+                block,
+                "memref.alloca",
+                &[],
+                Some(acc_ty),
+                &[("operandSegmentSizes", bd.attr("array<i32: 0, 0>")?)],
+            )?;
+            let zero = top.c(0)?;
+            let rows = bd.op(
+                block,
+                "memref.dim",
+                &[q, zero],
+                Some(Type::index(bd.ctx)),
+                &[],
+            )?;
+            for_loop(bd, block, (zero, rows), &[], |blk, r, _| {
+                {
+                    let ix = Ix { b: bd, block: blk };
+                    let row = ix.op("arith.addi", first, r)?;
+                    let hq_n = ix.c(hq as i64)?;
+                    let bi = ix.op("arith.divui", row, hq_n)?;
+                    let h = ix.op("arith.remui", row, hq_n)?;
+                    let hk = ix.op("arith.divui", h, ix.c(group as i64)?)?;
+                    let kr = ix.op("arith.muli", bi, ix.c(hkv as i64)?)?;
+                    let kr = ix.op("arith.addi", kr, hk)?;
+                    let (z, sq_n) = (ix.c(0)?, ix.c(sq as i64)?);
+                    for_loop(bd, blk, (z, sq_n), &[], |blk, i, _| {
+                        let ix = Ix { b: bd, block: blk };
+                        let s = ix.scalars();
+                        let pos = ix.op("arith.addi", i, ix.c(offset)?)?;
+                        let sk_n = ix.c(sk as i64)?;
+                        let hi = if causal {
+                            ix.op("arith.minsi", ix.op("arith.addi", pos, ix.c(1)?)?, sk_n)?
+                        } else {
+                            sk_n
+                        };
+                        let lo = if window > 0 {
+                            let first = ix.op("arith.subi", pos, ix.c(window - 1)?)?;
+                            ix.op("arith.maxsi", first, ix.c(0)?)?
+                        } else {
+                            ix.c(0)?
+                        };
+                        let (z, dv_n) = (ix.c(0)?, ix.c(dv as i64)?);
+                        for_loop(bd, blk, (z, dv_n), &[], |blk, c, _| {
+                            let ix = Ix { b: bd, block: blk };
+                            ix.store(ix.scalars().c(0.0)?, acc, &[c])?;
+                            Ok(vec![])
+                        })?;
+                        let inits = [s.c(f64::NEG_INFINITY)?, s.c(0.0)?];
+                        let ml = for_loop(bd, blk, (lo, hi), &inits, |blk, j, ml| {
+                            let ix = Ix { b: bd, block: blk };
+                            let s = ix.scalars();
+                            let (z, d_n) = (ix.c(0)?, ix.c(d as i64)?);
+                            let dot = for_loop(bd, blk, (z, d_n), &[s.c(0.0)?], |blk, p, acc| {
+                                let ix = Ix { b: bd, block: blk };
+                                let s = ix.scalars();
+                                let x = ix.load(q, &[r, i, p])?;
+                                let y = ix.load(k, &[kr, j, p])?;
+                                // Reassociable, so LLVM vectorizes the dot product.
+                                Ok(vec![s.reassoc(
+                                    "arith.addf",
+                                    acc[0],
+                                    s.bin("arith.mulf", x, y)?,
+                                )?])
+                            })?[0];
+                            let mut score = s.bin("arith.mulf", dot, s.c(scale)?)?;
+                            if let Some((m, follows)) = &m_arg {
+                                let zero = ix.c(0)?;
+                                let at: Vec<V<'c, '_>> = [bi, h, i, j]
+                                    .iter()
+                                    .zip(follows)
+                                    .map(|(iv, f)| if *f { *iv } else { zero })
+                                    .collect();
+                                score = s.bin("arith.addf", score, ix.load(*m, &at)?)?;
+                            }
+                            let m_new = s.bin("arith.maximumf", ml[0], score)?;
+                            // While every score so far is -inf, rescale against 0 (not
+                            // -inf - -inf = NaN): l and acc stay 0 until a finite score.
+                            let ninf = s.c(f64::NEG_INFINITY)?;
+                            let stuck = s.cmp(CmpfPredicate::Oeq, m_new, ninf)?;
+                            let base = s.select(stuck, s.c(0.0)?, m_new)?;
+                            let alpha = s.exp(s.bin("arith.subf", ml[0], base)?)?;
+                            // A hidden key (-inf) weighs exactly 0 (the polynomial exp may
+                            // leave a subnormal there, which 1/l would blow up when every key
+                            // is hidden).
+                            let hidden = s.cmp(CmpfPredicate::Oeq, score, ninf)?;
+                            let pj = s.exp(s.bin("arith.subf", score, base)?)?;
+                            let pj = s.select(hidden, s.c(0.0)?, pj)?;
+                            let l_new =
+                                s.bin("arith.addf", s.bin("arith.mulf", ml[1], alpha)?, pj)?;
+                            let (z, dv_n) = (ix.c(0)?, ix.c(dv as i64)?);
+                            for_loop(bd, blk, (z, dv_n), &[], |blk, c, _| {
+                                let ix = Ix { b: bd, block: blk };
+                                let s = ix.scalars();
+                                let a = s.bin("arith.mulf", ix.load(acc, &[c])?, alpha)?;
+                                let x = s.bin("arith.mulf", pj, ix.load(v, &[kr, j, c])?)?;
+                                ix.store(s.bin("arith.addf", a, x)?, acc, &[c])?;
+                                Ok(vec![])
+                            })?;
+                            Ok(vec![m_new, l_new])
+                        })?;
+                        // No visible key: zeros; otherwise acc / l (NaN when all were -inf).
+                        let empty: V<'c, '_> = blk
+                            .append_operation(arith::cmpi(
+                                bd.ctx,
+                                CmpiPredicate::Sle,
+                                hi,
+                                lo,
+                                bd.loc,
+                            ))
+                            .result(0)?
+                            .into();
+                        let inv = s.select(empty, s.c(0.0)?, s.recip(ml[1])?)?;
+                        let (z, dv_n) = (ix.c(0)?, ix.c(dv as i64)?);
+                        for_loop(bd, blk, (z, dv_n), &[], |blk, c, _| {
+                            let ix = Ix { b: bd, block: blk };
+                            let s = ix.scalars();
+                            let y = s.bin("arith.mulf", ix.load(acc, &[c])?, inv)?;
+                            ix.store(y, out, &[r, i, c])?;
+                            Ok(vec![])
+                        })?;
+                        Ok(vec![])
+                    })?;
+                }
+                Ok(vec![])
+            })?;
+            Ok(())
+        }),
+    )
+}

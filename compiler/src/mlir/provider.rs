@@ -1,0 +1,104 @@
+//! [`MlirProvider`]: MLIR-JIT kernels for the CPU backend (`kiln_runtime::cpu::external`), the
+//! engine of `--codegen mlir`. At plan time it accepts the nodes whose op has a lowering here
+//! and whose operands and result are f32; at run time it compiles one kernel per (op, operand
+//! shapes), cached, so a shape seen again costs a lookup. Whatever it cannot lower or compile
+//! is reported as a reason, and the CPU backend runs its native kernel instead.
+
+use super::cpu::{KernelCache, MlirKernel};
+use super::spec::KernelSpec;
+use kiln_ir::{infer, DType, Op, TensorType};
+use kiln_runtime::cpu::external::{ExternalKernel, KernelProvider};
+use std::sync::Arc;
+
+/// MLIR-compiled kernels for the CPU backend, compiled on first use per shape.
+pub struct MlirProvider {
+    cache: KernelCache,
+}
+
+/// Kernels a provider keeps compiled: every distinct kernel of a model's prefill and decode
+/// graphs at a few shapes, while a long decode loop (new attention shapes every step) does not
+/// hold one engine per step.
+const CACHED_KERNELS: usize = 256;
+
+impl Default for MlirProvider {
+    fn default() -> Self {
+        MlirProvider {
+            cache: KernelCache::bounded(CACHED_KERNELS),
+        }
+    }
+}
+
+impl MlirProvider {
+    /// A provider with an empty kernel cache.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The number of distinct (op, shapes) kernels asked for so far (compiled or refused).
+    pub fn kernels(&self) -> usize {
+        self.cache.len()
+    }
+}
+
+/// Whether `op` has a lowering in [`super::lower`] (reductions are not offered: the CPU
+/// backend runs them as reference ops, outside the provider's reach).
+fn lowered(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::FusedElementwise { .. }
+            | Op::Unary(_)
+            | Op::Binary(_)
+            | Op::Softmax { .. }
+            | Op::RmsNorm { .. }
+            | Op::LayerNorm { .. }
+            | Op::MatMul { .. }
+            | Op::Attention { .. }
+    )
+}
+
+impl KernelProvider for MlirProvider {
+    fn name(&self) -> &str {
+        "mlir"
+    }
+
+    fn accepts(&self, op: &Op, operands: &[&TensorType]) -> Result<(), String> {
+        if !lowered(op) {
+            return Err(format!("no MLIR lowering for {}", op.name()));
+        }
+        if let Some(t) = operands.iter().find(|t| t.dtype != DType::F32) {
+            return Err(format!(
+                "{} on a {} operand; only f32 is lowered",
+                op.name(),
+                t.dtype
+            ));
+        }
+        match infer(op, operands) {
+            Ok(t) if t.dtype == DType::F32 => Ok(()),
+            Ok(t) => Err(format!(
+                "{} gives {}; only f32 is lowered",
+                op.name(),
+                t.dtype
+            )),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn kernel(&self, op: &Op, shapes: &[&[usize]]) -> Result<Arc<dyn ExternalKernel>, String> {
+        let spec = KernelSpec::new(op.clone(), shapes);
+        match self.cache.get(&spec) {
+            Ok(k) => Ok(k),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+}
+
+impl ExternalKernel for MlirKernel {
+    fn run(
+        &self,
+        inputs: &[(&[f32], &[usize])],
+        out: &mut [f32],
+        out_shape: &[usize],
+    ) -> Result<(), String> {
+        MlirKernel::run(self, inputs, out, out_shape).map_err(|e| e.to_string())
+    }
+}
