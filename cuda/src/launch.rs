@@ -88,7 +88,8 @@ pub fn elementwise(
     let meta_buf = dev.upload(&meta_bytes)?;
     let flag = error_flag(dev)?;
     let n64 = n as i64;
-    launch(dev, &f, cfg((grid_1d(n, 256), 1, 1), 256), |b| {
+    let grid = grid_1d(n.div_ceil(crate::codegen::elementwise::PACK), 256);
+    launch(dev, &f, cfg((grid, 1, 1), 256), |b| {
         b.arg(out.slice());
         for a in args {
             b.arg(a.slice());
@@ -163,7 +164,17 @@ pub fn rowwise(
     need(x, bytes, "rowwise input")?;
     need(y, bytes, "rowwise output")?;
     let ni = to_i32(n, "row length")?;
-    let c = cfg((to_i32(rows, "rows")? as u32, 1, 1), row_block(n));
+    // Vector rows: ROW_VECTORS 16-byte vectors per thread (the kernel's fast path).
+    let vec = 16 / dt.size_bytes();
+    let block = if n.is_multiple_of(vec) {
+        (n / vec)
+            .div_ceil(crate::codegen::ROW_VECTORS * 32)
+            .clamp(1, 32) as u32
+            * 32
+    } else {
+        row_block(n)
+    };
+    let c = cfg((to_i32(rows, "rows")? as u32, 1, 1), block);
     match op {
         Rowwise::RmsNorm { w, eps } => {
             need(w, n * dt.size_bytes(), "rmsnorm weight")?;

@@ -103,8 +103,13 @@ fn rowwise_kernels_match_reference() {
         return;
     };
     let mut rng = rng("rowwise");
-    for dt in [DType::F32, DType::F16, DType::BF16] {
-        let (rows, n) = (7, 1000);
+    // 1000: whole 16-byte vectors (the register path, some threads with fewer vectors);
+    // 1001: the scalar path; 20000: the register path at 640 threads for 16-bit types, and
+    // rows over 4096 vectors (the scalar path again) for f32.
+    for (dt, (rows, n)) in [DType::F32, DType::F16, DType::BF16]
+        .into_iter()
+        .flat_map(|dt| [(7, 1000), (5, 1001), (3, 20000)].map(|s| (dt, s)))
+    {
         let x = random(&mut rng, dt, &[rows, n], 4.0, false);
         let w = random(&mut rng, dt, &[n], 1.0, false);
         let b = random(&mut rng, dt, &[n], 1.0, false);
@@ -131,7 +136,7 @@ fn rowwise_kernels_match_reference() {
             launch::rowwise(&dev, dt, op, &xb, &y, rows, n).unwrap();
             let got = download(&dev, &y, dt, &[rows, n]);
             assert_matches(
-                &format!("{} {dt}", ref_op.name()),
+                &format!("{} {dt} {rows}x{n}", ref_op.name()),
                 &got,
                 &reference(ref_op, &args),
                 kernel_bound(dt),

@@ -19,6 +19,10 @@ const PRELUDE: &str = include_str!("cu/prelude.cuh");
 pub const MATH: &str = include_str!("cu/math.cuh");
 const REDUCE: &str = include_str!("cu/reduce.cuh");
 
+/// 16-byte vectors each thread of a row-wise kernel keeps in registers (`ROW_R` in
+/// `cu/rowwise.cu`): rows of up to `ROW_VECTORS * 1024` vectors are read once.
+pub const ROW_VECTORS: usize = 4;
+
 /// The CUDA C storage type of a dtype.
 pub fn c_type(d: DType) -> &'static str {
     match d {
@@ -143,6 +147,7 @@ impl Kernel {
             Kernel::AttentionPrefill(hd) | Kernel::AttentionDecode(hd) => {
                 defines.push(("D", hd.to_string()))
             }
+            Kernel::Rowwise(_) => defines.push(("ROW_R", ROW_VECTORS.to_string())),
             Kernel::Gemv(w) => {
                 defines.push(("W_T", c_type(w).to_string()));
                 defines.push(("VEC", (16 / w.size_bytes()).to_string()));

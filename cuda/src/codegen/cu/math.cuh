@@ -19,3 +19,10 @@ __device__ __forceinline__ double kiln_gelu(double x) { return 0.5 * x * (1.0 + 
 __device__ __forceinline__ double kiln_gelu_tanh(double x) {
     return 0.5 * x * (1.0 + tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)));
 }
+// Whether a pointer allows 16-byte vector access.
+__device__ __forceinline__ bool kiln_aligned16(const void* p) { return ((u64)p & 15) == 0; }
+// N consecutive elements, moved as one access of up to 16 bytes (several for wider element
+// types): the unit of work of a generated elementwise kernel's vector path.
+template <typename U, int N> struct alignas(sizeof(U) * N < 16 ? sizeof(U) * N : 16) kiln_pack {
+    U v[N];
+};
