@@ -4,7 +4,7 @@
 
 use crate::alloc::Buffer;
 use crate::codegen::elementwise::Elementwise;
-use crate::codegen::Kernel;
+use crate::codegen::{Kernel, DECODE_HEADS, DECODE_TILE};
 use crate::device::Device;
 use crate::CudaError;
 use cudarc::driver::{CudaFunction, LaunchArgs, LaunchConfig, PushKernelArg};
@@ -413,8 +413,21 @@ pub fn attention_prefill(
     })
 }
 
+/// A split count for [`attention_decode`] that fills `dev`: about 4 blocks per multiprocessor
+/// (a block holds ≤ 46 KB of shared memory, 3–4 fit), each over a whole number of 64-key tiles.
+pub fn decode_splits(dev: &Device, a: &Attention) -> Result<usize, CudaError> {
+    let sms = dev.context().attribute(
+        cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+    )?;
+    let groups = (a.hq / a.hkv.max(1)).div_ceil(DECODE_HEADS).max(1);
+    let blocks = (a.batch * a.hkv * groups).max(1);
+    let tiles = a.sk.div_ceil(DECODE_TILE).max(1);
+    let want = (4 * sms.max(1) as usize).div_ceil(blocks).clamp(1, tiles);
+    Ok(tiles.div_ceil(tiles.div_ceil(want)))
+}
+
 /// Split-KV flash decoding (bf16, one query per head, head dim 64 or 128) with `splits`
-/// key chunks.
+/// key chunks ([`decode_splits`] picks a count that fills the device).
 #[allow(clippy::too_many_arguments)]
 pub fn attention_decode(
     dev: &Device,
@@ -455,7 +468,8 @@ pub fn attention_decode(
         to_i32(a.window, "window")?,
         to_i32(splits, "splits")?,
     );
-    let grid = (splits as u32, a.hq as u32, a.batch as u32);
+    let groups = (a.hq / a.hkv).div_ceil(DECODE_HEADS);
+    let grid = (splits as u32, (a.hkv * groups) as u32, a.batch as u32);
     launch(dev, &f, cfg(grid, 128), |b| {
         b.arg(q.slice())
             .arg(k.slice())

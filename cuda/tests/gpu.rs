@@ -264,8 +264,8 @@ fn embedding_and_argmax_match_reference() {
     }
 }
 
-/// Attention inputs for `a` and, with `masked`, an additive bf16 key-padding mask
-/// `[b, 1, 1, sk]` hiding the last keys of batch 1.
+/// Attention inputs for `a` and, with `masked`, an additive bf16 mask `[b, 1, 1, sk]`: random
+/// values in ±2, and -inf on the last keys of batch 1 (key padding).
 fn attention_inputs(
     rng: &mut impl rand::Rng,
     a: &Attention,
@@ -281,7 +281,7 @@ fn attention_inputs(
                 if bi == 1 && j + 7 >= a.sk {
                     f64::NEG_INFINITY
                 } else {
-                    0.0
+                    rng.random_range(-2.0..2.0)
                 }
             })
             .collect();
@@ -302,7 +302,7 @@ fn check_attention(
     rng: &mut impl rand::Rng,
     a: Attention,
     masked: bool,
-    decode: bool,
+    decode_splits: Option<usize>,
 ) {
     let (qkv, mask) = attention_inputs(rng, &a, masked);
     let mut args: Vec<&Tensor> = qkv.iter().collect();
@@ -321,8 +321,11 @@ fn check_attention(
     let mb = mask.as_ref().map(|m| upload(dev, m));
     let mask_arg = mb.as_ref().map(|m| (m, [a.sk as i64, 0, 0, 1]));
     let out = poisoned(dev, DType::BF16, a.batch * a.hq * a.sq * a.d);
-    if decode {
-        launch::attention_decode(dev, &a, &bufs[0], &bufs[1], &bufs[2], mask_arg, &out, 5).unwrap();
+    if let Some(splits) = decode_splits {
+        launch::attention_decode(
+            dev, &a, &bufs[0], &bufs[1], &bufs[2], mask_arg, &out, splits,
+        )
+        .unwrap();
     } else {
         launch::attention_prefill(dev, &a, &bufs[0], &bufs[1], &bufs[2], mask_arg, &out).unwrap();
     }
@@ -330,7 +333,7 @@ fn check_attention(
     assert_matches(
         &format!(
             "attention {}{a:?} masked={masked}",
-            if decode { "decode " } else { "" }
+            decode_splits.map_or(String::new(), |n| format!("decode ({n} splits) "))
         ),
         &got,
         &want,
@@ -356,7 +359,7 @@ fn flash_attention_prefill_matches_reference() {
             causal: true,
             window: 0,
         };
-        check_attention(&dev, &mut rng, base, false, false);
+        check_attention(&dev, &mut rng, base, false, None);
         check_attention(
             &dev,
             &mut rng,
@@ -365,14 +368,14 @@ fn flash_attention_prefill_matches_reference() {
                 ..base
             },
             true,
-            false,
+            None,
         );
         check_attention(
             &dev,
             &mut rng,
             Attention { window: 48, ..base },
             false,
-            false,
+            None,
         );
         check_attention(
             &dev,
@@ -383,7 +386,37 @@ fn flash_attention_prefill_matches_reference() {
                 ..base
             },
             true,
+            None,
+        );
+        // Longer sequences: several key tiles per query block, most of them unmasked (the
+        // kernel's path without per-element masking), across the cp.async pipeline.
+        let long = Attention {
+            sq: 300,
+            sk: 300,
+            ..base
+        };
+        check_attention(&dev, &mut rng, long, false, None);
+        check_attention(
+            &dev,
+            &mut rng,
+            Attention {
+                window: 100,
+                ..long
+            },
             false,
+            None,
+        );
+        check_attention(
+            &dev,
+            &mut rng,
+            Attention {
+                causal: false,
+                sq: 77,
+                sk: 384,
+                ..base
+            },
+            false,
+            None,
         );
     }
 }
@@ -406,8 +439,8 @@ fn flash_decoding_matches_reference() {
             causal: true,
             window: 0,
         };
-        check_attention(&dev, &mut rng, base, false, true);
-        check_attention(&dev, &mut rng, base, true, true);
+        check_attention(&dev, &mut rng, base, false, Some(5));
+        check_attention(&dev, &mut rng, base, true, Some(5));
         check_attention(
             &dev,
             &mut rng,
@@ -416,8 +449,20 @@ fn flash_decoding_matches_reference() {
                 ..base
             },
             false,
-            true,
+            Some(5),
         );
+        // Six query heads per KV head: a full group of 4 and a partial one of 2; the split
+        // count the launcher would pick (whole 64-key tiles, several per chunk here).
+        let wide = Attention {
+            hq: 12,
+            sk: 1000,
+            ..base
+        };
+        let splits = launch::decode_splits(&dev, &wide).unwrap();
+        check_attention(&dev, &mut rng, wide, true, Some(splits));
+        check_attention(&dev, &mut rng, wide, false, Some(3));
+        // More splits than keys fit: empty trailing chunks.
+        check_attention(&dev, &mut rng, Attention { sk: 9, ..base }, false, Some(4));
     }
 }
 

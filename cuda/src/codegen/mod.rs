@@ -23,6 +23,13 @@ const REDUCE: &str = include_str!("cu/reduce.cuh");
 /// `cu/rowwise.cu`): rows of up to `ROW_VECTORS * 1024` vectors are read once.
 pub const ROW_VECTORS: usize = 4;
 
+/// Query heads one decode block serves (`HG` in `cu/decode.cu`, one warp each: the kernel
+/// is laid out for 4): a KV group's keys and values are read once for up to this many heads.
+pub const DECODE_HEADS: usize = 4;
+/// Keys per shared-memory tile of the decode kernel (`TK` in `cu/decode.cu`; its softmax
+/// takes two keys per lane, so 64).
+pub const DECODE_TILE: usize = 64;
+
 /// The CUDA C storage type of a dtype.
 pub fn c_type(d: DType) -> &'static str {
     match d {
@@ -144,9 +151,12 @@ impl Kernel {
             ("KILN_NAME(x)", format!("x##_{s}")),
         ];
         match self {
-            Kernel::AttentionPrefill(hd) | Kernel::AttentionDecode(hd) => {
-                defines.push(("D", hd.to_string()))
-            }
+            Kernel::AttentionPrefill(hd) => defines.push(("D", hd.to_string())),
+            Kernel::AttentionDecode(hd) => defines.extend([
+                ("D", hd.to_string()),
+                ("HG", DECODE_HEADS.to_string()),
+                ("TK", DECODE_TILE.to_string()),
+            ]),
             Kernel::Rowwise(_) => defines.push(("ROW_R", ROW_VECTORS.to_string())),
             Kernel::Gemv(w) => {
                 defines.push(("W_T", c_type(w).to_string()));
