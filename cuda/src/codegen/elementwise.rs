@@ -265,7 +265,36 @@ fn unary(u: UnaryOp, a: &str, d: DType) -> Result<String, CudaError> {
             )))
         }
     };
-    Ok(round(d, &e))
+    let narrow = match d {
+        DType::BF16 => "kiln_narrow_bf16",
+        DType::F16 => "kiln_narrow_f16",
+        _ => return Ok(round(d, &e)),
+    };
+    Ok(match fast_f32(u, a) {
+        Some(f) => format!("{narrow}({f}, [&] {{ return (float)({e}); }})"),
+        None => round(d, &e),
+    })
+}
+
+/// An f32 evaluation of `u` within 2^-16 of the exact value, relatively (CUDA's and libm's
+/// f32 functions are within 4 ulp = 2^-21), or NaN where that is not known; for the
+/// transcendental functions a 16-bit float node rounds: `kiln_narrow_*` (`cu/math.cuh`)
+/// rounds it when the rounding is certain and falls back to the f64 evaluation otherwise, so
+/// the result is the f64 evaluation's, bit for bit, at f32 cost for almost every input.
+fn fast_f32(u: UnaryOp, a: &str) -> Option<String> {
+    Some(match u {
+        UnaryOp::Exp => format!("expf({a})"),
+        UnaryOp::Tanh => format!("tanhf({a})"),
+        UnaryOp::Erf => format!("erff({a})"),
+        UnaryOp::Sigmoid => format!("1.0f / (1.0f + expf(-{a}))"),
+        UnaryOp::Silu => format!("{a} / (1.0f + expf(-{a}))"),
+        // 0.5 x erfc(-x/√2): erfc's relative error grows as 4z² ulp at z = -x/√2 (the
+        // argument's rounding), so only for x > -5.5 (z < 3.9: ≤ 2^-18).
+        UnaryOp::Gelu => format!(
+            "({a} > -5.5f ? 0.5f * {a} * erfcf(-0.70710678118654752f * {a}) : __int_as_float(0x7fc00000))"
+        ),
+        _ => return None,
+    })
 }
 
 fn binary(op: BinaryOp, a: &str, b: &str, d: DType) -> Result<String, CudaError> {

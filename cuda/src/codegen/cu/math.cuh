@@ -26,3 +26,23 @@ __device__ __forceinline__ bool kiln_aligned16(const void* p) { return ((u64)p &
 template <typename U, int N> struct alignas(sizeof(U) * N < 16 ? sizeof(U) * N : 16) kiln_pack {
     U v[N];
 };
+// `fast`, an f32 value within 2^-16 (relative) of an exact result, rounded to bf16 / f16 when
+// every value that close rounds alike (so the exact result does too); otherwise `exact()`, the
+// f64 evaluation as f32, rounded. Normal magnitudes only (2^-96 ≤ |fast| < 2^120); NaN and
+// values outside take `exact()`.
+__device__ __forceinline__ bool kiln_sure_range(float fast) {
+    const float m = fabsf(fast);
+    return m >= 0x1p-96f && m < 0x1p+120f;
+}
+template <typename F> __device__ __forceinline__ float kiln_narrow_bf16(float fast, F exact) {
+    const float e = fabsf(fast) * 0x1p-16f;
+    return kiln_sure_range(fast) && kiln_rnd_bf16(fast - e) == kiln_rnd_bf16(fast + e)
+               ? kiln_rnd_bf16(fast)
+               : kiln_rnd_bf16(exact());
+}
+template <typename F> __device__ __forceinline__ float kiln_narrow_f16(float fast, F exact) {
+    const float e = fabsf(fast) * 0x1p-16f;
+    return kiln_sure_range(fast) && kiln_rnd_f16(fast - e) == kiln_rnd_f16(fast + e)
+               ? kiln_rnd_f16(fast)
+               : kiln_rnd_f16(exact());
+}
