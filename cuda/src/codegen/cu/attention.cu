@@ -144,10 +144,13 @@ KILN_NAME(attention_prefill)(const __nv_bfloat16* __restrict__ q, const __nv_bfl
                 kiln_mma(s[n], qa[kk + 1], kb[2], kb[3]);
             }
         }
-        // Scores to the log2 domain; masked tiles also hide invisible keys and add the mask.
+        // Scores to the log2 domain: exp2(s * mul - base). Masked tiles hide invisible keys,
+        // add the mask and scale in place (mul = 1); plain tiles keep raw scores, whose
+        // maximum times a positive scale is the scaled maximum, and fold the scale into the
+        // exponent's FFMA.
         const bool masked = mask != nullptr || j0 + BC > sk || (causal && j0 + BC - 1 > wpos_lo) ||
-                            (window > 0 && j0 <= wpos_hi - window);
-        float tmax[2] = {-INFINITY, -INFINITY};
+                            (window > 0 && j0 <= wpos_hi - window) || !(sl2 > 0.0f);
+        float tmax[2] = {-INFINITY, -INFINITY}, mul = 1.0f;
         if (masked) {
 #pragma unroll
             for (int n = 0; n < BC / 8; ++n) {
@@ -168,12 +171,12 @@ KILN_NAME(attention_prefill)(const __nv_bfloat16* __restrict__ q, const __nv_bfl
         } else {
 #pragma unroll
             for (int n = 0; n < BC / 8; ++n) {
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    s[n][e] *= sl2;
-                    tmax[e >> 1] = fmaxf(tmax[e >> 1], s[n][e]);
-                }
+                tmax[0] = fmaxf(tmax[0], fmaxf(s[n][0], s[n][1]));
+                tmax[1] = fmaxf(tmax[1], fmaxf(s[n][2], s[n][3]));
             }
+            tmax[0] *= sl2;
+            tmax[1] *= sl2;
+            mul = sl2;
         }
         float alpha[2], base[2];
 #pragma unroll
@@ -191,15 +194,18 @@ KILN_NAME(attention_prefill)(const __nv_bfloat16* __restrict__ q, const __nv_bfl
         for (int n = 0; n < BC / 8; ++n) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-                const float p = kiln_ex2(s[n][e] - base[e >> 1]);
+                const float p = kiln_ex2(fmaf(s[n][e], mul, -base[e >> 1]));
                 s[n][e] = p;
                 l[e >> 1] += p;
             }
         }
+        // Rescale O unless no row's maximum moved (most tiles once the maxima settle).
+        if (!__all_sync(0xffffffffu, alpha[0] == 1.0f && alpha[1] == 1.0f)) {
 #pragma unroll
-        for (int n = 0; n < D / 8; ++n) {
-            o[n][0] *= alpha[0]; o[n][1] *= alpha[0];
-            o[n][2] *= alpha[1]; o[n][3] *= alpha[1];
+            for (int n = 0; n < D / 8; ++n) {
+                o[n][0] *= alpha[0]; o[n][1] *= alpha[0];
+                o[n][2] *= alpha[1]; o[n][3] *= alpha[1];
+            }
         }
 
         kiln_cp_async_wait_all();
