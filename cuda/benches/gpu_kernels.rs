@@ -8,7 +8,7 @@
 
 use kiln_cuda::alloc::Buffer;
 use kiln_cuda::codegen::elementwise::{Elementwise, Plan};
-use kiln_cuda::launch::{self, Attention, Rowwise};
+use kiln_cuda::launch::{self, Attention, PrefillTiles, Rowwise};
 use kiln_cuda::{CudaError, Device};
 use kiln_ir::DType;
 use rand::{Rng, SeedableRng};
@@ -85,18 +85,24 @@ fn main() -> Result<(), CudaError> {
     let k = random_bf16(&dev, &mut rng, b * h * s * d)?;
     let v = random_bf16(&dev, &mut rng, b * h * s * d)?;
     let o = dev.allocator().alloc(b * h * s * d * 2)?;
-    let ms = dev.time_ms(3, 20, || {
-        launch::attention_prefill(&dev, &a, &q, &k, &v, None, &o)
-    })?;
     let flops = 4.0 * (b * h * s * s * d) as f64 / 2.0;
-    row(
-        "attention prefill bf16 causal",
-        &format!("b{b} h{h} s{s} d{d}"),
-        ms,
-        Some(flops / ms / 1e9),
-        None,
-        copy,
-    );
+    for tiles in PrefillTiles::ALL {
+        let ms = dev.time_ms(3, 20, || {
+            launch::attention_prefill_tiled(&dev, &a, &q, &k, &v, None, &o, tiles)
+        })?;
+        let label = match tiles {
+            PrefillTiles::Rows16 => "attention prefill bf16 causal",
+            PrefillTiles::Rows32 => "attention prefill bf16 causal, 32 rows/warp",
+        };
+        row(
+            label,
+            &format!("b{b} h{h} s{s} d{d}"),
+            ms,
+            Some(flops / ms / 1e9),
+            None,
+            copy,
+        );
+    }
     drop((q, k, v, o));
     let d64 = Attention {
         d: 64,

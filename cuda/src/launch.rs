@@ -372,6 +372,45 @@ fn mask_args(mask: Mask<'_>, a: &Attention) -> Result<(u64, [i64; 4]), CudaError
     }
 }
 
+/// The flash prefill kernel's tiling (`cu/attention.cu`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PrefillTiles {
+    /// 16 query rows per warp (64 per block), Q in registers, 64-key tiles.
+    Rows16,
+    /// 32 query rows per warp (128 per block), Q in shared memory, 32-key tiles.
+    Rows32,
+}
+
+impl PrefillTiles {
+    /// Every tiling, for tests and benchmarks.
+    pub const ALL: [PrefillTiles; 2] = [PrefillTiles::Rows16, PrefillTiles::Rows32];
+
+    fn entry(self) -> &'static str {
+        match self {
+            PrefillTiles::Rows16 => "attention_prefill",
+            PrefillTiles::Rows32 => "attention_prefill_wide",
+        }
+    }
+
+    /// Queries per block.
+    fn rows(self) -> usize {
+        match self {
+            PrefillTiles::Rows16 => 64,
+            PrefillTiles::Rows32 => 128,
+        }
+    }
+
+    /// Dynamic shared memory: the K and V tiles, and the Q tile of `Rows32` (rows of
+    /// `d + 8` bf16).
+    fn shared_bytes(self, d: usize) -> usize {
+        let rows = match self {
+            PrefillTiles::Rows16 => 2 * 64,
+            PrefillTiles::Rows32 => 2 * 32 + 128,
+        };
+        rows * (d + 8) * 2
+    }
+}
+
 /// Flash attention prefill (bf16, head dim 64 or 128).
 pub fn attention_prefill(
     dev: &Device,
@@ -382,8 +421,28 @@ pub fn attention_prefill(
     mask: Mask<'_>,
     out: &Buffer,
 ) -> Result<(), CudaError> {
+    attention_prefill_tiled(dev, a, q, k, v, mask, out, PrefillTiles::Rows16)
+}
+
+/// [`attention_prefill`] with a given tiling.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_prefill_tiled(
+    dev: &Device,
+    a: &Attention,
+    q: &Buffer,
+    k: &Buffer,
+    v: &Buffer,
+    mask: Mask<'_>,
+    out: &Buffer,
+    tiles: PrefillTiles,
+) -> Result<(), CudaError> {
     a.check(q, k, v, out)?;
-    let f = float_kernel(dev, Kernel::AttentionPrefill(a.d), "attention_prefill")?;
+    let f = float_kernel(dev, Kernel::AttentionPrefill(a.d), tiles.entry())?;
+    let shared = tiles.shared_bytes(a.d);
+    f.set_attribute(
+        cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        shared as i32,
+    )?;
     let (mptr, ms) = mask_args(mask, a)?;
     let (hq, hkv, sq, sk) = (
         to_i32(a.hq, "hq")?,
@@ -392,8 +451,16 @@ pub fn attention_prefill(
         to_i32(a.sk, "sk")?,
     );
     let (causal, window) = (i32::from(a.causal), to_i32(a.window, "window")?);
-    let grid = (a.sq.div_ceil(64) as u32, a.hq as u32, a.batch as u32);
-    launch(dev, &f, cfg(grid, 128), |b| {
+    let grid = (
+        a.sq.div_ceil(tiles.rows()) as u32,
+        a.hq as u32,
+        a.batch as u32,
+    );
+    let config = LaunchConfig {
+        shared_mem_bytes: shared as u32,
+        ..cfg(grid, 128)
+    };
+    launch(dev, &f, config, |b| {
         b.arg(q.slice())
             .arg(k.slice())
             .arg(v.slice())

@@ -9,7 +9,7 @@ mod gpu_support;
 use common::generated_kernels;
 use gpu_support::*;
 use kiln_cuda::codegen::elementwise::{ArgLayout, Elementwise};
-use kiln_cuda::launch::{self, Attention, Rowwise};
+use kiln_cuda::launch::{self, Attention, PrefillTiles, Rowwise};
 use kiln_cuda::Device;
 use kiln_ir::trace::Tracer;
 use kiln_ir::{DType, Op, F64};
@@ -297,13 +297,15 @@ fn attention_inputs(
     (vec![q, k, v], mask)
 }
 
-fn check_attention(
-    dev: &Device,
-    rng: &mut impl rand::Rng,
-    a: Attention,
-    masked: bool,
-    decode_splits: Option<usize>,
-) {
+/// Which attention kernel a check runs.
+#[derive(Debug, Clone, Copy)]
+enum Run {
+    Prefill(PrefillTiles),
+    /// Decode with this many key splits.
+    Decode(usize),
+}
+
+fn check_attention(dev: &Device, rng: &mut impl rand::Rng, a: Attention, masked: bool, run: Run) {
     let (qkv, mask) = attention_inputs(rng, &a, masked);
     let mut args: Vec<&Tensor> = qkv.iter().collect();
     if let Some(m) = &mask {
@@ -321,20 +323,18 @@ fn check_attention(
     let mb = mask.as_ref().map(|m| upload(dev, m));
     let mask_arg = mb.as_ref().map(|m| (m, [a.sk as i64, 0, 0, 1]));
     let out = poisoned(dev, DType::BF16, a.batch * a.hq * a.sq * a.d);
-    if let Some(splits) = decode_splits {
-        launch::attention_decode(
+    match run {
+        Run::Decode(splits) => launch::attention_decode(
             dev, &a, &bufs[0], &bufs[1], &bufs[2], mask_arg, &out, splits,
-        )
-        .unwrap();
-    } else {
-        launch::attention_prefill(dev, &a, &bufs[0], &bufs[1], &bufs[2], mask_arg, &out).unwrap();
+        ),
+        Run::Prefill(tiles) => launch::attention_prefill_tiled(
+            dev, &a, &bufs[0], &bufs[1], &bufs[2], mask_arg, &out, tiles,
+        ),
     }
+    .unwrap();
     let got = download(dev, &out, DType::BF16, &[a.batch, a.hq, a.sq, a.d]);
     assert_matches(
-        &format!(
-            "attention {}{a:?} masked={masked}",
-            decode_splits.map_or(String::new(), |n| format!("decode ({n} splits) "))
-        ),
+        &format!("attention {run:?} {a:?} masked={masked}"),
         &got,
         &want,
         2e-2,
@@ -347,7 +347,11 @@ fn flash_attention_prefill_matches_reference() {
         return;
     };
     let mut rng = rng("attention_prefill");
-    for d in [64, 128] {
+    for (d, tiles) in [64, 128]
+        .into_iter()
+        .flat_map(|d| PrefillTiles::ALL.map(|t| (d, t)))
+    {
+        let run = Run::Prefill(tiles);
         let base = Attention {
             batch: 2,
             hq: 4,
@@ -359,7 +363,7 @@ fn flash_attention_prefill_matches_reference() {
             causal: true,
             window: 0,
         };
-        check_attention(&dev, &mut rng, base, false, None);
+        check_attention(&dev, &mut rng, base, false, run);
         check_attention(
             &dev,
             &mut rng,
@@ -368,15 +372,9 @@ fn flash_attention_prefill_matches_reference() {
                 ..base
             },
             true,
-            None,
+            run,
         );
-        check_attention(
-            &dev,
-            &mut rng,
-            Attention { window: 48, ..base },
-            false,
-            None,
-        );
+        check_attention(&dev, &mut rng, Attention { window: 48, ..base }, false, run);
         check_attention(
             &dev,
             &mut rng,
@@ -386,7 +384,7 @@ fn flash_attention_prefill_matches_reference() {
                 ..base
             },
             true,
-            None,
+            run,
         );
         // Longer sequences: several key tiles per query block, most of them unmasked (the
         // kernel's path without per-element masking), across the cp.async pipeline.
@@ -395,7 +393,7 @@ fn flash_attention_prefill_matches_reference() {
             sk: 300,
             ..base
         };
-        check_attention(&dev, &mut rng, long, false, None);
+        check_attention(&dev, &mut rng, long, false, run);
         check_attention(
             &dev,
             &mut rng,
@@ -404,7 +402,7 @@ fn flash_attention_prefill_matches_reference() {
                 ..long
             },
             false,
-            None,
+            run,
         );
         check_attention(
             &dev,
@@ -416,7 +414,7 @@ fn flash_attention_prefill_matches_reference() {
                 ..base
             },
             false,
-            None,
+            run,
         );
     }
 }
@@ -439,8 +437,8 @@ fn flash_decoding_matches_reference() {
             causal: true,
             window: 0,
         };
-        check_attention(&dev, &mut rng, base, false, Some(5));
-        check_attention(&dev, &mut rng, base, true, Some(5));
+        check_attention(&dev, &mut rng, base, false, Run::Decode(5));
+        check_attention(&dev, &mut rng, base, true, Run::Decode(5));
         check_attention(
             &dev,
             &mut rng,
@@ -449,7 +447,7 @@ fn flash_decoding_matches_reference() {
                 ..base
             },
             false,
-            Some(5),
+            Run::Decode(5),
         );
         // Six query heads per KV head: a full group of 4 and a partial one of 2; the split
         // count the launcher would pick (whole 64-key tiles, several per chunk here).
@@ -459,10 +457,16 @@ fn flash_decoding_matches_reference() {
             ..base
         };
         let splits = launch::decode_splits(&dev, &wide).unwrap();
-        check_attention(&dev, &mut rng, wide, true, Some(splits));
-        check_attention(&dev, &mut rng, wide, false, Some(3));
+        check_attention(&dev, &mut rng, wide, true, Run::Decode(splits));
+        check_attention(&dev, &mut rng, wide, false, Run::Decode(3));
         // More splits than keys fit: empty trailing chunks.
-        check_attention(&dev, &mut rng, Attention { sk: 9, ..base }, false, Some(4));
+        check_attention(
+            &dev,
+            &mut rng,
+            Attention { sk: 9, ..base },
+            false,
+            Run::Decode(4),
+        );
     }
 }
 

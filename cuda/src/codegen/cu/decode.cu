@@ -15,18 +15,6 @@
 // HG (query heads per block, one warp each) and TK (keys per tile) come from the module's
 // defines (codegen::DECODE_HEADS, DECODE_TILE): the layout below needs HG = 4 and TK = 64.
 #define VPAD (D + 8)
-#define LOG2E 1.4426950408889634f
-
-__device__ __forceinline__ float kiln_ex2(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-    return y;
-}
-
-__device__ __forceinline__ void kiln_cp_async16(unsigned dst, const void* src, int bytes) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" :: "r"(dst), "l"(src), "r"(bytes));
-}
-
 __device__ __forceinline__ float kiln_bf16_lo(unsigned w) { return __uint_as_float(w << 16); }
 __device__ __forceinline__ float kiln_bf16_hi(unsigned w) { return __uint_as_float(w & 0xffff0000u); }
 
@@ -74,10 +62,11 @@ KILN_NAME(attention_decode_split)(const __nv_bfloat16* __restrict__ q, const __n
             const int e = threadIdx.x + i * 128, row = e / (D / 8), col = (e % (D / 8)) * 8;
             const bool in = t0 + row < sk;
             const i64 off = in ? (i64)(t0 + row) * D + col : 0;
-            kiln_cp_async16((unsigned)__cvta_generic_to_shared(&ks[row][col]), kh + off, in ? 16 : 0);
-            kiln_cp_async16((unsigned)__cvta_generic_to_shared(&vs[row][col]), vh + off, in ? 16 : 0);
+            kiln_cp_async16(kiln_smem(&ks[row][col]), kh + off, in ? 16 : 0);
+            kiln_cp_async16(kiln_smem(&vs[row][col]), vh + off, in ? 16 : 0);
         }
-        asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
+        kiln_cp_async_commit();
+        kiln_cp_async_wait_all();
         __syncthreads();
         // Scores (log2 units): thread p covers key p % TK of head p / TK.
 #pragma unroll
