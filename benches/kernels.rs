@@ -10,6 +10,12 @@
 //! (throughput: weight bytes read). `kiln bench kernel` gives the same figures as GFLOP/s and GB/s
 //! against the machine's ceilings.
 //!
+//! `linear_decode`: the linear layers of one decode token of the 125M Llama (12 layers: Q/K/V,
+//! output, gate/up, down projections; weights 2–4× the L3, so read from memory) in f32, bf16
+//! and fp8 e4m3, each layer its own call (`separate`) or as the CPU plan runs them (`grouped`:
+//! Q/K/V and gate/up one region each, the residual adds in the epilogue); throughput: weight
+//! bytes read.
+//!
 //! `cargo bench --bench kernels`
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -260,8 +266,130 @@ fn executor_memory_kernels(c: &mut Criterion) {
     g.finish();
 }
 
+/// The weight shapes `[n, k]` of one 125M-Llama layer: q, k, v, o, gate, up, down.
+fn llama_layer_shapes() -> [(usize, usize); 7] {
+    let (h, kv, i) = (768, 256, 2048);
+    [(h, h), (kv, h), (kv, h), (h, h), (i, h), (i, h), (h, i)]
+}
+
+fn linear_decode(c: &mut Criterion) {
+    use kiln_kernels::linear::{linear, Layer, Weight};
+    const LAYERS: usize = 12;
+    let shapes = llama_layer_shapes();
+    let f32w: Vec<Vec<Vec<f32>>> = (0..LAYERS)
+        .map(|l| {
+            shapes
+                .iter()
+                .enumerate()
+                .map(|(j, &(n, k))| data(n * k, (l * 7 + j) as f32))
+                .collect()
+        })
+        .collect();
+    let bf16w: Vec<Vec<PackedBf16>> = f32w
+        .iter()
+        .map(|ws| {
+            ws.iter()
+                .zip(&shapes)
+                .map(|(w, &(n, k))| {
+                    let b: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+                    PackedBf16::pack(n, k, &b).unwrap()
+                })
+                .collect()
+        })
+        .collect();
+    let f8w: Vec<Vec<Vec<u8>>> = f32w
+        .iter()
+        .map(|ws| {
+            ws.iter()
+                .map(|w| {
+                    w.iter()
+                        .map(|&v| kiln_ir::f8::f32_to_f8e4m3(v * 400.0))
+                        .collect()
+                })
+                .collect()
+        })
+        .collect();
+    let scales: Vec<Vec<f32>> = shapes.iter().map(|&(n, _)| data(n, 5.0)).collect();
+    let x = data(2048, 2.0);
+    let resid = data(768, 3.0);
+    let mut outs: Vec<Vec<f32>> = shapes.iter().map(|&(n, _)| vec![0.0; n]).collect();
+    let mut g = c.benchmark_group("linear_decode");
+    g.sample_size(20).measurement_time(Duration::from_secs(4));
+    for kind in ["f32", "bf16", "fp8"] {
+        let weight = |l: usize, j: usize| -> Weight<'_> {
+            match kind {
+                "f32" => Weight::F32(&f32w[l][j]),
+                "bf16" => Weight::Bf16(&bf16w[l][j]),
+                _ => Weight::F8E4M3(&f8w[l][j]),
+            }
+        };
+        let bytes_per = match kind {
+            "f32" => 4,
+            "bf16" => 2,
+            _ => 1,
+        };
+        let total: usize = shapes.iter().map(|(n, k)| n * k).sum::<usize>() * LAYERS;
+        g.throughput(Throughput::Bytes((total * bytes_per) as u64));
+        let scale = |j: usize| (kind == "fp8").then(|| scales[j].as_slice());
+        // Each weight its own call of the kernel the plan used before; the fp8 scales and the
+        // residual adds as second passes.
+        g.bench_function(format!("separate/{kind}"), |b| {
+            b.iter(|| {
+                for l in 0..LAYERS {
+                    for (j, out) in outs.iter_mut().enumerate() {
+                        let (n, k) = shapes[j];
+                        let x = &x[..k];
+                        match kind {
+                            "f32" => gemv::gemv_f32(n, k, &f32w[l][j], x, out).unwrap(),
+                            "bf16" => matmul_bf16(1, x, &bf16w[l][j], out).unwrap(),
+                            _ => gemv::gemv_f8e4m3(n, k, &f8w[l][j], 1.0, x, out).unwrap(),
+                        }
+                        if let Some(s) = scale(j) {
+                            for (v, s) in out.iter_mut().zip(s) {
+                                *v *= s;
+                            }
+                        }
+                        if j == 3 || j == 6 {
+                            for (v, r) in out.iter_mut().zip(&resid) {
+                                *v += r;
+                            }
+                        }
+                    }
+                }
+            })
+        });
+        g.bench_function(format!("grouped/{kind}"), |b| {
+            b.iter(|| {
+                for l in 0..LAYERS {
+                    let [q, kk, v, o, gate, up, down] = &mut outs[..] else {
+                        unreachable!()
+                    };
+                    let mk = |j: usize, add, out| Layer {
+                        weight: weight(l, j),
+                        scale: scale(j),
+                        add,
+                        out,
+                    };
+                    linear(
+                        1,
+                        768,
+                        &x[..768],
+                        &mut [mk(0, None, q), mk(1, None, kk), mk(2, None, v)],
+                    )
+                    .unwrap();
+                    linear(1, 768, &x[..768], &mut [mk(3, Some(&resid), o)]).unwrap();
+                    linear(1, 768, &x[..768], &mut [mk(4, None, gate), mk(5, None, up)]).unwrap();
+                    linear(1, 2048, &x, &mut [mk(6, Some(&resid), down)]).unwrap();
+                }
+            })
+        });
+    }
+    g.finish();
+}
+
 criterion_group!(
     benches,
+    linear_decode,
     gemm,
     gemv_bench,
     rows_and_elementwise,

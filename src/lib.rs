@@ -13,3 +13,4 @@ pub use kiln_runtime as runtime;
 
 pub mod compile;
 pub mod load;
+pub mod placement;

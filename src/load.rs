@@ -3,6 +3,7 @@
 //! weights) or from an artifact (`kiln compile`'s output, read by `kiln_runtime::artifact`),
 //! into the runtime's ready-to-use [`CausalModel`] or [`EncoderModel`].
 
+use crate::placement::{self, Placement};
 use kiln_compiler::cost::Target;
 use kiln_compiler::pipeline::{optimize, Limits, OptimizeError, Report};
 use kiln_compiler::precision::{
@@ -54,6 +55,8 @@ pub struct LoadOptions {
     /// Numeric precision (f32 by default); lowered after optimizing, see
     /// [`kiln_compiler::precision`]. Weights are then bound converted (`Convert::Cast`).
     pub precision: Precision,
+    /// Where the model runs (the CPU by default).
+    pub placement: Placement,
 }
 
 impl Default for LoadOptions {
@@ -62,6 +65,7 @@ impl Default for LoadOptions {
             optimize: true,
             target: Target::cpu(),
             precision: Precision::F32,
+            placement: Placement::Cpu,
         }
     }
 }
@@ -277,7 +281,15 @@ fn artifact(path: &Path, opts: &LoadOptions) -> Result<Model, LoadError> {
             path.display()
         )));
     }
-    Ok(art.into_model()?)
+    let model = art.into_model()?;
+    match placement::resolve(opts.placement).map_err(cuda_error)? {
+        Some(b) => placement::to_cuda(model, &b).map_err(cuda_error),
+        None => Ok(model),
+    }
+}
+
+fn cuda_error(why: String) -> LoadError {
+    LoadError::Unsupported(format!("--device cuda: {why}"))
 }
 
 /// Opens `path` (a directory or an artifact) as whichever model it holds, with the optimizer's
@@ -346,6 +358,10 @@ pub fn causal_lm_with(path: &Path, opts: &LoadOptions) -> Result<CausalLm, LoadE
         InputLimits::default(),
     )
     .map_err(|e| LoadError::Unsupported(e.to_string()))?;
+    let model = match placement::resolve(opts.placement).map_err(cuda_error)? {
+        Some(b) => placement::causal_to_cuda(model, &b).map_err(cuda_error)?,
+        None => model,
+    };
     Ok(CausalLm { model, reports })
 }
 
@@ -423,6 +439,10 @@ pub fn encoder_with(path: &Path, opts: &LoadOptions) -> Result<Encoder, LoadErro
         InputLimits::default(),
     )
     .map_err(|e| LoadError::Unsupported(e.to_string()))?;
+    let model = match placement::resolve(opts.placement).map_err(cuda_error)? {
+        Some(b) => placement::encoder_to_cuda(model, &b).map_err(cuda_error)?,
+        None => model,
+    };
     Ok(Encoder { model, reports })
 }
 

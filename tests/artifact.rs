@@ -16,8 +16,9 @@ mod deploy;
 use common::{fixture, ids, kiln, reference, reference_json, refused};
 use kiln::compile::{compile, CompileOptions};
 use kiln::compiler::Precision;
+use kiln::ir::DType;
 use kiln::load::{self, LoadOptions};
-use kiln::runtime::artifact::{reseal, write, Artifact};
+use kiln::runtime::artifact::{reseal, write, Artifact, SectionKind};
 use kiln::runtime::deploy::Model;
 use std::path::PathBuf;
 
@@ -499,6 +500,140 @@ fn bad_files_are_refused_with_their_message() {
     );
 }
 
+/// `good` with one byte of its first weight tensor flipped (checksums left as they were), and
+/// the index of the weight data section.
+fn weight_byte_flipped(good: &[u8]) -> (Vec<u8>, usize) {
+    let art = Artifact::from_bytes(good, "t.kiln").unwrap();
+    let data = art
+        .sections
+        .iter()
+        .position(|s| s.kind == SectionKind::WeightData)
+        .unwrap();
+    let w = &art.weights[0];
+    assert!(w.len > 0, "{} is empty", w.name);
+    let at = (art.sections[data].offset + w.offset + w.len / 2) as usize;
+    let mut bad = good.to_vec();
+    bad[at] ^= 0x04;
+    (bad, data)
+}
+
+/// The weights of an opened artifact are used in place from the file (bool tensors, whose bytes
+/// are checked, excepted), and equal the weights of the model it was compiled from.
+#[test]
+fn artifact_weights_are_used_in_place() {
+    for (name, precision) in [
+        ("llama", Precision::F32),
+        ("llama", Precision::Bf16),
+        ("llama", Precision::Fp8),
+        ("distilbert", Precision::F32),
+    ] {
+        let label = format!("{name} {}", precision.name());
+        let path = compiled_file(name, precision, "in-place");
+        let art = Artifact::open(&path).unwrap();
+        art.verify().unwrap();
+        let opts = LoadOptions {
+            precision,
+            ..Default::default()
+        };
+        let (model, _) = load::model_with(&fixture(name), &opts).unwrap();
+        let source = match &model {
+            Model::Causal(m) => m.lm.params(),
+            Model::Encoder(e) => e.runner.parts().1,
+        };
+        assert_eq!(art.params.len(), source.len(), "{label}");
+        for (pname, t) in &art.params {
+            assert_eq!(
+                t.is_borrowed(),
+                t.dtype() != DType::Bool,
+                "{label}: {pname}"
+            );
+            assert!(source[pname] == *t, "{label}: {pname} differs");
+        }
+    }
+}
+
+/// One flipped weight byte: opening the file does not wait for the weights' checksum, but
+/// nothing computed from them comes out — every output method, the streamed text and the CLI
+/// report the corrupt section instead.
+#[test]
+fn a_flipped_weight_byte_is_reported_before_any_output() {
+    let message = |data: usize| format!("section {data} (weight_data) is corrupt");
+    // A causal LM.
+    let (bad, data) = weight_byte_flipped(&llama_bytes());
+    assert!(refusal(&bad).contains(&message(data)), "in memory");
+    let path = temp("flipped-llama.kiln");
+    std::fs::write(&path, &bad).unwrap();
+    let Model::Causal(mut m) = Model::open(&path).unwrap() else {
+        panic!("not a causal LM")
+    };
+    let e = m.forward(&[1, 2, 3]).unwrap_err().to_string();
+    assert!(e.contains(&message(data)), "forward: {e}");
+    let mut cfg = m.generation_config().unwrap();
+    cfg.do_sample = false;
+    cfg.max_new_tokens = Some(3);
+    let mut streamed = String::new();
+    let e = m
+        .generate_streaming("Hello", &cfg, 0, &mut |t| streamed.push_str(t))
+        .unwrap_err();
+    assert!(e.to_string().contains(&message(data)), "generate: {e}");
+    assert!(e.is_input(), "a bad file is the user's input");
+    assert_eq!(streamed, "", "no text may leave before the check");
+    assert!(m.verify().is_err());
+    let o = kiln(&[
+        "generate",
+        "--model",
+        path.to_str().unwrap(),
+        "--prompt",
+        "Hello",
+        "--max-new-tokens",
+        "3",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains(&message(data)), "{err}");
+    assert!(
+        String::from_utf8_lossy(&o.stdout).trim().is_empty(),
+        "nothing generated may be printed"
+    );
+    refused(
+        &[
+            "forward",
+            "--model",
+            path.to_str().unwrap(),
+            "--tokens",
+            "1",
+        ],
+        &[&message(data)],
+    );
+    refused(
+        &["inspect", "--model", path.to_str().unwrap()],
+        &[&message(data)],
+    );
+    // An encoder.
+    let (bad, data) = weight_byte_flipped(&compiled("distilbert", Precision::F32));
+    let path = temp("flipped-distilbert.kiln");
+    std::fs::write(&path, &bad).unwrap();
+    let Model::Encoder(m) = Model::open(&path).unwrap() else {
+        panic!("not an encoder")
+    };
+    let e = m.embed(&["a cat"]).unwrap_err().to_string();
+    assert!(e.contains(&message(data)), "embed: {e}");
+    let Err(e) = m.run(&[vec![1, 2]]) else {
+        panic!("run gave outputs of corrupt weights")
+    };
+    assert!(e.to_string().contains(&message(data)), "run: {e}");
+    refused(
+        &[
+            "embed",
+            "--model",
+            path.to_str().unwrap(),
+            "--text",
+            "a cat",
+        ],
+        &[&message(data)],
+    );
+}
+
 /// A small deterministic generator (xorshift64*), so that a failing case can be replayed.
 struct Rng(u64);
 
@@ -578,7 +713,11 @@ fn fuzz(cases: u64) {
         let good = &bases[(case % 2) as usize];
         let bytes = mutate(good, &mut rng);
         let result = std::panic::catch_unwind(|| {
-            Artifact::from_bytes(&bytes, "fuzz.kiln").and_then(Artifact::into_model)
+            let art = Artifact::from_bytes(&bytes, "fuzz.kiln")?;
+            // Also here (the model parses it on a thread of its own, where a panic would go
+            // unnoticed): the tokenizer of a mutated file is refused, never a panic.
+            let _ = art.assets.tokenizer();
+            art.into_model()
         });
         match result {
             Err(_) => panic!("case {case} panicked"),

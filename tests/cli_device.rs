@@ -1,6 +1,6 @@
-//! `--device`: `cuda` fails with one message naming CUDA when it cannot be used (on a machine
-//! without a GPU, or while models do not run on CUDA), and `auto` runs on the CPU with output
-//! identical to `--device cpu`.
+//! `--device` on a machine without CUDA (CI's): `cuda` fails with one message naming CUDA, and
+//! `auto` runs on the CPU with output identical to `--device cpu`. (On a GPU machine,
+//! `tests/cuda_models.rs` checks the CUDA runs.)
 
 mod common;
 
@@ -22,6 +22,17 @@ fn device_cuda_is_refused_naming_cuda() {
     refused(
         &[
             "forward", "--model", &m, "--tokens", "1,2,3", "--device", "cuda",
+        ],
+        &["CUDA"],
+    );
+    refused(
+        &["bench", "ceilings", "--device", "cuda"],
+        &["--device cuda", "CUDA"],
+    );
+    refused(
+        &[
+            "bench", "kernel", "--op", "gemv", "--shape", "64x64", "--dtype", "bf16", "--device",
+            "cuda",
         ],
         &["CUDA"],
     );

@@ -10,8 +10,8 @@ mod optimized;
 
 use kiln::load::{causal_lm_with, encoder_with, LoadOptions};
 use kiln_compiler::precision::Precision;
-use kiln_runtime::cpu::CpuGraph;
 use kiln_runtime::reference::{self, ParamSource};
+use kiln_runtime::GraphExecutor;
 use kiln_runtime::Tensor;
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -60,13 +60,13 @@ fn assert_close(
     }
 }
 
-fn check(plan: &CpuGraph, params: &dyn ParamSource, label: &str, tol: f64) {
+fn check(plan: &dyn GraphExecutor, params: &dyn ParamSource, label: &str, tol: f64) {
     let inputs = optimized::inputs(plan.graph());
     let want = reference::run(plan.graph(), &inputs, params).unwrap();
-    let got = plan.run(&inputs, params).unwrap();
+    let got = plan.run_host(&inputs, params).unwrap();
     assert_close(label, &got, &want, tol);
     // A second run reuses the buffers and gives the same result.
-    let again = plan.run(&inputs, params).unwrap();
+    let again = plan.run_host(&inputs, params).unwrap();
     assert_eq!(again, got, "{label}: second run");
 }
 

@@ -24,7 +24,7 @@ fn to_i32(v: usize, what: &str) -> Result<i32, CudaError> {
     i32::try_from(v).map_err(|_| CudaError::Args(format!("{what} = {v} exceeds i32")))
 }
 
-fn cfg(grid: (u32, u32, u32), block: u32) -> LaunchConfig {
+pub(crate) fn cfg(grid: (u32, u32, u32), block: u32) -> LaunchConfig {
     LaunchConfig {
         grid_dim: grid,
         block_dim: (block, 1, 1),
@@ -32,12 +32,12 @@ fn cfg(grid: (u32, u32, u32), block: u32) -> LaunchConfig {
     }
 }
 
-fn grid_1d(n: usize, block: u32) -> u32 {
+pub(crate) fn grid_1d(n: usize, block: u32) -> u32 {
     n.div_ceil(block as usize).clamp(1, 65535 * 8) as u32
 }
 
 /// Launches `f` with the arguments pushed by `push`.
-fn launch<'a>(
+pub(crate) fn launch<'a>(
     dev: &'a Device,
     f: &'a CudaFunction,
     config: LaunchConfig,
@@ -64,6 +64,20 @@ fn check_flag(dev: &Device, flag: &Buffer, what: &str) -> Result<(), CudaError> 
     Ok(())
 }
 
+/// The launch shape of a generated elementwise kernel over `n` elements: 256 threads per
+/// block, one thread per pack of [`crate::codegen::elementwise::PACK`] elements (its loops
+/// stride over the grid, so any grid is correct; this one has no idle threads).
+pub(crate) fn elementwise_config(n: usize) -> LaunchConfig {
+    cfg(
+        (
+            grid_1d(n.div_ceil(crate::codegen::elementwise::PACK), 256),
+            1,
+            1,
+        ),
+        256,
+    )
+}
+
 /// Runs a generated elementwise kernel: `out` (n elements of the body's dtype) from `args`
 /// laid out as planned (`meta` from [`crate::codegen::elementwise::Plan`]).
 pub fn elementwise(
@@ -88,8 +102,7 @@ pub fn elementwise(
     let meta_buf = dev.upload(&meta_bytes)?;
     let flag = error_flag(dev)?;
     let n64 = n as i64;
-    let grid = grid_1d(n.div_ceil(crate::codegen::elementwise::PACK), 256);
-    launch(dev, &f, cfg((grid, 1, 1), 256), |b| {
+    launch(dev, &f, elementwise_config(n), |b| {
         b.arg(out.slice());
         for a in args {
             b.arg(a.slice());

@@ -18,9 +18,12 @@
 //! GPU, via `scripts/gpu-check`).
 
 pub mod alloc;
+pub mod bench;
+pub mod blas;
 pub mod codegen;
 pub mod compile;
 pub mod device;
+pub mod exec;
 pub mod launch;
 pub mod ptxas;
 pub mod toolkit;

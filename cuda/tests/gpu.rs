@@ -18,24 +18,6 @@ use kiln_runtime::Tensor;
 use std::collections::HashMap;
 
 /// Runs `op` over `args` on the reference executor.
-fn reference(op: Op, args: &[&Tensor]) -> Tensor {
-    let t = Tracer::new();
-    let mut inputs = HashMap::new();
-    let xs: Vec<_> = args
-        .iter()
-        .enumerate()
-        .map(|(i, a)| {
-            let name = format!("a{i}");
-            inputs.insert(name.clone(), (*a).clone());
-            t.input(&name, a.dtype(), a.shape().iter().copied())
-        })
-        .collect();
-    let y = t.apply(op, &xs.iter().collect::<Vec<_>>()).expect("op");
-    t.output("y", &y);
-    let g = t.finish().expect("graph");
-    run(&g, &inputs, &NoParams).expect("reference")["y"].clone()
-}
-
 fn ulp_bound(d: DType) -> f64 {
     match d {
         DType::F32 => 1e-6,

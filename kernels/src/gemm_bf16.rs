@@ -132,25 +132,7 @@ pub fn matmul_bf16_with(
         return Ok(());
     }
     let pairs = k.div_ceil(2);
-    // A as bf16 pairs, row-major m × pairs (odd k padded with a zero), rows over the threads.
-    let mut ap = vec![0u32; m * pairs];
-    let pack_row = |(row, out): (&[f32], &mut [u32])| {
-        for (o, pair) in out.iter_mut().zip(row.chunks_exact(2)) {
-            *o = u32::from(bf16_bits(pair[0])) | (u32::from(bf16_bits(pair[1])) << 16);
-        }
-        if k % 2 == 1 {
-            out[pairs - 1] = u32::from(bf16_bits(row[k - 1]));
-        }
-    };
-    if k > 0 && m * k >= PACK_PARALLEL_MIN {
-        a.par_chunks_exact(k)
-            .zip(ap.par_chunks_exact_mut(pairs))
-            .for_each(pack_row);
-    } else if k > 0 {
-        a.chunks_exact(k)
-            .zip(ap.chunks_exact_mut(pairs))
-            .for_each(pack_row);
-    }
+    let ap = pack_a(m, k, a);
     #[cfg(target_arch = "x86_64")]
     if isa >= Isa::Avx512Bf16 && Isa::Avx512Bf16.available() {
         let panels = n.div_ceil(NR);
@@ -194,6 +176,59 @@ pub fn matmul_bf16_with(
     let ar: Vec<f32> = a.iter().map(|&v| bf16::from_f32(v).to_f32()).collect();
     let wf = w.unpack_f32();
     matmul_f32(&Gemm::dense(m, n, k, false, true), &ar, &wf, c)
+}
+
+/// The `m` rows of `a` (`m × k`, f32) rounded to bf16 as pairs, row-major `m × ⌈k/2⌉` (an odd
+/// k padded with a zero), rows over the threads when large.
+pub(crate) fn pack_a(m: usize, k: usize, a: &[f32]) -> Vec<u32> {
+    let pairs = k.div_ceil(2);
+    let mut ap = vec![0u32; m * pairs];
+    let pack_row = |(row, out): (&[f32], &mut [u32])| {
+        for (o, pair) in out.iter_mut().zip(row.chunks_exact(2)) {
+            *o = u32::from(bf16_bits(pair[0])) | (u32::from(bf16_bits(pair[1])) << 16);
+        }
+        if k % 2 == 1 {
+            out[pairs - 1] = u32::from(bf16_bits(row[k - 1]));
+        }
+    };
+    if k > 0 && m * k >= PACK_PARALLEL_MIN {
+        a.par_chunks_exact(k)
+            .zip(ap.par_chunks_exact_mut(pairs))
+            .for_each(pack_row);
+    } else if k > 0 {
+        a.chunks_exact(k)
+            .zip(ap.chunks_exact_mut(pairs))
+            .for_each(pack_row);
+    }
+    ap
+}
+
+/// Whether [`panel_row`] can run at level `isa` on this CPU.
+pub(crate) fn has_panel_row(isa: Isa) -> bool {
+    cfg!(target_arch = "x86_64") && isa >= Isa::Avx512Bf16 && Isa::Avx512Bf16.available()
+}
+
+/// One row of C for the columns of one panel: `y[c] = Σ_p dot(ap[p], W[panel·NR + c, 2p..2p+2])`
+/// with `ap` one row of A as [`pack_a`] gives it and `y` the panel's columns (at most [`NR`],
+/// fewer in the last panel). Only where [`has_panel_row`] holds.
+pub(crate) fn panel_row(ap: &[u32], w: &PackedBf16, panel: usize, y: &mut [f32]) {
+    let pairs = w.k.div_ceil(2);
+    assert!(
+        has_panel_row(Isa::Avx512Bf16)
+            && ap.len() == pairs
+            && panel < w.n.div_ceil(NR)
+            && y.len() == NR.min(w.n - panel * NR)
+    );
+    #[cfg(target_arch = "x86_64")]
+    {
+        let b = &w.data[panel * pairs * NR..(panel + 1) * pairs * NR];
+        let mut tile = [[0.0f32; NR]; MR];
+        // SAFETY: AVX-512 F/BW/VL and BF16 are available (asserted); `ap` holds one row of
+        // `pairs` pairs and `b` one panel of `pairs · NR` pairs.
+        unsafe { x86::tile(ap, pairs, 1, b, &mut tile) };
+        let cols = y.len();
+        y.copy_from_slice(&tile[0][..cols]);
+    }
 }
 
 /// A pointer shared by the panel tasks, each writing its own columns.

@@ -16,6 +16,7 @@ use half::bf16;
 use rayon::prelude::*;
 
 mod f8;
+pub(crate) use f8::PreparedX;
 pub use f8::{gemv_f8e4m3, gemv_f8e4m3_batch, gemv_f8e4m3_batch_with, gemv_f8e4m3_with, MAX_BATCH};
 
 /// Products with fewer weights than this run on the calling thread only.
@@ -166,29 +167,30 @@ pub fn gemv_f32_with(
     if n == 0 {
         return Ok(());
     }
-    let level = Isa::ALL
-        .into_iter()
-        .rev()
-        .find(|i| *i <= isa && i.available())
-        .unwrap_or(Isa::Portable);
+    let level = crate::simd::vector_level(isa);
     split_rows(n, k, 1, y, |r0, yb| {
-        let wrows = &w[r0 * k..(r0 + yb.len()) * k];
-        match level {
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 | Isa::Avx512Bf16 => {
-                // SAFETY: AVX-512 F/BW/VL, AVX2 and FMA are available (`level` is an
-                // available level at or above Avx512).
-                unsafe { x86::rows_f32_avx512(wrows, k, x, yb) }
-            }
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => {
-                // SAFETY: AVX2 and FMA are available (`level` is an available level).
-                unsafe { x86::rows_f32_avx2(wrows, k, x, yb) }
-            }
-            _ => rows_f32::<false>(wrows, k, x, yb),
-        }
+        f32_rows(level, &w[r0 * k..(r0 + yb.len()) * k], k, x, yb)
     });
     Ok(())
+}
+
+/// `yb[i] = W_i · x` for the rows of `wrows` (each `k` long) at `level`, a level returned by
+/// [`crate::simd::vector_level`] (so available on this CPU).
+pub(crate) fn f32_rows(level: Isa, wrows: &[f32], k: usize, x: &[f32], yb: &mut [f32]) {
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 | Isa::Avx512Bf16 => {
+            // SAFETY: AVX-512 F/BW/VL, AVX2 and FMA are available (`level` is an available
+            // level at or above Avx512).
+            unsafe { x86::rows_f32_avx512(wrows, k, x, yb) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => {
+            // SAFETY: AVX2 and FMA are available (`level` is an available level).
+            unsafe { x86::rows_f32_avx2(wrows, k, x, yb) }
+        }
+        _ => rows_f32::<false>(wrows, k, x, yb),
+    }
 }
 
 /// `yb[i] = W_i · x` for the rows of `wrows` (each `k` long). Four rows are read side by side
@@ -207,8 +209,14 @@ fn rows_f32<const FMA: bool>(wrows: &[f32], k: usize, x: &[f32], yb: &mut [f32])
         let (r2, r3) = rest.split_at(k);
         let mut acc = [[0.0f32; LANES]; 4];
         let full = k / LANES * LANES;
+        let next = w4.as_ptr_range().end;
         let mut j = 0;
         while j < full {
+            // The next four rows (contiguous) stream in while these are computed: four rows
+            // read side by side are too many short streams for the hardware prefetcher.
+            for line in 0..4 {
+                crate::simd::prefetch(next.wrapping_add(4 * j + line * LANES));
+            }
             let xv = &x[j..j + LANES];
             let (a, b, c, d) = (
                 &r0[j..j + LANES],

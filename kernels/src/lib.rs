@@ -10,6 +10,9 @@
 //! * [`gemm_bf16`]: bf16-weight matrix products (`vdpbf16ps`) on prepacked weights.
 //! * [`gemv`]: matrix-vector products for decode, `y = W · x` with bf16, f32 or fp8 e4m3
 //!   (per-tensor scale; also a few rows of x at once) weights.
+//! * [`linear`]: linear layers with their epilogue (per-column scale, residual or bias add),
+//!   alone or in groups reading the same activation (one parallel region per group in decode).
+//! * [`rope`]: rotary embedding in rotate-half form, one pass over strided operands.
 //! * [`rowwise`]: rmsnorm, layernorm and softmax over the last axis.
 //! * [`elementwise`]: fused elementwise kernels (`silu(a) · b`).
 //! * [`fused`]: compiled programs for any `fused_elementwise` body over broadcast/strided
@@ -29,7 +32,9 @@ pub mod gemm;
 pub mod gemm_bf16;
 pub mod gemv;
 pub mod layout;
+pub mod linear;
 pub mod peak;
+pub mod rope;
 pub mod rowwise;
 mod simd;
 

@@ -244,6 +244,21 @@ pub(crate) fn erf<const FMA: bool>(x: f32) -> f32 {
     }
 }
 
+/// Asks the CPU to bring the cache line at `p` into L1 ahead of use; no effect on results. `p`
+/// need not point into any allocation (a prefetch never faults), so callers may run past the
+/// end of their data.
+#[inline(always)]
+pub(crate) fn prefetch<T>(p: *const T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: `prefetcht0` only hints the cache; it does not access memory architecturally and
+    // never faults, whatever the address. SSE is part of the x86_64 baseline.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast())
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
 /// `x` rounded to bf16 (nearest, ties to even; NaN stays a quiet NaN) and widened back, as
 /// `half::bf16::from_f32(x).to_f32()`, with only integer arithmetic so loops vectorize.
 #[inline(always)]

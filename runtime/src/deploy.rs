@@ -3,14 +3,23 @@
 //! An artifact opens into one ([`Model::open`]); `kiln::load` builds the same types from a
 //! model directory, so the CLI treats both alike. [`CausalModel::new`] and
 //! [`EncoderModel::new`] are the one place the executors are constructed.
+//!
+//! A model opened from an artifact runs on weights used in place from the file while their
+//! checksum is still being computed ([`WeightCheck`]): every method that hands out something
+//! computed from the weights waits for the verdict first (generation: before the first piece of
+//! text), and returns [`ArtifactError::Checksum`] for a corrupt file. The public `lm` and
+//! `runner` fields do not wait: call `verify` before using them directly.
 
-use crate::artifact::{Artifact, ArtifactError};
+use crate::artifact::{Artifact, ArtifactError, WeightCheck};
+use crate::background::Background;
 use crate::encoder::{EncoderOutput, EncoderRunner};
 use crate::generate::{self, ConfigError, GenerateError, GenerationConfig, Stopper, StreamError};
 use crate::info::{AssetError, Assets, Head, InputError, ModelInfo};
 use crate::{GraphLm, LanguageModel, ModelError, Params, Tensor};
 use kiln_ir::Graph;
+use std::borrow::Cow;
 use std::path::Path;
+use tokenizers::Tokenizer;
 
 /// InputLimits fixed when compiling (`kiln compile --max-seq/--max-batch`); none for a directory.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -103,6 +112,48 @@ pub struct CausalModel {
     pub assets: Assets,
     /// Compile-time limits.
     pub limits: InputLimits,
+    /// Work started when the model was opened.
+    started: Started,
+}
+
+/// Work started when a model is opened, on threads of its own, that the model waits for where
+/// it needs it: parsing the tokenizer, and (from an artifact) the weights' checksum.
+#[derive(Clone)]
+struct Started {
+    /// The tokenizer; `None` inside when it cannot be parsed (parsing it again where it is
+    /// needed gives the error).
+    tokenizer: Background<Option<Tokenizer>>,
+    /// The weights' checksum.
+    check: Option<WeightCheck>,
+}
+
+/// Starts parsing `assets`' tokenizer on a thread of its own.
+pub(crate) fn parse_tokenizer(assets: &Assets) -> Background<Option<Tokenizer>> {
+    let assets = assets.clone();
+    Background::spawn("kiln-tokenizer", move || assets.tokenizer().ok())
+}
+
+impl Started {
+    /// For a model directory: starts parsing `assets`' tokenizer.
+    fn new(assets: &Assets) -> Started {
+        Started {
+            tokenizer: parse_tokenizer(assets),
+            check: None,
+        }
+    }
+
+    /// Waits for the weights' checksum, if there is one.
+    fn verified(&self) -> Result<(), DeployError> {
+        Ok(self.check.as_ref().map_or(Ok(()), WeightCheck::wait)?)
+    }
+
+    /// The tokenizer (waiting for it), or why `assets` have none.
+    fn tokenizer<'a>(&'a self, assets: &Assets) -> Result<Cow<'a, Tokenizer>, DeployError> {
+        match self.tokenizer.get() {
+            Some(Some(t)) => Ok(Cow::Borrowed(t)),
+            _ => Ok(Cow::Owned(assets.tokenizer()?)),
+        }
+    }
 }
 
 impl CausalModel {
@@ -115,12 +166,43 @@ impl CausalModel {
         assets: Assets,
         limits: InputLimits,
     ) -> Result<Self, DeployError> {
+        let started = Started::new(&assets);
+        Self::with(prefill, decode, params, info, assets, limits, started)
+    }
+
+    fn with(
+        prefill: Graph,
+        decode: Graph,
+        params: Params,
+        info: ModelInfo,
+        assets: Assets,
+        limits: InputLimits,
+        started: Started,
+    ) -> Result<Self, DeployError> {
         let lm = GraphLm::new(prefill, decode, params, info.num_layers, info.vocab_size)?;
         Ok(CausalModel {
             lm,
             info,
             assets,
             limits,
+            started,
+        })
+    }
+
+    /// Waits until the weights are known to be intact (at once for a model directory).
+    pub fn verify(&self) -> Result<(), DeployError> {
+        self.started.verified()
+    }
+
+    /// The same model with its language model replaced by `f`'s (e.g. its graphs compiled for
+    /// another backend); settings, assets and work started at open are kept.
+    pub fn map_lm<E>(
+        self,
+        f: impl FnOnce(GraphLm<Params>) -> Result<GraphLm<Params>, E>,
+    ) -> Result<CausalModel, E> {
+        Ok(CausalModel {
+            lm: f(self.lm)?,
+            ..self
         })
     }
 
@@ -132,7 +214,9 @@ impl CausalModel {
     /// Logits `[1, len, vocab]` of one sequence.
     pub fn forward(&self, ids: &[u32]) -> Result<Tensor, DeployError> {
         self.info.check_ids(ids, self.limits.max_seq)?;
-        Ok(self.lm.forward(ids)?)
+        let logits = self.lm.forward(ids);
+        self.verify()?;
+        Ok(logits?)
     }
 
     /// Tokenizes `prompt` and generates a continuation with `cfg`, calling `on_text` with each
@@ -150,7 +234,7 @@ impl CausalModel {
                 "the prompt is empty: give some text to continue".into(),
             ));
         }
-        let tok = self.assets.tokenizer()?;
+        let tok = self.started.tokenizer(&self.assets)?;
         let prompt_ids = tok
             .encode(prompt, true)
             .map_err(|e| DeployError::Input(format!("cannot tokenize the prompt: {e}")))?
@@ -173,27 +257,38 @@ impl CausalModel {
             }
         }
         let mut stopper = Stopper::from_config(&tok, cfg, 1);
-        let mut failure = None;
+        let mut failure: Option<DeployError> = None;
+        let started = &self.started;
         let generated = generate::generate(
             &mut self.lm,
             std::slice::from_ref(&prompt_ids),
             cfg,
             seed,
-            &mut |row, token| match stopper.push(row, token) {
-                Ok(step) => {
-                    if !step.text.is_empty() {
-                        on_text(&step.text);
-                    }
-                    !step.stop
-                }
-                Err(e) => {
+            &mut |row, token| {
+                // Nothing computed from the weights leaves before they are known to be intact.
+                if let Err(e) = started.verified() {
                     failure = Some(e);
-                    false
+                    return false;
+                }
+                match stopper.push(row, token) {
+                    Ok(step) => {
+                        if !step.text.is_empty() {
+                            on_text(&step.text);
+                        }
+                        !step.stop
+                    }
+                    Err(e) => {
+                        failure = Some(e.into());
+                        false
+                    }
                 }
             },
-        )?;
+        );
+        // A corrupt file explains any failure better than what it caused.
+        self.verify()?;
+        let generated = generated?;
         if let Some(e) = failure {
-            return Err(e.into());
+            return Err(e);
         }
         let tail = stopper.finish(0)?;
         if !tail.is_empty() {
@@ -232,6 +327,8 @@ pub struct EncoderModel {
     pub assets: Assets,
     /// Compile-time limits.
     pub limits: InputLimits,
+    /// Work started when the model was opened.
+    started: Started,
 }
 
 /// An encoder run on texts.
@@ -243,6 +340,18 @@ pub struct Encoded {
 }
 
 impl EncoderModel {
+    /// The same encoder with its runner replaced by `f`'s (e.g. its graph compiled for another
+    /// backend); settings, assets and work started at open are kept.
+    pub fn map_runner<E>(
+        self,
+        f: impl FnOnce(EncoderRunner<Params>) -> Result<EncoderRunner<Params>, E>,
+    ) -> Result<EncoderModel, E> {
+        Ok(EncoderModel {
+            runner: f(self.runner)?,
+            ..self
+        })
+    }
+
     /// An encoder from its graph and bound parameters.
     pub fn new(
         graph: Graph,
@@ -251,13 +360,31 @@ impl EncoderModel {
         assets: Assets,
         limits: InputLimits,
     ) -> Result<Self, DeployError> {
+        let started = Started::new(&assets);
+        Self::with(graph, params, info, assets, limits, started)
+    }
+
+    fn with(
+        graph: Graph,
+        params: Params,
+        info: ModelInfo,
+        assets: Assets,
+        limits: InputLimits,
+        started: Started,
+    ) -> Result<Self, DeployError> {
         let runner = EncoderRunner::new(graph, params, info.uses_token_types)?;
         Ok(EncoderModel {
             runner,
             info,
             assets,
             limits,
+            started,
         })
+    }
+
+    /// Waits until the weights are known to be intact (at once for a model directory).
+    pub fn verify(&self) -> Result<(), DeployError> {
+        self.started.verified()
     }
 
     /// Runs token-id sequences (checked) as one right-padded batch.
@@ -266,7 +393,9 @@ impl EncoderModel {
         for ids in batch {
             self.info.check_ids(ids, self.limits.max_seq)?;
         }
-        Ok(self.runner.run(batch)?)
+        let out = self.runner.run(batch);
+        self.verify()?;
+        Ok(out?)
     }
 
     /// Tokenizes `texts` (with special tokens, as transformers' tokenizer call does) and runs
@@ -281,7 +410,7 @@ impl EncoderModel {
                 i + 1
             )));
         }
-        let tok = self.assets.tokenizer()?;
+        let tok = self.started.tokenizer(&self.assets)?;
         let mut ids = Vec::with_capacity(texts.len());
         for text in texts {
             let text = text.as_ref();
@@ -312,15 +441,29 @@ pub enum Model {
 }
 
 impl Model {
-    /// Opens and checks the artifact at `path` and builds its model.
+    /// Opens and checks the artifact at `path` and builds its model (the weights' checksum
+    /// is still being computed: see the module docs).
     pub fn open(path: &Path) -> Result<Model, DeployError> {
         Ok(Artifact::open(path)?.into_model()?)
+    }
+
+    /// Waits until the weights are known to be intact (at once for a model directory).
+    pub fn verify(&self) -> Result<(), DeployError> {
+        match self {
+            Model::Causal(m) => m.verify(),
+            Model::Encoder(m) => m.verify(),
+        }
     }
 }
 
 impl Artifact {
-    /// The model this artifact holds.
+    /// The model this artifact holds, waiting for the weights' checksum before its first
+    /// output.
     pub fn into_model(self) -> Result<Model, ArtifactError> {
+        let started = Started {
+            tokenizer: self.tokenizer.clone(),
+            check: Some(self.check.clone()),
+        };
         let limits = InputLimits {
             max_seq: self.manifest.max_seq,
             max_batch: self.manifest.max_batch,
@@ -335,15 +478,23 @@ impl Artifact {
         let (first, second) = (graphs.next(), graphs.next());
         match (info.head, first, second) {
             (Head::CausalLm, Some(prefill), Some(decode)) => Ok(Model::Causal(
-                CausalModel::new(prefill, decode, self.params, info, self.assets, limits)
-                    .map_err(malformed)?,
+                CausalModel::with(
+                    prefill,
+                    decode,
+                    self.params,
+                    info,
+                    self.assets,
+                    limits,
+                    started,
+                )
+                .map_err(malformed)?,
             )),
             (Head::CausalLm, ..) => Err(ArtifactError::Malformed {
                 origin: self.origin,
                 message: "a causal LM needs prefill and decode graphs".into(),
             }),
             (_, Some(graph), None) => Ok(Model::Encoder(
-                EncoderModel::new(graph, self.params, info, self.assets, limits)
+                EncoderModel::with(graph, self.params, info, self.assets, limits, started)
                     .map_err(malformed)?,
             )),
             _ => Err(ArtifactError::Malformed {

@@ -1,11 +1,12 @@
 //! An encoder (BERT, DistilBERT) run on right-padded batches of token ids: its one graph and
-//! bound parameters, run by the CPU backend ([`crate::cpu`]).
+//! bound parameters, run by a backend ([`GraphExecutor`]: the CPU backend by default).
 //!
 //! Graph interface (what kiln's encoder families trace): inputs `input_ids`, `attention_mask`
 //! (i64 0/1) and, when the model uses them, `token_type_ids` (i64 `[batch, seq]`, all 0 here);
 //! outputs `last_hidden_state` (f32 `[batch, seq, hidden]`) and, with a head, `logits`.
 
 use crate::cpu::CpuGraph;
+use crate::executor::GraphExecutor;
 use crate::lm::ModelError;
 use crate::pooling::{pool, Pooling};
 use crate::reference::ParamSource;
@@ -15,7 +16,7 @@ use std::collections::HashMap;
 
 /// An encoder ready to run.
 pub struct EncoderRunner<P> {
-    plan: CpuGraph,
+    plan: Box<dyn GraphExecutor>,
     params: P,
     uses_token_types: bool,
 }
@@ -44,11 +45,25 @@ impl<P: ParamSource> EncoderRunner<P> {
             .map_err(err)?
             .pop()
             .ok_or_else(|| err("internal: expected one planned graph"))?;
-        Ok(EncoderRunner {
+        Ok(Self::with_executor(
+            Box::new(plan),
+            params,
+            uses_token_types,
+        ))
+    }
+
+    /// An encoder from its graph already compiled for a backend.
+    pub fn with_executor(plan: Box<dyn GraphExecutor>, params: P, uses_token_types: bool) -> Self {
+        EncoderRunner {
             plan,
             params,
             uses_token_types,
-        })
+        }
+    }
+
+    /// The parameters, taken back (to compile the graph for another backend).
+    pub fn into_params(self) -> P {
+        self.params
     }
 
     /// The graph it runs and its parameters.
@@ -56,9 +71,9 @@ impl<P: ParamSource> EncoderRunner<P> {
         (self.plan.graph(), &self.params)
     }
 
-    /// The graph as planned for the CPU backend.
-    pub fn plan(&self) -> &CpuGraph {
-        &self.plan
+    /// The compiled graph.
+    pub fn plan(&self) -> &dyn GraphExecutor {
+        self.plan.as_ref()
     }
 
     /// Runs a batch of token-id sequences (each non-empty), padded on the right with id 0.
@@ -89,7 +104,7 @@ impl<P: ParamSource> EncoderRunner<P> {
         if self.uses_token_types {
             inputs.insert("token_type_ids".into(), tensor(vec![0; rows * seq])?);
         }
-        let mut out = self.plan.run(&inputs, &self.params).map_err(err)?;
+        let mut out = self.plan.run_host(&inputs, &self.params).map_err(err)?;
         let last_hidden_state = out
             .remove("last_hidden_state")
             .ok_or_else(|| err("the graph has no last_hidden_state output"))?;

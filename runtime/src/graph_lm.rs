@@ -1,5 +1,6 @@
-//! A [`LanguageModel`] over a causal LM's two graphs (prefill and decode), run by the CPU
-//! backend ([`crate::cpu`]), keeping the KV cache between steps.
+//! A [`LanguageModel`] over a causal LM's two graphs (prefill and decode), run by a backend
+//! ([`GraphExecutor`]: the CPU backend by default), keeping the KV cache between steps where
+//! the backend holds it (on the device for CUDA).
 //!
 //! Graph interface (what kiln's model families trace): inputs `input_ids`, `position_ids`
 //! (i64 `[batch, seq]`) and `attention_mask` (i64 0/1 `[batch, kv]` over all key positions);
@@ -8,8 +9,9 @@
 //! are left-padded; positions count real tokens only (as transformers' `generate`).
 
 use crate::cpu::CpuGraph;
+use crate::executor::{GraphExecutor, Value};
 use crate::lm::{LanguageModel, ModelError};
-use crate::reference::ParamSource;
+use crate::reference::{ExecError, ParamSource};
 use crate::Tensor;
 use kiln_ir::Graph;
 use std::collections::HashMap;
@@ -17,17 +19,17 @@ use std::collections::HashMap;
 /// The cache and bookkeeping of the current batch.
 struct Batch {
     /// Per layer: keys and values `[rows, kv_heads, len, head_dim]`.
-    cache: Vec<(Tensor, Tensor)>,
+    cache: Vec<(Value, Value)>,
     /// Per row: 0/1 over all positions so far.
     mask: Vec<Vec<i64>>,
     /// Per row: the position id of the next token.
     next_pos: Vec<i64>,
 }
 
-/// A causal LM run by the CPU backend.
+/// A causal LM run by a backend.
 pub struct GraphLm<P> {
-    prefill: CpuGraph,
-    decode: CpuGraph,
+    prefill: Box<dyn GraphExecutor>,
+    decode: Box<dyn GraphExecutor>,
     params: P,
     num_layers: usize,
     vocab_size: usize,
@@ -52,14 +54,31 @@ impl<P: ParamSource> GraphLm<P> {
             .map_err(err)?
             .try_into()
             .map_err(|_| err("internal: expected two planned graphs"))?;
-        Ok(GraphLm {
+        Ok(Self::with_executors(
+            Box::new(prefill),
+            Box::new(decode),
+            params,
+            num_layers,
+            vocab_size,
+        ))
+    }
+
+    /// A model from its two graphs already compiled for a backend.
+    pub fn with_executors(
+        prefill: Box<dyn GraphExecutor>,
+        decode: Box<dyn GraphExecutor>,
+        params: P,
+        num_layers: usize,
+        vocab_size: usize,
+    ) -> Self {
+        GraphLm {
             prefill,
             decode,
             params,
             num_layers,
             vocab_size,
             batch: None,
-        })
+        }
     }
 
     /// The bound parameters.
@@ -67,9 +86,14 @@ impl<P: ParamSource> GraphLm<P> {
         &self.params
     }
 
-    /// The planned prefill and decode graphs.
-    pub fn graphs(&self) -> [&CpuGraph; 2] {
-        [&self.prefill, &self.decode]
+    /// The compiled prefill and decode graphs.
+    pub fn graphs(&self) -> [&dyn GraphExecutor; 2] {
+        [self.prefill.as_ref(), self.decode.as_ref()]
+    }
+
+    /// The parameters, taken back (to compile the graphs for another backend).
+    pub fn into_params(self) -> P {
+        self.params
     }
 
     /// The prefill graph, the decode graph and the parameters.
@@ -95,16 +119,22 @@ impl<P: ParamSource> GraphLm<P> {
             ),
             ("attention_mask".to_string(), ids_tensor(1, n, vec![1; n])?),
         ]);
-        let mut out = self.prefill.run(&inputs, &self.params).map_err(err)?;
+        let inputs = inputs
+            .into_iter()
+            .map(|(k, t)| (k, Value::Host(t)))
+            .collect();
+        let mut out = self.prefill.run(inputs, &self.params).map_err(err)?;
         out.remove("logits")
-            .ok_or_else(|| err("graph has no output logits"))
+            .ok_or_else(|| err("graph has no output logits"))?
+            .into_host()
+            .map_err(err)
     }
 
     /// Runs `graph` and returns the logits of each row's last position, storing the new cache.
     fn step(
         &mut self,
         decode: bool,
-        mut inputs: HashMap<String, Tensor>,
+        mut inputs: HashMap<String, Value>,
         mask: Vec<Vec<i64>>,
         next_pos: Vec<i64>,
     ) -> Result<Vec<Vec<f32>>, ModelError> {
@@ -113,10 +143,10 @@ impl<P: ParamSource> GraphLm<P> {
         let flat: Vec<i64> = mask.iter().flatten().copied().collect();
         inputs.insert(
             "attention_mask".into(),
-            Tensor::from_i64(vec![rows, kv], flat).map_err(err)?,
+            Value::Host(Tensor::from_i64(vec![rows, kv], flat).map_err(err)?),
         );
         let graph = if decode { &self.decode } else { &self.prefill };
-        let mut out = graph.run(&inputs, &self.params).map_err(err)?;
+        let mut out = graph.run(inputs, &self.params).map_err(err)?;
         let mut cache = Vec::with_capacity(self.num_layers);
         for i in 0..self.num_layers {
             let mut take = |name: String| {
@@ -130,7 +160,9 @@ impl<P: ParamSource> GraphLm<P> {
         }
         let logits = out
             .remove("logits")
-            .ok_or_else(|| err("graph has no output logits"))?;
+            .ok_or_else(|| err("graph has no output logits"))?
+            .into_host()
+            .map_err(err)?;
         let values = logits.as_f32().ok_or_else(|| err("logits are not f32"))?;
         let vocab = self.vocab_size;
         let per_row = values.len() / rows.max(1);
@@ -154,6 +186,10 @@ impl<P: ParamSource> GraphLm<P> {
 
 fn ids_tensor(rows: usize, cols: usize, data: Vec<i64>) -> Result<Tensor, ModelError> {
     Tensor::from_i64(vec![rows, cols], data).map_err(err)
+}
+
+fn ids_value(rows: usize, cols: usize, data: Vec<i64>) -> Result<Value, ModelError> {
+    ids_tensor(rows, cols, data).map(Value::Host)
 }
 
 impl<P: ParamSource> LanguageModel for GraphLm<P> {
@@ -180,8 +216,8 @@ impl<P: ParamSource> LanguageModel for GraphLm<P> {
         }
         let next_pos = prompts.iter().map(|p| p.len() as i64).collect();
         let inputs = HashMap::from([
-            ("input_ids".to_string(), ids_tensor(rows, len, ids)?),
-            ("position_ids".to_string(), ids_tensor(rows, len, pos)?),
+            ("input_ids".to_string(), ids_value(rows, len, ids)?),
+            ("position_ids".to_string(), ids_value(rows, len, pos)?),
         ]);
         self.step(false, inputs, mask, next_pos)
     }
@@ -201,11 +237,11 @@ impl<P: ParamSource> LanguageModel for GraphLm<P> {
         let mut inputs = HashMap::from([
             (
                 "input_ids".to_string(),
-                ids_tensor(rows, 1, tokens.iter().map(|&t| i64::from(t)).collect())?,
+                ids_value(rows, 1, tokens.iter().map(|&t| i64::from(t)).collect())?,
             ),
             (
                 "position_ids".to_string(),
-                ids_tensor(rows, 1, batch.next_pos.clone())?,
+                ids_value(rows, 1, batch.next_pos.clone())?,
             ),
         ]);
         for (i, (k, v)) in batch.cache.into_iter().enumerate() {
@@ -238,10 +274,12 @@ impl<P: ParamSource> LanguageModel for GraphLm<P> {
         if src.iter().any(|&r| r >= batch.mask.len()) {
             return Err(bad());
         }
-        for (k, v) in &mut batch.cache {
-            *k = k.select_rows(src).ok_or_else(bad)?;
-            *v = v.select_rows(src).ok_or_else(bad)?;
-        }
+        let graph = &self.decode;
+        batch.cache = std::mem::take(&mut batch.cache)
+            .into_iter()
+            .map(|(k, v)| Ok((graph.select_rows(k, src)?, graph.select_rows(v, src)?)))
+            .collect::<Result<_, ExecError>>()
+            .map_err(err)?;
         batch.mask = src.iter().map(|&r| batch.mask[r].clone()).collect();
         batch.next_pos = src.iter().map(|&r| batch.next_pos[r]).collect();
         Ok(())

@@ -3,9 +3,11 @@
 //! the ahead-of-time artifacts they load from ([`artifact`]). It never depends on the compiler.
 
 pub mod artifact;
+pub mod background;
 pub mod cpu;
 pub mod deploy;
 pub mod encoder;
+pub mod executor;
 pub mod generate;
 pub mod graph_lm;
 pub mod info;
@@ -16,6 +18,7 @@ pub mod tensor;
 pub mod weights;
 
 pub use deploy::{CausalModel, EncoderModel, Model};
+pub use executor::{DeviceValue, GraphExecutor, Value};
 pub use graph_lm::GraphLm;
 pub use info::{Head, ModelInfo};
 pub use lm::{LanguageModel, ModelError};

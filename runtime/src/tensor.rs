@@ -1,8 +1,16 @@
-//! Host tensors: a dtype, a concrete shape, and row-major elements stored in their own format.
+//! Host tensors: a dtype, a concrete shape, and row-major elements stored in their own format,
+//! either owned ([`Storage`]) or borrowed in place from bytes shared with other tensors
+//! ([`SharedBytes`]: a memory-mapped artifact), so that loading weights copies nothing.
+//!
+//! Read elements through [`Tensor::elements`] (or `as_f32`, `get`, ...), which never copies.
+//! [`Tensor::storage`] hands out owned storage: for a borrowing tensor it decodes a copy on first
+//! use and keeps it with the tensor, so the hot paths (the CPU backend's weights) avoid it.
 
 use half::{bf16, f16};
 use kiln_ir::scalar::Scalar;
 use kiln_ir::{f8, DType};
+use std::ops::Range;
+use std::sync::{Arc, OnceLock};
 
 /// Elements of a tensor, stored in the tensor's dtype (fp8 as raw bytes).
 #[derive(Debug, Clone, PartialEq)]
@@ -27,12 +35,111 @@ pub enum Storage {
     Bool(Vec<bool>),
 }
 
+/// A tensor's elements, borrowed, in its dtype (fp8 as raw bytes): what
+/// [`Tensor::elements`] gives whether the tensor owns its elements or borrows them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Elements<'a> {
+    /// f32 elements.
+    F32(&'a [f32]),
+    /// f16 elements.
+    F16(&'a [f16]),
+    /// bf16 elements.
+    BF16(&'a [bf16]),
+    /// fp8 e4m3fn bit patterns.
+    F8E4M3(&'a [u8]),
+    /// fp8 e5m2 bit patterns.
+    F8E5M2(&'a [u8]),
+    /// i64 elements.
+    I64(&'a [i64]),
+    /// i32 elements.
+    I32(&'a [i32]),
+    /// u8 elements.
+    U8(&'a [u8]),
+    /// bool elements.
+    Bool(&'a [bool]),
+}
+
+/// Read-only bytes shared by the tensors that borrow them, and kept alive by them: a memory-mapped
+/// file, or a copy of bytes held in memory aligned for every element type.
+#[derive(Clone)]
+pub struct SharedBytes(Arc<Backing>);
+
+enum Backing {
+    Map(memmap2::Mmap),
+    /// `len` bytes at the start of `words` (8-byte aligned).
+    Heap {
+        words: Vec<u64>,
+        len: usize,
+    },
+}
+
+/// A tensor that cannot borrow the bytes given for it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BorrowError {
+    /// The byte range is not inside the shared bytes.
+    #[error("bytes {start}..{end} are not inside the {len} shared bytes")]
+    OutOfBounds {
+        /// First byte asked for.
+        start: usize,
+        /// End of the range asked for.
+        end: usize,
+        /// Bytes there are.
+        len: usize,
+    },
+    /// The byte count does not match the dtype and shape.
+    #[error("{bytes} bytes do not hold a {dtype} tensor of shape {shape:?}")]
+    Size {
+        /// The element type.
+        dtype: DType,
+        /// The shape.
+        shape: Vec<usize>,
+        /// Bytes given.
+        bytes: usize,
+    },
+    /// The elements do not start at a multiple of their size in memory.
+    #[error("{dtype} elements at byte {start} are misaligned in memory")]
+    Misaligned {
+        /// The element type.
+        dtype: DType,
+        /// First byte of the range.
+        start: usize,
+    },
+    /// The dtype's bytes cannot be used as elements in place.
+    #[error("{dtype} elements cannot be used in place: {why}")]
+    NotInPlace {
+        /// The element type.
+        dtype: DType,
+        /// Why not.
+        why: &'static str,
+    },
+}
+
 /// A tensor on the host.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Tensor {
     shape: Vec<usize>,
-    storage: Storage,
+    data: Data,
 }
+
+#[derive(Debug, Clone)]
+enum Data {
+    Owned(Storage),
+    Borrowed(Borrowed),
+}
+
+/// Elements used in place from shared bytes (checked when made: in bounds, sized for the shape,
+/// aligned, a dtype every bit pattern of which is valid, a little-endian host).
+#[derive(Debug, Clone)]
+struct Borrowed {
+    bytes: SharedBytes,
+    range: Range<usize>,
+    view: View,
+    /// The owned copy [`Tensor::storage`] decodes on first use.
+    owned: OnceLock<Storage>,
+}
+
+/// How a dtype's bytes are viewed as elements.
+type View = for<'a> fn(&'a [u8]) -> Elements<'a>;
 
 /// A tensor whose element count disagrees with its shape.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -46,32 +153,32 @@ pub struct ShapeMismatch {
     pub got: usize,
 }
 
-impl Storage {
+impl<'a> Elements<'a> {
     /// The element type.
     pub fn dtype(&self) -> DType {
         match self {
-            Storage::F32(_) => DType::F32,
-            Storage::F16(_) => DType::F16,
-            Storage::BF16(_) => DType::BF16,
-            Storage::F8E4M3(_) => DType::F8E4M3,
-            Storage::F8E5M2(_) => DType::F8E5M2,
-            Storage::I64(_) => DType::I64,
-            Storage::I32(_) => DType::I32,
-            Storage::U8(_) => DType::U8,
-            Storage::Bool(_) => DType::Bool,
+            Elements::F32(_) => DType::F32,
+            Elements::F16(_) => DType::F16,
+            Elements::BF16(_) => DType::BF16,
+            Elements::F8E4M3(_) => DType::F8E4M3,
+            Elements::F8E5M2(_) => DType::F8E5M2,
+            Elements::I64(_) => DType::I64,
+            Elements::I32(_) => DType::I32,
+            Elements::U8(_) => DType::U8,
+            Elements::Bool(_) => DType::Bool,
         }
     }
 
     /// Number of elements.
     pub fn len(&self) -> usize {
         match self {
-            Storage::F32(v) => v.len(),
-            Storage::F16(v) => v.len(),
-            Storage::BF16(v) => v.len(),
-            Storage::F8E4M3(v) | Storage::F8E5M2(v) | Storage::U8(v) => v.len(),
-            Storage::I64(v) => v.len(),
-            Storage::I32(v) => v.len(),
-            Storage::Bool(v) => v.len(),
+            Elements::F32(v) => v.len(),
+            Elements::F16(v) => v.len(),
+            Elements::BF16(v) => v.len(),
+            Elements::F8E4M3(v) | Elements::F8E5M2(v) | Elements::U8(v) => v.len(),
+            Elements::I64(v) => v.len(),
+            Elements::I32(v) => v.len(),
+            Elements::Bool(v) => v.len(),
         }
     }
 
@@ -86,16 +193,79 @@ impl Storage {
     /// If `i` is out of range.
     pub fn get(&self, i: usize) -> Scalar {
         match self {
-            Storage::F32(v) => Scalar::Float(v[i].into()),
-            Storage::F16(v) => Scalar::Float(v[i].to_f64()),
-            Storage::BF16(v) => Scalar::Float(v[i].to_f64()),
-            Storage::F8E4M3(v) => Scalar::Float(f8::f8e4m3_to_f32(v[i]).into()),
-            Storage::F8E5M2(v) => Scalar::Float(f8::f8e5m2_to_f32(v[i]).into()),
-            Storage::I64(v) => Scalar::Int(v[i]),
-            Storage::I32(v) => Scalar::Int(v[i].into()),
-            Storage::U8(v) => Scalar::Int(v[i].into()),
-            Storage::Bool(v) => Scalar::Bool(v[i]),
+            Elements::F32(v) => Scalar::Float(v[i].into()),
+            Elements::F16(v) => Scalar::Float(v[i].to_f64()),
+            Elements::BF16(v) => Scalar::Float(v[i].to_f64()),
+            Elements::F8E4M3(v) => Scalar::Float(f8::f8e4m3_to_f32(v[i]).into()),
+            Elements::F8E5M2(v) => Scalar::Float(f8::f8e5m2_to_f32(v[i]).into()),
+            Elements::I64(v) => Scalar::Int(v[i]),
+            Elements::I32(v) => Scalar::Int(v[i].into()),
+            Elements::U8(v) => Scalar::Int(v[i].into()),
+            Elements::Bool(v) => Scalar::Bool(v[i]),
         }
+    }
+
+    /// Owned storage of the elements at `picks` (in that order; each in range).
+    fn pick(&self, picks: impl Iterator<Item = usize>) -> Storage {
+        fn take<T: Copy>(v: &[T], picks: impl Iterator<Item = usize>) -> Vec<T> {
+            picks.map(|i| v[i]).collect()
+        }
+        match *self {
+            Elements::F32(v) => Storage::F32(take(v, picks)),
+            Elements::F16(v) => Storage::F16(take(v, picks)),
+            Elements::BF16(v) => Storage::BF16(take(v, picks)),
+            Elements::F8E4M3(v) => Storage::F8E4M3(take(v, picks)),
+            Elements::F8E5M2(v) => Storage::F8E5M2(take(v, picks)),
+            Elements::I64(v) => Storage::I64(take(v, picks)),
+            Elements::I32(v) => Storage::I32(take(v, picks)),
+            Elements::U8(v) => Storage::U8(take(v, picks)),
+            Elements::Bool(v) => Storage::Bool(take(v, picks)),
+        }
+    }
+
+    /// An owned copy.
+    pub fn to_storage(&self) -> Storage {
+        self.pick(0..self.len())
+    }
+}
+
+impl Storage {
+    /// The elements, borrowed.
+    pub fn elements(&self) -> Elements<'_> {
+        match self {
+            Storage::F32(v) => Elements::F32(v),
+            Storage::F16(v) => Elements::F16(v),
+            Storage::BF16(v) => Elements::BF16(v),
+            Storage::F8E4M3(v) => Elements::F8E4M3(v),
+            Storage::F8E5M2(v) => Elements::F8E5M2(v),
+            Storage::I64(v) => Elements::I64(v),
+            Storage::I32(v) => Elements::I32(v),
+            Storage::U8(v) => Elements::U8(v),
+            Storage::Bool(v) => Elements::Bool(v),
+        }
+    }
+
+    /// The element type.
+    pub fn dtype(&self) -> DType {
+        self.elements().dtype()
+    }
+
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        self.elements().len()
+    }
+
+    /// True when there are no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Element `i`, widened.
+    ///
+    /// # Panics
+    /// If `i` is out of range.
+    pub fn get(&self, i: usize) -> Scalar {
+        self.elements().get(i)
     }
 
     /// Builds storage of `dtype` from widened values, converting each as a cast would
@@ -125,6 +295,92 @@ impl Storage {
     }
 }
 
+impl SharedBytes {
+    /// The bytes of `file`, memory-mapped read-only (pages are read when first used).
+    pub fn map(file: &std::fs::File) -> std::io::Result<SharedBytes> {
+        // SAFETY: a file-backed map is only sound while no one modifies or truncates the file;
+        // if the file changed under the map, the bytes behind the slices handed out would
+        // change (or the process would fault on a truncated page). Artifacts are read-only
+        // inputs that nothing writes while a model runs from them, and we assume exactly that.
+        // The map is read-only and private, and everything reads it through its actual length.
+        let map = unsafe { memmap2::Mmap::map(file) }?;
+        Ok(SharedBytes(Arc::new(Backing::Map(map))))
+    }
+
+    /// A copy of `bytes`, aligned for every element type.
+    pub fn copy_of(bytes: &[u8]) -> SharedBytes {
+        let mut words = vec![0u64; bytes.len().div_ceil(8)];
+        bytemuck::cast_slice_mut::<u64, u8>(&mut words)[..bytes.len()].copy_from_slice(bytes);
+        SharedBytes(Arc::new(Backing::Heap {
+            words,
+            len: bytes.len(),
+        }))
+    }
+
+    /// The bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        match &*self.0 {
+            Backing::Map(m) => m,
+            Backing::Heap { words, len } => &bytemuck::cast_slice(words)[..*len],
+        }
+    }
+
+    /// Number of bytes.
+    pub fn len(&self) -> usize {
+        self.as_slice().len()
+    }
+
+    /// True when there are no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl std::fmt::Debug for SharedBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match &*self.0 {
+            Backing::Map(_) => "mapped",
+            Backing::Heap { .. } => "in memory",
+        };
+        write!(f, "SharedBytes({} bytes {kind})", self.len())
+    }
+}
+
+/// How `dtype`'s little-endian bytes are viewed in place, if they can be: not bool (whose
+/// bytes other than 0 and 1 are invalid), and not on a big-endian host.
+fn view_of(dtype: DType) -> Result<View, BorrowError> {
+    if cfg!(target_endian = "big") {
+        return Err(BorrowError::NotInPlace {
+            dtype,
+            why: "the bytes are little-endian and this host is big-endian",
+        });
+    }
+    // `cast_slice` cannot fail below: `Tensor::borrowed` checked the alignment and the length
+    // (a whole number of elements) of the bytes first.
+    Ok(match dtype {
+        DType::F32 => |b| Elements::F32(bytemuck::cast_slice(b)),
+        DType::F16 => |b| Elements::F16(bytemuck::cast_slice(b)),
+        DType::BF16 => |b| Elements::BF16(bytemuck::cast_slice(b)),
+        DType::F8E4M3 => |b| Elements::F8E4M3(b),
+        DType::F8E5M2 => |b| Elements::F8E5M2(b),
+        DType::I64 => |b| Elements::I64(bytemuck::cast_slice(b)),
+        DType::I32 => |b| Elements::I32(bytemuck::cast_slice(b)),
+        DType::U8 => |b| Elements::U8(b),
+        DType::Bool => {
+            return Err(BorrowError::NotInPlace {
+                dtype,
+                why: "bool bytes must be checked and converted",
+            })
+        }
+    })
+}
+
+impl Borrowed {
+    fn elements(&self) -> Elements<'_> {
+        (self.view)(&self.bytes.as_slice()[self.range.clone()])
+    }
+}
+
 impl Tensor {
     /// A tensor from storage and a shape with the same element count.
     pub fn new(shape: Vec<usize>, storage: Storage) -> Result<Tensor, ShapeMismatch> {
@@ -136,7 +392,55 @@ impl Tensor {
                 got: storage.len(),
             });
         }
-        Ok(Tensor { shape, storage })
+        Ok(Tensor {
+            shape,
+            data: Data::Owned(storage),
+        })
+    }
+
+    /// A `dtype` tensor of `shape` whose elements are the little-endian bytes `range` of
+    /// `bytes`, used in place (no copy; the tensor keeps the bytes alive). Refuses a range out of
+    /// bounds, a byte count that does not hold the shape, elements misaligned in memory, bool
+    /// (whose bytes must be checked) and big-endian hosts.
+    pub fn borrowed(
+        dtype: DType,
+        shape: Vec<usize>,
+        bytes: &SharedBytes,
+        range: Range<usize>,
+    ) -> Result<Tensor, BorrowError> {
+        let len = bytes.len();
+        let Some(b) = bytes.as_slice().get(range.clone()) else {
+            return Err(BorrowError::OutOfBounds {
+                start: range.start,
+                end: range.end,
+                len,
+            });
+        };
+        let size = dtype.size_bytes();
+        let needed = shape.iter().try_fold(size, |n, &d| n.checked_mul(d));
+        if needed != Some(b.len()) {
+            return Err(BorrowError::Size {
+                dtype,
+                shape,
+                bytes: b.len(),
+            });
+        }
+        if !(b.as_ptr() as usize).is_multiple_of(size) {
+            return Err(BorrowError::Misaligned {
+                dtype,
+                start: range.start,
+            });
+        }
+        let view = view_of(dtype)?;
+        Ok(Tensor {
+            shape,
+            data: Data::Borrowed(Borrowed {
+                bytes: bytes.clone(),
+                range,
+                view,
+                owned: OnceLock::new(),
+            }),
+        })
     }
 
     /// An f32 tensor.
@@ -165,7 +469,7 @@ impl Tensor {
 
     /// The element type.
     pub fn dtype(&self) -> DType {
-        self.storage.dtype()
+        self.elements().dtype()
     }
 
     /// The shape.
@@ -175,12 +479,30 @@ impl Tensor {
 
     /// Number of elements.
     pub fn numel(&self) -> usize {
-        self.storage.len()
+        self.elements().len()
     }
 
-    /// The elements.
+    /// The elements, borrowed (never a copy).
+    pub fn elements(&self) -> Elements<'_> {
+        match &self.data {
+            Data::Owned(s) => s.elements(),
+            Data::Borrowed(b) => b.elements(),
+        }
+    }
+
+    /// True when the elements are used in place from shared bytes ([`Tensor::borrowed`]).
+    pub fn is_borrowed(&self) -> bool {
+        matches!(self.data, Data::Borrowed(_))
+    }
+
+    /// The elements as owned storage. A tensor borrowing its elements decodes a copy on the
+    /// first call and keeps it as long as it lives: read through [`Tensor::elements`] instead
+    /// where a borrow will do.
     pub fn storage(&self) -> &Storage {
-        &self.storage
+        match &self.data {
+            Data::Owned(s) => s,
+            Data::Borrowed(b) => b.owned.get_or_init(|| b.elements().to_storage()),
+        }
     }
 
     /// Element `i` (row-major), widened.
@@ -188,21 +510,21 @@ impl Tensor {
     /// # Panics
     /// If `i >= numel()`.
     pub fn get(&self, i: usize) -> Scalar {
-        self.storage.get(i)
+        self.elements().get(i)
     }
 
     /// The f32 elements, if the tensor is f32.
     pub fn as_f32(&self) -> Option<&[f32]> {
-        match &self.storage {
-            Storage::F32(v) => Some(v),
+        match self.elements() {
+            Elements::F32(v) => Some(v),
             _ => None,
         }
     }
 
     /// The i64 elements, if the tensor is i64.
     pub fn as_i64(&self) -> Option<&[i64]> {
-        match &self.storage {
-            Storage::I64(v) => Some(v),
+        match self.elements() {
+            Elements::I64(v) => Some(v),
             _ => None,
         }
     }
@@ -215,25 +537,12 @@ impl Tensor {
             return None;
         }
         let chunk: usize = rest.iter().product();
-        fn pick<T: Clone>(v: &[T], chunk: usize, rows: &[usize]) -> Vec<T> {
-            rows.iter()
-                .flat_map(|&r| v[r * chunk..(r + 1) * chunk].iter().cloned())
-                .collect()
-        }
-        let storage = match &self.storage {
-            Storage::F32(v) => Storage::F32(pick(v, chunk, rows)),
-            Storage::F16(v) => Storage::F16(pick(v, chunk, rows)),
-            Storage::BF16(v) => Storage::BF16(pick(v, chunk, rows)),
-            Storage::F8E4M3(v) => Storage::F8E4M3(pick(v, chunk, rows)),
-            Storage::F8E5M2(v) => Storage::F8E5M2(pick(v, chunk, rows)),
-            Storage::I64(v) => Storage::I64(pick(v, chunk, rows)),
-            Storage::I32(v) => Storage::I32(pick(v, chunk, rows)),
-            Storage::U8(v) => Storage::U8(pick(v, chunk, rows)),
-            Storage::Bool(v) => Storage::Bool(pick(v, chunk, rows)),
-        };
+        let storage = self
+            .elements()
+            .pick(rows.iter().flat_map(|&r| r * chunk..(r + 1) * chunk));
         let mut shape = self.shape.clone();
         shape[0] = rows.len();
-        Some(Tensor { shape, storage })
+        Tensor::new(shape, storage).ok()
     }
 
     /// All elements widened to f64 (bool as 0/1).
@@ -245,8 +554,18 @@ impl Tensor {
     pub fn cast(&self, dtype: DType) -> Tensor {
         Tensor {
             shape: self.shape.clone(),
-            storage: Storage::from_scalars(dtype, (0..self.numel()).map(|i| self.get(i))),
+            data: Data::Owned(Storage::from_scalars(
+                dtype,
+                (0..self.numel()).map(|i| self.get(i)),
+            )),
         }
+    }
+}
+
+/// Equal shapes and elements, whether owned or borrowed.
+impl PartialEq for Tensor {
+    fn eq(&self, other: &Tensor) -> bool {
+        self.shape == other.shape && self.elements() == other.elements()
     }
 }
 
@@ -271,5 +590,55 @@ mod tests {
             t.cast(DType::BF16).cast(DType::F32).as_f32().unwrap()[1],
             -2.25
         );
+    }
+
+    /// Little-endian bytes of `values`, starting at byte `at` of a shared buffer.
+    fn shared_f32(values: &[f32], at: usize) -> SharedBytes {
+        let mut bytes = vec![0xAAu8; at];
+        bytes.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+        SharedBytes::copy_of(&bytes)
+    }
+
+    #[test]
+    fn a_borrowed_tensor_reads_its_bytes_in_place() {
+        let values = [1.5f32, -0.0, f32::INFINITY, 3e-39, 7.0, -8.5];
+        let bytes = shared_f32(&values, 64);
+        let t = Tensor::borrowed(DType::F32, vec![2, 3], &bytes, 64..88).unwrap();
+        let owned = Tensor::from_f32(vec![2, 3], values.to_vec()).unwrap();
+        assert!(t.is_borrowed() && !owned.is_borrowed());
+        assert_eq!(t, owned);
+        let data = t.as_f32().unwrap();
+        assert_eq!(data, &values);
+        assert_eq!(
+            data.as_ptr() as usize,
+            bytes.as_slice()[64..].as_ptr() as usize,
+            "no copy"
+        );
+        assert_eq!(t.get(4), Scalar::Float(7.0));
+        assert_eq!(t.select_rows(&[1]), owned.select_rows(&[1]));
+        assert_eq!(t.storage(), owned.storage());
+        assert_eq!(t.cast(DType::BF16), owned.cast(DType::BF16));
+        // Kept alive by the tensor after the caller's handle is gone.
+        drop(bytes);
+        assert_eq!(t.clone().as_f32().unwrap()[5], -8.5);
+    }
+
+    #[test]
+    fn bad_borrows_are_refused() {
+        let bytes = shared_f32(&[1.0; 8], 0);
+        let refuse = |dtype, shape: Vec<usize>, range| {
+            Tensor::borrowed(dtype, shape, &bytes, range)
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(refuse(DType::F32, vec![8], 0..36).contains("not inside the 32 shared bytes"));
+        assert!(refuse(DType::F32, vec![3], 0..16).contains("16 bytes do not hold a f32"));
+        assert!(refuse(DType::F32, vec![usize::MAX, 2], 0..16).contains("do not hold"));
+        assert!(refuse(DType::F32, vec![2], 2..10).contains("misaligned"));
+        assert!(refuse(DType::I64, vec![1], 4..12).contains("misaligned"));
+        assert!(refuse(DType::Bool, vec![4], 0..4).contains("must be checked"));
+        // Bytes every pattern of which is an element are fine anywhere.
+        let t = Tensor::borrowed(DType::F8E4M3, vec![3], &bytes, 1..4).unwrap();
+        assert_eq!(t.elements(), Elements::F8E4M3(&[0, 0x80, 0x3f]));
     }
 }

@@ -5,6 +5,8 @@
 //! loops), the f32 and bf16 GEMM rates of the best kernels at 2048³, the bf16 GEMV rate at
 //! 8192×8192, and streaming read and copy bandwidth. `kiln bench kernel` times one kernel (median of `--runs`
 //! timed runs after warm-up) and reports it against ceilings measured in the same process.
+//! With `--device cuda` both run on the GPU ([`kiln_cuda::bench`]): copy bandwidth, cuBLAS bf16
+//! and cuBLASLt fp8 GEMM rates, and kiln's CUDA kernels.
 
 use super::CliError;
 use clap::{Args, Subcommand};
@@ -23,6 +25,9 @@ pub enum BenchCommand {
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
+        /// Where to measure.
+        #[arg(long, value_enum, default_value_t = super::opts::Device::Cpu)]
+        device: super::opts::Device,
     },
     /// Time one kernel: median of --runs runs after warm-up, with GFLOP/s, GB/s and the share of
     /// the ceilings (measured in the same process).
@@ -51,12 +56,18 @@ pub struct KernelArgs {
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
+    /// Where to run it (CUDA: also copy, attention; dtypes f32, bf16, f16, f8e4m3).
+    #[arg(long, value_enum, default_value_t = super::opts::Device::Cpu)]
+    device: super::opts::Device,
 }
 
 /// Runs a `kiln bench` command.
 pub fn bench(cmd: &BenchCommand) -> Result<(), CliError> {
     match cmd {
-        BenchCommand::Ceilings { json } => {
+        BenchCommand::Ceilings { json, device } => {
+            if let Some(b) = super::opts::backend(*device)? {
+                return cuda_ceilings(&b, *json);
+            }
             let c = Ceilings::measure();
             if *json {
                 println!("{}", c.to_json());
@@ -303,7 +314,86 @@ struct Work {
     bytes: f64,
 }
 
+/// `kiln bench ceilings --device cuda`.
+fn cuda_ceilings(b: &kiln_cuda::exec::Backend, json: bool) -> Result<(), CliError> {
+    let c = kiln_cuda::bench::ceilings(b.device(), b.blas())
+        .map_err(|e| CliError::Input(format!("--device cuda: {e}")))?;
+    if json {
+        let v = serde_json::json!({
+            "device": c.device,
+            "copy_gbps": c.copy_gbps,
+            "gemm_bf16_8192_tflops": c.gemm_bf16_tflops,
+            "gemm_fp8_8192_tflops": c.gemm_fp8_tflops,
+        });
+        println!("{v}");
+    } else {
+        println!("device                {}", c.device);
+        println!(
+            "copy bandwidth        {:.0} GB/s (read + write)",
+            c.copy_gbps
+        );
+        println!(
+            "bf16 GEMM 8192^3      {:.1} TFLOP/s (cuBLAS)",
+            c.gemm_bf16_tflops
+        );
+        match c.gemm_fp8_tflops {
+            Some(t) => println!("fp8 GEMM 8192^3       {t:.1} TFLOP/s (cuBLASLt, e4m3)"),
+            None => println!("fp8 GEMM 8192^3       unavailable (needs sm_89 or later)"),
+        }
+    }
+    Ok(())
+}
+
+/// `kiln bench kernel --device cuda`: the timing against the device's ceilings.
+fn cuda_kernel(b: &kiln_cuda::exec::Backend, args: &KernelArgs) -> Result<(), CliError> {
+    let dtype: kiln::ir::DType = args
+        .dtype
+        .parse()
+        .map_err(|_| CliError::Input(format!("--dtype {:?}: not a dtype", args.dtype)))?;
+    let shape: Vec<usize> = args
+        .shape
+        .split(['x', 'X'])
+        .map(|d| d.trim().parse::<usize>())
+        .collect::<Result<_, _>>()
+        .map_err(|_| {
+            CliError::Input(format!("--shape {:?}: expected e.g. 4096x4096", args.shape))
+        })?;
+    if args.runs == 0 {
+        return Err(CliError::Input("--runs must be at least 1".into()));
+    }
+    let cuda = |e: kiln_cuda::CudaError| CliError::Input(format!("--device cuda: {e}"));
+    let t = kiln_cuda::bench::time(b.device(), &args.op, &shape, dtype, b.blas(), args.runs)
+        .map_err(cuda)?;
+    let c = kiln_cuda::bench::ceilings(b.device(), b.blas()).map_err(cuda)?;
+    let (tflops, gbps) = (t.flops / t.ms / 1e9, t.bytes / t.ms / 1e6);
+    let (ceiling, share) = if args.op == "matmul" || args.op == "attention" {
+        ("bf16 GEMM 8192^3", tflops / c.gemm_bf16_tflops)
+    } else {
+        ("copy bandwidth", gbps / c.copy_gbps)
+    };
+    if args.json {
+        let v = serde_json::json!({
+            "kernel": t.label, "device": c.device, "median_ms": t.ms, "tflops": tflops,
+            "gbps": gbps, "ceiling": ceiling, "share_of_ceiling": share,
+        });
+        println!("{v}");
+    } else {
+        println!(
+            "{} on {}: {:.4} ms median of {}",
+            t.label, c.device, t.ms, args.runs
+        );
+        println!(
+            "{tflops:.2} TFLOP/s, {gbps:.0} GB/s = {:.0}% of the {ceiling}",
+            share * 100.0
+        );
+    }
+    Ok(())
+}
+
 fn kernel(args: &KernelArgs) -> Result<(), CliError> {
+    if let Some(b) = super::opts::backend(args.device)? {
+        return cuda_kernel(&b, args);
+    }
     const OPS: &str = "matmul, gemv, rmsnorm, softmax, silu_mul";
     let op = args.op.as_str();
     if !matches!(op, "matmul" | "gemv" | "rmsnorm" | "softmax" | "silu_mul") {
@@ -480,6 +570,7 @@ mod tests {
             dtype: dtype.into(),
             runs,
             json: false,
+            device: crate::cli::opts::Device::Cpu,
         }
     }
 

@@ -56,6 +56,7 @@ pub fn bench_model(args: &ModelArgs) -> Result<(), CliError> {
     let started = Instant::now();
     let (model, reports) =
         load::model_with(&args.opts.model, &args.opts.load_options()).map_err(load_error)?;
+    model.verify().map_err(super::forward::deploy_error)?;
     ModelOpts::warn(&reports);
     let load_s = started.elapsed().as_secs_f64();
     let mut profiles = Vec::new();
@@ -69,7 +70,7 @@ pub fn bench_model(args: &ModelArgs) -> Result<(), CliError> {
                 )));
             }
             let prompts = random_prompts(args.batch, args.prompt_len, model.lm.vocab_size());
-            let plan = model.lm.graphs()[1].plan().summary();
+            let plan = model.lm.graphs()[1].kernel_summary();
             let mut runs = Vec::new();
             for _ in 0..=args.runs {
                 runs.push(causal_run(&mut model.lm, &prompts, args.gen).map_err(run_error)?);
@@ -109,7 +110,7 @@ pub fn bench_model(args: &ModelArgs) -> Result<(), CliError> {
                 seq_per_s: Some(args.batch as f64 / median(times[1..].iter().copied())),
                 ..Figures::default()
             };
-            (figures, enc.runner.plan().plan().summary())
+            (figures, enc.runner.plan().kernel_summary())
         }
     };
     let rss = peak_rss_bytes();

@@ -96,6 +96,7 @@ pub(super) fn traced(dir: &kiln::models::ModelDir) -> Result<Vec<(&'static str, 
 pub fn inspect_artifact(path: &Path) -> Result<(), CliError> {
     use kiln::runtime::artifact::{format::FORMAT_VERSION, Artifact};
     let art = Artifact::open(path).map_err(|e| CliError::Input(e.to_string()))?;
+    art.verify().map_err(|e| CliError::Input(e.to_string()))?;
     let m = &art.manifest;
     println!("artifact: {} ({} bytes)", path.display(), art.file_len);
     println!(

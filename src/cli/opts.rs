@@ -8,12 +8,28 @@ use std::path::PathBuf;
 /// Where to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Device {
-    /// The best available: the CPU until models run on CUDA.
+    /// CUDA device 0 when there is one (driver, device, cuBLAS), else the CPU.
     Auto,
     /// The CPU.
     Cpu,
     /// An NVIDIA GPU.
     Cuda,
+}
+
+fn placement(device: Device) -> kiln::placement::Placement {
+    match device {
+        Device::Auto => kiln::placement::Placement::Auto,
+        Device::Cpu => kiln::placement::Placement::Cpu,
+        Device::Cuda => kiln::placement::Placement::Cuda,
+    }
+}
+
+/// The CUDA backend `device` asks for (`None`: the CPU), or the reason CUDA cannot be had.
+pub fn backend(
+    device: Device,
+) -> Result<Option<std::sync::Arc<kiln_cuda::exec::Backend>>, CliError> {
+    kiln::placement::resolve(placement(device))
+        .map_err(|why| CliError::Input(format!("--device cuda: {why}; use --device cpu (or auto)")))
 }
 
 /// Parses `--precision` into the compiler's precision.
@@ -48,6 +64,7 @@ impl ModelOpts {
         kiln::load::LoadOptions {
             optimize: !self.no_optimize,
             precision: self.precision,
+            placement: placement(self.device),
             ..Default::default()
         }
     }
@@ -59,25 +76,21 @@ impl ModelOpts {
         }
     }
 
-    /// Refuses targets this build cannot run yet, with a message saying what can.
+    /// Refuses a device or precision that cannot be had, with a message saying what can.
     pub fn check_target(&self) -> Result<(), CliError> {
-        if self.device == Device::Cuda {
-            // Names why CUDA cannot be had: no driver, no device, or (with one) no model
-            // execution on CUDA yet.
-            let why = match kiln_cuda::Device::open(0) {
-                Err(e) => e.to_string(),
-                Ok(d) => format!(
-                    "found {} ({}), but kiln cannot run models on CUDA yet",
-                    d.name(),
-                    d.arch()
-                ),
-            };
-            return Err(CliError::Input(format!(
-                "--device cuda: {why}; use --device cpu (or auto)"
-            )));
-        }
-        let target = kiln::compiler::Target::cpu();
+        let placement = self.load_options().placement;
+        let backend = kiln::placement::resolve(placement).map_err(|why| {
+            CliError::Input(format!("--device cuda: {why}; use --device cpu (or auto)"))
+        })?;
+        let target = match &backend {
+            Some(b) => kiln::compiler::Target::by_name(match b.device().arch() {
+                kiln_cuda::Arch::Sm80 => "cuda-sm80",
+                _ => "cuda-sm90",
+            })
+            .unwrap_or_else(kiln::compiler::Target::cpu),
+            None => kiln::compiler::Target::cpu(),
+        };
         kiln::compiler::precision::check(self.precision, &target)
-            .map_err(|e| CliError::Input(format!("{e} (this build runs on {})", target.name)))
+            .map_err(|e| CliError::Input(format!("{e} (this run is on {})", target.name)))
     }
 }

@@ -12,9 +12,11 @@ use std::process::{Command, Output};
 /// The repository root.
 pub const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
-/// `tests/fixtures/hf/<name>`.
+/// `tests/fixtures/hf/<name>`, under `KILN_REPO` when set (test binaries carried to another
+/// machine, as `scripts/gpu-check` does), else under the repository this was built in.
 pub fn fixture(name: &str) -> PathBuf {
-    Path::new(ROOT).join("tests/fixtures/hf").join(name)
+    let root = std::env::var_os("KILN_REPO").map_or_else(|| PathBuf::from(ROOT), PathBuf::from);
+    root.join("tests/fixtures/hf").join(name)
 }
 
 /// The fixture's `reference.json` (transformers' outputs).

@@ -218,3 +218,24 @@ pub fn elementwise_case(
     };
     (ew, args, plan)
 }
+
+/// The reference executor's result of `op` on `args`.
+pub fn reference(op: kiln_ir::Op, args: &[&Tensor]) -> Tensor {
+    let t = kiln_ir::trace::Tracer::new();
+    let mut inputs = std::collections::HashMap::new();
+    let xs: Vec<_> = args
+        .iter()
+        .enumerate()
+        .map(|(i, a)| {
+            let name = format!("a{i}");
+            inputs.insert(name.clone(), (*a).clone());
+            t.input(&name, a.dtype(), a.shape().iter().copied())
+        })
+        .collect();
+    let y = t.apply(op, &xs.iter().collect::<Vec<_>>()).expect("op");
+    t.output("y", &y);
+    let g = t.finish().expect("graph");
+    kiln_runtime::reference::run(&g, &inputs, &kiln_runtime::reference::NoParams)
+        .expect("reference")["y"]
+        .clone()
+}

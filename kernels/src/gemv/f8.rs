@@ -17,7 +17,6 @@
 use super::split_rows;
 use crate::simd::{madd, Isa};
 use crate::KernelError;
-use half::bf16;
 use std::sync::OnceLock;
 
 /// The f32 value of every e4m3 byte.
@@ -109,32 +108,11 @@ pub fn gemv_f8e4m3_batch_with(
 /// over weight rows, scales it, then writes `y[r·n + i]`.
 #[allow(clippy::too_many_arguments)]
 fn batch(isa: Isa, mb: usize, n: usize, k: usize, w: &[u8], scale: f32, x: &[f32], y: &mut [f32]) {
+    let xp = PreparedX::new(isa, x, mb, k);
     let compute = |yt: &mut [f32]| {
-        #[cfg(target_arch = "x86_64")]
-        if isa >= Isa::Avx512Bf16 && Isa::Avx512Bf16.available() {
-            let xb: Vec<u16> = x.iter().map(|&v| bf16::from_f32(v).to_bits()).collect();
-            if x86::has_vbmi() {
-                let xp = x86::permute_x(&xb, mb, k);
-                split_rows(n, k, mb, yt, |i0, yb| {
-                    let wr = &w[i0 * k..(i0 + yb.len() / mb) * k];
-                    // SAFETY: the CPU has AVX-512 F/BW/VL, BF16 and VBMI (checked just
-                    // above); `wr` holds yb.len() / mb rows of k weights, `xp` mb permuted
-                    // rows of x.
-                    unsafe { x86::rows_vbmi(wr, k, &xp, mb, yb) }
-                });
-            } else {
-                split_rows(n, k, mb, yt, |i0, yb| {
-                    let wr = &w[i0 * k..(i0 + yb.len() / mb) * k];
-                    // SAFETY: the CPU has AVX-512 F/BW/VL and BF16 (checked just above);
-                    // `wr` holds yb.len() / mb rows of k weights, `xb` mb rows of k values.
-                    unsafe { x86::rows_avx512(wr, k, &xb, mb, yb) }
-                });
-            }
-        } else {
-            portable_rows(isa, mb, n, k, w, x, yt);
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        portable_rows(isa, mb, n, k, w, x, yt);
+        split_rows(n, k, mb, yt, |i0, yb| {
+            xp.rows(&w[i0 * k..(i0 + yb.len() / mb) * k], yb)
+        });
         for v in yt.iter_mut() {
             *v *= scale;
         }
@@ -152,22 +130,71 @@ fn batch(isa: Isa, mb: usize, n: usize, k: usize, w: &[u8], scale: f32, x: &[f32
     }
 }
 
-/// The table-lookup path (AVX2 + FMA or portable), parallel over weight rows.
-fn portable_rows(isa: Isa, mb: usize, n: usize, k: usize, w: &[u8], x: &[f32], yt: &mut [f32]) {
-    let xr: Vec<f32> = x.iter().map(|&v| bf16::from_f32(v).to_f32()).collect();
-    let level = crate::simd::vector_level(isa);
-    split_rows(n, k, mb, yt, |i0, yb| {
-        let wr = &w[i0 * k..(i0 + yb.len() / mb) * k];
-        match level {
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 | Isa::Avx512 | Isa::Avx512Bf16 => {
-                // SAFETY: `vector_level` returned an available level, so AVX2 and FMA are
-                // present.
-                unsafe { x86::rows_table_avx2(wr, k, &xr, mb, yb) }
-            }
-            _ => rows_table::<false>(wr, k, &xr, mb, yb),
+/// Up to [`MAX_BATCH`] rows of x prepared once for the path this CPU runs at a level: bf16
+/// bits permuted for the VBMI widening, plain bf16 bits for the word lookup, or bf16-rounded
+/// f32 values for the table path.
+pub(crate) struct PreparedX {
+    mb: usize,
+    k: usize,
+    path: Path,
+}
+
+enum Path {
+    #[cfg(target_arch = "x86_64")]
+    Vbmi(Vec<u16>),
+    #[cfg(target_arch = "x86_64")]
+    Avx512(Vec<u16>),
+    Table(Isa, Vec<f32>),
+}
+
+impl PreparedX {
+    /// `x` (`mb × k`, `mb ≤ MAX_BATCH`) for the best path at or below `isa`.
+    pub(crate) fn new(isa: Isa, x: &[f32], mb: usize, k: usize) -> PreparedX {
+        debug_assert!(mb <= MAX_BATCH && x.len() == mb * k);
+        #[cfg(target_arch = "x86_64")]
+        if isa >= Isa::Avx512Bf16 && Isa::Avx512Bf16.available() {
+            let xb: Vec<u16> = x.iter().map(|&v| crate::simd::bf16_bits(v)).collect();
+            let path = if x86::has_vbmi() {
+                Path::Vbmi(x86::permute_x(&xb, mb, k))
+            } else {
+                Path::Avx512(xb)
+            };
+            return PreparedX { mb, k, path };
         }
-    });
+        let xr: Vec<f32> = x.iter().map(|&v| crate::simd::round_bf16(v)).collect();
+        PreparedX {
+            mb,
+            k,
+            path: Path::Table(crate::simd::vector_level(isa), xr),
+        }
+    }
+
+    /// `yb[i·mb + r] = Σ_j W[i,j] · bf16(x[r, j])` (unscaled) for the `yb.len() / mb` weight
+    /// rows of `w` (`k` bytes each).
+    pub(crate) fn rows(&self, w: &[u8], yb: &mut [f32]) {
+        let (mb, k) = (self.mb, self.k);
+        assert_eq!(w.len() * mb, yb.len() * k, "gemv_f8e4m3 rows");
+        match &self.path {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: the CPU has AVX-512 F/BW/VL, BF16 and VBMI (checked when the path was
+            // chosen); `w` holds yb.len() / mb rows of k weights (asserted), `xp` mb permuted
+            // rows of x.
+            Path::Vbmi(xp) => unsafe { x86::rows_vbmi(w, k, xp, mb, yb) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: the CPU has AVX-512 F/BW/VL and BF16 (checked when the path was
+            // chosen); `w` holds yb.len() / mb rows of k weights, `xb` mb rows of k values.
+            Path::Avx512(xb) => unsafe { x86::rows_avx512(w, k, xb, mb, yb) },
+            Path::Table(level, xr) => match level {
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx2 | Isa::Avx512 | Isa::Avx512Bf16 => {
+                    // SAFETY: `vector_level` returned an available level, so AVX2 and FMA are
+                    // present.
+                    unsafe { x86::rows_table_avx2(w, k, xr, mb, yb) }
+                }
+                _ => rows_table::<false>(w, k, xr, mb, yb),
+            },
+        }
+    }
 }
 
 /// `yb[i·mb + r] = Σ_j table[W[i,j]] · xr[r·k + j]`, 16 columns at a time.
@@ -206,6 +233,7 @@ fn rows_table<const FMA: bool>(w: &[u8], k: usize, xr: &[f32], mb: usize, yb: &m
 mod x86 {
     use super::{rows_table, table, MAX_BATCH};
     use std::arch::x86_64::*;
+    use std::sync::OnceLock;
 
     #[target_feature(enable = "avx2,fma")]
     pub(super) fn rows_table_avx2(w: &[u8], k: usize, xr: &[f32], mb: usize, yb: &mut [f32]) {
@@ -376,18 +404,23 @@ mod x86 {
     }
 
     impl ByteTables {
+        /// Loaded from byte arrays built once per process.
         #[target_feature(enable = "avx512f")]
         fn new() -> ByteTables {
-            let words = magnitude_tables().concat();
-            let bytes = |f: ByteOf, half: usize| -> __m512i {
-                let b: [u8; 64] = std::array::from_fn(|i| f(words[half * 64 + i]));
-                // SAFETY: 64 bytes, unaligned load.
-                unsafe { _mm512_loadu_si512(b.as_ptr().cast()) }
-            };
-            let (hi, lo): (ByteOf, ByteOf) = (|w| (w >> 8) as u8, |w| w as u8);
+            static BYTES: OnceLock<[[u8; 64]; 4]> = OnceLock::new();
+            let b = BYTES.get_or_init(|| {
+                let words = magnitude_tables().concat();
+                let bytes = |f: ByteOf, half: usize| -> [u8; 64] {
+                    std::array::from_fn(|i| f(words[half * 64 + i]))
+                };
+                let (hi, lo): (ByteOf, ByteOf) = (|w| (w >> 8) as u8, |w| w as u8);
+                [bytes(hi, 0), bytes(hi, 1), bytes(lo, 0), bytes(lo, 1)]
+            });
+            // SAFETY: each array is 64 bytes; unaligned loads.
+            let ld = |a: &[u8; 64]| unsafe { _mm512_loadu_si512(a.as_ptr().cast()) };
             ByteTables {
-                hi: [bytes(hi, 0), bytes(hi, 1)],
-                lo: [bytes(lo, 0), bytes(lo, 1)],
+                hi: [ld(&b[0]), ld(&b[1])],
+                lo: [ld(&b[2]), ld(&b[3])],
             }
         }
     }
@@ -469,29 +502,39 @@ mod x86 {
         };
         for (i, out) in yb.chunks_exact_mut(R * M).enumerate() {
             let wp = w[i * R * k..].as_ptr();
+            // Two accumulators per (weight row, x row), one per half of the 64-weight block,
+            // so consecutive `vdpbf16ps` do not wait on each other.
             let mut acc = [[_mm512_setzero_ps(); M]; R];
+            let mut acc2 = [[_mm512_setzero_ps(); M]; R];
             for c in 0..kp / 64 {
                 let off = c * 64;
                 let m = if c < full { u64::MAX } else { tail };
+                // The next R rows (contiguous, R·k bytes) stream in while these are computed:
+                // R lines per block of 64 columns covers them. Rows of a few hundred bytes are
+                // too short for the hardware prefetcher to follow R interleaved streams.
+                for q in 0..R {
+                    crate::simd::prefetch(wp.wrapping_add(R * k + (c * R + q) * 64));
+                }
                 // SAFETY: row r < M of xp holds kp values; off + 64 <= kp.
                 let xa: [__m512bh; M] =
                     std::array::from_fn(|r| ld(unsafe { xptr.add(r * kp + off) }));
                 // SAFETY: as above, the second half of the block.
                 let xb: [__m512bh; M] =
                     std::array::from_fn(|r| ld(unsafe { xptr.add(r * kp + off + 32) }));
-                for (q, a) in acc.iter_mut().enumerate() {
+                for (q, (a, a2)) in acc.iter_mut().zip(acc2.iter_mut()).enumerate() {
                     // SAFETY: weight row i·R + q is inside `w` (caller); full blocks read
                     // off..off+64 <= k, the masked tail only off..k.
                     let bytes = unsafe { _mm512_maskz_loadu_epi8(m, wp.add(q * k + off).cast()) };
                     let (wa, wb) = widen64(t, bytes);
-                    for ((ar, x0), x1) in a.iter_mut().zip(&xa).zip(&xb) {
-                        *ar = _mm512_dpbf16_ps(_mm512_dpbf16_ps(*ar, wa, *x0), wb, *x1);
+                    for (r, (ar, ar2)) in a.iter_mut().zip(a2.iter_mut()).enumerate() {
+                        *ar = _mm512_dpbf16_ps(*ar, wa, xa[r]);
+                        *ar2 = _mm512_dpbf16_ps(*ar2, wb, xb[r]);
                     }
                 }
             }
-            for (q, a) in acc.iter().enumerate() {
-                for (r, v) in a.iter().enumerate() {
-                    out[q * M + r] = _mm512_reduce_add_ps(*v);
+            for (q, (a, a2)) in acc.iter().zip(&acc2).enumerate() {
+                for (r, (v, v2)) in a.iter().zip(a2).enumerate() {
+                    out[q * M + r] = _mm512_reduce_add_ps(_mm512_add_ps(*v, *v2));
                 }
             }
         }

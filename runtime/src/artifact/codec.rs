@@ -1,15 +1,11 @@
-//! Tensors to and from the raw little-endian bytes of the weight data section. Reading goes
-//! straight from the file into each tensor's storage through one small buffer, feeding the
-//! section's running checksum, so loading needs no second copy of the weights.
+//! Tensors to and from the raw little-endian bytes of the weight data section. The reader uses
+//! most tensors in place from the file ([`Tensor::borrowed`]); [`decode`] makes owned copies of
+//! the others.
 
-use super::checksum::Hasher;
+use crate::tensor::Elements;
 use crate::{Storage, Tensor};
 use half::{bf16, f16};
 use kiln_ir::DType;
-use std::io::Read;
-
-/// Bytes read at a time (a multiple of every element size).
-pub const CHUNK: usize = 1 << 16;
 
 /// An element type with a fixed little-endian encoding.
 trait Elem: Sized {
@@ -48,86 +44,49 @@ fn put<T: Elem>(v: &[T], out: &mut Vec<u8>) {
 
 /// Appends `t`'s elements, little-endian.
 pub fn append(t: &Tensor, out: &mut Vec<u8>) {
-    match t.storage() {
-        Storage::F32(v) => put(v, out),
-        Storage::F16(v) => put(v, out),
-        Storage::BF16(v) => put(v, out),
-        Storage::I64(v) => put(v, out),
-        Storage::I32(v) => put(v, out),
-        Storage::F8E4M3(v) | Storage::F8E5M2(v) | Storage::U8(v) => out.extend_from_slice(v),
-        Storage::Bool(v) => out.extend(v.iter().map(|&b| u8::from(b))),
+    match t.elements() {
+        Elements::F32(v) => put(v, out),
+        Elements::F16(v) => put(v, out),
+        Elements::BF16(v) => put(v, out),
+        Elements::I64(v) => put(v, out),
+        Elements::I32(v) => put(v, out),
+        Elements::F8E4M3(v) | Elements::F8E5M2(v) | Elements::U8(v) => out.extend_from_slice(v),
+        Elements::Bool(v) => out.extend(v.iter().map(|&b| u8::from(b))),
     }
 }
 
-/// Why a tensor's bytes could not be read.
-#[derive(Debug)]
-pub enum ReadError {
-    /// The reader failed.
-    Io(std::io::Error),
-    /// A `bool` byte other than 0 or 1, or a shape the elements do not fill.
-    Invalid(String),
+fn decode_elems<T: Elem>(bytes: &[u8]) -> Vec<T> {
+    bytes.chunks_exact(T::N).map(T::from_le).collect()
 }
 
-/// Reads exactly `buf.len()` bytes into `buf`, feeding the section's `hash`.
-pub fn read_into<R: Read>(r: &mut R, buf: &mut [u8], hash: &mut Hasher) -> Result<(), ReadError> {
-    r.read_exact(buf).map_err(ReadError::Io)?;
-    hash.update(buf);
-    Ok(())
-}
-
-fn read_elems<T: Elem, R: Read>(
-    r: &mut R,
-    n: usize,
-    hash: &mut Hasher,
-    buf: &mut [u8],
-) -> Result<Vec<T>, ReadError> {
-    let mut v = Vec::with_capacity(n);
-    let mut left = n * T::N;
-    while left > 0 {
-        let take = left.min(buf.len() / T::N * T::N);
-        read_into(r, &mut buf[..take], hash)?;
-        v.extend(buf[..take].chunks_exact(T::N).map(T::from_le));
-        left -= take;
-    }
-    Ok(v)
-}
-
-fn read_bytes<R: Read>(r: &mut R, n: usize, hash: &mut Hasher) -> Result<Vec<u8>, ReadError> {
-    let mut v = vec![0u8; n];
-    read_into(r, &mut v, hash)?;
-    Ok(v)
-}
-
-/// Reads a `dtype` tensor of `shape` (`numel` elements, checked by the caller against the
-/// bytes the index gives it) from `r`.
-pub fn read_tensor<R: Read>(
-    r: &mut R,
-    dtype: DType,
-    shape: Vec<usize>,
-    numel: usize,
-    hash: &mut Hasher,
-    buf: &mut [u8],
-) -> Result<Tensor, ReadError> {
+/// A `dtype` tensor of `shape` decoded into owned storage from its little-endian `bytes`
+/// (sized by the caller from the index, checked again here): for the tensors that cannot be
+/// used in place from the file (bool, whose bytes must be 0 or 1; any dtype on a big-endian
+/// host).
+pub fn decode(dtype: DType, shape: Vec<usize>, bytes: &[u8]) -> Result<Tensor, String> {
     let storage = match dtype {
-        DType::F32 => Storage::F32(read_elems(r, numel, hash, buf)?),
-        DType::F16 => Storage::F16(read_elems(r, numel, hash, buf)?),
-        DType::BF16 => Storage::BF16(read_elems(r, numel, hash, buf)?),
-        DType::I64 => Storage::I64(read_elems(r, numel, hash, buf)?),
-        DType::I32 => Storage::I32(read_elems(r, numel, hash, buf)?),
-        DType::F8E4M3 => Storage::F8E4M3(read_bytes(r, numel, hash)?),
-        DType::F8E5M2 => Storage::F8E5M2(read_bytes(r, numel, hash)?),
-        DType::U8 => Storage::U8(read_bytes(r, numel, hash)?),
+        DType::F32 => Storage::F32(decode_elems(bytes)),
+        DType::F16 => Storage::F16(decode_elems(bytes)),
+        DType::BF16 => Storage::BF16(decode_elems(bytes)),
+        DType::I64 => Storage::I64(decode_elems(bytes)),
+        DType::I32 => Storage::I32(decode_elems(bytes)),
+        DType::F8E4M3 => Storage::F8E4M3(bytes.to_vec()),
+        DType::F8E5M2 => Storage::F8E5M2(bytes.to_vec()),
+        DType::U8 => Storage::U8(bytes.to_vec()),
         DType::Bool => {
-            let bytes = read_bytes(r, numel, hash)?;
             if let Some(b) = bytes.iter().find(|&&b| b > 1) {
-                return Err(ReadError::Invalid(format!(
-                    "bool element {b} is not 0 or 1"
-                )));
+                return Err(format!("bool element {b} is not 0 or 1"));
             }
-            Storage::Bool(bytes.into_iter().map(|b| b == 1).collect())
+            Storage::Bool(bytes.iter().map(|&b| b == 1).collect())
         }
     };
-    Tensor::new(shape, storage).map_err(|e| ReadError::Invalid(e.to_string()))
+    if bytes.len() != storage.len() * dtype.size_bytes() {
+        return Err(format!(
+            "{} bytes do not hold whole {dtype} elements",
+            bytes.len()
+        ));
+    }
+    Tensor::new(shape, storage).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
@@ -148,34 +107,18 @@ mod tests {
         for t in tensors {
             let mut bytes = Vec::new();
             append(&t, &mut bytes);
-            assert_eq!(bytes.len(), t.storage().len() * t.dtype().size_bytes());
-            let mut hash = Hasher::new();
-            let mut buf = vec![0u8; 8];
-            let back = read_tensor(
-                &mut bytes.as_slice(),
-                t.dtype(),
-                t.shape().to_vec(),
-                t.storage().len(),
-                &mut hash,
-                &mut buf,
-            )
-            .unwrap();
+            assert_eq!(bytes.len(), t.numel() * t.dtype().size_bytes());
+            let back = decode(t.dtype(), t.shape().to_vec(), &bytes).unwrap();
             assert_eq!(back, t);
-            assert_eq!(hash.finish(), super::super::checksum::xxh64(&bytes));
         }
     }
 
     #[test]
-    fn bool_bytes_other_than_0_and_1_are_refused() {
-        let mut hash = Hasher::new();
-        let e = read_tensor(
-            &mut &[0u8, 2][..],
-            DType::Bool,
-            vec![2],
-            2,
-            &mut hash,
-            &mut [0; 8],
-        );
-        assert!(matches!(e, Err(ReadError::Invalid(m)) if m.contains("not 0 or 1")));
+    fn bad_bytes_are_refused() {
+        let e = decode(DType::Bool, vec![2], &[0, 2]).unwrap_err();
+        assert!(e.contains("not 0 or 1"), "{e}");
+        let e = decode(DType::F32, vec![1], &[0, 0, 0, 0, 1]).unwrap_err();
+        assert!(e.contains("whole f32 elements"), "{e}");
+        assert!(decode(DType::F32, vec![2], &[0; 4]).is_err());
     }
 }

@@ -6,17 +6,23 @@
 //! - [`write`]: the writer ([`write::to_bytes`]), deterministic byte for byte;
 //! - [`read`]: the checking reader ([`Artifact::open`]), which refuses a bad file with an
 //!   [`ArtifactError`] and never panics;
-//! - [`checksum`]: the per-section checksum (XXH64); `codec`: tensors to and from little-endian bytes.
+//! - [`checksum`]: the per-section checksum (XXH64); `codec`: tensors to and from little-endian
+//!   bytes; `tokenizer`: `tokenizer.json` in the shape that parses fastest;
+//! - [`WeightCheck`]: the weight data's checksum, computed in the background while the model
+//!   starts (its outputs wait for it).
 //!
 //! [`crate::deploy::Model::open`] turns an artifact into a model ready to generate or embed.
 
+mod check;
 pub mod checksum;
 mod codec;
 mod error;
 pub mod format;
 pub mod read;
+mod tokenizer;
 pub mod write;
 
+pub use check::WeightCheck;
 pub use error::ArtifactError;
 pub use format::{Manifest, Section, SectionKind, WeightEntry};
 pub use read::Artifact;

@@ -3,21 +3,31 @@
 //! alignment and checksum, the JSON and UTF-8 of the text sections, the graphs (parsed and
 //! verified), the weight index against its bytes and against the graphs' parameters, and the
 //! target. Nothing is allocated beyond what the file's own length justifies.
+//!
+//! The file is memory-mapped and the weights are used in place from the map (every tensor is
+//! 64-byte aligned in the file): opening copies no weight. The weight data's checksum is
+//! computed on its own thread meanwhile ([`WeightCheck`]); [`Artifact::verify`] waits for it.
+//! The tokenizer is parsed on another, from the start.
 
-use super::checksum::{xxh64, Hasher};
-use super::codec::{self, ReadError, CHUNK};
+use super::check::WeightCheck;
+use super::checksum::xxh64;
+use super::codec;
 use super::format::{
     graph_names, Manifest, Section, SectionKind, WeightEntry, ALIGN, ENTRY_LEN, FORMAT_VERSION,
     HEADER_LEN, HOST_TARGET, MAGIC, MAX_SECTIONS,
 };
 use super::ArtifactError;
+use crate::background::Background;
+use crate::deploy::parse_tokenizer;
 use crate::info::{Assets, Head};
-use crate::Params;
+use crate::tensor::SharedBytes;
+use crate::{Params, Tensor};
 use kiln_ir::{DType, Graph};
 use std::collections::BTreeSet;
-use std::io::{Read, Seek, SeekFrom};
+use std::ops::Range;
+use tokenizers::Tokenizer;
 
-/// A checked artifact, with its weights loaded.
+/// A checked artifact, with its weights used in place from its bytes.
 #[derive(Debug)]
 pub struct Artifact {
     /// The file it came from (for messages).
@@ -32,14 +42,19 @@ pub struct Artifact {
     pub graphs: Vec<Graph>,
     /// The weight index.
     pub weights: Vec<WeightEntry>,
-    /// The weights.
+    /// The weights, borrowing the artifact's bytes. Their checksum may still be being computed:
+    /// call [`Artifact::verify`] before trusting anything computed from them.
     pub params: Params,
     /// The tokenizer and generation config.
     pub assets: Assets,
+    /// The weight data's checksum (handed to the models built from the artifact).
+    pub(crate) check: WeightCheck,
+    /// The tokenizer, being parsed (handed to the models built from the artifact).
+    pub(crate) tokenizer: Background<Option<Tokenizer>>,
 }
 
-struct Reader<'o, R> {
-    r: R,
+struct Reader<'o> {
+    bytes: &'o [u8],
     origin: &'o str,
     file_len: u64,
 }
@@ -56,7 +71,7 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(a)
 }
 
-impl<R: Read + Seek> Reader<'_, R> {
+impl<'o> Reader<'o> {
     fn malformed(&self, message: impl Into<String>) -> ArtifactError {
         ArtifactError::Malformed {
             origin: self.origin.to_string(),
@@ -71,26 +86,18 @@ impl<R: Read + Seek> Reader<'_, R> {
         }
     }
 
-    fn io(&self, e: std::io::Error) -> ArtifactError {
-        ArtifactError::Io {
-            path: self.origin.into(),
-            source: e,
-        }
-    }
-
-    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), ArtifactError> {
-        self.r
-            .seek(SeekFrom::Start(offset))
-            .and_then(|_| self.r.read_exact(buf))
-            .map_err(|e| self.io(e))
+    /// The bytes of a section, whose bounds `table` checked.
+    fn range(&self, s: &Section) -> Result<Range<usize>, ArtifactError> {
+        let start = usize::try_from(s.offset).map_err(|_| self.bounds("section too large"))?;
+        let len = usize::try_from(s.len).map_err(|_| self.bounds("section too large"))?;
+        Ok(start..start + len)
     }
 
     /// The header and section table, checked.
-    fn table(&mut self) -> Result<Vec<Section>, ArtifactError> {
+    fn table(&self) -> Result<Vec<Section>, ArtifactError> {
         let origin = self.origin.to_string();
-        let mut head = [0u8; HEADER_LEN];
-        let have = usize::try_from(self.file_len.min(HEADER_LEN as u64)).unwrap_or(0);
-        self.read_at(0, &mut head[..have])?;
+        let head = &self.bytes[..self.bytes.len().min(HEADER_LEN)];
+        let have = head.len();
         if have < MAGIC.len() || head[..MAGIC.len()] != MAGIC {
             return Err(ArtifactError::BadMagic { origin });
         }
@@ -101,7 +108,7 @@ impl<R: Read + Seek> Reader<'_, R> {
                 actual: self.file_len,
             });
         }
-        let version = u32_at(&head, 8);
+        let version = u32_at(head, 8);
         if version != FORMAT_VERSION {
             return Err(ArtifactError::Version {
                 origin,
@@ -109,13 +116,13 @@ impl<R: Read + Seek> Reader<'_, R> {
                 supported: FORMAT_VERSION,
             });
         }
-        if xxh64(&head[..32]) != u64_at(&head, 32) || head[40..].iter().any(|&b| b != 0) {
+        if xxh64(&head[..32]) != u64_at(head, 32) || head[40..].iter().any(|&b| b != 0) {
             return Err(ArtifactError::HeaderChecksum {
                 origin,
                 what: "header",
             });
         }
-        let claimed = u64_at(&head, 16);
+        let claimed = u64_at(head, 16);
         if claimed > self.file_len {
             return Err(ArtifactError::Truncated {
                 origin,
@@ -130,7 +137,7 @@ impl<R: Read + Seek> Reader<'_, R> {
                 actual: self.file_len,
             });
         }
-        let count = u32_at(&head, 12);
+        let count = u32_at(head, 12);
         if count > MAX_SECTIONS {
             return Err(self.bounds(format!(
                 "the header claims {count} sections; an artifact has at most {MAX_SECTIONS}"
@@ -144,9 +151,8 @@ impl<R: Read + Seek> Reader<'_, R> {
                 actual: self.file_len,
             });
         }
-        let mut raw = vec![0u8; ENTRY_LEN * count as usize];
-        self.read_at(HEADER_LEN as u64, &mut raw)?;
-        if xxh64(&raw) != u64_at(&head, 24) {
+        let raw = &self.bytes[HEADER_LEN..table_end as usize];
+        if xxh64(raw) != u64_at(head, 24) {
             return Err(ArtifactError::HeaderChecksum {
                 origin,
                 what: "section table",
@@ -193,12 +199,9 @@ impl<R: Read + Seek> Reader<'_, R> {
     }
 
     /// A whole section's bytes, checksum checked.
-    fn section(&mut self, index: usize, s: &Section) -> Result<Vec<u8>, ArtifactError> {
-        // Bounded by the file length, checked in `table`.
-        let len = usize::try_from(s.len).map_err(|_| self.bounds("section too large"))?;
-        let mut bytes = vec![0u8; len];
-        self.read_at(s.offset, &mut bytes)?;
-        let actual = xxh64(&bytes);
+    fn section(&self, index: usize, s: &Section) -> Result<&'o [u8], ArtifactError> {
+        let bytes = &self.bytes[self.range(s)?];
+        let actual = xxh64(bytes);
         if actual != s.hash {
             return Err(ArtifactError::Checksum {
                 origin: self.origin.to_string(),
@@ -212,12 +215,12 @@ impl<R: Read + Seek> Reader<'_, R> {
     }
 
     fn json<T: serde::de::DeserializeOwned>(
-        &mut self,
+        &self,
         index: usize,
         s: &Section,
     ) -> Result<T, ArtifactError> {
         let bytes = self.section(index, s)?;
-        serde_json::from_slice(&bytes)
+        serde_json::from_slice(bytes)
             .map_err(|e| self.malformed(format!("section {index} ({}): {e}", s.kind.name())))
     }
 
@@ -256,64 +259,32 @@ impl<R: Read + Seek> Reader<'_, R> {
         Ok(())
     }
 
-    /// Streams the weight data into tensors, one copy, checking its checksum.
+    /// The weights, borrowing `shared` (whose bytes these are) where they can: every dtype
+    /// but bool, on a little-endian host; the others are decoded into owned tensors. The index
+    /// was checked against the section (`check_index`).
     fn weights(
-        &mut self,
-        index_no: usize,
+        &self,
+        shared: &SharedBytes,
         s: &Section,
         index: &[WeightEntry],
     ) -> Result<Params, ArtifactError> {
-        self.r
-            .seek(SeekFrom::Start(s.offset))
-            .map_err(|e| self.io(e))?;
-        let mut hash = Hasher::new();
-        let mut buf = vec![0u8; CHUNK];
-        let mut pos = 0u64;
+        let data = self.range(s)?;
         let mut params = Params::with_capacity(index.len());
         for w in index {
-            self.skip(w.offset - pos, &mut hash, &mut buf)?;
             let dtype: DType = w.dtype.parse().map_err(|_| self.malformed("dtype"))?;
-            let numel = w.shape.iter().product();
-            let t = codec::read_tensor(
-                &mut self.r,
-                dtype,
-                w.shape.clone(),
-                numel,
-                &mut hash,
-                &mut buf,
-            )
-            .map_err(|e| match e {
-                ReadError::Io(e) => self.io(e),
-                ReadError::Invalid(m) => self.malformed(format!("weight {:?}: {m}", w.name)),
-            })?;
+            // In bounds of the section (checked by `check_index`), hence of the file.
+            let start = data.start + w.offset as usize;
+            let range = start..start + w.len as usize;
+            let bad = |m: String| self.malformed(format!("weight {:?}: {m}", w.name));
+            let t = if dtype == DType::Bool || cfg!(target_endian = "big") {
+                codec::decode(dtype, w.shape.clone(), &self.bytes[range]).map_err(bad)?
+            } else {
+                Tensor::borrowed(dtype, w.shape.clone(), shared, range)
+                    .map_err(|e| bad(e.to_string()))?
+            };
             params.insert(w.name.clone(), t);
-            pos = w.offset + w.len;
-        }
-        self.skip(s.len - pos, &mut hash, &mut buf)?;
-        let actual = hash.finish();
-        if actual != s.hash {
-            return Err(ArtifactError::Checksum {
-                origin: self.origin.to_string(),
-                index: index_no,
-                kind: s.kind.name(),
-                expected: s.hash,
-                actual,
-            });
         }
         Ok(params)
-    }
-
-    /// Reads and checksums `n` padding bytes.
-    fn skip(&mut self, mut n: u64, hash: &mut Hasher, buf: &mut [u8]) -> Result<(), ArtifactError> {
-        while n > 0 {
-            let take = n.min(buf.len() as u64) as usize;
-            codec::read_into(&mut self.r, &mut buf[..take], hash).map_err(|e| match e {
-                ReadError::Io(e) => self.io(e),
-                ReadError::Invalid(m) => self.malformed(m),
-            })?;
-            n -= take as u64;
-        }
-        Ok(())
     }
 }
 
@@ -351,30 +322,39 @@ fn check_params(graphs: &[Graph], names: &[String], index: &[WeightEntry]) -> Re
 }
 
 impl Artifact {
-    /// Opens and checks the artifact at `path`, loading its weights.
+    /// Opens and checks the artifact at `path`, memory-mapping it and using its weights in place.
+    /// The weight data's checksum is computed in the background: [`Artifact::verify`] (and the
+    /// models made by [`Artifact::into_model`], before their first output) wait for it.
     pub fn open(path: &std::path::Path) -> Result<Artifact, ArtifactError> {
         let io = |source| ArtifactError::Io {
             path: path.to_path_buf(),
             source,
         };
         let file = std::fs::File::open(path).map_err(io)?;
-        let len = file.metadata().map_err(io)?.len();
-        Artifact::read(file, len, &path.display().to_string())
+        let bytes = SharedBytes::map(&file).map_err(io)?;
+        Artifact::parse(bytes, &path.display().to_string())
     }
 
-    /// Checks an artifact held in memory (`origin` names it in messages).
+    /// Checks an artifact held in memory (`origin` names it in messages), completely: the weight
+    /// data's checksum too (its bytes are copied once, aligned, for the weights to borrow).
     pub fn from_bytes(bytes: &[u8], origin: &str) -> Result<Artifact, ArtifactError> {
-        Artifact::read(std::io::Cursor::new(bytes), bytes.len() as u64, origin)
+        let art = Artifact::parse(SharedBytes::copy_of(bytes), origin)?;
+        art.verify()?;
+        Ok(art)
     }
 
-    /// Checks the `file_len`-byte artifact `r` and loads its weights.
-    pub fn read<R: Read + Seek>(
-        r: R,
-        file_len: u64,
-        origin: &str,
-    ) -> Result<Artifact, ArtifactError> {
-        let mut rd = Reader {
-            r,
+    /// Waits for the weight data's checksum and compares it with the section table's:
+    /// [`ArtifactError::Checksum`] if any weight byte is corrupt.
+    pub fn verify(&self) -> Result<(), ArtifactError> {
+        self.check.wait()
+    }
+
+    /// Checks the artifact `shared` and borrows its weights, starting their checksum.
+    fn parse(shared: SharedBytes, origin: &str) -> Result<Artifact, ArtifactError> {
+        let bytes = shared.as_slice();
+        let file_len = bytes.len() as u64;
+        let rd = Reader {
+            bytes,
             origin,
             file_len,
         };
@@ -384,7 +364,7 @@ impl Artifact {
                 .filter(|&i| sections[i].kind == kind)
                 .collect()
         };
-        let one = |rd: &Reader<'_, R>,
+        let one = |rd: &Reader<'_>,
                    kind: SectionKind,
                    optional: bool|
          -> Result<Option<usize>, ArtifactError> {
@@ -402,6 +382,27 @@ impl Artifact {
         ) else {
             return Err(rd.malformed("missing sections"));
         };
+        let data = &sections[di];
+        let check = WeightCheck::start(
+            shared.clone(),
+            rd.range(data)?,
+            origin,
+            di,
+            data.kind.name(),
+            data.hash,
+        );
+        let text_asset = |kind| -> Result<Option<Vec<u8>>, ArtifactError> {
+            match one(&rd, kind, true)? {
+                Some(i) => Ok(Some(rd.section(i, &sections[i])?.to_vec())),
+                None => Ok(None),
+            }
+        };
+        let assets = Assets {
+            origin: origin.to_string(),
+            tokenizer_json: text_asset(SectionKind::Tokenizer)?,
+            generation_config_json: text_asset(SectionKind::GenerationConfig)?,
+        };
+        let tokenizer = parse_tokenizer(&assets);
         let manifest: Manifest = rd.json(mi, &sections[mi])?;
         if !runs_here(&manifest.target) {
             return Err(ArtifactError::WrongTarget {
@@ -428,24 +429,16 @@ impl Artifact {
         let mut graphs = Vec::with_capacity(expected.len());
         for (&i, name) in graph_sections.iter().zip(expected) {
             let bytes = rd.section(i, &sections[i])?;
-            let text = std::str::from_utf8(&bytes)
+            let text = std::str::from_utf8(bytes)
                 .map_err(|e| rd.malformed(format!("the {name} graph is not UTF-8: {e}")))?;
             let g = kiln_ir::text::parse(text)
                 .map_err(|e| rd.malformed(format!("the {name} graph: {e}")))?;
             graphs.push(g);
         }
-        let mut text_asset = |kind| -> Result<Option<Vec<u8>>, ArtifactError> {
-            match one(&rd, kind, true)? {
-                Some(i) => Ok(Some(rd.section(i, &sections[i])?)),
-                None => Ok(None),
-            }
-        };
-        let tokenizer_json = text_asset(SectionKind::Tokenizer)?;
-        let generation_config_json = text_asset(SectionKind::GenerationConfig)?;
         let weights: Vec<WeightEntry> = rd.json(ii, &sections[ii])?;
         rd.check_index(&weights, sections[di].len)?;
         check_params(&graphs, &manifest.graphs, &weights).map_err(|m| rd.malformed(m))?;
-        let params = rd.weights(di, &sections[di], &weights)?;
+        let params = rd.weights(&shared, data, &weights)?;
         Ok(Artifact {
             origin: origin.to_string(),
             file_len,
@@ -454,11 +447,9 @@ impl Artifact {
             graphs,
             weights,
             params,
-            assets: Assets {
-                origin: origin.to_string(),
-                tokenizer_json,
-                generation_config_json,
-            },
+            assets,
+            check,
+            tokenizer,
         })
     }
 }

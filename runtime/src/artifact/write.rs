@@ -7,6 +7,7 @@ use super::format::{
     align_up, Manifest, Section, SectionKind, WeightEntry, ALIGN, ENTRY_LEN, FORMAT_VERSION,
     HEADER_LEN, MAGIC,
 };
+use super::tokenizer;
 use super::ArtifactError;
 use crate::info::Assets;
 use crate::Tensor;
@@ -49,7 +50,7 @@ pub fn to_bytes<'a>(
         sections.push((SectionKind::Graph, kiln_ir::text::print(g).into_bytes()));
     }
     if let Some(t) = &assets.tokenizer_json {
-        sections.push((SectionKind::Tokenizer, t.clone()));
+        sections.push((SectionKind::Tokenizer, tokenizer::for_artifact(t)));
     }
     if let Some(g) = &assets.generation_config_json {
         sections.push((SectionKind::GenerationConfig, g.clone()));

@@ -3,16 +3,19 @@
 
 use super::layout::Layout;
 use super::moe::moe_f32;
-use super::plan::{self, Plan, Step};
+use super::plan::{self, LinearLayer, Plan, Step};
 use super::slots::SlotPlan;
-use super::weights::Weights;
+use super::weights::{self, Weights};
 use crate::reference::{self, bind, Ctx, ExecError, ParamSource};
 use crate::{Storage, Tensor};
 use kiln_ir::{verify, Bindings, DType, Graph, Node, Op, ValueId};
 use kiln_kernels::attention::{attention_f32, AttnOptions, AttnShape, MaskView, Strides4, View};
 use kiln_kernels::gemm::{matmul_f32, matmul_f32_batched, BatchStrides, Gemm};
+use kiln_kernels::gemm_bf16::PackedBf16;
 use kiln_kernels::layout::copy_strided;
-use kiln_kernels::{gemm_bf16, gemv, rowwise, KernelError};
+use kiln_kernels::linear::{linear, Layer, Weight};
+use kiln_kernels::rope::rope_rotate_half;
+use kiln_kernels::{rowwise, KernelError};
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -25,7 +28,7 @@ pub struct CpuGraph {
     graph: Graph,
     plan: Plan,
     slots: SlotPlan,
-    /// Per node: the last node reading it (see [`reference::last_uses`]).
+    /// Per node: the last node reading it, in the graph or in the plan ([`last_uses`]).
     last_use: Vec<usize>,
     weights: Arc<Weights>,
     buffers: Mutex<Vec<Vec<f32>>>,
@@ -62,7 +65,7 @@ impl CpuGraph {
             .map(|(graph, plan)| {
                 let slots = SlotPlan::new(&graph, &plan);
                 CpuGraph {
-                    last_use: reference::last_uses(&graph),
+                    last_use: last_uses(&graph, &plan),
                     buffers: Mutex::new(vec![Vec::new(); slots.count]),
                     profile: std::env::var_os("KILN_PROFILE").map(|_| Mutex::default()),
                     graph,
@@ -109,7 +112,7 @@ impl CpuGraph {
         params: &dyn ParamSource,
     ) -> Result<Bindings, ExecError> {
         let sources = reference::sources(&self.graph, inputs, params)?;
-        bind::bind(&sources, &Bindings::new())
+        bind::bind(&source_types(&sources), &Bindings::new())
     }
 
     /// Peak bytes of activation buffers a run with these bindings needs.
@@ -168,23 +171,27 @@ impl CpuGraph {
         params: &dyn ParamSource,
     ) -> Result<HashMap<String, Tensor>, ExecError> {
         let sources = reference::sources(&self.graph, inputs, params)?;
-        let env = bind::bind(&sources, &Bindings::new())?;
+        let env = bind::bind(&source_types(&sources), &Bindings::new())?;
         let mut guard = self.buffers.lock().unwrap_or_else(|e| e.into_inner());
         let bufs: &mut Vec<Vec<f32>> = &mut guard;
         let mut shapes = self.shapes(&env)?;
         self.check_memory(&shapes, bufs)?;
         let mut vals: Vec<Val<'_>> = (0..self.graph.nodes().len()).map(|_| Val::Empty).collect();
-        for s in &sources {
-            vals[s.id.index()] = Val::Ext(s.tensor, s.tensor.shape().to_vec());
+        for (s, t) in &sources {
+            vals[s.id.index()] = Val::Ext(t, t.shape().to_vec());
         }
         for (id, node) in self.graph.iter() {
             let i = id.index();
             let step = &self.plan.steps[i];
-            if !matches!(step, Step::Source | Step::Skip) {
+            if !matches!(step, Step::Source | Step::Skip | Step::Grouped) {
                 let ctx = ctx(id, node, &env);
-                let shape = std::mem::take(&mut shapes[i]);
                 let started = self.profile.as_ref().map(|_| Instant::now());
-                vals[i] = self.eval(&ctx, node, step, shape, &vals, bufs, params)?;
+                if let Step::Linear(layers) = step {
+                    self.linear(&ctx, layers, &mut shapes, &mut vals, bufs, params)?;
+                } else {
+                    let shape = std::mem::take(&mut shapes[i]);
+                    vals[i] = self.eval(&ctx, node, step, shape, &vals, bufs)?;
+                }
                 if let (Some(p), Some(t)) = (&self.profile, started) {
                     let mut p = p.lock().unwrap_or_else(|e| e.into_inner());
                     let e = p.entry(plan::kind(&step.name()).to_string()).or_default();
@@ -230,7 +237,6 @@ impl CpuGraph {
         shape: Vec<usize>,
         vals: &[Val<'a>],
         bufs: &mut [Vec<f32>],
-        params: &dyn ParamSource,
     ) -> Result<Val<'a>, ExecError> {
         let slot = self.slots.slot[ctx.node.index()];
         let first = node.inputs.first().map(|v| &vals[v.index()]);
@@ -253,9 +259,14 @@ impl CpuGraph {
         if let Some(s) = slot {
             let mut out = std::mem::take(&mut bufs[s]);
             out.resize(shape.iter().product(), 0.0);
-            let done = self.kernel(ctx, node, step, &shape, vals, bufs, params, &mut out);
+            let done = self.kernel(ctx, node, step, &shape, vals, bufs, &mut out);
             bufs[s] = out;
             if done? {
+                if let (Step::Attention { bshd: true, .. }, &[b, h, q, d]) = (step, &shape[..]) {
+                    // Stored [b, s, h, d]: this value is that buffer's [0, 2, 1, 3] view.
+                    let stored = Layout::dense(vec![b, q, h, d]);
+                    return Ok(Val::Buf(s, stored.permuted(&[0, 2, 1, 3])));
+                }
                 return Ok(Val::Buf(s, Layout::dense(shape)));
             }
         }
@@ -285,6 +296,105 @@ impl CpuGraph {
         }
     }
 
+    /// Computes the layers of a linear step (one kernel call for the group) into their
+    /// buffers.
+    #[allow(clippy::too_many_arguments)]
+    fn linear<'a>(
+        &self,
+        ctx: &Ctx<'_>,
+        layers: &[LinearLayer],
+        shapes: &mut [Vec<usize>],
+        vals: &mut [Val<'a>],
+        bufs: &mut [Vec<f32>],
+        params: &dyn ParamSource,
+    ) -> Result<(), ExecError> {
+        let mut outs = Vec::with_capacity(layers.len());
+        for l in layers {
+            let s = self.slots.slot[l.node]
+                .ok_or_else(|| ctx.mismatch(format!("linear %{} has no buffer", l.node)))?;
+            let shape = std::mem::take(&mut shapes[l.node]);
+            let mut out = std::mem::take(&mut bufs[s]);
+            out.resize(shape.iter().product(), 0.0);
+            outs.push((s, out, shape));
+        }
+        let done = self.linear_into(ctx, layers, vals, bufs, params, &mut outs);
+        for (l, (s, out, shape)) in layers.iter().zip(outs) {
+            bufs[s] = out;
+            vals[l.node] = Val::Buf(s, Layout::dense(shape));
+        }
+        done
+    }
+
+    /// The kernel call of [`CpuGraph::linear`] into `outs` (slot, buffer, shape per layer).
+    fn linear_into(
+        &self,
+        ctx: &Ctx<'_>,
+        layers: &[LinearLayer],
+        vals: &[Val<'_>],
+        bufs: &[Vec<f32>],
+        params: &dyn ParamSource,
+        outs: &mut [(usize, Vec<f32>, Vec<usize>)],
+    ) -> Result<(), ExecError> {
+        let operand = |v: ValueId| {
+            dense_f32(&vals[v.index()], bufs)
+                .ok_or_else(|| ctx.mismatch(format!("operand {v} is not f32 data")))
+        };
+        let (x, xs) = operand(layers[0].x)?;
+        let k = xs.last().copied().unwrap_or(0);
+        let m = x
+            .len()
+            .checked_div(k)
+            .unwrap_or_else(|| xs[..xs.len().saturating_sub(1)].iter().product());
+        // A narrow weight not prepared at load (not expected: the plan prepares every weight
+        // it selects) is packed here, so the kernel still rounds x as planned.
+        let mut late: Vec<Option<PackedBf16>> = Vec::with_capacity(layers.len());
+        for l in layers {
+            let t = params
+                .get(&l.weight)
+                .ok_or_else(|| ctx.mismatch(format!("no parameter {:?}", l.weight)))?;
+            let direct = matches!(
+                (t.storage(), l.transposed),
+                (Storage::F32(_), _) | (Storage::F8E4M3(_), true)
+            ) || self.weights.packed(&l.weight, l.transposed).is_some();
+            late.push(if direct {
+                None
+            } else {
+                Some(weights::pack(t, l.transposed).ok_or_else(|| {
+                    ctx.mismatch(format!("weight {:?} cannot be prepared", l.weight))
+                })?)
+            });
+        }
+        let mut addends = Vec::with_capacity(layers.len());
+        for l in layers {
+            addends.push(l.add.map(operand).transpose()?);
+        }
+        let mut group = Vec::with_capacity(layers.len());
+        for (((l, w), add), (_, out, _)) in layers.iter().zip(&late).zip(&addends).zip(outs) {
+            let stored = params.get(&l.weight).map(Tensor::storage);
+            let packed = w.as_ref().or(self.weights.packed(&l.weight, l.transposed));
+            let weight = match (stored, packed) {
+                (Some(Storage::F8E4M3(w)), _) if l.transposed => Weight::F8E4M3(w),
+                (_, Some(p)) => Weight::Bf16(p),
+                (Some(Storage::F32(w)), _) if l.transposed => Weight::F32(w),
+                (Some(Storage::F32(w)), _) => Weight::F32Kn(w),
+                _ => return Err(ctx.mismatch(format!("weight {:?} is not prepared", l.weight))),
+            };
+            let scale = match &l.scale {
+                Some(name) => Some(params.get(name).and_then(Tensor::as_f32).ok_or_else(|| {
+                    ctx.mismatch(format!("scale {name:?} is not an f32 parameter"))
+                })?),
+                None => None,
+            };
+            group.push(Layer {
+                weight,
+                scale,
+                add: add.as_ref().map(|(a, _)| a.as_ref()),
+                out,
+            });
+        }
+        linear(m, k, &x, &mut group).map_err(|e| ctx.mismatch(e.to_string()))
+    }
+
     /// Runs `step`'s kernel into `out` (sized for the result); `Ok(false)` when the operands do
     /// not fit the kernel (the caller then runs the reference op).
     #[allow(clippy::too_many_arguments)]
@@ -296,7 +406,6 @@ impl CpuGraph {
         shape: &[usize],
         vals: &[Val<'_>],
         bufs: &[Vec<f32>],
-        params: &dyn ParamSource,
         out: &mut [f32],
     ) -> Result<bool, ExecError> {
         let f32s = |k: usize| -> Option<(&[f32], &[usize])> {
@@ -307,37 +416,22 @@ impl CpuGraph {
         };
         let kerr = |e: KernelError| ctx.mismatch(e.to_string());
         match step {
-            Step::Linear { weight, transposed } => {
-                let Some((x, xs)) = f32s(0) else {
+            Step::Rope {
+                x,
+                cos,
+                sin,
+                round_bf16,
+            } => {
+                let operand = |v: &ValueId| {
+                    let (d, l) = strided_data(&vals[v.index()], bufs)?;
+                    let strides = l.broadcast_to(shape)?;
+                    Some((&d[l.offset.min(d.len())..], strides))
+                };
+                let (Some(x), Some(c), Some(s)) = (operand(x), operand(cos), operand(sin)) else {
                     return Ok(false);
                 };
-                let k = xs.last().copied().unwrap_or(0);
-                let n = shape.last().copied().unwrap_or(0);
-                if k == 0 || n == 0 {
-                    out.fill(0.0);
-                    return Ok(true);
-                }
-                let m = x.len() / k;
-                let stored = params.get(weight).map(Tensor::storage);
-                if let (Some(Storage::F8E4M3(w)), true) = (stored, *transposed) {
-                    // fp8 weights stay one byte each; the graph applies the scale afterwards.
-                    gemv::gemv_f8e4m3_batch(m, n, k, w, 1.0, x, out).map_err(kerr)?;
-                } else if let Some(w) = self.weights.packed(weight, *transposed) {
-                    if w.n() != n || w.k() != k {
-                        return Ok(false);
-                    }
-                    gemm_bf16::matmul_bf16(m, x, w, out).map_err(kerr)?;
-                } else {
-                    let Some((w, _)) = f32s(1) else {
-                        return Ok(false);
-                    };
-                    if m == 1 && *transposed {
-                        gemv::gemv_f32(n, k, w, x, out).map_err(kerr)?;
-                    } else {
-                        matmul_f32(&Gemm::dense(m, n, k, false, *transposed), x, w, out)
-                            .map_err(kerr)?;
-                    }
-                }
+                let (x, c, s) = ((x.0, &x.1[..]), (c.0, &c.1[..]), (s.0, &s.1[..]));
+                rope_rotate_half(shape, x, c, s, *round_bf16, out).map_err(kerr)?;
             }
             Step::MatMul { ta, tb } => {
                 let (Some((a, sa)), Some((b, sb))) = (f32s(0), f32s(1)) else {
@@ -448,6 +542,7 @@ impl CpuGraph {
                 scale,
                 causal,
                 window,
+                bshd,
             } => {
                 let (Some(q), Some(k), Some(v)) = (strided(0), strided(1), strided(2)) else {
                     return Ok(false);
@@ -459,8 +554,12 @@ impl CpuGraph {
                         None => return Ok(false),
                     },
                 };
-                return attention((*scale, *causal, *window), [q, k, v], mask, shape, out)
-                    .map_err(kerr);
+                let opts = AttnOptions {
+                    scale: *scale as f32,
+                    causal: *causal,
+                    window: *window,
+                };
+                return attention(&opts, *bshd, [q, k, v], mask, shape, out).map_err(kerr);
             }
             Step::Moe { top_k } => {
                 let (Some((x, xs)), Some((gate, _))) = (f32s(0), f32s(1)) else {
@@ -478,12 +577,30 @@ impl CpuGraph {
                 let h = xs.last().copied().unwrap_or(0);
                 moe_f32(*top_k, h, x, gate, &experts, out).map_err(kerr)?;
             }
-            Step::Source | Step::Skip | Step::Alias | Step::View | Step::Reference => {
-                return Ok(false)
-            }
+            Step::Source
+            | Step::Skip
+            | Step::Alias
+            | Step::View
+            | Step::Reference
+            | Step::Linear(_)
+            | Step::Grouped => return Ok(false),
         }
         Ok(true)
     }
+}
+
+/// Per node: the last node whose op reads it ([`reference::last_uses`]; `usize::MAX` for an
+/// output), or later if a fused step reads it at a later node (a linear layer computed at its
+/// epilogue's node reads `x` there).
+fn last_uses(graph: &Graph, plan: &Plan) -> Vec<usize> {
+    let mut last = reference::last_uses(graph);
+    for (i, node) in graph.nodes().iter().enumerate() {
+        for v in plan.steps[i].value_operands(node) {
+            let l = &mut last[v.index()];
+            *l = (*l).max(i);
+        }
+    }
+    last
 }
 
 /// `MemAvailable` from `/proc/meminfo`, in bytes (None where there is no such file).
@@ -492,6 +609,11 @@ fn available_memory() -> Option<usize> {
     let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
     let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
     kib.checked_mul(1024)
+}
+
+/// The sources' declared and supplied types, for binding.
+fn source_types<'a>(sources: &[(bind::Source<'a>, &'a Tensor)]) -> Vec<bind::Source<'a>> {
+    sources.iter().map(|s| s.0).collect()
 }
 
 /// The node's evaluation context.
@@ -524,6 +646,27 @@ fn strided_data<'v>(v: &'v Val<'_>, bufs: &'v [Vec<f32>]) -> Option<(&'v [f32], 
         Val::Buf(s, l) => bufs.get(*s).map(|b| (b.as_slice(), l.clone())),
         _ => None,
     }
+}
+
+/// A value's f32 elements in row-major order (copied only when strided) and its shape.
+fn dense_f32<'v>(v: &'v Val<'_>, bufs: &'v [Vec<f32>]) -> Option<(Cow<'v, [f32]>, Vec<usize>)> {
+    if let Some((d, shape)) = f32_data(v, bufs) {
+        return Some((Cow::Borrowed(d), shape.to_vec()));
+    }
+    let (d, l) = strided_data(v, bufs)?;
+    let mut out = vec![0.0; l.numel()];
+    let dense = Layout::dense(l.shape.clone());
+    copy_strided(
+        &l.shape,
+        d,
+        l.offset,
+        &l.strides,
+        &mut out,
+        0,
+        &dense.strides,
+    )
+    .ok()?;
+    Some((Cow::Owned(out), l.shape))
 }
 
 /// A value's i64 elements, if it is an i64 tensor.
@@ -649,9 +792,11 @@ fn view(ctx: &Ctx<'_>, op: &Op, l: &Layout, shape: &[usize]) -> Result<Option<La
 }
 
 /// Attention on strided `q`, `k`, `v` (rank 4, last axis contiguous) and an optional additive
-/// mask broadcast to the scores; `Ok(false)` when the operands do not fit the kernel.
+/// mask broadcast to the scores, stored `[b, h, s, d]` (or `[b, s, h, d]` with `bshd`);
+/// `Ok(false)` when the operands do not fit the kernel.
 fn attention(
-    (scale, causal, window): (f64, bool, usize),
+    opts: &AttnOptions,
+    bshd: bool,
     [q, k, v]: [(&[f32], Layout); 3],
     mask: Option<(&[f32], Layout)>,
     shape: &[usize],
@@ -695,13 +840,17 @@ fn attention(
             _ => return Ok(false),
         },
     };
-    let opts = AttnOptions {
-        scale: scale as f32,
-        causal,
-        window,
+    let (h, s, d) = (shape[1], shape[2], shape[3]);
+    let out_strides = if bshd {
+        Strides4 {
+            batch: s * h * d,
+            head: d,
+            seq: h * d,
+        }
+    } else {
+        Strides4::dense(h, s, d)
     };
-    let out_strides = Strides4::dense(shape[1], shape[2], shape[3]);
-    attention_f32(&dims, &opts, qv, kv, vv, mask, out, out_strides)?;
+    attention_f32(&dims, opts, qv, kv, vv, mask, out, out_strides)?;
     Ok(true)
 }
 

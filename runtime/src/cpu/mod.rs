@@ -3,7 +3,9 @@
 //! Three stages, each printable and checkable on its own:
 //! 1. [`plan`]: kernel selection per node ([`plan::Step`]): a matmul whose right operand is a
 //!    weight becomes a linear layer on weights converted and packed once at load
-//!    ([`weights`]); norms, softmax, attention, fused elementwise bodies, embedding gathers and
+//!    ([`weights`]), then [`fuse`] folds epilogues (scales, residual and bias adds) into
+//!    linear layers, groups the layers reading one activation, and finds rotary embeddings
+//!    and attention outputs that can be stored permuted; norms, softmax, attention, fused elementwise bodies, embedding gathers and
 //!    layout ops get their kernels; reshapes and widening casts of already-widened values are
 //!    aliases (no copy); anything else runs the reference executor's op on that node alone.
 //! 2. [`slots`]: static memory planning: liveness-based assignment of every float value to one
@@ -18,6 +20,7 @@
 //! must agree with it within the kernels' documented tolerances (tests in `tests/`).
 
 mod exec;
+mod fuse;
 mod layout;
 mod moe;
 mod plan;
@@ -25,5 +28,5 @@ mod slots;
 mod weights;
 
 pub use exec::CpuGraph;
-pub use plan::{Plan, Step};
+pub use plan::{LinearLayer, Plan, Step};
 pub use weights::Weights;

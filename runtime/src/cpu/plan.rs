@@ -3,6 +3,7 @@
 //! kernel at run time (say, an f16 input where the kernel reads f32) runs the reference op
 //! instead, so selection affects speed, never results beyond kernel tolerances.
 
+use super::fuse;
 use kiln_ir::{DType, Expr, Graph, Node, Op, ValueId};
 use kiln_kernels::fused::Program;
 use std::fmt;
@@ -11,6 +12,27 @@ use std::sync::Arc;
 /// The kind of a step's kernel (its name's first word), e.g. `linear`.
 pub fn kind(name: &str) -> &str {
     name.split(' ').next().unwrap_or_default()
+}
+
+/// One linear layer of a [`Step::Linear`]: `(x · Wᵀ) ⊙ scale + add` (or `x · W`), the value of
+/// `node` (the matmul, or the last node of its epilogue: an fp8 per-channel scale multiply, a
+/// residual or bias add; the nodes it absorbs are not computed).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LinearLayer {
+    /// The node whose value this layer computes.
+    pub node: usize,
+    /// The activation `x`.
+    pub x: ValueId,
+    /// The weight parameter.
+    pub weight: String,
+    /// `W` is stored `[n, k]` (the matmul's `transpose_b`).
+    pub transposed: bool,
+    /// The weight is bf16 or fp8 e4m3, so the kernel reads x rounded to bf16 (whatever x is).
+    pub rounds_x: bool,
+    /// An f32 parameter of `n` elements multiplying the output columns.
+    pub scale: Option<String>,
+    /// A value added to the result: of the result's shape (a residual) or `[n]` (a bias).
+    pub add: Option<ValueId>,
 }
 
 /// How one node is computed.
@@ -34,13 +56,27 @@ pub enum Step {
     /// An elementwise body (a `fused_elementwise` op, or one primitive elementwise op) compiled
     /// once into a register program over strided, broadcast operands.
     Fused(Arc<Program>),
-    /// `x · Wᵀ` (or `x · W` with `transposed: false`) with `W` a 2-D weight parameter,
-    /// prepared once at load ([`crate::cpu::Weights`]).
-    Linear {
-        /// The weight parameter.
-        weight: String,
-        /// `W` is stored `[n, k]` (the matmul's `transpose_b`).
-        transposed: bool,
+    /// Linear layers reading the same activation, each with its epilogue (see
+    /// [`LinearLayer`]), run as one kernel ([`kiln_kernels::linear`]: one parallel region for
+    /// all their output rows in decode). The step sits at the first layer's node; the other
+    /// layers' nodes are [`Step::Grouped`].
+    Linear(Arc<[LinearLayer]>),
+    /// Computed by an earlier [`Step::Linear`] group.
+    Grouped,
+    /// Rotary embedding in rotate-half form, `x · cos + rotate_half(x) · sin` with
+    /// `rotate_half(x) = concat(-x[.., d/2..], x[.., ..d/2])`: the `fused_elementwise` node of
+    /// that body, reading `x`, `cos` and `sin` strided (the slices, negation and concat it
+    /// replaces are not computed).
+    Rope {
+        /// The rotated value.
+        x: ValueId,
+        /// Multiplies `x`.
+        cos: ValueId,
+        /// Multiplies `rotate_half(x)`.
+        sin: ValueId,
+        /// The result is rounded to bf16 (the step sits at the node of that rounding: a
+        /// bf16 graph's attention operand).
+        round_bf16: bool,
     },
     /// A batched product of two activations.
     MatMul {
@@ -69,6 +105,9 @@ pub enum Step {
         causal: bool,
         /// Sliding window (0: none).
         window: usize,
+        /// The result is stored `[b, s, h, d]` (its only consumer permutes it so), so that
+        /// permute is a dense view rather than a copy.
+        bshd: bool,
     },
     /// Embedding lookup: rows of a 2-D f32 table by integer ids.
     Embedding,
@@ -91,12 +130,18 @@ impl Step {
         }
     }
 
-    /// The operands read as values (a linear layer's weight is read prepared, not as a value).
-    pub fn value_operands<'n>(&self, node: &'n Node) -> &'n [ValueId] {
+    /// The operands read as values (a linear layer's weight and scale are read prepared, not
+    /// as values; a grouped layer reads nothing itself).
+    pub fn value_operands(&self, node: &Node) -> Vec<ValueId> {
         match self {
-            Step::Source => &[],
-            Step::Linear { .. } => &node.inputs[..1],
-            _ => &node.inputs,
+            Step::Source | Step::Grouped => Vec::new(),
+            Step::Linear(layers) => {
+                let mut v = vec![layers[0].x];
+                v.extend(layers.iter().filter_map(|l| l.add));
+                v
+            }
+            Step::Rope { x, cos, sin, .. } => vec![*x, *cos, *sin],
+            _ => node.inputs.clone(),
         }
     }
 
@@ -112,7 +157,12 @@ impl Step {
             Step::Fused(_) => "fused".into(),
             Step::LayerNorm { .. } => "layernorm".into(),
             Step::Attention { .. } => "attention".into(),
-            Step::Linear { weight, .. } => format!("linear {weight}"),
+            Step::Linear(layers) => {
+                let names: Vec<&str> = layers.iter().map(|l| l.weight.as_str()).collect();
+                format!("linear {}", names.join(" + "))
+            }
+            Step::Grouped => "grouped".into(),
+            Step::Rope { .. } => "rope".into(),
             Step::MatMul { .. } => "matmul".into(),
             Step::RmsNorm { .. } => "rmsnorm".into(),
             Step::Softmax => "softmax".into(),
@@ -131,36 +181,22 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// Selects a step for every node of `graph` (which must be verified), then marks the nodes
-    /// no output depends on through a value operand as [`Step::Skip`], and turns each view
-    /// read by a kernel that needs dense data into a copy.
+    /// Selects a step for every node of `graph` (which must be verified; rotary embeddings are
+    /// recognized here), leaves bf16 operand roundings to the linear kernels and folds linear
+    /// epilogues ([`fuse`]), marks the nodes no output depends on through a value operand as
+    /// [`Step::Skip`], turns each view read by a kernel that needs dense data into a copy
+    /// (except the permute of an attention output stored permuted), and finally groups the
+    /// linear layers reading one activation.
     pub fn new(graph: &Graph) -> Plan {
         let nodes = graph.nodes();
-        let mut steps: Vec<Step> = nodes.iter().map(|n| select(graph, n)).collect();
-        // Views read by a kernel that needs dense data become copies; then a reshape of a
-        // (still) strided value becomes a copy too.
-        for (i, node) in nodes.iter().enumerate() {
-            if !reads_strided(&steps[i]) {
-                for v in &node.inputs {
-                    demote(&mut steps, nodes, v.index());
-                }
-            }
-        }
-        let mut strided = vec![false; nodes.len()];
-        for (i, node) in nodes.iter().enumerate() {
-            strided[i] = match steps[i] {
-                Step::View => true,
-                Step::Alias if strided[node.inputs[0].index()] => {
-                    if matches!(node.op, Op::Reshape { .. }) {
-                        steps[i] = Step::Copy;
-                        false
-                    } else {
-                        true
-                    }
-                }
-                _ => false,
-            };
-        }
+        let mut steps: Vec<Step> = nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| select(graph, i, n))
+            .collect();
+        fuse::rounding_in_kernels(graph, &mut steps);
+        fuse::linear_epilogues(graph, &mut steps);
+        fuse::rope_rounding(graph, &mut steps);
         // Liveness: an output, or a value operand of a needed node.
         let mut needed = vec![false; nodes.len()];
         for out in graph.outputs() {
@@ -178,6 +214,35 @@ impl Plan {
                 *step = Step::Skip;
             }
         }
+        // Views read by a kernel that needs dense data become copies; then a reshape of a
+        // (still) strided value becomes a copy too.
+        for (i, node) in nodes.iter().enumerate() {
+            if !reads_strided(&steps[i]) {
+                for v in steps[i].value_operands(node) {
+                    demote(&mut steps, nodes, v.index());
+                }
+            }
+        }
+        fuse::attention_layout(graph, &mut steps);
+        let mut strided = vec![false; nodes.len()];
+        for (i, node) in nodes.iter().enumerate() {
+            let source = node.inputs.first().map(|v| v.index());
+            strided[i] = match steps[i] {
+                Step::View => {
+                    !source.is_some_and(|a| matches!(steps[a], Step::Attention { bshd: true, .. }))
+                }
+                Step::Alias if source.is_some_and(|a| strided[a]) => {
+                    if matches!(node.op, Op::Reshape { .. }) {
+                        steps[i] = Step::Copy;
+                        false
+                    } else {
+                        true
+                    }
+                }
+                _ => false,
+            };
+        }
+        fuse::linear_groups(&mut steps);
         Plan { steps }
     }
 
@@ -185,7 +250,7 @@ impl Plan {
     pub fn summary(&self) -> String {
         let mut counts = std::collections::BTreeMap::<String, usize>::new();
         for s in &self.steps {
-            if !matches!(s, Step::Source | Step::Skip) {
+            if !matches!(s, Step::Source | Step::Skip | Step::Grouped) {
                 *counts.entry(kind(&s.name()).to_string()).or_default() += 1;
             }
         }
@@ -197,7 +262,7 @@ impl Plan {
 impl fmt::Display for Plan {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for (i, s) in self.steps.iter().enumerate() {
-            if !matches!(s, Step::Source | Step::Skip) {
+            if !matches!(s, Step::Source | Step::Skip | Step::Grouped) {
                 writeln!(f, "%{i}: {}", s.name())?;
             }
         }
@@ -205,8 +270,8 @@ impl fmt::Display for Plan {
     }
 }
 
-/// The step for one node.
-fn select(graph: &Graph, node: &Node) -> Step {
+/// The step for node `i`.
+fn select(graph: &Graph, i: usize, node: &Node) -> Step {
     let operand = |i: usize| node.inputs.get(i).and_then(|v| graph.node(*v));
     let dtype = node.ty.dtype;
     let last_axis = node.ty.rank().checked_sub(1);
@@ -239,7 +304,11 @@ fn select(graph: &Graph, node: &Node) -> Step {
             scale: scale.0,
             causal: *causal,
             window: *window,
+            bshd: false,
         },
+        Op::FusedElementwise { body } if dtype == DType::F32 => {
+            fuse::rope(graph, node, body).unwrap_or_else(|| fused(graph, node, body))
+        }
         Op::FusedElementwise { body } if dtype.is_float() => fused(graph, node, body),
         Op::Moe { top_k } if dtype == DType::F32 => Step::Moe { top_k: *top_k },
         Op::Unary(_) | Op::Binary(_) | Op::Compare(_) | Op::Where if dtype.is_float() => {
@@ -264,10 +333,15 @@ fn select(graph: &Graph, node: &Node) -> Step {
             transpose_a: false,
             transpose_b,
         } if dtype == DType::F32 => match operand(1).and_then(|w| weight_param(graph, w)) {
-            Some(weight) => Step::Linear {
+            Some((weight, wdtype)) => Step::Linear(Arc::from(vec![LinearLayer {
+                node: i,
+                x: node.inputs[0],
                 weight,
                 transposed: *transpose_b,
-            },
+                rounds_x: matches!(wdtype, DType::BF16 | DType::F8E4M3),
+                scale: None,
+                add: None,
+            }])),
             None => Step::MatMul {
                 ta: false,
                 tb: *transpose_b,
@@ -314,6 +388,7 @@ fn reads_strided(step: &Step) -> bool {
             | Step::Concat
             | Step::Fused(_)
             | Step::Attention { .. }
+            | Step::Rope { .. }
             | Step::Alias
             | Step::Skip
             | Step::Reference
@@ -342,14 +417,14 @@ fn is_param(n: &Node) -> bool {
     matches!(n.op, Op::Param { .. })
 }
 
-/// The parameter behind a matmul's right operand if it is a 2-D weight: an f32 parameter, or
-/// a bf16 / f16 / fp8 one cast to f32 (precision lowering's form).
-fn weight_param(graph: &Graph, w: &Node) -> Option<String> {
+/// The parameter (and its dtype) behind a matmul's right operand if it is a 2-D weight: an f32
+/// parameter, or a bf16 / f16 / fp8 one cast to f32 (precision lowering's form).
+fn weight_param(graph: &Graph, w: &Node) -> Option<(String, DType)> {
     if w.ty.rank() != 2 {
         return None;
     }
     match &w.op {
-        Op::Param { name } if w.ty.dtype == DType::F32 => Some(name.clone()),
+        Op::Param { name } if w.ty.dtype == DType::F32 => Some((name.clone(), DType::F32)),
         Op::Cast { to: DType::F32 } => {
             let p = graph.node(*w.inputs.first()?)?;
             match &p.op {
@@ -359,7 +434,7 @@ fn weight_param(graph: &Graph, w: &Node) -> Option<String> {
                         DType::BF16 | DType::F16 | DType::F8E4M3 | DType::F8E5M2
                     ) =>
                 {
-                    Some(name.clone())
+                    Some((name.clone(), p.ty.dtype))
                 }
                 _ => None,
             }

@@ -1,7 +1,8 @@
 //! Static memory planning: every value a step stores in a buffer of its own gets one of a few
 //! reusable f32 buffers ("slots"), chosen by liveness in node order: a slot is free again
 //! after the last read of every value stored in it (an alias keeps its operand's slot alive);
-//! graph outputs keep theirs to the end. Sizes are symbolic until a run binds them, so a slot
+//! graph outputs keep theirs to the end. The layers of a linear group get theirs at the
+//! group's node, where they are computed. Sizes are symbolic until a run binds them, so a slot
 //! is as large as the largest value it ever holds; [`SlotPlan::peak_bytes`] gives the total for
 //! concrete sizes before anything is allocated.
 
@@ -50,14 +51,24 @@ impl SlotPlan {
         let mut slot = vec![None; n];
         let mut free: Vec<usize> = Vec::new();
         let mut count = 0;
+        let mut alloc = |free: &mut Vec<usize>| {
+            Some(free.pop().unwrap_or_else(|| {
+                count += 1;
+                count - 1
+            }))
+        };
         for (i, node) in nodes.iter().enumerate() {
-            if plan.steps[i].owns_buffer(node) {
-                slot[i] = Some(free.pop().unwrap_or_else(|| {
-                    count += 1;
-                    count - 1
-                }));
-            } else if matches!(plan.steps[i], Step::Alias | Step::View) {
-                slot[i] = slot[root[i]];
+            match &plan.steps[i] {
+                // A group's layers all get their buffers at the group's node.
+                Step::Linear(layers) => {
+                    for l in layers.iter() {
+                        slot[l.node] = alloc(&mut free);
+                    }
+                }
+                Step::Grouped => {}
+                Step::Alias | Step::View => slot[i] = slot[root[i]],
+                s if s.owns_buffer(node) => slot[i] = alloc(&mut free),
+                _ => {}
             }
             for &r in &release[i] {
                 if let Some(s) = slot[r] {

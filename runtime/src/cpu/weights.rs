@@ -5,12 +5,14 @@
 //! `[n, k]` (read one byte per weight by the fp8 GEMV), are used in place from the parameters,
 //! with no copy.
 
-use super::plan::{Plan, Step};
+use super::plan::{LinearLayer, Plan, Step};
 use crate::reference::ParamSource;
-use crate::{Storage, Tensor};
+use crate::tensor::Elements;
+use crate::Tensor;
 use half::bf16;
 use kiln_ir::DType;
 use kiln_kernels::gemm_bf16::PackedBf16;
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 /// Prepared weights of one or more plans over the same parameters, by parameter name, then
@@ -28,19 +30,24 @@ impl Weights {
         let mut packed: HashMap<String, [Option<PackedBf16>; 2]> = HashMap::new();
         for plan in plans {
             for step in &plan.steps {
-                let Step::Linear { weight, transposed } = step else {
+                let Step::Linear(layers) = step else {
                     continue;
                 };
-                let fp8_in_place = *transposed
-                    && params
-                        .get(weight)
-                        .is_some_and(|t| t.dtype() == DType::F8E4M3);
-                let entry = packed.entry(weight.clone()).or_default();
-                let slot = &mut entry[usize::from(*transposed)];
-                if fp8_in_place || slot.is_some() {
-                    continue;
+                for LinearLayer {
+                    weight, transposed, ..
+                } in layers.iter()
+                {
+                    let fp8_in_place = *transposed
+                        && params
+                            .get(weight)
+                            .is_some_and(|t| t.dtype() == DType::F8E4M3);
+                    let entry = packed.entry(weight.clone()).or_default();
+                    let slot = &mut entry[usize::from(*transposed)];
+                    if fp8_in_place || slot.is_some() {
+                        continue;
+                    }
+                    *slot = params.get(weight).and_then(|t| pack(t, *transposed));
                 }
-                *slot = params.get(weight).and_then(|t| pack(t, *transposed));
             }
         }
         Weights { packed }
@@ -64,22 +71,25 @@ impl Weights {
 
 /// `t` (2-D, narrow float) as a bf16 matrix `[n, k]` packed for `matmul_bf16`; `transposed`
 /// says `t` is stored `[n, k]` already, else `[k, n]`.
-fn pack(t: &Tensor, transposed: bool) -> Option<PackedBf16> {
+pub(super) fn pack(t: &Tensor, transposed: bool) -> Option<PackedBf16> {
     let &[rows, cols] = t.shape() else {
         return None;
     };
-    let values: Vec<bf16> = match t.storage() {
-        Storage::BF16(v) => v.clone(),
-        Storage::F16(_) | Storage::F8E4M3(_) | Storage::F8E5M2(_) => {
-            match t.cast(DType::BF16).storage() {
-                Storage::BF16(v) => v.clone(),
+    // bf16 weights are read in place (from an artifact's map, with no copy); others converted.
+    let cast;
+    let values: &[bf16] = match t.elements() {
+        Elements::BF16(v) => v,
+        Elements::F16(_) | Elements::F8E4M3(_) | Elements::F8E5M2(_) => {
+            cast = t.cast(DType::BF16);
+            match cast.elements() {
+                Elements::BF16(v) => v,
                 _ => return None,
             }
         }
         _ => return None,
     };
     let (n, k, w) = if transposed {
-        (rows, cols, values)
+        (rows, cols, Cow::Borrowed(values))
     } else {
         let mut w = vec![bf16::ZERO; rows * cols];
         for r in 0..rows {
@@ -87,7 +97,7 @@ fn pack(t: &Tensor, transposed: bool) -> Option<PackedBf16> {
                 w[c * rows + r] = values[r * cols + c];
             }
         }
-        (cols, rows, w)
+        (cols, rows, Cow::Owned(w))
     };
     PackedBf16::pack(n, k, &w).ok()
 }

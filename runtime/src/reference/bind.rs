@@ -9,10 +9,10 @@
 
 use super::ExecError;
 use crate::Tensor;
-use kiln_ir::{Bindings, Dim, DimError, TensorType, ValueId};
+use kiln_ir::{Bindings, DType, Dim, DimError, TensorType, ValueId};
 use std::collections::HashMap;
 
-/// A graph input or parameter with the tensor supplied for it.
+/// A graph input or parameter with the type of the value supplied for it.
 #[derive(Debug, Clone, Copy)]
 pub struct Source<'a> {
     /// `"input"` or `"param"`.
@@ -23,8 +23,10 @@ pub struct Source<'a> {
     pub id: ValueId,
     /// The declared type.
     pub ty: &'a TensorType,
-    /// The supplied tensor.
-    pub tensor: &'a Tensor,
+    /// The supplied value's dtype.
+    pub dtype: DType,
+    /// The supplied value's shape.
+    pub shape: &'a [usize],
 }
 
 impl Source<'_> {
@@ -33,7 +35,7 @@ impl Source<'_> {
             kind: self.kind,
             name: self.name.to_string(),
             expected: self.ty.to_string(),
-            got: concrete_type(self.tensor).to_string(),
+            got: TensorType::new(self.dtype, self.shape.iter().map(|&n| n as i64)).to_string(),
         }
     }
 
@@ -74,13 +76,13 @@ pub fn bind(sources: &[Source<'_>], preset: &Bindings) -> Result<Bindings, ExecE
 
     // (0) dtype and rank.
     for s in sources {
-        if s.tensor.dtype() != s.ty.dtype || s.tensor.shape().len() != s.ty.rank() {
+        if s.dtype != s.ty.dtype || s.shape.len() != s.ty.rank() {
             return Err(s.type_error());
         }
     }
     // (1) dims that are a single symbol.
     for s in sources {
-        for (axis, (d, &n)) in s.ty.shape.iter().zip(s.tensor.shape()).enumerate() {
+        for (axis, (d, &n)) in s.ty.shape.iter().zip(s.shape).enumerate() {
             if let Some(sym) = d.as_sym() {
                 set(sym, size_i64(n), s.axis(axis), &mut env)?;
             }
@@ -90,7 +92,7 @@ pub fn bind(sources: &[Source<'_>], preset: &Bindings) -> Result<Bindings, ExecE
     loop {
         let mut progress = false;
         for s in sources {
-            for (axis, (d, &n)) in s.ty.shape.iter().zip(s.tensor.shape()).enumerate() {
+            for (axis, (d, &n)) in s.ty.shape.iter().zip(s.shape).enumerate() {
                 let Some((sym, coeff, rest)) = linear_in_unbound(d, &env) else {
                     continue;
                 };
@@ -111,7 +113,7 @@ pub fn bind(sources: &[Source<'_>], preset: &Bindings) -> Result<Bindings, ExecE
     }
     // (3) every dim evaluates to the supplied size.
     for s in sources {
-        for (axis, (d, &n)) in s.ty.shape.iter().zip(s.tensor.shape()).enumerate() {
+        for (axis, (d, &n)) in s.ty.shape.iter().zip(s.shape).enumerate() {
             let at = || format!("{} ({d})", s.axis(axis));
             match d.eval(&env) {
                 Ok(v) if v == size_i64(n) => {}
@@ -212,7 +214,8 @@ mod tests {
             name,
             id: ValueId(0),
             ty,
-            tensor: t,
+            dtype: t.dtype(),
+            shape: t.shape(),
         }
     }
 

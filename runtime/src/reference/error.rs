@@ -144,4 +144,12 @@ pub enum ExecError {
         /// What the estimate covers.
         detail: String,
     },
+    /// A backend (a GPU) failed to run a kernel or move data.
+    #[error("{backend}: {detail}")]
+    Backend {
+        /// The backend, e.g. `cuda`.
+        backend: &'static str,
+        /// What failed.
+        detail: String,
+    },
 }

@@ -91,13 +91,13 @@ pub fn run_with_bindings(
 ) -> Result<HashMap<String, Tensor>, ExecError> {
     verify(graph)?;
     let sources = sources(graph, inputs, params)?;
-    let env = bind::bind(&sources, bindings)?;
+    let env = bind::bind(&sources.iter().map(|s| s.0).collect::<Vec<_>>(), bindings)?;
 
     let n = graph.nodes().len();
     let last_use = last_uses(graph);
     let mut values: Vec<Option<Cow<'_, Tensor>>> = (0..n).map(|_| None).collect();
-    for s in &sources {
-        values[s.id.index()] = Some(Cow::Borrowed(s.tensor));
+    for (s, t) in &sources {
+        values[s.id.index()] = Some(Cow::Borrowed(*t));
     }
     for (id, node) in graph.iter() {
         let ctx = Ctx {
@@ -143,7 +143,34 @@ pub(crate) fn sources<'a>(
     graph: &'a Graph,
     inputs: &'a HashMap<String, Tensor>,
     params: &'a dyn ParamSource,
-) -> Result<Vec<bind::Source<'a>>, ExecError> {
+) -> Result<Vec<(bind::Source<'a>, &'a Tensor)>, ExecError> {
+    let mut out = Vec::new();
+    typed_sources(
+        graph,
+        inputs,
+        params,
+        |t| (t.dtype(), t.shape()),
+        &mut |s, t| {
+            out.push((
+                s,
+                match t {
+                    Supplied::Input(t) | Supplied::Param(t) => t,
+                },
+            ))
+        },
+    )?;
+    Ok(out)
+}
+
+/// Walks the graph's inputs (from `inputs`, typed by `ty`) and parameters, in definition
+/// order, giving each with its declared and supplied types.
+fn typed_sources<'a, T>(
+    graph: &'a Graph,
+    inputs: &'a HashMap<String, T>,
+    params: &'a dyn ParamSource,
+    ty: impl Fn(&'a T) -> (DType, &'a [usize]),
+    each: &mut dyn FnMut(bind::Source<'a>, Supplied<'a, T>),
+) -> Result<(), ExecError> {
     let mut unknown: Vec<&String> = inputs
         .keys()
         .filter(|k| !graph.inputs().any(|(name, _, _)| name == k.as_str()))
@@ -152,34 +179,106 @@ pub(crate) fn sources<'a>(
     if let Some(name) = unknown.first() {
         return Err(ExecError::UnknownInput(name.to_string()));
     }
-    let mut sources = Vec::new();
     for (id, node) in graph.iter() {
-        let (kind, name, tensor) = match &node.op {
+        let (kind, name, supplied) = match &node.op {
             Op::Input { name } => (
                 "input",
                 name,
-                inputs
-                    .get(name)
-                    .ok_or_else(|| ExecError::MissingInput(name.clone()))?,
+                Supplied::Input(
+                    inputs
+                        .get(name)
+                        .ok_or_else(|| ExecError::MissingInput(name.clone()))?,
+                ),
             ),
             Op::Param { name } => (
                 "param",
                 name,
-                params
-                    .get(name)
-                    .ok_or_else(|| ExecError::MissingParam(name.clone()))?,
+                Supplied::Param(
+                    params
+                        .get(name)
+                        .ok_or_else(|| ExecError::MissingParam(name.clone()))?,
+                ),
             ),
             _ => continue,
         };
-        sources.push(bind::Source {
+        let (dtype, shape) = match supplied {
+            Supplied::Input(t) => ty(t),
+            Supplied::Param(t) => (t.dtype(), t.shape()),
+        };
+        let source = bind::Source {
             kind,
             name,
             id,
             ty: &node.ty,
-            tensor,
-        });
+            dtype,
+            shape,
+        };
+        each(source, supplied);
     }
-    Ok(sources)
+    Ok(())
+}
+
+/// What was supplied for a source: an input of the caller's type, or a parameter tensor.
+enum Supplied<'a, T> {
+    Input(&'a T),
+    Param(&'a Tensor),
+}
+
+/// The size bindings of `graph` for inputs of the given dtypes and shapes (held anywhere: a
+/// backend's device values) and `params`, checking every declared type as [`run`] does.
+pub fn bind_types(
+    graph: &Graph,
+    inputs: &HashMap<String, (DType, Vec<usize>)>,
+    params: &dyn ParamSource,
+) -> Result<Bindings, ExecError> {
+    let mut sources = Vec::new();
+    typed_sources(
+        graph,
+        inputs,
+        params,
+        |(d, s)| (*d, s.as_slice()),
+        &mut |s, _| sources.push(s),
+    )?;
+    bind::bind(&sources, &Bindings::new())
+}
+
+/// Evaluates one non-source node on host tensors with the size bindings `env` (how a backend
+/// runs an op it has no kernel for); the result is checked against the node's declared type.
+pub fn eval_node(
+    id: ValueId,
+    node: &kiln_ir::Node,
+    env: &Bindings,
+    args: &[&Tensor],
+) -> Result<Tensor, ExecError> {
+    let ctx = Ctx {
+        node: id,
+        op: node.op.name(),
+        env,
+    };
+    let out = eval_op(&ctx, &node.op, args)?;
+    let expected = ctx.shape(&node.ty.shape)?;
+    if out.dtype() != node.ty.dtype || out.shape() != expected.as_slice() {
+        return Err(ctx.mismatch(format!(
+            "produced {} where {} was declared",
+            concrete_type(&out),
+            node.ty
+        )));
+    }
+    Ok(out)
+}
+
+/// The concrete shape of `node`'s value under the size bindings `env`.
+pub fn node_shape(
+    id: ValueId,
+    node: &kiln_ir::Node,
+    env: &Bindings,
+) -> Result<Vec<usize>, ExecError> {
+    Ctx {
+        node: id,
+        op: node.op.name(),
+        env,
+    }
+    .shape(&node.ty.shape)
 }
 
 /// Moves the output values out of `values` (cloning only a value returned under several names).
@@ -213,7 +312,7 @@ fn take_outputs(
 
 /// For each value, the index of the last node reading it (its own index if none does);
 /// `usize::MAX` for outputs, which live to the end. A value is freed right after that node.
-pub(crate) fn last_uses(graph: &Graph) -> Vec<usize> {
+pub fn last_uses(graph: &Graph) -> Vec<usize> {
     let mut last: Vec<usize> = (0..graph.nodes().len()).collect();
     for (id, node) in graph.iter() {
         for v in &node.inputs {

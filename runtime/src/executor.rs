@@ -1,0 +1,166 @@
+//! The interface between the models that run graphs ([`GraphLm`](crate::GraphLm),
+//! [`EncoderRunner`](crate::encoder::EncoderRunner)) and the backends that run them: the CPU
+//! backend here ([`crate::cpu::CpuGraph`]) and the CUDA backend of `kiln-cuda`. A backend may
+//! keep values on its device between runs (a causal LM's KV cache): they travel as
+//! [`Value::Device`] and are only copied to the host when asked ([`Value::into_host`]).
+
+use crate::cpu::CpuGraph;
+use crate::reference::{ExecError, ParamSource};
+use crate::Tensor;
+use kiln_ir::{DType, Graph};
+use std::any::Any;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// A value held by a backend on its device.
+pub trait DeviceValue: Send + Sync {
+    /// The element type.
+    fn dtype(&self) -> DType;
+    /// The shape.
+    fn shape(&self) -> &[usize];
+    /// A copy on the host.
+    fn to_host(&self) -> Result<Tensor, ExecError>;
+    /// For the backend that made it, to get its own type back.
+    fn as_any(&self) -> &dyn Any;
+}
+
+/// A graph input or output: on the host, or on a backend's device.
+#[derive(Clone)]
+pub enum Value {
+    /// A host tensor.
+    Host(Tensor),
+    /// A value on a device.
+    Device(Arc<dyn DeviceValue>),
+}
+
+impl Value {
+    /// The element type.
+    pub fn dtype(&self) -> DType {
+        match self {
+            Value::Host(t) => t.dtype(),
+            Value::Device(d) => d.dtype(),
+        }
+    }
+
+    /// The shape.
+    pub fn shape(&self) -> &[usize] {
+        match self {
+            Value::Host(t) => t.shape(),
+            Value::Device(d) => d.shape(),
+        }
+    }
+
+    /// The value as a host tensor (copied from the device if it is there).
+    pub fn into_host(self) -> Result<Tensor, ExecError> {
+        match self {
+            Value::Host(t) => Ok(t),
+            Value::Device(d) => d.to_host(),
+        }
+    }
+}
+
+impl std::fmt::Debug for Value {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let place = if matches!(self, Value::Host(_)) {
+            "host"
+        } else {
+            "device"
+        };
+        write!(f, "{place} {}{:?}", self.dtype(), self.shape())
+    }
+}
+
+/// A graph compiled for one backend, ready to run.
+pub trait GraphExecutor: Send + Sync {
+    /// The graph it runs.
+    fn graph(&self) -> &Graph;
+
+    /// Runs the graph on `inputs` and `params` (the parameters it was compiled with); returns
+    /// the outputs by name, on the backend's device where it has one.
+    fn run(
+        &self,
+        inputs: HashMap<String, Value>,
+        params: &dyn ParamSource,
+    ) -> Result<HashMap<String, Value>, ExecError>;
+
+    /// Where it runs, e.g. `cpu` or `cuda (NVIDIA H200)`.
+    fn backend(&self) -> String;
+
+    /// How many nodes each kind of kernel computes, e.g. `linear×7 rmsnorm×3`.
+    fn kernel_summary(&self) -> String;
+
+    /// Time and calls per kind of kernel over all runs so far, longest first, when profiling
+    /// was asked for (`KILN_PROFILE`).
+    fn profile(&self) -> Option<Vec<(String, f64, usize)>> {
+        None
+    }
+
+    /// Rows `rows` (along axis 0, in that order) of a value this executor returned.
+    fn select_rows(&self, value: Value, rows: &[usize]) -> Result<Value, ExecError> {
+        let t = value.into_host()?;
+        t.select_rows(rows)
+            .map(Value::Host)
+            .ok_or_else(|| ExecError::ShapeMismatch {
+                node: kiln_ir::ValueId(0),
+                op: "select_rows",
+                detail: format!("rows {rows:?} out of range for shape {:?}", t.shape()),
+            })
+    }
+
+    /// [`run`](Self::run) with host tensors in and out.
+    fn run_host(
+        &self,
+        inputs: &HashMap<String, Tensor>,
+        params: &dyn ParamSource,
+    ) -> Result<HashMap<String, Tensor>, ExecError> {
+        let inputs = inputs
+            .iter()
+            .map(|(k, t)| (k.clone(), Value::Host(t.clone())))
+            .collect();
+        self.run(inputs, params)?
+            .into_iter()
+            .map(|(k, v)| Ok((k, v.into_host()?)))
+            .collect()
+    }
+}
+
+impl GraphExecutor for CpuGraph {
+    fn graph(&self) -> &Graph {
+        CpuGraph::graph(self)
+    }
+
+    fn run(
+        &self,
+        inputs: HashMap<String, Value>,
+        params: &dyn ParamSource,
+    ) -> Result<HashMap<String, Value>, ExecError> {
+        let inputs = inputs
+            .into_iter()
+            .map(|(k, v)| Ok((k, v.into_host()?)))
+            .collect::<Result<HashMap<_, _>, ExecError>>()?;
+        Ok(CpuGraph::run(self, &inputs, params)?
+            .into_iter()
+            .map(|(k, t)| (k, Value::Host(t)))
+            .collect())
+    }
+
+    fn backend(&self) -> String {
+        "cpu".into()
+    }
+
+    fn kernel_summary(&self) -> String {
+        self.plan().summary()
+    }
+
+    fn profile(&self) -> Option<Vec<(String, f64, usize)>> {
+        CpuGraph::profile(self)
+    }
+
+    fn run_host(
+        &self,
+        inputs: &HashMap<String, Tensor>,
+        params: &dyn ParamSource,
+    ) -> Result<HashMap<String, Tensor>, ExecError> {
+        CpuGraph::run(self, inputs, params)
+    }
+}
