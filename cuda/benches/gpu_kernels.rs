@@ -2,11 +2,13 @@
 //! prefill (bf16, head dim 128, sequence 4096, causal) in TFLOP/s, and the memory-bound kernels
 //! (decode attention, GEMV, rmsnorm, a fused elementwise `silu(a) * b`) in GB/s against the
 //! measured device-to-device copy bandwidth. Median of device-event timings after warm-up, on
-//! random data. Without a GPU it prints "no CUDA device" and exits 0.
+//! random data; the kernels under 0.1 ms are timed over 20 back-to-back calls per sample (time
+//! per call), so that the host's launch cost overlaps the device's work instead of being timed.
+//! Without a GPU it prints "no CUDA device" and exits 0.
 
 use kiln_cuda::alloc::Buffer;
 use kiln_cuda::codegen::elementwise::{Elementwise, Plan};
-use kiln_cuda::launch::{self, Attention, Rowwise};
+use kiln_cuda::launch::{self, Attention, PrefillTiles, Rowwise};
 use kiln_cuda::{CudaError, Device};
 use kiln_ir::DType;
 use rand::{Rng, SeedableRng};
@@ -24,6 +26,16 @@ fn random_f32(dev: &Device, rng: &mut impl Rng, n: usize) -> Result<Buffer, Cuda
         .flat_map(|_| rng.random_range(-1.0f32..1.0).to_le_bytes())
         .collect();
     dev.upload(&bytes)
+}
+
+/// Median milliseconds per call of `f`, timed over `inner` back-to-back calls per sample.
+fn per_call_ms(
+    dev: &Device,
+    inner: usize,
+    mut f: impl FnMut() -> Result<(), CudaError>,
+) -> Result<f64, CudaError> {
+    let ms = dev.time_ms(2, 20, || (0..inner).try_for_each(|_| f()))?;
+    Ok(ms / inner as f64)
 }
 
 fn row(kernel: &str, shape: &str, ms: f64, tflops: Option<f64>, gbs: Option<f64>, copy: f64) {
@@ -73,15 +85,42 @@ fn main() -> Result<(), CudaError> {
     let k = random_bf16(&dev, &mut rng, b * h * s * d)?;
     let v = random_bf16(&dev, &mut rng, b * h * s * d)?;
     let o = dev.allocator().alloc(b * h * s * d * 2)?;
-    let ms = dev.time_ms(3, 20, || {
-        launch::attention_prefill(&dev, &a, &q, &k, &v, None, &o)
-    })?;
     let flops = 4.0 * (b * h * s * s * d) as f64 / 2.0;
+    for tiles in PrefillTiles::ALL {
+        let ms = dev.time_ms(3, 20, || {
+            launch::attention_prefill_tiled(&dev, &a, &q, &k, &v, None, &o, tiles)
+        })?;
+        let label = match tiles {
+            PrefillTiles::Rows16 => "attention prefill bf16 causal",
+            PrefillTiles::Rows32 => "attention prefill bf16 causal, 32 rows/warp",
+        };
+        row(
+            label,
+            &format!("b{b} h{h} s{s} d{d}"),
+            ms,
+            Some(flops / ms / 1e9),
+            None,
+            copy,
+        );
+    }
+    drop((q, k, v, o));
+    let d64 = Attention {
+        d: 64,
+        scale: 0.125,
+        ..a
+    };
+    let q = random_bf16(&dev, &mut rng, b * h * s * 64)?;
+    let k = random_bf16(&dev, &mut rng, b * h * s * 64)?;
+    let v = random_bf16(&dev, &mut rng, b * h * s * 64)?;
+    let o = dev.allocator().alloc(b * h * s * 64 * 2)?;
+    let ms = dev.time_ms(3, 20, || {
+        launch::attention_prefill(&dev, &d64, &q, &k, &v, None, &o)
+    })?;
     row(
-        "attention prefill bf16 causal",
-        &format!("b{b} h{h} s{s} d{d}"),
+        "attention d64 prefill bf16 causal",
+        &format!("b{b} h{h} s{s} d64"),
         ms,
-        Some(flops / ms / 1e9),
+        Some(flops / 2.0 / ms / 1e9),
         None,
         copy,
     );
@@ -101,28 +140,40 @@ fn main() -> Result<(), CudaError> {
         window: 0,
     };
     let q = random_bf16(&dev, &mut rng, hq * d)?;
-    let k = random_bf16(&dev, &mut rng, hkv * sk * d)?;
-    let v = random_bf16(&dev, &mut rng, hkv * sk * d)?;
+    // 8 caches of 16.8 MB in turn (134 MB, over the L2), as a model's layers would.
+    let caches = (0..8)
+        .map(|_| {
+            Ok((
+                random_bf16(&dev, &mut rng, hkv * sk * d)?,
+                random_bf16(&dev, &mut rng, hkv * sk * d)?,
+            ))
+        })
+        .collect::<Result<Vec<_>, CudaError>>()?;
     let o = dev.allocator().alloc(hq * d * 2)?;
-    let ms = dev.time_ms(5, 50, || {
-        launch::attention_decode(&dev, &a, &q, &k, &v, None, &o, 16)
-    })?;
     let bytes = 2.0 * (hkv * sk * d * 2) as f64;
-    row(
-        "attention decode bf16 (16 splits)",
-        &format!("hq{hq} hkv{hkv} sk{sk} d{d}"),
-        ms,
-        None,
-        Some(bytes / ms / 1e6),
-        copy,
-    );
+    for splits in [16, launch::decode_splits(&dev, &a)?] {
+        let mut turn = 0;
+        let ms = per_call_ms(&dev, 24, || {
+            let (k, v) = &caches[turn % caches.len()];
+            turn += 1;
+            launch::attention_decode(&dev, &a, &q, k, v, None, &o, splits)
+        })?;
+        row(
+            &format!("attention decode bf16 ({splits} splits)"),
+            &format!("hq{hq} hkv{hkv} sk{sk} d{d}"),
+            ms,
+            None,
+            Some(bytes / ms / 1e6),
+            copy,
+        );
+    }
 
     // GEMV: a 134 MB bf16 weight, larger than L2.
     let (n_rows, kdim) = (16384, 4096);
     let w = random_bf16(&dev, &mut rng, n_rows * kdim)?;
     let x = random_f32(&dev, &mut rng, kdim)?;
     let y = dev.allocator().alloc(n_rows * 4)?;
-    let ms = dev.time_ms(5, 50, || {
+    let ms = per_call_ms(&dev, 20, || {
         launch::gemv(&dev, DType::BF16, &w, &x, &y, n_rows, kdim, 1.0)
     })?;
     row(
@@ -155,6 +206,40 @@ fn main() -> Result<(), CudaError> {
     let bytes = 2.0 * (rows * width * 2) as f64;
     row(
         "rmsnorm bf16",
+        &format!("{rows}x{width}"),
+        ms,
+        None,
+        Some(bytes / ms / 1e6),
+        copy,
+    );
+    let ms = dev.time_ms(3, 20, || {
+        launch::rowwise(
+            &dev,
+            DType::BF16,
+            Rowwise::LayerNorm {
+                w: &wn,
+                b: &xb,
+                eps: 1e-5,
+            },
+            &xa,
+            &out,
+            rows,
+            width,
+        )
+    })?;
+    row(
+        "layernorm bf16",
+        &format!("{rows}x{width}"),
+        ms,
+        None,
+        Some(bytes / ms / 1e6),
+        copy,
+    );
+    let ms = dev.time_ms(3, 20, || {
+        launch::rowwise(&dev, DType::BF16, Rowwise::Softmax, &xa, &out, rows, width)
+    })?;
+    row(
+        "softmax bf16",
         &format!("{rows}x{width}"),
         ms,
         None,

@@ -4,7 +4,7 @@
 
 use crate::alloc::Buffer;
 use crate::codegen::elementwise::Elementwise;
-use crate::codegen::Kernel;
+use crate::codegen::{Kernel, DECODE_HEADS, DECODE_TILE};
 use crate::device::Device;
 use crate::CudaError;
 use cudarc::driver::{CudaFunction, LaunchArgs, LaunchConfig, PushKernelArg};
@@ -64,6 +64,20 @@ fn check_flag(dev: &Device, flag: &Buffer, what: &str) -> Result<(), CudaError> 
     Ok(())
 }
 
+/// The launch shape of a generated elementwise kernel over `n` elements: 256 threads per
+/// block, one thread per pack of [`crate::codegen::elementwise::PACK`] elements (its loops
+/// stride over the grid, so any grid is correct; this one has no idle threads).
+pub(crate) fn elementwise_config(n: usize) -> LaunchConfig {
+    cfg(
+        (
+            grid_1d(n.div_ceil(crate::codegen::elementwise::PACK), 256),
+            1,
+            1,
+        ),
+        256,
+    )
+}
+
 /// Runs a generated elementwise kernel: `out` (n elements of the body's dtype) from `args`
 /// laid out as planned (`meta` from [`crate::codegen::elementwise::Plan`]).
 pub fn elementwise(
@@ -88,7 +102,7 @@ pub fn elementwise(
     let meta_buf = dev.upload(&meta_bytes)?;
     let flag = error_flag(dev)?;
     let n64 = n as i64;
-    launch(dev, &f, cfg((grid_1d(n, 256), 1, 1), 256), |b| {
+    launch(dev, &f, elementwise_config(n), |b| {
         b.arg(out.slice());
         for a in args {
             b.arg(a.slice());
@@ -163,7 +177,17 @@ pub fn rowwise(
     need(x, bytes, "rowwise input")?;
     need(y, bytes, "rowwise output")?;
     let ni = to_i32(n, "row length")?;
-    let c = cfg((to_i32(rows, "rows")? as u32, 1, 1), row_block(n));
+    // Vector rows: ROW_VECTORS 16-byte vectors per thread (the kernel's fast path).
+    let vec = 16 / dt.size_bytes();
+    let block = if n.is_multiple_of(vec) {
+        (n / vec)
+            .div_ceil(crate::codegen::ROW_VECTORS * 32)
+            .clamp(1, 32) as u32
+            * 32
+    } else {
+        row_block(n)
+    };
+    let c = cfg((to_i32(rows, "rows")? as u32, 1, 1), block);
     match op {
         Rowwise::RmsNorm { w, eps } => {
             need(w, n * dt.size_bytes(), "rmsnorm weight")?;
@@ -361,6 +385,45 @@ fn mask_args(mask: Mask<'_>, a: &Attention) -> Result<(u64, [i64; 4]), CudaError
     }
 }
 
+/// The flash prefill kernel's tiling (`cu/attention.cu`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PrefillTiles {
+    /// 16 query rows per warp (64 per block), Q in registers, 64-key tiles.
+    Rows16,
+    /// 32 query rows per warp (128 per block), Q in shared memory, 32-key tiles.
+    Rows32,
+}
+
+impl PrefillTiles {
+    /// Every tiling, for tests and benchmarks.
+    pub const ALL: [PrefillTiles; 2] = [PrefillTiles::Rows16, PrefillTiles::Rows32];
+
+    fn entry(self) -> &'static str {
+        match self {
+            PrefillTiles::Rows16 => "attention_prefill",
+            PrefillTiles::Rows32 => "attention_prefill_wide",
+        }
+    }
+
+    /// Queries per block.
+    fn rows(self) -> usize {
+        match self {
+            PrefillTiles::Rows16 => 64,
+            PrefillTiles::Rows32 => 128,
+        }
+    }
+
+    /// Dynamic shared memory: the K and V tiles, and the Q tile of `Rows32` (rows of
+    /// `d + 8` bf16).
+    fn shared_bytes(self, d: usize) -> usize {
+        let rows = match self {
+            PrefillTiles::Rows16 => 2 * 64,
+            PrefillTiles::Rows32 => 2 * 32 + 128,
+        };
+        rows * (d + 8) * 2
+    }
+}
+
 /// Flash attention prefill (bf16, head dim 64 or 128).
 pub fn attention_prefill(
     dev: &Device,
@@ -371,8 +434,28 @@ pub fn attention_prefill(
     mask: Mask<'_>,
     out: &Buffer,
 ) -> Result<(), CudaError> {
+    attention_prefill_tiled(dev, a, q, k, v, mask, out, PrefillTiles::Rows16)
+}
+
+/// [`attention_prefill`] with a given tiling.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_prefill_tiled(
+    dev: &Device,
+    a: &Attention,
+    q: &Buffer,
+    k: &Buffer,
+    v: &Buffer,
+    mask: Mask<'_>,
+    out: &Buffer,
+    tiles: PrefillTiles,
+) -> Result<(), CudaError> {
     a.check(q, k, v, out)?;
-    let f = float_kernel(dev, Kernel::AttentionPrefill(a.d), "attention_prefill")?;
+    let f = float_kernel(dev, Kernel::AttentionPrefill(a.d), tiles.entry())?;
+    let shared = tiles.shared_bytes(a.d);
+    f.set_attribute(
+        cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        shared as i32,
+    )?;
     let (mptr, ms) = mask_args(mask, a)?;
     let (hq, hkv, sq, sk) = (
         to_i32(a.hq, "hq")?,
@@ -381,8 +464,16 @@ pub fn attention_prefill(
         to_i32(a.sk, "sk")?,
     );
     let (causal, window) = (i32::from(a.causal), to_i32(a.window, "window")?);
-    let grid = (a.sq.div_ceil(64) as u32, a.hq as u32, a.batch as u32);
-    launch(dev, &f, cfg(grid, 128), |b| {
+    let grid = (
+        a.sq.div_ceil(tiles.rows()) as u32,
+        a.hq as u32,
+        a.batch as u32,
+    );
+    let config = LaunchConfig {
+        shared_mem_bytes: shared as u32,
+        ..cfg(grid, 128)
+    };
+    launch(dev, &f, config, |b| {
         b.arg(q.slice())
             .arg(k.slice())
             .arg(v.slice())
@@ -402,8 +493,21 @@ pub fn attention_prefill(
     })
 }
 
+/// A split count for [`attention_decode`] that fills `dev`: about 4 blocks per multiprocessor
+/// (a block holds ≤ 46 KB of shared memory, 3–4 fit), each over a whole number of 64-key tiles.
+pub fn decode_splits(dev: &Device, a: &Attention) -> Result<usize, CudaError> {
+    let sms = dev.context().attribute(
+        cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+    )?;
+    let groups = (a.hq / a.hkv.max(1)).div_ceil(DECODE_HEADS).max(1);
+    let blocks = (a.batch * a.hkv * groups).max(1);
+    let tiles = a.sk.div_ceil(DECODE_TILE).max(1);
+    let want = (4 * sms.max(1) as usize).div_ceil(blocks).clamp(1, tiles);
+    Ok(tiles.div_ceil(tiles.div_ceil(want)))
+}
+
 /// Split-KV flash decoding (bf16, one query per head, head dim 64 or 128) with `splits`
-/// key chunks.
+/// key chunks ([`decode_splits`] picks a count that fills the device).
 #[allow(clippy::too_many_arguments)]
 pub fn attention_decode(
     dev: &Device,
@@ -444,7 +548,8 @@ pub fn attention_decode(
         to_i32(a.window, "window")?,
         to_i32(splits, "splits")?,
     );
-    let grid = (splits as u32, a.hq as u32, a.batch as u32);
+    let groups = (a.hq / a.hkv).div_ceil(DECODE_HEADS);
+    let grid = (splits as u32, (a.hkv * groups) as u32, a.batch as u32);
     launch(dev, &f, cfg(grid, 128), |b| {
         b.arg(q.slice())
             .arg(k.slice())

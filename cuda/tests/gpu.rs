@@ -9,7 +9,7 @@ mod gpu_support;
 use common::generated_kernels;
 use gpu_support::*;
 use kiln_cuda::codegen::elementwise::{ArgLayout, Elementwise};
-use kiln_cuda::launch::{self, Attention, Rowwise};
+use kiln_cuda::launch::{self, Attention, PrefillTiles, Rowwise};
 use kiln_cuda::Device;
 use kiln_ir::trace::Tracer;
 use kiln_ir::{DType, Op, F64};
@@ -85,8 +85,13 @@ fn rowwise_kernels_match_reference() {
         return;
     };
     let mut rng = rng("rowwise");
-    for dt in [DType::F32, DType::F16, DType::BF16] {
-        let (rows, n) = (7, 1000);
+    // 1000: whole 16-byte vectors (the register path, some threads with fewer vectors);
+    // 1001: the scalar path; 20000: the register path at 640 threads for 16-bit types, and
+    // rows over 4096 vectors (the scalar path again) for f32.
+    for (dt, (rows, n)) in [DType::F32, DType::F16, DType::BF16]
+        .into_iter()
+        .flat_map(|dt| [(7, 1000), (5, 1001), (3, 20000)].map(|s| (dt, s)))
+    {
         let x = random(&mut rng, dt, &[rows, n], 4.0, false);
         let w = random(&mut rng, dt, &[n], 1.0, false);
         let b = random(&mut rng, dt, &[n], 1.0, false);
@@ -113,7 +118,7 @@ fn rowwise_kernels_match_reference() {
             launch::rowwise(&dev, dt, op, &xb, &y, rows, n).unwrap();
             let got = download(&dev, &y, dt, &[rows, n]);
             assert_matches(
-                &format!("{} {dt}", ref_op.name()),
+                &format!("{} {dt} {rows}x{n}", ref_op.name()),
                 &got,
                 &reference(ref_op, &args),
                 kernel_bound(dt),
@@ -241,8 +246,8 @@ fn embedding_and_argmax_match_reference() {
     }
 }
 
-/// Attention inputs for `a` and, with `masked`, an additive bf16 key-padding mask
-/// `[b, 1, 1, sk]` hiding the last keys of batch 1.
+/// Attention inputs for `a` and, with `masked`, an additive bf16 mask `[b, 1, 1, sk]`: random
+/// values in ±2, and -inf on the last keys of batch 1 (key padding).
 fn attention_inputs(
     rng: &mut impl rand::Rng,
     a: &Attention,
@@ -258,7 +263,7 @@ fn attention_inputs(
                 if bi == 1 && j + 7 >= a.sk {
                     f64::NEG_INFINITY
                 } else {
-                    0.0
+                    rng.random_range(-2.0..2.0)
                 }
             })
             .collect();
@@ -274,13 +279,15 @@ fn attention_inputs(
     (vec![q, k, v], mask)
 }
 
-fn check_attention(
-    dev: &Device,
-    rng: &mut impl rand::Rng,
-    a: Attention,
-    masked: bool,
-    decode: bool,
-) {
+/// Which attention kernel a check runs.
+#[derive(Debug, Clone, Copy)]
+enum Run {
+    Prefill(PrefillTiles),
+    /// Decode with this many key splits.
+    Decode(usize),
+}
+
+fn check_attention(dev: &Device, rng: &mut impl rand::Rng, a: Attention, masked: bool, run: Run) {
     let (qkv, mask) = attention_inputs(rng, &a, masked);
     let mut args: Vec<&Tensor> = qkv.iter().collect();
     if let Some(m) = &mask {
@@ -298,17 +305,18 @@ fn check_attention(
     let mb = mask.as_ref().map(|m| upload(dev, m));
     let mask_arg = mb.as_ref().map(|m| (m, [a.sk as i64, 0, 0, 1]));
     let out = poisoned(dev, DType::BF16, a.batch * a.hq * a.sq * a.d);
-    if decode {
-        launch::attention_decode(dev, &a, &bufs[0], &bufs[1], &bufs[2], mask_arg, &out, 5).unwrap();
-    } else {
-        launch::attention_prefill(dev, &a, &bufs[0], &bufs[1], &bufs[2], mask_arg, &out).unwrap();
+    match run {
+        Run::Decode(splits) => launch::attention_decode(
+            dev, &a, &bufs[0], &bufs[1], &bufs[2], mask_arg, &out, splits,
+        ),
+        Run::Prefill(tiles) => launch::attention_prefill_tiled(
+            dev, &a, &bufs[0], &bufs[1], &bufs[2], mask_arg, &out, tiles,
+        ),
     }
+    .unwrap();
     let got = download(dev, &out, DType::BF16, &[a.batch, a.hq, a.sq, a.d]);
     assert_matches(
-        &format!(
-            "attention {}{a:?} masked={masked}",
-            if decode { "decode " } else { "" }
-        ),
+        &format!("attention {run:?} {a:?} masked={masked}"),
         &got,
         &want,
         2e-2,
@@ -321,7 +329,11 @@ fn flash_attention_prefill_matches_reference() {
         return;
     };
     let mut rng = rng("attention_prefill");
-    for d in [64, 128] {
+    for (d, tiles) in [64, 128]
+        .into_iter()
+        .flat_map(|d| PrefillTiles::ALL.map(|t| (d, t)))
+    {
+        let run = Run::Prefill(tiles);
         let base = Attention {
             batch: 2,
             hq: 4,
@@ -333,7 +345,7 @@ fn flash_attention_prefill_matches_reference() {
             causal: true,
             window: 0,
         };
-        check_attention(&dev, &mut rng, base, false, false);
+        check_attention(&dev, &mut rng, base, false, run);
         check_attention(
             &dev,
             &mut rng,
@@ -342,15 +354,9 @@ fn flash_attention_prefill_matches_reference() {
                 ..base
             },
             true,
-            false,
+            run,
         );
-        check_attention(
-            &dev,
-            &mut rng,
-            Attention { window: 48, ..base },
-            false,
-            false,
-        );
+        check_attention(&dev, &mut rng, Attention { window: 48, ..base }, false, run);
         check_attention(
             &dev,
             &mut rng,
@@ -360,7 +366,37 @@ fn flash_attention_prefill_matches_reference() {
                 ..base
             },
             true,
+            run,
+        );
+        // Longer sequences: several key tiles per query block, most of them unmasked (the
+        // kernel's path without per-element masking), across the cp.async pipeline.
+        let long = Attention {
+            sq: 300,
+            sk: 300,
+            ..base
+        };
+        check_attention(&dev, &mut rng, long, false, run);
+        check_attention(
+            &dev,
+            &mut rng,
+            Attention {
+                window: 100,
+                ..long
+            },
             false,
+            run,
+        );
+        check_attention(
+            &dev,
+            &mut rng,
+            Attention {
+                causal: false,
+                sq: 77,
+                sk: 384,
+                ..base
+            },
+            false,
+            run,
         );
     }
 }
@@ -383,8 +419,8 @@ fn flash_decoding_matches_reference() {
             causal: true,
             window: 0,
         };
-        check_attention(&dev, &mut rng, base, false, true);
-        check_attention(&dev, &mut rng, base, true, true);
+        check_attention(&dev, &mut rng, base, false, Run::Decode(5));
+        check_attention(&dev, &mut rng, base, true, Run::Decode(5));
         check_attention(
             &dev,
             &mut rng,
@@ -393,7 +429,25 @@ fn flash_decoding_matches_reference() {
                 ..base
             },
             false,
-            true,
+            Run::Decode(5),
+        );
+        // Six query heads per KV head: a full group of 4 and a partial one of 2; the split
+        // count the launcher would pick (whole 64-key tiles, several per chunk here).
+        let wide = Attention {
+            hq: 12,
+            sk: 1000,
+            ..base
+        };
+        let splits = launch::decode_splits(&dev, &wide).unwrap();
+        check_attention(&dev, &mut rng, wide, true, Run::Decode(splits));
+        check_attention(&dev, &mut rng, wide, false, Run::Decode(3));
+        // More splits than keys fit: empty trailing chunks.
+        check_attention(
+            &dev,
+            &mut rng,
+            Attention { sk: 9, ..base },
+            false,
+            Run::Decode(4),
         );
     }
 }

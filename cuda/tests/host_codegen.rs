@@ -32,14 +32,15 @@ fn c_array(name: &str, bytes: &[u8]) -> String {
     s + "0};\n"
 }
 
-/// Runs `ew` over `args` (broadcast by `plan`) through the host compiler; the output bytes and
-/// the error flag.
+/// Runs `ew` over `args` (broadcast by `plan`) through the host compiler, once with aligned
+/// buffers (the kernel's vector path) and once with the output one element off 16-byte
+/// alignment (its scalar path); each run's output bytes and error flag.
 fn run_on_host(
     dir: &std::path::Path,
     ew: &Elementwise,
     args: &[Tensor],
     plan: &Plan,
-) -> (Vec<u8>, i32) {
+) -> [(Vec<u8>, i32); 2] {
     let out_dt = ew.out_dtype().unwrap();
     let n: usize = plan.out.iter().product();
     let mut src = String::from(include_str!("host/shim.h"));
@@ -51,9 +52,10 @@ fn run_on_host(
     let meta: Vec<String> = plan.meta.iter().map(|m| format!("{m}LL")).collect();
     let _ = write!(
         src,
-        "static const i64 meta[] = {{{}, 0}};\nstatic {} out[{n}];\nint main() {{\n    int err = 0;\n    {}(out",
+        "static const i64 meta[] = {{{}, 0}};\nalignas(16) static {} out_store[{}];\nint main(int argc, char**) {{\n    int err = 0;\n    auto* out = out_store + (argc > 1);\n    {}(out",
         meta.join(", "),
         c_type(out_dt),
+        n + 1,
         ew.entry()
     );
     for (i, d) in ew.args.iter().enumerate() {
@@ -77,8 +79,10 @@ fn run_on_host(
         "{}",
         String::from_utf8_lossy(&cc.stderr)
     );
-    let o = Command::new(&exe).output().unwrap();
-    (o.stdout, o.status.code().unwrap_or(-1))
+    [&[][..], &["misaligned"][..]].map(|a| {
+        let o = Command::new(&exe).args(a).output().unwrap();
+        (o.stdout, o.status.code().unwrap_or(-1))
+    })
 }
 
 fn reference(ew: &Elementwise, args: &[Tensor]) -> Tensor {
@@ -121,19 +125,19 @@ fn generated_elementwise_runs_on_the_host_as_the_reference() {
     let mut rng = rng("host_codegen");
     for (label, ew) in generated_kernels(Arch::Sm80) {
         let (ew, args, plan) = elementwise_case(&mut rng, ew, 7, [3, 7, 11], 300);
-        let (bytes, err) = run_on_host(&dir, &ew, &args, &plan);
-        assert_eq!(err, 0, "{label}: error flag");
+        let want = reference(&ew, &args);
         let out_dt = ew.out_dtype().unwrap();
-        let got = from_bytes(out_dt, &plan.out, &bytes);
-        // f32 nodes round exactly as the reference; the transcendental ones go through the
-        // same libm in f64. Allow one f32 rounding of slack for the f64 functions.
-        let bound = if out_dt == DType::F32 { 1e-7 } else { 0.0 };
-        assert_matches(
-            &format!("host {label}"),
-            &got,
-            &reference(&ew, &args),
-            bound,
-        );
+        for ((bytes, err), path) in run_on_host(&dir, &ew, &args, &plan)
+            .iter()
+            .zip(["vector", "scalar"])
+        {
+            assert_eq!(*err, 0, "{label} ({path} path): error flag");
+            let got = from_bytes(out_dt, &plan.out, bytes);
+            // f32 nodes round exactly as the reference; the transcendental ones go through the
+            // same libm in f64. Allow one f32 rounding of slack for the f64 functions.
+            let bound = if out_dt == DType::F32 { 1e-7 } else { 0.0 };
+            assert_matches(&format!("host {label} ({path} path)"), &got, &want, bound);
+        }
     }
     // Integer division by zero sets the flag.
     let div = Elementwise {
@@ -145,12 +149,60 @@ fn generated_elementwise_runs_on_the_host_as_the_reference() {
     let a = Tensor::new(vec![2], kiln_runtime::Storage::I32(vec![7, i32::MIN])).unwrap();
     let z = Tensor::new(vec![2], kiln_runtime::Storage::I32(vec![0, -1])).unwrap();
     let plan = Plan::new(&[&[2], &[2]]).unwrap();
-    let (bytes, err) = run_on_host(&dir, &div, &[a, z], &plan);
-    assert_eq!(err, 1);
-    // i32::MIN / -1 wraps to i32::MIN, as the reference's wrapping i64 division wrapped to i32.
-    assert_eq!(
-        from_bytes(DType::I32, &[2], &bytes).to_f64_vec(),
-        vec![0.0, f64::from(i32::MIN)]
-    );
+    for (bytes, err) in run_on_host(&dir, &div, &[a, z], &plan) {
+        assert_eq!(err, 1);
+        // i32::MIN / -1 wraps to i32::MIN, as the reference's wrapping i64 division wrapped to
+        // i32.
+        assert_eq!(
+            from_bytes(DType::I32, &[2], &bytes).to_f64_vec(),
+            vec![0.0, f64::from(i32::MIN)]
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The 16-bit transcendental nodes take an f32 evaluation when its rounding is certain and the
+/// f64 one otherwise: on every bf16 and f16 input (all 2^16 bit patterns, NaNs and infinities
+/// included), through both kernel paths, the result is the reference's, bit for bit.
+#[test]
+fn narrow_transcendentals_match_the_reference_on_every_input() {
+    if Command::new("c++").arg("--version").output().is_err() {
+        assert!(
+            std::env::var("KILN_REQUIRE_NVRTC").as_deref() != Ok("1"),
+            "no C++ compiler (c++)"
+        );
+        eprintln!("\n*** NOTICE: no C++ compiler (c++); the test did NOT run.\n");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("kiln-host-narrow-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let n = 1 << 16;
+    for d in [DType::BF16, DType::F16] {
+        let storage = match d {
+            DType::BF16 => {
+                kiln_runtime::Storage::BF16((0..=u16::MAX).map(half::bf16::from_bits).collect())
+            }
+            _ => kiln_runtime::Storage::F16((0..=u16::MAX).map(half::f16::from_bits).collect()),
+        };
+        let x = Tensor::new(vec![n], storage).unwrap();
+        for op in ["exp", "tanh", "erf", "sigmoid", "silu", "gelu"] {
+            let ew = Elementwise {
+                body: format!("({op} $0)").parse().unwrap(),
+                args: vec![d],
+                layouts: vec![ArgLayout::Same],
+                rank: 1,
+            };
+            let plan = Plan::new(&[&[n]]).unwrap();
+            let want = reference(&ew, std::slice::from_ref(&x));
+            for ((bytes, err), path) in run_on_host(&dir, &ew, std::slice::from_ref(&x), &plan)
+                .iter()
+                .zip(["vector", "scalar"])
+            {
+                assert_eq!(*err, 0);
+                let got = from_bytes(d, &[n], bytes);
+                assert_matches(&format!("host {op} {d} ({path} path)"), &got, &want, 0.0);
+            }
+        }
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -1,6 +1,10 @@
 //! CUDA C generated from a fused elementwise body ([`Expr`]).
 //!
-//! One thread per output element (grid-stride loop). Every node is computed as its primitive
+//! A grid-stride loop over packs of [`PACK`] consecutive elements: when
+//! the output and the same-shape operands are 16-byte aligned, each pack of those is moved with
+//! 16-byte vector accesses, and the last `n % PACK` elements one by one; otherwise every element
+//! one by one. Index arithmetic is 32-bit when `n < 2^30` (the kernel picks), 64-bit beyond.
+//! The body is one inlined function of the operands' values. Every node is computed as its primitive
 //! op and rounded to the node's dtype, as the reference executor does: float values are held
 //! as f32 rounded to their dtype; `+ - * /`, `sqrt` and `recip` run in f32 (correctly
 //! rounded, so equal to the reference's f64-then-round), transcendental functions in f64 then
@@ -18,6 +22,10 @@ use crate::CudaError;
 use kiln_ir::scalar::Scalar;
 use kiln_ir::{BinaryOp, CmpOp, DType, Expr, UnaryOp};
 use std::fmt::Write;
+
+/// Elements per pack: 16 bytes of bf16 (the kernel's unit of vector access; a launch needs
+/// one thread per pack).
+pub const PACK: usize = 8;
 
 /// How the kernel reads one operand.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -137,6 +145,15 @@ fn class(d: DType) -> Class {
     }
 }
 
+/// The C type a value of `d` is held in.
+fn held_type(d: DType) -> &'static str {
+    match class(d) {
+        Class::Float => "float",
+        Class::Int => "i64",
+        Class::Bool => "bool",
+    }
+}
+
 /// `e` (an f32, f64 or i64 expression) rounded or wrapped to `d`'s held value.
 fn round(d: DType, e: &str) -> String {
     match d {
@@ -209,12 +226,11 @@ impl Emitter<'_> {
         };
         let var = format!("v{}", self.next);
         self.next += 1;
-        let ty = match class(d) {
-            Class::Float => "float",
-            Class::Int => "i64",
-            Class::Bool => "bool",
-        };
-        let _ = writeln!(self.lines, "        const {ty} {var} = {value};");
+        let _ = writeln!(
+            self.lines,
+            "        const {} {var} = {value};",
+            held_type(d)
+        );
         Ok((var, d))
     }
 }
@@ -249,7 +265,36 @@ fn unary(u: UnaryOp, a: &str, d: DType) -> Result<String, CudaError> {
             )))
         }
     };
-    Ok(round(d, &e))
+    let narrow = match d {
+        DType::BF16 => "kiln_narrow_bf16",
+        DType::F16 => "kiln_narrow_f16",
+        _ => return Ok(round(d, &e)),
+    };
+    Ok(match fast_f32(u, a) {
+        Some(f) => format!("{narrow}({f}, [&] {{ return (float)({e}); }})"),
+        None => round(d, &e),
+    })
+}
+
+/// An f32 evaluation of `u` within 2^-16 of the exact value, relatively (CUDA's and libm's
+/// f32 functions are within 4 ulp = 2^-21), or NaN where that is not known; for the
+/// transcendental functions a 16-bit float node rounds: `kiln_narrow_*` (`cu/math.cuh`)
+/// rounds it when the rounding is certain and falls back to the f64 evaluation otherwise, so
+/// the result is the f64 evaluation's, bit for bit, at f32 cost for almost every input.
+fn fast_f32(u: UnaryOp, a: &str) -> Option<String> {
+    Some(match u {
+        UnaryOp::Exp => format!("expf({a})"),
+        UnaryOp::Tanh => format!("tanhf({a})"),
+        UnaryOp::Erf => format!("erff({a})"),
+        UnaryOp::Sigmoid => format!("1.0f / (1.0f + expf(-{a}))"),
+        UnaryOp::Silu => format!("{a} / (1.0f + expf(-{a}))"),
+        // 0.5 x erfc(-x/√2): erfc's relative error grows as 4z² ulp at z = -x/√2 (the
+        // argument's rounding), so only for x > -5.5 (z < 3.9: ≤ 2^-18).
+        UnaryOp::Gelu => format!(
+            "({a} > -5.5f ? 0.5f * {a} * erfcf(-0.70710678118654752f * {a}) : __int_as_float(0x7fc00000))"
+        ),
+        _ => return None,
+    })
 }
 
 fn binary(op: BinaryOp, a: &str, b: &str, d: DType) -> Result<String, CudaError> {
@@ -345,51 +390,120 @@ impl Elementwise {
         for (i, d) in self.args.iter().enumerate() {
             let _ = write!(params, ", const {}* __restrict__ a{i}", c_type(*d));
         }
-        params += ", const i64* __restrict__ meta, i64 n, int* __restrict__ err";
-        let mut k = format!("extern \"C\" __global__ void {name}({params}) {{\n");
-        k += "    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {\n";
-        let strided: Vec<usize> = (0..self.args.len())
-            .filter(|&i| self.layouts[i] == ArgLayout::Strided)
+        params += ", const i64* __restrict__ meta";
+
+        // The body, one element: operands in, the stored output value out.
+        let xs: Vec<String> = self
+            .args
+            .iter()
+            .enumerate()
+            .map(|(i, d)| format!("const {} x{i}", held_type(*d)))
             .collect();
-        let rank = self.rank;
-        if !strided.is_empty() {
-            let offs: Vec<String> = strided.iter().map(|i| format!("o{i} = 0")).collect();
-            let _ = writeln!(k, "        i64 r = i, {};", offs.join(", "));
-            let _ = writeln!(
-                k,
-                "#pragma unroll\n        for (int d = {rank} - 1; d >= 0; --d) {{"
-            );
-            k += "            const i64 c = r % meta[d];\n            r /= meta[d];\n";
-            for (s, i) in strided.iter().enumerate() {
-                let _ = writeln!(k, "            o{i} += c * meta[{} + d];", rank * (1 + s));
-            }
-            k += "        }\n";
-        }
-        for (i, (d, l)) in self.args.iter().zip(&self.layouts).enumerate() {
-            let at = match l {
-                ArgLayout::Same => "i".to_string(),
-                ArgLayout::Scalar => "0".to_string(),
-                ArgLayout::Strided => format!("o{i}"),
-            };
-            let ty = match class(*d) {
-                Class::Float => "float",
-                Class::Int => "i64",
-                Class::Bool => "bool",
-            };
-            let _ = writeln!(
-                k,
-                "        const {ty} x{i} = {};",
-                load(*d, &format!("a{i}[{at}]"))
-            );
-        }
         let mut em = Emitter {
             args: &self.args,
             lines: String::new(),
             next: 0,
         };
         let (v, _) = em.emit(&self.body)?;
-        k += &em.lines;
-        let _ = writeln!(k, "        out[i] = {};\n    }}\n}}", store(out, &v));
+        let mut k = format!(
+            "static __device__ __forceinline__ {} {name}_body({}, int* err) {{\n{}        return {};\n}}\n",
+            c_type(out),
+            xs.join(", "),
+            em.lines,
+            store(out, &v)
+        );
+
+        // Element `i`'s operands (`p{i}` is a same-shape operand's pack, `e` the element in it)
+        // and its output value.
+        let strided: Vec<usize> = (0..self.args.len())
+            .filter(|&i| self.layouts[i] == ArgLayout::Strided)
+            .collect();
+        let rank = self.rank;
+        let element = |packed: bool| {
+            let mut t = String::new();
+            if !strided.is_empty() {
+                let offs: Vec<String> = strided.iter().map(|i| format!("o{i} = 0")).collect();
+                let _ = writeln!(t, "            I r = i, {};", offs.join(", "));
+                let _ = writeln!(
+                    t,
+                    "#pragma unroll\n            for (int d = {rank} - 1; d >= 0; --d) {{"
+                );
+                t += "                const I c = r % (I)meta[d];\n                r /= (I)meta[d];\n";
+                for (s, i) in strided.iter().enumerate() {
+                    let _ = writeln!(
+                        t,
+                        "                o{i} += c * (I)meta[{} + d];",
+                        rank * (1 + s)
+                    );
+                }
+                t += "            }\n";
+            }
+            let args: Vec<String> = self
+                .layouts
+                .iter()
+                .zip(&self.args)
+                .enumerate()
+                .map(|(i, (l, d))| match l {
+                    ArgLayout::Same if packed => load(*d, &format!("p{i}.v[e]")),
+                    ArgLayout::Same => load(*d, &format!("a{i}[i]")),
+                    ArgLayout::Scalar => load(*d, &format!("a{i}[0]")),
+                    ArgLayout::Strided => load(*d, &format!("a{i}[o{i}]")),
+                })
+                .collect();
+            (t, format!("{name}_body({}, err)", args.join(", ")))
+        };
+        let same: Vec<usize> = (0..self.args.len())
+            .filter(|&i| self.layouts[i] == ArgLayout::Same)
+            .collect();
+        let mut aligned = vec!["kiln_aligned16(out)".to_string()];
+        aligned.extend(same.iter().map(|i| format!("kiln_aligned16(a{i})")));
+        let (pack_offsets, pack_value) = element(true);
+        let (offsets, value) = element(false);
+        let _ = write!(
+            k,
+            "template <typename I>\nstatic __device__ __forceinline__ void {name}_run({params}, I n, int* err) {{\n"
+        );
+        k += "    const I stride = (I)gridDim.x * blockDim.x;\n";
+        k += "    I start = (I)blockIdx.x * blockDim.x + threadIdx.x;\n";
+        let _ = writeln!(k, "    if ({}) {{", aligned.join(" && "));
+        let _ = writeln!(k, "        const I packs = n / {PACK};");
+        k += "        for (I p = start; p < packs; p += stride) {\n";
+        for i in &same {
+            let _ = writeln!(
+                k,
+                "            const kiln_pack<{0}, {PACK}> p{i} = *reinterpret_cast<const kiln_pack<{0}, {PACK}>*>(a{i} + p * {PACK});",
+                c_type(self.args[*i])
+            );
+        }
+        let _ = writeln!(k, "            kiln_pack<{}, {PACK}> po;", c_type(out));
+        let _ = writeln!(
+            k,
+            "#pragma unroll\n            for (int e = 0; e < {PACK}; ++e) {{"
+        );
+        if !strided.is_empty() {
+            let _ = writeln!(k, "            const I i = p * {PACK} + e;");
+        }
+        k += &pack_offsets;
+        let _ = writeln!(k, "            po.v[e] = {pack_value};\n            }}");
+        let _ = writeln!(
+            k,
+            "            *reinterpret_cast<kiln_pack<{}, {PACK}>*>(out + p * {PACK}) = po;",
+            c_type(out)
+        );
+        let _ = writeln!(k, "        }}\n        start += packs * {PACK};\n    }}");
+        k += "    for (I i = start; i < n; i += stride) {\n";
+        k += &offsets;
+        let _ = writeln!(k, "        out[i] = {value};\n    }}\n}}");
+        let args: Vec<String> = (0..self.args.len()).map(|i| format!("a{i}")).collect();
+        let call = format!(
+            "out, {}{}meta",
+            args.join(", "),
+            if args.is_empty() { "" } else { ", " }
+        );
+        let _ = write!(
+            k,
+            "extern \"C\" __global__ void {name}({params}, i64 n, int* __restrict__ err) {{\n    if (n < (1LL << 30))\n        {name}_run<int>({call}, (int)n, err);\n    else\n        {name}_run<i64>({call}, n, err);\n}}\n"
+        );
         Ok(k)
     }
 
@@ -478,7 +592,7 @@ mod tests {
         let src = e.source(Arch::Sm80).unwrap();
         let s = &src.source;
         assert!(s.contains("__nv_bfloat16* __restrict__ out"));
-        assert!(s.contains("o1 += c * meta[2 + d]"));
+        assert!(s.contains("o1 += c * (I)meta[2 + d]"));
         assert!(s.contains("kiln_rnd_bf16"));
         assert!(s.contains("__longlong_as_double(0x3fe0000000000000LL)"));
         let fp8 = Elementwise {

@@ -18,6 +18,19 @@ const PRELUDE: &str = include_str!("cu/prelude.cuh");
 /// division, GELU), plain C++ that also compiles for the host.
 pub const MATH: &str = include_str!("cu/math.cuh");
 const REDUCE: &str = include_str!("cu/reduce.cuh");
+/// Tensor-core MMA, ldmatrix, cp.async and exp2 helpers of the attention kernels.
+const TENSOR: &str = include_str!("cu/tensor.cuh");
+
+/// 16-byte vectors each thread of a row-wise kernel keeps in registers (`ROW_R` in
+/// `cu/rowwise.cu`): rows of up to `ROW_VECTORS * 1024` vectors are read once.
+pub const ROW_VECTORS: usize = 4;
+
+/// Query heads one decode block serves (`HG` in `cu/decode.cu`, one warp each: the kernel
+/// is laid out for 4): a KV group's keys and values are read once for up to this many heads.
+pub const DECODE_HEADS: usize = 4;
+/// Keys per shared-memory tile of the decode kernel (`TK` in `cu/decode.cu`; its softmax
+/// takes two keys per lane, so 64).
+pub const DECODE_TILE: usize = 64;
 
 /// The CUDA C storage type of a dtype.
 pub fn c_type(d: DType) -> &'static str {
@@ -53,7 +66,8 @@ pub enum Kernel {
     Embedding(DType),
     /// `argmax_<t>`: greedy sampling, one index per row (f32, f16, bf16).
     Argmax(DType),
-    /// `attention_prefill_bf16_d<D>`: flash attention prefill, bf16, D = 64 or 128.
+    /// `attention_prefill{,_wide}_bf16_d<D>`: flash attention prefill, bf16, D = 64 or 128,
+    /// 16 or 32 query rows per warp.
     AttentionPrefill(usize),
     /// `attention_decode_{split,combine}_bf16_d<D>`: split-KV flash decoding, D = 64 or 128.
     AttentionDecode(usize),
@@ -95,7 +109,7 @@ impl Kernel {
             Kernel::Rope(_) => &["rope"],
             Kernel::Embedding(_) => &["embedding"],
             Kernel::Argmax(_) => &["argmax"],
-            Kernel::AttentionPrefill(_) => &["attention_prefill"],
+            Kernel::AttentionPrefill(_) => &["attention_prefill", "attention_prefill_wide"],
             Kernel::AttentionDecode(_) => &["attention_decode_split", "attention_decode_combine"],
             Kernel::Gemv(_) => &["gemv"],
         };
@@ -115,13 +129,19 @@ impl Kernel {
     /// The module's source for `arch`, or why this instantiation does not exist.
     pub fn source(self, arch: Arch) -> Result<KernelSource, CudaError> {
         let (body, t) = match self {
-            Kernel::Rowwise(d) => (include_str!("cu/rowwise.cu"), d),
-            Kernel::Rope(d) => (include_str!("cu/rope.cu"), d),
-            Kernel::Embedding(d) => (include_str!("cu/gather.cu"), d),
-            Kernel::Argmax(d) => (include_str!("cu/argmax.cu"), d),
-            Kernel::AttentionPrefill(_) => (include_str!("cu/attention.cu"), DType::BF16),
-            Kernel::AttentionDecode(_) => (include_str!("cu/decode.cu"), DType::BF16),
-            Kernel::Gemv(w) => (include_str!("cu/gemv.cu"), w),
+            Kernel::Rowwise(d) => (include_str!("cu/rowwise.cu").to_string(), d),
+            Kernel::Rope(d) => (include_str!("cu/rope.cu").to_string(), d),
+            Kernel::Embedding(d) => (include_str!("cu/gather.cu").to_string(), d),
+            Kernel::Argmax(d) => (include_str!("cu/argmax.cu").to_string(), d),
+            Kernel::AttentionPrefill(_) => (
+                TENSOR.to_string() + include_str!("cu/attention.cu"),
+                DType::BF16,
+            ),
+            Kernel::AttentionDecode(_) => (
+                TENSOR.to_string() + include_str!("cu/decode.cu"),
+                DType::BF16,
+            ),
+            Kernel::Gemv(w) => (include_str!("cu/gemv.cu").to_string(), w),
         };
         let float_storage = matches!(t, DType::F32 | DType::F16 | DType::BF16);
         let ok = match self {
@@ -140,9 +160,13 @@ impl Kernel {
             ("KILN_NAME(x)", format!("x##_{s}")),
         ];
         match self {
-            Kernel::AttentionPrefill(hd) | Kernel::AttentionDecode(hd) => {
-                defines.push(("D", hd.to_string()))
-            }
+            Kernel::AttentionPrefill(hd) => defines.push(("D", hd.to_string())),
+            Kernel::AttentionDecode(hd) => defines.extend([
+                ("D", hd.to_string()),
+                ("HG", DECODE_HEADS.to_string()),
+                ("TK", DECODE_TILE.to_string()),
+            ]),
+            Kernel::Rowwise(_) => defines.push(("ROW_R", ROW_VECTORS.to_string())),
             Kernel::Gemv(w) => {
                 defines.push(("W_T", c_type(w).to_string()));
                 defines.push(("VEC", (16 / w.size_bytes()).to_string()));
@@ -154,7 +178,7 @@ impl Kernel {
                 "{}_{s}",
                 self.entries()[0].trim_end_matches(&format!("_{s}"))
             ),
-            source: assemble(arch, &defines, body),
+            source: assemble(arch, &defines, &body),
             entries: self.entries(),
         })
     }

@@ -19,3 +19,30 @@ __device__ __forceinline__ double kiln_gelu(double x) { return 0.5 * x * (1.0 + 
 __device__ __forceinline__ double kiln_gelu_tanh(double x) {
     return 0.5 * x * (1.0 + tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)));
 }
+// Whether a pointer allows 16-byte vector access.
+__device__ __forceinline__ bool kiln_aligned16(const void* p) { return ((u64)p & 15) == 0; }
+// N consecutive elements, moved as one access of up to 16 bytes (several for wider element
+// types): the unit of work of a generated elementwise kernel's vector path.
+template <typename U, int N> struct alignas(sizeof(U) * N < 16 ? sizeof(U) * N : 16) kiln_pack {
+    U v[N];
+};
+// `fast`, an f32 value within 2^-16 (relative) of an exact result, rounded to bf16 / f16 when
+// every value that close rounds alike (so the exact result does too); otherwise `exact()`, the
+// f64 evaluation as f32, rounded. Normal magnitudes only (2^-96 ≤ |fast| < 2^120); NaN and
+// values outside take `exact()`.
+__device__ __forceinline__ bool kiln_sure_range(float fast) {
+    const float m = fabsf(fast);
+    return m >= 0x1p-96f && m < 0x1p+120f;
+}
+template <typename F> __device__ __forceinline__ float kiln_narrow_bf16(float fast, F exact) {
+    const float e = fabsf(fast) * 0x1p-16f;
+    return kiln_sure_range(fast) && kiln_rnd_bf16(fast - e) == kiln_rnd_bf16(fast + e)
+               ? kiln_rnd_bf16(fast)
+               : kiln_rnd_bf16(exact());
+}
+template <typename F> __device__ __forceinline__ float kiln_narrow_f16(float fast, F exact) {
+    const float e = fabsf(fast) * 0x1p-16f;
+    return kiln_sure_range(fast) && kiln_rnd_f16(fast - e) == kiln_rnd_f16(fast + e)
+               ? kiln_rnd_f16(fast)
+               : kiln_rnd_f16(exact());
+}
