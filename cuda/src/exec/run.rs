@@ -335,7 +335,7 @@ impl StepCx<'_> {
         launch::launch(
             dev,
             &prepared.f,
-            launch::cfg((launch::grid_1d(n, 256), 1, 1), 256),
+            launch::elementwise_config(n),
             |b| {
                 b.arg(&out_ptr);
                 for p in ptrs {
@@ -609,7 +609,7 @@ impl StepCx<'_> {
         let dev = &self.g.backend.dev;
         let m = mask.as_ref().map(|(t, st)| (t.buf.as_ref(), *st));
         let r = if sq == 1 {
-            let splits = (264usize.div_ceil(b * hq)).clamp(1, sk.div_ceil(64).max(1));
+            let splits = launch::decode_splits(dev, &a).map_err(backend_err)?;
             launch::attention_decode(dev, &a, &q.buf, &k.buf, &v.buf, m, &out.buf, splits)
         } else {
             launch::attention_prefill(dev, &a, &q.buf, &k.buf, &v.buf, m, &out.buf)
