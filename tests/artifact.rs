@@ -13,7 +13,7 @@ mod common;
 #[path = "../examples/deploy.rs"]
 mod deploy;
 
-use common::{fixture, ids, kiln, reference, reference_json, refused};
+use common::{fixture, ids, kiln, max_abs, reference, reference_json, refused};
 use kiln::compile::{compile, CompileOptions};
 use kiln::compiler::Precision;
 use kiln::ir::DType;
@@ -84,13 +84,7 @@ fn causal_artifacts_match_transformers() {
         let logits = m.forward(&ids(&r["prompt_ids"])).unwrap();
         let want = tensors.load("logits").unwrap();
         assert_eq!(logits.shape(), want.shape(), "{name}");
-        let err = logits
-            .as_f32()
-            .unwrap()
-            .iter()
-            .zip(want.as_f32().unwrap())
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0, f32::max);
+        let err = max_abs(logits.as_f32().unwrap(), want.as_f32().unwrap());
         assert!(err <= 1e-4, "{name}: logits max abs error {err:e}");
         if r["greedy_ids"].is_null() {
             continue;

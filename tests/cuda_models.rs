@@ -13,7 +13,7 @@
 
 mod common;
 
-use common::{fixture, ids, reference};
+use common::{argmax, fixture, ids, max_abs, reference};
 use kiln::compiler::Precision;
 use kiln::load::{causal_lm_with, encoder_with, LoadOptions};
 use kiln::placement::{cuda_backend, Placement};
@@ -45,19 +45,6 @@ fn opts(precision: Precision, placement: Placement) -> LoadOptions {
     }
 }
 
-fn argmax(v: &[f32]) -> usize {
-    v.iter()
-        .enumerate()
-        .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &x)| {
-            if x > bv {
-                (i, x)
-            } else {
-                (bi, bv)
-            }
-        })
-        .0
-}
-
 fn greedy(lm: &mut dyn LanguageModel, prompt: &[u32], n: usize) -> Vec<u32> {
     let mut logits = lm.prefill(&[prompt.to_vec()]).unwrap();
     let mut out = Vec::new();
@@ -84,13 +71,7 @@ fn f32_matches_transformers_and_greedy_matches_the_cpu() {
         assert!(gpu.lm.graphs()[0].backend().starts_with("cuda"), "{name}");
         let logits = gpu.lm.forward(&prompt).unwrap();
         assert_eq!(logits.shape(), want.shape(), "{name}");
-        let err = logits
-            .as_f32()
-            .unwrap()
-            .iter()
-            .zip(want.as_f32().unwrap())
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0f32, f32::max);
+        let err = max_abs(logits.as_f32().unwrap(), want.as_f32().unwrap());
         eprintln!("{name}: f32 on CUDA, prompt logits max abs error {err:e} against transformers");
         assert!(err <= 5e-4, "{name}: {err:e}");
         let mut cpu = causal_lm_with(&fixture(name), &opts(Precision::F32, Placement::Cpu))
@@ -155,13 +136,7 @@ fn encoders_match_the_cpu() {
         };
         let (g, c) = (run(Placement::Cuda), run(Placement::Cpu));
         assert_eq!(g.shape(), c.shape(), "{name}");
-        let err = g
-            .as_f32()
-            .unwrap()
-            .iter()
-            .zip(c.as_f32().unwrap())
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0f32, f32::max);
+        let err = max_abs(g.as_f32().unwrap(), c.as_f32().unwrap());
         eprintln!("{name}: last hidden state on CUDA, max abs error {err:e} against the CPU");
         assert!(err <= 5e-4, "{name}: {err:e}");
     }

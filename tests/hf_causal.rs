@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{fixture, ids, reference};
+use common::{fixture, ids, max_abs, reference};
 use kiln::load::{causal_lm, causal_lm_with, LoadOptions};
 use kiln::runtime::LanguageModel;
 
@@ -19,14 +19,6 @@ const FAMILIES: [&str; 9] = [
     "mixtral",
     "gpt2",
 ];
-
-fn max_abs(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
 
 /// Tolerance for logits against transformers (f32 on both sides, different summation orders).
 const TOL: f32 = 1e-4;

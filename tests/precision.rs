@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{fixture, ids, reference};
+use common::{argmax, fixture, ids, reference};
 use kiln::compiler::Precision;
 use kiln::load::{causal_lm_with, encoder_with, LoadOptions};
 
@@ -31,19 +31,6 @@ fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
         .sum();
     let den: f64 = b.iter().map(|&y| f64::from(y).powi(2)).sum();
     (num / den).sqrt()
-}
-
-fn argmax(row: &[f32]) -> usize {
-    row.iter()
-        .enumerate()
-        .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &v)| {
-            if v > bv {
-                (i, v)
-            } else {
-                (bi, bv)
-            }
-        })
-        .0
 }
 
 /// Rows of width `width` whose argmax agrees, and all rows.

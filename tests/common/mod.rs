@@ -73,3 +73,26 @@ pub fn f32_tensor(path: &Path, name: &str) -> (Vec<usize>, Vec<f32>) {
         .collect();
     (t.shape().to_vec(), data)
 }
+
+/// The largest |a − b| over two equally long slices.
+pub fn max_abs(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// The index of the largest value (the first of equals).
+pub fn argmax(row: &[f32]) -> usize {
+    row.iter()
+        .enumerate()
+        .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &v)| {
+            if v > bv {
+                (i, v)
+            } else {
+                (bi, bv)
+            }
+        })
+        .0
+}

@@ -332,18 +332,13 @@ impl StepCx<'_> {
             None
         };
         let flag = fresh.as_ref().unwrap_or(&self.g.backend.flag);
-        launch::launch(
-            dev,
-            &prepared.f,
-            launch::elementwise_config(n),
-            |b| {
-                b.arg(&out_ptr);
-                for p in ptrs {
-                    b.arg(p);
-                }
-                b.arg(prepared.meta.slice()).arg(&n64).arg(flag.slice());
-            },
-        )
+        launch::launch(dev, &prepared.f, launch::elementwise_config(n), |b| {
+            b.arg(&out_ptr);
+            for p in ptrs {
+                b.arg(p);
+            }
+            b.arg(prepared.meta.slice()).arg(&n64).arg(flag.slice());
+        })
         .map_err(backend_err)?;
         if let Some(flag) = &fresh {
             if dev

@@ -4,7 +4,6 @@
 
 #![allow(dead_code)]
 
-use half::{bf16, f16};
 use kiln_cuda::alloc::Buffer;
 use kiln_cuda::Device;
 use kiln_ir::scalar::Scalar;
@@ -68,53 +67,11 @@ pub fn random(
     Tensor::new(shape.to_vec(), Storage::from_scalars(dtype, values)).expect("shape")
 }
 
-/// The tensor's elements as the device stores them (little-endian, bool as one byte).
-pub fn to_bytes(t: &Tensor) -> Vec<u8> {
-    match t.storage() {
-        Storage::F32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        Storage::F16(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        Storage::BF16(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        Storage::F8E4M3(v) | Storage::F8E5M2(v) | Storage::U8(v) => v.clone(),
-        Storage::I64(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        Storage::I32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        Storage::Bool(v) => v.iter().map(|&b| u8::from(b)).collect(),
-    }
-}
+pub use kiln_cuda::exec::host::to_bytes;
 
 /// A tensor of `dtype` and `shape` from device bytes.
 pub fn from_bytes(dtype: DType, shape: &[usize], b: &[u8]) -> Tensor {
-    let s = match dtype {
-        DType::F32 => Storage::F32(
-            b.chunks_exact(4)
-                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-                .collect(),
-        ),
-        DType::F16 => Storage::F16(
-            b.chunks_exact(2)
-                .map(|c| f16::from_le_bytes(c.try_into().unwrap()))
-                .collect(),
-        ),
-        DType::BF16 => Storage::BF16(
-            b.chunks_exact(2)
-                .map(|c| bf16::from_le_bytes(c.try_into().unwrap()))
-                .collect(),
-        ),
-        DType::F8E4M3 => Storage::F8E4M3(b.to_vec()),
-        DType::F8E5M2 => Storage::F8E5M2(b.to_vec()),
-        DType::U8 => Storage::U8(b.to_vec()),
-        DType::I64 => Storage::I64(
-            b.chunks_exact(8)
-                .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
-                .collect(),
-        ),
-        DType::I32 => Storage::I32(
-            b.chunks_exact(4)
-                .map(|c| i32::from_le_bytes(c.try_into().unwrap()))
-                .collect(),
-        ),
-        DType::Bool => Storage::Bool(b.iter().map(|&x| x != 0).collect()),
-    };
-    Tensor::new(shape.to_vec(), s).expect("shape")
+    kiln_cuda::exec::host::from_bytes(dtype, shape, b).expect("shape")
 }
 
 /// Uploads `t`.

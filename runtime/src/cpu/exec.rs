@@ -594,9 +594,7 @@ impl CpuGraph {
                 let dense: Option<Vec<_>> = (0..node.inputs.len()).map(f32s).collect();
                 match dense {
                     Some(ins) if provider.run(native, &node.op, &ins, out, shape) => {}
-                    Some(_) => {
-                        return self.kernel(ctx, node, native, shape, vals, bufs, out)
-                    }
+                    Some(_) => return self.kernel(ctx, node, native, shape, vals, bufs, out),
                     None => {
                         provider.fell_back(native, "operands are not dense f32".into());
                         return self.kernel(ctx, node, native, shape, vals, bufs, out);
