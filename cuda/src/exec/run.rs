@@ -27,12 +27,8 @@ pub(super) fn run(
         .map(|(k, v)| (k.clone(), (v.dtype(), v.shape().to_vec())))
         .collect();
     let env = reference::bind_types(&g.graph, &types, params)?;
-    let held = g
-        .backend
-        .params
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone();
+    // The parameters on the device, locked for the run (uploads happen only at compile time).
+    let held = g.backend.params.lock().unwrap_or_else(|e| e.into_inner());
     let mut vals: Vec<Option<DevTensor>> = vec![None; g.graph.nodes().len()];
     for (id, node) in g.graph.iter() {
         let i = id.index();
