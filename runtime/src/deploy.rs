@@ -340,6 +340,11 @@ pub struct Encoded {
 }
 
 impl EncoderModel {
+    /// The tokenizer (parsed once, in the background from the moment the model was opened).
+    pub fn tokenizer(&self) -> Result<Cow<'_, Tokenizer>, DeployError> {
+        self.started.tokenizer(&self.assets)
+    }
+
     /// The same encoder with its runner replaced by `f`'s (e.g. its graph compiled for another
     /// backend); settings, assets and work started at open are kept.
     pub fn map_runner<E>(

@@ -130,7 +130,6 @@ pub fn fill_mask(opts: &ModelOpts, text: &str, json: bool) -> Result<(), CliErro
         Some((Head::MaskedLm, "masked-LM")),
     )?;
     let tok = enc
-        .assets
         .tokenizer()
         .map_err(|e| CliError::Input(e.to_string()))?;
     let ids = &ids[0];
