@@ -142,34 +142,55 @@ fn encoders_match_the_cpu() {
     }
 }
 
-/// Kernel selection needs no GPU: every causal family's bf16 prefill and decode graphs get a
-/// device kernel for every node (mask and position arithmetic included) except `moe` (no CUDA
-/// kernel yet) and `attention` with a head dim the flash kernels lack (the fixtures' tiny heads;
-/// 64 and 128 run on the device), which run on the host.
+/// Kernel selection needs no GPU: every causal family's prefill and decode graphs, in f32,
+/// bf16 and fp8, get a device kernel for every node (mask and position arithmetic included)
+/// except `moe` (no CUDA kernel yet) and `attention` in f32 or with a head dim the flash kernels
+/// lack (the fixtures' tiny heads; bf16 at 64 and 128 runs on the device), which run on the
+/// host; every matmul with a weight is a linear step (cuBLAS, or the fp8 GEMV).
 #[test]
-fn bf16_graphs_run_on_device_kernels() {
+fn graphs_run_on_device_kernels() {
+    use kiln::ir::Op;
     use kiln_cuda::exec::select::{Plan, Step};
-    for name in CAUSAL {
-        let m = causal_lm_with(&fixture(name), &opts(Precision::Bf16, Placement::Cpu))
-            .unwrap()
-            .model;
-        for g in m.lm.graphs() {
-            let graph = g.graph();
-            let plan = Plan::new(graph);
-            let host: Vec<&str> = graph
-                .iter()
-                .filter(|(id, _)| plan.steps[id.index()] == Step::Host)
-                .map(|(_, n)| n.op.name())
-                .collect();
-            eprintln!("{name}: {} | host: {host:?}", plan.summary());
-            assert!(
-                host.iter().all(|op| matches!(*op, "attention" | "moe")),
-                "{name}: {host:?} on the host"
-            );
-            assert!(
-                plan.summary().contains("linear×"),
-                "{name}: no linear kernels"
-            );
+    for precision in [Precision::F32, Precision::Bf16, Precision::Fp8] {
+        for name in CAUSAL {
+            let m = causal_lm_with(&fixture(name), &opts(precision, Placement::Cpu))
+                .unwrap()
+                .model;
+            for g in m.lm.graphs() {
+                let graph = g.graph();
+                let plan = Plan::new(graph);
+                let host: Vec<&str> = graph
+                    .iter()
+                    .filter(|(id, _)| plan.steps[id.index()] == Step::Host)
+                    .map(|(_, n)| n.op.name())
+                    .collect();
+                eprintln!("{name} {precision:?}: {} | host: {host:?}", plan.summary());
+                assert!(
+                    host.iter().all(|op| matches!(*op, "attention" | "moe")),
+                    "{name} {precision:?}: {host:?} on the host"
+                );
+                let linears = plan
+                    .steps
+                    .iter()
+                    .filter(|s| matches!(s, Step::Linear { .. }))
+                    .count();
+                let weight_matmuls = graph
+                    .iter()
+                    .filter(|(_, n)| matches!(n.op, Op::MatMul { .. }))
+                    .filter(|(_, n)| {
+                        let w = graph.node(n.inputs[1]);
+                        let w = match w.map(|w| (&w.op, w)) {
+                            Some((Op::Cast { .. }, w)) => graph.node(w.inputs[0]),
+                            _ => w,
+                        };
+                        w.is_some_and(|w| matches!(w.op, Op::Param { .. }) && w.ty.rank() == 2)
+                    })
+                    .count();
+                assert_eq!(
+                    linears, weight_matmuls,
+                    "{name} {precision:?}: linear steps"
+                );
+            }
         }
     }
 }
