@@ -13,6 +13,7 @@ pub mod graph_lm;
 pub mod info;
 pub mod lm;
 pub mod pooling;
+pub mod profile;
 pub mod reference;
 pub mod tensor;
 pub mod weights;

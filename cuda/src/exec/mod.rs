@@ -23,11 +23,12 @@ use crate::CudaError;
 use cudarc::driver::CudaFunction;
 use kiln_ir::{verify, DType, Graph, Op};
 use kiln_runtime::executor::{DeviceValue, GraphExecutor, Value};
+use kiln_runtime::profile::Profile;
 use kiln_runtime::reference::{self, ExecError, ParamSource};
 use kiln_runtime::Tensor;
 use select::{Plan, Step};
 use std::any::Any;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 /// A device with its BLAS handles and the parameters uploaded to it.
@@ -148,7 +149,7 @@ pub struct CudaGraph {
     /// The constants, by node index, on the device.
     consts: HashMap<usize, DevTensor>,
     kernels: Mutex<HashMap<KernelKey, Arc<Prepared>>>,
-    profile: Option<Mutex<BTreeMap<String, (f64, usize)>>>,
+    profile: Option<Profile>,
 }
 
 impl CudaGraph {
@@ -207,7 +208,7 @@ impl CudaGraph {
                 consts,
                 backend: backend.clone(),
                 kernels: Mutex::default(),
-                profile: std::env::var_os("KILN_PROFILE").map(|_| Mutex::default()),
+                profile: Profile::from_env(),
             });
         }
         Ok(out)
@@ -263,13 +264,6 @@ impl GraphExecutor for CudaGraph {
     }
 
     fn profile(&self) -> Option<Vec<(String, f64, usize)>> {
-        let p = self
-            .profile
-            .as_ref()?
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        let mut v: Vec<_> = p.iter().map(|(k, (t, n))| (k.clone(), *t, *n)).collect();
-        v.sort_by(|a, b| b.1.total_cmp(&a.1));
-        Some(v)
+        self.profile.as_ref().map(Profile::report)
     }
 }

@@ -67,10 +67,7 @@ pub(super) fn run(
         if let (Some(p), Some(t)) = (&g.profile, started) {
             if !matches!(step, Step::Source | Step::Skip | Step::Const) {
                 g.backend.dev.synchronize().map_err(backend_err)?;
-                let mut p = p.lock().unwrap_or_else(|e| e.into_inner());
-                let e = p.entry(step.kind().to_string()).or_default();
-                e.0 += t.elapsed().as_secs_f64();
-                e.1 += 1;
+                p.record(step.kind(), t.elapsed().as_secs_f64());
             }
         }
         if !matches!(step, Step::Source | Step::Skip | Step::Const) {

@@ -7,6 +7,7 @@ use super::moe::moe_f32;
 use super::plan::{self, LinearLayer, Plan, Step};
 use super::slots::SlotPlan;
 use super::weights::{self, Weights};
+use crate::profile::Profile;
 use crate::reference::{self, bind, Ctx, ExecError, ParamSource};
 use crate::{Storage, Tensor};
 use kiln_ir::{verify, Bindings, DType, Graph, Node, Op, ValueId};
@@ -18,7 +19,7 @@ use kiln_kernels::linear::{linear, Layer, Weight};
 use kiln_kernels::rope::rope_rotate_half;
 use kiln_kernels::{rowwise, KernelError};
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -34,7 +35,7 @@ pub struct CpuGraph {
     weights: Arc<Weights>,
     buffers: Mutex<Vec<Vec<f32>>>,
     /// With `KILN_PROFILE` set: seconds and calls per kind of step, over all runs.
-    profile: Option<Mutex<BTreeMap<String, (f64, usize)>>>,
+    profile: Option<Profile>,
 }
 
 /// A value during a run.
@@ -80,7 +81,7 @@ impl CpuGraph {
                 CpuGraph {
                     last_use: last_uses(&graph, &plan),
                     buffers: Mutex::new(vec![Vec::new(); slots.count]),
-                    profile: std::env::var_os("KILN_PROFILE").map(|_| Mutex::default()),
+                    profile: Profile::from_env(),
                     graph,
                     plan,
                     slots,
@@ -98,14 +99,7 @@ impl CpuGraph {
     /// With `KILN_PROFILE` set in the environment when compiled: time and calls per kind of
     /// step over all runs so far, longest first.
     pub fn profile(&self) -> Option<Vec<(String, f64, usize)>> {
-        let p = self
-            .profile
-            .as_ref()?
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        let mut v: Vec<_> = p.iter().map(|(k, (t, n))| (k.clone(), *t, *n)).collect();
-        v.sort_by(|a, b| b.1.total_cmp(&a.1));
-        Some(v)
+        self.profile.as_ref().map(Profile::report)
     }
 
     /// The kernel plan.
@@ -206,10 +200,7 @@ impl CpuGraph {
                     vals[i] = self.eval(&ctx, node, step, shape, &vals, bufs)?;
                 }
                 if let (Some(p), Some(t)) = (&self.profile, started) {
-                    let mut p = p.lock().unwrap_or_else(|e| e.into_inner());
-                    let e = p.entry(plan::kind(&step.name()).to_string()).or_default();
-                    e.0 += t.elapsed().as_secs_f64();
-                    e.1 += 1;
+                    p.record(plan::kind(&step.name()), t.elapsed().as_secs_f64());
                 }
             }
             for v in node.inputs.iter().chain([&id]) {
