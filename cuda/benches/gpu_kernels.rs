@@ -70,17 +70,7 @@ fn main() -> Result<(), CudaError> {
 
     // Flash attention prefill: 4 · b · h · s² · d / 2 FLOPs with the causal mask.
     let (b, h, s, d) = (4, 32, 4096, 128);
-    let a = Attention {
-        batch: b,
-        hq: h,
-        hkv: h,
-        sq: s,
-        sk: s,
-        d,
-        scale: 1.0 / (d as f32).sqrt(),
-        causal: true,
-        window: 0,
-    };
+    let a = Attention::causal(b, h, s, d);
     let q = random_bf16(&dev, &mut rng, b * h * s * d)?;
     let k = random_bf16(&dev, &mut rng, b * h * s * d)?;
     let v = random_bf16(&dev, &mut rng, b * h * s * d)?;

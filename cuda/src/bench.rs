@@ -220,17 +220,7 @@ pub fn time(
                 random(dev, dtype, b * h * s * d, 11)?,
             );
             let out = dev.allocator().alloc(b * h * s * d * 2)?;
-            let a = Attention {
-                batch: b,
-                hq: h,
-                hkv: h,
-                sq: s,
-                sk: s,
-                d,
-                scale: 1.0 / (d as f32).sqrt(),
-                causal: true,
-                window: 0,
-            };
+            let a = Attention::causal(b, h, s, d);
             let ms = timed(&mut || launch::attention_prefill(dev, &a, &q, &k, &v, None, &out))?;
             Timing {
                 label: format!("attention prefill causal bf16 b{b} h{h} s{s} d{d}"),

@@ -347,6 +347,22 @@ pub struct Attention {
 }
 
 impl Attention {
+    /// Causal self-attention (as many keys as queries, one key/value head per query head) with
+    /// the usual `1/√d` scale: the benchmarks' shape.
+    pub fn causal(batch: usize, heads: usize, seq: usize, d: usize) -> Attention {
+        Attention {
+            batch,
+            hq: heads,
+            hkv: heads,
+            sq: seq,
+            sk: seq,
+            d,
+            scale: 1.0 / (d as f32).sqrt(),
+            causal: true,
+            window: 0,
+        }
+    }
+
     fn check(&self, q: &Buffer, k: &Buffer, v: &Buffer, out: &Buffer) -> Result<(), CudaError> {
         if self.hkv == 0 || !self.hq.is_multiple_of(self.hkv) {
             return Err(CudaError::Args(format!(
