@@ -22,6 +22,8 @@ pub trait DeviceValue: Send + Sync {
     fn to_host(&self) -> Result<Tensor, ExecError>;
     /// For the backend that made it, to get its own type back.
     fn as_any(&self) -> &dyn Any;
+    /// For the backend that made it, to take its own type back (and reuse it in place).
+    fn into_any(self: Arc<Self>) -> Arc<dyn Any + Send + Sync>;
 }
 
 /// A graph input or output: on the host, or on a backend's device.
@@ -134,14 +136,7 @@ impl GraphExecutor for CpuGraph {
         inputs: HashMap<String, Value>,
         params: &dyn ParamSource,
     ) -> Result<HashMap<String, Value>, ExecError> {
-        let inputs = inputs
-            .into_iter()
-            .map(|(k, v)| Ok((k, v.into_host()?)))
-            .collect::<Result<HashMap<_, _>, ExecError>>()?;
-        Ok(CpuGraph::run(self, &inputs, params)?
-            .into_iter()
-            .map(|(k, t)| (k, Value::Host(t)))
-            .collect())
+        CpuGraph::run_values(self, inputs, params)
     }
 
     fn backend(&self) -> String {

@@ -5,8 +5,12 @@
 //! Graph interface (what kiln's model families trace): inputs `input_ids`, `position_ids`
 //! (i64 `[batch, seq]`) and `attention_mask` (i64 0/1 `[batch, kv]` over all key positions);
 //! outputs `logits` (f32 `[batch, seq, vocab]`) and `present.{i}.key` / `present.{i}.value`;
-//! the decode graph also takes `past.{i}.key` / `past.{i}.value`. Prompts of different lengths
-//! are left-padded; positions count real tokens only (as transformers' `generate`).
+//! the decode graph also takes `past.{i}.key` / `past.{i}.value` (f32, or the compute dtype
+//! after bf16/fp8 lowering, which stores the cache narrow). Each step's `present` values are
+//! fed back unchanged as the next step's `past`: the CPU backend returns them as states that
+//! grow in place ([`crate::cpu::state`]), the CUDA backend keeps them on the device. Prompts of
+//! different lengths are left-padded; positions count real tokens only (as transformers'
+//! `generate`).
 
 use crate::cpu::CpuGraph;
 use crate::executor::{GraphExecutor, Value};

@@ -185,13 +185,20 @@ pub fn dump_ir(dir: &Path, pass: &str) -> Result<(), CliError> {
 }
 
 /// Prints the graph(s) of a model directory (needs only config.json): optimized unless
-/// `optimize` is false, with summaries; with `passes`, the optimizer's report instead of the IR
+/// `optimize` is false and lowered to `precision`, with summaries; with `passes`, the optimizer's report instead of the IR
 /// (`json`: one object per graph, `{"graph", "passes": [...], "kernels": {...}, "total_kernels"}`).
-pub fn inspect_model(dir: &Path, passes: bool, json: bool, optimize: bool) -> Result<(), CliError> {
+pub fn inspect_model(
+    dir: &Path,
+    passes: bool,
+    json: bool,
+    optimize: bool,
+    precision: kiln::compiler::Precision,
+) -> Result<(), CliError> {
     if kiln::load::is_artifact(dir) {
-        if passes || !optimize {
+        if passes || !optimize || precision != kiln::compiler::Precision::F32 {
             return Err(CliError::Input(format!(
-                "{} is an artifact: --passes and --no-optimize apply to model directories",
+                "{} is an artifact: --passes, --no-optimize and --precision apply to model \
+                 directories (the artifact's precision was chosen when it was compiled)",
                 dir.display()
             )));
         }
@@ -201,6 +208,7 @@ pub fn inspect_model(dir: &Path, passes: bool, json: bool, optimize: bool) -> Re
     let (names, traced): (Vec<&str>, Vec<Graph>) = traced(&dir)?.into_iter().unzip();
     let opts = kiln::load::LoadOptions {
         optimize,
+        precision,
         ..Default::default()
     };
     let (graphs, reports) =

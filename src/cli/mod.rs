@@ -62,6 +62,11 @@ enum Command {
         #[arg(long, requires = "model", value_name = "FORMAT", value_parser = ["mlir"],
               conflicts_with_all = ["passes", "no_optimize", "dump_ir"])]
         emit: Option<String>,
+        /// With --model: lower the graphs to this precision after optimizing (as `generate`
+        /// and `compile` do), so the printed IR and kernels are what runs.
+        #[arg(long, requires = "model", value_parser = opts::parse_precision, default_value = "f32",
+              conflicts_with_all = ["dump_ir", "emit"])]
+        precision: kiln::compiler::Precision,
     },
     /// One forward pass on token ids (batch 1): logits for causal LMs, last_hidden_state for encoders.
     Forward {
@@ -143,10 +148,13 @@ pub fn dispatch(cli: Cli) -> Result<(), CliError> {
             no_optimize,
             dump_ir,
             emit,
+            precision,
         } => match (target.model, target.graph, dump_ir) {
             (Some(model), _, _) if emit.is_some() => emit::emit_mlir(&model),
             (Some(model), _, Some(pass)) => inspect::dump_ir(&model, &pass),
-            (Some(model), _, None) => inspect::inspect_model(&model, passes, json, !no_optimize),
+            (Some(model), _, None) => {
+                inspect::inspect_model(&model, passes, json, !no_optimize, precision)
+            }
             (None, Some(graph), _) => inspect::inspect(&graph),
             (None, None, _) => Err(CliError::Input("give --model DIR or --graph FILE".into())),
         },

@@ -69,8 +69,9 @@ pub fn inputs(g: &Graph) -> HashMap<String, Tensor> {
                     Tensor::from_i64(shape, (0..n as i64).map(|i| past + i % 3).collect())
                 }
                 _ => {
-                    let ty = kiln_ir::TensorType::new(DType::F32, shape);
-                    Ok(testutil::random_tensor(&mut rng, &ty))
+                    // Random f32 values, rounded to the declared width (a bf16 KV cache).
+                    let wide = kiln_ir::TensorType::new(DType::F32, shape);
+                    Ok(testutil::random_tensor(&mut rng, &wide).cast(ty.dtype))
                 }
             };
             (name.to_string(), t.unwrap())

@@ -120,6 +120,10 @@ impl DeviceValue for DevTensor {
     fn as_any(&self) -> &dyn Any {
         self
     }
+
+    fn into_any(self: Arc<Self>) -> Arc<dyn Any + Send + Sync> {
+        self
+    }
 }
 
 fn backend_err(e: CudaError) -> ExecError {

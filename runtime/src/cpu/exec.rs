@@ -6,7 +6,9 @@ use super::layout::Layout;
 use super::moe::moe_f32;
 use super::plan::{self, LinearLayer, Plan, Step};
 use super::slots::SlotPlan;
+use super::state::{grown_capacity, CpuState};
 use super::weights::{self, Weights};
+use crate::executor::{DeviceValue, Value};
 use crate::profile::Profile;
 use crate::reference::{self, bind, Ctx, ExecError, ParamSource};
 use crate::{Storage, Tensor};
@@ -48,6 +50,42 @@ enum Val<'a> {
     Buf(usize, Layout),
     /// A computed non-float value (ids, masks).
     Host(Tensor),
+}
+
+/// Where a state's buffer (a slot past the slot plan's) stands during a run.
+struct StateSlot {
+    axis: usize,
+    /// The filled part: an append must start from exactly this view.
+    layout: Layout,
+    capacity: usize,
+}
+
+/// The values of one run and the states among its buffers.
+struct Run<'a> {
+    vals: Vec<Val<'a>>,
+    /// By buffer index.
+    states: HashMap<usize, StateSlot>,
+    /// Outputs computed by `concat` become states.
+    keep_states: bool,
+}
+
+impl<'a> Run<'a> {
+    /// Moves `state`'s buffer in as a new buffer; its value.
+    fn add_state(&mut self, bufs: &mut Vec<Vec<f32>>, state: CpuState) -> Val<'a> {
+        let (axis, capacity) = (state.axis(), state.capacity());
+        let (data, layout, _, _) = state.into_parts();
+        let s = bufs.len();
+        bufs.push(data);
+        self.states.insert(
+            s,
+            StateSlot {
+                axis,
+                layout: layout.clone(),
+                capacity,
+            },
+        );
+        Val::Buf(s, layout)
+    }
 }
 
 impl CpuGraph {
@@ -177,39 +215,209 @@ impl CpuGraph {
         inputs: &HashMap<String, Tensor>,
         params: &dyn ParamSource,
     ) -> Result<HashMap<String, Tensor>, ExecError> {
-        let sources = reference::sources(&self.graph, inputs, params)?;
-        let env = bind::bind(&source_types(&sources), &Bindings::new())?;
+        self.execute(inputs, HashMap::new(), false, params)?
+            .into_iter()
+            .map(|(k, v)| Ok((k, v.into_host()?)))
+            .collect()
+    }
+
+    /// [`run`](Self::run) with values: a [`CpuState`] this graph (or one compiled with it)
+    /// returned is run in place, and outputs computed by `concat` come back as states with
+    /// room to grow (see [`super::state`]); other outputs are host tensors.
+    pub fn run_values(
+        &self,
+        inputs: HashMap<String, Value>,
+        params: &dyn ParamSource,
+    ) -> Result<HashMap<String, Value>, ExecError> {
+        let (mut host, mut states) = (HashMap::new(), HashMap::new());
+        for (name, v) in inputs {
+            match v {
+                Value::Host(t) => {
+                    host.insert(name, t);
+                }
+                Value::Device(d) => match CpuState::take(d) {
+                    Ok(s) => {
+                        states.insert(name, s);
+                    }
+                    Err(d) => {
+                        host.insert(name, d.to_host()?);
+                    }
+                },
+            }
+        }
+        self.execute(&host, states, true, params)
+    }
+
+    /// The run itself: `states` are moved into buffers past the slot plan's (so kernels read
+    /// them as any buffer); with `keep_states`, outputs computed by `concat` become states.
+    fn execute(
+        &self,
+        inputs: &HashMap<String, Tensor>,
+        states: HashMap<String, CpuState>,
+        keep_states: bool,
+        params: &dyn ParamSource,
+    ) -> Result<HashMap<String, Value>, ExecError> {
+        let mut types: HashMap<String, (DType, Vec<usize>)> = inputs
+            .iter()
+            .map(|(k, t)| (k.clone(), (t.dtype(), t.shape().to_vec())))
+            .collect();
+        for (k, s) in &states {
+            types.insert(k.clone(), (s.dtype(), s.shape().to_vec()));
+        }
+        let env = reference::bind_types(&self.graph, &types, params)?;
         let mut guard = self.buffers.lock().unwrap_or_else(|e| e.into_inner());
         let bufs: &mut Vec<Vec<f32>> = &mut guard;
+        bufs.truncate(self.slots.count);
         let mut shapes = self.shapes(&env)?;
         self.check_memory(&shapes, bufs)?;
-        let mut vals: Vec<Val<'_>> = (0..self.graph.nodes().len()).map(|_| Val::Empty).collect();
-        for (s, t) in &sources {
-            vals[s.id.index()] = Val::Ext(t, t.shape().to_vec());
+        let mut run = Run {
+            vals: (0..self.graph.nodes().len()).map(|_| Val::Empty).collect(),
+            states: HashMap::new(),
+            keep_states,
+        };
+        let mut states = states;
+        for (id, node) in self.graph.iter() {
+            let v = match &node.op {
+                Op::Input { name } => match (inputs.get(name), states.remove(name)) {
+                    (Some(t), _) => Val::Ext(t, t.shape().to_vec()),
+                    (None, Some(state)) => run.add_state(bufs, state),
+                    (None, None) => continue,
+                },
+                Op::Param { name } => match params.get(name) {
+                    Some(t) => Val::Ext(t, t.shape().to_vec()),
+                    None => continue,
+                },
+                _ => continue,
+            };
+            run.vals[id.index()] = v;
         }
+        let result = self.walk(&env, &mut shapes, &mut run, bufs, params);
+        let out = result.and_then(|()| self.outputs(&mut run, bufs));
+        bufs.truncate(self.slots.count);
+        out
+    }
+
+    /// Computes every node in order.
+    fn walk<'a>(
+        &self,
+        env: &Bindings,
+        shapes: &mut [Vec<usize>],
+        run: &mut Run<'a>,
+        bufs: &mut Vec<Vec<f32>>,
+        params: &dyn ParamSource,
+    ) -> Result<(), ExecError> {
         for (id, node) in self.graph.iter() {
             let i = id.index();
             let step = &self.plan.steps[i];
             if !matches!(step, Step::Source | Step::Skip | Step::Grouped) {
-                let ctx = ctx(id, node, &env);
+                let ctx = ctx(id, node, env);
                 let started = self.profile.as_ref().map(|_| Instant::now());
                 if let Step::Linear(layers) = step {
-                    self.linear(&ctx, layers, &mut shapes, &mut vals, bufs, params)?;
+                    self.linear(&ctx, layers, shapes, &mut run.vals, bufs, params)?;
                 } else {
                     let shape = std::mem::take(&mut shapes[i]);
-                    vals[i] = self.eval(&ctx, node, step, shape, &vals, bufs)?;
+                    run.vals[i] = match (step, &node.op) {
+                        (Step::Concat, Op::Concat { axis })
+                            if run.keep_states && self.last_use[i] == usize::MAX =>
+                        {
+                            self.append(&ctx, node, *axis, shape, run, bufs)?
+                        }
+                        _ => self.eval(&ctx, node, step, shape, &run.vals, bufs)?,
+                    };
                 }
                 if let (Some(p), Some(t)) = (&self.profile, started) {
                     p.record(plan::kind(&step.name()), t.elapsed().as_secs_f64());
                 }
             }
             for v in node.inputs.iter().chain([&id]) {
-                if self.last_use[v.index()] == i && !matches!(vals[v.index()], Val::Buf(..)) {
-                    vals[v.index()] = Val::Empty;
+                if self.last_use[v.index()] == i && !matches!(run.vals[v.index()], Val::Buf(..)) {
+                    run.vals[v.index()] = Val::Empty;
                 }
             }
         }
+        Ok(())
+    }
+
+    /// A `concat` that is a graph output, kept as a state: its operands after the first
+    /// written into the first's spare capacity when that is a state filled exactly up to its
+    /// view, else all operands copied into a new state with room to grow.
+    fn append<'a>(
+        &self,
+        ctx: &Ctx<'_>,
+        node: &Node,
+        axis: usize,
+        shape: Vec<usize>,
+        run: &mut Run<'a>,
+        bufs: &mut Vec<Vec<f32>>,
+    ) -> Result<Val<'a>, ExecError> {
+        let write = |src: &[f32], l: &Layout, dst: &mut [f32], at: usize, into: &Layout| {
+            copy_strided(
+                &l.shape,
+                src,
+                l.offset,
+                &l.strides,
+                dst,
+                into.offset + at * into.strides[axis],
+                &into.strides,
+            )
+            .map_err(|e| ctx.mismatch(e.to_string()))
+        };
+        // In place: the first operand is a whole state with room for the rest.
+        if let Val::Buf(s, l) = &run.vals[node.inputs[0].index()] {
+            if let Some(state) = run.states.get(s) {
+                let (s, l) = (*s, l.clone());
+                if state.axis == axis && state.layout == l && shape[axis] <= state.capacity {
+                    let mut grown = l.clone();
+                    grown.shape = shape;
+                    let mut data = std::mem::take(&mut bufs[s]);
+                    let mut at = l.shape[axis];
+                    let mut done = Ok(());
+                    for k in 1..node.inputs.len() {
+                        let (x, xl) = match float_operand(ctx, &run.vals, node, k, bufs) {
+                            Ok(o) => o,
+                            Err(e) => {
+                                done = Err(e);
+                                break;
+                            }
+                        };
+                        done = write(&x, &xl, &mut data, at, &grown);
+                        if done.is_err() {
+                            break;
+                        }
+                        at += xl.shape[axis];
+                    }
+                    bufs[s] = data;
+                    done?;
+                    if let Some(state) = run.states.get_mut(&s) {
+                        state.layout = grown.clone();
+                    }
+                    return Ok(Val::Buf(s, grown));
+                }
+            }
+        }
+        let dtype = node.ty.dtype;
+        let fresh = CpuState::zeroed(dtype, &shape, axis, grown_capacity(shape[axis]))
+            .ok_or_else(|| ctx.mismatch(format!("a cache of shape {shape:?} is too large")))?;
+        let (mut data, layout, _, _) = fresh.into_parts();
+        let mut at = 0;
+        for k in 0..node.inputs.len() {
+            let (x, xl) = float_operand(ctx, &run.vals, node, k, bufs)?;
+            write(&x, &xl, &mut data, at, &layout)?;
+            at += xl.shape[axis];
+        }
+        let state = CpuState::from_parts(data, layout, dtype, axis);
+        Ok(run.add_state(bufs, state))
+    }
+
+    /// The graph's outputs: a value in a state's buffer as that state (once; a second output
+    /// of the same buffer is copied), others as host tensors.
+    fn outputs(
+        &self,
+        run: &mut Run<'_>,
+        bufs: &mut [Vec<f32>],
+    ) -> Result<HashMap<String, Value>, ExecError> {
         let mut out = HashMap::new();
+        let mut taken = Vec::new();
         for o in self.graph.outputs() {
             let node = self
                 .graph
@@ -219,14 +427,28 @@ impl CpuGraph {
                     op: "output",
                     detail: format!("output {:?} has no node", o.name),
                 })?;
-            let t = to_tensor(&vals[o.value.index()], node.ty.dtype, bufs).ok_or_else(|| {
-                ExecError::ShapeMismatch {
-                    node: o.value,
-                    op: "output",
-                    detail: format!("output {:?} has no value", o.name),
+            let v = &run.vals[o.value.index()];
+            if let Val::Buf(s, l) = v {
+                if let Some(meta) = run.states.get(s) {
+                    if !taken.contains(s) && *l == meta.layout {
+                        taken.push(*s);
+                        let state = CpuState::from_parts(
+                            std::mem::take(&mut bufs[*s]),
+                            l.clone(),
+                            node.ty.dtype,
+                            meta.axis,
+                        );
+                        out.insert(o.name.clone(), Value::Device(Arc::new(state)));
+                        continue;
+                    }
                 }
+            }
+            let t = to_tensor(v, node.ty.dtype, bufs).ok_or_else(|| ExecError::ShapeMismatch {
+                node: o.value,
+                op: "output",
+                detail: format!("output {:?} has no value", o.name),
             })?;
-            out.insert(o.name.clone(), t.into_owned());
+            out.insert(o.name.clone(), Value::Host(t.into_owned()));
         }
         Ok(out)
     }
@@ -638,6 +860,27 @@ fn ctx<'e>(id: ValueId, node: &Node, env: &'e Bindings) -> Ctx<'e> {
         op: node.op.name(),
         env,
     }
+}
+
+/// Operand `k` of `node` as f32 data and its layout: in place when it is f32, else (a float
+/// input of another width) converted.
+fn float_operand<'v>(
+    ctx: &Ctx<'_>,
+    vals: &'v [Val<'_>],
+    node: &Node,
+    k: usize,
+    bufs: &'v [Vec<f32>],
+) -> Result<(Cow<'v, [f32]>, Layout), ExecError> {
+    let v = &vals[node.inputs[k].index()];
+    if let Some((x, l)) = strided_data(v, bufs) {
+        return Ok((Cow::Borrowed(x), l));
+    }
+    let t = to_tensor(v, DType::F32, bufs)
+        .filter(|t| t.dtype().is_float())
+        .ok_or_else(|| ctx.mismatch(format!("operand {k} is not a float value")))?;
+    let wide = t.cast(DType::F32);
+    let data = wide.as_f32().map(<[f32]>::to_vec).unwrap_or_default();
+    Ok((Cow::Owned(data), Layout::dense(t.shape().to_vec())))
 }
 
 /// A value's f32 elements and shape, if it has them without conversion.

@@ -15,6 +15,8 @@
 //!    rounded to their logical dtype (a bf16 value is stored widened), so every kernel reads
 //!    and writes f32; integer and bool values (masks, ids) stay host tensors. Buffers persist
 //!    between runs and only grow, so a decode loop at steady state does not allocate them.
+//!    A `concat` that is a graph output (a KV cache) is kept as a [`state`] with room to
+//!    grow, and appended to in place when it comes back as the next run's input.
 //!
 //! The reference executor ([`crate::reference`]) defines what every graph means; this backend
 //! must agree with it within the kernels' documented tolerances (tests in `tests/`).
@@ -26,6 +28,7 @@ mod layout;
 mod moe;
 mod plan;
 mod slots;
+pub mod state;
 mod weights;
 
 pub use exec::CpuGraph;

@@ -1,0 +1,175 @@
+//! Values the CPU backend keeps between runs of a graph: a causal LM's KV cache. A graph
+//! output computed by `concat` (the cache so far, then the new keys) is stored with spare
+//! capacity along the concat axis and returned as a [`CpuState`]; fed back as the next run's
+//! input, its `concat` writes only the new rows into that capacity instead of copying the
+//! whole cache, so a decode step costs O(new tokens), not O(context). The capacity doubles
+//! when it runs out (amortized O(1) per token).
+
+use super::layout::Layout;
+use crate::executor::DeviceValue;
+use crate::reference::ExecError;
+use crate::Tensor;
+use kiln_ir::DType;
+use std::any::Any;
+use std::sync::Arc;
+
+/// A value stored with room to grow along one axis: `data` holds a dense buffer of
+/// [`CpuState::capacity`] positions along `axis`, of which the first `layout.shape[axis]`
+/// are filled. Elements are stored widened to f32, exactly representable in `dtype`.
+#[derive(Debug, Clone)]
+pub struct CpuState {
+    dtype: DType,
+    axis: usize,
+    layout: Layout,
+    data: Vec<f32>,
+}
+
+/// Positions to allocate for `needed`: twice that, at least 64.
+pub fn grown_capacity(needed: usize) -> usize {
+    needed.saturating_mul(2).max(64)
+}
+
+impl CpuState {
+    /// A zeroed state of `shape` whose axis `axis` can grow to `capacity` positions in place.
+    /// `None` when the buffer's size overflows.
+    pub fn zeroed(dtype: DType, shape: &[usize], axis: usize, capacity: usize) -> Option<Self> {
+        let mut full = shape.to_vec();
+        let len = full.get_mut(axis)?;
+        *len = capacity.max(*len);
+        let numel = full.iter().try_fold(1usize, |n, &d| n.checked_mul(d))?;
+        let strides = Layout::dense(full).strides;
+        Some(CpuState {
+            dtype,
+            axis,
+            layout: Layout {
+                shape: shape.to_vec(),
+                strides,
+                offset: 0,
+            },
+            data: vec![0.0; numel],
+        })
+    }
+
+    /// The axis it grows along.
+    pub fn axis(&self) -> usize {
+        self.axis
+    }
+
+    /// Positions along the axis the buffer holds.
+    pub fn capacity(&self) -> usize {
+        let inner = self.layout.strides[self.axis];
+        let outer = match self.axis {
+            0 => self.data.len(),
+            a => self.layout.strides[a - 1],
+        };
+        outer.checked_div(inner).unwrap_or(0)
+    }
+
+    /// The filled part's layout in the buffer.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// The buffer and the filled part's layout, taken apart (to run a graph on it).
+    pub fn into_parts(self) -> (Vec<f32>, Layout, DType, usize) {
+        (self.data, self.layout, self.dtype, self.axis)
+    }
+
+    /// A state from a buffer and layout [`into_parts`](Self::into_parts) gave (grown along the
+    /// axis since).
+    pub fn from_parts(data: Vec<f32>, layout: Layout, dtype: DType, axis: usize) -> Self {
+        CpuState {
+            dtype,
+            axis,
+            layout,
+            data,
+        }
+    }
+
+    /// The value of `value` if it is a CPU state: taken when this is its only holder, copied
+    /// otherwise; `Err` gives the value back when it is not.
+    pub fn take(value: Arc<dyn DeviceValue>) -> Result<CpuState, Arc<dyn DeviceValue>> {
+        if value.as_any().downcast_ref::<CpuState>().is_none() {
+            return Err(value);
+        }
+        match value.into_any().downcast::<CpuState>() {
+            Ok(state) => Ok(Arc::try_unwrap(state).unwrap_or_else(|shared| (*shared).clone())),
+            Err(_) => unreachable!("checked to be a CpuState above"),
+        }
+    }
+}
+
+impl DeviceValue for CpuState {
+    fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    fn shape(&self) -> &[usize] {
+        &self.layout.shape
+    }
+
+    fn to_host(&self) -> Result<Tensor, ExecError> {
+        let l = &self.layout;
+        let dense = Layout::dense(l.shape.clone());
+        let mut out = vec![0.0; l.numel()];
+        kiln_kernels::layout::copy_strided(
+            &l.shape,
+            &self.data,
+            l.offset,
+            &l.strides,
+            &mut out,
+            0,
+            &dense.strides,
+        )
+        .map_err(backend_err)?;
+        let t = Tensor::from_f32(l.shape.clone(), out).map_err(backend_err)?;
+        Ok(if self.dtype == DType::F32 {
+            t
+        } else {
+            t.cast(self.dtype)
+        })
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+
+    fn into_any(self: Arc<Self>) -> Arc<dyn Any + Send + Sync> {
+        self
+    }
+}
+
+fn backend_err(e: impl std::fmt::Display) -> ExecError {
+    ExecError::Backend {
+        backend: "cpu",
+        detail: e.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_state_has_room_along_its_axis_and_copies_out_only_the_filled_part() {
+        let mut s = CpuState::zeroed(DType::BF16, &[1, 2, 3, 4], 2, 5).unwrap();
+        assert_eq!((s.axis(), s.capacity()), (2, 5));
+        assert_eq!(s.layout().strides, vec![40, 20, 4, 1]);
+        for (i, x) in s.data.iter_mut().enumerate() {
+            *x = i as f32;
+        }
+        let t = s.to_host().unwrap();
+        assert_eq!((t.dtype(), t.shape()), (DType::BF16, &[1, 2, 3, 4][..]));
+        let t = t.cast(DType::F32);
+        let v = t.as_f32().unwrap();
+        // Head 1 starts after head 0's five positions, not its three filled ones.
+        assert_eq!((v[0], v[11], v[12], v[23]), (0.0, 11.0, 20.0, 31.0));
+        let arc: Arc<dyn DeviceValue> = Arc::new(s);
+        let shared = arc.clone();
+        let copy = CpuState::take(arc).ok().unwrap();
+        assert_eq!(copy.capacity(), 5);
+        assert!(CpuState::take(shared).is_ok());
+        assert!(CpuState::zeroed(DType::F32, &[2, 3], 2, 5).is_none());
+        assert!(CpuState::zeroed(DType::F32, &[usize::MAX, 3], 1, 5).is_none());
+    }
+}
