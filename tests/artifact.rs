@@ -543,6 +543,21 @@ fn artifact_weights_are_used_in_place() {
             );
             assert!(source[pname] == *t, "{label}: {pname} differs");
         }
+        // Running the model reads the weights where they are: no tensor decodes a copy.
+        let model = Model::open(&path).unwrap();
+        let params = match &model {
+            Model::Causal(m) => {
+                m.forward(&[1, 2, 3]).unwrap();
+                m.lm.params()
+            }
+            Model::Encoder(e) => {
+                e.run(&[vec![1, 2, 3]]).unwrap();
+                e.runner.parts().1
+            }
+        };
+        for (pname, t) in params {
+            assert!(!t.has_decoded_copy(), "{label}: {pname} was copied to run");
+        }
     }
 }
 

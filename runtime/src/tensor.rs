@@ -495,6 +495,12 @@ impl Tensor {
         matches!(self.data, Data::Borrowed(_))
     }
 
+    /// True when a borrowed tensor has decoded an owned copy of its elements (through
+    /// [`Tensor::storage`]), which holds as many bytes again for as long as it lives.
+    pub fn has_decoded_copy(&self) -> bool {
+        matches!(&self.data, Data::Borrowed(b) if b.owned.get().is_some())
+    }
+
     /// The elements as owned storage. A tensor borrowing its elements decodes a copy on the
     /// first call and keeps it as long as it lives: read through [`Tensor::elements`] instead
     /// where a borrow will do.

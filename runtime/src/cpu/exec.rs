@@ -11,6 +11,7 @@ use super::weights::{self, Weights};
 use crate::executor::{DeviceValue, Value};
 use crate::profile::Profile;
 use crate::reference::{self, bind, Ctx, ExecError, ParamSource};
+use crate::tensor::Elements;
 use crate::{Storage, Tensor};
 use kiln_ir::{verify, Bindings, DType, Graph, Node, Op, ValueId};
 use kiln_kernels::attention::{attention_f32, AttnOptions, AttnShape, MaskView, Strides4, View};
@@ -578,9 +579,11 @@ impl CpuGraph {
             let t = params
                 .get(&l.weight)
                 .ok_or_else(|| ctx.mismatch(format!("no parameter {:?}", l.weight)))?;
+            // Read through `elements()`: an artifact's weights are borrowed from its map, and
+            // `storage()` would decode a copy of each.
             let direct = matches!(
-                (t.storage(), l.transposed),
-                (Storage::F32(_), _) | (Storage::F8E4M3(_), true)
+                (t.elements(), l.transposed),
+                (Elements::F32(_), _) | (Elements::F8E4M3(_), true)
             ) || self.weights.packed(&l.weight, l.transposed).is_some();
             late.push(if direct {
                 None
@@ -596,13 +599,13 @@ impl CpuGraph {
         }
         let mut group = Vec::with_capacity(layers.len());
         for (((l, w), add), (_, out, _)) in layers.iter().zip(&late).zip(&addends).zip(outs) {
-            let stored = params.get(&l.weight).map(Tensor::storage);
+            let stored = params.get(&l.weight).map(Tensor::elements);
             let packed = w.as_ref().or(self.weights.packed(&l.weight, l.transposed));
             let weight = match (stored, packed) {
-                (Some(Storage::F8E4M3(w)), _) if l.transposed => Weight::F8E4M3(w),
+                (Some(Elements::F8E4M3(w)), _) if l.transposed => Weight::F8E4M3(w),
                 (_, Some(p)) => Weight::Bf16(p),
-                (Some(Storage::F32(w)), _) if l.transposed => Weight::F32(w),
-                (Some(Storage::F32(w)), _) => Weight::F32Kn(w),
+                (Some(Elements::F32(w)), _) if l.transposed => Weight::F32(w),
+                (Some(Elements::F32(w)), _) => Weight::F32Kn(w),
                 _ => return Err(ctx.mismatch(format!("weight {:?} is not prepared", l.weight))),
             };
             let scale = match &l.scale {
