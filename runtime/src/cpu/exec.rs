@@ -397,8 +397,7 @@ impl CpuGraph {
             }
         }
         let dtype = node.ty.dtype;
-        let fresh = CpuState::zeroed(dtype, &shape, axis, grown_capacity(shape[axis]))
-            .ok_or_else(|| ctx.mismatch(format!("a cache of shape {shape:?} is too large")))?;
+        let fresh = CpuState::zeroed(dtype, &shape, axis, grown_capacity(shape[axis]))?;
         let (mut data, layout, _, _) = fresh.into_parts();
         let mut at = 0;
         for k in 0..node.inputs.len() {
@@ -844,7 +843,7 @@ fn last_uses(graph: &Graph, plan: &Plan) -> Vec<usize> {
 }
 
 /// `MemAvailable` from `/proc/meminfo`, in bytes (None where there is no such file).
-fn available_memory() -> Option<usize> {
+pub(super) fn available_memory() -> Option<usize> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
     let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;

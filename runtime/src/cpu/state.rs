@@ -30,23 +30,67 @@ pub fn grown_capacity(needed: usize) -> usize {
 }
 
 impl CpuState {
-    /// A zeroed state of `shape` whose axis `axis` can grow to `capacity` positions in place.
-    /// `None` when the buffer's size overflows.
-    pub fn zeroed(dtype: DType, shape: &[usize], axis: usize, capacity: usize) -> Option<Self> {
+    /// A zeroed state of `shape` whose axis `axis` can grow to `capacity` positions in place,
+    /// or to as many as fit in the memory available (at least `shape`'s own). Refused with
+    /// [`ExecError::OutOfMemory`] before allocating when even `shape` does not fit, and with
+    /// a shape error when `axis` is not an axis of `shape` or the size overflows.
+    pub fn zeroed(
+        dtype: DType,
+        shape: &[usize],
+        axis: usize,
+        capacity: usize,
+    ) -> Result<Self, ExecError> {
+        let len = *shape
+            .get(axis)
+            .ok_or_else(|| backend_err(format!("a state of shape {shape:?} has no axis {axis}")))?;
+        let numel = |positions: usize| {
+            let mut full = shape.to_vec();
+            full[axis] = positions;
+            full.iter().try_fold(1usize, |n, &d| n.checked_mul(d))
+        };
+        let needed = numel(len)
+            .and_then(|n| n.checked_mul(4))
+            .ok_or_else(|| backend_err(format!("a state of shape {shape:?} overflows")))?;
+        let available = super::exec::available_memory();
+        let fits = |positions: usize| {
+            numel(positions)
+                .and_then(|n| n.checked_mul(4))
+                .is_some_and(|bytes| available.is_none_or(|a| bytes <= a))
+        };
+        if !fits(len) {
+            return Err(ExecError::OutOfMemory {
+                needed,
+                available: available.unwrap_or(0),
+                detail: format!("a KV cache of shape {shape:?}"),
+            });
+        }
+        let positions = if fits(capacity.max(len)) {
+            capacity.max(len)
+        } else {
+            len
+        };
+        let n = numel(positions).unwrap_or(0);
+        let mut data = Vec::new();
+        data.try_reserve_exact(n)
+            .map_err(|_| ExecError::OutOfMemory {
+                needed: n.saturating_mul(4),
+                available: available.unwrap_or(0),
+                detail: format!(
+                    "a KV cache of shape {shape:?} with room for {positions} positions"
+                ),
+            })?;
+        data.resize(n, 0.0);
         let mut full = shape.to_vec();
-        let len = full.get_mut(axis)?;
-        *len = capacity.max(*len);
-        let numel = full.iter().try_fold(1usize, |n, &d| n.checked_mul(d))?;
-        let strides = Layout::dense(full).strides;
-        Some(CpuState {
+        full[axis] = positions;
+        Ok(CpuState {
             dtype,
             axis,
             layout: Layout {
                 shape: shape.to_vec(),
-                strides,
+                strides: Layout::dense(full).strides,
                 offset: 0,
             },
-            data: vec![0.0; numel],
+            data,
         })
     }
 
@@ -169,7 +213,13 @@ mod tests {
         let copy = CpuState::take(arc).ok().unwrap();
         assert_eq!(copy.capacity(), 5);
         assert!(CpuState::take(shared).is_ok());
-        assert!(CpuState::zeroed(DType::F32, &[2, 3], 2, 5).is_none());
-        assert!(CpuState::zeroed(DType::F32, &[usize::MAX, 3], 1, 5).is_none());
+        assert!(CpuState::zeroed(DType::F32, &[2, 3], 2, 5).is_err());
+        assert!(CpuState::zeroed(DType::F32, &[usize::MAX, 3], 1, 5).is_err());
+        // More than this machine has: refused before allocating, with the bytes it needs.
+        let huge = CpuState::zeroed(DType::F32, &[1 << 20, 1 << 20, 1, 64], 2, 64).unwrap_err();
+        assert!(
+            matches!(huge, ExecError::OutOfMemory { needed, .. } if needed == 1 << 48),
+            "{huge}"
+        );
     }
 }
