@@ -357,7 +357,8 @@ fn bad_files_are_refused_with_their_message() {
         (refusal(b"{\"not\": 1}"), "not a kiln artifact"),
         (refusal(b""), "not a kiln artifact"),
         (edited(|b| b.extend([0; 64])), "trailing data"),
-        (edited_resealed(|b| b[8] = 2), "format version 2"),
+        (edited_resealed(|b| b[8] = 1), "format version 1"),
+        (edited_resealed(|b| b[8] = 3), "format version 3"),
         (edited(|b| b[20] ^= 1), "header is corrupt"),
         (edited(|b| b[64 + 24] ^= 1), "section table is corrupt"),
         (

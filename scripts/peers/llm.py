@@ -5,9 +5,9 @@ Workload (issue 5, "Workloads and targets"): the random-weight Llama of
 ``scripts/reference/make_llama125m.py`` (hidden 768, 12 layers, 12/4 heads, intermediate 2048,
 vocabulary 32000, untied), batch 1, 2 threads everywhere:
 
-* **llama.cpp**: ``llama-bench -t 2 -p L -n N -o json`` on the same weights converted to GGUF
-  (``llama125m-{f32,bf16,q8_0}.gguf`` in ``--gguf-dir``): pp L (prefill) and tg N (decode from an
-  empty context), mean of its 5 repetitions.
+* **llama.cpp**: ``llama-bench -t 2 -p L -n 0`` (prefill) and ``llama-bench -t 2 -p 0 -n N -d L``
+  (decode after L tokens of context, as the others) on the same weights converted to GGUF
+  (``llama125m-{f32,bf16,q8_0}.gguf`` in ``--gguf-dir``), mean of its 5 repetitions.
 * **PyTorch eager** (f32, bf16 weights and activations; ``set_num_threads(2)``, SDPA attention,
   ``inference_mode``): prefill of L random token ids (logits of the last position only, as
   ``generate`` does) with a fresh ``DynamicCache``, then N greedy decode steps with the cache;
@@ -20,9 +20,7 @@ vocabulary 32000, untied), batch 1, 2 threads everywhere:
   ``RAYON_NUM_THREADS=2``. If the binary or the command is missing or fails, kiln is reported
   unavailable with the reason, and the peers are still measured.
 
-Decode in PyTorch and kiln runs after the L-token prompt (context L..L+N), llama.cpp's tg from an
-empty context (0..N): at this size the attention over 512 cached positions adds ≈ 2.5 % to the
-bytes a decode step reads in f32, so the comparison slightly favours llama.cpp.
+Decode runs after the L-token prompt everywhere (context L..L+N; llama.cpp's ``--n-depth``).
 
 Prints a table (tokens/s, kiln ÷ each peer and ÷ the best peer) and, with ``--json``, one JSON
 line with every figure, the versions, and the load average before and after (the development
@@ -120,15 +118,17 @@ def llama_cpp(bench, gguf_dir, prompt_len, gen, timeout):
         return {}, {}, {t: f"no llama-bench at {bench}" for t in files}
     if not present:
         return {}, {}, missing
-    cmd = [bench, "-t", str(THREADS), "-p", str(prompt_len), "-n", str(gen), "-o", "json"]
-    for t in present:
-        cmd += ["-m", files[t]]
-    try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=True)
-    except (subprocess.TimeoutExpired, subprocess.CalledProcessError) as e:
-        return {}, {}, {t: f"llama-bench failed: {e}" for t in files}
+    models = [a for t in present for a in ("-m", files[t])]
+    results = []
+    for shape in (["-p", str(prompt_len), "-n", "0"], ["-p", "0", "-n", str(gen), "-d", str(prompt_len)]):
+        cmd = [bench, "-t", str(THREADS), *shape, "-o", "json", *models]
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=True)
+        except (subprocess.TimeoutExpired, subprocess.CalledProcessError) as e:
+            return {}, {}, {t: f"llama-bench failed: {e}" for t in files}
+        results += json.loads(p.stdout)
     out, versions = {}, {}
-    for r in json.loads(p.stdout):
+    for r in results:
         t = next(t for t in present if os.path.samefile(r["model_filename"], files[t]))
         key = "prefill_tok_per_s" if r["n_prompt"] > 0 else "decode_tok_per_s"
         out.setdefault(t, {})[key] = r["avg_ts"]

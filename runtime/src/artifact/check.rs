@@ -4,7 +4,7 @@
 //! model's outputs calls it before the first output leaves (see [`crate::deploy`]), so a
 //! corrupted weight is reported as an [`ArtifactError::Checksum`] and never reaches the user.
 
-use super::checksum::xxh64;
+use super::checksum::xxh3;
 use super::ArtifactError;
 use crate::background::Background;
 use crate::tensor::SharedBytes;
@@ -32,7 +32,7 @@ impl WeightCheck {
         expected: u64,
     ) -> WeightCheck {
         let actual = Background::spawn("kiln-weight-check", move || {
-            bytes.as_slice().get(range).map_or(0, xxh64)
+            bytes.as_slice().get(range).map_or(0, xxh3)
         });
         WeightCheck {
             origin: origin.to_string(),
@@ -78,7 +78,7 @@ mod tests {
     #[test]
     fn the_verdict_compares_the_hash_once_computed() {
         let bytes = SharedBytes::copy_of(&[7u8; 1000]);
-        let good = xxh64(&[7u8; 900]);
+        let good = xxh3(&[7u8; 900]);
         let ok = WeightCheck::start(bytes.clone(), 100..1000, "a.kiln", 6, "weight_data", good);
         assert!(ok.wait().is_ok());
         assert!(ok.clone().wait().is_ok(), "the verdict is kept");

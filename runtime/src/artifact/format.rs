@@ -6,11 +6,11 @@
 //!       8..12   format version (u32)
 //!      12..16   number of sections (u32, at most MAX_SECTIONS)
 //!      16..24   length of the whole file (u64)
-//!      24..32   XXH64 of the section table
-//!      32..40   XXH64 of bytes 0..32
+//!      24..32   XXH3-64 of the section table
+//!      32..40   XXH3-64 of bytes 0..32
 //!      40..64   zero
 //! 64  section table: one 32-byte entry per section
-//!       kind (u32), 0 (u32), offset (u64), length (u64), XXH64 of the bytes (u64)
+//!       kind (u32), 0 (u32), offset (u64), length (u64), XXH3-64 of the bytes (u64)
 //!     sections, in table order, each at a multiple of 64 bytes, zero padding between
 //! ```
 //!
@@ -26,8 +26,8 @@ use serde::{Deserialize, Serialize};
 
 /// The first bytes of every artifact (PNG-style: detects text-mode transfers).
 pub const MAGIC: [u8; 8] = *b"\x89KILN\r\n\x1a";
-/// The format version this build reads and writes.
-pub const FORMAT_VERSION: u32 = 1;
+/// The format version this build reads and writes (2: XXH3-64 checksums; 1 used XXH64).
+pub const FORMAT_VERSION: u32 = 2;
 /// Bytes of the header.
 pub const HEADER_LEN: usize = 64;
 /// Bytes of one section-table entry.
@@ -102,7 +102,7 @@ pub struct Section {
     pub offset: u64,
     /// Its length in bytes.
     pub len: u64,
-    /// XXH64 of its bytes.
+    /// XXH3-64 of its bytes.
     pub hash: u64,
 }
 

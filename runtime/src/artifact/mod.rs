@@ -6,7 +6,7 @@
 //! - [`write`]: the writer ([`write::to_bytes`]), deterministic byte for byte;
 //! - [`read`]: the checking reader ([`Artifact::open`]), which refuses a bad file with an
 //!   [`ArtifactError`] and never panics;
-//! - [`checksum`]: the per-section checksum (XXH64); `codec`: tensors to and from little-endian
+//! - [`checksum`]: the per-section checksum (XXH3-64); `codec`: tensors to and from little-endian
 //!   bytes; `tokenizer`: `tokenizer.json` in the shape that parses fastest;
 //! - [`WeightCheck`]: the weight data's checksum, computed in the background while the model
 //!   starts (its outputs wait for it).
@@ -53,11 +53,11 @@ pub fn reseal(bytes: &mut [u8]) {
         else {
             continue;
         };
-        let c = checksum::xxh64(&bytes[off as usize..end as usize]);
+        let c = checksum::xxh3(&bytes[off as usize..end as usize]);
         bytes[e + 24..e + 32].copy_from_slice(&c.to_le_bytes());
     }
-    let t = checksum::xxh64(&bytes[HEADER_LEN..table_end]);
+    let t = checksum::xxh3(&bytes[HEADER_LEN..table_end]);
     bytes[24..32].copy_from_slice(&t.to_le_bytes());
-    let h = checksum::xxh64(&bytes[..32]);
+    let h = checksum::xxh3(&bytes[..32]);
     bytes[32..40].copy_from_slice(&h.to_le_bytes());
 }

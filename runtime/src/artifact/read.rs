@@ -10,7 +10,7 @@
 //! The tokenizer is parsed on another, from the start.
 
 use super::check::WeightCheck;
-use super::checksum::xxh64;
+use super::checksum::xxh3;
 use super::codec;
 use super::format::{
     graph_names, Manifest, Section, SectionKind, WeightEntry, ALIGN, ENTRY_LEN, FORMAT_VERSION,
@@ -116,7 +116,7 @@ impl<'o> Reader<'o> {
                 supported: FORMAT_VERSION,
             });
         }
-        if xxh64(&head[..32]) != u64_at(head, 32) || head[40..].iter().any(|&b| b != 0) {
+        if xxh3(&head[..32]) != u64_at(head, 32) || head[40..].iter().any(|&b| b != 0) {
             return Err(ArtifactError::HeaderChecksum {
                 origin,
                 what: "header",
@@ -152,7 +152,7 @@ impl<'o> Reader<'o> {
             });
         }
         let raw = &self.bytes[HEADER_LEN..table_end as usize];
-        if xxh64(raw) != u64_at(head, 24) {
+        if xxh3(raw) != u64_at(head, 24) {
             return Err(ArtifactError::HeaderChecksum {
                 origin,
                 what: "section table",
@@ -201,7 +201,7 @@ impl<'o> Reader<'o> {
     /// A whole section's bytes, checksum checked.
     fn section(&self, index: usize, s: &Section) -> Result<&'o [u8], ArtifactError> {
         let bytes = &self.bytes[self.range(s)?];
-        let actual = xxh64(bytes);
+        let actual = xxh3(bytes);
         if actual != s.hash {
             return Err(ArtifactError::Checksum {
                 origin: self.origin.to_string(),

@@ -1,7 +1,7 @@
 //! Writing an artifact: the sections laid out as [`format`](super::format) describes, in a
 //! fixed order and with sorted weights, so the same inputs always give the same bytes.
 
-use super::checksum::xxh64;
+use super::checksum::xxh3;
 use super::codec;
 use super::format::{
     align_up, Manifest, Section, SectionKind, WeightEntry, ALIGN, ENTRY_LEN, FORMAT_VERSION,
@@ -70,7 +70,7 @@ pub fn assemble(sections: &[(SectionKind, Vec<u8>)]) -> Vec<u8> {
             kind: *kind,
             offset,
             len: bytes.len() as u64,
-            hash: xxh64(bytes),
+            hash: xxh3(bytes),
         });
         offset = align_up(offset + bytes.len() as u64).unwrap_or(offset);
     }
@@ -108,8 +108,8 @@ pub fn header(count: u32, file_len: u64, table: &[Section]) -> [u8; HEADER_LEN] 
     h[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
     h[12..16].copy_from_slice(&count.to_le_bytes());
     h[16..24].copy_from_slice(&file_len.to_le_bytes());
-    h[24..32].copy_from_slice(&xxh64(&table_bytes(table)).to_le_bytes());
-    let own = xxh64(&h[0..32]);
+    h[24..32].copy_from_slice(&xxh3(&table_bytes(table)).to_le_bytes());
+    let own = xxh3(&h[0..32]);
     h[32..40].copy_from_slice(&own.to_le_bytes());
     h
 }
