@@ -10,7 +10,7 @@
 use criterion::{criterion_group, criterion_main, Criterion};
 use kiln::compile::{compile, CompileOptions};
 use kiln::load::causal_lm;
-use kiln::runtime::artifact::checksum::xxh64;
+use kiln::runtime::artifact::checksum::xxh3;
 use std::path::{Path, PathBuf};
 
 fn bench(c: &mut Criterion) {
@@ -39,7 +39,7 @@ fn bench(c: &mut Criterion) {
             lm
         })
     });
-    g.bench_function("xxh64-whole-artifact", |b| b.iter(|| xxh64(&bytes)));
+    g.bench_function("xxh3-whole-artifact", |b| b.iter(|| xxh3(&bytes)));
     g.finish();
     let _ = std::fs::remove_file(&art);
 }
