@@ -81,17 +81,28 @@ impl Tracer {
         )
     }
 
-    /// A named parameter (weight).
+    /// A named parameter (weight). Declaring a name again with the same type gives the same
+    /// value (code that applies one head to two inputs reads one weight).
     pub fn param<D: Into<Dim>>(
         &self,
         name: &str,
         dtype: DType,
         shape: impl IntoIterator<Item = D>,
     ) -> Tensor {
-        self.source(
-            Op::Param { name: name.into() },
-            TensorType::new(dtype, shape),
-        )
+        let ty = TensorType::new(dtype, shape);
+        let existing = self
+            .graph
+            .borrow()
+            .params()
+            .find_map(|(n, id, t)| (n == name && *t == ty).then_some(id));
+        match existing {
+            Some(id) => Tensor {
+                id,
+                ty,
+                graph: self.graph.clone(),
+            },
+            None => self.source(Op::Param { name: name.into() }, ty),
+        }
     }
 
     /// A constant.
@@ -650,5 +661,17 @@ mod tests {
         t.output("y", &y);
         let g = t.finish().unwrap();
         assert_eq!(g.nodes().len(), 11);
+    }
+
+    #[test]
+    fn a_parameter_declared_twice_is_one_value() {
+        let t = Tracer::new();
+        let a = t.param("w", DType::F32, [4, 3]);
+        let b = t.param("w", DType::F32, [4, 3]);
+        assert_eq!(a.id, b.id);
+        // Another type is another declaration (the verifier then reports the clash).
+        let c = t.param("w", DType::F32, [4, 4]);
+        assert_ne!(a.id, c.id);
+        assert_eq!(t.graph.borrow().params().count(), 2);
     }
 }

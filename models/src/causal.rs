@@ -69,6 +69,24 @@ impl CausalIo {
         })
     }
 
+    /// Outputs the logits `head(x)` of the final hidden states `x` `[batch, seq, hidden]` as
+    /// `logits`; the prefill graph also outputs `last_logits`, the head applied to the last
+    /// position alone (`[batch, 1, vocab]`: what generation reads, so a backend asked for it
+    /// alone skips the head on every other position — a quarter of a small model's weights).
+    pub fn logits(
+        &self,
+        t: &Tracer,
+        x: &Tensor,
+        head: impl Fn(&Tensor) -> Result<Tensor, kiln_ir::OpError>,
+    ) -> Result<(), kiln_ir::OpError> {
+        t.output("logits", &head(x)?);
+        if !self.with_cache {
+            let last = x.slice(1, &self.seq - &Dim::from(1), self.seq.clone())?;
+            t.output("last_logits", &head(&last)?);
+        }
+        Ok(())
+    }
+
     /// Names layer `layer`'s updated cache as the graph's `present.{layer}.*` outputs.
     pub fn present(&self, t: &Tracer, layer: usize, kv: &KvPair) {
         t.output(&format!("present.{layer}.key"), &kv.key);

@@ -246,18 +246,14 @@ pub fn trace(cfg: &Gpt2Config, with_cache: bool) -> Result<Graph, TraceError> {
         io.present(&t, i, &KvPair { key, value });
         x = y;
     }
-    let x = nn::layer_norm(
-        &t,
-        &x,
-        &format!("{BASE_PREFIX}ln_f"),
-        cfg.layer_norm_epsilon,
-    )?;
-    let logits = if cfg.tie_word_embeddings {
-        x.matmul_t(&wte, false, true)?
-    } else {
-        nn::linear(&t, &x, "lm_head", cfg.vocab_size, n, false)?
-    };
-    t.output("logits", &logits);
+    io.logits(&t, &x, |x| {
+        let x = nn::layer_norm(&t, x, &format!("{BASE_PREFIX}ln_f"), cfg.layer_norm_epsilon)?;
+        if cfg.tie_word_embeddings {
+            x.matmul_t(&wte, false, true)
+        } else {
+            nn::linear(&t, &x, "lm_head", cfg.vocab_size, n, false)
+        }
+    })?;
     Ok(t.finish()?)
 }
 

@@ -31,7 +31,8 @@ use kiln_ir::Graph;
 /// A causal LM's graphs. Both take `input_ids`, `position_ids` (i64 `[batch, seq]`) and a 0/1
 /// `attention_mask` (i64 `[batch, kv]` over every key position, cached and new) and return
 /// `logits` (f32 `[batch, seq, vocab]`) and each layer's cache `present.{i}.key` /
-/// `present.{i}.value` (`[batch, kv_heads, kv, head_dim]`). The decode graph also takes the
+/// `present.{i}.value` (`[batch, kv_heads, kv, head_dim]`); the prefill graph also returns
+/// `last_logits` (`[batch, 1, vocab]`, the last position's). The decode graph also takes the
 /// cache so far, `past.{i}.key` / `past.{i}.value` (`[batch, kv_heads, past, head_dim]`), and
 /// `kv = past + seq`; in the prefill graph `kv = seq`.
 #[derive(Debug, Clone, PartialEq)]

@@ -243,13 +243,14 @@ pub fn trace(cfg: &DecoderConfig, with_cache: bool) -> Result<Graph, TraceError>
         io.present(&t, i, &present);
         x = y;
     }
-    let x = nn::rms_norm(&t, &x, "model.norm.weight", l.rms_norm_eps)?;
-    let logits = if cfg.tie_word_embeddings {
-        x.matmul_t(&embed, false, true)?
-    } else {
-        nn::linear(&t, &x, "lm_head", cfg.vocab_size, l.hidden_size, false)?
-    };
-    t.output("logits", &logits);
+    io.logits(&t, &x, |x| {
+        let x = nn::rms_norm(&t, x, "model.norm.weight", l.rms_norm_eps)?;
+        if cfg.tie_word_embeddings {
+            x.matmul_t(&embed, false, true)
+        } else {
+            nn::linear(&t, &x, "lm_head", cfg.vocab_size, l.hidden_size, false)
+        }
+    })?;
     Ok(t.finish()?)
 }
 

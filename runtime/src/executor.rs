@@ -85,6 +85,19 @@ pub trait GraphExecutor: Send + Sync {
         params: &dyn ParamSource,
     ) -> Result<HashMap<String, Value>, ExecError>;
 
+    /// [`run`](Self::run) returning only the outputs named in `wanted`; a backend may skip the
+    /// work only the others need (the CPU backend does).
+    fn run_outputs(
+        &self,
+        inputs: HashMap<String, Value>,
+        params: &dyn ParamSource,
+        wanted: &[&str],
+    ) -> Result<HashMap<String, Value>, ExecError> {
+        let mut out = self.run(inputs, params)?;
+        out.retain(|name, _| wanted.contains(&name.as_str()));
+        Ok(out)
+    }
+
     /// Where it runs, e.g. `cpu` or `cuda (NVIDIA H200)`.
     fn backend(&self) -> String;
 
@@ -136,7 +149,16 @@ impl GraphExecutor for CpuGraph {
         inputs: HashMap<String, Value>,
         params: &dyn ParamSource,
     ) -> Result<HashMap<String, Value>, ExecError> {
-        CpuGraph::run_values(self, inputs, params)
+        CpuGraph::run_values(self, inputs, params, None)
+    }
+
+    fn run_outputs(
+        &self,
+        inputs: HashMap<String, Value>,
+        params: &dyn ParamSource,
+        wanted: &[&str],
+    ) -> Result<HashMap<String, Value>, ExecError> {
+        CpuGraph::run_values(self, inputs, params, Some(wanted))
     }
 
     fn backend(&self) -> String {

@@ -4,7 +4,9 @@
 //!
 //! Graph interface (what kiln's model families trace): inputs `input_ids`, `position_ids`
 //! (i64 `[batch, seq]`) and `attention_mask` (i64 0/1 `[batch, kv]` over all key positions);
-//! outputs `logits` (f32 `[batch, seq, vocab]`) and `present.{i}.key` / `present.{i}.value`;
+//! outputs `logits` (f32 `[batch, seq, vocab]`; the prefill graph may also have `last_logits`,
+//! the last position's, which generation then reads alone) and `present.{i}.key` /
+//! `present.{i}.value`;
 //! the decode graph also takes `past.{i}.key` / `past.{i}.value` (f32, or the compute dtype
 //! after bf16/fp8 lowering, which stores the cache narrow). Each step's `present` values are
 //! fed back unchanged as the next step's `past`: the CPU backend returns them as states that
@@ -127,7 +129,10 @@ impl<P: ParamSource> GraphLm<P> {
             .into_iter()
             .map(|(k, t)| (k, Value::Host(t)))
             .collect();
-        let mut out = self.prefill.run(inputs, &self.params).map_err(err)?;
+        let mut out = self
+            .prefill
+            .run_outputs(inputs, &self.params, &["logits"])
+            .map_err(err)?;
         out.remove("logits")
             .ok_or_else(|| err("graph has no output logits"))?
             .into_host()
@@ -150,7 +155,26 @@ impl<P: ParamSource> GraphLm<P> {
             Value::Host(Tensor::from_i64(vec![rows, kv], flat).map_err(err)?),
         );
         let graph = if decode { &self.decode } else { &self.prefill };
-        let mut out = graph.run(inputs, &self.params).map_err(err)?;
+        // Only the last position's logits are read: a prefill graph that has them alone
+        // (`last_logits`) skips the head on every other position.
+        let logits = if graph
+            .graph()
+            .outputs()
+            .iter()
+            .any(|o| o.name == "last_logits")
+        {
+            "last_logits"
+        } else {
+            "logits"
+        };
+        let mut wanted: Vec<String> = (0..self.num_layers)
+            .flat_map(|i| [format!("present.{i}.key"), format!("present.{i}.value")])
+            .collect();
+        wanted.push(logits.to_string());
+        let wanted: Vec<&str> = wanted.iter().map(String::as_str).collect();
+        let mut out = graph
+            .run_outputs(inputs, &self.params, &wanted)
+            .map_err(err)?;
         let mut cache = Vec::with_capacity(self.num_layers);
         for i in 0..self.num_layers {
             let mut take = |name: String| {
@@ -163,8 +187,8 @@ impl<P: ParamSource> GraphLm<P> {
             ));
         }
         let logits = out
-            .remove("logits")
-            .ok_or_else(|| err("graph has no output logits"))?
+            .remove(logits)
+            .ok_or_else(|| err(format!("graph has no output {logits}")))?
             .into_host()
             .map_err(err)?;
         let values = logits.as_f32().ok_or_else(|| err("logits are not f32"))?;

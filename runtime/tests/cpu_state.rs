@@ -101,6 +101,7 @@ fn run_steps(cache: DType, batch: usize, prompt: usize, steps: usize, hold: bool
                     ("q".to_string(), Value::Host(q)),
                 ]),
                 &NoParams,
+                None,
             )
             .unwrap();
         let what = format!("{cache} batch {batch} step {step}");
@@ -158,6 +159,7 @@ fn a_cache_the_caller_still_holds_is_copied_not_overwritten() {
                 ("q".to_string(), Value::Host(random(rng, &[1, 2, 1, 4]))),
             ]),
             &NoParams,
+            Some(&["present"]),
         )
         .unwrap()
         .remove("present")

@@ -79,6 +79,12 @@ pub fn inputs(g: &Graph) -> HashMap<String, Tensor> {
         .collect()
 }
 
+/// How many times a causal LM graph applies its LM head (and final norm): twice in a prefill
+/// graph with `last_logits` (every position, and the last alone), else once.
+pub fn heads(g: &Graph) -> usize {
+    1 + usize::from(g.outputs().iter().any(|o| o.name == "last_logits"))
+}
+
 /// How many nodes of `g` have the op named `op`.
 pub fn count(g: &Graph, op: &str) -> usize {
     g.nodes().iter().filter(|n| n.op.name() == op).count()

@@ -35,6 +35,8 @@ pub struct CpuGraph {
     slots: SlotPlan,
     /// Per node: the last node reading it, in the graph or in the plan ([`last_uses`]).
     last_use: Vec<usize>,
+    /// The node of the linear group step computing a layer at another node.
+    group_of: HashMap<usize, usize>,
     weights: Arc<Weights>,
     buffers: Mutex<Vec<Vec<f32>>>,
     /// With `KILN_PROFILE` set: seconds and calls per kind of step, over all runs.
@@ -68,6 +70,8 @@ struct Run<'a> {
     states: HashMap<usize, StateSlot>,
     /// Outputs computed by `concat` become states.
     keep_states: bool,
+    /// Per node, whether the outputs asked for need it (`None`: all outputs were).
+    needed: Option<Vec<bool>>,
 }
 
 impl<'a> Run<'a> {
@@ -119,6 +123,7 @@ impl CpuGraph {
                 let slots = SlotPlan::new(&graph, &plan);
                 CpuGraph {
                     last_use: last_uses(&graph, &plan),
+                    group_of: group_of(&plan),
                     buffers: Mutex::new(vec![Vec::new(); slots.count]),
                     profile: Profile::from_env(),
                     graph,
@@ -216,7 +221,7 @@ impl CpuGraph {
         inputs: &HashMap<String, Tensor>,
         params: &dyn ParamSource,
     ) -> Result<HashMap<String, Tensor>, ExecError> {
-        self.execute(inputs, HashMap::new(), false, params)?
+        self.execute(inputs, HashMap::new(), false, None, params)?
             .into_iter()
             .map(|(k, v)| Ok((k, v.into_host()?)))
             .collect()
@@ -224,11 +229,13 @@ impl CpuGraph {
 
     /// [`run`](Self::run) with values: a [`CpuState`] this graph (or one compiled with it)
     /// returned is run in place, and outputs computed by `concat` come back as states with
-    /// room to grow (see [`super::state`]); other outputs are host tensors.
+    /// room to grow (see [`super::state`]); other outputs are host tensors. With `wanted`,
+    /// only those outputs are returned and only the steps they need run.
     pub fn run_values(
         &self,
         inputs: HashMap<String, Value>,
         params: &dyn ParamSource,
+        wanted: Option<&[&str]>,
     ) -> Result<HashMap<String, Value>, ExecError> {
         let (mut host, mut states) = (HashMap::new(), HashMap::new());
         for (name, v) in inputs {
@@ -246,7 +253,38 @@ impl CpuGraph {
                 },
             }
         }
-        self.execute(&host, states, true, params)
+        self.execute(&host, states, true, wanted, params)
+    }
+
+    /// Per node, whether computing the outputs in `wanted` needs it (through the plan's
+    /// operands: a linear group's step is needed when any of its layers is).
+    fn needed(&self, wanted: &[&str]) -> Vec<bool> {
+        let nodes = self.graph.nodes();
+        let mut need = vec![false; nodes.len()];
+        for o in self.graph.outputs() {
+            if wanted.contains(&o.name.as_str()) {
+                need[o.value.index()] = true;
+            }
+        }
+        let mut changed = true;
+        while changed {
+            changed = false;
+            for i in (0..nodes.len()).rev() {
+                if !need[i] {
+                    continue;
+                }
+                let step = &self.plan.steps[i];
+                let mut deps = step.value_operands(&nodes[i]);
+                deps.extend(&nodes[i].inputs);
+                for v in deps {
+                    changed |= !std::mem::replace(&mut need[v.index()], true);
+                }
+                if let Some(&h) = self.group_of.get(&i) {
+                    changed |= !std::mem::replace(&mut need[h], true);
+                }
+            }
+        }
+        need
     }
 
     /// The run itself: `states` are moved into buffers past the slot plan's (so kernels read
@@ -256,6 +294,7 @@ impl CpuGraph {
         inputs: &HashMap<String, Tensor>,
         states: HashMap<String, CpuState>,
         keep_states: bool,
+        wanted: Option<&[&str]>,
         params: &dyn ParamSource,
     ) -> Result<HashMap<String, Value>, ExecError> {
         let mut types: HashMap<String, (DType, Vec<usize>)> = inputs
@@ -275,6 +314,7 @@ impl CpuGraph {
             vals: (0..self.graph.nodes().len()).map(|_| Val::Empty).collect(),
             states: HashMap::new(),
             keep_states,
+            needed: wanted.map(|w| self.needed(w)),
         };
         let mut states = states;
         for (id, node) in self.graph.iter() {
@@ -293,7 +333,7 @@ impl CpuGraph {
             run.vals[id.index()] = v;
         }
         let result = self.walk(&env, &mut shapes, &mut run, bufs, params);
-        let out = result.and_then(|()| self.outputs(&mut run, bufs));
+        let out = result.and_then(|()| self.outputs(&mut run, bufs, wanted));
         bufs.truncate(self.slots.count);
         out
     }
@@ -310,7 +350,8 @@ impl CpuGraph {
         for (id, node) in self.graph.iter() {
             let i = id.index();
             let step = &self.plan.steps[i];
-            if !matches!(step, Step::Source | Step::Skip | Step::Grouped) {
+            let needed = run.needed.as_ref().is_none_or(|n| n[i]);
+            if needed && !matches!(step, Step::Source | Step::Skip | Step::Grouped) {
                 let ctx = ctx(id, node, env);
                 let started = self.profile.as_ref().map(|_| Instant::now());
                 if let Step::Linear(layers) = step {
@@ -409,16 +450,20 @@ impl CpuGraph {
         Ok(run.add_state(bufs, state))
     }
 
-    /// The graph's outputs: a value in a state's buffer as that state (once; a second output
-    /// of the same buffer is copied), others as host tensors.
+    /// The graph's outputs (those in `wanted`, when given): a value in a state's buffer as that
+    /// state (once; a second output of the same buffer is copied), others as host tensors.
     fn outputs(
         &self,
         run: &mut Run<'_>,
         bufs: &mut [Vec<f32>],
+        wanted: Option<&[&str]>,
     ) -> Result<HashMap<String, Value>, ExecError> {
         let mut out = HashMap::new();
         let mut taken = Vec::new();
         for o in self.graph.outputs() {
+            if wanted.is_some_and(|w| !w.contains(&o.name.as_str())) {
+                continue;
+            }
             let node = self
                 .graph
                 .node(o.value)
@@ -826,6 +871,19 @@ impl CpuGraph {
         }
         Ok(true)
     }
+}
+
+/// For each layer of a linear group computed at another node, that node.
+fn group_of(plan: &Plan) -> HashMap<usize, usize> {
+    let mut of = HashMap::new();
+    for (h, step) in plan.steps.iter().enumerate() {
+        if let Step::Linear(layers) = step {
+            for l in layers.iter().filter(|l| l.node != h) {
+                of.insert(l.node, h);
+            }
+        }
+    }
+    of
 }
 
 /// Per node: the last node whose op reads it ([`reference::last_uses`]; `usize::MAX` for an
