@@ -139,6 +139,37 @@ pub trait GraphExecutor: Send + Sync {
     }
 }
 
+/// Per node of `graph`, whether computing the outputs named in `wanted` needs it, where
+/// `deps(i)` lists the nodes node `i`'s computation reads (its operands, and whatever a backend's
+/// fused step adds). Shared by backends that skip the work of outputs nobody asked for.
+pub fn needed_nodes(
+    graph: &Graph,
+    wanted: &[&str],
+    deps: impl Fn(usize) -> Vec<usize>,
+) -> Vec<bool> {
+    let n = graph.nodes().len();
+    let mut need = vec![false; n];
+    for o in graph.outputs() {
+        if wanted.contains(&o.name.as_str()) {
+            need[o.value.index()] = true;
+        }
+    }
+    // Until nothing changes: a fused step may sit after a node it computes.
+    let mut changed = true;
+    while changed {
+        changed = false;
+        for i in (0..n).rev() {
+            if !need[i] {
+                continue;
+            }
+            for d in deps(i) {
+                changed |= !std::mem::replace(&mut need[d], true);
+            }
+        }
+    }
+    need
+}
+
 impl GraphExecutor for CpuGraph {
     fn graph(&self) -> &Graph {
         CpuGraph::graph(self)

@@ -256,7 +256,16 @@ impl GraphExecutor for CudaGraph {
         inputs: HashMap<String, Value>,
         params: &dyn ParamSource,
     ) -> Result<HashMap<String, Value>, ExecError> {
-        run::run(self, inputs, params)
+        run::run(self, inputs, params, None)
+    }
+
+    fn run_outputs(
+        &self,
+        inputs: HashMap<String, Value>,
+        params: &dyn ParamSource,
+        wanted: &[&str],
+    ) -> Result<HashMap<String, Value>, ExecError> {
+        run::run(self, inputs, params, Some(wanted))
     }
 
     fn backend(&self) -> String {

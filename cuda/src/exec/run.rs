@@ -10,17 +10,19 @@ use crate::launch::{self, Attention, Rowwise};
 use crate::CudaError;
 use cudarc::driver::{sys, DevicePtr, PushKernelArg};
 use kiln_ir::{BinaryOp, Bindings, DType, Expr, Node, Op, ValueId};
-use kiln_runtime::executor::Value;
+use kiln_runtime::executor::{needed_nodes, Value};
 use kiln_runtime::reference::{self, ExecError, ParamSource};
 use kiln_runtime::Tensor;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
+/// Runs the graph; with `wanted`, only the steps those outputs need, returning only them.
 pub(super) fn run(
     g: &CudaGraph,
     mut inputs: HashMap<String, Value>,
     params: &dyn ParamSource,
+    wanted: Option<&[&str]>,
 ) -> Result<HashMap<String, Value>, ExecError> {
     let types = inputs
         .iter()
@@ -30,8 +32,22 @@ pub(super) fn run(
     // The parameters on the device, locked for the run (uploads happen only at compile time).
     let held = g.backend.params.lock().unwrap_or_else(|e| e.into_inner());
     let mut vals: Vec<Option<DevTensor>> = vec![None; g.graph.nodes().len()];
+    let nodes = g.graph.nodes();
+    let needed = wanted.map(|w| {
+        needed_nodes(&g.graph, w, |i| {
+            let step = &g.plan.steps[i];
+            step.operands(&nodes[i])
+                .iter()
+                .chain(&nodes[i].inputs)
+                .map(|v| v.index())
+                .collect()
+        })
+    });
     for (id, node) in g.graph.iter() {
         let i = id.index();
+        if needed.as_ref().is_some_and(|n| !n[i]) {
+            continue;
+        }
         let step = &g.plan.steps[i];
         let started = g.profile.as_ref().map(|_| Instant::now());
         match (step, &node.op) {
@@ -80,6 +96,9 @@ pub(super) fn run(
     }
     let mut out = HashMap::new();
     for o in g.graph.outputs() {
+        if wanted.is_some_and(|w| !w.contains(&o.name.as_str())) {
+            continue;
+        }
         let v = vals[o.value.index()]
             .clone()
             .ok_or_else(|| ExecError::ShapeMismatch {

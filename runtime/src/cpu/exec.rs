@@ -8,7 +8,7 @@ use super::plan::{self, LinearLayer, Plan, Step};
 use super::slots::SlotPlan;
 use super::state::{grown_capacity, CpuState};
 use super::weights::{self, Weights};
-use crate::executor::{DeviceValue, Value};
+use crate::executor::{needed_nodes, DeviceValue, Value};
 use crate::profile::Profile;
 use crate::reference::{self, bind, Ctx, ExecError, ParamSource};
 use crate::tensor::Elements;
@@ -260,31 +260,16 @@ impl CpuGraph {
     /// operands: a linear group's step is needed when any of its layers is).
     fn needed(&self, wanted: &[&str]) -> Vec<bool> {
         let nodes = self.graph.nodes();
-        let mut need = vec![false; nodes.len()];
-        for o in self.graph.outputs() {
-            if wanted.contains(&o.name.as_str()) {
-                need[o.value.index()] = true;
-            }
-        }
-        let mut changed = true;
-        while changed {
-            changed = false;
-            for i in (0..nodes.len()).rev() {
-                if !need[i] {
-                    continue;
-                }
-                let step = &self.plan.steps[i];
-                let mut deps = step.value_operands(&nodes[i]);
-                deps.extend(&nodes[i].inputs);
-                for v in deps {
-                    changed |= !std::mem::replace(&mut need[v.index()], true);
-                }
-                if let Some(&h) = self.group_of.get(&i) {
-                    changed |= !std::mem::replace(&mut need[h], true);
-                }
-            }
-        }
-        need
+        needed_nodes(&self.graph, wanted, |i| {
+            let mut deps: Vec<usize> = self.plan.steps[i]
+                .value_operands(&nodes[i])
+                .iter()
+                .chain(&nodes[i].inputs)
+                .map(|v| v.index())
+                .collect();
+            deps.extend(self.group_of.get(&i));
+            deps
+        })
     }
 
     /// The run itself: `states` are moved into buffers past the slot plan's (so kernels read
