@@ -3,7 +3,8 @@
 //! (throughput: multiply-adds), bf16 and f32 GEMV at 4096×4096 (weights read), rmsnorm and
 //! softmax on 512×4096, and `silu(a)·b` on 4M elements; for the fast CPU executor: flash
 //! attention (prefill seq 512, 12 query / 4 kv heads, head dim 64, throughput: flops of
-//! `q·kᵀ` and `p·v`; decode q_len 1 over 1024 keys, throughput: K and V bytes read), the
+//! `q·kᵀ` and `p·v`; decode q_len 1 over 1024 keys, and over 550 keys of a cache with room for 1024
+//! (head stride 1024·d), throughput: K and V bytes read), the
 //! compiled fused program `(mul (silu $0) $1)` on 16M elements (bytes read + written; the machine's
 //! ceilings are printed first), layernorm on 512×4096, and a `[b, s, h, d]` →
 //! `[b, h, s, d]` strided copy; fp8 e4m3 GEMV (one row and four rows of x) at 4096² and 8192²
@@ -152,13 +153,15 @@ fn attention(c: &mut Criterion) {
     let (hq, hkv, d) = (12usize, 4usize, 64usize);
     let mut g = c.benchmark_group("attention");
     g.sample_size(20);
-    for (sq, sk, causal) in [
-        (512usize, 512usize, false),
-        (512, 512, true),
-        (1, 1024, true),
+    // (queries, keys, causal, key positions allocated: a KV cache's spare capacity).
+    for (sq, sk, causal, cap) in [
+        (512usize, 512usize, false, 512usize),
+        (512, 512, true, 512),
+        (1, 1024, true, 1024),
+        (1, 550, true, 1024),
     ] {
         let q = data(hq * sq * d, 0.0);
-        let (k, v) = (data(hkv * sk * d, 1.0), data(hkv * sk * d, 2.0));
+        let (k, v) = (data(hkv * cap * d, 1.0), data(hkv * cap * d, 2.0));
         let mut out = vec![0.0; hq * sq * d];
         let shape = AttnShape {
             batch: 1,
@@ -176,7 +179,7 @@ fn attention(c: &mut Criterion) {
         };
         let name = if sq == 1 {
             g.throughput(Throughput::Bytes((2 * hkv * sk * d * 4) as u64));
-            format!("decode/kv{sk}")
+            format!("decode/kv{sk}/cap{cap}")
         } else {
             // Flops of the full score matrix (causal does about half of them).
             g.throughput(Throughput::Elements((4 * hq * sq * sk * d) as u64));
@@ -193,11 +196,11 @@ fn attention(c: &mut Criterion) {
                     },
                     View {
                         data: &k,
-                        strides: Strides4::dense(hkv, sk, d),
+                        strides: Strides4::dense(hkv, cap, d),
                     },
                     View {
                         data: &v,
-                        strides: Strides4::dense(hkv, sk, d),
+                        strides: Strides4::dense(hkv, cap, d),
                     },
                     None,
                     &mut out,

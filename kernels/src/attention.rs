@@ -7,15 +7,17 @@
 //! queries of every query head sharing one kv head (GQA), spread over [`crate::threads`]
 //! threads: each block of keys is transposed once into a scratch buffer and every query row of
 //! the block scores it with FMAs along the keys (no horizontal sums). With fewer than 8 queries
-//! per head, rows are spread over the threads and score keys with dot products; with fewer
-//! rows than twice the threads and a long key range (decode), each row's key range is split
-//! into parts computed in parallel whose `(m, l, acc)` are merged (flash-decoding).
+//! per head (decode), `decode` reads each key/value row once for all the query rows of its
+//! GQA group, the key range split over the threads when there are few kv heads
+//! (flash-decoding).
 //! Prefill with many queries per head and a score matrix of at most `GEMM_MAX_SCORES` elements
-//! per head instead runs as two single-threaded GEMMs per (batch, query head), heads spread
-//! over the threads: `S = scale · Q·Kᵀ` with the `gemm` crate's micro-kernels, a masked
-//! softmax of each row over its visible keys, then `O = P·V` — a CPU's best use of its FMA
-//! units at these sizes, where the flash loop's scalar key transposes cost more than the score
-//! matrix's memory.
+//! per head instead runs as two single-threaded GEMMs per block of `GEMM_QUERY_BLOCK` (64)
+//! queries of one (batch, query head), blocks spread over the threads: `S = scale · Q·Kᵀ` over
+//! the keys any query of the block sees (blocks of keys fully hidden by the causal mask or
+//! the window are skipped) with the `gemm` crate's micro-kernels, a masked softmax of each
+//! row over its visible keys, then `O = P·V` — a CPU's best use of its FMA units at these
+//! sizes, where the flash loop's scalar key transposes cost more than the score matrix's
+//! memory.
 //! Operands are strided views so the caller can pass permuted layouts (e.g. write the output
 //! as `[b, s, h, d]`); the loops are plain Rust compiled for AVX-512, AVX2 + FMA and portably
 //! and picked at run time.
@@ -29,9 +31,11 @@
 //! output (the reference multiplies it by 0 and gets NaN).
 
 use crate::gemm::{self, Gemm, MatLayout};
-use crate::simd::{dot, exp, hsum, madd, vector_level, Isa, LANES};
+use crate::simd::{exp, hsum, madd, vector_level, Isa, LANES};
 use crate::KernelError;
 use rayon::prelude::*;
+
+mod decode;
 
 /// Keys scored per step of the online softmax.
 const KEY_BLOCK: usize = 64;
@@ -39,12 +43,12 @@ const KEY_BLOCK: usize = 64;
 const VALUE_GROUP: usize = 64;
 /// Queries per head that share each transposed block of keys.
 const QUERY_BLOCK: usize = 16;
-/// Decode (fewer query rows than twice the threads) splits a row's key range into parts of at least this many keys.
-const MIN_SPLIT_KEYS: usize = 256;
 /// Work (query rows × visible keys × head dims) below which everything runs on one thread.
 const PARALLEL_MIN_WORK: usize = 1 << 16;
 /// Largest score matrix (`q_len × kv_len` elements) per head for the GEMM path.
 const GEMM_MAX_SCORES: usize = 1 << 20;
+/// Queries per task of the GEMM path: blocks of keys no query of a block sees are skipped.
+const GEMM_QUERY_BLOCK: usize = 64;
 
 /// Element strides of a 4-D operand `[batch, heads, seq, dim]`; the last axis is contiguous
 /// (stride 1).
@@ -223,49 +227,30 @@ pub fn attention_f32_with(
     let threads = crate::threads();
     let work = rows * s.kv_len.max(1) * (s.head_dim + s.v_dim).max(1);
     let blocks = s.batch * s.kv_heads * s.q_len.div_ceil(QUERY_BLOCK);
-    if threads > 1
-        && work >= PARALLEL_MIN_WORK
-        && rows < 2 * threads
-        && s.kv_len >= 2 * MIN_SPLIT_KEYS
-    {
-        // Decode: few rows over many keys; split each row's keys over the threads.
-        let parts = (threads * 2)
-            .div_ceil(rows)
-            .min(s.kv_len / MIN_SPLIT_KEYS)
-            .max(1);
-        let mut acc = vec![0.0; s.v_dim];
-        for r in 0..rows {
-            ctx.row(r, parts, &mut acc, &out_ptr);
-        }
-    } else if s.q_len < QUERY_BLOCK / 2 {
-        // Few queries per head (decode with a batch or many heads): a transposed key block
-        // would serve too few rows; dot products per row instead.
-        let rows_per_task = if threads > 1 && work >= PARALLEL_MIN_WORK {
-            rows.div_ceil(threads * 8).max(1)
-        } else {
-            rows
-        };
-        (0..rows)
-            .into_par_iter()
-            .with_min_len(rows_per_task)
-            .for_each_init(|| vec![0.0; s.v_dim], |acc, r| ctx.row(r, 1, acc, &out_ptr));
+    if s.q_len < QUERY_BLOCK / 2 {
+        // Few queries per head (decode): a transposed key block would serve too few rows.
+        decode::run(&ctx, &out_ptr);
     } else if s.q_len >= 2 * QUERY_BLOCK
         && s.head_dim >= 8
         && s.q_len.saturating_mul(s.kv_len) <= GEMM_MAX_SCORES
     {
-        let heads = s.batch * s.q_heads;
+        let per_head = s.q_len.div_ceil(GEMM_QUERY_BLOCK);
+        let tasks = s.batch * s.q_heads * per_head;
         let per_task = if threads > 1 && work >= PARALLEL_MIN_WORK {
             1
         } else {
-            heads
+            tasks
         };
-        (0..heads)
+        (0..tasks)
             .into_par_iter()
             .with_min_len(per_task)
             .for_each_init(
                 || (Vec::new(), Vec::new()),
-                |(scores, acc), bh| {
-                    ctx.head_gemm(bh / s.q_heads, bh % s.q_heads, scores, acc, &out_ptr)
+                |(scores, acc), t| {
+                    let (bh, qb) = (t / per_head, t % per_head);
+                    let i0 = qb * GEMM_QUERY_BLOCK;
+                    let rows = i0..(i0 + GEMM_QUERY_BLOCK).min(s.q_len);
+                    ctx.rows_gemm(bh / s.q_heads, bh % s.q_heads, rows, scores, acc, &out_ptr)
                 },
             );
     } else if threads > 1 && work >= PARALLEL_MIN_WORK {
@@ -419,23 +404,35 @@ impl Ctx<'_> {
         }
     }
 
-    /// Query head `(b, h)` with two GEMMs: scores `S = scale · Q·Kᵀ` (`q_len × kv_len`), each
-    /// row's softmax over its visible keys (mask added, others zero), `O = P·V`, rows written
-    /// as [`Ctx::write`] does. `scores` and `acc` are the thread's scratch.
-    fn head_gemm(
+    /// Queries `rows` of head `(b, h)` with two GEMMs over the keys `lo..hi` any of them sees
+    /// (fully masked causal/window blocks skipped): scores `S = scale · Q·Kᵀ`, each row's
+    /// softmax over its visible keys (mask added, others zero), `O = P·V`, rows written as
+    /// [`Ctx::write`] does. `scores` and `acc` are the thread's scratch.
+    fn rows_gemm(
         &self,
         b: usize,
         h: usize,
+        rows: std::ops::Range<usize>,
         scores: &mut Vec<f32>,
         acc: &mut Vec<f32>,
         out: &OutPtr,
     ) {
         let s = &self.s;
-        let (sq, sk, d, dv) = (s.q_len, s.kv_len, s.head_dim, s.v_dim);
+        let (d, dv) = (s.head_dim, s.v_dim);
+        let sq = rows.len();
+        // Query positions only grow with i: the first row starts, the last ends the key range.
+        let (klo, khi) = (self.visible(rows.start).0, self.visible(rows.end - 1).1);
+        let sk = khi.saturating_sub(klo);
+        if sk == 0 {
+            for i in rows {
+                self.write(out, b, h, i, None, &[]);
+            }
+            return;
+        }
         let kh = h / self.group;
-        let q = &self.q.data[b * self.q.strides.batch + h * self.q.strides.head..];
-        let k = &self.k.data[b * self.k.strides.batch + kh * self.k.strides.head..];
-        let v = &self.v.data[b * self.v.strides.batch + kh * self.v.strides.head..];
+        let q = &self.q.data[self.q.strides.offset(b, h, rows.start)..];
+        let k = &self.k.data[self.k.strides.offset(b, kh, klo)..];
+        let v = &self.v.data[self.v.strides.offset(b, kh, klo)..];
         scores.resize(sq * sk, 0.0);
         acc.resize(sq * dv, 0.0);
         let qk = Gemm {
@@ -456,33 +453,22 @@ impl Ctx<'_> {
         };
         gemm::run(&qk, q, k, scores, 1);
         let mut stats: Vec<Option<Stats>> = Vec::with_capacity(sq);
-        for (i, row) in scores.chunks_exact_mut(sk.max(1)).enumerate().take(sq) {
+        for (i, row) in rows.clone().zip(scores.chunks_exact_mut(sk.max(1))) {
             let (lo, hi) = self.visible(i);
             if lo >= hi {
                 row.fill(0.0);
                 stats.push(None);
                 continue;
             }
-            if let Some(m) = &self.mask {
-                let mrow = &m.data[b * m.strides.batch + h * m.strides.head + i * m.strides.seq..];
-                for (x, &a) in row[lo..hi].iter_mut().zip(&mrow[lo..hi]) {
-                    *x += a;
-                }
-            }
-            let nan = row[lo..hi].iter().any(|x| x.is_nan());
-            let m = row[lo..hi].iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
-            let mut l = 0.0f32;
-            for x in &mut row[lo..hi] {
-                *x = exp::<false>(*x - m);
-                l += *x;
-            }
+            let (lo, hi) = (lo - klo, hi - klo);
+            let mask = self
+                .mask
+                .as_ref()
+                .map(|m| &m.data[m.strides.offset(b, h, i) + klo..][lo..hi]);
+            let st = self.softmax(&mut row[lo..hi], mask);
             row[..lo].fill(0.0);
             row[hi..].fill(0.0);
-            stats.push(Some(Stats {
-                m,
-                l,
-                nan: nan || m == f32::NEG_INFINITY,
-            }));
+            stats.push(Some(st));
         }
         let pv = Gemm {
             m: sq,
@@ -501,59 +487,28 @@ impl Ctx<'_> {
             beta: 0.0,
         };
         gemm::run(&pv, scores, v, acc, 1);
-        for (i, st) in stats.into_iter().enumerate() {
-            self.write(out, b, h, i, st, &acc[i * dv..(i + 1) * dv]);
+        for (r, (i, st)) in rows.zip(stats).enumerate() {
+            self.write(out, b, h, i, st, &acc[r * dv..(r + 1) * dv]);
         }
     }
 
-    /// Computes row `r` (`(b, h, i)` in row-major order) with its key range split into `parts`
-    /// computed in parallel, and writes it to the output.
-    fn row(&self, r: usize, parts: usize, acc: &mut [f32], out: &OutPtr) {
-        let s = &self.s;
-        let (i, h, b) = (
-            r % s.q_len,
-            (r / s.q_len) % s.q_heads,
-            r / (s.q_len * s.q_heads),
-        );
-        let (lo, hi) = self.visible(i);
-        acc.fill(0.0);
-        let st = if lo >= hi {
-            None
-        } else if parts <= 1 || hi - lo < 2 * MIN_SPLIT_KEYS {
-            Some(self.part(b, h, i, lo, hi, acc))
-        } else {
-            let per = (hi - lo).div_ceil(parts);
-            let partials: Vec<(Stats, Vec<f32>)> = (lo..hi)
-                .step_by(per)
-                .collect::<Vec<_>>()
-                .into_par_iter()
-                .map(|p0| {
-                    let mut a = vec![0.0; s.v_dim];
-                    let st = self.part(b, h, i, p0, (p0 + per).min(hi), &mut a);
-                    (st, a)
-                })
-                .collect();
-            Some(merge(&partials, acc))
-        };
-        self.write(out, b, h, i, st, acc);
-    }
-
-    /// Online softmax of query `(b, h, i)` over keys `lo..hi` into `acc` (zeroed by the caller).
-    fn part(&self, b: usize, h: usize, i: usize, lo: usize, hi: usize, acc: &mut [f32]) -> Stats {
+    /// Replaces the scores `x` (plus `mask`) by `exp(x - m)` with `m` their maximum; returns
+    /// `(m, Σ exp(x - m))` and whether a score was NaN (or all are `-inf`).
+    fn softmax(&self, x: &mut [f32], mask: Option<&[f32]>) -> Stats {
         match self.level {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 | Isa::Avx512Bf16 => {
                 // SAFETY: `vector_level` returned an available level, so AVX-512 F/BW/VL, AVX2
                 // and FMA are present.
-                unsafe { x86::part_avx512(self, b, h, i, lo, hi, acc) }
+                unsafe { x86::softmax_avx512(x, mask) }
             }
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => {
                 // SAFETY: `vector_level` returned an available level, so AVX2 and FMA are
                 // present.
-                unsafe { x86::part_avx2(self, b, h, i, lo, hi, acc) }
+                unsafe { x86::softmax_avx2(x, mask) }
             }
-            _ => part_body::<false>(self, b, h, i, lo, hi, acc),
+            _ => softmax_body::<false>(x, mask),
         }
     }
 
@@ -578,15 +533,16 @@ impl Ctx<'_> {
     }
 }
 
-/// Merges partial results `(stats, acc)` over disjoint key ranges into `acc`.
-fn merge(partials: &[(Stats, Vec<f32>)], acc: &mut [f32]) -> Stats {
+/// Merges partial results `(stats, acc)` over disjoint key ranges into `acc` (zeroed by the
+/// caller).
+fn merge<'a>(partials: impl Iterator<Item = (Stats, &'a [f32])> + Clone, acc: &mut [f32]) -> Stats {
     let m = partials
-        .iter()
+        .clone()
         .fold(f32::NEG_INFINITY, |m, (st, _)| m.max(st.m));
     let mut total = Stats {
         m,
         l: 0.0,
-        nan: partials.iter().any(|(st, _)| st.nan),
+        nan: partials.clone().any(|(st, _)| st.nan),
     };
     if m == f32::NEG_INFINITY {
         return total;
@@ -607,6 +563,49 @@ const EMPTY: Stats = Stats {
     l: 0.0,
     nan: false,
 };
+
+/// See [`Ctx::softmax`]; lane-wise maxima and sums so the loops vectorize.
+#[inline(always)]
+fn softmax_body<const FMA: bool>(x: &mut [f32], mask: Option<&[f32]>) -> Stats {
+    if let Some(m) = mask {
+        for (a, &b) in x.iter_mut().zip(m) {
+            *a += b;
+        }
+    }
+    let mut mx = [f32::NEG_INFINITY; LANES];
+    let mut nan = [false; LANES];
+    let mut chunks = x.chunks_exact(LANES);
+    for c in &mut chunks {
+        for l in 0..LANES {
+            mx[l] = mx[l].max(c[l]);
+            nan[l] |= c[l].is_nan();
+        }
+    }
+    let mut m = mx.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    let mut any_nan = nan.contains(&true);
+    for &r in chunks.remainder() {
+        m = m.max(r);
+        any_nan |= r.is_nan();
+    }
+    let mut sum = [0.0f32; LANES];
+    let mut chunks = x.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for l in 0..LANES {
+            c[l] = exp::<FMA>(c[l] - m);
+            sum[l] += c[l];
+        }
+    }
+    let mut l = hsum(&sum);
+    for r in chunks.into_remainder() {
+        *r = exp::<FMA>(*r - m);
+        l += *r;
+    }
+    Stats {
+        m,
+        l,
+        nan: any_nan || m == f32::NEG_INFINITY,
+    }
+}
 
 /// Folds the scores `sc` of keys `j0..j0 + sc.len()` into `st` and `acc`; value row `j` is
 /// `v[j · vs..][..acc.len()]`.
@@ -674,46 +673,6 @@ fn update<const FMA: bool>(
             }
         }
     }
-}
-
-#[inline(always)]
-fn part_body<const FMA: bool>(
-    c: &Ctx,
-    b: usize,
-    h: usize,
-    i: usize,
-    lo: usize,
-    hi: usize,
-    acc: &mut [f32],
-) -> Stats {
-    let s = &c.s;
-    let hk = h / c.group;
-    let q = &c.q.data[c.q.strides.offset(b, h, i)..][..s.head_dim];
-    let k = &c.k.data[c.k.strides.offset(b, hk, 0)..];
-    let v = &c.v.data[c.v.strides.offset(b, hk, 0)..];
-    let (ks, vs) = (c.k.strides.seq, c.v.strides.seq);
-    let mask = c
-        .mask
-        .as_ref()
-        .map(|m| &m.data[m.strides.offset(b, h, i)..][..s.kv_len]);
-    let mut st = EMPTY;
-    let mut scores = [0.0f32; KEY_BLOCK];
-    let mut j0 = lo;
-    while j0 < hi {
-        let n = KEY_BLOCK.min(hi - j0);
-        let sc = &mut scores[..n];
-        for (t, o) in sc.iter_mut().enumerate() {
-            *o = c.opts.scale * dot::<FMA>(q, &k[(j0 + t) * ks..][..s.head_dim]);
-        }
-        if let Some(m) = mask {
-            for (o, a) in sc.iter_mut().zip(&m[j0..j0 + n]) {
-                *o += a;
-            }
-        }
-        update::<FMA>(&mut st, sc, acc, v, vs, j0);
-        j0 += n;
-    }
-    st
 }
 
 /// Query block `blk` (see [`Ctx::block`]): each block of keys is transposed once into
@@ -805,32 +764,16 @@ fn block_body<const FMA: bool>(c: &Ctx, blk: usize, sc: &mut Scratch, out: &OutP
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{block_body, part_body, Ctx, OutPtr, Scratch, Stats};
+    use super::{block_body, softmax_body, Ctx, OutPtr, Scratch, Stats};
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-    pub(super) fn part_avx512(
-        c: &Ctx,
-        b: usize,
-        h: usize,
-        i: usize,
-        lo: usize,
-        hi: usize,
-        acc: &mut [f32],
-    ) -> Stats {
-        part_body::<true>(c, b, h, i, lo, hi, acc)
+    pub(super) fn softmax_avx512(x: &mut [f32], mask: Option<&[f32]>) -> Stats {
+        softmax_body::<true>(x, mask)
     }
 
     #[target_feature(enable = "avx2,fma")]
-    pub(super) fn part_avx2(
-        c: &Ctx,
-        b: usize,
-        h: usize,
-        i: usize,
-        lo: usize,
-        hi: usize,
-        acc: &mut [f32],
-    ) -> Stats {
-        part_body::<true>(c, b, h, i, lo, hi, acc)
+    pub(super) fn softmax_avx2(x: &mut [f32], mask: Option<&[f32]>) -> Stats {
+        softmax_body::<true>(x, mask)
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]

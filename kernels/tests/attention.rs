@@ -2,7 +2,8 @@
 //! without a mask, causal or not, sliding windows, GQA 4:2 and 8:1, decode (q_len 1, long kv,
 //! where the key range is split over threads), odd head dims, q/k/v read from a `[b, s, h, d]`
 //! layout through strides and the output written as `[b, s, h, d]`, and the degenerate rows
-//! (no visible key → zeros, all visible scores −inf → NaN); at every instruction-set level.
+//! (no visible key → zeros, all visible scores −inf → NaN), k/v read from a KV cache with spare
+//! capacity (NaN there); at every instruction-set level.
 //!
 //! Tolerance: inputs in [−1, 1], masks in [−2, 0]; every output is a convex combination of
 //! value rows, so |out| ≤ 1 and |got − want| ≤ 2e-5 absolute (f32 dot products and online
@@ -42,6 +43,9 @@ struct Case {
     mask: Mask,
     /// q/k/v stored as `[b, s, h, d]` and the output written as `[b, s, h, dv]`.
     bshd: bool,
+    /// k/v stored as a KV cache with room for this many positions (`[b, h, cap, d]`, the
+    /// spare rows NaN, so reading one shows); 0: dense.
+    cap: usize,
 }
 
 fn case(b: usize, hq: usize, hkv: usize, sq: usize, sk: usize, d: usize) -> Case {
@@ -57,7 +61,19 @@ fn case(b: usize, hq: usize, hkv: usize, sq: usize, sk: usize, d: usize) -> Case
         window: 0,
         mask: Mask::None,
         bshd: false,
+        cap: 0,
     }
+}
+
+/// Dense `[b, h, s, d]` data stored with room for `cap` positions per head, the spare rows
+/// NaN.
+fn with_capacity(x: &[f32], s: usize, d: usize, cap: usize) -> Vec<f32> {
+    let mut y = Vec::with_capacity(x.len() / s.max(1) * cap);
+    for head in x.chunks_exact((s * d).max(1)) {
+        y.extend_from_slice(head);
+        y.resize(y.len() + (cap - s) * d, f32::NAN);
+    }
+    y
 }
 
 /// `[b, h, s, d]` dense data copied into a `[b, s, h, d]` buffer.
@@ -160,13 +176,14 @@ fn kernel(
             bshd_strides(c.hq, c.sq, c.dv),
         )
     } else {
+        let cap = c.cap.max(c.sk);
         (
             q.to_vec(),
-            k.to_vec(),
-            v.to_vec(),
+            with_capacity(k, c.sk, c.d, cap),
+            with_capacity(v, c.sk, c.dv, cap),
             Strides4::dense(c.hq, c.sq, c.d),
-            Strides4::dense(c.hkv, c.sk, c.d),
-            Strides4::dense(c.hkv, c.sk, c.dv),
+            Strides4::dense(c.hkv, cap, c.d),
+            Strides4::dense(c.hkv, cap, c.dv),
             Strides4::dense(c.hq, c.sq, c.dv),
         )
     };
@@ -327,6 +344,94 @@ fn decode_with_long_kv_splits_the_key_range() {
                 },
             );
         }
+    }
+}
+
+/// Few queries per head (decode, short prefill after a cache): GQA groups, query counts 1–7,
+/// keys read from a cache with spare capacity, causal, windows and masks.
+#[test]
+fn decode_reads_a_cache_with_spare_capacity() {
+    let mut seed = 500;
+    for (b, hq, hkv, sq, sk, d) in [
+        (1, 12, 4, 1, 550, 64),
+        (1, 3, 1, 7, 33, 7),
+        (2, 6, 2, 3, 1, 33),
+        (1, 8, 8, 1, 7, 16),
+        (3, 4, 1, 2, 300, 64),
+    ] {
+        for (causal, window, mask) in [
+            (true, 0, Mask::None),
+            (true, 0, Mask::Padding),
+            (true, 5, Mask::Full),
+            (false, 0, Mask::Full),
+        ] {
+            seed += 1;
+            check(
+                seed,
+                Case {
+                    causal,
+                    window,
+                    mask,
+                    cap: 2 * sk + 3,
+                    ..case(b, hq, hkv, sq, sk, d)
+                },
+            );
+        }
+    }
+}
+
+/// The GEMM path in blocks of queries: causal and windowed key ranges that start past key 0
+/// and blocks whose keys are all hidden.
+#[test]
+fn prefill_blocks_skip_hidden_keys() {
+    for (i, (sq, sk, causal, window)) in [
+        (130, 130, true, 0),
+        (70, 200, true, 0),
+        (129, 129, true, 33),
+        (100, 40, true, 0),
+        (97, 200, true, 7),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        check(
+            600 + i as u64,
+            Case {
+                causal,
+                window,
+                mask: Mask::Full,
+                cap: sk + 64,
+                ..case(1, 4, 2, sq, sk, 16)
+            },
+        );
+    }
+}
+
+/// Decode-path rows whose visible scores are all −inf give NaN, others are unaffected.
+#[test]
+fn decode_rows_with_every_score_masked_are_nan() {
+    let c = Case {
+        mask: Mask::Full,
+        causal: true,
+        ..case(1, 4, 2, 2, 300, 8)
+    };
+    let mut r = rng(700);
+    let q = random(&mut r, 4 * 2 * 8, -1.0, 1.0);
+    let k = random(&mut r, 2 * 300 * 8, -1.0, 1.0);
+    let v = random(&mut r, 2 * 300 * 8, -1.0, 1.0);
+    let mut m = random(&mut r, 4 * 2 * 300, -2.0, 0.0);
+    m[..300].fill(f32::NEG_INFINITY); // head 0, query 0: every key
+    m[3 * 600 + 300 + 10] = f32::NEG_INFINITY; // head 3, query 1: one key
+    let want = reference(&c, 0.3, &q, &k, &v, Some(&m));
+    assert!(want[..8].iter().all(|x| x.is_nan()));
+    assert!(want[8..].iter().all(|x| x.is_finite()));
+    for isa in isas() {
+        let got = kernel(isa, &c, 0.3, &q, &k, &v, Some(&m));
+        assert_close(
+            &format!("masked decode rows at {}", isa.name()),
+            &got,
+            &want,
+        );
     }
 }
 

@@ -1,0 +1,261 @@
+//! Attention with few queries per head (decode, and short prefills after a long cache): each
+//! key and value row is read from memory once for every query row of its GQA group.
+//!
+//! Work is cut into tasks `(batch, kv head, key part)`: a task walks its part of the key range
+//! in blocks of [`KEY_BLOCK`] keys and, for each block (in L1 after the first row touches it),
+//! runs the online softmax of every query row of the group (`group × q_len` rows: the query
+//! heads sharing the kv head, each at every query position). With fewer `(batch, kv head)`
+//! pairs than the threads can use, the key range is split into parts (flash-decoding), whose
+//! partial `(m, l, acc)` are merged per row afterwards. Keys are read through the operands'
+//! strides, so a cache view with spare capacity (head stride = capacity · d) costs nothing.
+
+use super::{merge, update, Ctx, OutPtr, Stats, EMPTY, KEY_BLOCK, PARALLEL_MIN_WORK};
+use crate::simd::{dot, prefetch, Isa};
+use rayon::prelude::*;
+
+/// Keys per part at least, when the key range is split.
+const MIN_PART_KEYS: usize = 128;
+/// Tasks per thread aimed at (load balance on a shared machine).
+const TASKS_PER_THREAD: usize = 4;
+
+/// Computes and writes every output row (see the module docs).
+pub(super) fn run(c: &Ctx, out: &OutPtr) {
+    let s = &c.s;
+    let rows = c.group * s.q_len;
+    let dv = s.v_dim;
+    // Query positions only grow with i, so row 0 starts and the last row ends the key range.
+    let (klo, khi) = (c.visible(0).0, c.visible(s.q_len - 1).1);
+    let span = khi.saturating_sub(klo);
+    let units = s.batch * s.kv_heads;
+    let threads = crate::threads();
+    let work = units * rows * span.max(1) * (s.head_dim + dv).max(1);
+    let parallel = threads > 1 && work >= PARALLEL_MIN_WORK;
+    let parts = if parallel {
+        (TASKS_PER_THREAD * threads)
+            .div_ceil(units)
+            .min(span / MIN_PART_KEYS)
+            .max(1)
+    } else {
+        1
+    };
+    let per = span.div_ceil(parts).max(1).next_multiple_of(KEY_BLOCK);
+    let parts = span.div_ceil(per).max(1);
+    let tasks = units * parts;
+    let mut stats = vec![EMPTY; tasks * rows];
+    let mut acc = vec![0.0f32; tasks * rows * dv];
+    let min_len = if parallel { 1 } else { tasks };
+    stats
+        .par_chunks_mut(rows)
+        .zip(acc.par_chunks_mut(rows * dv))
+        .enumerate()
+        .with_min_len(min_len)
+        .for_each(|(t, (st, a))| {
+            let (unit, part) = (t / parts, t % parts);
+            let p0 = klo + part * per;
+            let p1 = (p0 + per).min(khi);
+            task(c, unit / s.kv_heads, unit % s.kv_heads, p0, p1, st, a);
+        });
+    // Merge each row's parts and write it.
+    let mut row_acc = vec![0.0f32; dv];
+    for unit in 0..units {
+        let (b, hk) = (unit / s.kv_heads, unit % s.kv_heads);
+        for r in 0..rows {
+            let (g, i) = (r / s.q_len, r % s.q_len);
+            let (lo, hi) = c.visible(i);
+            let st = (lo < hi).then(|| {
+                let partial = |p: usize| {
+                    let at = (unit * parts + p) * rows + r;
+                    (stats[at], &acc[at * dv..(at + 1) * dv])
+                };
+                row_acc.fill(0.0);
+                merge((0..parts).map(partial), &mut row_acc)
+            });
+            c.write(out, b, hk * c.group + g, i, st, &row_acc);
+        }
+    }
+}
+
+/// The online softmax of every query row of kv head `hk` of batch `b` over keys `p0..p1`:
+/// row `r` (query head `hk · group + r / q_len`, query `r % q_len`) into `st[r]` and
+/// `acc[r · v_dim..]`.
+fn task(c: &Ctx, b: usize, hk: usize, p0: usize, p1: usize, st: &mut [Stats], acc: &mut [f32]) {
+    match c.level {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 | Isa::Avx512Bf16 => {
+            // SAFETY: `vector_level` returned an available level, so AVX-512 F/BW/VL, AVX2
+            // and FMA are present.
+            unsafe { x86::task_avx512(c, b, hk, p0, p1, st, acc) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => {
+            // SAFETY: `vector_level` returned an available level, so AVX2 and FMA are present.
+            unsafe { x86::task_avx2(c, b, hk, p0, p1, st, acc) }
+        }
+        _ => task_body::<false, false>(c, b, hk, p0, p1, st, acc),
+    }
+}
+
+/// See [`task`]; `WIDE` scores keys with the AVX-512 kernel [`x86::scores_avx512`] (only
+/// instantiated with `FMA` inside functions compiled for AVX-512).
+#[inline(always)]
+fn task_body<const FMA: bool, const WIDE: bool>(
+    c: &Ctx,
+    b: usize,
+    hk: usize,
+    p0: usize,
+    p1: usize,
+    st: &mut [Stats],
+    acc: &mut [f32],
+) {
+    let s = &c.s;
+    let (d, dv, nq) = (s.head_dim, s.v_dim, s.q_len);
+    let k = &c.k.data[c.k.strides.offset(b, hk, 0)..];
+    let v = &c.v.data[c.v.strides.offset(b, hk, 0)..];
+    let (ks, vs) = (c.k.strides.seq, c.v.strides.seq);
+    st.fill(EMPTY);
+    acc.fill(0.0);
+    let mut j0 = p0;
+    while j0 < p1 {
+        let n = KEY_BLOCK.min(p1 - j0);
+        // The next block's rows, while this one is computed.
+        for j in j0 + n..(j0 + 2 * n).min(p1) {
+            prefetch(k[j * ks..].as_ptr());
+            prefetch(v[j * vs..].as_ptr());
+        }
+        for (r, (st, acc)) in st.iter_mut().zip(acc.chunks_exact_mut(dv)).enumerate() {
+            let (h, i) = (hk * c.group + r / nq, r % nq);
+            let (lo, hi) = c.visible(i);
+            let (a, e) = (lo.max(j0), hi.min(j0 + n));
+            if a >= e {
+                continue;
+            }
+            let q = &c.q.data[c.q.strides.offset(b, h, i)..][..d];
+            let mut scores = [0.0f32; KEY_BLOCK];
+            let sc = &mut scores[..e - a];
+            let keys = &k[a * ks..(e - 1) * ks + d];
+            if WIDE {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: `WIDE` is only instantiated by `x86::task_avx512`, compiled with the
+                // features `scores_avx512` needs.
+                unsafe {
+                    x86::scores_avx512(q, keys, ks, sc)
+                };
+            } else {
+                for (t, o) in sc.iter_mut().enumerate() {
+                    *o = dot::<FMA>(q, &keys[t * ks..][..d]);
+                }
+            }
+            for o in sc.iter_mut() {
+                *o *= c.opts.scale;
+            }
+            if let Some(m) = &c.mask {
+                let mr = &m.data[m.strides.offset(b, h, i)..][a..e];
+                for (o, x) in sc.iter_mut().zip(mr) {
+                    *o += x;
+                }
+            }
+            update::<FMA>(st, sc, acc, v, vs, a);
+        }
+        j0 += n;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{task_body, Ctx, Stats};
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+    pub(super) fn task_avx512(
+        c: &Ctx,
+        b: usize,
+        hk: usize,
+        p0: usize,
+        p1: usize,
+        st: &mut [Stats],
+        acc: &mut [f32],
+    ) {
+        task_body::<true, true>(c, b, hk, p0, p1, st, acc)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn task_avx2(
+        c: &Ctx,
+        b: usize,
+        hk: usize,
+        p0: usize,
+        p1: usize,
+        st: &mut [Stats],
+        acc: &mut [f32],
+    ) {
+        task_body::<true, false>(c, b, hk, p0, p1, st, acc)
+    }
+
+    /// `out[t] = q · keys[t · ks..][..d]` (`d = q.len()`), four keys at a time: one vector
+    /// accumulator per key over the head dims (the last vector masked), the four reduced
+    /// together (two unpack/shuffle rounds, then the 128-bit quarters summed).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+    #[inline]
+    pub(super) fn scores_avx512(q: &[f32], keys: &[f32], ks: usize, out: &mut [f32]) {
+        let (d, n) = (q.len(), out.len());
+        assert!(n == 0 || (n - 1) * ks + d <= keys.len());
+        let (full, rem) = (d / 16, d % 16);
+        let tail: __mmask16 = ((1u32 << rem) - 1) as u16;
+        let (qp, kp) = (q.as_ptr(), keys.as_ptr());
+        // SAFETY (every load below): vector `c` of key `j` covers elements j·ks + 16c .. + 16
+        // with 16c + 16 <= d (full vectors) or only the first `rem` lanes, j·ks + d <= keys.len()
+        // by the assertion, and q's vectors lie within q.len() = d likewise.
+        let load = |p: *const f32, c: usize| unsafe { _mm512_loadu_ps(p.add(16 * c)) };
+        // SAFETY: as above, masked lanes are not read.
+        let load_tail = |p: *const f32| unsafe { _mm512_maskz_loadu_ps(tail, p.add(16 * full)) };
+        let mut j = 0;
+        while j + 4 <= n {
+            let mut a = [_mm512_setzero_ps(); 4];
+            for c in 0..full {
+                let qv = load(qp, c);
+                for (u, acc) in a.iter_mut().enumerate() {
+                    // SAFETY: j + u < n, so the key row is in bounds (see above).
+                    *acc = _mm512_fmadd_ps(qv, load(unsafe { kp.add((j + u) * ks) }, c), *acc);
+                }
+            }
+            if rem > 0 {
+                let qv = load_tail(qp);
+                for (u, acc) in a.iter_mut().enumerate() {
+                    // SAFETY: as above.
+                    *acc = _mm512_fmadd_ps(qv, load_tail(unsafe { kp.add((j + u) * ks) }), *acc);
+                }
+            }
+            // Per 128-bit quarter: [a0 a1 a0 a1] pair sums, then [a0 a1 a2 a3].
+            let t0 = _mm512_add_ps(
+                _mm512_unpacklo_ps(a[0], a[1]),
+                _mm512_unpackhi_ps(a[0], a[1]),
+            );
+            let t1 = _mm512_add_ps(
+                _mm512_unpacklo_ps(a[2], a[3]),
+                _mm512_unpackhi_ps(a[2], a[3]),
+            );
+            let s = _mm512_add_ps(
+                _mm512_shuffle_ps::<0x44>(t0, t1),
+                _mm512_shuffle_ps::<0xEE>(t0, t1),
+            );
+            let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(s)));
+            let s = _mm256_add_ps(_mm512_castps512_ps256(s), hi);
+            let s = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps::<1>(s));
+            // SAFETY: j + 4 <= n = out.len().
+            unsafe { _mm_storeu_ps(out.as_mut_ptr().add(j), s) };
+            j += 4;
+        }
+        for (t, o) in out.iter_mut().enumerate().skip(j) {
+            let mut acc = _mm512_setzero_ps();
+            // SAFETY: t < n, so the key row is in bounds (see above).
+            let kr = unsafe { kp.add(t * ks) };
+            for c in 0..full {
+                acc = _mm512_fmadd_ps(load(qp, c), load(kr, c), acc);
+            }
+            if rem > 0 {
+                acc = _mm512_fmadd_ps(load_tail(qp), load_tail(kr), acc);
+            }
+            *o = _mm512_reduce_add_ps(acc);
+        }
+    }
+}
