@@ -2,8 +2,10 @@
 //! `linalg`/`arith`/`math`/`memref` dialects, JIT-compiled for the host CPU, or lowered through
 //! `gpu` + `nvvm` to PTX.
 //!
-//! One kernel is one graph node at concrete shapes ([`KernelSpec`]). The pieces:
-//! - [`spec`]: what a kernel is (op, operand types) and what this backend accepts;
+//! A graph node at concrete shapes is a [`KernelSpec`]; what is compiled is its [`KernelKey`]
+//! (the op and the sizes the lowering fixes; lengths are dynamic), so one kernel serves every
+//! sequence and cache length. The pieces:
+//! - [`spec`]: specs, keys and the layout mapping one onto the other;
 //! - [`build`]: melior builder helpers (types, affine maps, `linalg.generic`, constants);
 //! - [`scalar`]: a [`kiln_ir::Expr`] body (and the fixed scalar formulas) as `arith`/`math` ops;
 //! - [`lower`]: one [`kiln_ir::Op`] as a verified `func.func @kernel` on memrefs (elementwise
@@ -31,7 +33,7 @@ pub use cpu::{KernelCache, MlirKernel};
 pub use gpu::ptx;
 pub use lower::emit;
 pub use provider::MlirProvider;
-pub use spec::KernelSpec;
+pub use spec::{KernelKey, KernelSpec};
 
 /// Why a kernel could not be generated or run.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -1,11 +1,15 @@
 //! Row-wise kernels over the last axis, as `linalg.generic` reductions into per-row buffers
 //! followed by parallel generics: softmax and log-softmax, rmsnorm, layernorm. The operand is
-//! viewed as `[rows, cols]` (contiguous), rows split across threads by the JIT.
+//! viewed as `[rows, cols]` (contiguous), rows dynamic and split across threads by the JIT;
+//! the norms compile their row length in, softmax takes it at run time (it is the key length
+//! when attention is not fused).
 
 use super::build::{Builder, Iter};
-use super::lower::{module, ArgLayout, Lowered};
+use super::lower::{fixed, module, Lowered};
 use super::scalar::Scalars;
+use super::spec::{KernelKey, Layout};
 use super::MlirError;
+use kiln_ir::Op;
 use melior::ir::{AffineMap, Block, Value};
 use melior::Context;
 
@@ -15,6 +19,29 @@ fn rows_cols(shape: &[usize]) -> Result<(usize, usize), MlirError> {
         .split_last()
         .ok_or_else(|| MlirError::Unsupported("a row-wise op on a rank-0 tensor".into()))?;
     Ok((lead.iter().product(), cols))
+}
+
+/// The layout of a row-wise op: `x` as `[rows, cols]`, the weight and bias as `[cols]`, the
+/// output as `x`; the norms fix `cols`.
+pub fn layout(op: &Op, inputs: &[&[usize]]) -> Result<Layout, MlirError> {
+    let shape = inputs[0];
+    if let Op::Softmax { axis } | Op::LogSoftmax { axis } = op {
+        if axis + 1 != shape.len() {
+            return Err(MlirError::Unsupported(format!(
+                "softmax over axis {axis} of a rank-{} tensor (only the last axis is lowered)",
+                shape.len()
+            )));
+        }
+    }
+    let (rows, cols) = rows_cols(shape)?;
+    let norm = matches!(op, Op::RmsNorm { .. } | Op::LayerNorm { .. });
+    let mut l = Layout::new(Vec::new());
+    l.arg(vec![rows, cols], &[false, norm], true);
+    for _ in 1..inputs.len() {
+        l.arg(vec![cols], &[true], false);
+    }
+    l.arg(vec![rows, cols], &[false, norm], true);
+    Ok(l)
 }
 
 /// The maps `(i, j) -> (i, j)`, `(i, j) -> (i)` and `(i, j) -> (j)`.
@@ -44,7 +71,7 @@ fn row_buffer<'c, 'a>(
     x: Value<'c, '_>,
     init: f64,
 ) -> Result<Value<'c, 'a>, MlirError> {
-    let buf = b.alloc(block, &[0], true, x)?;
+    let buf = b.alloc(block, &[None], x)?;
     b.fill(block, init, buf)?;
     Ok(buf)
 }
@@ -90,26 +117,10 @@ fn map_rows<'c>(
 
 /// Softmax (`log` false) or log-softmax over the last axis (`axis` must be it): row max, then
 /// `exp(x - max)`, its row sum, and the normalization (by the sum's reciprocal).
-pub fn softmax<'c>(
-    ctx: &'c Context,
-    shape: &[usize],
-    axis: usize,
-    log: bool,
-) -> Result<Lowered<'c>, MlirError> {
-    if axis + 1 != shape.len() {
-        return Err(MlirError::Unsupported(format!(
-            "softmax over axis {axis} of a rank-{} tensor (only the last axis is lowered)",
-            shape.len()
-        )));
-    }
-    let (rows, cols) = rows_cols(shape)?;
-    let args = vec![
-        ArgLayout::rows(vec![rows, cols]),
-        ArgLayout::rows(vec![rows, cols]),
-    ];
+pub fn softmax<'c>(ctx: &'c Context, key: &KernelKey, log: bool) -> Result<Lowered<'c>, MlirError> {
     module(
         ctx,
-        args,
+        &key.args,
         Box::new(move |b, block, v| {
             let (x, y) = (v[0], v[1]);
             let m = Maps::new(b);
@@ -155,16 +166,11 @@ pub fn softmax<'c>(
 }
 
 /// `x / sqrt(mean(x²) + eps) * w`: row sums of squares, the per-row scale, then one pass.
-pub fn rmsnorm<'c>(ctx: &'c Context, shape: &[usize], eps: f64) -> Result<Lowered<'c>, MlirError> {
-    let (rows, cols) = rows_cols(shape)?;
-    let args = vec![
-        ArgLayout::rows(vec![rows, cols]),
-        ArgLayout::whole(vec![cols]),
-        ArgLayout::rows(vec![rows, cols]),
-    ];
+pub fn rmsnorm<'c>(ctx: &'c Context, key: &KernelKey, eps: f64) -> Result<Lowered<'c>, MlirError> {
+    let cols = fixed(key, 0, 1)?;
     module(
         ctx,
-        args,
+        &key.args,
         Box::new(move |b, block, v| {
             let (x, w, y) = (v[0], v[1], v[2]);
             let m = Maps::new(b);
@@ -199,19 +205,13 @@ pub fn rmsnorm<'c>(ctx: &'c Context, shape: &[usize], eps: f64) -> Result<Lowere
 /// deviations, the per-row scale, then one pass.
 pub fn layernorm<'c>(
     ctx: &'c Context,
-    shape: &[usize],
+    key: &KernelKey,
     eps: f64,
 ) -> Result<Lowered<'c>, MlirError> {
-    let (rows, cols) = rows_cols(shape)?;
-    let args = vec![
-        ArgLayout::rows(vec![rows, cols]),
-        ArgLayout::whole(vec![cols]),
-        ArgLayout::whole(vec![cols]),
-        ArgLayout::rows(vec![rows, cols]),
-    ];
+    let cols = fixed(key, 0, 1)?;
     module(
         ctx,
-        args,
+        &key.args,
         Box::new(move |b, block, v| {
             let (x, w, bias, y) = (v[0], v[1], v[2], v[3]);
             let m = Maps::new(b);
