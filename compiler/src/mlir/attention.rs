@@ -9,110 +9,15 @@
 //! split across threads by the JIT; keys, values and the mask are read whole at the absolute
 //! row ([`super::lower::Lowered::first_row`]).
 
-use super::build::Builder;
+use super::loops::{for_loop, Ix};
 use super::lower::{fixed, module_with, Lowered};
-use super::scalar::Scalars;
 use super::spec::{KernelKey, Layout};
 use super::MlirError;
 use melior::dialect::arith::{self, CmpfPredicate, CmpiPredicate};
-use melior::ir::operation::OperationBuilder;
-use melior::ir::r#type::Type;
-use melior::ir::{Block, BlockLike, Region, RegionLike, Value, ValueLike};
+use melior::ir::{BlockLike, Value};
 use melior::Context;
 
 type V<'c, 'a> = Value<'c, 'a>;
-
-/// `scf.for %iv = lo to hi iter_args(inits)` appended to `block`: `body` gets the loop's block,
-/// the induction variable and the carried values and returns the values to carry on; the
-/// loop's results are returned.
-fn for_loop<'c, 'a>(
-    b: &Builder<'c>,
-    block: &'a Block<'c>,
-    (lo, hi): (V<'c, '_>, V<'c, '_>),
-    inits: &[V<'c, '_>],
-    body: impl for<'i> FnOnce(
-        &'i Block<'c>,
-        V<'c, 'i>,
-        &[V<'c, 'i>],
-    ) -> Result<Vec<V<'c, 'i>>, MlirError>,
-) -> Result<Vec<V<'c, 'a>>, MlirError> {
-    let index = Type::index(b.ctx);
-    let one = b.int_const(block, index, 1)?;
-    let types: Vec<Type<'c>> = inits.iter().map(|v| v.r#type()).collect();
-    let mut args = vec![(index, b.loc)];
-    args.extend(types.iter().map(|t| (*t, b.loc)));
-    let inner = Block::new(&args);
-    {
-        let iv: V<'c, '_> = inner.argument(0)?.into();
-        let carried: Vec<V<'c, '_>> = (1..args.len())
-            .map(|i| inner.argument(i).map(Into::into))
-            .collect::<Result<_, _>>()?;
-        let next = body(&inner, iv, &carried)?;
-        inner.append_operation(
-            OperationBuilder::new("scf.yield", b.loc)
-                .add_operands(&next)
-                .build()?,
-        );
-    }
-    let region = Region::new();
-    region.append_block(inner);
-    let op = OperationBuilder::new("scf.for", b.loc)
-        .add_operands(&[lo, hi, one])
-        .add_operands(inits)
-        .add_results(&types)
-        .add_regions([region])
-        .build()?;
-    let op = block.append_operation(op);
-    (0..types.len())
-        .map(|i| op.result(i).map(Into::into).map_err(MlirError::from))
-        .collect()
-}
-
-/// Index arithmetic and memory access in one block.
-struct Ix<'b, 'c, 'a> {
-    b: &'b Builder<'c>,
-    block: &'a Block<'c>,
-}
-
-impl<'c, 'a> Ix<'_, 'c, 'a> {
-    fn c(&self, v: i64) -> Result<V<'c, 'a>, MlirError> {
-        self.b.int_const(self.block, Type::index(self.b.ctx), v)
-    }
-
-    fn op(&self, name: &str, x: V<'c, '_>, y: V<'c, '_>) -> Result<V<'c, 'a>, MlirError> {
-        self.b.op(self.block, name, &[x, y], None, &[])
-    }
-
-    fn load(&self, mem: V<'c, '_>, at: &[V<'c, '_>]) -> Result<V<'c, 'a>, MlirError> {
-        let mut operands = vec![mem];
-        operands.extend_from_slice(at);
-        self.b.op(
-            self.block,
-            "memref.load",
-            &operands,
-            Some(self.b.f32()),
-            &[],
-        )
-    }
-
-    fn store(&self, x: V<'c, '_>, mem: V<'c, '_>, at: &[V<'c, '_>]) -> Result<(), MlirError> {
-        let mut operands = vec![x, mem];
-        operands.extend_from_slice(at);
-        self.block.append_operation(
-            OperationBuilder::new("memref.store", self.b.loc)
-                .add_operands(&operands)
-                .build()?,
-        );
-        Ok(())
-    }
-
-    fn scalars(&self) -> Scalars<'_, 'c, 'a> {
-        Scalars {
-            b: self.b,
-            block: self.block,
-        }
-    }
-}
 
 /// The layout of attention over `q[b, hq, sq, d]`, `k[b, hkv, sk, d]`, `v[b, hkv, sk, dv]` and
 /// the optional mask: `q` and the output as `[b·hq, sq, ·]` (rows split), `k` and `v` as

@@ -263,39 +263,4 @@ impl<'c> Builder<'c> {
         let c = self.f32_const(block, v)?;
         self.named(block, "linalg.fill", &[c], &[out])
     }
-
-    /// A new f32 buffer (`memref.alloc`) of sizes `dims`, each dynamic one that of the same
-    /// axis of `like`; the caller frees it with [`Builder::dealloc`].
-    pub fn alloc<'a>(
-        &self,
-        block: &'a Block<'c>,
-        dims: &[Option<usize>],
-        like: Value<'c, '_>,
-    ) -> Result<Value<'c, 'a>, MlirError> {
-        let sizes = dims
-            .iter()
-            .enumerate()
-            .filter(|(_, d)| d.is_none())
-            .map(|(axis, _)| self.dim(block, like, axis))
-            .collect::<Result<Vec<_>, _>>()?;
-        let op = OperationBuilder::new("memref.alloc", self.loc)
-            .add_operands(&sizes)
-            .add_attributes(&[(
-                self.id("operandSegmentSizes"),
-                DenseI32ArrayAttribute::new(self.ctx, &[sizes.len() as i32, 0]).into(),
-            )])
-            .add_results(&[self.memref(dims)])
-            .build()?;
-        Ok(block.append_operation(op).result(0)?.into())
-    }
-
-    /// `memref.dealloc`.
-    pub fn dealloc(&self, block: &Block<'c>, buf: Value<'c, '_>) -> Result<(), MlirError> {
-        block.append_operation(
-            OperationBuilder::new("memref.dealloc", self.loc)
-                .add_operands(&[buf])
-                .build()?,
-        );
-        Ok(())
-    }
 }

@@ -8,6 +8,7 @@
 //! - [`spec`]: specs, keys and the layout mapping one onto the other;
 //! - [`build`]: melior builder helpers (types, affine maps, `linalg.generic`, constants);
 //! - [`scalar`]: a [`kiln_ir::Expr`] body (and the fixed scalar formulas) as `arith`/`math` ops;
+//! - [`loops`]: `scf` loops (carried reductions, parallel rows) for the non-structured kernels;
 //! - [`lower`]: one [`kiln_ir::Op`] as a verified `func.func @kernel` on memrefs (elementwise
 //!   bodies and reductions there, [`norm`] for softmax/rmsnorm/layernorm, [`matmul`],
 //!   [`attention`] as an `scf` loop nest with online softmax);
@@ -22,6 +23,7 @@ pub mod attention;
 pub mod build;
 pub mod cpu;
 pub mod gpu;
+pub mod loops;
 pub mod lower;
 pub mod matmul;
 pub mod norm;
