@@ -72,46 +72,28 @@ mod imp {
     }
 
     pub fn causal(m: CausalModel) -> Result<CausalModel, String> {
-        let CausalModel {
-            lm,
-            info,
-            assets,
-            limits,
-        } = m;
-        let (prefill, decode, _) = lm.parts();
-        let graphs = vec![prefill.clone(), decode.clone()];
-        let params = lm.into_params();
-        let mut it = plan(graphs, &params)?.into_iter();
-        let (Some(p), Some(d)) = (it.next(), it.next()) else {
-            return Err("internal: expected two planned graphs".into());
-        };
-        let lm = GraphLm::with_executors(p, d, params, info.num_layers, info.vocab_size);
-        Ok(CausalModel {
-            lm,
-            info,
-            assets,
-            limits,
+        let (layers, vocab) = (m.info.num_layers, m.info.vocab_size);
+        m.map_lm(|lm| {
+            let (prefill, decode, _) = lm.parts();
+            let graphs = vec![prefill.clone(), decode.clone()];
+            let params = lm.into_params();
+            let mut it = plan(graphs, &params)?.into_iter();
+            let (Some(p), Some(d)) = (it.next(), it.next()) else {
+                return Err("internal: expected two planned graphs".to_string());
+            };
+            Ok(GraphLm::with_executors(p, d, params, layers, vocab))
         })
     }
 
     pub fn encoder(e: EncoderModel) -> Result<EncoderModel, String> {
-        let EncoderModel {
-            runner,
-            info,
-            assets,
-            limits,
-        } = e;
-        let graph = runner.parts().0.clone();
-        let params = runner.into_params();
-        let plan = plan(vec![graph], &params)?
-            .pop()
-            .ok_or("internal: expected one planned graph")?;
-        let runner = EncoderRunner::with_executor(plan, params, info.uses_token_types);
-        Ok(EncoderModel {
-            runner,
-            info,
-            assets,
-            limits,
+        let token_types = e.info.uses_token_types;
+        e.map_runner(|runner| {
+            let graph = runner.parts().0.clone();
+            let params = runner.into_params();
+            let plan = plan(vec![graph], &params)?
+                .pop()
+                .ok_or("internal: expected one planned graph")?;
+            Ok(EncoderRunner::with_executor(plan, params, token_types))
         })
     }
 }

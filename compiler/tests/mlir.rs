@@ -400,35 +400,168 @@ fn unsupported_ops_and_bad_arguments_are_errors() {
 }
 
 #[test]
-fn cache_compiles_each_spec_once() {
+fn cache_compiles_each_key_once() {
     let cache = KernelCache::new();
     let a = KernelSpec::new(Op::Unary(UnaryOp::Exp), &[&[8]]);
     let k1 = cache.get(&a).unwrap();
     let k2 = cache.get(&a).unwrap();
     assert!(std::sync::Arc::ptr_eq(&k1, &k2));
+    // Another length of the same op is the same kernel.
+    let k3 = cache
+        .get(&KernelSpec::new(Op::Unary(UnaryOp::Exp), &[&[33]]))
+        .unwrap();
+    assert!(std::sync::Arc::ptr_eq(&k1, &k3));
     assert!(cache
         .get(&KernelSpec::new(Op::Softmax { axis: 0 }, &[&[2, 2]]))
         .is_err());
-    assert_eq!(cache.len(), 2);
-    // A bounded cache empties itself for a spec beyond its limit.
+    // Refused at layout, before any compilation.
+    assert_eq!((cache.len(), cache.compilations()), (1, 1));
+    // A bounded cache empties itself for a key beyond its limit (rmsnorm fixes its row length,
+    // so each of these is a key of its own).
     let bounded = KernelCache::bounded(2);
     let specs: Vec<KernelSpec> = [1usize, 2, 3]
         .iter()
-        .map(|&n| KernelSpec::new(Op::Unary(UnaryOp::Exp), &[&[n]]))
+        .map(|&n| KernelSpec::new(Op::RmsNorm { eps: F64(1e-6) }, &[&[1, n], &[n]]))
         .collect();
     let first = bounded.get(&specs[0]).unwrap();
     bounded.get(&specs[1]).unwrap();
     assert_eq!(bounded.len(), 2);
     bounded.get(&specs[2]).unwrap();
     assert_eq!(bounded.len(), 1);
+    assert_eq!(bounded.compilations(), 3);
     // An evicted kernel still runs for whoever holds it, and is compiled anew when asked.
     let mut y = [0.0];
-    first.run(&[(&[0.0], &[1])], &mut y, &[1]).unwrap();
-    assert_eq!(y, [1.0]);
+    first
+        .run(&[(&[2.0], &[1, 1]), (&[3.0], &[1])], &mut y, &[1, 1])
+        .unwrap();
+    assert!((y[0] - 3.0).abs() < 1e-5, "{y:?}");
     assert!(!std::sync::Arc::ptr_eq(
         &first,
         &bounded.get(&specs[0]).unwrap()
     ));
+    assert_eq!(bounded.compilations(), 4);
+}
+
+/// Runs every spec of `family` through one cache against the reference executor (`bound` as in
+/// [`check`], given the data) and checks that they all ran on one compiled kernel.
+fn one_kernel(
+    r: &mut ChaCha8Rng,
+    what: &str,
+    family: &[KernelSpec],
+    bound: impl Fn(&KernelSpec, &[Vec<f32>]) -> Vec<f64>,
+) {
+    let cache = KernelCache::new();
+    for spec in family {
+        let data: Vec<Vec<f32>> = spec
+            .inputs
+            .iter()
+            .map(|s| random(r, s.iter().product(), -2.0, 2.0))
+            .collect();
+        let k = cache.get(spec).unwrap_or_else(|e| panic!("{spec:?}: {e}"));
+        let out = spec.output_shape().unwrap();
+        let mut y = vec![f32::NAN; out.iter().product()];
+        let ins: Vec<(&[f32], &[usize])> = data
+            .iter()
+            .zip(&spec.inputs)
+            .map(|(d, s)| (d.as_slice(), s.as_slice()))
+            .collect();
+        k.run(&ins, &mut y, &out).unwrap();
+        let b = bound(spec, &data);
+        check(
+            &format!("{what} {:?}", spec.inputs),
+            &y,
+            &reference(spec, &data),
+            |i, _| b[i],
+        );
+    }
+    assert_eq!(cache.compilations(), 1, "{what}: kernels compiled");
+}
+
+#[test]
+fn one_kernel_serves_every_sequence_and_cache_length() {
+    let mut r = ChaCha8Rng::seed_from_u64(9);
+    let rel_bound = |spec: &KernelSpec, data: &[Vec<f32>]| -> Vec<f64> {
+        reference(spec, data)
+            .iter()
+            .map(|w| 1e-5 * f64::from(w.abs()) + 1e-6)
+            .collect()
+    };
+    let spec = |op: &Op, shapes: &[&[usize]]| KernelSpec::new(op.clone(), shapes);
+    let silu = body("(mul (silu $0) $1)");
+    let lens = [1usize, 7, 33, 4097, 100_003];
+    let family: Vec<_> = lens.iter().map(|&n| spec(&silu, &[&[n], &[n]])).collect();
+    one_kernel(&mut r, "silu·mul", &family, rel_bound);
+    // RoPE-like broadcast: [1, s, heads, d] · [s, 1, d].
+    let family: Vec<_> = [1usize, 5, 64]
+        .iter()
+        .map(|&n| spec(&Op::Binary(BinaryOp::Mul), &[&[1, n, 4, 8], &[n, 1, 8]]))
+        .collect();
+    one_kernel(&mut r, "broadcast mul", &family, rel_bound);
+    let softmax = Op::Softmax { axis: 2 };
+    let family: Vec<_> = [(1, 1), (5, 9), (1, 4097), (300, 300)]
+        .iter()
+        .map(|&(q, k)| spec(&softmax, &[&[4, q, k]]))
+        .collect();
+    one_kernel(&mut r, "softmax", &family, rel_bound);
+    let rms = Op::RmsNorm { eps: F64(1e-6) };
+    let family: Vec<_> = [1usize, 7, 1000]
+        .iter()
+        .map(|&n| spec(&rms, &[&[1, n, 65], &[65]]))
+        .collect();
+    one_kernel(&mut r, "rmsnorm", &family, rel_bound);
+    // Products: Σ|a||b| bounds the rounding (as in the matmul test).
+    let abs_bound = |spec: &KernelSpec, data: &[Vec<f32>]| -> Vec<f64> {
+        let abs: Vec<Vec<f32>> = data
+            .iter()
+            .map(|v| v.iter().map(|x| x.abs()).collect())
+            .collect();
+        reference(spec, &abs)
+            .iter()
+            .map(|b| 1e-5 * f64::from(*b) + 1e-6)
+            .collect()
+    };
+    let mm = Op::MatMul {
+        transpose_a: false,
+        transpose_b: true,
+    };
+    let family: Vec<_> = [(1, 1, 1), (7, 33, 65), (300, 257, 9)]
+        .iter()
+        .map(|&(m, n, k)| spec(&mm, &[&[1, m, k], &[n, k]]))
+        .collect();
+    one_kernel(&mut r, "matmul", &family, abs_bound);
+    let bmm = Op::MatMul {
+        transpose_a: false,
+        transpose_b: true,
+    };
+    let family: Vec<_> = [(1, 1), (5, 9), (64, 64)]
+        .iter()
+        .map(|&(q, k)| spec(&bmm, &[&[2, 3, q, 8], &[2, 3, k, 8]]))
+        .collect();
+    one_kernel(&mut r, "batched matmul", &family, abs_bound);
+    // A prompt, then decode steps over a growing cache, with a full mask.
+    let attn = Op::Attention {
+        scale: F64(0.25),
+        causal: true,
+        window: 0,
+    };
+    let family: Vec<_> = [(9, 9), (1, 10), (1, 11), (1, 65), (64, 64)]
+        .iter()
+        .map(|&(q, k)| {
+            spec(
+                &attn,
+                &[&[2, 4, q, 16], &[2, 2, k, 16], &[2, 2, k, 8], &[2, 1, q, k]],
+            )
+        })
+        .collect();
+    let v_bound = |spec: &KernelSpec, data: &[Vec<f32>]| -> Vec<f64> {
+        let mut abs = data.to_vec();
+        abs[2] = abs[2].iter().map(|x| x.abs()).collect();
+        reference(spec, &abs)
+            .iter()
+            .map(|b| 1e-5 * f64::from(*b) + 1e-6)
+            .collect()
+    };
+    one_kernel(&mut r, "attention", &family, v_bound);
 }
 
 /// `ptxas`: `$KILN_PTXAS`, else the CUDA wheel unpacked under `~/.cache/kiln/cuda`, else `PATH`.

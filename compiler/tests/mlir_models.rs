@@ -20,7 +20,7 @@ use kiln_models::config::Family;
 use kiln_models::encoder::{base_model_prefix, trace_encoder};
 use kiln_models::nn::adapt_param_names;
 use kiln_models::ModelDir;
-use kiln_runtime::cpu::external::Provider;
+use kiln_runtime::cpu::external::{KernelProvider, Provider};
 use kiln_runtime::cpu::CpuGraph;
 use kiln_runtime::encoder::EncoderRunner;
 use kiln_runtime::{Checkpoint, Convert, GraphExecutor, GraphLm, LanguageModel, Params};
@@ -92,6 +92,16 @@ fn plan(
     dir: &ModelDir,
     graphs: Vec<Graph>,
 ) -> (Vec<Box<dyn GraphExecutor>>, Params, Arc<Provider>) {
+    let (plans, params, provider) = plan_with(dir, graphs, Some(Arc::new(MlirProvider::new())));
+    (plans, params, provider.expect("a provider"))
+}
+
+/// [`plan`] with `mlir`'s kernels, or the native kernels only when `None`.
+fn plan_with(
+    dir: &ModelDir,
+    graphs: Vec<Graph>,
+    mlir: Option<Arc<MlirProvider>>,
+) -> (Vec<Box<dyn GraphExecutor>>, Params, Option<Arc<Provider>>) {
     let ckpt = Checkpoint::open_many(&dir.weight_files().unwrap()).unwrap();
     let prefix = base_model_prefix(&dir.config.model_type);
     let graphs: Vec<Graph> = graphs
@@ -102,8 +112,8 @@ fn plan(
         })
         .collect();
     let params = ckpt.bind(&graphs[0], Convert::Exact).unwrap();
-    let provider = Provider::new(Arc::new(MlirProvider::new()));
-    let plans = CpuGraph::compile_with(graphs, &params, Some(&provider))
+    let provider = mlir.map(|m| Provider::new(m as Arc<dyn KernelProvider>));
+    let plans = CpuGraph::compile_with(graphs, &params, provider.as_ref())
         .unwrap()
         .into_iter()
         .map(|g| Box::new(g) as Box<dyn GraphExecutor>)
@@ -112,6 +122,15 @@ fn plan(
 }
 
 fn causal(name: &str) -> (GraphLm<Params>, Arc<Provider>) {
+    let (lm, provider) = causal_with(name, Some(Arc::new(MlirProvider::new())));
+    (lm, provider.expect("a provider"))
+}
+
+/// [`causal`] with `mlir`'s kernels, or the native kernels only when `None`.
+fn causal_with(
+    name: &str,
+    mlir: Option<Arc<MlirProvider>>,
+) -> (GraphLm<Params>, Option<Arc<Provider>>) {
     let dir = ModelDir::open(&fixture(name)).unwrap();
     let graphs = match &dir.config.family {
         Family::Decoder(d) => d.trace(),
@@ -119,7 +138,7 @@ fn causal(name: &str) -> (GraphLm<Params>, Arc<Provider>) {
         _ => panic!("{name}: not a causal LM"),
     }
     .unwrap();
-    let (plans, params, provider) = plan(&dir, vec![graphs.prefill, graphs.decode]);
+    let (plans, params, provider) = plan_with(&dir, vec![graphs.prefill, graphs.decode], mlir);
     let [p, d]: [Box<dyn GraphExecutor>; 2] = plans.try_into().ok().unwrap();
     let lm = GraphLm::with_executors(p, d, params, graphs.num_layers, graphs.vocab_size);
     (lm, provider)
@@ -225,4 +244,49 @@ fn encoder_families_with_mlir_kernels_match_transformers() {
         assert!(err < TOL, "{name}: classifier logits max abs error {err:e}");
         ran_on_mlir(name, &provider);
     }
+}
+
+/// A greedy 50-step decode with MLIR kernels compiles each distinct kernel once, all by the end
+/// of the first step (the cache grows every step; kernels take its length at run time), and
+/// every step's logits follow the native backend's (whose own steps `tests/hf_causal.rs`
+/// checks against transformers) within [`TOL`].
+#[test]
+fn decode_compiles_each_kernel_once() {
+    let mlir = Arc::new(MlirProvider::new());
+    let (mut lm, provider) = causal_with("llama", Some(mlir.clone()));
+    let (mut native, _) = causal_with("llama", None);
+    let (r, _) = reference("llama");
+    let prompt = ids(&r["prompt_ids"])[..8].to_vec();
+    let got = lm.prefill(std::slice::from_ref(&prompt)).unwrap();
+    let want = native.prefill(std::slice::from_ref(&prompt)).unwrap();
+    assert!(max_abs(&got[0], &want[0]) <= TOL, "prefill");
+    let mut token = prompt[prompt.len() - 1];
+    let mut after_first = 0;
+    for step in 0..50 {
+        let got = lm.decode(&[token]).unwrap();
+        let want = native.decode(&[token]).unwrap();
+        let err = max_abs(&got[0], &want[0]);
+        assert!(err <= TOL, "step {step}: logits differ by {err:e}");
+        token = (0..want[0].len())
+            .max_by(|&a, &b| want[0][a].total_cmp(&want[0][b]))
+            .unwrap() as u32;
+        if step == 0 {
+            after_first = mlir.compilations();
+        }
+    }
+    eprintln!(
+        "llama: {} kernels compiled for prefill and 50 decode steps",
+        mlir.compilations()
+    );
+    assert_eq!(
+        mlir.compilations(),
+        after_first,
+        "kernels compiled after step 1"
+    );
+    assert_eq!(
+        mlir.compilations(),
+        mlir.kernels(),
+        "a kernel compiled twice"
+    );
+    ran_on_mlir("llama", &provider.expect("a provider"));
 }

@@ -9,146 +9,52 @@
 //! split across threads by the JIT; keys, values and the mask are read whole at the absolute
 //! row ([`super::lower::Lowered::first_row`]).
 
-use super::build::Builder;
-use super::lower::{module_with, ArgLayout, Lowered};
-use super::scalar::Scalars;
-use super::spec::KernelSpec;
+use super::loops::{for_loop, Ix};
+use super::lower::{fixed, module_with, Lowered};
+use super::spec::{KernelKey, Layout};
 use super::MlirError;
 use melior::dialect::arith::{self, CmpfPredicate, CmpiPredicate};
-use melior::ir::operation::OperationBuilder;
-use melior::ir::r#type::Type;
-use melior::ir::{Block, BlockLike, Region, RegionLike, Value, ValueLike};
+use melior::ir::{BlockLike, Value};
 use melior::Context;
 
 type V<'c, 'a> = Value<'c, 'a>;
 
-/// `scf.for %iv = lo to hi iter_args(inits)` appended to `block`: `body` gets the loop's block,
-/// the induction variable and the carried values and returns the values to carry on; the
-/// loop's results are returned.
-fn for_loop<'c, 'a>(
-    b: &Builder<'c>,
-    block: &'a Block<'c>,
-    (lo, hi): (V<'c, '_>, V<'c, '_>),
-    inits: &[V<'c, '_>],
-    body: impl for<'i> FnOnce(
-        &'i Block<'c>,
-        V<'c, 'i>,
-        &[V<'c, 'i>],
-    ) -> Result<Vec<V<'c, 'i>>, MlirError>,
-) -> Result<Vec<V<'c, 'a>>, MlirError> {
-    let index = Type::index(b.ctx);
-    let one = b.int_const(block, index, 1)?;
-    let types: Vec<Type<'c>> = inits.iter().map(|v| v.r#type()).collect();
-    let mut args = vec![(index, b.loc)];
-    args.extend(types.iter().map(|t| (*t, b.loc)));
-    let inner = Block::new(&args);
-    {
-        let iv: V<'c, '_> = inner.argument(0)?.into();
-        let carried: Vec<V<'c, '_>> = (1..args.len())
-            .map(|i| inner.argument(i).map(Into::into))
-            .collect::<Result<_, _>>()?;
-        let next = body(&inner, iv, &carried)?;
-        inner.append_operation(
-            OperationBuilder::new("scf.yield", b.loc)
-                .add_operands(&next)
-                .build()?,
-        );
-    }
-    let region = Region::new();
-    region.append_block(inner);
-    let op = OperationBuilder::new("scf.for", b.loc)
-        .add_operands(&[lo, hi, one])
-        .add_operands(inits)
-        .add_results(&types)
-        .add_regions([region])
-        .build()?;
-    let op = block.append_operation(op);
-    (0..types.len())
-        .map(|i| op.result(i).map(Into::into).map_err(MlirError::from))
-        .collect()
-}
-
-/// Index arithmetic and memory access in one block.
-struct Ix<'b, 'c, 'a> {
-    b: &'b Builder<'c>,
-    block: &'a Block<'c>,
-}
-
-impl<'c, 'a> Ix<'_, 'c, 'a> {
-    fn c(&self, v: i64) -> Result<V<'c, 'a>, MlirError> {
-        self.b.int_const(self.block, Type::index(self.b.ctx), v)
-    }
-
-    fn op(&self, name: &str, x: V<'c, '_>, y: V<'c, '_>) -> Result<V<'c, 'a>, MlirError> {
-        self.b.op(self.block, name, &[x, y], None, &[])
-    }
-
-    fn load(&self, mem: V<'c, '_>, at: &[V<'c, '_>]) -> Result<V<'c, 'a>, MlirError> {
-        let mut operands = vec![mem];
-        operands.extend_from_slice(at);
-        self.b.op(
-            self.block,
-            "memref.load",
-            &operands,
-            Some(self.b.f32()),
-            &[],
-        )
-    }
-
-    fn store(&self, x: V<'c, '_>, mem: V<'c, '_>, at: &[V<'c, '_>]) -> Result<(), MlirError> {
-        let mut operands = vec![x, mem];
-        operands.extend_from_slice(at);
-        self.block.append_operation(
-            OperationBuilder::new("memref.store", self.b.loc)
-                .add_operands(&operands)
-                .build()?,
-        );
-        Ok(())
-    }
-
-    fn scalars(&self) -> Scalars<'_, 'c, 'a> {
-        Scalars {
-            b: self.b,
-            block: self.block,
-        }
-    }
-}
-
-/// Attention over `spec`'s operands `q[b, hq, sq, d]`, `k[b, hkv, sk, d]`, `v[b, hkv, sk, dv]`
-/// and the optional mask.
-pub fn attention<'c>(
-    ctx: &'c Context,
-    spec: &KernelSpec,
-    (scale, causal, window): (f64, bool, usize),
-) -> Result<Lowered<'c>, MlirError> {
+/// The layout of attention over `q[b, hq, sq, d]`, `k[b, hkv, sk, d]`, `v[b, hkv, sk, dv]` and
+/// the optional mask: `q` and the output as `[b·hq, sq, ·]` (rows split), `k` and `v` as
+/// `[b·hkv, sk, ·]`, the mask at rank 4 with its broadcast axes fixed at 1. Head sizes `d`,
+/// `dv` are fixed and the head counts are the key's params; batch and lengths are dynamic.
+pub fn layout(inputs: &[&[usize]]) -> Result<Layout, MlirError> {
     let four = |s: &[usize]| -> Result<[usize; 4], MlirError> {
         <[usize; 4]>::try_from(s)
             .map_err(|_| MlirError::Unsupported(format!("attention operand of shape {s:?}")))
     };
-    let [b, hq, sq, d] = four(&spec.inputs[0])?;
-    let [_, hkv, sk, _] = four(&spec.inputs[1])?;
-    let dv = four(&spec.inputs[2])?[3];
+    let [b, hq, sq, d] = four(inputs[0])?;
+    let [_, hkv, sk, _] = four(inputs[1])?;
+    let dv = four(inputs[2])?[3];
     if hkv == 0 || hq % hkv != 0 {
         return Err(MlirError::Unsupported(format!(
             "attention with {hq} query heads over {hkv} key heads"
         )));
     }
-    let group = hq / hkv;
+    let mut l = Layout::new(vec![hq, hkv]);
+    let head = [false, false, true];
+    l.arg(vec![b * hq, sq, d], &head, true);
+    l.arg(vec![b * hkv, sk, d], &head, false);
+    l.arg(vec![b * hkv, sk, dv], &head, false);
     let scores = [b, hq, sq, sk];
-    // The mask with leading unit axes up to rank 4, and per axis whether it follows the scores
-    // (else it is broadcast, read at 0).
-    let mask = match spec.inputs.get(3) {
-        None => None,
+    match inputs.get(3) {
+        None => {}
         Some(m) if m.len() <= 4 => {
             let mut m4 = vec![1; 4 - m.len()];
             m4.extend_from_slice(m);
-            let follows: Vec<bool> = m4.iter().zip(&scores).map(|(x, s)| x == s).collect();
-            if m4.iter().zip(&follows).any(|(x, f)| !f && *x != 1) {
+            // Per axis: broadcast (read at 0) unless it follows the scores.
+            let broadcast: Vec<bool> = m4.iter().zip(&scores).map(|(x, s)| x != s).collect();
+            if m4.iter().zip(&broadcast).any(|(x, b)| *b && *x != 1) {
                 return Err(MlirError::Unsupported(format!(
                     "attention mask {m:?} does not broadcast to the scores {scores:?}"
                 )));
             }
-            Some((m4, follows))
+            l.arg(m4, &broadcast, false);
         }
         Some(m) => {
             return Err(MlirError::Unsupported(format!(
@@ -156,31 +62,36 @@ pub fn attention<'c>(
                 m.len()
             )))
         }
-    };
-    // Rows are (batch, query head) pairs, split across threads; keys, values and the mask are
-    // passed whole and read at the absolute row (the block's first row comes last).
-    let mut args = vec![
-        ArgLayout::rows(vec![b * hq, sq, d]),
-        ArgLayout::whole(vec![b * hkv, sk, d]),
-        ArgLayout::whole(vec![b * hkv, sk, dv]),
-    ];
-    if let Some((m4, _)) = &mask {
-        args.push(ArgLayout::whole(m4.clone()));
     }
-    args.push(ArgLayout::rows(vec![b * hq, sq, dv]));
+    l.arg(vec![b * hq, sq, dv], &head, true);
+    Ok(l)
+}
+
+/// Attention laid out by [`layout`].
+pub fn attention<'c>(
+    ctx: &'c Context,
+    key: &KernelKey,
+    (scale, causal, window): (f64, bool, usize),
+) -> Result<Lowered<'c>, MlirError> {
+    let (hq, hkv) = (key.params[0], key.params[1]);
+    let group = hq / hkv;
+    let d = fixed(key, 0, 2)?;
+    let dv = fixed(key, 2, 2)?;
+    // Per mask axis whether it follows the scores (dynamic) or is broadcast (fixed at 1).
+    let mask: Option<Vec<bool>> =
+        (key.args.len() == 5).then(|| key.args[3].dims.iter().map(Option::is_none).collect());
     let window = i64::try_from(window)
         .map_err(|_| MlirError::Unsupported(format!("attention window {window}")))?;
-    let offset = sk as i64 - sq as i64;
     module_with(
         ctx,
-        args,
+        &key.args,
         true,
         Box::new(move |bd, block, vals| {
             let (q, k, v) = (vals[0], vals[1], vals[2]);
-            let m_arg = mask.as_ref().map(|(_, f)| (vals[3], f.clone()));
+            let m_arg = mask.as_ref().map(|f| (vals[3], f.clone()));
             let (out, first) = (vals[vals.len() - 2], vals[vals.len() - 1]);
             let top = Ix { b: bd, block };
-            let acc_ty = bd.memref(&[dv], false);
+            let acc_ty = bd.memref(&[Some(dv)]);
             let acc = bd.op(
                 block,
                 "memref.alloca",
@@ -189,13 +100,11 @@ pub fn attention<'c>(
                 &[("operandSegmentSizes", bd.attr("array<i32: 0, 0>")?)],
             )?;
             let zero = top.c(0)?;
-            let rows = bd.op(
-                block,
-                "memref.dim",
-                &[q, zero],
-                Some(Type::index(bd.ctx)),
-                &[],
-            )?;
+            let rows = bd.dim(block, q, 0)?;
+            let sq_n = bd.dim(block, q, 1)?;
+            let sk_n = bd.dim(block, k, 1)?;
+            // Query i sits at key position sk - sq + i.
+            let offset = top.op("arith.subi", sk_n, sq_n)?;
             for_loop(bd, block, (zero, rows), &[], |blk, r, _| {
                 {
                     let ix = Ix { b: bd, block: blk };
@@ -206,12 +115,11 @@ pub fn attention<'c>(
                     let hk = ix.op("arith.divui", h, ix.c(group as i64)?)?;
                     let kr = ix.op("arith.muli", bi, ix.c(hkv as i64)?)?;
                     let kr = ix.op("arith.addi", kr, hk)?;
-                    let (z, sq_n) = (ix.c(0)?, ix.c(sq as i64)?);
+                    let z = ix.c(0)?;
                     for_loop(bd, blk, (z, sq_n), &[], |blk, i, _| {
                         let ix = Ix { b: bd, block: blk };
                         let s = ix.scalars();
-                        let pos = ix.op("arith.addi", i, ix.c(offset)?)?;
-                        let sk_n = ix.c(sk as i64)?;
+                        let pos = ix.op("arith.addi", i, offset)?;
                         let hi = if causal {
                             ix.op("arith.minsi", ix.op("arith.addi", pos, ix.c(1)?)?, sk_n)?
                         } else {

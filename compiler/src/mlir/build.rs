@@ -69,20 +69,25 @@ impl<'c> Builder<'c> {
         IntegerType::new(self.ctx, 32).into()
     }
 
-    /// A contiguous f32 memref; `dynamic_first` makes dim 0 dynamic (`?`).
-    pub fn memref(&self, shape: &[usize], dynamic_first: bool) -> Type<'c> {
-        let dims: Vec<i64> = shape
+    /// A contiguous f32 memref of these sizes (`None`: dynamic, `?`).
+    pub fn memref(&self, dims: &[Option<usize>]) -> Type<'c> {
+        let dims: Vec<i64> = dims
             .iter()
-            .enumerate()
-            .map(|(i, &d)| {
-                if i == 0 && dynamic_first {
-                    i64::MIN // ShapedType::kDynamic
-                } else {
-                    d as i64
-                }
-            })
+            .map(|d| d.map_or(i64::MIN, |n| n as i64)) // i64::MIN is ShapedType::kDynamic
             .collect();
         MemRefType::new(self.f32(), &dims, None, None).into()
+    }
+
+    /// `memref.dim %mem, axis` (an `index`).
+    pub fn dim<'a>(
+        &self,
+        block: &'a Block<'c>,
+        mem: Value<'c, '_>,
+        axis: usize,
+    ) -> Result<Value<'c, 'a>, MlirError> {
+        let index = Type::index(self.ctx);
+        let at = self.int_const(block, index, axis as i64)?;
+        self.op(block, "memref.dim", &[mem, at], Some(index), &[])
     }
 
     /// An affine map over `dims` loop dimensions; `None` results are the constant 0 (a
@@ -257,53 +262,5 @@ impl<'c> Builder<'c> {
     pub fn fill(&self, block: &Block<'c>, v: f64, out: Value<'c, '_>) -> Result<(), MlirError> {
         let c = self.f32_const(block, v)?;
         self.named(block, "linalg.fill", &[c], &[out])
-    }
-
-    /// A new f32 buffer (`memref.alloc`) of `shape`, its dim 0 that of `like` when dynamic;
-    /// the caller frees it with [`Builder::dealloc`].
-    pub fn alloc<'a>(
-        &self,
-        block: &'a Block<'c>,
-        shape: &[usize],
-        dynamic_first: bool,
-        like: Value<'c, '_>,
-    ) -> Result<Value<'c, 'a>, MlirError> {
-        let ty = self.memref(shape, dynamic_first);
-        let mut sizes = Vec::new();
-        if dynamic_first {
-            let zero = block
-                .append_operation(melior::dialect::index::constant(
-                    self.ctx,
-                    IntegerAttribute::new(Type::index(self.ctx), 0),
-                    self.loc,
-                ))
-                .result(0)?;
-            sizes.push(self.op(
-                block,
-                "memref.dim",
-                &[like, zero.into()],
-                Some(Type::index(self.ctx)),
-                &[],
-            )?);
-        }
-        let op = OperationBuilder::new("memref.alloc", self.loc)
-            .add_operands(&sizes)
-            .add_attributes(&[(
-                self.id("operandSegmentSizes"),
-                DenseI32ArrayAttribute::new(self.ctx, &[sizes.len() as i32, 0]).into(),
-            )])
-            .add_results(&[ty])
-            .build()?;
-        Ok(block.append_operation(op).result(0)?.into())
-    }
-
-    /// `memref.dealloc`.
-    pub fn dealloc(&self, block: &Block<'c>, buf: Value<'c, '_>) -> Result<(), MlirError> {
-        block.append_operation(
-            OperationBuilder::new("memref.dealloc", self.loc)
-                .add_operands(&[buf])
-                .build()?,
-        );
-        Ok(())
     }
 }

@@ -1,19 +1,21 @@
 //! The CPU path: the pass pipeline from `linalg` on memrefs down to the LLVM dialect, the JIT
 //! (MLIR's `ExecutionEngine` at `-O3` for the host CPU, so LLVM's vectorizers target the host's
-//! vector width), the safe [`MlirKernel`] API and the [`KernelCache`] keyed by (op, shapes).
+//! vector width), the safe [`MlirKernel`] API and the [`KernelCache`] keyed by [`KernelKey`]
+//! (op and fixed sizes), so that one compiled kernel runs at every shape with its key.
 //!
-//! Kernels whose arguments allow it (see [`ArgLayout::split`]) run on blocks of rows in
+//! Kernels whose arguments allow it (see [`super::spec::ArgType::split`]) run on blocks of rows in
 //! parallel on rayon's global pool, as the native kernels do.
 
 use super::build::context;
-use super::lower::{lower, ArgLayout, ENTRY};
-use super::spec::KernelSpec;
+use super::lower::{lower, ENTRY};
+use super::spec::{layout, KernelKey, KernelSpec};
 use super::MlirError;
 use melior::pass::PassManager;
 use melior::utility::parse_pass_pipeline;
 use rayon::prelude::*;
 use std::collections::HashMap;
 use std::ffi::c_void;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// The lowering pipeline: structured ops to loops, then every dialect to LLVM.
@@ -49,11 +51,9 @@ impl Drop for Jit {
     }
 }
 
-/// A kernel compiled to host code, callable on operands of its spec's shapes.
+/// A kernel compiled to host code, callable on operands of any shapes with its key.
 pub struct MlirKernel {
-    spec: KernelSpec,
-    out: Vec<usize>,
-    args: Vec<ArgLayout>,
+    key: KernelKey,
     first_row: bool,
     func: Packed,
     _jit: Jit,
@@ -62,7 +62,7 @@ pub struct MlirKernel {
 impl std::fmt::Debug for MlirKernel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MlirKernel")
-            .field("spec", &self.spec)
+            .field("key", &self.key)
             .finish()
     }
 }
@@ -75,12 +75,17 @@ fn string_ref(s: &str) -> mlir_sys::MlirStringRef {
 }
 
 impl MlirKernel {
-    /// Lowers, verifies and JIT-compiles a kernel; any op, dtype or shape this backend does not
-    /// handle is [`MlirError::Unsupported`] with the reason.
+    /// Lowers, verifies and JIT-compiles the kernel `spec` runs on (which also runs every
+    /// other spec with the same key); any op, dtype or shape this backend does not handle is
+    /// [`MlirError::Unsupported`] with the reason.
     pub fn compile(spec: &KernelSpec) -> Result<MlirKernel, MlirError> {
-        let out = spec.output_shape()?;
+        Self::compile_key(&spec.key()?)
+    }
+
+    /// Lowers, verifies and JIT-compiles the kernel of `key`.
+    pub fn compile_key(key: &KernelKey) -> Result<MlirKernel, MlirError> {
         let ctx = context();
-        let mut lowered = lower(&ctx, spec)?;
+        let mut lowered = lower(&ctx, key)?;
         let pm = PassManager::new(&ctx);
         parse_pass_pipeline(pm.as_operation_pass_manager(), PIPELINE)?;
         pm.run(&mut lowered.module)
@@ -115,9 +120,7 @@ impl MlirKernel {
             std::mem::transmute::<*mut c_void, Packed>(p)
         };
         Ok(MlirKernel {
-            spec: spec.clone(),
-            out,
-            args: lowered.args,
+            key: key.clone(),
             first_row: lowered.first_row,
             func,
             _jit: jit,
@@ -125,12 +128,12 @@ impl MlirKernel {
     }
 
     /// What this kernel computes.
-    pub fn spec(&self) -> &KernelSpec {
-        &self.spec
+    pub fn key(&self) -> &KernelKey {
+        &self.key
     }
 
-    /// Runs the kernel: `inputs` as (contiguous data, shape) in operand order, exactly the
-    /// spec's shapes; `out` receives the result of shape `out_shape`.
+    /// Runs the kernel: `inputs` as (contiguous data, shape) in operand order, of shapes whose
+    /// key is this kernel's; `out` receives the result of shape `out_shape`.
     pub fn run(
         &self,
         inputs: &[(&[f32], &[usize])],
@@ -138,38 +141,48 @@ impl MlirKernel {
         out_shape: &[usize],
     ) -> Result<(), MlirError> {
         let bad = |m: String| Err(MlirError::Arguments(m));
-        if inputs.len() != self.spec.inputs.len() {
+        if inputs.len() + 1 != self.key.args.len() {
             return bad(format!(
                 "{} operands for a kernel of {}",
                 inputs.len(),
-                self.spec.inputs.len()
+                self.key.args.len() - 1
             ));
         }
-        for (i, ((data, shape), want)) in inputs.iter().zip(&self.spec.inputs).enumerate() {
-            if *shape != want.as_slice() || data.len() != want.iter().product::<usize>() {
+        for (i, (data, shape)) in inputs.iter().enumerate() {
+            if data.len() != shape.iter().product::<usize>() {
                 return bad(format!(
-                    "operand {i}: shape {shape:?} with {} elements, the kernel wants {want:?}",
+                    "operand {i}: {} elements for shape {shape:?}",
                     data.len()
                 ));
             }
         }
-        if out_shape != self.out.as_slice() || out.len() != self.out.iter().product::<usize>() {
+        let shapes: Vec<&[usize]> = inputs.iter().map(|(_, s)| *s).collect();
+        let l = layout(&self.key.op, &shapes).map_err(|e| MlirError::Arguments(e.to_string()))?;
+        if l.args != self.key.args || l.params != self.key.params {
+            return bad(format!(
+                "operands of shapes {shapes:?} do not fit the kernel {:?}",
+                self.key.args
+            ));
+        }
+        let want = l.shapes[l.shapes.len() - 1].iter().product::<usize>();
+        if out.len() != want || out_shape.iter().product::<usize>() != want {
             return bad(format!(
                 "output of shape {out_shape:?} with {} elements, the kernel writes {:?}",
                 out.len(),
-                self.out
+                l.shapes[l.shapes.len() - 1]
             ));
         }
         if out.is_empty() {
             return Ok(());
         }
         let ptrs: Vec<*const f32> = inputs.iter().map(|(d, _)| d.as_ptr()).collect();
-        let last = &self.args[self.args.len() - 1];
-        if !last.split {
-            self.call(&ptrs, out, 0, 0);
+        let shapes = &l.shapes;
+        let last = &shapes[shapes.len() - 1];
+        if !self.key.args[shapes.len() - 1].split {
+            self.call(&ptrs, shapes, out, 0, 0);
             return Ok(());
         }
-        let rows = last.shape[0];
+        let rows = last[0];
         let row = out.len() / rows;
         // Small kernels run in one call; larger ones in blocks of about BLOCK elements, at
         // least one block per thread.
@@ -185,19 +198,26 @@ impl MlirKernel {
             .for_each(|(i, block)| {
                 let ptrs: Vec<*const f32> = addrs.iter().map(|&a| a as *const f32).collect();
                 let n = block.len() / row;
-                self.call(&ptrs, block, i * per, n);
+                self.call(&ptrs, shapes, block, i * per, n);
             });
         Ok(())
     }
 
     /// One call of the packed entry on rows `first..first + n` of the split arguments (`out`
     /// holds exactly those rows of the output), or on everything when nothing is split.
-    fn call(&self, inputs: &[*const f32], out: &mut [f32], first: usize, n: usize) {
+    fn call(
+        &self,
+        inputs: &[*const f32],
+        shapes: &[Vec<usize>],
+        out: &mut [f32],
+        first: usize,
+        n: usize,
+    ) {
         // One descriptor per memref argument: allocated and aligned pointers, offset, sizes,
         // strides, as `convert-func-to-llvm` expands a memref argument.
-        let mut slots: Vec<Vec<i64>> = Vec::with_capacity(self.args.len());
-        for (i, a) in self.args.iter().enumerate() {
-            let mut shape = a.shape.clone();
+        let mut slots: Vec<Vec<i64>> = Vec::with_capacity(shapes.len());
+        for (i, (a, shape)) in self.key.args.iter().zip(shapes).enumerate() {
+            let mut shape = shape.clone();
             let mut ptr = if i < inputs.len() {
                 inputs[i] as i64
             } else {
@@ -230,10 +250,12 @@ impl MlirKernel {
             .collect();
         // SAFETY: `func` is the packed entry of this kernel's `@kernel`, whose arguments are
         // exactly the memref descriptors built above (one field per slot, in order), then the
-        // first row as an `index` (i64) when the kernel takes it. Every
-        // descriptor points into a live buffer holding the whole described shape: `run`
-        // checked the operands' and the output's lengths against the spec, and a split
-        // argument is offset by whole rows within its buffer. The kernel only reads the input
+        // first row as an `index` (i64) when the kernel takes it. The sizes are the layout of
+        // the operands' shapes, whose fixed sizes `run` checked equal to the kernel's (so every
+        // size the code assumes is the one described), and every descriptor points into a live
+        // buffer holding the whole described shape: `run` checked the operands' and the
+        // output's lengths against their shapes, a layout shape holds exactly its operand's
+        // elements, and a split argument is offset by whole rows within its buffer. The kernel only reads the input
         // buffers (the lowerings never write their operands) and writes only `out`, which this
         // call borrows mutably.
         unsafe { (self.func)(args.as_mut_ptr()) }
@@ -245,11 +267,12 @@ pub fn threads() -> usize {
     rayon::current_num_threads()
 }
 
-/// Compiled kernels by spec (op and shapes); failures are remembered too, so an unsupported
-/// node is diagnosed once.
+/// Compiled kernels by key; failures are remembered too, so an unsupported node is diagnosed
+/// once.
 pub struct KernelCache {
-    kernels: Mutex<HashMap<KernelSpec, Result<Arc<MlirKernel>, MlirError>>>,
+    kernels: Mutex<HashMap<KernelKey, Result<Arc<MlirKernel>, MlirError>>>,
     limit: usize,
+    compiled: AtomicUsize,
 }
 
 impl Default for KernelCache {
@@ -264,32 +287,46 @@ impl KernelCache {
         Self::default()
     }
 
-    /// An empty cache holding at most `limit` specs: a new spec beyond that empties it first
-    /// (kernels still in use live on through their `Arc`s). Keeps a decode loop, whose
-    /// cache-length-dependent kernels are new at every step, from holding one compiled kernel
-    /// per step.
+    /// An empty cache holding at most `limit` keys: a new key beyond that empties it first
+    /// (kernels still in use live on through their `Arc`s), so that a process running many
+    /// models does not keep every kernel it ever compiled.
     pub fn bounded(limit: usize) -> Self {
         KernelCache {
             kernels: Mutex::default(),
             limit: limit.max(1),
+            compiled: AtomicUsize::new(0),
         }
     }
 
-    /// The kernel for `spec`, compiled on first use.
+    /// The kernel for `spec` (the one of its key), compiled on first use.
     pub fn get(&self, spec: &KernelSpec) -> Result<Arc<MlirKernel>, MlirError> {
+        self.get_key(&spec.key()?)
+    }
+
+    /// The kernel of `key`, compiled on first use.
+    pub fn get_key(&self, key: &KernelKey) -> Result<Arc<MlirKernel>, MlirError> {
         let mut map = self
             .kernels
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if map.len() >= self.limit && !map.contains_key(spec) {
+        if let Some(k) = map.get(key) {
+            return k.clone();
+        }
+        if map.len() >= self.limit {
             map.clear();
         }
-        map.entry(spec.clone())
-            .or_insert_with(|| MlirKernel::compile(spec).map(Arc::new))
-            .clone()
+        self.compiled.fetch_add(1, Ordering::Relaxed);
+        let k = MlirKernel::compile_key(key).map(Arc::new);
+        map.insert(key.clone(), k.clone());
+        k
     }
 
-    /// The number of specs seen.
+    /// How many times a kernel was compiled (or its compilation attempted) so far.
+    pub fn compilations(&self) -> usize {
+        self.compiled.load(Ordering::Relaxed)
+    }
+
+    /// The number of keys held.
     pub fn len(&self) -> usize {
         self.kernels
             .lock()
@@ -297,7 +334,7 @@ impl KernelCache {
             .len()
     }
 
-    /// No spec seen yet.
+    /// No key held.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

@@ -64,7 +64,7 @@ pub fn ptx(
         None => None,
     };
     let ctx = context();
-    let mut lowered = lower(&ctx, spec)?;
+    let mut lowered = lower(&ctx, &spec.key()?)?;
     let pm = PassManager::new(&ctx);
     parse_pass_pipeline(pm.as_operation_pass_manager(), &pipeline(chip, toolkit))?;
     pm.run(&mut lowered.module)

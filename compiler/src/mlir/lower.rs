@@ -3,13 +3,15 @@
 //!
 //! Dispatch by op: elementwise ops and fused bodies ([`elementwise`]) and reductions
 //! ([`reduce`]) here, row-wise normalizations in [`super::norm`], products in
-//! [`super::matmul`]. Each lowering says how its arguments are laid out ([`ArgLayout`]): dim 0
-//! of the arguments marked `split` is dynamic (`?`), so the JIT can run the kernel on
-//! independent row blocks in parallel; the other arguments are passed whole.
+//! [`super::matmul`], attention in [`super::attention`]. A lowering reads only its
+//! [`KernelKey`]: the memref arguments' fixed sizes (the others are dynamic, read with
+//! `memref.dim`) and the key's params, so one kernel serves every shape with that key. Dim 0
+//! of the arguments marked `split` is dynamic, so the JIT can run the kernel on independent row
+//! blocks in parallel; the other arguments are passed whole.
 
 use super::build::{context, Builder, Iter};
 use super::scalar::Scalars;
-use super::spec::KernelSpec;
+use super::spec::{ArgType, KernelKey, KernelSpec, Layout};
 use super::{attention, matmul, norm, MlirError};
 use kiln_ir::{Expr, Op, ReduceOp};
 use melior::ir::attribute::{StringAttribute, TypeAttribute};
@@ -23,36 +25,10 @@ use std::rc::Rc;
 /// The name of the generated function.
 pub const ENTRY: &str = "kernel";
 
-/// How one argument of the kernel function is passed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ArgLayout {
-    /// The memref's shape (dim 0 is the full size even when it is dynamic).
-    pub shape: Vec<usize>,
-    /// Dim 0 is dynamic and the caller may pass any contiguous block of rows of it.
-    pub split: bool,
-}
-
-impl ArgLayout {
-    /// An argument passed whole.
-    pub fn whole(shape: Vec<usize>) -> Self {
-        ArgLayout {
-            shape,
-            split: false,
-        }
-    }
-
-    /// An argument whose rows (dim 0) may be passed in blocks.
-    pub fn rows(shape: Vec<usize>) -> Self {
-        ArgLayout { shape, split: true }
-    }
-}
-
-/// A kernel's module and its arguments' layouts (the inputs, then the output).
+/// A kernel's verified module.
 pub struct Lowered<'c> {
     /// The verified module.
     pub module: Module<'c>,
-    /// One per memref argument.
-    pub args: Vec<ArgLayout>,
     /// After the memrefs, an `index` argument: the first row of the split arguments within
     /// the whole (for kernels that index whole arguments by the absolute row).
     pub first_row: bool,
@@ -65,7 +41,7 @@ pub type Body<'f, 'c> =
 /// Wraps `body` in `func.func @kernel` over memrefs of `args` in a new module, and verifies it.
 pub fn module<'c>(
     ctx: &'c Context,
-    args: Vec<ArgLayout>,
+    args: &[ArgType],
     body: Box<Body<'_, 'c>>,
 ) -> Result<Lowered<'c>, MlirError> {
     module_with(ctx, args, false, body)
@@ -75,12 +51,12 @@ pub fn module<'c>(
 /// as a last `index` argument (see [`Lowered::first_row`]), which `body` gets last.
 pub fn module_with<'c>(
     ctx: &'c Context,
-    args: Vec<ArgLayout>,
+    args: &[ArgType],
     first_row: bool,
     body: Box<Body<'_, 'c>>,
 ) -> Result<Lowered<'c>, MlirError> {
     let b = Builder::new(ctx);
-    let mut types: Vec<_> = args.iter().map(|a| b.memref(&a.shape, a.split)).collect();
+    let mut types: Vec<_> = args.iter().map(|a| b.memref(&a.dims)).collect();
     if first_row {
         types.push(melior::ir::Type::index(ctx));
     }
@@ -105,11 +81,7 @@ pub fn module_with<'c>(
     let module = Module::new(b.loc);
     module.body().append_operation(func);
     verify(ctx, &module)?;
-    Ok(Lowered {
-        module,
-        args,
-        first_row,
-    })
+    Ok(Lowered { module, first_row })
 }
 
 /// Verifies a module, with MLIR's diagnostics in the error.
@@ -132,32 +104,42 @@ pub fn verify(ctx: &Context, module: &Module) -> Result<(), MlirError> {
     }
 }
 
+/// The fixed size of axis `axis` of argument `arg` of `key` (a bug if the layout left it
+/// dynamic).
+pub fn fixed(key: &KernelKey, arg: usize, axis: usize) -> Result<usize, MlirError> {
+    key.args[arg].dims[axis].ok_or_else(|| {
+        MlirError::Mlir(format!(
+            "{}: axis {axis} of argument {arg} is not fixed",
+            key.op.name()
+        ))
+    })
+}
+
 /// Lowers a kernel to a verified module in `ctx`.
-pub fn lower<'c>(ctx: &'c Context, spec: &KernelSpec) -> Result<Lowered<'c>, MlirError> {
-    let out = spec.output_shape()?;
-    let n = spec.inputs.len();
-    match &spec.op {
-        Op::FusedElementwise { body } => elementwise(ctx, spec, &out, body.clone()),
+pub fn lower<'c>(ctx: &'c Context, key: &KernelKey) -> Result<Lowered<'c>, MlirError> {
+    let n = key.args.len() - 1;
+    match &key.op {
+        Op::FusedElementwise { body } => elementwise(ctx, key, body.clone()),
         op @ (Op::Unary(_) | Op::Binary(_)) => {
             let body = Expr::from_op(op, (0..n).map(Expr::Arg).collect()).ok_or_else(|| {
                 MlirError::Unsupported(format!("{} with {n} operands", op.name()))
             })?;
-            elementwise(ctx, spec, &out, body)
+            elementwise(ctx, key, body)
         }
-        Op::Reduce { op, axes, keepdim } => reduce(ctx, &spec.inputs[0], &out, *op, axes, *keepdim),
-        Op::Softmax { axis } => norm::softmax(ctx, &spec.inputs[0], *axis, false),
-        Op::LogSoftmax { axis } => norm::softmax(ctx, &spec.inputs[0], *axis, true),
-        Op::RmsNorm { eps } => norm::rmsnorm(ctx, &spec.inputs[0], eps.0),
-        Op::LayerNorm { eps } => norm::layernorm(ctx, &spec.inputs[0], eps.0),
+        Op::Reduce { op, axes, keepdim } => reduce(ctx, key, *op, axes, *keepdim),
+        Op::Softmax { .. } => norm::softmax(ctx, key, false),
+        Op::LogSoftmax { .. } => norm::softmax(ctx, key, true),
+        Op::RmsNorm { eps } => norm::rmsnorm(ctx, key, eps.0),
+        Op::LayerNorm { eps } => norm::layernorm(ctx, key, eps.0),
         Op::MatMul {
             transpose_a,
             transpose_b,
-        } => matmul::matmul(ctx, spec, &out, *transpose_a, *transpose_b),
+        } => matmul::matmul(ctx, key, *transpose_a, *transpose_b),
         Op::Attention {
             scale,
             causal,
             window,
-        } => attention::attention(ctx, spec, (scale.0, *causal, *window)),
+        } => attention::attention(ctx, key, (scale.0, *causal, *window)),
         op => Err(MlirError::Unsupported(format!(
             "no MLIR lowering for {}",
             op.name()
@@ -168,46 +150,57 @@ pub fn lower<'c>(ctx: &'c Context, spec: &KernelSpec) -> Result<Lowered<'c>, Mli
 /// The kernel's MLIR before the lowering pipeline, as text (`kiln inspect --emit mlir`).
 pub fn emit(spec: &KernelSpec) -> Result<String, MlirError> {
     let ctx = context();
-    let lowered = lower(&ctx, spec)?;
+    let lowered = lower(&ctx, &spec.key()?)?;
     Ok(lowered.module.as_operation().to_string())
 }
 
-/// An elementwise body over broadcast operands: one all-parallel `linalg.generic`. Operands of
-/// the result's shape are flattened to one dimension; others keep the result's rank with
-/// broadcast axes read at index 0.
+/// The layout of an elementwise body over broadcast operands: operands of the result's shape
+/// are flattened to one dimension; others keep the result's rank, a broadcast axis fixed at
+/// size 1. Every other size is dynamic.
+pub fn elementwise_layout(inputs: &[&[usize]], out: &[usize]) -> Layout {
+    let mut l = Layout::new(Vec::new());
+    if inputs.iter().all(|s| *s == out) {
+        let n = out.iter().product();
+        for _ in 0..=inputs.len() {
+            l.arg(vec![n], &[false], true);
+        }
+        return l;
+    }
+    let rank = out.len();
+    for s in inputs {
+        let lead = rank - s.len();
+        let broadcast: Vec<bool> = (0..s.len())
+            .map(|k| s[k] == 1 && out[k + lead] != 1)
+            .collect();
+        let split = rank > 0 && lead == 0 && !broadcast[0];
+        l.arg(s.to_vec(), &broadcast, split);
+    }
+    l.arg(out.to_vec(), &vec![false; rank], rank > 0);
+    l
+}
+
+/// An elementwise body over broadcast operands (see [`elementwise_layout`]): one
+/// all-parallel `linalg.generic`, broadcast axes read at index 0.
 fn elementwise<'c>(
     ctx: &'c Context,
-    spec: &KernelSpec,
-    out: &[usize],
+    key: &KernelKey,
     body: Expr,
 ) -> Result<Lowered<'c>, MlirError> {
-    let flat = spec.inputs.iter().all(|s| s == out);
-    let out: Vec<usize> = if flat {
-        vec![out.iter().product()]
-    } else {
-        out.to_vec()
-    };
-    let rank = out.len();
-    let mut args = Vec::new();
-    let mut maps = Vec::new();
-    for s in &spec.inputs {
-        let s = if flat { out.clone() } else { s.clone() };
-        let lead = rank - s.len();
-        let results: Vec<Option<usize>> = (0..s.len())
-            .map(|k| (s[k] == out[k + lead] || out[k + lead] == 1).then_some(k + lead))
-            .collect();
-        let split = rank > 0 && lead == 0 && s[0] == out[0];
-        maps.push(results);
-        args.push(ArgLayout { shape: s, split });
-    }
-    args.push(ArgLayout {
-        shape: out.clone(),
-        split: rank > 0,
-    });
+    let (ins, out) = key.args.split_at(key.args.len() - 1);
+    let rank = out[0].dims.len();
+    let mut maps: Vec<Vec<Option<usize>>> = ins
+        .iter()
+        .map(|a| {
+            let lead = rank - a.dims.len();
+            (0..a.dims.len())
+                .map(|k| a.dims[k].is_none().then_some(k + lead))
+                .collect()
+        })
+        .collect();
     maps.push((0..rank).map(Some).collect());
     module(
         ctx,
-        args,
+        &key.args,
         Box::new(move |b, block, vals| {
             let maps: Vec<_> = maps.iter().map(|m| b.map(rank, m)).collect();
             let (ins, outs) = vals.split_at(vals.len() - 1);
@@ -230,12 +223,17 @@ fn elementwise<'c>(
 /// reduction loops (`mean` divides by the count afterwards).
 fn reduce<'c>(
     ctx: &'c Context,
-    input: &[usize],
-    out: &[usize],
+    key: &KernelKey,
     op: ReduceOp,
     axes: &[usize],
     keepdim: bool,
 ) -> Result<Lowered<'c>, MlirError> {
+    let shape = |a: usize| -> Result<Vec<usize>, MlirError> {
+        (0..key.args[a].dims.len())
+            .map(|k| fixed(key, a, k))
+            .collect()
+    };
+    let (input, out) = (shape(0)?, shape(1)?);
     let count: usize = axes.iter().map(|&a| input[a]).product();
     if count == 0 && matches!(op, ReduceOp::Max | ReduceOp::Min) {
         return Err(MlirError::Unsupported(format!(
@@ -263,10 +261,7 @@ fn reduce<'c>(
     let out_rank = out.len();
     module(
         ctx,
-        vec![
-            ArgLayout::whole(input.to_vec()),
-            ArgLayout::whole(out.to_vec()),
-        ],
+        &key.args,
         Box::new(move |b, block, v| {
             let init = match op {
                 ReduceOp::Sum | ReduceOp::Mean => 0.0,

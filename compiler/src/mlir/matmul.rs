@@ -5,9 +5,9 @@
 //! Rows of `a` and `c` (or whole batches) are split across threads by the JIT.
 
 use super::build::Iter;
-use super::lower::{module, ArgLayout, Lowered};
+use super::lower::{module, Lowered};
 use super::scalar::Scalars;
-use super::spec::KernelSpec;
+use super::spec::{KernelKey, Layout};
 use super::MlirError;
 use melior::Context;
 
@@ -26,15 +26,11 @@ fn batch_of(shape: &[usize], out_batch: &[usize]) -> Option<(usize, bool)> {
     }
 }
 
-/// `a · b` with the IR's transpose flags.
-pub fn matmul<'c>(
-    ctx: &'c Context,
-    spec: &KernelSpec,
-    out: &[usize],
-    ta: bool,
-    tb: bool,
-) -> Result<Lowered<'c>, MlirError> {
-    let (sa, sb) = (&spec.inputs[0], &spec.inputs[1]);
+/// The layout of `a · b`: without batch axes `a`, `b` and `c` as matrices; with them, each
+/// operand as `[batch, rows, cols]`, its batch fixed at 1 when it is broadcast. Every other
+/// size is dynamic; rows of `a` and `c` (or whole batches) are split.
+pub fn layout(inputs: &[&[usize]], out: &[usize], ta: bool, tb: bool) -> Result<Layout, MlirError> {
+    let (sa, sb) = (inputs[0], inputs[1]);
     let r = out.len();
     let (m, n) = (out[r - 2], out[r - 1]);
     let k = if ta {
@@ -52,19 +48,37 @@ pub fn matmul<'c>(
     let (_, a_full) = batch_of(sa, out_batch).ok_or_else(unsupported)?;
     let (_, b_full) = batch_of(sb, out_batch).ok_or_else(unsupported)?;
     let mat = |t: bool, rows: usize, cols: usize| if t { [cols, rows] } else { [rows, cols] };
+    let mut l = Layout::new(Vec::new());
     if batch == 1 {
-        // [m, k] · [k, n]: rows of a and c split unless a is read transposed.
-        let args = vec![
-            ArgLayout {
-                shape: mat(ta, m, k).to_vec(),
-                split: !ta,
-            },
-            ArgLayout::whole(mat(tb, k, n).to_vec()),
-            ArgLayout {
-                shape: vec![m, n],
-                split: !ta,
-            },
-        ];
+        // Rows of a and c split unless a is read transposed.
+        l.arg(mat(ta, m, k).to_vec(), &[false; 2], !ta);
+        l.arg(mat(tb, k, n).to_vec(), &[false; 2], false);
+        l.arg(vec![m, n], &[false; 2], !ta);
+        return Ok(l);
+    }
+    let shape3 = |full: bool, mat: [usize; 2]| vec![if full { batch } else { 1 }, mat[0], mat[1]];
+    l.arg(
+        shape3(a_full, mat(ta, m, k)),
+        &[!a_full, false, false],
+        a_full,
+    );
+    l.arg(
+        shape3(b_full, mat(tb, k, n)),
+        &[!b_full, false, false],
+        b_full,
+    );
+    l.arg(vec![batch, m, n], &[false; 3], true);
+    Ok(l)
+}
+
+/// `a · b` with the IR's transpose flags, laid out by [`layout`].
+pub fn matmul<'c>(
+    ctx: &'c Context,
+    key: &KernelKey,
+    ta: bool,
+    tb: bool,
+) -> Result<Lowered<'c>, MlirError> {
+    if key.args[2].dims.len() == 2 {
         // Loops (i, k, j).
         let am = if ta {
             [Some(1), Some(0)]
@@ -78,7 +92,7 @@ pub fn matmul<'c>(
         };
         return module(
             ctx,
-            args,
+            &key.args,
             Box::new(move |b, block, v| {
                 b.fill(block, 0.0, v[2])?;
                 let maps = [b.map(3, &am), b.map(3, &bm), b.map(3, &[Some(0), Some(2)])];
@@ -94,34 +108,22 @@ pub fn matmul<'c>(
             }),
         );
     }
-    // [batch, m, k] · [batch, k, n], batches split.
-    let shape3 = |full: bool, mat: [usize; 2]| vec![if full { batch } else { 1 }, mat[0], mat[1]];
-    let args = vec![
-        ArgLayout {
-            shape: shape3(a_full, mat(ta, m, k)),
-            split: a_full,
-        },
-        ArgLayout {
-            shape: shape3(b_full, mat(tb, k, n)),
-            split: b_full,
-        },
-        ArgLayout::rows(vec![batch, m, n]),
-    ];
-    // Loops (batch, i, k, j).
-    let bat = |full: bool| if full { Some(0) } else { None };
+    // [batch, m, k] · [batch, k, n], loops (batch, i, k, j); a broadcast batch is fixed at 1.
+    let bat = |arg: usize| key.args[arg].dims[0].is_none().then_some(0);
+    let (a_b, b_b) = (bat(0), bat(1));
     let am = if ta {
-        [bat(a_full), Some(2), Some(1)]
+        [a_b, Some(2), Some(1)]
     } else {
-        [bat(a_full), Some(1), Some(2)]
+        [a_b, Some(1), Some(2)]
     };
     let bm = if tb {
-        [bat(b_full), Some(3), Some(2)]
+        [b_b, Some(3), Some(2)]
     } else {
-        [bat(b_full), Some(2), Some(3)]
+        [b_b, Some(2), Some(3)]
     };
     module(
         ctx,
-        args,
+        &key.args,
         Box::new(move |b, block, v| {
             b.fill(block, 0.0, v[2])?;
             let maps = [

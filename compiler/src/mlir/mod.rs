@@ -2,10 +2,13 @@
 //! `linalg`/`arith`/`math`/`memref` dialects, JIT-compiled for the host CPU, or lowered through
 //! `gpu` + `nvvm` to PTX.
 //!
-//! One kernel is one graph node at concrete shapes ([`KernelSpec`]). The pieces:
-//! - [`spec`]: what a kernel is (op, operand types) and what this backend accepts;
+//! A graph node at concrete shapes is a [`KernelSpec`]; what is compiled is its [`KernelKey`]
+//! (the op and the sizes the lowering fixes; lengths are dynamic), so one kernel serves every
+//! sequence and cache length. The pieces:
+//! - [`spec`]: specs, keys and the layout mapping one onto the other;
 //! - [`build`]: melior builder helpers (types, affine maps, `linalg.generic`, constants);
 //! - [`scalar`]: a [`kiln_ir::Expr`] body (and the fixed scalar formulas) as `arith`/`math` ops;
+//! - [`loops`]: `scf` loops (carried reductions, parallel rows) for the non-structured kernels;
 //! - [`lower`]: one [`kiln_ir::Op`] as a verified `func.func @kernel` on memrefs (elementwise
 //!   bodies and reductions there, [`norm`] for softmax/rmsnorm/layernorm, [`matmul`],
 //!   [`attention`] as an `scf` loop nest with online softmax);
@@ -20,6 +23,7 @@ pub mod attention;
 pub mod build;
 pub mod cpu;
 pub mod gpu;
+pub mod loops;
 pub mod lower;
 pub mod matmul;
 pub mod norm;
@@ -31,7 +35,7 @@ pub use cpu::{KernelCache, MlirKernel};
 pub use gpu::ptx;
 pub use lower::emit;
 pub use provider::MlirProvider;
-pub use spec::KernelSpec;
+pub use spec::{KernelKey, KernelSpec};
 
 /// Why a kernel could not be generated or run.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -1,23 +1,24 @@
 //! [`MlirProvider`]: MLIR-JIT kernels for the CPU backend (`kiln_runtime::cpu::external`), the
 //! engine of `--codegen mlir`. At plan time it accepts the nodes whose op has a lowering here
-//! and whose operands and result are f32; at run time it compiles one kernel per (op, operand
-//! shapes), cached, so a shape seen again costs a lookup. Whatever it cannot lower or compile
-//! is reported as a reason, and the CPU backend runs its native kernel instead.
+//! and whose operands and result are f32; at run time it compiles one kernel per
+//! [`KernelKey`](super::spec::KernelKey) (op and fixed sizes; sequence and cache lengths are
+//! dynamic), cached, so a decode loop compiles each of its kernels once. Whatever it cannot
+//! lower or compile is reported as a reason, and the CPU backend runs its native kernel
+//! instead.
 
 use super::cpu::{KernelCache, MlirKernel};
-use super::spec::KernelSpec;
+use super::spec::layout;
 use kiln_ir::{infer, DType, Op, TensorType};
 use kiln_runtime::cpu::external::{ExternalKernel, KernelProvider};
 use std::sync::Arc;
 
-/// MLIR-compiled kernels for the CPU backend, compiled on first use per shape.
+/// MLIR-compiled kernels for the CPU backend, compiled on first use per key.
 pub struct MlirProvider {
     cache: KernelCache,
 }
 
-/// Kernels a provider keeps compiled: every distinct kernel of a model's prefill and decode
-/// graphs at a few shapes, while a long decode loop (new attention shapes every step) does not
-/// hold one engine per step.
+/// Kernels a provider keeps compiled: every distinct kernel of a few models' prefill and
+/// decode graphs.
 const CACHED_KERNELS: usize = 256;
 
 impl Default for MlirProvider {
@@ -34,9 +35,14 @@ impl MlirProvider {
         Self::default()
     }
 
-    /// The number of distinct (op, shapes) kernels asked for so far (compiled or refused).
+    /// The number of distinct kernels held (compiled or refused).
     pub fn kernels(&self) -> usize {
         self.cache.len()
+    }
+
+    /// How many kernel compilations were started so far.
+    pub fn compilations(&self) -> usize {
+        self.cache.compilations()
     }
 }
 
@@ -84,8 +90,8 @@ impl KernelProvider for MlirProvider {
     }
 
     fn kernel(&self, op: &Op, shapes: &[&[usize]]) -> Result<Arc<dyn ExternalKernel>, String> {
-        let spec = KernelSpec::new(op.clone(), shapes);
-        match self.cache.get(&spec) {
+        let key = layout(op, shapes).map_err(|e| e.to_string())?.key(op);
+        match self.cache.get_key(&key) {
             Ok(k) => Ok(k),
             Err(e) => Err(e.to_string()),
         }

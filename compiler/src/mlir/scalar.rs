@@ -5,8 +5,9 @@
 //! `exp` (and with it sigmoid, SiLU and softmax) is a Cephes-style polynomial built from `arith`
 //! ops only, so LLVM can vectorize it (MLIR's `math.exp` becomes a scalar `expf` call) and the
 //! GPU path needs no libdevice for it: range reduction
-//! `x = n·ln2 + r`, a degree-6 polynomial for `e^r` (about 1 ulp), and `2^n` applied as two
-//! exponent-field factors so that results in the subnormal range round once. Other
+//! `x = n·ln2 + r` (`n` rounded by the 1.5·2^23 trick), a degree-6 polynomial for `e^r` in
+//! fused multiply-adds (about 1 ulp), and `2^n` applied as two exponent-field factors so that
+//! results in the subnormal range round once. Other
 //! transcendental functions use `math` ops, which become libm calls.
 
 use super::build::Builder;
@@ -78,6 +79,11 @@ impl<'c, 'a> Scalars<'_, 'c, 'a> {
         self.bin("arith.divf", one, x)
     }
 
+    /// `a · b + c` with one rounding (`math.fma`, a hardware FMA on the targets here).
+    pub fn fma(&self, a: V<'c, '_>, b: V<'c, '_>, c: V<'c, '_>) -> Result<V<'c, 'a>, MlirError> {
+        self.b.op(self.block, "math.fma", &[a, b, c], None, &[])
+    }
+
     /// `e^x` as a vectorizable polynomial (see the module doc).
     pub fn exp(&self, x: V<'c, '_>) -> Result<V<'c, 'a>, MlirError> {
         let b = self.b;
@@ -85,29 +91,17 @@ impl<'c, 'a> Scalars<'_, 'c, 'a> {
         let hi = self.c(88.722_839_355_468_75)?; // above: e^x overflows f32
         let xc = self.bin("arith.maximumf", x, lo)?;
         let xc = self.bin("arith.minimumf", xc, hi)?;
-        let half = self.c(0.5)?;
-        let t = self.bin("arith.mulf", xc, self.c(std::f64::consts::LOG2_E)?)?;
-        let t = self.bin("arith.addf", t, half)?;
-        // n = floor(t) from arith alone (no libm/libdevice call): truncate, then step down
-        // where truncation rounded up (t < 0). |t| < 151, so i32 holds it.
+        // n = round(x·log2 e) by adding 1.5·2^23 (whose ulp is 1): n sits in the low mantissa
+        // bits of t, |n| < 151.
+        let magic = self.c(12_582_912.0)?;
+        let t = self.fma(xc, self.c(std::f64::consts::LOG2_E)?, magic)?;
         let i32t = b.i32();
-        let tr = b.op(self.block, "arith.fptosi", &[t], Some(i32t), &[])?;
-        let tf = b.op(self.block, "arith.sitofp", &[tr], Some(b.f32()), &[])?;
-        let up = self.cmp(CmpfPredicate::Ogt, tf, t)?;
-        let one = b.int_const(self.block, i32t, 1)?;
-        let ni = self.select(up, self.bin("arith.subi", tr, one)?, tr)?;
-        let n = self.select(up, self.bin("arith.subf", tf, self.c(1.0)?)?, tf)?;
+        let bits = |v| b.op(self.block, "arith.bitcast", &[v], Some(i32t), &[]);
+        let ni = self.bin("arith.subi", bits(t)?, bits(magic)?)?;
+        let n = self.bin("arith.subf", t, magic)?;
         // r = x - n·ln2, ln2 split in two so n·C1 is exact.
-        let r = self.bin(
-            "arith.subf",
-            xc,
-            self.bin("arith.mulf", n, self.c(0.693_359_375)?)?,
-        )?;
-        let r = self.bin(
-            "arith.subf",
-            r,
-            self.bin("arith.mulf", n, self.c(-2.121_944_400_546_905_8e-4)?)?,
-        )?;
+        let r = self.fma(n, self.c(-0.693_359_375)?, xc)?;
+        let r = self.fma(n, self.c(2.121_944_400_546_905_8e-4)?, r)?;
         let mut p = self.c(1.987_569_150_0e-4)?;
         for k in [
             1.398_199_950_7e-3,
@@ -116,13 +110,12 @@ impl<'c, 'a> Scalars<'_, 'c, 'a> {
             1.666_666_545_9e-1,
             5.000_000_120_1e-1,
         ] {
-            p = self.bin("arith.mulf", p, r)?;
-            p = self.bin("arith.addf", p, self.c(k)?)?;
+            p = self.fma(p, r, self.c(k)?)?;
         }
         let z = self.bin("arith.mulf", r, r)?;
-        let y = self.bin("arith.mulf", p, z)?;
-        let y = self.bin("arith.addf", y, r)?;
+        let y = self.fma(p, z, r)?;
         let y = self.bin("arith.addf", y, self.c(1.0)?)?;
+        let one = b.int_const(self.block, i32t, 1)?;
         // 2^n = 2^(n>>1) · 2^(n - n>>1), each a normal float built in the exponent field.
         let n1 = self.bin("arith.shrsi", ni, one)?;
         let n2 = self.bin("arith.subi", ni, n1)?;

@@ -836,12 +836,20 @@ impl CpuGraph {
                 moe_f32(*top_k, h, x, gate, &experts, out).map_err(kerr)?;
             }
             Step::External { provider, native } => {
-                let dense: Option<Vec<_>> = (0..node.inputs.len()).map(f32s).collect();
-                match dense {
+                // Views (e.g. the KV cache grown in place) are copied dense for the provider.
+                let dense: Option<Vec<_>> = node
+                    .inputs
+                    .iter()
+                    .map(|v| dense_f32(&vals[v.index()], bufs))
+                    .collect();
+                let ins: Option<Vec<(&[f32], &[usize])>> = dense
+                    .as_ref()
+                    .map(|d| d.iter().map(|(x, s)| (&x[..], &s[..])).collect());
+                match ins {
                     Some(ins) if provider.run(native, &node.op, &ins, out, shape) => {}
                     Some(_) => return self.kernel(ctx, node, native, shape, vals, bufs, out),
                     None => {
-                        provider.fell_back(native, "operands are not dense f32".into());
+                        provider.fell_back(native, "operands are not f32".into());
                         return self.kernel(ctx, node, native, shape, vals, bufs, out);
                     }
                 }
