@@ -365,12 +365,14 @@ fn head_view(graph: &Graph, users: &[Vec<usize>], l: usize) -> Option<(usize, us
     Some((r, p, d))
 }
 
-/// What a layer stored as heads computes for the heads view `p` (`[b, h, s, d]`): `(node,
-/// rope, round_bf16)` for a rotary step reading only `p` (at its node, or at its rounding's)
-/// whose other readers of `p` only feed it (the rotate-half slices); a rounding of `p` to
-/// bf16; or `p` itself where a concat (a KV cache) alone reads it.
+/// What a layer stored as heads computes: the node whose value it is, its RoPE tables
+/// `(cos, sin)`, and whether it rounds to bf16.
 type HeadsUse = (usize, Option<(ValueId, ValueId)>, bool);
 
+/// What a layer stored as heads computes for the heads view `p` (`[b, h, s, d]`): a rotary
+/// step on `p` (at its node, or at its rounding's) with cos/sin `[b, 1, s, d]`, where the other
+/// readers of `p` only feed that step (the rotate-half slices); else a rounding of `p` to bf16
+/// or a concat (a KV cache) that is `p`'s only reader.
 fn heads_use(graph: &Graph, users: &[Vec<usize>], steps: &[Step], p: usize) -> Option<HeadsUse> {
     let nodes = graph.nodes();
     let pty = &nodes[p].ty;
