@@ -368,10 +368,9 @@ fn linear_decode(c: &mut Criterion) {
                         unreachable!()
                     };
                     let mk = |j: usize, add, out| Layer {
-                        weight: weight(l, j),
                         scale: scale(j),
                         add,
-                        out,
+                        ..Layer::new(weight(l, j), out)
                     };
                     linear(
                         1,

@@ -1,22 +1,31 @@
 //! Linear layers with their epilogue, alone or in groups: `y = (x · Wᵀ) ⊙ s + r` for f32, packed
 //! bf16 or fp8 e4m3 weights `W[n, k]` (or f32 `W[k, n]` read as `x · W`), an optional scale per
 //! output column `s[n]` (fp8's per-channel scales) and an optional addend `r` (a residual
-//! `[m, n]` or a bias `[n]` broadcast over the rows).
+//! `[m, n]` or a bias `[n]` broadcast over the rows). Then, optionally and in this order:
+//! - a **gate** (SwiGLU): `y = silu(g) · y` where `g = (x · Gᵀ) ⊙ s_g` is a second weight's
+//!   product over the same columns (a gated MLP's gate and up projections in one output);
+//! - **rotary embedding** in rotate-half form on each head of `d` columns (`n` a multiple of
+//!   `d`), with the cos/sin rows `[m, d]` of each output row's position ([`crate::rope`]);
+//! - **rounding to bf16** (to nearest even, stored widened), for a bf16 graph's attention
+//!   operands and KV cache.
 //!
 //! [`linear`] takes several layers that read the same `x` (a transformer's Q/K/V or gate/up
 //! projections). With one row of x (decode), all their output rows are computed in ONE
 //! parallel region, blocks of [`BLOCK`] rows of any layer handed out to the threads, each block
 //! finishing its epilogue while its values are hot: one fork/join per group instead of one per
-//! weight plus one per elementwise epilogue, which is what small decode GEMVs pay most for.
+//! weight plus one per elementwise epilogue, which is what small decode GEMVs pay most for
+//! (with RoPE, blocks are whole heads: a multiple of both [`BLOCK`] and `d`).
 //! x is converted once per group (rounded to bf16 for bf16 and fp8 weights). With more rows
 //! (prefill, batched decode) each layer runs its GEMM (already parallel and large), then its
 //! epilogue. The results are those of [`crate::gemv`] / [`crate::gemm_bf16`] / [`crate::gemm`]
 //! followed by the epilogue in f32; only the order of f32 additions can differ.
 
+use crate::elementwise::silu_mul_with;
 use crate::gemm::{matmul_f32, Gemm};
 use crate::gemm_bf16::{self, PackedBf16, NR};
 use crate::gemv::{f32_rows, gemv_f8e4m3_batch_with, PreparedX};
-use crate::simd::{vector_level, Isa};
+use crate::rope::rotate_half_in_place;
+use crate::simd::{round_bf16, vector_level, Isa};
 use crate::KernelError;
 use rayon::prelude::*;
 
@@ -60,8 +69,50 @@ pub struct Layer<'a> {
     pub scale: Option<&'a [f32]>,
     /// Added after the scale: `[m, n]` (a residual) or `[n]` (a bias, every row).
     pub add: Option<&'a [f32]>,
+    /// SwiGLU: the result becomes `silu(gate) · result`.
+    pub gate: Option<Gate<'a>>,
+    /// Rotary embedding of each head, after the gate.
+    pub rope: Option<Rope<'a>>,
+    /// Each result rounded to bf16 (to nearest even), last.
+    pub round_bf16: bool,
     /// The result, `m × n` row-major (overwritten).
     pub out: &'a mut [f32],
+}
+
+impl<'a> Layer<'a> {
+    /// `out = x · Wᵀ`, no epilogue.
+    pub fn new(weight: Weight<'a>, out: &'a mut [f32]) -> Self {
+        Layer {
+            weight,
+            scale: None,
+            add: None,
+            gate: None,
+            rope: None,
+            round_bf16: false,
+            out,
+        }
+    }
+}
+
+/// The gate of a SwiGLU layer: `g = (x · Gᵀ) ⊙ scale`, `n` columns as the layer's.
+#[derive(Debug, Clone, Copy)]
+pub struct Gate<'a> {
+    /// The gate's weight (any kind; the group's decode region takes it when it takes the
+    /// layer's).
+    pub weight: Weight<'a>,
+    /// Multiplies the gate's column j by `scale[j]`.
+    pub scale: Option<&'a [f32]>,
+}
+
+/// Rotary embedding in rotate-half form over heads of `d` columns: `cos` and `sin` are `[m, d]`
+/// row-major, row r holding the angles of output row r's position (`d` even, `n` a multiple
+/// of `d`).
+#[derive(Debug, Clone, Copy)]
+pub struct Rope<'a> {
+    /// `cos` of the angles.
+    pub cos: &'a [f32],
+    /// `sin` of the angles.
+    pub sin: &'a [f32],
 }
 
 /// `layer.out = (x · Wᵀ) ⊙ scale + add` for every layer, `x` being `m × k` row-major, at the
@@ -78,51 +129,50 @@ pub fn linear_with(
     x: &[f32],
     layers: &mut [Layer<'_>],
 ) -> Result<(), KernelError> {
-    let mut ns = Vec::with_capacity(layers.len());
+    let mut shapes = Vec::with_capacity(layers.len());
     for l in layers.iter() {
-        let n = check(m, k, x, l)?;
-        ns.push(n);
+        shapes.push(check(m, k, x, l)?);
     }
-    if m == 0 || ns.iter().all(|&n| n == 0) {
-        return Ok(());
-    }
-    if k == 0 {
-        for (l, &n) in layers.iter_mut().zip(&ns) {
-            l.out.fill(0.0);
-            rows_epilogue(l, n);
-        }
+    if m == 0 || shapes.iter().all(|s| s.n == 0) {
         return Ok(());
     }
     // Layers that one decode region cannot take run on their own first (their own GEMM is
     // parallel), then the region takes the rest.
-    let in_region = |l: &Layer<'_>| {
-        m == 1
-            && match l.weight {
-                Weight::F32(_) | Weight::F8E4M3(_) => true,
-                Weight::Bf16(_) => gemm_bf16::has_panel_row(isa),
-                Weight::F32Kn(_) => false,
-            }
+    let regional = |w: Weight<'_>| match w {
+        Weight::F32(_) | Weight::F8E4M3(_) => true,
+        Weight::Bf16(_) => gemm_bf16::has_panel_row(isa),
+        Weight::F32Kn(_) => false,
     };
-    for (l, &n) in layers.iter_mut().zip(&ns) {
+    let in_region = |l: &Layer<'_>| {
+        m == 1 && k > 0 && regional(l.weight) && l.gate.is_none_or(|g| regional(g.weight))
+    };
+    for (l, s) in layers.iter_mut().zip(&shapes) {
         if !in_region(l) {
-            alone(isa, m, n, k, x, l)?;
+            alone(isa, m, s, k, x, l)?;
         }
     }
     let mut tasks: Vec<Task<'_>> = Vec::new();
     let mut weights = 0;
-    for (l, &n) in layers.iter_mut().zip(&ns) {
+    for (l, s) in layers.iter_mut().zip(&shapes) {
         if !in_region(l) {
             continue;
         }
-        weights += n * k;
-        let (weight, scale, add) = (l.weight, l.scale, l.add);
-        for (b, y) in l.out.chunks_mut(BLOCK).enumerate() {
-            let cols = b * BLOCK..b * BLOCK + y.len();
+        weights += s.n * k * if l.gate.is_some() { 2 } else { 1 };
+        let (weight, scale, add, gate, rope) = (l.weight, l.scale, l.add, l.gate, l.rope);
+        let rows = match s.head {
+            Some(d) => lcm(BLOCK, d),
+            None => BLOCK,
+        };
+        for (b, y) in l.out.chunks_mut(rows).enumerate() {
+            let cols = b * rows..b * rows + y.len();
             tasks.push(Task {
                 weight,
                 row0: cols.start,
                 scale: scale.map(|s| &s[cols.clone()]),
-                add: add.map(|a| &a[cols]),
+                add: add.map(|a| &a[cols.clone()]),
+                gate: gate.map(|g| (g.weight, g.scale.map(|s| &s[cols]))),
+                rope,
+                round_bf16: l.round_bf16,
                 y,
             });
         }
@@ -130,32 +180,52 @@ pub fn linear_with(
     if tasks.is_empty() {
         return Ok(());
     }
-    let bf16_x = tasks
-        .iter()
-        .any(|t| matches!(t.weight, Weight::Bf16(_)))
+    let weight_kinds = || {
+        tasks
+            .iter()
+            .flat_map(|t| [Some(t.weight), t.gate.map(|g| g.0)])
+    };
+    let bf16_x = weight_kinds()
+        .any(|w| matches!(w, Some(Weight::Bf16(_))))
         .then(|| gemm_bf16::pack_a(1, k, x));
-    let f8_x = tasks
-        .iter()
-        .any(|t| matches!(t.weight, Weight::F8E4M3(_)))
+    let f8_x = weight_kinds()
+        .any(|w| matches!(w, Some(Weight::F8E4M3(_))))
         .then(|| PreparedX::new(isa, x, 1, k));
     let level = vector_level(isa);
-    let run = |t: Task<'_>| {
-        let (r0, rows) = (t.row0, t.y.len());
-        match t.weight {
-            Weight::F32(w) => f32_rows(level, &w[r0 * k..(r0 + rows) * k], k, x, t.y),
+    // Output rows `r0 .. r0 + y.len()` of `x · Wᵀ`.
+    let product = |w: Weight<'_>, r0: usize, y: &mut [f32]| {
+        let rows = y.len();
+        match w {
+            Weight::F32(w) => f32_rows(level, &w[r0 * k..(r0 + rows) * k], k, x, y),
             Weight::F8E4M3(w) => {
                 if let Some(p) = &f8_x {
-                    p.rows(&w[r0 * k..(r0 + rows) * k], t.y)
+                    p.rows(&w[r0 * k..(r0 + rows) * k], y)
                 }
             }
             Weight::Bf16(w) => {
                 if let Some(ap) = &bf16_x {
-                    gemm_bf16::panel_row(ap, w, r0 / BLOCK, t.y)
+                    for (p, y) in y.chunks_mut(BLOCK).enumerate() {
+                        gemm_bf16::panel_row(ap, w, r0 / BLOCK + p, y)
+                    }
                 }
             }
             Weight::F32Kn(_) => {}
         }
+    };
+    let run = |t: Task<'_>| {
+        product(t.weight, t.row0, t.y);
         epilogue(t.scale, t.add, t.y);
+        if let Some((gw, gs)) = t.gate {
+            // Gated layers' blocks are BLOCK rows (no RoPE; checked).
+            let (mut g, mut u) = ([0.0f32; BLOCK], [0.0f32; BLOCK]);
+            let (g, u) = (&mut g[..t.y.len()], &mut u[..t.y.len()]);
+            product(gw, t.row0, g);
+            epilogue(gs, None, g);
+            u.copy_from_slice(t.y);
+            // Lengths are equal by construction.
+            let _ = silu_mul_with(isa, g, u, t.y);
+        }
+        tail(t.rope.map(|r| (r.cos, r.sin)), t.round_bf16, t.y);
     };
     if crate::threads() <= 1 || weights < PARALLEL_MIN_WEIGHTS {
         tasks.into_iter().for_each(run);
@@ -172,11 +242,20 @@ struct Task<'a> {
     row0: usize,
     scale: Option<&'a [f32]>,
     add: Option<&'a [f32]>,
+    gate: Option<(Weight<'a>, Option<&'a [f32]>)>,
+    rope: Option<Rope<'a>>,
+    round_bf16: bool,
     y: &'a mut [f32],
 }
 
+/// A layer's output columns and head size (with RoPE).
+struct Shape {
+    n: usize,
+    head: Option<usize>,
+}
+
 /// The output columns of `l`, checking every length against `m`, `k` and `x`.
-fn check(m: usize, k: usize, x: &[f32], l: &Layer<'_>) -> Result<usize, KernelError> {
+fn check(m: usize, k: usize, x: &[f32], l: &Layer<'_>) -> Result<Shape, KernelError> {
     let err = |what: String| Err(KernelError::Layout(format!("linear {m}x?x{k}: {what}")));
     if m.checked_mul(k) != Some(x.len()) {
         return err(format!("x has {} elements", x.len()));
@@ -195,41 +274,114 @@ fn check(m: usize, k: usize, x: &[f32], l: &Layer<'_>) -> Result<usize, KernelEr
     if l.add.is_some_and(|a| a.len() != n && a.len() != m * n) {
         return err(format!("the addend is neither [{n}] nor [{m}, {n}]"));
     }
-    Ok(n)
+    if let Some(g) = l.gate {
+        if k > 0 && g.weight.n(k) != Some(n) {
+            return err(format!("the gate's weight does not have {n} columns"));
+        }
+        if g.scale.is_some_and(|s| s.len() != n) {
+            return err(format!("the gate's scale is not [{n}]"));
+        }
+    }
+    let head = match l.rope {
+        None => None,
+        Some(_) if l.gate.is_some() => return err("a gated layer with RoPE".into()),
+        Some(r) => {
+            let d = r.cos.len().checked_div(m).unwrap_or(0);
+            let fits =
+                d > 0 && d % 2 == 0 && n % d == 0 && r.cos.len() == m * d && r.sin.len() == m * d;
+            if !fits {
+                return err(format!(
+                    "RoPE rows of {} and {} elements for {n} columns",
+                    r.cos.len(),
+                    r.sin.len()
+                ));
+            }
+            Some(d)
+        }
+    };
+    Ok(Shape { n, head })
+}
+
+/// Least common multiple.
+fn lcm(a: usize, b: usize) -> usize {
+    let gcd = |mut a: usize, mut b: usize| {
+        while b != 0 {
+            (a, b) = (b, a % b);
+        }
+        a
+    };
+    a / gcd(a, b) * b
 }
 
 /// Rows of x up to which an f32 `x · Wᵀ` runs as one GEMV per row.
 const GEMV_MAX_ROWS: usize = 4;
 
-/// One layer by its own (parallel) kernel, then its epilogue.
+/// One layer by its own (parallel) kernels, then its epilogue.
 fn alone(
+    isa: Isa,
+    m: usize,
+    s: &Shape,
+    k: usize,
+    x: &[f32],
+    l: &mut Layer<'_>,
+) -> Result<(), KernelError> {
+    let n = s.n;
+    product(isa, m, n, k, x, l.weight, l.out)?;
+    rows_epilogue(l.scale, l.add, l.out, n);
+    if let Some(g) = l.gate {
+        let mut gate = vec![0.0; m * n];
+        product(isa, m, n, k, x, g.weight, &mut gate)?;
+        rows_epilogue(g.scale, None, &mut gate, n);
+        let up = l.out.to_vec();
+        silu_mul_with(isa, &gate, &up, l.out)?;
+    }
+    if l.rope.is_some() || l.round_bf16 {
+        let d = s.head.unwrap_or(n);
+        let row = |(r, y): (usize, &mut [f32])| {
+            let rope = l.rope.map(|p| (&p.cos[r * d..][..d], &p.sin[r * d..][..d]));
+            tail(rope, l.round_bf16, y)
+        };
+        if l.out.len() >= PARALLEL_MIN_WEIGHTS && l.out.len() > n && crate::threads() > 1 {
+            l.out.par_chunks_mut(n).enumerate().for_each(row);
+        } else {
+            l.out.chunks_mut(n).enumerate().for_each(row);
+        }
+    }
+    Ok(())
+}
+
+/// `out = x · Wᵀ` (`[m, n]`) by the weight's own (parallel) kernel.
+fn product(
     isa: Isa,
     m: usize,
     n: usize,
     k: usize,
     x: &[f32],
-    l: &mut Layer<'_>,
+    weight: Weight<'_>,
+    out: &mut [f32],
 ) -> Result<(), KernelError> {
-    match l.weight {
+    if k == 0 {
+        out.fill(0.0);
+        return Ok(());
+    }
+    match weight {
         // A few rows: one GEMV per row beats a GEMM call (a 2-token f32 prefill of the 125M
         // Llama took 40 ms this way against 194 ms through the GEMM).
         Weight::F32(w) if m <= GEMV_MAX_ROWS => {
-            for (x, y) in x.chunks_exact(k).zip(l.out.chunks_exact_mut(n)) {
+            for (x, y) in x.chunks_exact(k).zip(out.chunks_exact_mut(n)) {
                 crate::gemv::gemv_f32(n, k, w, x, y)?;
             }
         }
-        Weight::F32(w) => matmul_f32(&Gemm::dense(m, n, k, false, true), x, w, l.out)?,
-        Weight::F32Kn(w) => matmul_f32(&Gemm::dense(m, n, k, false, false), x, w, l.out)?,
-        Weight::Bf16(w) => gemm_bf16::matmul_bf16_with(isa, m, x, w, l.out)?,
-        Weight::F8E4M3(w) => gemv_f8e4m3_batch_with(isa, m, n, k, w, 1.0, x, l.out)?,
+        Weight::F32(w) => matmul_f32(&Gemm::dense(m, n, k, false, true), x, w, out)?,
+        Weight::F32Kn(w) => matmul_f32(&Gemm::dense(m, n, k, false, false), x, w, out)?,
+        Weight::Bf16(w) => gemm_bf16::matmul_bf16_with(isa, m, x, w, out)?,
+        Weight::F8E4M3(w) => gemv_f8e4m3_batch_with(isa, m, n, k, w, 1.0, x, out)?,
     }
-    rows_epilogue(l, n);
     Ok(())
 }
 
-/// The epilogue of every row (`n` columns) of `l.out`.
-fn rows_epilogue(l: &mut Layer<'_>, n: usize) {
-    let (scale, add) = (l.scale, l.add);
+/// The scale and add epilogue of every row (`n` columns) of `out`.
+fn rows_epilogue(scale: Option<&[f32]>, add: Option<&[f32]>, out: &mut [f32], n: usize) {
     if n == 0 || (scale.is_none() && add.is_none()) {
         return;
     }
@@ -238,10 +390,10 @@ fn rows_epilogue(l: &mut Layer<'_>, n: usize) {
         let add = add.map(|a| if bias { a } else { &a[r * n..(r + 1) * n] });
         epilogue(scale, add, y)
     };
-    if l.out.len() >= PARALLEL_MIN_WEIGHTS && l.out.len() > n {
-        l.out.par_chunks_mut(n).enumerate().for_each(row);
+    if out.len() >= PARALLEL_MIN_WEIGHTS && out.len() > n {
+        out.par_chunks_mut(n).enumerate().for_each(row);
     } else {
-        l.out.chunks_mut(n).enumerate().for_each(row);
+        out.chunks_mut(n).enumerate().for_each(row);
     }
 }
 
@@ -256,6 +408,22 @@ fn epilogue(scale: Option<&[f32]>, add: Option<&[f32]>, y: &mut [f32]) {
     if let Some(a) = add {
         for (v, a) in y.iter_mut().zip(a) {
             *v += a;
+        }
+    }
+}
+
+/// RoPE on each head of `y` (whole heads of `cos.len()` columns) with one position's
+/// `(cos, sin)`, then the rounding to bf16.
+#[inline]
+fn tail(rope: Option<(&[f32], &[f32])>, round: bool, y: &mut [f32]) {
+    if let Some((cos, sin)) = rope {
+        for head in y.chunks_exact_mut(cos.len()) {
+            rotate_half_in_place(head, cos, sin);
+        }
+    }
+    if round {
+        for v in y.iter_mut() {
+            *v = round_bf16(*v);
         }
     }
 }

@@ -5,7 +5,8 @@
 //! for `j ≥ h`. One pass, where the traced graph takes a slice pair, a negation, a concat and
 //! a fused multiply-add. Operands are strided (0 = broadcast, e.g. `cos` shared by the heads);
 //! the result is dense, optionally rounded to bf16 (to nearest even) and stored widened, for a
-//! bf16 graph's attention operand.
+//! bf16 graph's attention operand. [`rotate_half_in_place`] is the per-head arithmetic, shared
+//! with the linear layers' RoPE epilogue ([`crate::linear`]).
 
 use crate::simd::round_bf16;
 use crate::KernelError;
@@ -66,12 +67,8 @@ pub fn rope_rotate_half(
         let (xo, co, so) = (offset(x.1, r), offset(cos.1, r), offset(sin.1, r));
         let (xs, cs, ss) = (x.1[outer.len()], cos.1[outer.len()], sin.1[outer.len()]);
         if xs == 1 && cs == 1 && ss == 1 {
-            let (xr, c, s) = (&x.0[xo..xo + d], &cos.0[co..co + d], &sin.0[so..so + d]);
-            let (lo, hi) = y.split_at_mut(h);
-            for j in 0..h {
-                lo[j] = xr[j] * c[j] - xr[j + h] * s[j];
-                hi[j] = xr[j + h] * c[j + h] + xr[j] * s[j + h];
-            }
+            y.copy_from_slice(&x.0[xo..xo + d]);
+            rotate_half_in_place(y, &cos.0[co..co + d], &sin.0[so..so + d]);
         } else {
             let at = |(data, o, st): (&[f32], usize, usize), j: usize| data[o + j * st];
             let (xv, cv, sv) = ((x.0, xo, xs), (cos.0, co, cs), (sin.0, so, ss));
@@ -92,4 +89,19 @@ pub fn rope_rotate_half(
         out.chunks_mut(d).enumerate().for_each(row);
     }
     Ok(())
+}
+
+/// One row (one head, `d = x.len()` even) rotated in place: `x = x · cos + rotate_half(x) · sin`
+/// (`cos` and `sin` of length `d`), the arithmetic of [`rope_rotate_half`].
+#[inline]
+pub fn rotate_half_in_place(x: &mut [f32], cos: &[f32], sin: &[f32]) {
+    let h = x.len() / 2;
+    let (lo, hi) = x.split_at_mut(h);
+    let (c_lo, c_hi) = cos.split_at(h);
+    let (s_lo, s_hi) = sin.split_at(h);
+    for j in 0..h {
+        let (a, b) = (lo[j], hi[j]);
+        lo[j] = a * c_lo[j] - b * s_lo[j];
+        hi[j] = b * c_hi[j] + a * s_hi[j];
+    }
 }

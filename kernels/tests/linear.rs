@@ -10,7 +10,7 @@
 
 mod common;
 
-use common::{isas, random, rng};
+use common::{eval, f32t, isas, random, rng};
 use half::bf16;
 use kiln_ir::f8::{f32_to_f8e4m3, f8e4m3_to_f32};
 use kiln_ir::trace::Tracer;
@@ -182,6 +182,9 @@ fn a_group_of_every_weight_kind_and_epilogue_matches_the_reference() {
                         },
                         scale: c.scale.as_deref(),
                         add: c.add.as_deref(),
+                        gate: None,
+                        rope: None,
+                        round_bf16: false,
                         out,
                     })
                     .collect();
@@ -213,6 +216,9 @@ fn mismatched_lengths_are_errors() {
         weight: Weight::F32(&w),
         scale: Some(&scale),
         add: None,
+        gate: None,
+        rope: None,
+        round_bf16: false,
         out,
     };
     // n = 2 from the weight; a scale of 3 does not fit.
@@ -224,7 +230,209 @@ fn mismatched_lengths_are_errors() {
         weight: Weight::F32(&w),
         scale: None,
         add: None,
+        gate: None,
+        rope: None,
+        round_bf16: false,
         out: &mut out4,
     };
     assert!(linear_with(kiln_kernels::Isa::best(), 2, 3, &x, &mut [ok]).is_err());
+}
+
+/// Values `j/8` with `|j| ≤ 8`: exact in bf16 and e4m3, and their products and short sums
+/// exact in f32, so a result rounded to bf16 rounds the same on both sides.
+fn eighths(r: &mut rand_chacha::ChaCha8Rng, n: usize) -> Vec<f32> {
+    use rand::Rng;
+    (0..n)
+        .map(|_| r.random_range(-8i32..=8) as f32 / 8.0)
+        .collect()
+}
+
+/// The epilogues after scale and add: a SwiGLU gate (any weight kind, scaled or not), and RoPE
+/// over heads with bf16 rounding, at every instruction-set level, one row (decode region) and
+/// several, head sizes 2, 8 and 34 (blocks of whole heads: BLOCK is 32), against the reference
+/// executor on the graphs precision lowering and the tracer emit: `silu(x·Gᵀ ⊙ s_g) · (x·Wᵀ)`,
+/// and `x·Wᵀ` reshaped to heads, `y·cos + cat(-y[.., d/2..], y[.., ..d/2])·sin`, cast to bf16.
+#[test]
+fn gate_rope_and_rounding_epilogues_match_the_reference() {
+    use kiln_ir::{Dim, Op};
+    use kiln_kernels::linear::{Gate, Rope};
+    let mut r = rng(12);
+    for isa in isas() {
+        for m in [1usize, 3, 7] {
+            for k in [1usize, 7, 33] {
+                // SwiGLU with each gate weight kind (the layer's own weight bf16, fp8 or f32).
+                for (j, (wk, gk)) in [
+                    (Kind::Bf16, Kind::F32),
+                    (Kind::F8, Kind::Bf16),
+                    (Kind::F32, Kind::F8),
+                ]
+                .into_iter()
+                .enumerate()
+                {
+                    let n = [1usize, 7, 33][j];
+                    let (w, g) = (eighths(&mut r, n * k), eighths(&mut r, n * k));
+                    let x = random(&mut r, m * k, -1.0, 1.0);
+                    let scale = (j != 0).then(|| random(&mut r, n, -2.0, 2.0));
+                    let stored = |kind: Kind, v: &[f32]| -> (Option<PackedBf16>, Vec<u8>) {
+                        let b: Vec<bf16> = v.iter().map(|&v| bf16::from_f32(v)).collect();
+                        match kind {
+                            Kind::Bf16 => (Some(PackedBf16::pack(n, k, &b).unwrap()), Vec::new()),
+                            _ => (None, v.iter().map(|&v| f32_to_f8e4m3(v)).collect()),
+                        }
+                    };
+                    let (wp, wb) = stored(wk, &w);
+                    let (gp, gb) = stored(gk, &g);
+                    let mut out = vec![f32::NAN; m * n];
+                    let mut layer = Layer::new(as_weight(wk, &w, &wp, &wb), &mut out);
+                    layer.gate = Some(Gate {
+                        weight: as_weight(gk, &g, &gp, &gb),
+                        scale: scale.as_deref(),
+                    });
+                    linear_with(isa, m, k, &x, &mut [layer]).unwrap();
+                    let narrow = |kind: Kind| !matches!(kind, Kind::F32);
+                    let t = Tracer::new();
+                    let xi = t.input("x", DType::F32, [m, k]);
+                    let xr = |kind: Kind| {
+                        if narrow(kind) {
+                            xi.cast(DType::BF16).unwrap().cast(DType::F32).unwrap()
+                        } else {
+                            xi.clone()
+                        }
+                    };
+                    let wi = t.input("w", DType::F32, [n, k]);
+                    let gi = t.input("g", DType::F32, [n, k]);
+                    let up = xr(wk).matmul_t(&wi, false, true).unwrap();
+                    let mut gate = xr(gk).matmul_t(&gi, false, true).unwrap();
+                    let mut inputs = vec![
+                        ("x", f32t(&[m, k], &x)),
+                        ("w", f32t(&[n, k], &w)),
+                        ("g", f32t(&[n, k], &g)),
+                    ];
+                    if let Some(s) = &scale {
+                        gate = gate.mul(&t.input("s", DType::F32, [n])).unwrap();
+                        inputs.push(("s", f32t(&[n], s)));
+                    }
+                    let body = "(mul (silu $0) $1)".parse().unwrap();
+                    let y = t
+                        .apply(Op::FusedElementwise { body }, &[&gate, &up])
+                        .unwrap();
+                    t.output("y", &y);
+                    let want = eval(&t, inputs);
+                    assert_rel_scaled(
+                        &format!("{isa:?} swiglu {wk:?}/{gk:?} m={m} k={k} n={n}"),
+                        &out,
+                        &want,
+                    );
+                }
+                // RoPE + bf16 rounding on heads of d columns, 1 and 3 heads.
+                for (d, heads, kind) in [
+                    (2usize, 3usize, Kind::F32),
+                    (8, 1, Kind::Bf16),
+                    (34, 3, Kind::F8),
+                ] {
+                    let n = d * heads;
+                    let w = eighths(&mut r, n * k);
+                    let x = eighths(&mut r, m * k);
+                    let (cos, sin) = (eighths(&mut r, m * d), eighths(&mut r, m * d));
+                    let b: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+                    let packed = PackedBf16::pack(n, k, &b).unwrap();
+                    let bytes: Vec<u8> = w.iter().map(|&v| f32_to_f8e4m3(v)).collect();
+                    let mut out = vec![f32::NAN; m * n];
+                    let weight = match kind {
+                        Kind::Bf16 => Weight::Bf16(&packed),
+                        Kind::F8 => Weight::F8E4M3(&bytes),
+                        _ => Weight::F32(&w),
+                    };
+                    let mut layer = Layer::new(weight, &mut out);
+                    layer.rope = Some(Rope {
+                        cos: &cos,
+                        sin: &sin,
+                    });
+                    layer.round_bf16 = true;
+                    linear_with(isa, m, k, &x, &mut [layer]).unwrap();
+                    let t = Tracer::new();
+                    let fix = |v: usize| Dim::fixed(v as i64);
+                    let xi = t.input("x", DType::F32, [m, k]);
+                    let wi = t.input("w", DType::F32, [n, k]);
+                    let y = xi.matmul_t(&wi, false, true).unwrap();
+                    let y = y.reshape(&[fix(m), fix(heads), fix(d)]).unwrap();
+                    let c = t.input("cos", DType::F32, [m, 1, d]);
+                    let s = t.input("sin", DType::F32, [m, 1, d]);
+                    let h = d as i64 / 2;
+                    let rot = kiln_ir::trace::Tensor::cat(
+                        &[
+                            &y.slice(-1, h, d as i64).unwrap().neg().unwrap(),
+                            &y.slice(-1, 0, h).unwrap(),
+                        ],
+                        -1,
+                    )
+                    .unwrap();
+                    let y = y.mul(&c).unwrap().add(&rot.mul(&s).unwrap()).unwrap();
+                    let y = y.reshape(&[fix(m), fix(n)]).unwrap();
+                    t.output("y", &y.cast(DType::BF16).unwrap().cast(DType::F32).unwrap());
+                    let want = eval(
+                        &t,
+                        vec![
+                            ("x", f32t(&[m, k], &x)),
+                            ("w", f32t(&[n, k], &w)),
+                            ("cos", f32t(&[m, 1, d], &cos)),
+                            ("sin", f32t(&[m, 1, d], &sin)),
+                        ],
+                    );
+                    assert_eq!(
+                        out, want,
+                        "{isa:?} rope {kind:?} m={m} k={k} d={d} heads={heads}"
+                    );
+                }
+            }
+        }
+    }
+    // A gated layer cannot also take RoPE, and RoPE rows must be [m, d] with d dividing n.
+    let w = vec![0.0f32; 12];
+    let x = vec![0.0f32; 3];
+    let (c, s) = (vec![0.0f32; 3], vec![0.0f32; 3]);
+    let mut out = vec![0.0f32; 4];
+    let mut odd = Layer::new(Weight::F32(&w), &mut out);
+    odd.rope = Some(Rope { cos: &c, sin: &s });
+    assert!(linear_with(kiln_kernels::Isa::best(), 1, 3, &x, &mut [odd]).is_err());
+    let mut out = vec![0.0f32; 4];
+    let mut roped = Layer::new(Weight::F32(&w), &mut out);
+    roped.rope = Some(Rope {
+        cos: &c[..2],
+        sin: &s[..2],
+    });
+    assert!(linear_with(kiln_kernels::Isa::best(), 1, 3, &x, &mut [roped]).is_ok());
+    let mut out = vec![0.0f32; 4];
+    let mut gated = Layer::new(Weight::F32(&w), &mut out);
+    gated.rope = Some(Rope {
+        cos: &c[..2],
+        sin: &s[..2],
+    });
+    gated.gate = Some(Gate {
+        weight: Weight::F32(&w),
+        scale: None,
+    });
+    assert!(linear_with(kiln_kernels::Isa::best(), 1, 3, &x, &mut [gated]).is_err());
+}
+
+/// Each element within 1e-5 of the largest magnitude of `want` (the exp of silu is a few ulp
+/// off f64's).
+fn assert_rel_scaled(what: &str, got: &[f32], want: &[f32]) {
+    assert_eq!(got.len(), want.len(), "{what}");
+    let scale = want
+        .iter()
+        .fold(1e-30f64, |a, &v| a.max(f64::from(v).abs()));
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let d = (f64::from(*g) - f64::from(*w)).abs();
+        assert!(d <= 1e-5 * scale, "{what}: [{i}] got {g}, want {w}");
+    }
+}
+
+/// `kind`'s weight from its f32 values, packed bf16 or e4m3 bytes.
+fn as_weight<'a>(kind: Kind, v: &'a [f32], p: &'a Option<PackedBf16>, b: &'a [u8]) -> Weight<'a> {
+    match kind {
+        Kind::Bf16 => Weight::Bf16(p.as_ref().unwrap()),
+        Kind::F8 => Weight::F8E4M3(b),
+        _ => Weight::F32(v),
+    }
 }

@@ -261,3 +261,348 @@ fn attention_stored_permuted_matches_the_reference() {
         );
     }
 }
+
+/// Values `j/8` with `|j| ≤ 8`, as an f32 tensor: exact in bf16 and e4m3, with products and
+/// short sums exact in f32, so values the graph rounds to bf16 round the same here and in the
+/// reference (random f32 data would let the order of additions flip a rounding).
+fn eighths(rng: &mut ChaCha8Rng, shape: &[usize]) -> Tensor {
+    let n = shape.iter().product();
+    let data = (0..n)
+        .map(|_| rng.random_range(-8i32..=8) as f32 / 8.0)
+        .collect();
+    Tensor::from_f32(shape.to_vec(), data).unwrap()
+}
+
+/// A weight `[n, k]` of `dtype` with values from [`eighths`], as the graph reads it.
+fn exact_weight(
+    t: &Tracer,
+    params: &mut HashMap<String, Tensor>,
+    rng: &mut ChaCha8Rng,
+    name: &str,
+    dtype: DType,
+    [n, k]: [usize; 2],
+) -> T {
+    let w = t.param(name, dtype, [n as i64, k as i64]);
+    params.insert(name.into(), eighths(rng, &[n, k]).cast(dtype));
+    if dtype == DType::F32 {
+        w
+    } else {
+        w.cast(DType::F32).unwrap()
+    }
+}
+
+/// `x` `[b, s, h·d]` split into heads `[b, h, s, d]`, as the Hugging Face attention does.
+fn heads(x: &T, [b, s, h, d]: [usize; 4]) -> T {
+    let dims: Vec<Dim> = [b, s, h, d].iter().map(|&v| Dim::fixed(v as i64)).collect();
+    x.reshape(&dims).unwrap().permute(&[0, 2, 1, 3]).unwrap()
+}
+
+/// `x·cos + rotate_half(x)·sin` as the Llama family traces it (a `fused_elementwise` body).
+fn rotary(t: &Tracer, x: &T, cos: &T, sin: &T, d: usize) -> T {
+    let half = d as i64 / 2;
+    let lo = x.slice(-1, 0, half).unwrap();
+    let hi = x.slice(-1, half, d as i64).unwrap();
+    let rot = T::cat(&[&hi.neg().unwrap(), &lo], -1).unwrap();
+    let body: Expr = "(add (mul $0 $1) (mul $2 $3))".parse().unwrap();
+    t.apply(Op::FusedElementwise { body }, &[x, cos, &rot, sin])
+        .unwrap()
+}
+
+/// A Llama attention block's decode graph as precision lowering emits it for `dtype` weights:
+/// Q/K/V projections of x (`[1, s, k]`), heads, RoPE on q and k, q (and for narrow weights k
+/// and v) rounded to bf16, k and v appended to the caches `past.key` / `past.value`
+/// (`[1, kv_heads, past, d]`, bf16 for narrow weights) as graph outputs, and attention. With
+/// `extra`, the v heads are also an output before rounding (a pattern the fusions must not
+/// take).
+#[allow(clippy::too_many_arguments)]
+fn attention_block(
+    rng: &mut ChaCha8Rng,
+    params: &mut HashMap<String, Tensor>,
+    dtype: DType,
+    s: usize,
+    k: usize,
+    [h, kvh, d]: [usize; 3],
+    extra: bool,
+) -> kiln_ir::Graph {
+    let t = Tracer::new();
+    let narrow = dtype != DType::F32;
+    let cache = if narrow { DType::BF16 } else { DType::F32 };
+    let past = Dim::sym("past");
+    let cache_dims = || {
+        vec![
+            Dim::fixed(1),
+            Dim::fixed(kvh as i64),
+            past.clone(),
+            Dim::fixed(d as i64),
+        ]
+    };
+    let past_k = t.input("past.key", cache, cache_dims());
+    let past_v = t.input("past.value", cache, cache_dims());
+    let x = t.input("x", DType::F32, [1, s as i64, k as i64]);
+    let cos = t.input("cos", DType::F32, [1, 1, s as i64, d as i64]);
+    let sin = t.input("sin", DType::F32, [1, 1, s as i64, d as i64]);
+    let xr = rounded(&x, dtype);
+    let mut proj = |name: &str, n: usize| {
+        let w = exact_weight(&t, params, rng, name, dtype, [n * d, k]);
+        xr.matmul_t(&w, false, true).unwrap()
+    };
+    let (q, kk, v) = (proj("q", h), proj("k", kvh), proj("v", kvh));
+    let q = rotary(&t, &heads(&q, [1, s, h, d]), &cos, &sin, d);
+    let kk = rotary(&t, &heads(&kk, [1, s, kvh, d]), &cos, &sin, d);
+    let v = heads(&v, [1, s, kvh, d]);
+    if extra {
+        t.output("v.heads", &v);
+    }
+    let (q, kk, v) = if narrow {
+        (
+            q.cast(DType::BF16).unwrap().cast(DType::F32).unwrap(),
+            kk.cast(DType::BF16).unwrap(),
+            v.cast(DType::BF16).unwrap(),
+        )
+    } else {
+        (q, kk, v)
+    };
+    let present_k = T::cat(&[&past_k, &kk], 2).unwrap();
+    let present_v = T::cat(&[&past_v, &v], 2).unwrap();
+    let op = Op::Attention {
+        scale: F64(0.25),
+        causal: false,
+        window: 0,
+    };
+    let wide = |c: &T| c.cast(DType::F32).unwrap();
+    let a = t
+        .apply(op, &[&q, &wide(&present_k), &wide(&present_v)])
+        .unwrap();
+    t.output("a", &a);
+    t.output("present.key", &present_k);
+    t.output("present.value", &present_v);
+    t.finish().unwrap()
+}
+
+fn close(got: &Tensor, want: &Tensor, what: &str) {
+    let (g, w) = (got.to_f64_vec(), want.to_f64_vec());
+    assert_eq!(got.shape(), want.shape(), "{what}");
+    let scale = w.iter().fold(1e-30f64, |m, x| m.max(x.abs()));
+    for (i, (a, b)) in g.iter().zip(&w).enumerate() {
+        assert!((a - b).abs() <= 1e-5 * scale, "{what}[{i}]: {a} vs {b}");
+    }
+}
+
+/// The QKV group with RoPE on q and k in its epilogue, bf16 rounding of q, k and v for narrow
+/// weights, and the KV-cache appends done by the group step: one linear step of three layers
+/// and nothing else but attention, against the reference executor over a first run (from host
+/// caches) of 1, 7 or 33 new tokens then three one-token decode steps fed the caches the
+/// previous run returned (appended in place: the capacity does not change).
+#[test]
+fn a_qkv_group_with_rope_rounding_and_cache_appends_matches_the_reference() {
+    use kiln_runtime::cpu::state::CpuState;
+    use kiln_runtime::Value;
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    for dtype in [DType::F32, DType::BF16, DType::F8E4M3] {
+        for s in SIZES {
+            for k in SIZES {
+                let dims = [3usize, 1, 8];
+                let [_, kvh, d] = dims;
+                let what = format!("{dtype:?} s={s} k={k}");
+                let cache = if dtype == DType::F32 {
+                    DType::F32
+                } else {
+                    DType::BF16
+                };
+                let mut params = HashMap::new();
+                let first = attention_block(&mut rng, &mut params, dtype, s, k, dims, false);
+                // The decode graph: the same weights, one new token.
+                let mut again = HashMap::new();
+                let mut same = ChaCha8Rng::seed_from_u64(0);
+                let step = attention_block(&mut same, &mut again, dtype, 1, k, dims, false);
+                let cpu = CpuGraph::compile(vec![first.clone(), step.clone()], &params).unwrap();
+                for g in &cpu {
+                    let steps = &g.plan().steps;
+                    let groups: Vec<_> = steps
+                        .iter()
+                        .filter_map(|s| match s {
+                            Step::Linear(l) => Some(l.clone()),
+                            _ => None,
+                        })
+                        .collect();
+                    assert_eq!(groups.len(), 1, "{what}: {}", g.plan());
+                    let layers = &groups[0];
+                    assert_eq!(layers.len(), 3, "{what}");
+                    let narrow = dtype != DType::F32;
+                    for l in layers.iter() {
+                        let (rope, round) = (l.rope.is_some(), l.round_bf16);
+                        match l.weight.as_str() {
+                            "q" => assert!(rope && round == narrow && l.append.is_none(), "{what}"),
+                            "k" => assert!(rope && round == narrow && l.append.is_some(), "{what}"),
+                            _ => assert!(!rope && round == narrow && l.append.is_some(), "{what}"),
+                        }
+                        assert_eq!(l.heads, Some(d), "{what}");
+                    }
+                    let others = steps.iter().filter(|s| {
+                        !matches!(
+                            s,
+                            Step::Source
+                                | Step::Skip
+                                | Step::Grouped
+                                | Step::Alias
+                                | Step::View
+                                | Step::Linear(_)
+                                | Step::Attention { .. }
+                        )
+                    });
+                    assert_eq!(others.count(), 0, "{what}: {}", g.plan());
+                }
+                let mut want_k = eighths(&mut rng, &[1, kvh, 7, d]).cast(cache);
+                let mut want_v = eighths(&mut rng, &[1, kvh, 7, d]).cast(cache);
+                let (mut got_k, mut got_v) =
+                    (Value::Host(want_k.clone()), Value::Host(want_v.clone()));
+                let mut capacity = None;
+                for (run, (graph, plan)) in [
+                    (&first, &cpu[0]),
+                    (&step, &cpu[1]),
+                    (&step, &cpu[1]),
+                    (&step, &cpu[1]),
+                ]
+                .into_iter()
+                .enumerate()
+                {
+                    let n = if run == 0 { s } else { 1 };
+                    let x = eighths(&mut rng, &[1, n, k]);
+                    let cos = eighths(&mut rng, &[1, 1, n, d]);
+                    let sin = eighths(&mut rng, &[1, 1, n, d]);
+                    let host = HashMap::from([
+                        ("x".to_string(), x),
+                        ("cos".to_string(), cos),
+                        ("sin".to_string(), sin),
+                    ]);
+                    let mut inputs = host.clone();
+                    inputs.insert("past.key".into(), want_k.clone());
+                    inputs.insert("past.value".into(), want_v.clone());
+                    let want = reference::run(graph, &inputs, &params).unwrap();
+                    let mut values: HashMap<String, Value> =
+                        host.into_iter().map(|(k, v)| (k, Value::Host(v))).collect();
+                    values.insert("past.key".into(), got_k);
+                    values.insert("past.value".into(), got_v);
+                    let mut got = plan.run_values(values, &params, None).unwrap();
+                    let what = format!("{what} run {run}");
+                    close(
+                        &got.remove("a").unwrap().into_host().unwrap(),
+                        &want["a"],
+                        &what,
+                    );
+                    got_k = got.remove("present.key").unwrap();
+                    got_v = got.remove("present.value").unwrap();
+                    for (v, name) in [(&got_k, "present.key"), (&got_v, "present.value")] {
+                        assert_eq!(v.clone().into_host().unwrap(), want[name], "{what} {name}");
+                    }
+                    let Value::Device(state) = &got_k else {
+                        panic!("{what}: the key cache is not a state");
+                    };
+                    let c = state
+                        .as_any()
+                        .downcast_ref::<CpuState>()
+                        .unwrap()
+                        .capacity();
+                    if run > 0 {
+                        assert_eq!(
+                            *capacity.get_or_insert(c),
+                            c,
+                            "{what}: not appended in place"
+                        );
+                    }
+                    want_k = want["present.key"].clone();
+                    want_v = want["present.value"].clone();
+                }
+            }
+        }
+    }
+}
+
+/// Where a head view has another reader (here v's heads are also an output before their
+/// rounding), v keeps its separate steps and stays correct; q and k still fuse.
+#[test]
+fn a_head_view_with_another_reader_is_not_fused() {
+    let mut rng = ChaCha8Rng::seed_from_u64(6);
+    for dtype in [DType::F32, DType::BF16] {
+        let mut params = HashMap::new();
+        let g = attention_block(&mut rng, &mut params, dtype, 7, 33, [2, 2, 8], true);
+        let cache = if dtype == DType::F32 {
+            DType::F32
+        } else {
+            DType::BF16
+        };
+        let inputs = HashMap::from([
+            ("x".to_string(), eighths(&mut rng, &[1, 7, 33])),
+            ("cos".to_string(), eighths(&mut rng, &[1, 1, 7, 8])),
+            ("sin".to_string(), eighths(&mut rng, &[1, 1, 7, 8])),
+            (
+                "past.key".to_string(),
+                eighths(&mut rng, &[1, 2, 5, 8]).cast(cache),
+            ),
+            (
+                "past.value".to_string(),
+                eighths(&mut rng, &[1, 2, 5, 8]).cast(cache),
+            ),
+        ]);
+        let steps = check(g, &inputs, &params);
+        let layers: Vec<_> = steps
+            .iter()
+            .filter_map(|s| match s {
+                Step::Linear(l) => Some(l.clone()),
+                _ => None,
+            })
+            .flat_map(|l| l.to_vec())
+            .collect();
+        let v = layers.iter().find(|l| l.weight == "v").unwrap();
+        assert!(v.heads.is_none() && v.append.is_none(), "{dtype:?}");
+        assert!(
+            layers.iter().filter(|l| l.rope.is_some()).count() == 2,
+            "{dtype:?}: q and k lost their RoPE"
+        );
+        assert!(steps.iter().any(|s| matches!(s, Step::Concat)), "{dtype:?}");
+    }
+}
+
+/// `silu(x·Gᵀ) · (x·Uᵀ)` (each scaled per column for fp8, as precision lowering emits) is one
+/// linear layer with a gate; a gate also read elsewhere is not fused (and stays correct).
+#[test]
+fn swiglu_as_a_gated_linear_layer_matches_the_reference() {
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    for dtype in [DType::F32, DType::BF16, DType::F8E4M3] {
+        for m in SIZES {
+            for (k, n) in [(7usize, 33usize), (33, 1), (1, 7)] {
+                for shared_gate in [false, true] {
+                    let t = Tracer::new();
+                    let mut params = HashMap::new();
+                    let x = t.input("x", DType::F32, [m as i64, k as i64]);
+                    let xr = rounded(&x, dtype);
+                    let mut proj = |name: &str| {
+                        let w = weight(&t, &mut params, &mut rng, name, dtype, [n, k]);
+                        let y = xr.matmul_t(&w, false, true).unwrap();
+                        if dtype != DType::F8E4M3 {
+                            return y;
+                        }
+                        let s = t.param(&format!("{name}.scale"), DType::F32, [n as i64]);
+                        params.insert(format!("{name}.scale"), random(&mut rng, &[n]));
+                        y.mul(&s).unwrap()
+                    };
+                    let (g, u) = (proj("gate"), proj("up"));
+                    let body: Expr = "(mul (silu $0) $1)".parse().unwrap();
+                    let y = t.apply(Op::FusedElementwise { body }, &[&g, &u]).unwrap();
+                    t.output("y", &y);
+                    if shared_gate {
+                        t.output("g", &g);
+                    }
+                    let inputs = HashMap::from([("x".to_string(), random(&mut rng, &[m, k]))]);
+                    let steps = check(t.finish().unwrap(), &inputs, &params);
+                    let what = format!("{dtype:?} {m}x{n}x{k} shared gate: {shared_gate}");
+                    let gated = steps.iter().any(
+                        |s| matches!(s, Step::Linear(l) if l.iter().any(|l| l.gate.is_some())),
+                    );
+                    let fused = steps.iter().any(|s| matches!(s, Step::Fused(_)));
+                    assert_eq!((gated, fused), (!shared_gate, shared_gate), "{what}");
+                }
+            }
+        }
+    }
+}

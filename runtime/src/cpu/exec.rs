@@ -18,7 +18,7 @@ use kiln_kernels::attention::{attention_f32, AttnOptions, AttnShape, MaskView, S
 use kiln_kernels::gemm::{matmul_f32, matmul_f32_batched, BatchStrides, Gemm};
 use kiln_kernels::gemm_bf16::PackedBf16;
 use kiln_kernels::layout::copy_strided;
-use kiln_kernels::linear::{linear, Layer, Weight};
+use kiln_kernels::linear::{linear, Gate, Layer, Rope, Weight};
 use kiln_kernels::rope::rope_rotate_half;
 use kiln_kernels::{rowwise, KernelError};
 use std::borrow::Cow;
@@ -341,6 +341,21 @@ impl CpuGraph {
                 let started = self.profile.as_ref().map(|_| Instant::now());
                 if let Step::Linear(layers) = step {
                     self.linear(&ctx, layers, shapes, &mut run.vals, bufs, params)?;
+                    for c in layers.iter().filter_map(|l| l.append) {
+                        let (cid, cnode) = (ValueId(c as u32), &self.graph.nodes()[c]);
+                        let Op::Concat { axis } = cnode.op else {
+                            return Err(ctx.mismatch(format!("%{c} is not a concat")));
+                        };
+                        let shape = std::mem::take(&mut shapes[c]);
+                        run.vals[c] = self.append(
+                            &self::ctx(cid, cnode, env),
+                            cnode,
+                            axis,
+                            shape,
+                            run,
+                            bufs,
+                        )?;
+                    }
                 } else {
                     let shape = std::mem::take(&mut shapes[i]);
                     run.vals[i] = match (step, &node.op) {
@@ -576,7 +591,12 @@ impl CpuGraph {
         let done = self.linear_into(ctx, layers, vals, bufs, params, &mut outs);
         for (l, (s, out, shape)) in layers.iter().zip(outs) {
             bufs[s] = out;
-            vals[l.node] = Val::Buf(s, Layout::dense(shape));
+            let layout = match (l.heads, &shape[..]) {
+                // Stored [b, s, h, d]: the value [b, h, s, d] is its permuted view.
+                (Some(_), &[b, h, q, d]) => Layout::dense(vec![b, q, h, d]).permuted(&[0, 2, 1, 3]),
+                _ => Layout::dense(shape),
+            };
+            vals[l.node] = Val::Buf(s, layout);
         }
         done
     }
@@ -603,50 +623,75 @@ impl CpuGraph {
             .unwrap_or_else(|| xs[..xs.len().saturating_sub(1)].iter().product());
         // A narrow weight not prepared at load (not expected: the plan prepares every weight
         // it selects) is packed here, so the kernel still rounds x as planned.
-        let mut late: Vec<Option<PackedBf16>> = Vec::with_capacity(layers.len());
-        for l in layers {
+        let mut late: Vec<(&str, bool, PackedBf16)> = Vec::new();
+        for (name, transposed) in layers.iter().flat_map(LinearLayer::weights) {
             let t = params
-                .get(&l.weight)
-                .ok_or_else(|| ctx.mismatch(format!("no parameter {:?}", l.weight)))?;
+                .get(name)
+                .ok_or_else(|| ctx.mismatch(format!("no parameter {name:?}")))?;
             // Read through `elements()`: an artifact's weights are borrowed from its map, and
             // `storage()` would decode a copy of each.
             let direct = matches!(
-                (t.elements(), l.transposed),
+                (t.elements(), transposed),
                 (Elements::F32(_), _) | (Elements::F8E4M3(_), true)
-            ) || self.weights.packed(&l.weight, l.transposed).is_some();
-            late.push(if direct {
-                None
-            } else {
-                Some(weights::pack(t, l.transposed).ok_or_else(|| {
-                    ctx.mismatch(format!("weight {:?} cannot be prepared", l.weight))
-                })?)
-            });
+            ) || self.weights.packed(name, transposed).is_some();
+            if !direct
+                && !late
+                    .iter()
+                    .any(|(n, tr, _)| *n == name && *tr == transposed)
+            {
+                let p = weights::pack(t, transposed)
+                    .ok_or_else(|| ctx.mismatch(format!("weight {name:?} cannot be prepared")))?;
+                late.push((name, transposed, p));
+            }
         }
-        let mut addends = Vec::with_capacity(layers.len());
+        let weight = |name: &str, transposed: bool| {
+            let stored = params.get(name).map(Tensor::elements);
+            let packed = late
+                .iter()
+                .find(|(n, tr, _)| *n == name && *tr == transposed)
+                .map(|(_, _, p)| p)
+                .or(self.weights.packed(name, transposed));
+            match (stored, packed) {
+                (Some(Elements::F8E4M3(w)), _) if transposed => Ok(Weight::F8E4M3(w)),
+                (_, Some(p)) => Ok(Weight::Bf16(p)),
+                (Some(Elements::F32(w)), _) if transposed => Ok(Weight::F32(w)),
+                (Some(Elements::F32(w)), _) => Ok(Weight::F32Kn(w)),
+                _ => Err(ctx.mismatch(format!("weight {name:?} is not prepared"))),
+            }
+        };
+        let scale = |name: &Option<String>| match name {
+            Some(name) => params
+                .get(name)
+                .and_then(Tensor::as_f32)
+                .map(Some)
+                .ok_or_else(|| ctx.mismatch(format!("scale {name:?} is not an f32 parameter"))),
+            None => Ok(None),
+        };
+        let mut operands = Vec::with_capacity(layers.len());
         for l in layers {
-            addends.push(l.add.map(operand).transpose()?);
+            let add = l.add.map(operand).transpose()?;
+            let rope = match l.rope {
+                Some((c, s)) => Some((operand(c)?.0, operand(s)?.0)),
+                None => None,
+            };
+            operands.push((add, rope));
         }
         let mut group = Vec::with_capacity(layers.len());
-        for (((l, w), add), (_, out, _)) in layers.iter().zip(&late).zip(&addends).zip(outs) {
-            let stored = params.get(&l.weight).map(Tensor::elements);
-            let packed = w.as_ref().or(self.weights.packed(&l.weight, l.transposed));
-            let weight = match (stored, packed) {
-                (Some(Elements::F8E4M3(w)), _) if l.transposed => Weight::F8E4M3(w),
-                (_, Some(p)) => Weight::Bf16(p),
-                (Some(Elements::F32(w)), _) if l.transposed => Weight::F32(w),
-                (Some(Elements::F32(w)), _) => Weight::F32Kn(w),
-                _ => return Err(ctx.mismatch(format!("weight {:?} is not prepared", l.weight))),
-            };
-            let scale = match &l.scale {
-                Some(name) => Some(params.get(name).and_then(Tensor::as_f32).ok_or_else(|| {
-                    ctx.mismatch(format!("scale {name:?} is not an f32 parameter"))
-                })?),
+        for ((l, (add, rope)), (_, out, _)) in layers.iter().zip(&operands).zip(outs) {
+            let gate = match &l.gate {
+                Some(g) => Some(Gate {
+                    weight: weight(&g.weight, g.transposed)?,
+                    scale: scale(&g.scale)?,
+                }),
                 None => None,
             };
             group.push(Layer {
-                weight,
-                scale,
+                weight: weight(&l.weight, l.transposed)?,
+                scale: scale(&l.scale)?,
                 add: add.as_ref().map(|(a, _)| a.as_ref()),
+                gate,
+                rope: rope.as_ref().map(|(c, s)| Rope { cos: c, sin: s }),
+                round_bf16: l.round_bf16,
                 out,
             });
         }

@@ -15,8 +15,22 @@
 //!   ([`rope_rounding`]).
 //! - **Attention output layout** ([`attention_layout`]): attention whose only consumer permutes
 //!   `[b, h, s, d]` to `[b, s, h, d]` writes that layout, so the permute is a dense view.
+//! - **Heads** ([`linear_heads`]): a linear layer whose result the graph splits into heads and
+//!   permutes to `[b, h, s, d]` (reshape + permute, views) and then rotates (a rotary step),
+//!   rounds to bf16 or appends to a KV cache stores `[b, s, h, d]` and computes the rotation
+//!   (cos/sin rows per position) and rounding in its epilogue: the rotary and rounding steps
+//!   disappear.
+//! - **SwiGLU** ([`swiglu`]): `silu(x · Gᵀ) · (x · Uᵀ)` (each possibly scaled) is one layer
+//!   with a gate, writing one output.
+//! - **KV-cache appends** ([`cache_appends`]): a `concat(past, new)` graph output whose `new`
+//!   is a linear layer's value read by nothing else is appended by that layer's group step
+//!   (the executor writes the new rows into the cache's spare capacity right after the
+//!   group's kernel), not by a step of its own.
+//!
+//! Each fusion checks its whole pattern (ops, shapes, that the absorbed values have no other
+//! reader) and leaves the steps unchanged otherwise.
 
-use super::plan::{LinearLayer, Step};
+use super::plan::{reads_strided, GateLayer, LinearLayer, Step};
 use kiln_ir::{BinaryOp, DType, Dim, Expr, Graph, Node, Op, UnaryOp, ValueId};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -162,7 +176,7 @@ pub(super) fn linear_epilogues(graph: &Graph, steps: &mut [Step]) {
 }
 
 /// Groups the single linear layers that read the same activation into one step at the first
-/// one's node (a layer joins only if its addend is computed before that node).
+/// one's node (a layer joins only if its addend and RoPE tables are computed before that node).
 pub(super) fn linear_groups(steps: &mut [Step]) {
     let mut by_x: BTreeMap<ValueId, Vec<usize>> = BTreeMap::new();
     for (i, step) in steps.iter().enumerate() {
@@ -177,7 +191,7 @@ pub(super) fn linear_groups(steps: &mut [Step]) {
         let joins: Vec<usize> = members
             .into_iter()
             .filter(|&m| match &steps[m] {
-                Step::Linear(l) => l[0].add.is_none_or(|a| a.index() < first),
+                Step::Linear(l) => l[0].operands().all(|a| a.index() < first),
                 _ => false,
             })
             .collect();
@@ -319,4 +333,226 @@ fn rotate_half_of(graph: &Graph, v: ValueId) -> Option<ValueId> {
     let (x_lo, zero, h2) = slice(*b)?;
     let full = graph.node(x_hi)?.ty.shape.get(last)?.as_fixed()?;
     (x_hi == x_lo && zero == 0 && h2 == h && d == 2 * h && full == d).then_some(x_hi)
+}
+
+/// Whether every reader of `v` is `target`, or (through at most `depth` nodes, none a graph
+/// output) only feeds `target`.
+fn only_feeds(users: &[Vec<usize>], v: usize, target: usize, depth: usize) -> bool {
+    depth > 0
+        && !users[v].is_empty()
+        && users[v]
+            .iter()
+            .all(|&w| w == target || (w != usize::MAX && only_feeds(users, w, target, depth - 1)))
+}
+
+/// `(reshape, permute, d)` if linear value `l` `[b, s, h·d]` is read only by a reshape to
+/// `[b, s, h, d]` read only by a `[0, 2, 1, 3]` permute.
+fn head_view(graph: &Graph, users: &[Vec<usize>], l: usize) -> Option<(usize, usize, usize)> {
+    let nodes = graph.nodes();
+    let [r] = users[l][..] else { return None };
+    let [p] = users.get(r)?[..] else { return None };
+    let (ln, rn, pn) = (&nodes[l], nodes.get(r)?, nodes.get(p)?);
+    let (ls, rs) = (ln.ty.shape.as_slice(), rn.ty.shape.as_slice());
+    let fits = matches!(rn.op, Op::Reshape { .. })
+        && matches!(&pn.op, Op::Permute { perm } if perm == &[0, 2, 1, 3])
+        && ls.len() == 3
+        && rs.len() == 4
+        && ls[..2] == rs[..2];
+    if !fits {
+        return None;
+    }
+    let d = usize::try_from(rs[3].as_fixed()?).ok()?;
+    Some((r, p, d))
+}
+
+/// What a layer stored as heads computes: the node whose value it is, its RoPE tables
+/// `(cos, sin)`, and whether it rounds to bf16.
+type HeadsUse = (usize, Option<(ValueId, ValueId)>, bool);
+
+/// What a layer stored as heads computes for the heads view `p` (`[b, h, s, d]`): a rotary
+/// step on `p` (at its node, or at its rounding's) with cos/sin `[b, 1, s, d]`, where the other
+/// readers of `p` only feed that step (the rotate-half slices); else a rounding of `p` to bf16
+/// or a concat (a KV cache) that is `p`'s only reader.
+fn heads_use(graph: &Graph, users: &[Vec<usize>], steps: &[Step], p: usize) -> Option<HeadsUse> {
+    let nodes = graph.nodes();
+    let pty = &nodes[p].ty;
+    for &u in &users[p] {
+        // The rotary step of elementwise node u: at u, or moved to its rounding.
+        let at = match (steps.get(u), users.get(u).map(Vec::as_slice)) {
+            (Some(Step::Rope { .. }), _) => u,
+            (Some(Step::Skip), Some(&[c])) if matches!(steps.get(c), Some(Step::Rope { .. })) => c,
+            _ => continue,
+        };
+        let Step::Rope {
+            x,
+            cos,
+            sin,
+            round_bf16,
+        } = steps[at]
+        else {
+            continue;
+        };
+        let table = |v: ValueId| {
+            graph.node(v).is_some_and(|t| {
+                let s = &t.ty.shape;
+                t.ty.dtype == DType::F32
+                    && s.len() == 4
+                    && s[0] == pty.shape[0]
+                    && s[1] == Dim::fixed(1)
+                    && s[2] == pty.shape[2]
+                    && s[3] == pty.shape[3]
+            })
+        };
+        let others_feed_u = users[p]
+            .iter()
+            .all(|&w| w == u || only_feeds(users, w, u, 3));
+        if x.index() == p && table(cos) && table(sin) && others_feed_u {
+            return Some((at, Some((cos, sin)), round_bf16));
+        }
+        return None;
+    }
+    let [c] = users[p][..] else { return None };
+    let cn = nodes.get(c)?;
+    match cn.op {
+        Op::Cast { to: DType::BF16 } if matches!(steps[c], Step::Fused(_)) => Some((c, None, true)),
+        Op::Concat { .. } if cn.inputs.len() == 2 && cn.inputs[1].index() == p => {
+            Some((p, None, false))
+        }
+        _ => None,
+    }
+}
+
+/// Single linear layers whose heads view is rotated, rounded or appended (see [`heads_use`])
+/// compute that value themselves, stored `[b, s, h, d]`; the views and the rotary / rounding
+/// steps they replace are not computed.
+pub(super) fn linear_heads(graph: &Graph, steps: &mut [Step]) {
+    let users = users(graph);
+    for l in 0..steps.len() {
+        let Step::Linear(layers) = &steps[l] else {
+            continue;
+        };
+        let [layer] = &layers[..] else { continue };
+        if layer.heads.is_some() || layer.gate.is_some() {
+            continue;
+        }
+        let Some((r, p, d)) = head_view(graph, &users, l) else {
+            continue;
+        };
+        let Some((node, rope, round_bf16)) = heads_use(graph, &users, steps, p) else {
+            continue;
+        };
+        let strided_readers = users[node]
+            .iter()
+            .all(|&u| u == usize::MAX || steps.get(u).is_some_and(reads_strided));
+        if !strided_readers || d % 2 == 1 && rope.is_some() {
+            continue;
+        }
+        let mut layer = layer.clone();
+        layer.node = node;
+        layer.heads = Some(d);
+        layer.rope = rope;
+        layer.round_bf16 = round_bf16;
+        for i in [l, r, p] {
+            steps[i] = Step::Skip;
+        }
+        steps[node] = Step::Linear(Arc::from(vec![layer]));
+    }
+}
+
+/// `(gate, up)` argument indices of a body `silu($g) · $u`.
+fn silu_mul(body: &Expr) -> Option<(usize, usize)> {
+    let Expr::Binary(BinaryOp::Mul, a, b) = body else {
+        return None;
+    };
+    let arg = |e: &Expr| match e {
+        Expr::Arg(i) => Some(*i),
+        _ => None,
+    };
+    let silu = |e: &Expr| match e {
+        Expr::Unary(UnaryOp::Silu, x) => arg(x),
+        _ => None,
+    };
+    match (silu(a), arg(b), arg(a), silu(b)) {
+        (Some(g), Some(u), _, _) | (_, _, Some(u), Some(g)) => Some((g, u)),
+        _ => None,
+    }
+}
+
+/// A `silu(gate) · up` elementwise step over two single linear layers of the same x, of its
+/// type and read only by it, becomes the up layer with that gate, at the step's node.
+pub(super) fn swiglu(graph: &Graph, steps: &mut [Step]) {
+    let nodes = graph.nodes();
+    let users = users(graph);
+    for (i, node) in nodes.iter().enumerate() {
+        let (Step::Fused(_), Op::FusedElementwise { body }) = (&steps[i], &node.op) else {
+            continue;
+        };
+        let Some((g, u)) = silu_mul(body) else {
+            continue;
+        };
+        let (Some(&gv), Some(&uv)) = (node.inputs.get(g), node.inputs.get(u)) else {
+            continue;
+        };
+        let single = |v: ValueId| match (&steps[v.index()], graph.node(v)) {
+            (Step::Linear(l), Some(n)) if users[v.index()] == [i] && n.ty == node.ty => {
+                match &l[..] {
+                    [l] if l.add.is_none() && l.heads.is_none() && l.gate.is_none() => {
+                        Some(l.clone())
+                    }
+                    _ => None,
+                }
+            }
+            _ => None,
+        };
+        let (Some(gl), Some(mut ul)) = (single(gv), single(uv)) else {
+            continue;
+        };
+        if gv == uv || gl.x != ul.x || gl.rounds_x != ul.rounds_x {
+            continue;
+        }
+        ul.gate = Some(GateLayer {
+            weight: gl.weight,
+            transposed: gl.transposed,
+            scale: gl.scale,
+        });
+        ul.node = i;
+        steps[gv.index()] = Step::Skip;
+        steps[uv.index()] = Step::Skip;
+        steps[i] = Step::Linear(Arc::from(vec![ul]));
+    }
+}
+
+/// A `concat(past, new)` that is a graph output, with `new` a linear layer's value read by
+/// nothing else and `past` computed before that layer's group, is appended by the group (the
+/// concat's node becomes [`Step::Grouped`]).
+pub(super) fn cache_appends(graph: &Graph, steps: &mut [Step]) {
+    let nodes = graph.nodes();
+    let users = users(graph);
+    let mut group_of = vec![None; nodes.len()];
+    for (g, step) in steps.iter().enumerate() {
+        if let Step::Linear(layers) = step {
+            for (j, l) in layers.iter().enumerate() {
+                group_of[l.node] = Some((g, j));
+            }
+        }
+    }
+    for (c, node) in nodes.iter().enumerate() {
+        let (Step::Concat, Op::Concat { .. }, [past, new]) =
+            (&steps[c], &node.op, node.inputs.as_slice())
+        else {
+            continue;
+        };
+        let Some((g, j)) = group_of[new.index()] else {
+            continue;
+        };
+        if !users[c].contains(&usize::MAX) || users[new.index()] != [c] || past.index() >= g {
+            continue;
+        }
+        if let Step::Linear(layers) = &steps[g] {
+            let mut layers = layers.to_vec();
+            layers[j].append = Some(c);
+            steps[g] = Step::Linear(Arc::from(layers));
+            steps[c] = Step::Grouped;
+        }
+    }
 }

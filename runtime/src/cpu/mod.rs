@@ -3,9 +3,10 @@
 //! Three stages, each printable and checkable on its own:
 //! 1. [`plan`]: kernel selection per node ([`plan::Step`]): a matmul whose right operand is a
 //!    weight becomes a linear layer on weights converted and packed once at load
-//!    ([`weights`]), then [`fuse`] folds epilogues (scales, residual and bias adds) into
-//!    linear layers, groups the layers reading one activation, and finds rotary embeddings
-//!    and attention outputs that can be stored permuted; norms, softmax, attention, fused elementwise bodies, embedding gathers and
+//!    ([`weights`]), then [`fuse`] folds epilogues (scales, residual and bias adds, SwiGLU,
+//!    per-head RoPE and bf16 rounding) into linear layers, groups the layers reading one
+//!    activation, lets a group append its keys and values to the KV cache, and finds rotary
+//!    embeddings and attention outputs that can be stored permuted; norms, softmax, attention, fused elementwise bodies, embedding gathers and
 //!    layout ops get their kernels; reshapes and widening casts of already-widened values are
 //!    aliases (no copy); anything else runs the reference executor's op on that node alone.
 //! 2. [`slots`]: static memory planning: liveness-based assignment of every float value to one
@@ -32,5 +33,5 @@ pub mod state;
 mod weights;
 
 pub use exec::CpuGraph;
-pub use plan::{LinearLayer, Plan, Step};
+pub use plan::{GateLayer, LinearLayer, Plan, Step};
 pub use weights::Weights;

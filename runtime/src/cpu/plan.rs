@@ -34,6 +34,50 @@ pub struct LinearLayer {
     pub scale: Option<String>,
     /// A value added to the result: of the result's shape (a residual) or `[n]` (a bias).
     pub add: Option<ValueId>,
+    /// SwiGLU: the result is `silu(gate) · (this layer's result)`, the gate a second layer
+    /// over the same x (its matmul and scale not computed on their own).
+    pub gate: Option<GateLayer>,
+    /// The value is the result `[b, s, h·d]` seen as heads `[b, h, s, d]` (the graph's reshape
+    /// and `[0, 2, 1, 3]` permute, not computed): the head size `d`.
+    pub heads: Option<usize>,
+    /// Rotary embedding of the heads in rotate-half form: the `cos` and `sin` values,
+    /// `[b, 1, s, d]`.
+    pub rope: Option<(ValueId, ValueId)>,
+    /// The result is rounded to bf16 (the node is that cast, or a rotary step's cast).
+    pub round_bf16: bool,
+    /// The KV-cache `concat(past, value)` (a graph output) this value is appended to by the
+    /// same step: that concat's node is [`Step::Grouped`].
+    pub append: Option<usize>,
+}
+
+/// The gate of a SwiGLU [`LinearLayer`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct GateLayer {
+    /// The weight parameter.
+    pub weight: String,
+    /// `W` is stored `[n, k]`.
+    pub transposed: bool,
+    /// An f32 parameter of `n` elements multiplying the gate's columns.
+    pub scale: Option<String>,
+}
+
+impl LinearLayer {
+    /// The weights it reads, `(name, transposed)`: its own and its gate's.
+    pub fn weights(&self) -> impl Iterator<Item = (&str, bool)> + '_ {
+        let gate = self
+            .gate
+            .as_ref()
+            .map(|g| (g.weight.as_str(), g.transposed));
+        [Some((self.weight.as_str(), self.transposed)), gate]
+            .into_iter()
+            .flatten()
+    }
+
+    /// The values the layer reads besides x: its addend and RoPE tables.
+    pub fn operands(&self) -> impl Iterator<Item = ValueId> + '_ {
+        let rope = self.rope.into_iter().flat_map(|(c, s)| [c, s]);
+        self.add.into_iter().chain(rope)
+    }
 }
 
 /// How one node is computed.
@@ -62,7 +106,7 @@ pub enum Step {
     /// all their output rows in decode). The step sits at the first layer's node; the other
     /// layers' nodes are [`Step::Grouped`].
     Linear(Arc<[LinearLayer]>),
-    /// Computed by an earlier [`Step::Linear`] group.
+    /// Computed by an earlier [`Step::Linear`] group (a layer, or a KV-cache append).
     Grouped,
     /// Rotary embedding in rotate-half form, `x · cos + rotate_half(x) · sin` with
     /// `rotate_half(x) = concat(-x[.., d/2..], x[.., ..d/2])`: the `fused_elementwise` node of
@@ -146,7 +190,7 @@ impl Step {
             Step::Source | Step::Grouped => Vec::new(),
             Step::Linear(layers) => {
                 let mut v = vec![layers[0].x];
-                v.extend(layers.iter().filter_map(|l| l.add));
+                v.extend(layers.iter().flat_map(LinearLayer::operands));
                 v
             }
             Step::Rope { x, cos, sin, .. } => vec![*x, *cos, *sin],
@@ -167,7 +211,13 @@ impl Step {
             Step::LayerNorm { .. } => "layernorm".into(),
             Step::Attention { .. } => "attention".into(),
             Step::Linear(layers) => {
-                let names: Vec<&str> = layers.iter().map(|l| l.weight.as_str()).collect();
+                let names: Vec<String> = layers
+                    .iter()
+                    .map(|l| match &l.gate {
+                        Some(g) => format!("silu({}) * {}", g.weight, l.weight),
+                        None => l.weight.clone(),
+                    })
+                    .collect();
                 format!("linear {}", names.join(" + "))
             }
             Step::Grouped => "grouped".into(),
@@ -195,10 +245,11 @@ pub struct Plan {
 impl Plan {
     /// Selects a step for every node of `graph` (which must be verified; rotary embeddings are
     /// recognized here), leaves bf16 operand roundings to the linear kernels and folds linear
-    /// epilogues ([`fuse`]), marks the nodes no output depends on through a value operand as
+    /// epilogues, head layouts with their RoPE and bf16 rounding, and SwiGLU into linear
+    /// layers ([`fuse`]), marks the nodes no output depends on through a value operand as
     /// [`Step::Skip`], turns each view read by a kernel that needs dense data into a copy
-    /// (except the permute of an attention output stored permuted), and finally groups the
-    /// linear layers reading one activation.
+    /// (except the permute of an attention output stored permuted), groups the linear layers
+    /// reading one activation, and lets the groups append their KV-cache rows.
     pub fn new(graph: &Graph) -> Plan {
         Plan::with_provider(graph, None)
     }
@@ -220,6 +271,8 @@ impl Plan {
         fuse::rounding_in_kernels(graph, &mut steps);
         fuse::linear_epilogues(graph, &mut steps);
         fuse::rope_rounding(graph, &mut steps);
+        fuse::linear_heads(graph, &mut steps);
+        fuse::swiglu(graph, &mut steps);
         // Liveness: an output, or a value operand of a needed node.
         let mut needed = vec![false; nodes.len()];
         for out in graph.outputs() {
@@ -247,7 +300,15 @@ impl Plan {
             }
         }
         fuse::attention_layout(graph, &mut steps);
+        // Layers stored as heads hold their value as a permuted view.
         let mut strided = vec![false; nodes.len()];
+        for step in &steps {
+            if let Step::Linear(layers) = step {
+                for l in layers.iter().filter(|l| l.heads.is_some()) {
+                    strided[l.node] = true;
+                }
+            }
+        }
         for (i, node) in nodes.iter().enumerate() {
             let source = node.inputs.first().map(|v| v.index());
             strided[i] = match steps[i] {
@@ -262,10 +323,11 @@ impl Plan {
                         true
                     }
                 }
-                _ => false,
+                _ => strided[i],
             };
         }
         fuse::linear_groups(&mut steps);
+        fuse::cache_appends(graph, &mut steps);
         Plan { steps }
     }
 
@@ -364,6 +426,11 @@ fn select(graph: &Graph, i: usize, node: &Node) -> Step {
                 rounds_x: matches!(wdtype, DType::BF16 | DType::F8E4M3),
                 scale: None,
                 add: None,
+                gate: None,
+                heads: None,
+                rope: None,
+                round_bf16: false,
+                append: None,
             }])),
             None => Step::MatMul {
                 ta: false,
@@ -411,7 +478,7 @@ fn fused(graph: &Graph, node: &Node, body: &Expr) -> Step {
 }
 
 /// Whether `step` reads its operands through strides (so a view needs no copy for it).
-fn reads_strided(step: &Step) -> bool {
+pub(super) fn reads_strided(step: &Step) -> bool {
     matches!(
         step,
         Step::View

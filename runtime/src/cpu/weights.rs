@@ -23,7 +23,7 @@ pub struct Weights {
 }
 
 impl Weights {
-    /// Packs every narrow weight a linear step of `plans` reads (once, however many plans and
+    /// Packs every narrow weight a linear step of `plans` reads (a SwiGLU gate's too) (once, however many plans and
     /// steps read it). A weight that is missing or cannot be packed is left out; the step then
     /// finds no prepared weight and runs the reference op, which reports the problem.
     pub fn prepare(plans: &[&Plan], params: &dyn ParamSource) -> Weights {
@@ -33,15 +33,13 @@ impl Weights {
                 let Step::Linear(layers) = step else {
                     continue;
                 };
-                for LinearLayer {
-                    weight, transposed, ..
-                } in layers.iter()
-                {
+                for (weight, transposed) in layers.iter().flat_map(LinearLayer::weights) {
+                    let transposed = &transposed;
                     let fp8_in_place = *transposed
                         && params
                             .get(weight)
                             .is_some_and(|t| t.dtype() == DType::F8E4M3);
-                    let entry = packed.entry(weight.clone()).or_default();
+                    let entry = packed.entry(weight.to_string()).or_default();
                     let slot = &mut entry[usize::from(*transposed)];
                     if fp8_in_place || slot.is_some() {
                         continue;
