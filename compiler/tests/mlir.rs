@@ -15,6 +15,7 @@
 use kiln_compiler::mlir::{KernelCache, KernelSpec, MlirError, MlirKernel};
 use kiln_ir::trace::Tracer;
 use kiln_ir::{BinaryOp, DType, Expr, Op, ReduceOp, UnaryOp, F64};
+use kiln_runtime::cpu::external::Operand;
 use kiln_runtime::reference::{run, NoParams};
 use kiln_runtime::Tensor;
 use rand::{Rng, SeedableRng};
@@ -376,6 +377,89 @@ fn attention_matches_reference_with_gqa_causal_window_and_masks() {
             |i, _| 1e-5 * f64::from(bound[i]) + 1e-6,
         );
     }
+}
+
+/// The dense elements `[b, h, s, d]` as a view into a buffer with `cap` positions per head
+/// (the KV cache grown in place): the buffer and the view's strides.
+fn in_capacity(x: &[f32], [b, h, s, d]: [usize; 4], cap: usize) -> (Vec<f32>, Vec<usize>) {
+    let mut buf = vec![f32::NAN; b * h * cap * d];
+    for (i, row) in x.chunks(d).enumerate() {
+        let (bh, p) = (i / s, i % s);
+        buf[(bh * cap + p) * d..][..d].copy_from_slice(row);
+    }
+    (buf, vec![h * cap * d, cap * d, d, 1])
+}
+
+#[test]
+fn attention_reads_views_of_a_cache_and_copies_other_views() {
+    let mut r = ChaCha8Rng::seed_from_u64(10);
+    let (b, hq, hkv, d) = (2, 4, 2, 8);
+    let op = Op::Attention {
+        scale: F64(0.3),
+        causal: true,
+        window: 0,
+    };
+    let cache = KernelCache::new();
+    for (sq, sk) in [(5, 5), (1, 6), (1, 17)] {
+        let shapes = [[b, hq, sq, d], [b, hkv, sk, d], [b, hkv, sk, d]];
+        let refs: Vec<&[usize]> = shapes.iter().map(|s| s.as_slice()).collect();
+        let spec = KernelSpec::new(op.clone(), &refs);
+        let data: Vec<Vec<f32>> = shapes
+            .iter()
+            .map(|s| random(&mut r, s.iter().product(), -2.0, 2.0))
+            .collect();
+        let (k, ks) = in_capacity(&data[1], shapes[1], 32);
+        let (v, vs) = in_capacity(&data[2], shapes[2], 32);
+        // q as a view too: stored [b, s, h, d] and read transposed (not a view the kernel
+        // takes: copied).
+        let mut qt = vec![0.0; data[0].len()];
+        for (i, x) in data[0].iter().enumerate() {
+            let (bi, h, p, c) = (i / (hq * sq * d), i / (sq * d) % hq, i / d % sq, i % d);
+            qt[((bi * sq + p) * hq + h) * d + c] = *x;
+        }
+        let qs = [sq * hq * d, d, hq * d, 1];
+        let views = [
+            Operand {
+                data: &qt,
+                shape: &shapes[0],
+                strides: &qs,
+            },
+            Operand {
+                data: &k,
+                shape: &shapes[1],
+                strides: &ks,
+            },
+            Operand {
+                data: &v,
+                shape: &shapes[2],
+                strides: &vs,
+            },
+        ];
+        let kernel = cache.get(&spec).unwrap();
+        let out = spec.output_shape().unwrap();
+        let mut y = vec![f32::NAN; out.iter().product()];
+        kernel.run_views(&views, &mut y, &out).unwrap();
+        let mut abs = data.clone();
+        abs[2] = abs[2].iter().map(|x| x.abs()).collect();
+        let bound = reference(&spec, &abs);
+        check(
+            &format!("attention on views sq={sq} sk={sk}"),
+            &y,
+            &reference(&spec, &data),
+            |i, _| 1e-5 * f64::from(bound[i]) + 1e-6,
+        );
+        // Strides reaching past the data are refused: the view reaches the last key's last
+        // element, one short of that here.
+        let reach = (b * hkv - 1) * 32 * d + sk * d;
+        let short = Operand {
+            data: &k[..reach - 1],
+            ..views[1]
+        };
+        assert!(kernel
+            .run_views(&[views[0], short, views[2]], &mut y, &out)
+            .is_err());
+    }
+    assert_eq!(cache.compilations(), 1);
 }
 
 #[test]

@@ -21,7 +21,8 @@ type V<'c, 'a> = Value<'c, 'a>;
 
 /// The layout of attention over `q[b, hq, sq, d]`, `k[b, hkv, sk, d]`, `v[b, hkv, sk, dv]` and
 /// the optional mask: `q` and the output as `[b·hq, sq, ·]` (rows split), `k` and `v` as
-/// `[b·hkv, sk, ·]`, the mask at rank 4 with its broadcast axes fixed at 1. Head sizes `d`,
+/// `[b·hkv, sk, ·]`, the mask at rank 4 with its broadcast axes fixed at 1; keys, values and
+/// the mask are read through their strides (the KV cache is a view into its capacity). Head sizes `d`,
 /// `dv` are fixed and the head counts are the key's params; batch and lengths are dynamic.
 pub fn layout(inputs: &[&[usize]]) -> Result<Layout, MlirError> {
     let four = |s: &[usize]| -> Result<[usize; 4], MlirError> {
@@ -39,8 +40,8 @@ pub fn layout(inputs: &[&[usize]]) -> Result<Layout, MlirError> {
     let mut l = Layout::new(vec![hq, hkv]);
     let head = [false, false, true];
     l.arg(vec![b * hq, sq, d], &head, true);
-    l.arg(vec![b * hkv, sk, d], &head, false);
-    l.arg(vec![b * hkv, sk, dv], &head, false);
+    l.strided_arg(vec![b * hkv, sk, d], &head);
+    l.strided_arg(vec![b * hkv, sk, dv], &head);
     let scores = [b, hq, sq, sk];
     match inputs.get(3) {
         None => {}
@@ -54,7 +55,7 @@ pub fn layout(inputs: &[&[usize]]) -> Result<Layout, MlirError> {
                     "attention mask {m:?} does not broadcast to the scores {scores:?}"
                 )));
             }
-            l.arg(m4, &broadcast, false);
+            l.strided_arg(m4, &broadcast);
         }
         Some(m) => {
             return Err(MlirError::Unsupported(format!(

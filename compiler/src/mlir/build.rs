@@ -78,6 +78,21 @@ impl<'c> Builder<'c> {
         MemRefType::new(self.f32(), &dims, None, None).into()
     }
 
+    /// An f32 memref of these sizes read through run-time strides and offset, the last axis
+    /// contiguous (`strided<[?, ..., 1], offset: ?>`).
+    pub fn strided_memref(&self, dims: &[Option<usize>]) -> Result<Type<'c>, MlirError> {
+        let mut strides = vec!["?"; dims.len()];
+        if let Some(last) = strides.last_mut() {
+            *last = "1";
+        }
+        let layout = self.attr(&format!("strided<[{}], offset: ?>", strides.join(", ")))?;
+        let dims: Vec<i64> = dims
+            .iter()
+            .map(|d| d.map_or(i64::MIN, |n| n as i64))
+            .collect();
+        Ok(MemRefType::new(self.f32(), &dims, Some(layout), None).into())
+    }
+
     /// `memref.dim %mem, axis` (an `index`).
     pub fn dim<'a>(
         &self,

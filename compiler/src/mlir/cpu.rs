@@ -10,6 +10,7 @@ use super::build::context;
 use super::lower::{lower, ENTRY};
 use super::spec::{layout, KernelKey, KernelSpec};
 use super::MlirError;
+use kiln_runtime::cpu::external::Operand;
 use melior::pass::PassManager;
 use melior::utility::parse_pass_pipeline;
 use rayon::prelude::*;
@@ -140,6 +141,28 @@ impl MlirKernel {
         out: &mut [f32],
         out_shape: &[usize],
     ) -> Result<(), MlirError> {
+        let strides: Vec<Vec<usize>> = inputs.iter().map(|(_, s)| dense_strides(s)).collect();
+        let views: Vec<Operand<'_>> = inputs
+            .iter()
+            .zip(&strides)
+            .map(|((data, shape), strides)| Operand {
+                data,
+                shape,
+                strides,
+            })
+            .collect();
+        self.run_views(&views, out, out_shape)
+    }
+
+    /// [`MlirKernel::run`] on operands that may be views: the arguments the kernel reads
+    /// through strides take a view as it is when its layout shape is a view of it with the
+    /// last axis contiguous; any other view is copied dense first.
+    pub fn run_views(
+        &self,
+        inputs: &[Operand<'_>],
+        out: &mut [f32],
+        out_shape: &[usize],
+    ) -> Result<(), MlirError> {
         let bad = |m: String| Err(MlirError::Arguments(m));
         if inputs.len() + 1 != self.key.args.len() {
             return bad(format!(
@@ -148,15 +171,20 @@ impl MlirKernel {
                 self.key.args.len() - 1
             ));
         }
-        for (i, (data, shape)) in inputs.iter().enumerate() {
-            if data.len() != shape.iter().product::<usize>() {
+        for (i, o) in inputs.iter().enumerate() {
+            let reach = (o.strides.len() == o.shape.len())
+                .then(|| extent(o.shape, o.strides))
+                .flatten();
+            if reach.is_none_or(|r| r > o.data.len()) {
                 return bad(format!(
-                    "operand {i}: {} elements for shape {shape:?}",
-                    data.len()
+                    "operand {i}: shape {:?} with strides {:?} over {} elements",
+                    o.shape,
+                    o.strides,
+                    o.data.len()
                 ));
             }
         }
-        let shapes: Vec<&[usize]> = inputs.iter().map(|(_, s)| *s).collect();
+        let shapes: Vec<&[usize]> = inputs.iter().map(|o| o.shape).collect();
         let l = layout(&self.key.op, &shapes).map_err(|e| MlirError::Arguments(e.to_string()))?;
         if l.args != self.key.args || l.params != self.key.params {
             return bad(format!(
@@ -175,11 +203,43 @@ impl MlirKernel {
         if out.is_empty() {
             return Ok(());
         }
-        let ptrs: Vec<*const f32> = inputs.iter().map(|(d, _)| d.as_ptr()).collect();
+        // Per input: its data (or a dense copy) and the strides of its layout shape.
+        let mut copies: Vec<Vec<f32>> = Vec::new();
+        let mut which: Vec<(Option<usize>, Vec<usize>)> = Vec::with_capacity(inputs.len());
+        for ((o, a), shape) in inputs.iter().zip(&self.key.args).zip(&l.shapes) {
+            let dense = dense_strides(shape);
+            let view = if a.strided {
+                view_strides(o.shape, o.strides, shape)
+                    .map(|mut st| {
+                        // A last axis of size 1 is never stepped: any stride reads it.
+                        if let (Some(s), Some(1)) = (st.last_mut(), shape.last()) {
+                            *s = 1;
+                        }
+                        st
+                    })
+                    .filter(|st| st.last().is_none_or(|&s| s == 1))
+            } else {
+                (view_strides(o.shape, o.strides, shape).as_ref() == Some(&dense))
+                    .then_some(dense.clone())
+            };
+            match view {
+                Some(st) => which.push((None, st)),
+                None => {
+                    copies.push(dense_copy(o));
+                    which.push((Some(copies.len() - 1), dense));
+                }
+            }
+        }
+        let ptrs: Vec<*const f32> = inputs
+            .iter()
+            .zip(&which)
+            .map(|(o, (c, _))| c.map_or(o.data.as_ptr(), |c| copies[c].as_ptr()))
+            .collect();
+        let strides: Vec<Vec<usize>> = which.into_iter().map(|(_, st)| st).collect();
         let shapes = &l.shapes;
         let last = &shapes[shapes.len() - 1];
         if !self.key.args[shapes.len() - 1].split {
-            self.call(&ptrs, shapes, out, 0, 0);
+            self.call(&ptrs, (shapes, &strides), out, 0, 0);
             return Ok(());
         }
         let rows = last[0];
@@ -198,17 +258,18 @@ impl MlirKernel {
             .for_each(|(i, block)| {
                 let ptrs: Vec<*const f32> = addrs.iter().map(|&a| a as *const f32).collect();
                 let n = block.len() / row;
-                self.call(&ptrs, shapes, block, i * per, n);
+                self.call(&ptrs, (shapes, &strides), block, i * per, n);
             });
         Ok(())
     }
 
     /// One call of the packed entry on rows `first..first + n` of the split arguments (`out`
-    /// holds exactly those rows of the output), or on everything when nothing is split.
+    /// holds exactly those rows of the output), or on everything when nothing is split. Input
+    /// `i` has layout shape `shapes[i]` and element strides `strides[i]` (dense when split).
     fn call(
         &self,
         inputs: &[*const f32],
-        shapes: &[Vec<usize>],
+        (shapes, strides): (&[Vec<usize>], &[Vec<usize>]),
         out: &mut [f32],
         first: usize,
         n: usize,
@@ -230,15 +291,13 @@ impl MlirKernel {
             if a.split {
                 shape[0] = n;
             }
+            let st = match strides.get(i) {
+                Some(st) if !a.split => st.clone(),
+                _ => dense_strides(&shape),
+            };
             let mut d = vec![ptr, ptr, 0];
             d.extend(shape.iter().map(|&s| s as i64));
-            let mut stride = 1i64;
-            let mut strides = vec![0i64; shape.len()];
-            for (k, &s) in shape.iter().enumerate().rev() {
-                strides[k] = stride;
-                stride *= s as i64;
-            }
-            d.extend(strides);
+            d.extend(st.iter().map(|&s| s as i64));
             slots.push(d);
         }
         if self.first_row {
@@ -251,15 +310,90 @@ impl MlirKernel {
         // SAFETY: `func` is the packed entry of this kernel's `@kernel`, whose arguments are
         // exactly the memref descriptors built above (one field per slot, in order), then the
         // first row as an `index` (i64) when the kernel takes it. The sizes are the layout of
-        // the operands' shapes, whose fixed sizes `run` checked equal to the kernel's (so every
-        // size the code assumes is the one described), and every descriptor points into a live
-        // buffer holding the whole described shape: `run` checked the operands' and the
-        // output's lengths against their shapes, a layout shape holds exactly its operand's
-        // elements, and a split argument is offset by whole rows within its buffer. The kernel only reads the input
-        // buffers (the lowerings never write their operands) and writes only `out`, which this
-        // call borrows mutably.
+        // the operands' shapes, whose fixed sizes `run_views` checked equal to the kernel's (so
+        // every size the code assumes is the one described), and every descriptor reaches only
+        // elements of a live buffer: `run_views` checked that each operand's strides stay
+        // within its data and that the output holds the whole result; a layout shape's strides
+        // address exactly its operand's elements (a view of them, or a dense copy held until
+        // the call returns); an argument the kernel reads with a unit last stride gets one;
+        // and a split argument, always dense, is offset by whole rows within its buffer. The
+        // kernel only reads the input buffers (the lowerings never write their operands) and
+        // writes only `out`, which this call borrows mutably.
         unsafe { (self.func)(args.as_mut_ptr()) }
     }
+}
+
+/// Row-major strides of `shape`.
+fn dense_strides(shape: &[usize]) -> Vec<usize> {
+    let mut strides = vec![0; shape.len()];
+    let mut stride = 1;
+    for (k, &s) in shape.iter().enumerate().rev() {
+        strides[k] = stride;
+        stride *= s;
+    }
+    strides
+}
+
+/// One past the furthest element a view reaches (0 when it is empty), or `None` on overflow.
+fn extent(shape: &[usize], strides: &[usize]) -> Option<usize> {
+    if shape.contains(&0) {
+        return Some(0);
+    }
+    shape.iter().zip(strides).try_fold(1usize, |acc, (&n, &s)| {
+        (n - 1).checked_mul(s).and_then(|d| acc.checked_add(d))
+    })
+}
+
+/// The strides that view elements of `shape` at `strides` as `new` (same count, row-major
+/// order), or `None` when `new` is not such a view (PyTorch's `view` rule: only axes that are
+/// contiguous with each other merge or split).
+fn view_strides(shape: &[usize], strides: &[usize], new: &[usize]) -> Option<Vec<usize>> {
+    if shape.contains(&0) || shape.is_empty() {
+        return Some(dense_strides(new));
+    }
+    let mut out = vec![0; new.len()];
+    let mut view_d = new.len();
+    let mut base = strides[shape.len() - 1];
+    let (mut numel, mut view_numel) = (1usize, 1usize);
+    for d in (0..shape.len()).rev() {
+        numel *= shape[d];
+        let chunk_ends = d == 0 || (shape[d - 1] != 1 && strides[d - 1] != numel * base);
+        if chunk_ends {
+            while view_d > 0 && (view_numel < numel || new[view_d - 1] == 1) {
+                out[view_d - 1] = view_numel * base;
+                view_numel *= new[view_d - 1];
+                view_d -= 1;
+            }
+            if view_numel != numel {
+                return None;
+            }
+            if d > 0 {
+                base = strides[d - 1];
+                numel = 1;
+                view_numel = 1;
+            }
+        }
+    }
+    (view_d == 0).then_some(out)
+}
+
+/// A view's elements in row-major order (its reach was checked against its data).
+fn dense_copy(o: &Operand<'_>) -> Vec<f32> {
+    let n: usize = o.shape.iter().product();
+    let mut out = Vec::with_capacity(n);
+    let mut idx = vec![0usize; o.shape.len()];
+    for _ in 0..n {
+        let at: usize = idx.iter().zip(o.strides).map(|(i, s)| i * s).sum();
+        out.push(o.data[at]);
+        for k in (0..idx.len()).rev() {
+            idx[k] += 1;
+            if idx[k] < o.shape[k] {
+                break;
+            }
+            idx[k] = 0;
+        }
+    }
+    out
 }
 
 /// The number of threads kernels are split over (rayon's global pool).

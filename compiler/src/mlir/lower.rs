@@ -56,7 +56,16 @@ pub fn module_with<'c>(
     body: Box<Body<'_, 'c>>,
 ) -> Result<Lowered<'c>, MlirError> {
     let b = Builder::new(ctx);
-    let mut types: Vec<_> = args.iter().map(|a| b.memref(&a.dims)).collect();
+    let mut types = args
+        .iter()
+        .map(|a| {
+            if a.strided {
+                b.strided_memref(&a.dims)
+            } else {
+                Ok(b.memref(&a.dims))
+            }
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     if first_row {
         types.push(melior::ir::Type::index(ctx));
     }

@@ -9,7 +9,7 @@
 use super::cpu::{KernelCache, MlirKernel};
 use super::spec::layout;
 use kiln_ir::{infer, DType, Op, TensorType};
-use kiln_runtime::cpu::external::{ExternalKernel, KernelProvider};
+use kiln_runtime::cpu::external::{ExternalKernel, KernelProvider, Operand};
 use std::sync::Arc;
 
 /// MLIR-compiled kernels for the CPU backend, compiled on first use per key.
@@ -101,10 +101,11 @@ impl KernelProvider for MlirProvider {
 impl ExternalKernel for MlirKernel {
     fn run(
         &self,
-        inputs: &[(&[f32], &[usize])],
+        inputs: &[Operand<'_>],
         out: &mut [f32],
         out_shape: &[usize],
     ) -> Result<(), String> {
-        MlirKernel::run(self, inputs, out, out_shape).map_err(|e| e.to_string())
+        self.run_views(inputs, out, out_shape)
+            .map_err(|e| e.to_string())
     }
 }

@@ -28,6 +28,9 @@ pub struct ArgType {
     /// Its dim 0 is dynamic and the caller may pass any contiguous block of its rows (the
     /// kernel runs on row blocks in parallel).
     pub split: bool,
+    /// The kernel reads it through run-time strides (its last axis contiguous), so a view
+    /// need not be copied; otherwise it is passed dense.
+    pub strided: bool,
 }
 
 impl ArgType {
@@ -36,6 +39,7 @@ impl ArgType {
         ArgType {
             dims: vec![None; rank],
             split,
+            strided: false,
         }
     }
 
@@ -44,6 +48,7 @@ impl ArgType {
         ArgType {
             dims: shape.iter().map(|&d| Some(d)).collect(),
             split: false,
+            strided: false,
         }
     }
 }
@@ -89,8 +94,20 @@ impl Layout {
             .zip(fixed)
             .map(|(&d, &f)| f.then_some(d))
             .collect();
-        self.args.push(ArgType { dims, split });
+        self.args.push(ArgType {
+            dims,
+            split,
+            strided: false,
+        });
         self.shapes.push(shape);
+    }
+
+    /// Appends an argument as [`Layout::arg`], read through run-time strides (not split).
+    pub fn strided_arg(&mut self, shape: Vec<usize>, fixed: &[bool]) {
+        self.arg(shape, fixed, false);
+        if let Some(a) = self.args.last_mut() {
+            a.strided = true;
+        }
     }
 
     /// The key of `op` laid out this way.

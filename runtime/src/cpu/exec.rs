@@ -1,7 +1,7 @@
 //! The run loop of the CPU backend: binds sizes from the inputs, walks the plan's steps in node
 //! order with values in reusable f32 buffers, and returns the graph's outputs as tensors.
 
-use super::external::Provider;
+use super::external::{Operand, Provider};
 use super::layout::Layout;
 use super::moe::moe_f32;
 use super::plan::{self, LinearLayer, Plan, Step};
@@ -881,22 +881,22 @@ impl CpuGraph {
                 moe_f32(*top_k, h, x, gate, &experts, out).map_err(kerr)?;
             }
             Step::External { provider, native } => {
-                // Views (e.g. the KV cache grown in place) are copied dense for the provider.
-                let dense: Option<Vec<_>> = node
-                    .inputs
+                // Views (e.g. the KV cache grown in place) go as they are, with their strides.
+                let views: Option<Vec<_>> = (0..node.inputs.len()).map(strided).collect();
+                let Some(views) = views else {
+                    provider.fell_back(native, "operands are not f32".into());
+                    return self.kernel(ctx, node, native, shape, vals, bufs, out);
+                };
+                let ins: Vec<Operand<'_>> = views
                     .iter()
-                    .map(|v| dense_f32(&vals[v.index()], bufs))
+                    .map(|(d, l)| Operand {
+                        data: &d[l.offset.min(d.len())..],
+                        shape: &l.shape,
+                        strides: &l.strides,
+                    })
                     .collect();
-                let ins: Option<Vec<(&[f32], &[usize])>> = dense
-                    .as_ref()
-                    .map(|d| d.iter().map(|(x, s)| (&x[..], &s[..])).collect());
-                match ins {
-                    Some(ins) if provider.run(native, &node.op, &ins, out, shape) => {}
-                    Some(_) => return self.kernel(ctx, node, native, shape, vals, bufs, out),
-                    None => {
-                        provider.fell_back(native, "operands are not f32".into());
-                        return self.kernel(ctx, node, native, shape, vals, bufs, out);
-                    }
+                if !provider.run(native, &node.op, &ins, out, shape) {
+                    return self.kernel(ctx, node, native, shape, vals, bufs, out);
                 }
             }
             Step::Source

@@ -19,13 +19,25 @@ use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-/// A kernel computing one node's f32 result from its dense f32 operands.
+/// An f32 operand as the CPU backend holds it, possibly a view (e.g. the KV cache grown in
+/// place): element `[i0, i1, ...]` is `data[Σ ik · strides[k]]`.
+#[derive(Debug, Clone, Copy)]
+pub struct Operand<'a> {
+    /// The elements, from the operand's first one.
+    pub data: &'a [f32],
+    /// The sizes.
+    pub shape: &'a [usize],
+    /// The element strides per axis.
+    pub strides: &'a [usize],
+}
+
+/// A kernel computing one node's f32 result from its f32 operands.
 pub trait ExternalKernel: Send + Sync {
-    /// Runs on `inputs` as (contiguous data, shape) in operand order; `out` (dense, of shape
-    /// `out_shape`) receives the result. An error means nothing usable was written.
+    /// Runs on `inputs` in operand order; `out` (dense, of shape `out_shape`) receives the
+    /// result. An error means nothing usable was written.
     fn run(
         &self,
-        inputs: &[(&[f32], &[usize])],
+        inputs: &[Operand<'_>],
         out: &mut [f32],
         out_shape: &[usize],
     ) -> Result<(), String>;
@@ -40,8 +52,7 @@ pub trait KernelProvider: Send + Sync {
     /// types (`Err` says why not).
     fn accepts(&self, op: &Op, operands: &[&TensorType]) -> Result<(), String>;
 
-    /// The kernel for `op` over dense f32 operands of exactly these shapes, or why there is
-    /// none.
+    /// The kernel for `op` over f32 operands of exactly these shapes, or why there is none.
     fn kernel(&self, op: &Op, shapes: &[&[usize]]) -> Result<Arc<dyn ExternalKernel>, String>;
 }
 
@@ -104,17 +115,17 @@ impl Provider {
         }
     }
 
-    /// Runs the provider's kernel for `op` on dense operands; `false` (reason recorded) when
-    /// there is none or it failed, so that the caller runs `native`.
+    /// Runs the provider's kernel for `op` on `inputs`; `false` (reason recorded) when there
+    /// is none or it failed, so that the caller runs `native`.
     pub fn run(
         &self,
         native: &Step,
         op: &Op,
-        inputs: &[(&[f32], &[usize])],
+        inputs: &[Operand<'_>],
         out: &mut [f32],
         out_shape: &[usize],
     ) -> bool {
-        let shapes: Vec<&[usize]> = inputs.iter().map(|(_, s)| *s).collect();
+        let shapes: Vec<&[usize]> = inputs.iter().map(|o| o.shape).collect();
         let done = self
             .inner
             .kernel(op, &shapes)
