@@ -59,13 +59,30 @@ fn weight(
     dtype: DType,
     [n, k]: [usize; 2],
 ) -> T {
-    let w = t.param(name, dtype, [n as i64, k as i64]);
     let scale = if dtype == DType::F8E4M3 { 64.0 } else { 1.0 };
-    let n_k = n * k;
-    let data = (0..n_k)
+    let data = (0..n * k)
         .map(|_| rng.random_range(-1.0f32..1.0) * scale)
         .collect();
-    let value = Tensor::from_f32(vec![n, k], data).unwrap();
+    declare_weight(
+        t,
+        params,
+        name,
+        dtype,
+        Tensor::from_f32(vec![n, k], data).unwrap(),
+    )
+}
+
+/// A weight parameter `name` of `dtype` with the f32 `value` (cast to `dtype`), as the graph
+/// reads it (cast to f32 when narrow).
+fn declare_weight(
+    t: &Tracer,
+    params: &mut HashMap<String, Tensor>,
+    name: &str,
+    dtype: DType,
+    value: Tensor,
+) -> T {
+    let dims: Vec<i64> = value.shape().iter().map(|&d| d as i64).collect();
+    let w = t.param(name, dtype, dims);
     params.insert(name.into(), value.cast(dtype));
     if dtype == DType::F32 {
         w
@@ -282,13 +299,7 @@ fn exact_weight(
     dtype: DType,
     [n, k]: [usize; 2],
 ) -> T {
-    let w = t.param(name, dtype, [n as i64, k as i64]);
-    params.insert(name.into(), eighths(rng, &[n, k]).cast(dtype));
-    if dtype == DType::F32 {
-        w
-    } else {
-        w.cast(DType::F32).unwrap()
-    }
+    declare_weight(t, params, name, dtype, eighths(rng, &[n, k]))
 }
 
 /// `x` `[b, s, h·d]` split into heads `[b, h, s, d]`, as the Hugging Face attention does.
