@@ -478,6 +478,40 @@ fn inspect_passes_and_no_optimize() {
 }
 
 #[test]
+fn inspect_prints_the_graphs_lowered_to_a_precision() {
+    let o = kiln(&[
+        "inspect",
+        "--model",
+        &fixture("llama"),
+        "--precision",
+        "bf16",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = String::from_utf8_lossy(&o.stdout);
+    // bf16 weights, and the decode graph's KV cache kept in bf16 (rounded once at append).
+    assert!(
+        text.contains("bf16[16, 32] = param \"model.layers.0.self_attn.k_proj.weight\""),
+        "{text}"
+    );
+    assert!(
+        text.contains("bf16[batch, 2, past, 8] = input \"past.0.key\""),
+        "{text}"
+    );
+    let f32 = kiln(&["inspect", "--model", &fixture("llama")]);
+    assert!(!String::from_utf8_lossy(&f32.stdout).contains("bf16"));
+    refused(
+        &[
+            "inspect",
+            "--model",
+            &fixture("llama"),
+            "--precision",
+            "fp4",
+        ],
+        &["--precision", "f32, bf16, fp16, fp8"],
+    );
+}
+
+#[test]
 fn dump_ir_after_a_pass_parses_back() {
     let o = kiln(&["inspect", "--model", &fixture("gpt2"), "--dump-ir", "norm"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
