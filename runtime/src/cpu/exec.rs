@@ -75,21 +75,21 @@ struct Run<'a> {
 }
 
 impl<'a> Run<'a> {
-    /// Moves `state`'s buffer in as a new buffer; its value.
-    fn add_state(&mut self, bufs: &mut Vec<Vec<f32>>, state: CpuState) -> Val<'a> {
+    /// Moves `state`'s buffer in as a new buffer; its index.
+    fn add_state(&mut self, bufs: &mut Vec<Vec<f32>>, state: CpuState) -> usize {
         let (axis, capacity) = (state.axis(), state.capacity());
-        let (data, layout, _, _) = state.into_parts();
+        let (data, layout) = state.into_parts();
         let s = bufs.len();
         bufs.push(data);
         self.states.insert(
             s,
             StateSlot {
                 axis,
-                layout: layout.clone(),
+                layout,
                 capacity,
             },
         );
-        Val::Buf(s, layout)
+        s
     }
 }
 
@@ -306,7 +306,10 @@ impl CpuGraph {
             let v = match &node.op {
                 Op::Input { name } => match (inputs.get(name), states.remove(name)) {
                     (Some(t), _) => Val::Ext(t, t.shape().to_vec()),
-                    (None, Some(state)) => run.add_state(bufs, state),
+                    (None, Some(state)) => {
+                        let layout = state.layout().clone();
+                        Val::Buf(run.add_state(bufs, state), layout)
+                    }
                     (None, None) => continue,
                 },
                 Op::Param { name } => match params.get(name) {
@@ -392,62 +395,50 @@ impl CpuGraph {
         run: &mut Run<'a>,
         bufs: &mut Vec<Vec<f32>>,
     ) -> Result<Val<'a>, ExecError> {
-        let write = |src: &[f32], l: &Layout, dst: &mut [f32], at: usize, into: &Layout| {
-            copy_strided(
-                &l.shape,
-                src,
-                l.offset,
-                &l.strides,
-                dst,
-                into.offset + at * into.strides[axis],
-                &into.strides,
-            )
-            .map_err(|e| ctx.mismatch(e.to_string()))
-        };
         // In place: the first operand is a whole state with room for the rest.
-        if let Val::Buf(s, l) = &run.vals[node.inputs[0].index()] {
-            if let Some(state) = run.states.get(s) {
-                let (s, l) = (*s, l.clone());
-                if state.axis == axis && state.layout == l && shape[axis] <= state.capacity {
-                    let mut grown = l.clone();
-                    grown.shape = shape;
-                    let mut data = std::mem::take(&mut bufs[s]);
-                    let mut at = l.shape[axis];
-                    let mut done = Ok(());
-                    for k in 1..node.inputs.len() {
-                        let (x, xl) = match float_operand(ctx, &run.vals, node, k, bufs) {
-                            Ok(o) => o,
-                            Err(e) => {
-                                done = Err(e);
-                                break;
-                            }
-                        };
-                        done = write(&x, &xl, &mut data, at, &grown);
-                        if done.is_err() {
-                            break;
-                        }
-                        at += xl.shape[axis];
-                    }
-                    bufs[s] = data;
-                    done?;
-                    if let Some(state) = run.states.get_mut(&s) {
-                        state.layout = grown.clone();
-                    }
-                    return Ok(Val::Buf(s, grown));
-                }
+        let in_place = match &run.vals[node.inputs[0].index()] {
+            Val::Buf(s, l) => run.states.get(s).and_then(|state| {
+                (state.axis == axis && state.layout == *l && shape[axis] <= state.capacity)
+                    .then(|| (*s, l.shape[axis]))
+            }),
+            _ => None,
+        };
+        let (s, first, at) = match in_place {
+            Some((s, filled)) => (s, 1, filled),
+            None => {
+                let fresh =
+                    CpuState::zeroed(node.ty.dtype, &shape, axis, grown_capacity(shape[axis]))?;
+                (run.add_state(bufs, fresh), 0, 0)
             }
-        }
-        let dtype = node.ty.dtype;
-        let fresh = CpuState::zeroed(dtype, &shape, axis, grown_capacity(shape[axis]))?;
-        let (mut data, layout, _, _) = fresh.into_parts();
-        let mut at = 0;
-        for k in 0..node.inputs.len() {
+        };
+        let layout = match run.states.get_mut(&s) {
+            Some(state) => {
+                state.layout.shape = shape;
+                state.layout.clone()
+            }
+            None => return Err(ctx.mismatch("internal: a cache state lost its buffer")),
+        };
+        // Operands `first..` written one after another along the axis from position `at`.
+        let mut data = std::mem::take(&mut bufs[s]);
+        let mut at = at;
+        let written = (first..node.inputs.len()).try_for_each(|k| {
             let (x, xl) = float_operand(ctx, &run.vals, node, k, bufs)?;
-            write(&x, &xl, &mut data, at, &layout)?;
+            let start = layout.offset + at * layout.strides[axis];
+            copy_strided(
+                &xl.shape,
+                &x,
+                xl.offset,
+                &xl.strides,
+                &mut data,
+                start,
+                &layout.strides,
+            )
+            .map_err(|e| ctx.mismatch(e.to_string()))?;
             at += xl.shape[axis];
-        }
-        let state = CpuState::from_parts(data, layout, dtype, axis);
-        Ok(run.add_state(bufs, state))
+            Ok(())
+        });
+        bufs[s] = data;
+        written.map(|()| Val::Buf(s, layout))
     }
 
     /// The graph's outputs (those in `wanted`, when given): a value in a state's buffer as that

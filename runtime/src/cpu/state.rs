@@ -115,8 +115,8 @@ impl CpuState {
     }
 
     /// The buffer and the filled part's layout, taken apart (to run a graph on it).
-    pub fn into_parts(self) -> (Vec<f32>, Layout, DType, usize) {
-        (self.data, self.layout, self.dtype, self.axis)
+    pub fn into_parts(self) -> (Vec<f32>, Layout) {
+        (self.data, self.layout)
     }
 
     /// A state from a buffer and layout [`into_parts`](Self::into_parts) gave (grown along the
