@@ -139,35 +139,55 @@ pub trait GraphExecutor: Send + Sync {
     }
 }
 
-/// Per node of `graph`, whether computing the outputs named in `wanted` needs it, where
-/// `deps(i)` lists the nodes node `i`'s computation reads (its operands, and whatever a backend's
-/// fused step adds). Shared by backends that skip the work of outputs nobody asked for.
-pub fn needed_nodes(
-    graph: &Graph,
-    wanted: &[&str],
-    deps: impl Fn(usize) -> Vec<usize>,
-) -> Vec<bool> {
-    let n = graph.nodes().len();
-    let mut need = vec![false; n];
-    for o in graph.outputs() {
-        if wanted.contains(&o.name.as_str()) {
-            need[o.value.index()] = true;
+/// Which nodes the outputs a run asks for need, per set of output names, remembered (a
+/// generation loop asks for the same outputs every step). Shared by the backends that skip the
+/// work of outputs nobody asked for.
+#[derive(Debug, Default)]
+pub struct NeededNodes {
+    known: std::sync::Mutex<Vec<Needed>>,
+}
+
+/// The output names asked for and, per node, whether they need it.
+type Needed = (Vec<String>, Arc<Vec<bool>>);
+
+impl NeededNodes {
+    /// Per node of `graph`, whether computing the outputs named in `wanted` needs it, where
+    /// `deps(i)` lists the nodes node `i`'s computation reads (its operands, and whatever a
+    /// backend's fused step adds).
+    pub fn get(
+        &self,
+        graph: &Graph,
+        wanted: &[&str],
+        deps: impl Fn(usize) -> Vec<usize>,
+    ) -> Arc<Vec<bool>> {
+        let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, need)) = known.iter().find(|(w, _)| w.iter().eq(wanted.iter())) {
+            return need.clone();
         }
-    }
-    // Until nothing changes: a fused step may sit after a node it computes.
-    let mut changed = true;
-    while changed {
-        changed = false;
-        for i in (0..n).rev() {
-            if !need[i] {
-                continue;
-            }
-            for d in deps(i) {
-                changed |= !std::mem::replace(&mut need[d], true);
+        let n = graph.nodes().len();
+        let mut need = vec![false; n];
+        for o in graph.outputs() {
+            if wanted.contains(&o.name.as_str()) {
+                need[o.value.index()] = true;
             }
         }
+        // Until nothing changes: a fused step may sit after a node it computes.
+        let mut changed = true;
+        while changed {
+            changed = false;
+            for i in (0..n).rev() {
+                if !need[i] {
+                    continue;
+                }
+                for d in deps(i) {
+                    changed |= !std::mem::replace(&mut need[d], true);
+                }
+            }
+        }
+        let need = Arc::new(need);
+        known.push((wanted.iter().map(|w| w.to_string()).collect(), need.clone()));
+        need
     }
-    need
 }
 
 impl GraphExecutor for CpuGraph {

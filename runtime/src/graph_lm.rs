@@ -37,9 +37,26 @@ pub struct GraphLm<P> {
     prefill: Box<dyn GraphExecutor>,
     decode: Box<dyn GraphExecutor>,
     params: P,
-    num_layers: usize,
     vocab_size: usize,
     batch: Option<Batch>,
+    /// Per graph (prefill, decode): the outputs a step reads — each layer's key and value
+    /// cache, then the logits (`last_logits` where the graph has them).
+    step_outputs: [Vec<String>; 2],
+}
+
+/// The outputs a step of `graph` reads ([`GraphLm`]'s `step_outputs`). Only the last
+/// position's logits are read: a prefill graph that has them alone (`last_logits`) skips the
+/// head on every other position.
+fn step_outputs(graph: &Graph, num_layers: usize) -> Vec<String> {
+    let logits = if graph.outputs().iter().any(|o| o.name == "last_logits") {
+        "last_logits"
+    } else {
+        "logits"
+    };
+    (0..num_layers)
+        .flat_map(|i| [format!("present.{i}.key"), format!("present.{i}.value")])
+        .chain([logits.to_string()])
+        .collect()
 }
 
 fn err(e: impl std::fmt::Display) -> ModelError {
@@ -78,10 +95,13 @@ impl<P: ParamSource> GraphLm<P> {
         vocab_size: usize,
     ) -> Self {
         GraphLm {
+            step_outputs: [
+                step_outputs(prefill.graph(), num_layers),
+                step_outputs(decode.graph(), num_layers),
+            ],
             prefill,
             decode,
             params,
-            num_layers,
             vocab_size,
             batch: None,
         }
@@ -155,42 +175,21 @@ impl<P: ParamSource> GraphLm<P> {
             Value::Host(Tensor::from_i64(vec![rows, kv], flat).map_err(err)?),
         );
         let graph = if decode { &self.decode } else { &self.prefill };
-        // Only the last position's logits are read: a prefill graph that has them alone
-        // (`last_logits`) skips the head on every other position.
-        let logits = if graph
-            .graph()
-            .outputs()
-            .iter()
-            .any(|o| o.name == "last_logits")
-        {
-            "last_logits"
-        } else {
-            "logits"
-        };
-        let mut wanted: Vec<String> = (0..self.num_layers)
-            .flat_map(|i| [format!("present.{i}.key"), format!("present.{i}.value")])
-            .collect();
-        wanted.push(logits.to_string());
-        let wanted: Vec<&str> = wanted.iter().map(String::as_str).collect();
+        let names = &self.step_outputs[usize::from(decode)];
+        let wanted: Vec<&str> = names.iter().map(String::as_str).collect();
         let mut out = graph
             .run_outputs(inputs, &self.params, &wanted)
             .map_err(err)?;
-        let mut cache = Vec::with_capacity(self.num_layers);
-        for i in 0..self.num_layers {
-            let mut take = |name: String| {
-                out.remove(&name)
-                    .ok_or_else(|| err(format!("graph has no output {name}")))
-            };
-            cache.push((
-                take(format!("present.{i}.key"))?,
-                take(format!("present.{i}.value"))?,
-            ));
-        }
-        let logits = out
-            .remove(logits)
-            .ok_or_else(|| err(format!("graph has no output {logits}")))?
-            .into_host()
-            .map_err(err)?;
+        let mut take = |name: &str| {
+            out.remove(name)
+                .ok_or_else(|| err(format!("graph has no output {name}")))
+        };
+        let (cache_names, logits) = names.split_at(names.len() - 1);
+        let cache = cache_names
+            .chunks(2)
+            .map(|kv| Ok((take(&kv[0])?, take(&kv[1])?)))
+            .collect::<Result<Vec<_>, ModelError>>()?;
+        let logits = take(&logits[0])?.into_host().map_err(err)?;
         let values = logits.as_f32().ok_or_else(|| err("logits are not f32"))?;
         let vocab = self.vocab_size;
         let per_row = values.len() / rows.max(1);

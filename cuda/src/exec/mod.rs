@@ -22,7 +22,7 @@ use crate::device::Device;
 use crate::CudaError;
 use cudarc::driver::CudaFunction;
 use kiln_ir::{verify, DType, Graph, Op};
-use kiln_runtime::executor::{DeviceValue, GraphExecutor, Value};
+use kiln_runtime::executor::{DeviceValue, GraphExecutor, NeededNodes, Value};
 use kiln_runtime::profile::Profile;
 use kiln_runtime::reference::{self, ExecError, ParamSource};
 use kiln_runtime::Tensor;
@@ -154,6 +154,8 @@ pub struct CudaGraph {
     consts: HashMap<usize, DevTensor>,
     kernels: Mutex<HashMap<KernelKey, Arc<Prepared>>>,
     profile: Option<Profile>,
+    /// The nodes each set of wanted outputs needs.
+    needed: NeededNodes,
 }
 
 impl CudaGraph {
@@ -213,6 +215,7 @@ impl CudaGraph {
                 backend: backend.clone(),
                 kernels: Mutex::default(),
                 profile: Profile::from_env(),
+                needed: NeededNodes::default(),
             });
         }
         Ok(out)

@@ -10,7 +10,7 @@ use crate::launch::{self, Attention, Rowwise};
 use crate::CudaError;
 use cudarc::driver::{sys, DevicePtr, PushKernelArg};
 use kiln_ir::{BinaryOp, Bindings, DType, Expr, Node, Op, ValueId};
-use kiln_runtime::executor::{needed_nodes, Value};
+use kiln_runtime::executor::Value;
 use kiln_runtime::reference::{self, ExecError, ParamSource};
 use kiln_runtime::Tensor;
 use std::collections::HashMap;
@@ -34,7 +34,7 @@ pub(super) fn run(
     let mut vals: Vec<Option<DevTensor>> = vec![None; g.graph.nodes().len()];
     let nodes = g.graph.nodes();
     let needed = wanted.map(|w| {
-        needed_nodes(&g.graph, w, |i| {
+        g.needed.get(&g.graph, w, |i| {
             let step = &g.plan.steps[i];
             step.operands(&nodes[i])
                 .iter()

@@ -8,7 +8,7 @@ use super::plan::{self, LinearLayer, Plan, Step};
 use super::slots::SlotPlan;
 use super::state::{grown_capacity, CpuState};
 use super::weights::{self, Weights};
-use crate::executor::{needed_nodes, DeviceValue, Value};
+use crate::executor::{DeviceValue, NeededNodes, Value};
 use crate::profile::Profile;
 use crate::reference::{self, bind, Ctx, ExecError, ParamSource};
 use crate::tensor::Elements;
@@ -37,6 +37,8 @@ pub struct CpuGraph {
     last_use: Vec<usize>,
     /// The node of the linear group step computing a layer at another node.
     group_of: HashMap<usize, usize>,
+    /// The nodes each set of wanted outputs needs.
+    needed: NeededNodes,
     weights: Arc<Weights>,
     buffers: Mutex<Vec<Vec<f32>>>,
     /// With `KILN_PROFILE` set: seconds and calls per kind of step, over all runs.
@@ -71,7 +73,7 @@ struct Run<'a> {
     /// Outputs computed by `concat` become states.
     keep_states: bool,
     /// Per node, whether the outputs asked for need it (`None`: all outputs were).
-    needed: Option<Vec<bool>>,
+    needed: Option<Arc<Vec<bool>>>,
 }
 
 impl<'a> Run<'a> {
@@ -124,6 +126,7 @@ impl CpuGraph {
                 CpuGraph {
                     last_use: last_uses(&graph, &plan),
                     group_of: group_of(&plan),
+                    needed: NeededNodes::default(),
                     buffers: Mutex::new(vec![Vec::new(); slots.count]),
                     profile: Profile::from_env(),
                     graph,
@@ -258,9 +261,9 @@ impl CpuGraph {
 
     /// Per node, whether computing the outputs in `wanted` needs it (through the plan's
     /// operands: a linear group's step is needed when any of its layers is).
-    fn needed(&self, wanted: &[&str]) -> Vec<bool> {
+    fn needed(&self, wanted: &[&str]) -> Arc<Vec<bool>> {
         let nodes = self.graph.nodes();
-        needed_nodes(&self.graph, wanted, |i| {
+        self.needed.get(&self.graph, wanted, |i| {
             let mut deps: Vec<usize> = self.plan.steps[i]
                 .value_operands(&nodes[i])
                 .iter()
