@@ -208,7 +208,7 @@ impl CpuGraph {
                 needed,
                 available,
                 detail: format!(
-                    "{} buffers for {} nodes",
+                    "activation buffers: {} for {} nodes",
                     self.slots.count,
                     self.graph.nodes().len()
                 ),

@@ -134,7 +134,7 @@ pub enum ExecError {
     /// A run whose memory plan needs more bytes than the machine has available (refused
     /// before allocating).
     #[error(
-        "this run needs {needed} bytes of activation buffers (memory plan: {detail}) but only {available} bytes of memory are available; use a shorter input or a smaller batch"
+        "this run needs {needed} bytes (memory plan: {detail}) but only {available} bytes of memory are available; use a shorter input, a smaller batch or fewer new tokens"
     )]
     OutOfMemory {
         /// Bytes the memory plan needs.
