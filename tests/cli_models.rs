@@ -450,7 +450,15 @@ fn inspect_passes_and_no_optimize() {
             .collect();
         assert_eq!(
             names,
-            ["algebra", "norm", "attention", "moe", "fuse", "dce"]
+            [
+                "algebra",
+                "norm",
+                "rotary",
+                "attention",
+                "moe",
+                "fuse",
+                "dce"
+            ]
         );
         assert_eq!(g["kernels"]["attention"], 2, "one per layer: {g}");
         assert!(g["kernels"].get("softmax").is_none(), "{g}");

@@ -150,14 +150,14 @@ fn encoders_match_the_cpu() {
 #[test]
 fn graphs_run_on_device_kernels() {
     use kiln::ir::Op;
-    use kiln_cuda::exec::select::{Plan, Step};
+    use kiln_cuda::exec::select::{legalize, Plan, Step};
     for precision in [Precision::F32, Precision::Bf16, Precision::Fp8] {
         for name in CAUSAL {
             let m = causal_lm_with(&fixture(name), &opts(precision, Placement::Cpu))
                 .unwrap()
                 .model;
             for g in m.lm.graphs() {
-                let graph = g.graph();
+                let graph = &legalize(g.graph()).unwrap();
                 let plan = Plan::new(graph);
                 let host: Vec<&str> = graph
                     .iter()
@@ -203,7 +203,8 @@ fn graphs_run_on_device_kernels() {
 fn generated_kernels_compile_for_every_family() {
     use kiln::ir::{Bindings, DType};
     use kiln_cuda::compile::compile;
-    use kiln_cuda::exec::{kernels, select::Plan};
+    use kiln_cuda::exec::kernels;
+    use kiln_cuda::exec::select::{legalize, Plan};
     use kiln_cuda::Arch;
     use std::collections::HashSet;
     if let Err(e) = kiln_cuda::toolkit::preload_nvrtc() {
@@ -232,6 +233,7 @@ fn generated_kernels_compile_for_every_family() {
                 }
             };
             for g in &graphs {
+                let g = &legalize(g).unwrap();
                 // Every size symbol bound to a small distinct value.
                 let mut env = Bindings::new();
                 let mut values = [2i64, 5, 3, 7, 4].into_iter().cycle();

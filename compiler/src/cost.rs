@@ -156,6 +156,7 @@ fn flops_per_element(op: &Op) -> f64 {
         Op::Softmax { .. } | Op::LogSoftmax { .. } => 12.0,
         Op::RmsNorm { .. } => 4.0,
         Op::LayerNorm { .. } => 8.0,
+        Op::Rotary => 3.0,
         _ => 1.0,
     }
 }

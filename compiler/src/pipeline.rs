@@ -51,7 +51,7 @@ pub struct Pass {
 }
 
 /// The default pipeline: `algebra` (layout and algebra clean-ups), `norm` (RMSNorm/LayerNorm
-/// fusion), `attention` (attention fusion), `moe` (MoE dispatch), `fuse` (elementwise kernel
+/// fusion), `rotary` (rotary embedding), `attention` (attention fusion), `moe` (MoE dispatch), `fuse` (elementwise kernel
 /// fusion), `dce`.
 pub fn default_passes() -> Vec<Pass> {
     vec![
@@ -62,6 +62,10 @@ pub fn default_passes() -> Vec<Pass> {
         Pass {
             name: "norm",
             kind: PassKind::Rewrite(rules::norm::rules),
+        },
+        Pass {
+            name: "rotary",
+            kind: PassKind::Rewrite(rules::rotary::rules),
         },
         Pass {
             name: "attention",
@@ -397,7 +401,15 @@ mod tests {
         let names: Vec<&str> = report.passes.iter().map(|p| p.name).collect();
         assert_eq!(
             names,
-            ["algebra", "norm", "attention", "moe", "fuse", "dce"]
+            [
+                "algebra",
+                "norm",
+                "rotary",
+                "attention",
+                "moe",
+                "fuse",
+                "dce"
+            ]
         );
         assert_eq!(
             (report.passes[0].ops_before, report.passes[0].ops_after),

@@ -489,6 +489,7 @@ fn kept_wide(g: &Graph, users: &[Vec<usize>]) -> Vec<bool> {
                 | Op::Cast { .. }
                 | Op::Unary(_)
                 | Op::Binary(_)
+                | Op::Rotary
                 | Op::FusedElementwise { .. }
         )
     };

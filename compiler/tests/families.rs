@@ -1,6 +1,8 @@
 //! Every Hugging Face family fixture, optimized: the graph verifies, each application of a
-//! normalization of the model is exactly one composite op, and the reference executor gives the unoptimized graph's
-//! outputs (within 1e-5 of each output's largest magnitude) with the fixture's weights.
+//! normalization of the model is exactly one composite op, each RoPE of a decoder family's
+//! queries and keys is one `rotary` op (two per layer, none left as a negation), and the
+//! reference executor gives the unoptimized graph's outputs (within 1e-5 of each output's
+//! largest magnitude) with the fixture's weights.
 
 mod common;
 
@@ -39,6 +41,12 @@ fn check(fixture: &str, norm: &str) {
                 .filter(|o| o.name.ends_with(".key"))
                 .count();
             assert_eq!(norms, 2 * layers + 1, "{fixture}");
+            let rotary = match dir.config.family {
+                Family::Decoder(_) => 2 * layers,
+                _ => 0,
+            };
+            assert_eq!(count(&h, "rotary"), rotary, "{fixture} {which}");
+            assert_eq!(count(&h, "neg"), 0, "{fixture} {which}");
         }
         // The prefill graph's `last_logits` applies the final norm a second time.
         let applied = norms - 1 + common::heads(&g);

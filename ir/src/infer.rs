@@ -383,6 +383,24 @@ pub fn infer(op: &Op, ins: &[&TensorType]) -> R {
             }
             Ok(x.clone())
         }
+        Op::Rotary => {
+            arity(op, ins, 3)?;
+            let x = ins[0];
+            float_only(op.name(), x)?;
+            let d = x.shape.last().and_then(Dim::as_fixed);
+            if d.is_none_or(|d| d % 2 != 0) {
+                return Err(format!(
+                    "rotary needs a last axis of even, fixed size, got {x}"
+                ));
+            }
+            for t in &ins[1..] {
+                same_dtype(x, t)?;
+                if broadcast_shapes(&x.shape, &t.shape).as_ref() != Ok(&x.shape) {
+                    return Err(format!("rotary table {t} does not broadcast to {x}"));
+                }
+            }
+            Ok(x.clone())
+        }
         Op::Attention {
             causal: false,
             window: 1..,

@@ -5,9 +5,11 @@
 //! - [`Op`]: what a node computes, with its exact semantics documented on the variant;
 //! - [`Graph`]: nodes in definition order, inputs, parameters, outputs;
 //! - [`infer()`] and [`verify()`]: shape/dtype rules and the well-formedness check;
+//! - [`decompose`]: composite ops back to their primitive definitions;
 //! - [`text`]: the printer and parser of the text format, which round-trip exactly;
 //! - [`trace`]: the builder that model code uses to write graphs like PyTorch code.
 
+pub mod decompose;
 pub mod dim;
 pub mod dtype;
 pub mod expr;

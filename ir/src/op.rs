@@ -449,6 +449,12 @@ pub enum Op {
         /// Added to the variance.
         eps: F64,
     },
+    /// Composite rotary position embedding in rotate-half form (Llama's `apply_rotary_pos_emb`):
+    /// operands `(x[.., d], cos, sin)`, `d` even, `cos` and `sin` broadcastable to `x`'s shape,
+    /// all one float dtype; the result is `x * cos + rotate_half(x) * sin` with
+    /// `rotate_half(x)[.., i] = -x[.., i + d/2]` for `i < d/2` and `x[.., i - d/2]` after, each
+    /// product and the sum rounded to the dtype as the primitive ops would.
+    Rotary,
     /// Composite scaled-dot-product attention. Operands `(q[b, hq, sq, d], k[b, hkv, sk, d],
     /// v[b, hkv, sk, dv])` and optionally an additive `mask` broadcastable to `[b, hq, sq, sk]`.
     /// `hq` is a multiple of `hkv`; query head `h` uses key/value head `h / (hq / hkv)`.
@@ -536,6 +542,7 @@ impl Op {
             Op::Triangle { upper: false, .. } => "tril",
             Op::RmsNorm { .. } => "rmsnorm",
             Op::LayerNorm { .. } => "layernorm",
+            Op::Rotary => "rotary",
             Op::Attention { .. } => "attention",
             Op::Moe { .. } => "moe",
             Op::FusedElementwise { .. } => "fused_elementwise",

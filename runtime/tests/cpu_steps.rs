@@ -187,14 +187,7 @@ fn rotate_half_rope_matches_the_reference() {
             let sin = t.input("sin", DType::F32, dims(&[b, 1, s, d]));
             // A computed value in a [b, h, s, d] strided view, as a projection's heads are.
             let x = x0.mul(&x0).unwrap().permute(&[0, 2, 1, 3]).unwrap();
-            let half = d as i64 / 2;
-            let lo = x.slice(-1, 0, half).unwrap();
-            let hi = x.slice(-1, half, d as i64).unwrap();
-            let rot = T::cat(&[&hi.neg().unwrap(), &lo], -1).unwrap();
-            let body: Expr = "(add (mul $0 $1) (mul $2 $3))".parse().unwrap();
-            let y = t
-                .apply(Op::FusedElementwise { body }, &[&x, &cos, &rot, &sin])
-                .unwrap();
+            let y = t.apply(Op::Rotary, &[&x, &cos, &sin]).unwrap();
             // A bf16 graph rounds the query for attention; the rope step does it.
             let y = if to_bf16 {
                 y.cast(DType::BF16).unwrap().cast(DType::F32).unwrap()
@@ -308,15 +301,9 @@ fn heads(x: &T, [b, s, h, d]: [usize; 4]) -> T {
     x.reshape(&dims).unwrap().permute(&[0, 2, 1, 3]).unwrap()
 }
 
-/// `x·cos + rotate_half(x)·sin` as the Llama family traces it (a `fused_elementwise` body).
-fn rotary(t: &Tracer, x: &T, cos: &T, sin: &T, d: usize) -> T {
-    let half = d as i64 / 2;
-    let lo = x.slice(-1, 0, half).unwrap();
-    let hi = x.slice(-1, half, d as i64).unwrap();
-    let rot = T::cat(&[&hi.neg().unwrap(), &lo], -1).unwrap();
-    let body: Expr = "(add (mul $0 $1) (mul $2 $3))".parse().unwrap();
-    t.apply(Op::FusedElementwise { body }, &[x, cos, &rot, sin])
-        .unwrap()
+/// `x·cos + rotate_half(x)·sin` as the optimizer leaves the Llama family's RoPE.
+fn rotary(t: &Tracer, x: &T, cos: &T, sin: &T) -> T {
+    t.apply(Op::Rotary, &[x, cos, sin]).unwrap()
 }
 
 /// A Llama attention block's decode graph as precision lowering emits it for `dtype` weights:
@@ -358,8 +345,8 @@ fn attention_block(
         xr.matmul_t(&w, false, true).unwrap()
     };
     let (q, kk, v) = (proj("q", h), proj("k", kvh), proj("v", kvh));
-    let q = rotary(&t, &heads(&q, [1, s, h, d]), &cos, &sin, d);
-    let kk = rotary(&t, &heads(&kk, [1, s, kvh, d]), &cos, &sin, d);
+    let q = rotary(&t, &heads(&q, [1, s, h, d]), &cos, &sin);
+    let kk = rotary(&t, &heads(&kk, [1, s, kvh, d]), &cos, &sin);
     let v = heads(&v, [1, s, kvh, d]);
     if extra {
         t.output("v.heads", &v);

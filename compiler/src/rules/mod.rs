@@ -1,5 +1,5 @@
 //! Rule sets, one module each: [`algebra`] (algebra and layout clean-ups), [`norm`]
-//! (normalization fusion), [`attention`] (scaled-dot-product attention fusion), [`moe`]
+//! (normalization fusion), [`rotary`] (rotary embedding), [`attention`] (scaled-dot-product attention fusion), [`moe`]
 //! (mixture-of-experts dispatch) and [`fuse`] (elementwise kernel fusion).
 
 pub mod algebra;
@@ -7,6 +7,7 @@ pub mod attention;
 pub mod fuse;
 pub mod moe;
 pub mod norm;
+pub mod rotary;
 
 #[cfg(test)]
 pub(crate) mod check {

@@ -21,7 +21,7 @@ use crate::codegen::elementwise::Elementwise;
 use crate::device::Device;
 use crate::CudaError;
 use cudarc::driver::CudaFunction;
-use kiln_ir::{verify, DType, Graph, Op};
+use kiln_ir::{DType, Graph, Op};
 use kiln_runtime::executor::{DeviceValue, GraphExecutor, NeededNodes, Value};
 use kiln_runtime::profile::Profile;
 use kiln_runtime::reference::{self, ExecError, ParamSource};
@@ -167,7 +167,7 @@ impl CudaGraph {
     ) -> Result<Vec<CudaGraph>, ExecError> {
         let mut out = Vec::new();
         for graph in graphs {
-            verify(&graph)?;
+            let graph = select::legalize(&graph)?;
             let plan = Plan::new(&graph);
             let nodes = graph.nodes();
             let mut last_use: Vec<usize> = (0..nodes.len()).collect();

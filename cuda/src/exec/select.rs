@@ -5,7 +5,8 @@
 //! flash-attention kernels), so the widening cast is never computed. Anything without a kernel
 //! runs the reference executor's op on the host ([`Step::Host`]).
 
-use kiln_ir::{DType, Expr, Graph, Node, Op, ValueId};
+use kiln_ir::{verify, DType, Expr, Graph, Node, Op, ValueId};
+use kiln_runtime::reference::ExecError;
 use std::fmt;
 
 /// How one node is computed on the device.
@@ -106,6 +107,17 @@ impl Step {
             _ => node.inputs.clone(),
         }
     }
+}
+
+/// The graph this backend plans for `graph`: the composite ops it has no kernel for
+/// (`rotary`) written as their primitive ops ([`kiln_ir::decompose`]), each of which has one.
+pub fn legalize(graph: &Graph) -> Result<Graph, ExecError> {
+    verify(graph)?;
+    kiln_ir::decompose::rotary(graph).map_err(|(node, e)| ExecError::ShapeMismatch {
+        node,
+        op: "rotary",
+        detail: e.to_string(),
+    })
 }
 
 /// The steps of one graph, in node order.

@@ -10,9 +10,8 @@
 //!   consumer adds a residual of its shape or a bias `[n]` computes that in its epilogue.
 //! - **Linear groups** ([`linear_groups`]): linear layers reading the same activation (Q/K/V,
 //!   gate/up) become one step at the first one's node, one parallel region in decode.
-//! - **Rotary embedding** ([`rope`]): `x·cos + concat(-x[.., h..], x[.., ..h])·sin` is one step;
-//!   its rounding to bf16, where that is its only consumer, is done by the same step
-//!   ([`rope_rounding`]).
+//! - **Rotary rounding** ([`rope_rounding`]): a rotary step's rounding to bf16, where that is
+//!   its only consumer, is done by the same step.
 //! - **Attention output layout** ([`attention_layout`]): attention whose only consumer permutes
 //!   `[b, h, s, d]` to `[b, s, h, d]` writes that layout, so the permute is a dense view.
 //! - **Heads** ([`linear_heads`]): a linear layer whose result the graph splits into heads and
@@ -234,40 +233,6 @@ pub(super) fn attention_layout(graph: &Graph, steps: &mut [Step]) {
     }
 }
 
-/// The rotary step for a `fused_elementwise` `node` whose body is
-/// `(add (mul a b) (mul c d))` with one factor the rotate-half of another operand.
-pub(super) fn rope(graph: &Graph, node: &Node, body: &Expr) -> Option<Step> {
-    let Expr::Binary(BinaryOp::Add, l, r) = body else {
-        return None;
-    };
-    let product = |e: &Expr| match e {
-        Expr::Binary(BinaryOp::Mul, a, b) => match (&**a, &**b) {
-            (Expr::Arg(i), Expr::Arg(j)) => Some((*i, *j)),
-            _ => None,
-        },
-        _ => None,
-    };
-    let (p, q) = (product(l)?, product(r)?);
-    let val = |i: usize| node.inputs.get(i).copied();
-    for (rotated, plain) in [(q, p), (p, q)] {
-        for (rot, sin) in [rotated, (rotated.1, rotated.0)] {
-            for (x, cos) in [plain, (plain.1, plain.0)] {
-                let (x, cos, sin) = (val(x)?, val(cos)?, val(sin)?);
-                let same_type = graph.node(x).is_some_and(|n| n.ty == node.ty);
-                if same_type && rotate_half_of(graph, val(rot)?) == Some(x) {
-                    return Some(Step::Rope {
-                        x,
-                        cos,
-                        sin,
-                        round_bf16: false,
-                    });
-                }
-            }
-        }
-    }
-    None
-}
-
 /// A rotary step whose only consumer rounds it to bf16 (a bf16 graph's query) moves to that
 /// cast's node and rounds its result itself.
 pub(super) fn rope_rounding(graph: &Graph, steps: &mut [Step]) {
@@ -297,42 +262,6 @@ pub(super) fn rope_rounding(graph: &Graph, steps: &mut [Step]) {
             steps[r] = Step::Skip;
         }
     }
-}
-
-/// `x` if `v` is `concat(neg(x[.., h..2h]), x[.., ..h])` over the last axis of `x` (size 2h).
-fn rotate_half_of(graph: &Graph, v: ValueId) -> Option<ValueId> {
-    let node = graph.node(v)?;
-    let last = node.ty.rank().checked_sub(1)?;
-    let (Op::Concat { axis }, [a, b]) = (&node.op, node.inputs.as_slice()) else {
-        return None;
-    };
-    if *axis != last {
-        return None;
-    }
-    let neg = graph.node(*a)?;
-    let negated = match &neg.op {
-        Op::Unary(UnaryOp::Neg) => true,
-        Op::FusedElementwise { body } => {
-            matches!(body, Expr::Unary(UnaryOp::Neg, e) if matches!(**e, Expr::Arg(0)))
-        }
-        _ => false,
-    };
-    if !negated || neg.inputs.len() != 1 {
-        return None;
-    }
-    let slice = |v: ValueId| -> Option<(ValueId, i64, i64)> {
-        let s = graph.node(v)?;
-        match &s.op {
-            Op::Slice { axis, start, end } if *axis == last => {
-                Some((s.inputs[0], start.as_fixed()?, end.as_fixed()?))
-            }
-            _ => None,
-        }
-    };
-    let (x_hi, h, d) = slice(neg.inputs[0])?;
-    let (x_lo, zero, h2) = slice(*b)?;
-    let full = graph.node(x_hi)?.ty.shape.get(last)?.as_fixed()?;
-    (x_hi == x_lo && zero == 0 && h2 == h && d == 2 * h && full == d).then_some(x_hi)
 }
 
 /// Whether every reader of `v` is `target`, or (through at most `depth` nodes, none a graph

@@ -108,10 +108,9 @@ pub enum Step {
     Linear(Arc<[LinearLayer]>),
     /// Computed by an earlier [`Step::Linear`] group (a layer, or a KV-cache append).
     Grouped,
-    /// Rotary embedding in rotate-half form, `x · cos + rotate_half(x) · sin` with
-    /// `rotate_half(x) = concat(-x[.., d/2..], x[.., ..d/2])`: the `fused_elementwise` node of
-    /// that body, reading `x`, `cos` and `sin` strided (the slices, negation and concat it
-    /// replaces are not computed).
+    /// Rotary embedding in rotate-half form (the IR's `rotary`), `x · cos + rotate_half(x) ·
+    /// sin` with `rotate_half(x) = concat(-x[.., d/2..], x[.., ..d/2])`, reading `x`, `cos` and
+    /// `sin` strided.
     Rope {
         /// The rotated value.
         x: ValueId,
@@ -391,9 +390,12 @@ fn select(graph: &Graph, i: usize, node: &Node) -> Step {
             window: *window,
             bshd: false,
         },
-        Op::FusedElementwise { body } if dtype == DType::F32 => {
-            fuse::rope(graph, node, body).unwrap_or_else(|| fused(graph, node, body))
-        }
+        Op::Rotary if dtype == DType::F32 => Step::Rope {
+            x: node.inputs[0],
+            cos: node.inputs[1],
+            sin: node.inputs[2],
+            round_bf16: false,
+        },
         Op::FusedElementwise { body } if dtype.is_float() => fused(graph, node, body),
         Op::Moe { top_k } if dtype == DType::F32 => Step::Moe { top_k: *top_k },
         Op::Unary(_) | Op::Binary(_) | Op::Compare(_) | Op::Where if dtype.is_float() => {

@@ -1,10 +1,12 @@
-//! Normalizations and attention: `softmax` / `log_softmax` along an axis, and the composite ops
-//! `rmsnorm`, `layernorm` and `attention`, exactly as documented on their [`kiln_ir::Op`]
-//! variants. Everything is computed in f64 from the widened operands and rounded once.
+//! Normalizations, rotary embedding and attention: `softmax` / `log_softmax` along an axis, and
+//! the composite ops `rmsnorm`, `layernorm`, `rotary` and `attention`, exactly as documented on
+//! their [`kiln_ir::Op`] variants. Everything but `rotary` is computed in f64 from the widened
+//! operands and rounded once; `rotary` is its primitive ops in sequence.
 
 use super::index::{broadcast_strides, split_axis};
-use super::{floats, from_floats, Ctx, ExecError};
+use super::{elementwise, floats, from_floats, layout, Ctx, ExecError};
 use crate::Tensor;
+use kiln_ir::{BinaryOp, Dim, UnaryOp};
 
 /// The maximum of `values`, NaN if any is NaN, `-inf` if there are none.
 fn nan_max(values: impl Iterator<Item = f64>) -> f64 {
@@ -94,6 +96,40 @@ pub(crate) fn rmsnorm(
         out.extend(row.iter().zip(&w).map(|(a, g)| a / denom * g));
     }
     ctx.tensor(x.shape().to_vec(), from_floats(x.dtype(), out.into_iter()))
+}
+
+/// `x * cos + rotate_half(x) * sin` over the last axis, computed as the primitive ops the
+/// traced form is made of (slices, negation, concat, two products, a sum), so each rounds as
+/// they do.
+pub(crate) fn rotary(
+    ctx: &Ctx<'_>,
+    x: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+) -> Result<Tensor, ExecError> {
+    let (Some(axis), Some(&d)) = (x.shape().len().checked_sub(1), x.shape().last()) else {
+        return Err(ctx.mismatch("rotary needs rank >= 1"));
+    };
+    if d % 2 != 0 {
+        return Err(ctx.mismatch(format!("rotary needs an even last axis, got {d}")));
+    }
+    let size = |n: usize| Dim::fixed(i64::try_from(n).unwrap_or(i64::MAX));
+    let (zero, half, end) = (size(0), size(d / 2), size(d));
+    let low = layout::slice(ctx, axis, &zero, &half, x)?;
+    let high = layout::slice(ctx, axis, &half, &end, x)?;
+    let negated = elementwise::unary(ctx, UnaryOp::Neg, &high)?;
+    let rotated = layout::concat(ctx, axis, &[&negated, &low])?;
+    let a = elementwise::binary(ctx, BinaryOp::Mul, x, cos)?;
+    let b = elementwise::binary(ctx, BinaryOp::Mul, &rotated, sin)?;
+    let y = elementwise::binary(ctx, BinaryOp::Add, &a, &b)?;
+    if y.shape() != x.shape() {
+        return Err(ctx.mismatch(format!(
+            "rotary tables broadcast {:?} to {:?}",
+            x.shape(),
+            y.shape()
+        )));
+    }
+    Ok(y)
 }
 
 /// `(x - mean) / sqrt(var + eps) * weight + bias` over the last axis (biased variance).

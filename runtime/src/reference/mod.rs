@@ -417,6 +417,10 @@ pub(crate) fn eval_op(ctx: &Ctx<'_>, op: &Op, args: &[&Tensor]) -> Result<Tensor
             let [x, w, b] = operands(ctx, args)?;
             composite::layernorm(ctx, eps.0, x, w, b)
         }
+        Op::Rotary => {
+            let [x, cos, sin] = operands(ctx, args)?;
+            composite::rotary(ctx, x, cos, sin)
+        }
         Op::Attention {
             scale,
             causal,
