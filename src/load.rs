@@ -16,7 +16,7 @@ use kiln_models::nn::adapt_param_names;
 use kiln_models::pooling::{self, Pooling};
 use kiln_models::{config::Family, CausalGraphs, Head, ModelDir, ModelError};
 use kiln_runtime::artifact::{Artifact, ArtifactError};
-use kiln_runtime::deploy::{CausalModel, EncoderModel, InputLimits, Model};
+use kiln_runtime::deploy::{CausalModel, Compile, EncoderModel, InputLimits, Model};
 use kiln_runtime::info::{Assets, ModelInfo};
 use kiln_runtime::weights::{Checkpoint, Convert, WeightsError};
 pub use kiln_runtime::Params;
@@ -285,15 +285,18 @@ fn artifact(path: &Path, opts: &LoadOptions) -> Result<Model, LoadError> {
             path.display()
         )));
     }
-    let model = codegen::apply(art.into_model()?, opts.codegen).map_err(LoadError::Unsupported)?;
-    match placement::resolve(opts.placement).map_err(cuda_error)? {
-        Some(b) => placement::to_cuda(model, &b).map_err(cuda_error),
-        None => Ok(model),
-    }
+    Ok(art.into_model(&*backend(opts)?)?)
 }
 
-fn cuda_error(why: String) -> LoadError {
-    LoadError::Unsupported(format!("--device cuda: {why}"))
+/// How a loaded model's graphs are compiled: for the CUDA backend when the placement resolves
+/// to it, else for the CPU backend with `opts.codegen`'s kernels.
+fn backend(opts: &LoadOptions) -> Result<Box<Compile>, LoadError> {
+    let cuda = placement::resolve(opts.placement)
+        .map_err(|why| LoadError::Unsupported(format!("--device cuda: {why}")))?;
+    match cuda {
+        Some(b) => Ok(placement::compile(b)),
+        None => codegen::compile(opts.codegen).map_err(LoadError::Unsupported),
+    }
 }
 
 /// Opens `path` (a directory or an artifact) as whichever model it holds, with the optimizer's
@@ -353,7 +356,8 @@ pub fn causal_lm_with(path: &Path, opts: &LoadOptions) -> Result<CausalLm, LoadE
         labels: dir.config.labels.clone(),
         eos_token_ids: dir.config.eos_token_ids.clone(),
     };
-    let model = CausalModel::new(
+    let model = CausalModel::new_on(
+        &*backend(opts)?,
         prefill,
         decode,
         params,
@@ -362,11 +366,6 @@ pub fn causal_lm_with(path: &Path, opts: &LoadOptions) -> Result<CausalLm, LoadE
         InputLimits::default(),
     )
     .map_err(|e| LoadError::Unsupported(e.to_string()))?;
-    let model = codegen::causal(model, opts.codegen).map_err(LoadError::Unsupported)?;
-    let model = match placement::resolve(opts.placement).map_err(cuda_error)? {
-        Some(b) => placement::causal_to_cuda(model, &b).map_err(cuda_error)?,
-        None => model,
-    };
     Ok(CausalLm { model, reports })
 }
 
@@ -436,7 +435,8 @@ pub fn encoder_with(path: &Path, opts: &LoadOptions) -> Result<Encoder, LoadErro
         labels: dir.config.labels.clone(),
         eos_token_ids: dir.config.eos_token_ids.clone(),
     };
-    let model = EncoderModel::new(
+    let model = EncoderModel::new_on(
+        &*backend(opts)?,
         bound.pop().unwrap_or_default(),
         params,
         info,
@@ -444,11 +444,6 @@ pub fn encoder_with(path: &Path, opts: &LoadOptions) -> Result<Encoder, LoadErro
         InputLimits::default(),
     )
     .map_err(|e| LoadError::Unsupported(e.to_string()))?;
-    let model = codegen::encoder(model, opts.codegen).map_err(LoadError::Unsupported)?;
-    let model = match placement::resolve(opts.placement).map_err(cuda_error)? {
-        Some(b) => placement::encoder_to_cuda(model, &b).map_err(cuda_error)?,
-        None => model,
-    };
     Ok(Encoder { model, reports })
 }
 

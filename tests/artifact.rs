@@ -727,7 +727,7 @@ fn fuzz(cases: u64) {
             // Also here (the model parses it on a thread of its own, where a panic would go
             // unnoticed): the tokenizer of a mutated file is refused, never a panic.
             let _ = art.assets.tokenizer();
-            art.into_model()
+            art.into_model(&kiln_runtime::deploy::cpu)
         });
         match result {
             Err(_) => panic!("case {case} panicked"),

@@ -1,8 +1,9 @@
 //! Ready-to-use models: a causal LM ([`CausalModel`]: generate text, or one forward pass) or
 //! an encoder ([`EncoderModel`]: embed, or raw outputs), each with its settings and assets.
 //! An artifact opens into one ([`Model::open`]); `kiln::load` builds the same types from a
-//! model directory, so the CLI treats both alike. [`CausalModel::new`] and
-//! [`EncoderModel::new`] are the one place the executors are constructed.
+//! model directory, so the CLI treats both alike. [`CausalModel::new_on`] and
+//! [`EncoderModel::new_on`] are the one place the executors are constructed, by a [`Compile`]
+//! function for the backend that runs the model ([`cpu`] unless told otherwise), once.
 //!
 //! A model opened from an artifact runs on weights used in place from the file while their
 //! checksum is still being computed ([`WeightCheck`]): every method that hands out something
@@ -12,14 +13,53 @@
 
 use crate::artifact::{Artifact, ArtifactError, WeightCheck};
 use crate::background::Background;
+use crate::cpu::CpuGraph;
 use crate::encoder::{EncoderOutput, EncoderRunner};
 use crate::generate::{self, ConfigError, GenerateError, GenerationConfig, Stopper, StreamError};
 use crate::info::{AssetError, Assets, Head, InputError, ModelInfo};
-use crate::{GraphLm, LanguageModel, ModelError, Params, Tensor};
+use crate::{GraphExecutor, GraphLm, LanguageModel, ModelError, Params, Tensor};
 use kiln_ir::Graph;
 use std::borrow::Cow;
 use std::path::Path;
 use tokenizers::Tokenizer;
+
+/// Compiles a model's graphs, which share `params`, for the backend that runs them: one
+/// executor per graph, in order. [`cpu`] is the default; the `kiln` crate supplies the CUDA
+/// backend's and the CPU backend with MLIR kernels.
+pub type Compile = dyn Fn(Vec<Graph>, &Params) -> Result<Vec<Box<dyn GraphExecutor>>, ModelError>;
+
+/// The CPU backend with its native kernels.
+pub fn cpu(graphs: Vec<Graph>, params: &Params) -> Result<Vec<Box<dyn GraphExecutor>>, ModelError> {
+    Ok(CpuGraph::compile(graphs, params)
+        .map_err(|e| ModelError(e.to_string()))?
+        .into_iter()
+        .map(|g| Box::new(g) as Box<dyn GraphExecutor>)
+        .collect())
+}
+
+/// `graphs` compiled by `compile`, exactly `N` executors.
+fn compiled<const N: usize>(
+    compile: &Compile,
+    graphs: [Graph; N],
+    params: &Params,
+) -> Result<[Box<dyn GraphExecutor>; N], ModelError> {
+    compile(graphs.into(), params)?
+        .try_into()
+        .map_err(|v: Vec<_>| {
+            ModelError(format!(
+                "internal: {} executors compiled for {N} graphs",
+                v.len()
+            ))
+        })
+}
+
+/// What a model holds besides its executors and parameters.
+struct Setup {
+    info: ModelInfo,
+    assets: Assets,
+    limits: InputLimits,
+    started: Started,
+}
 
 /// InputLimits fixed when compiling (`kiln compile --max-seq/--max-batch`); none for a directory.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -157,7 +197,7 @@ impl Started {
 }
 
 impl CausalModel {
-    /// A model from its prefill and decode graphs and bound parameters.
+    /// A model from its prefill and decode graphs and bound parameters, on the CPU backend.
     pub fn new(
         prefill: Graph,
         decode: Graph,
@@ -166,44 +206,49 @@ impl CausalModel {
         assets: Assets,
         limits: InputLimits,
     ) -> Result<Self, DeployError> {
-        let started = Started::new(&assets);
-        Self::with(prefill, decode, params, info, assets, limits, started)
+        Self::new_on(&cpu, prefill, decode, params, info, assets, limits)
     }
 
-    fn with(
+    /// [`CausalModel::new`] with the graphs compiled by `compile`.
+    pub fn new_on(
+        compile: &Compile,
         prefill: Graph,
         decode: Graph,
         params: Params,
         info: ModelInfo,
         assets: Assets,
         limits: InputLimits,
-        started: Started,
     ) -> Result<Self, DeployError> {
-        let lm = GraphLm::new(prefill, decode, params, info.num_layers, info.vocab_size)?;
-        Ok(CausalModel {
-            lm,
+        let started = Started::new(&assets);
+        let setup = Setup {
             info,
             assets,
             limits,
             started,
+        };
+        Self::with(compile, [prefill, decode], params, setup)
+    }
+
+    fn with(
+        compile: &Compile,
+        graphs: [Graph; 2],
+        params: Params,
+        setup: Setup,
+    ) -> Result<Self, DeployError> {
+        let [prefill, decode] = compiled(compile, graphs, &params)?;
+        let (layers, vocab) = (setup.info.num_layers, setup.info.vocab_size);
+        Ok(CausalModel {
+            lm: GraphLm::with_executors(prefill, decode, params, layers, vocab),
+            info: setup.info,
+            assets: setup.assets,
+            limits: setup.limits,
+            started: setup.started,
         })
     }
 
     /// Waits until the weights are known to be intact (at once for a model directory).
     pub fn verify(&self) -> Result<(), DeployError> {
         self.started.verified()
-    }
-
-    /// The same model with its language model replaced by `f`'s (e.g. its graphs compiled for
-    /// another backend); settings, assets and work started at open are kept.
-    pub fn map_lm<E>(
-        self,
-        f: impl FnOnce(GraphLm<Params>) -> Result<GraphLm<Params>, E>,
-    ) -> Result<CausalModel, E> {
-        Ok(CausalModel {
-            lm: f(self.lm)?,
-            ..self
-        })
     }
 
     /// The model's generation config (see [`Assets::generation_config`]).
@@ -345,19 +390,7 @@ impl EncoderModel {
         self.started.tokenizer(&self.assets)
     }
 
-    /// The same encoder with its runner replaced by `f`'s (e.g. its graph compiled for another
-    /// backend); settings, assets and work started at open are kept.
-    pub fn map_runner<E>(
-        self,
-        f: impl FnOnce(EncoderRunner<Params>) -> Result<EncoderRunner<Params>, E>,
-    ) -> Result<EncoderModel, E> {
-        Ok(EncoderModel {
-            runner: f(self.runner)?,
-            ..self
-        })
-    }
-
-    /// An encoder from its graph and bound parameters.
+    /// An encoder from its graph and bound parameters, on the CPU backend.
     pub fn new(
         graph: Graph,
         params: Params,
@@ -365,25 +398,41 @@ impl EncoderModel {
         assets: Assets,
         limits: InputLimits,
     ) -> Result<Self, DeployError> {
-        let started = Started::new(&assets);
-        Self::with(graph, params, info, assets, limits, started)
+        Self::new_on(&cpu, graph, params, info, assets, limits)
     }
 
-    fn with(
+    /// [`EncoderModel::new`] with the graph compiled by `compile`.
+    pub fn new_on(
+        compile: &Compile,
         graph: Graph,
         params: Params,
         info: ModelInfo,
         assets: Assets,
         limits: InputLimits,
-        started: Started,
     ) -> Result<Self, DeployError> {
-        let runner = EncoderRunner::new(graph, params, info.uses_token_types)?;
-        Ok(EncoderModel {
-            runner,
+        let started = Started::new(&assets);
+        let setup = Setup {
             info,
             assets,
             limits,
             started,
+        };
+        Self::with(compile, graph, params, setup)
+    }
+
+    fn with(
+        compile: &Compile,
+        graph: Graph,
+        params: Params,
+        setup: Setup,
+    ) -> Result<Self, DeployError> {
+        let [plan] = compiled(compile, [graph], &params)?;
+        Ok(EncoderModel {
+            runner: EncoderRunner::with_executor(plan, params, setup.info.uses_token_types),
+            info: setup.info,
+            assets: setup.assets,
+            limits: setup.limits,
+            started: setup.started,
         })
     }
 
@@ -446,10 +495,10 @@ pub enum Model {
 }
 
 impl Model {
-    /// Opens and checks the artifact at `path` and builds its model (the weights' checksum
-    /// is still being computed: see the module docs).
+    /// Opens and checks the artifact at `path` and builds its model on the CPU backend (the
+    /// weights' checksum is still being computed: see the module docs).
     pub fn open(path: &Path) -> Result<Model, DeployError> {
-        Ok(Artifact::open(path)?.into_model()?)
+        Ok(Artifact::open(path)?.into_model(&cpu)?)
     }
 
     /// Waits until the weights are known to be intact (at once for a model directory).
@@ -462,9 +511,9 @@ impl Model {
 }
 
 impl Artifact {
-    /// The model this artifact holds, waiting for the weights' checksum before its first
-    /// output.
-    pub fn into_model(self) -> Result<Model, ArtifactError> {
+    /// The model this artifact holds, its graphs compiled by `compile`, waiting for the
+    /// weights' checksum before its first output.
+    pub fn into_model(self, compile: &Compile) -> Result<Model, ArtifactError> {
         let started = Started {
             tokenizer: self.tokenizer.clone(),
             check: Some(self.check.clone()),
@@ -473,7 +522,13 @@ impl Artifact {
             max_seq: self.manifest.max_seq,
             max_batch: self.manifest.max_batch,
         };
-        let info = self.manifest.model;
+        let head = self.manifest.model.head;
+        let setup = Setup {
+            info: self.manifest.model,
+            assets: self.assets,
+            limits,
+            started,
+        };
         let origin = self.origin.clone();
         let malformed = |e: DeployError| ArtifactError::Malformed {
             origin,
@@ -481,26 +536,17 @@ impl Artifact {
         };
         let mut graphs = self.graphs.into_iter();
         let (first, second) = (graphs.next(), graphs.next());
-        match (info.head, first, second) {
+        match (head, first, second) {
             (Head::CausalLm, Some(prefill), Some(decode)) => Ok(Model::Causal(
-                CausalModel::with(
-                    prefill,
-                    decode,
-                    self.params,
-                    info,
-                    self.assets,
-                    limits,
-                    started,
-                )
-                .map_err(malformed)?,
+                CausalModel::with(compile, [prefill, decode], self.params, setup)
+                    .map_err(malformed)?,
             )),
             (Head::CausalLm, ..) => Err(ArtifactError::Malformed {
                 origin: self.origin,
                 message: "a causal LM needs prefill and decode graphs".into(),
             }),
             (_, Some(graph), None) => Ok(Model::Encoder(
-                EncoderModel::with(graph, self.params, info, self.assets, limits, started)
-                    .map_err(malformed)?,
+                EncoderModel::with(compile, graph, self.params, setup).map_err(malformed)?,
             )),
             _ => Err(ArtifactError::Malformed {
                 origin: self.origin,

@@ -5,7 +5,6 @@
 //! (i64 0/1) and, when the model uses them, `token_type_ids` (i64 `[batch, seq]`, all 0 here);
 //! outputs `last_hidden_state` (f32 `[batch, seq, hidden]`) and, with a head, `logits`.
 
-use crate::cpu::CpuGraph;
 use crate::executor::GraphExecutor;
 use crate::lm::ModelError;
 use crate::pooling::{pool, Pooling};
@@ -38,20 +37,6 @@ fn err(e: impl std::fmt::Display) -> ModelError {
 }
 
 impl<P: ParamSource> EncoderRunner<P> {
-    /// An encoder from its graph and bound parameters; `uses_token_types` when the graph takes
-    /// `token_type_ids`.
-    pub fn new(graph: Graph, params: P, uses_token_types: bool) -> Result<Self, ModelError> {
-        let plan = CpuGraph::compile(vec![graph], &params)
-            .map_err(err)?
-            .pop()
-            .ok_or_else(|| err("internal: expected one planned graph"))?;
-        Ok(Self::with_executor(
-            Box::new(plan),
-            params,
-            uses_token_types,
-        ))
-    }
-
     /// An encoder from its graph already compiled for a backend.
     pub fn with_executor(plan: Box<dyn GraphExecutor>, params: P, uses_token_types: bool) -> Self {
         EncoderRunner {

@@ -14,7 +14,6 @@
 //! different lengths are left-padded; positions count real tokens only (as transformers'
 //! `generate`).
 
-use crate::cpu::CpuGraph;
 use crate::executor::{GraphExecutor, Value};
 use crate::lm::{LanguageModel, ModelError};
 use crate::reference::{ExecError, ParamSource};
@@ -64,28 +63,6 @@ fn err(e: impl std::fmt::Display) -> ModelError {
 }
 
 impl<P: ParamSource> GraphLm<P> {
-    /// A model from its two graphs and bound parameters (planned for the CPU here, with the
-    /// weights packed once for both graphs).
-    pub fn new(
-        prefill: Graph,
-        decode: Graph,
-        params: P,
-        num_layers: usize,
-        vocab_size: usize,
-    ) -> Result<Self, ModelError> {
-        let [prefill, decode]: [CpuGraph; 2] = CpuGraph::compile(vec![prefill, decode], &params)
-            .map_err(err)?
-            .try_into()
-            .map_err(|_| err("internal: expected two planned graphs"))?;
-        Ok(Self::with_executors(
-            Box::new(prefill),
-            Box::new(decode),
-            params,
-            num_layers,
-            vocab_size,
-        ))
-    }
-
     /// A model from its two graphs already compiled for a backend.
     pub fn with_executors(
         prefill: Box<dyn GraphExecutor>,
