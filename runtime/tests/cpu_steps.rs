@@ -9,7 +9,7 @@
 
 use kiln_ir::trace::{Tensor as T, Tracer};
 use kiln_ir::{DType, Dim, Expr, Op, F64};
-use kiln_runtime::cpu::{CpuGraph, Step};
+use kiln_runtime::cpu::{CpuGraph, MoeWeight, Step};
 use kiln_runtime::reference;
 use kiln_runtime::Tensor;
 use rand::{Rng, SeedableRng};
@@ -601,6 +601,60 @@ fn swiglu_as_a_gated_linear_layer_matches_the_reference() {
                     assert_eq!((gated, fused), (!shared_gate, shared_gate), "{what}");
                 }
             }
+        }
+    }
+}
+
+/// A mixture-of-experts block as precision lowering emits it (every weight `cast(w, f32)`,
+/// fp8 ones times a per-row scale `[rows, 1]`): the moe step widens the narrow parameters
+/// itself (no cast or scale step is computed) and matches the reference executor at 1, 7 and
+/// 33 tokens, with f32, bf16 and fp8 weights.
+#[test]
+fn moe_with_narrow_weights_matches_the_reference() {
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let (h, inter, experts) = (16usize, 24usize, 4usize);
+    for dtype in [DType::F32, DType::BF16, DType::F8E4M3] {
+        for tokens in SIZES {
+            let t = Tracer::new();
+            let mut params = HashMap::new();
+            let x = t.input("x", DType::F32, [tokens as i64, h as i64]);
+            let mut w = |name: &str, shape: [usize; 2]| {
+                let v = weight(&t, &mut params, &mut rng, name, dtype, shape);
+                if dtype != DType::F8E4M3 {
+                    return v;
+                }
+                let scale = format!("{name}.scale");
+                let s = t.param(&scale, DType::F32, [shape[0] as i64, 1]);
+                let factors = (0..shape[0]).map(|r| 1.0 / (64.0 + r as f32)).collect();
+                params.insert(scale, Tensor::from_f32(vec![shape[0], 1], factors).unwrap());
+                v.mul(&s).unwrap()
+            };
+            let mut operands = vec![x.clone(), w("gate", [experts, h])];
+            for e in 0..experts {
+                operands.push(w(&format!("w1.{e}"), [inter, h]));
+                operands.push(w(&format!("w3.{e}"), [inter, h]));
+                operands.push(w(&format!("w2.{e}"), [h, inter]));
+            }
+            let refs: Vec<&T> = operands.iter().collect();
+            let y = t.apply(Op::Moe { top_k: 2 }, &refs).unwrap();
+            t.output("y", &y);
+            let inputs = HashMap::from([("x".to_string(), random(&mut rng, &[tokens, h]))]);
+            let steps = check(t.finish().unwrap(), &inputs, &params);
+            let what = format!("{dtype} tokens={tokens}");
+            let Some(Step::Moe { weights, .. }) =
+                steps.iter().find(|s| matches!(s, Step::Moe { .. }))
+            else {
+                panic!("{what}: no moe step");
+            };
+            let narrow = weights
+                .iter()
+                .all(|w| matches!(w, MoeWeight::Narrow { scale, .. } if scale.is_some() == (dtype == DType::F8E4M3)));
+            assert_eq!(narrow, dtype != DType::F32, "{what}: {weights:?}");
+            let computed = steps
+                .iter()
+                .filter(|s| !matches!(s, Step::Source | Step::Skip | Step::Moe { .. }))
+                .count();
+            assert_eq!(computed, 0, "{what}: {steps:?}");
         }
     }
 }

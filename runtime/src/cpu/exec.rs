@@ -3,8 +3,8 @@
 
 use super::external::{Operand, Provider};
 use super::layout::Layout;
-use super::moe::moe_f32;
-use super::plan::{self, LinearLayer, Plan, Step};
+use super::moe::{moe_f32, MoeData};
+use super::plan::{self, LinearLayer, MoeWeight, Plan, Step};
 use super::slots::SlotPlan;
 use super::state::{grown_capacity, CpuState};
 use super::weights::{self, Weights};
@@ -858,19 +858,41 @@ impl CpuGraph {
                 };
                 return attention(&opts, *bshd, [q, k, v], mask, shape, out).map_err(kerr);
             }
-            Step::Moe { top_k } => {
-                let (Some((x, xs)), Some((gate, _))) = (f32s(0), f32s(1)) else {
+            Step::Moe { top_k, weights } => {
+                let Some((x, xs)) = f32s(0) else {
                     return Ok(false);
                 };
-                let mut experts = Vec::with_capacity(node.inputs.len() / 3);
-                for e in 0..(node.inputs.len().saturating_sub(2)) / 3 {
-                    let (Some((w1, _)), Some((w3, _)), Some((w2, _))) =
-                        (f32s(2 + 3 * e), f32s(3 + 3 * e), f32s(4 + 3 * e))
-                    else {
-                        return Ok(false);
-                    };
-                    experts.push([w1, w3, w2]);
-                }
+                let data = |w: &MoeWeight| -> Option<MoeData<'_>> {
+                    match w {
+                        MoeWeight::Value(v) => {
+                            f32_data(&vals[v.index()], bufs).map(|d| MoeData::F32(d.0))
+                        }
+                        MoeWeight::Narrow { param, scale } => {
+                            let Val::Ext(t, _) = &vals[param.index()] else {
+                                return None;
+                            };
+                            let scale = match scale {
+                                Some(s) => Some(f32_data(&vals[s.index()], bufs)?.0),
+                                None => None,
+                            };
+                            Some(MoeData::Narrow {
+                                elements: t.elements(),
+                                scale,
+                            })
+                        }
+                    }
+                };
+                let Some(data) = weights.iter().map(data).collect::<Option<Vec<_>>>() else {
+                    return Ok(false);
+                };
+                let (Some(&gate), experts) = (data.first(), data.get(1..).unwrap_or_default())
+                else {
+                    return Ok(false);
+                };
+                let experts: Vec<[MoeData<'_>; 3]> = experts
+                    .chunks_exact(3)
+                    .map(|c| [c[0], c[1], c[2]])
+                    .collect();
                 let h = xs.last().copied().unwrap_or(0);
                 moe_f32(*top_k, h, x, gate, &experts, out).map_err(kerr)?;
             }

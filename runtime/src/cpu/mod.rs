@@ -33,5 +33,5 @@ pub mod state;
 mod weights;
 
 pub use exec::CpuGraph;
-pub use plan::{GateLayer, LinearLayer, Plan, Step};
+pub use plan::{GateLayer, LinearLayer, MoeWeight, Plan, Step};
 pub use weights::Weights;

@@ -2,10 +2,69 @@
 //! `top_k` experts, then run each expert once on the tokens routed to it — gathered rows, the
 //! gate and up projections as GEMMs, `silu(g) · u`, the down projection — and add the weighted
 //! results in ascending expert order. No expert computes on a token not routed to it.
+//!
+//! Weights are f32 data, or narrow parameters (precision lowering's `cast(w, f32)`, times a
+//! per-row scale for fp8) widened exactly as those ops would, by the step, and only for the
+//! router and the experts that receive tokens: a decode step widens `top_k` experts, not all.
 
+use crate::tensor::Elements;
+use kiln_ir::f8::{f8e4m3_to_f32, f8e5m2_to_f32};
 use kiln_kernels::elementwise::silu_mul;
 use kiln_kernels::gemm::{matmul_f32, Gemm};
 use kiln_kernels::{rowwise, KernelError};
+use std::borrow::Cow;
+
+/// One weight as the step reads it.
+#[derive(Debug, Clone, Copy)]
+pub enum MoeData<'a> {
+    /// f32 elements.
+    F32(&'a [f32]),
+    /// A narrow parameter's elements, widened to f32 on use and multiplied by `scale[row]`
+    /// when given (rows of `len / scale.len()` elements).
+    Narrow {
+        /// The parameter's elements.
+        elements: Elements<'a>,
+        /// Per-row factors.
+        scale: Option<&'a [f32]>,
+    },
+}
+
+impl<'a> MoeData<'a> {
+    /// The f32 elements: borrowed, or widened (and scaled) into a new buffer.
+    fn widen(&self) -> Result<Cow<'a, [f32]>, KernelError> {
+        let (elements, scale) = match *self {
+            MoeData::F32(d) => return Ok(Cow::Borrowed(d)),
+            MoeData::Narrow { elements, scale } => (elements, scale),
+        };
+        let mut w: Vec<f32> = match elements {
+            Elements::F32(v) => v.to_vec(),
+            Elements::F16(v) => v.iter().map(|x| x.to_f32()).collect(),
+            Elements::BF16(v) => v.iter().map(|x| x.to_f32()).collect(),
+            Elements::F8E4M3(v) => v.iter().map(|&b| f8e4m3_to_f32(b)).collect(),
+            Elements::F8E5M2(v) => v.iter().map(|&b| f8e5m2_to_f32(b)).collect(),
+            other => {
+                return Err(KernelError::Layout(format!(
+                    "moe: a {} weight",
+                    other.dtype()
+                )))
+            }
+        };
+        if let Some(scale) = scale {
+            let cols = w.len() / scale.len().max(1);
+            if scale.is_empty() || cols * scale.len() != w.len() {
+                return Err(KernelError::Layout(format!(
+                    "moe: {} scales for a weight of {} elements",
+                    scale.len(),
+                    w.len()
+                )));
+            }
+            for (row, &f) in w.chunks_exact_mut(cols).zip(scale) {
+                row.iter_mut().for_each(|v| *v *= f);
+            }
+        }
+        Ok(Cow::Owned(w))
+    }
+}
 
 /// `x · wᵀ` for row-major `x` (`m × k`) and `w` (`n × k`).
 fn linear(m: usize, n: usize, k: usize, x: &[f32], w: &[f32]) -> Result<Vec<f32>, KernelError> {
@@ -14,16 +73,17 @@ fn linear(m: usize, n: usize, k: usize, x: &[f32], w: &[f32]) -> Result<Vec<f32>
     Ok(y)
 }
 
-/// The `moe` op on f32 data: `x` is `tokens × h`, `gate` `E × h`, `experts[e]` the
+/// The `moe` op on f32 activations: `x` is `tokens × h`, `gate` `E × h`, `experts[e]` the
 /// `(w1, w3, w2)` of expert `e` (`[i, h]`, `[i, h]`, `[h, i]`); writes `tokens × h` into `out`.
 pub fn moe_f32(
     top_k: usize,
     h: usize,
     x: &[f32],
-    gate: &[f32],
-    experts: &[[&[f32]; 3]],
+    gate: MoeData<'_>,
+    experts: &[[MoeData<'_>; 3]],
     out: &mut [f32],
 ) -> Result<(), KernelError> {
+    let gate = gate.widen()?;
     let e_count = experts.len();
     let tokens = x.len() / h.max(1);
     let bad = |m: String| Err(KernelError::Layout(format!("moe: {m}")));
@@ -40,7 +100,7 @@ pub fn moe_f32(
     }
     // Router: softmax over the experts, the top_k largest (ties to the lower expert), weights
     // renormalized over the chosen.
-    let logits = linear(tokens, e_count, h, x, gate)?;
+    let logits = linear(tokens, e_count, h, x, &gate)?;
     let mut probs = vec![0.0; logits.len()];
     rowwise::softmax(tokens, e_count, &logits, &mut probs)?;
     let mut routed: Vec<Vec<(usize, f32)>> = vec![Vec::new(); e_count];
@@ -69,6 +129,7 @@ pub fn moe_f32(
             continue;
         }
         let [w1, w3, w2] = experts[e];
+        let (w1, w3, w2) = (w1.widen()?, w3.widen()?, w2.widen()?);
         let inter = w1.len() / h;
         if w1.len() != inter * h || w3.len() != w1.len() || w2.len() != w1.len() {
             return bad(format!(
@@ -83,11 +144,11 @@ pub fn moe_f32(
         for &(t, _) in pairs {
             xe.extend_from_slice(&x[t * h..(t + 1) * h]);
         }
-        let g = linear(n, inter, h, &xe, w1)?;
-        let u = linear(n, inter, h, &xe, w3)?;
+        let g = linear(n, inter, h, &xe, &w1)?;
+        let u = linear(n, inter, h, &xe, &w3)?;
         let mut a = vec![0.0; g.len()];
         silu_mul(&g, &u, &mut a)?;
-        let y = linear(n, h, inter, &a, w2)?;
+        let y = linear(n, h, inter, &a, &w2)?;
         for (r, &(t, w)) in pairs.iter().enumerate() {
             for (o, &v) in out[t * h..(t + 1) * h]
                 .iter_mut()

@@ -5,7 +5,7 @@
 
 use super::external::Provider;
 use super::fuse;
-use kiln_ir::{DType, Expr, Graph, Node, Op, ValueId};
+use kiln_ir::{BinaryOp, DType, Expr, Graph, Node, Op, ValueId};
 use kiln_kernels::fused::Program;
 use std::fmt;
 use std::sync::Arc;
@@ -81,6 +81,22 @@ impl LinearLayer {
 }
 
 /// How one node is computed.
+/// A weight operand of a [`Step::Moe`] (the router's or an expert's).
+#[derive(Debug, Clone, PartialEq)]
+pub enum MoeWeight {
+    /// An f32 value, read as it is.
+    Value(ValueId),
+    /// A bf16, f16 or fp8 parameter that precision lowering widens (`cast(p, f32)`) and, for
+    /// fp8, multiplies by a per-row scale parameter `[rows, 1]`: the step widens it itself,
+    /// for the experts it routes tokens to only, so those nodes are not computed.
+    Narrow {
+        /// The parameter.
+        param: ValueId,
+        /// The per-row scale parameter.
+        scale: Option<ValueId>,
+    },
+}
+
 #[derive(Debug, Clone)]
 pub enum Step {
     /// An input or parameter, bound by name at run time.
@@ -159,6 +175,8 @@ pub enum Step {
     Moe {
         /// Experts per token.
         top_k: usize,
+        /// The operands after `x`: the router's weight, then each expert's three.
+        weights: Arc<[MoeWeight]>,
     },
     /// The reference executor's op on this node alone.
     Reference,
@@ -193,6 +211,18 @@ impl Step {
                 v
             }
             Step::Rope { x, cos, sin, .. } => vec![*x, *cos, *sin],
+            Step::Moe { weights, .. } => {
+                let mut v = node.inputs[..1].to_vec();
+                for w in weights.iter() {
+                    match w {
+                        MoeWeight::Value(w) => v.push(*w),
+                        MoeWeight::Narrow { param, scale } => {
+                            v.extend([*param].iter().chain(scale))
+                        }
+                    }
+                }
+                v
+            }
             _ => node.inputs.clone(),
         }
     }
@@ -397,7 +427,13 @@ fn select(graph: &Graph, i: usize, node: &Node) -> Step {
             round_bf16: false,
         },
         Op::FusedElementwise { body } if dtype.is_float() => fused(graph, node, body),
-        Op::Moe { top_k } if dtype == DType::F32 => Step::Moe { top_k: *top_k },
+        Op::Moe { top_k } if dtype == DType::F32 => Step::Moe {
+            top_k: *top_k,
+            weights: node.inputs[1..]
+                .iter()
+                .map(|&w| moe_weight(graph, w))
+                .collect(),
+        },
         Op::Unary(_) | Op::Binary(_) | Op::Compare(_) | Op::Where if dtype.is_float() => {
             let args = (0..node.inputs.len()).map(Expr::Arg).collect();
             match Expr::from_op(&node.op, args) {
@@ -515,6 +551,41 @@ fn produces_buffer(graph: &Graph, v: ValueId) -> bool {
 
 fn is_param(n: &Node) -> bool {
     matches!(n.op, Op::Param { .. })
+}
+
+/// How a [`Step::Moe`] reads its weight operand `w`: a narrow parameter behind precision
+/// lowering's widening cast (times a per-row scale parameter), or the value itself.
+fn moe_weight(graph: &Graph, w: ValueId) -> MoeWeight {
+    let widened = |v: ValueId| {
+        let cast = graph.node(v)?;
+        let param = *cast.inputs.first()?;
+        let p = graph.node(param)?;
+        let narrow = matches!(
+            p.ty.dtype,
+            DType::BF16 | DType::F16 | DType::F8E4M3 | DType::F8E5M2
+        );
+        (matches!(cast.op, Op::Cast { to: DType::F32 }) && is_param(p) && narrow).then_some(param)
+    };
+    if let Some(param) = widened(w) {
+        return MoeWeight::Narrow { param, scale: None };
+    }
+    let scaled = graph
+        .node(w)
+        .and_then(|n| match (&n.op, n.inputs.as_slice()) {
+            (Op::Binary(BinaryOp::Mul), &[a, s]) => {
+                let param = widened(a)?;
+                let (rows, scale) = (graph.ty(param).shape.first()?, graph.node(s)?);
+                let per_row = scale.ty.dtype == DType::F32
+                    && is_param(scale)
+                    && scale.ty.shape.as_slice() == [rows.clone(), kiln_ir::Dim::fixed(1)];
+                per_row.then_some(MoeWeight::Narrow {
+                    param,
+                    scale: Some(s),
+                })
+            }
+            _ => None,
+        });
+    scaled.unwrap_or(MoeWeight::Value(w))
 }
 
 /// The parameter (and its dtype) behind a matmul's right operand if it is a 2-D weight: an f32
