@@ -1,7 +1,9 @@
 //! Ahead-of-time artifacts (`kiln compile`, `kiln_runtime::artifact`): every family compiled,
-//! loaded and checked against transformers' outputs; byte-identical recompiles; each bad file
-//! refused with its own message; and mutations of real artifacts (bit flips, truncations,
-//! header fields overwritten with huge values), none of which may panic or hang.
+//! loaded and checked against transformers' outputs; byte-identical recompiles; bf16 weights
+//! stored packed and used in place, exactly as from the directory; each bad file (bad packed
+//! weights too) refused with its own message; and mutations of real artifacts (bit flips,
+//! truncations, header fields overwritten with huge values, weight-index fields, packing
+//! included, set to other values), none of which may panic or hang.
 //!
 //! The mutation test runs `KILN_FUZZ_CASES` cases (3,000 by default, enough for CI); the long
 //! run sets it, in release and under a 4 GiB address-space limit so that a huge allocation would
@@ -202,8 +204,16 @@ fn artifacts_run_exactly_as_the_directory_does() {
 
 #[test]
 fn compiling_twice_gives_identical_bytes() {
-    for name in ["llama", "bert"] {
-        assert!(compiled(name, Precision::F32) == compiled(name, Precision::F32));
+    for (name, precision) in [
+        ("llama", Precision::F32),
+        ("bert", Precision::F32),
+        ("llama", Precision::Bf16),
+        ("gpt2", Precision::Bf16),
+    ] {
+        assert!(
+            compiled(name, precision) == compiled(name, precision),
+            "{name} {precision:?}"
+        );
     }
     let (a, b) = (temp("twice-a.kiln"), temp("twice-b.kiln"));
     for out in [&a, &b] {
