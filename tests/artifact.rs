@@ -1,7 +1,9 @@
 //! Ahead-of-time artifacts (`kiln compile`, `kiln_runtime::artifact`): every family compiled,
-//! loaded and checked against transformers' outputs; byte-identical recompiles; each bad file
-//! refused with its own message; and mutations of real artifacts (bit flips, truncations,
-//! header fields overwritten with huge values), none of which may panic or hang.
+//! loaded and checked against transformers' outputs; byte-identical recompiles; bf16 weights
+//! stored packed and used in place, exactly as from the directory; each bad file (bad packed
+//! weights too) refused with its own message; and mutations of real artifacts (bit flips,
+//! truncations, header fields overwritten with huge values, weight-index fields, packing
+//! included, set to other values), none of which may panic or hang.
 //!
 //! The mutation test runs `KILN_FUZZ_CASES` cases (3,000 by default, enough for CI); the long
 //! run sets it, in release and under a 4 GiB address-space limit so that a huge allocation would
@@ -19,7 +21,9 @@ use kiln::compiler::Precision;
 use kiln::ir::DType;
 use kiln::load::{self, LoadOptions};
 use kiln::runtime::artifact::{reseal, write, Artifact, SectionKind};
+use kiln::runtime::cpu::CpuGraph;
 use kiln::runtime::deploy::Model;
+use kiln::runtime::Tensor;
 use std::path::PathBuf;
 
 const CAUSAL: [&str; 9] = [
@@ -161,13 +165,18 @@ fn encoder_artifacts_match_transformers() {
 }
 
 /// An artifact runs exactly what loading the directory with the same options runs: the same
-/// logits bit for bit, in every precision (weights converted at compile time).
+/// logits bit for bit and the same greedy tokens, in every precision (weights converted, and
+/// packed for the CPU, at compile time; both orientations of packed weights: gpt2 stores its
+/// weights `[k, n]`; tied embeddings: `llama_tied`).
 #[test]
 fn artifacts_run_exactly_as_the_directory_does() {
     for (name, precision) in [
         ("llama", Precision::Bf16),
+        ("llama", Precision::Fp8),
+        ("llama_tied", Precision::Bf16),
         ("mixtral", Precision::Fp8),
         ("gpt2", Precision::F32),
+        ("gpt2", Precision::Bf16),
     ] {
         let path = compiled_file(name, precision, "exact");
         let opts = LoadOptions {
@@ -180,6 +189,14 @@ fn artifacts_run_exactly_as_the_directory_does() {
         let a = from_dir.forward(&prompt).unwrap();
         let b = from_file.forward(&prompt).unwrap();
         assert_eq!(a, b, "{name} {precision:?}");
+        let mut cfg = from_dir.generation_config().unwrap();
+        cfg.do_sample = false;
+        cfg.max_new_tokens = Some(6);
+        let text = reference_json(name)["prompt"].as_str().unwrap().to_string();
+        let (mut from_dir, mut from_file) = (from_dir, from_file);
+        let a = from_dir.generate(&text, &cfg, 0).unwrap();
+        let b = from_file.generate(&text, &cfg, 0).unwrap();
+        assert_eq!(a.ids, b.ids, "{name} {precision:?}: greedy tokens");
         let art = Artifact::open(&path).unwrap();
         assert_eq!(art.manifest.precision, precision.name());
     }
@@ -187,8 +204,16 @@ fn artifacts_run_exactly_as_the_directory_does() {
 
 #[test]
 fn compiling_twice_gives_identical_bytes() {
-    for name in ["llama", "bert"] {
-        assert!(compiled(name, Precision::F32) == compiled(name, Precision::F32));
+    for (name, precision) in [
+        ("llama", Precision::F32),
+        ("bert", Precision::F32),
+        ("llama", Precision::Bf16),
+        ("gpt2", Precision::Bf16),
+    ] {
+        assert!(
+            compiled(name, precision) == compiled(name, precision),
+            "{name} {precision:?}"
+        );
     }
     let (a, b) = (temp("twice-a.kiln"), temp("twice-b.kiln"));
     for out in [&a, &b] {
@@ -358,7 +383,8 @@ fn bad_files_are_refused_with_their_message() {
         (refusal(b""), "not a kiln artifact"),
         (edited(|b| b.extend([0; 64])), "trailing data"),
         (edited_resealed(|b| b[8] = 1), "format version 1"),
-        (edited_resealed(|b| b[8] = 3), "format version 3"),
+        (edited_resealed(|b| b[8] = 2), "format version 2"),
+        (edited_resealed(|b| b[8] = 4), "format version 4"),
         (edited(|b| b[20] ^= 1), "header is corrupt"),
         (edited(|b| b[64 + 24] ^= 1), "section table is corrupt"),
         (
@@ -495,6 +521,113 @@ fn bad_files_are_refused_with_their_message() {
     );
 }
 
+/// The sections of artifact bytes, in table order.
+fn sections_of(b: &[u8]) -> Vec<(SectionKind, Vec<u8>)> {
+    let count = u32::from_le_bytes(b[12..16].try_into().unwrap()) as usize;
+    (0..count)
+        .map(|i| {
+            let code = u32::from_le_bytes(b[entry(i, 0)][..4].try_into().unwrap());
+            (
+                SectionKind::from_code(code).unwrap(),
+                b[section(b, i)].to_vec(),
+            )
+        })
+        .collect()
+}
+
+/// `good` (well formed) with its weight index (JSON) edited by `f`, laid out and sealed again.
+fn with_index(good: &[u8], f: impl FnOnce(&mut Vec<serde_json::Value>)) -> Vec<u8> {
+    let mut sections = sections_of(good);
+    let (_, index) = sections
+        .iter_mut()
+        .find(|(k, _)| *k == SectionKind::WeightIndex)
+        .unwrap();
+    let mut entries: Vec<serde_json::Value> = serde_json::from_slice(index).unwrap();
+    f(&mut entries);
+    *index = serde_json::to_vec(&entries).unwrap();
+    write::assemble(&sections)
+}
+
+/// Packed weights whose layout, orientation, dtype, shape or padding disagree with what
+/// packing makes are refused with their message; a weight listed plain and packed, too.
+#[test]
+fn bad_packed_weights_are_refused() {
+    let good = compiled("llama", Precision::Bf16);
+    let art = Artifact::from_bytes(&good, "t.kiln").unwrap();
+    // k_proj is [16, 32], packed as stored: one panel of 32 columns, 16 of them padding.
+    let name = "model.layers.0.self_attn.k_proj.weight";
+    let at = art.weights.iter().position(|w| w.name == name).unwrap();
+    let w = &art.weights[at];
+    assert_eq!((w.shape.as_slice(), w.len), (&[16, 32][..], 16 * 32 * 4));
+    assert!(w.packed.as_ref().unwrap().transposed);
+    let rebuilt = with_index(&good, |_| {});
+    assert!(
+        Artifact::from_bytes(&rebuilt, "t.kiln").is_ok(),
+        "an unedited index loads"
+    );
+    let edit = |f: &dyn Fn(&mut serde_json::Value)| refusal(&with_index(&good, |e| f(&mut e[at])));
+    let cases = [
+        (
+            edit(&|e| e["packed"]["layout"] = "bf16-panels16".into()),
+            "packed in layout \"bf16-panels16\"; this build packs",
+        ),
+        (
+            edit(&|e| e["packed"]["transposed"] = false.into()),
+            "2048 bytes do not hold a bf16 tensor of shape [16, 32], packed",
+        ),
+        (
+            edit(&|e| e["dtype"] = "f32".into()),
+            "only 2-D bf16 tensors are packed",
+        ),
+        (
+            edit(&|e| e["shape"] = serde_json::json!([16, 32, 1])),
+            "only 2-D bf16 tensors are packed",
+        ),
+        (
+            edit(&|e| e["shape"] = serde_json::json!([64, 32])),
+            "do not hold a bf16 tensor of shape [64, 32], packed",
+        ),
+        (
+            // The same words (one panel), but not the graphs' shape.
+            edit(&|e| e["shape"] = serde_json::json!([32, 32])),
+            "is bf16 [32, 32], but the prefill graph declares bf16[16, 32]",
+        ),
+        (
+            edit(&|e| e["packed"]["extra"] = 1.into()),
+            "unknown field `extra`",
+        ),
+        (
+            refusal(&with_index(&good, |e| {
+                let mut plain = e[at].clone();
+                plain.as_object_mut().unwrap().remove("packed");
+                e.insert(at + 1, plain);
+            })),
+            "listed twice",
+        ),
+    ];
+    for (got, want) in &cases {
+        assert!(got.contains(want), "expected {want:?} in: {got}");
+    }
+    // A non-zero word in the padding columns (past n = 16) of the first k pair.
+    let mut bad = good.clone();
+    let data = art
+        .sections
+        .iter()
+        .find(|s| s.kind == SectionKind::WeightData)
+        .unwrap();
+    let word = (data.offset + w.offset) as usize + 20 * 4;
+    assert_eq!(bad[word..word + 4], [0; 4]);
+    bad[word] = 1;
+    reseal(&mut bad);
+    let e = refusal(&bad);
+    assert!(
+        e.contains(&format!(
+            "weight {name:?}: bad operand layout: a packed 16x32 bf16 matrix has non-zero padding"
+        )),
+        "{e}"
+    );
+}
+
 /// `good` with one byte of its first weight tensor flipped (checksums left as they were), and
 /// the index of the weight data section.
 fn weight_byte_flipped(good: &[u8]) -> (Vec<u8>, usize) {
@@ -513,13 +646,17 @@ fn weight_byte_flipped(good: &[u8]) -> (Vec<u8>, usize) {
 }
 
 /// The weights of an opened artifact are used in place from the file (bool tensors, whose bytes
-/// are checked, excepted), and equal the weights of the model it was compiled from.
+/// are checked, excepted), packed ones too, and equal the weights of the model it was compiled
+/// from; the CPU backend makes no packed copy of them (where it does from the directory), and
+/// running the model decodes or unpacks none.
 #[test]
 fn artifact_weights_are_used_in_place() {
     for (name, precision) in [
         ("llama", Precision::F32),
         ("llama", Precision::Bf16),
         ("llama", Precision::Fp8),
+        ("llama_tied", Precision::Bf16),
+        ("gpt2", Precision::Bf16),
         ("distilbert", Precision::F32),
     ] {
         let label = format!("{name} {}", precision.name());
@@ -536,12 +673,26 @@ fn artifact_weights_are_used_in_place() {
             Model::Encoder(e) => e.runner.parts().1,
         };
         assert_eq!(art.params.len(), source.len(), "{label}");
+        let packed = |t: &Tensor| t.packed_form(true).or(t.packed_form(false)).is_some();
+        let narrow = precision != Precision::F32;
+        assert_eq!(
+            art.params.values().any(packed),
+            narrow,
+            "{label}: packed weights"
+        );
+        let prepared = |params: &std::collections::HashMap<String, Tensor>| {
+            let graphs = art.graphs.clone();
+            CpuGraph::compile(graphs, params).unwrap()[0].prepared_weight_bytes()
+        };
+        assert_eq!(prepared(&art.params), 0, "{label}: packed at load");
+        assert_eq!(prepared(source) > 0, narrow, "{label}: from the directory");
         for (pname, t) in &art.params {
             assert_eq!(
                 t.is_borrowed(),
                 t.dtype() != DType::Bool,
                 "{label}: {pname}"
             );
+            assert!(!t.has_decoded_copy(), "{label}: {pname} unpacked at load");
             assert!(source[pname] == *t, "{label}: {pname} differs");
         }
         // Running the model reads the weights where they are: no tensor decodes a copy.
@@ -676,8 +827,40 @@ fn mutate(good: &[u8], rng: &mut Rng) -> Vec<u8> {
         good.len() as u64,
         good.len() as u64 + 64,
     ];
-    let mode = rng.below(6);
+    let mode = rng.below(7);
     match mode {
+        // A field of a weight index entry (packing included) set to another value.
+        6 => {
+            let values = [
+                serde_json::json!(null),
+                serde_json::json!(true),
+                serde_json::json!(false),
+                serde_json::json!("bf16"),
+                serde_json::json!("f32"),
+                serde_json::json!("bf16-panels32-kpairs"),
+                serde_json::json!("model.embed_tokens.weight"),
+                serde_json::json!([]),
+                serde_json::json!([16, 32]),
+                serde_json::json!([32, 16]),
+                serde_json::json!([u64::MAX, 2]),
+                serde_json::json!({"layout": "bf16-panels32-kpairs", "transposed": true}),
+                serde_json::json!({"layout": "bf16-panels32-kpairs", "transposed": false}),
+                serde_json::json!(huge[rng.below(huge.len())]),
+                serde_json::json!(rng.below(1 << 20) * 64),
+            ];
+            let value = values[rng.below(values.len())].clone();
+            let field = ["name", "dtype", "shape", "offset", "len", "packed"][rng.below(6)];
+            let sub = ["layout", "transposed"][rng.below(2)];
+            let pick = rng.below(1000);
+            return with_index(good, |entries| {
+                let at = pick % entries.len();
+                let e = &mut entries[at];
+                match e.get_mut("packed") {
+                    Some(p) if p.is_object() && field == "packed" => p[sub] = value,
+                    _ => e[field] = value,
+                }
+            });
+        }
         // Bit flips anywhere.
         0 | 1 => {
             for _ in 0..1 + rng.below(4) {
@@ -712,15 +895,20 @@ fn mutate(good: &[u8], rng: &mut Rng) -> Vec<u8> {
     b
 }
 
-/// Runs `cases` mutations of real artifacts (a causal LM and an encoder) through the loader;
-/// every one must be refused with an error or load, never panic.
+/// Runs `cases` mutations of real artifacts (a causal LM, f32 and bf16 with packed weights,
+/// and an encoder) through the loader; every one must be refused with an error or load, never
+/// panic.
 fn fuzz(cases: u64) {
-    let bases = [llama_bytes(), compiled("distilbert", Precision::F32)];
+    let bases = [
+        llama_bytes(),
+        compiled("distilbert", Precision::F32),
+        compiled("llama", Precision::Bf16),
+    ];
     let start = std::time::Instant::now();
     let mut refused = 0u64;
     for case in 0..cases {
         let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ case.wrapping_mul(0x1000_0000_01B3));
-        let good = &bases[(case % 2) as usize];
+        let good = &bases[(case % 3) as usize];
         let bytes = mutate(good, &mut rng);
         let result = std::panic::catch_unwind(|| {
             let art = Artifact::from_bytes(&bytes, "fuzz.kiln")?;

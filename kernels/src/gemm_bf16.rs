@@ -4,7 +4,9 @@
 //!
 //! The weights are packed once ([`PackedBf16::pack`]) into panels of [`NR`] columns holding,
 //! for each pair of k indices, the 32 column pairs `(W[j,2p], W[j,2p+1])` side by side: one
-//! 64-byte vector per k-pair, the operand layout of `vdpbf16ps`. The AVX512-BF16 micro-kernel
+//! 64-byte vector per k-pair, the operand layout of `vdpbf16ps` ([`LAYOUT`] names it). The
+//! packed words may also be borrowed from memory that already holds them in this layout
+//! ([`PackedBf16::from_words`]: an artifact's memory-mapped weights), checked when borrowed. The AVX512-BF16 micro-kernel
 //! keeps an `MR × NR` tile of C in 16 registers, broadcasts one bf16 pair of A per row and
 //! issues one `vdpbf16ps` per (row, 16 columns) per k-pair; panels are spread over the threads.
 //! Without AVX512-BF16 the weights are widened to f32 and [`crate::gemm::matmul_f32`] runs
@@ -15,9 +17,13 @@ use crate::simd::{bf16_bits, Isa};
 use crate::KernelError;
 use half::bf16;
 use rayon::prelude::*;
+use std::sync::Arc;
 
 /// Columns per packed panel (two 16-lane vectors).
 pub const NR: usize = 32;
+/// The name of the packed layout, stored with packed weights (artifacts) so that words packed
+/// for another layout are refused: change it whenever [`PackedBf16::pack`]'s layout changes.
+pub const LAYOUT: &str = "bf16-panels32-kpairs";
 /// Rows of C per micro-kernel tile.
 const MR: usize = 8;
 /// Elements of A below which it is converted to bf16 on the calling thread only.
@@ -28,11 +34,32 @@ const PACK_PARALLEL_MIN: usize = 1 << 16;
 pub struct PackedBf16 {
     n: usize,
     k: usize,
-    /// `panels · pairs · NR` bf16 pairs (low half: even k index).
-    data: Vec<u32>,
+    /// `panels · pairs · NR` bf16 pairs (low half: even k index), zero in the padding.
+    data: Words,
+}
+
+/// Memory holding words packed in the [`LAYOUT`] that a [`PackedBf16`] borrows and keeps alive
+/// (e.g. a weight of a memory-mapped artifact). `words` must return the same slice every time.
+pub trait PackedWords: std::fmt::Debug + Send + Sync {
+    /// The packed words.
+    fn words(&self) -> &[u32];
+}
+
+/// The packed words: made by [`PackedBf16::pack`], or borrowed.
+#[derive(Debug, Clone)]
+enum Words {
+    Owned(Vec<u32>),
+    Borrowed(Arc<dyn PackedWords>),
 }
 
 impl PackedBf16 {
+    /// Words of a packed `n × k` matrix (`None` on overflow).
+    pub fn words_for(n: usize, k: usize) -> Option<usize> {
+        n.div_ceil(NR)
+            .checked_mul(k.div_ceil(2))
+            .and_then(|w| w.checked_mul(NR))
+    }
+
     /// Packs row-major `w` (`n × k`); columns past `n` and the odd k index past `k` are zeros.
     pub fn pack(n: usize, k: usize, w: &[bf16]) -> Result<PackedBf16, KernelError> {
         if n.checked_mul(k) != Some(w.len()) {
@@ -51,22 +78,77 @@ impl PackedBf16 {
                 0
             }
         };
-        if data.is_empty() {
-            return Ok(PackedBf16 { n, k, data });
-        }
-        data.par_chunks_mut(pairs * NR)
-            .enumerate()
-            .for_each(|(panel, out)| {
-                for p in 0..pairs {
-                    for c in 0..NR {
-                        let j = panel * NR + c;
-                        if j < n {
-                            out[p * NR + c] = at(j, 2 * p) | (at(j, 2 * p + 1) << 16);
+        if !data.is_empty() {
+            data.par_chunks_mut(pairs * NR)
+                .enumerate()
+                .for_each(|(panel, out)| {
+                    for p in 0..pairs {
+                        for c in 0..NR {
+                            let j = panel * NR + c;
+                            if j < n {
+                                out[p * NR + c] = at(j, 2 * p) | (at(j, 2 * p + 1) << 16);
+                            }
                         }
                     }
-                }
-            });
-        Ok(PackedBf16 { n, k, data })
+                });
+        }
+        Ok(PackedBf16 {
+            n,
+            k,
+            data: Words::Owned(data),
+        })
+    }
+
+    /// An `n × k` matrix whose words [`PackedBf16::pack`] made earlier (an artifact's), borrowed
+    /// in place: refused unless they are exactly [`PackedBf16::words_for`] words with zeros in
+    /// the padding (columns past `n`, the odd k index past `k`), as packing leaves them.
+    pub fn from_words(
+        n: usize,
+        k: usize,
+        words: Arc<dyn PackedWords>,
+    ) -> Result<PackedBf16, KernelError> {
+        let w = words.words();
+        let want = PackedBf16::words_for(n, k);
+        if want != Some(w.len()) {
+            return Err(KernelError::Layout(format!(
+                "a packed {n}x{k} bf16 matrix needs {} words, not {}",
+                want.map_or("too many".to_string(), |x| x.to_string()),
+                w.len()
+            )));
+        }
+        let pairs = k.div_ceil(2);
+        let tail = n % NR;
+        let last_panel = w.len().saturating_sub(pairs * NR);
+        let padding_column = tail != 0
+            && w[last_panel..]
+                .chunks_exact(NR)
+                .any(|row| row[tail..].iter().any(|&x| x != 0));
+        let padding_k = k % 2 == 1
+            && w.chunks_exact(pairs * NR)
+                .any(|panel| panel[(pairs - 1) * NR..].iter().any(|&x| x >> 16 != 0));
+        if padding_column || padding_k {
+            return Err(KernelError::Layout(format!(
+                "a packed {n}x{k} bf16 matrix has non-zero padding"
+            )));
+        }
+        Ok(PackedBf16 {
+            n,
+            k,
+            data: Words::Borrowed(words),
+        })
+    }
+
+    /// The packed words ([`LAYOUT`]).
+    pub fn words(&self) -> &[u32] {
+        match &self.data {
+            Words::Owned(w) => w,
+            Words::Borrowed(w) => w.words(),
+        }
+    }
+
+    /// True when the words are borrowed ([`PackedBf16::from_words`]) rather than packed here.
+    pub fn is_borrowed(&self) -> bool {
+        matches!(self.data, Words::Borrowed(_))
     }
 
     /// Output columns (rows of W).
@@ -81,26 +163,28 @@ impl PackedBf16 {
 
     /// Bytes of the packed data.
     pub fn bytes(&self) -> usize {
-        self.data.len() * std::mem::size_of::<u32>()
+        std::mem::size_of_val(self.words())
+    }
+
+    /// W back as bf16, row-major `n × k`, bit for bit.
+    pub fn unpack(&self) -> Vec<bf16> {
+        let pairs = self.k.div_ceil(2);
+        let data = self.words();
+        let mut w = vec![bf16::ZERO; self.n * self.k];
+        for (j, row) in w.chunks_exact_mut(self.k.max(1)).enumerate().take(self.n) {
+            let (panel, c) = (j / NR, j % NR);
+            for (kk, v) in row.iter_mut().enumerate() {
+                let pair = data[(panel * pairs + kk / 2) * NR + c];
+                let bits = if kk % 2 == 0 { pair } else { pair >> 16 };
+                *v = bf16::from_bits(bits as u16);
+            }
+        }
+        w
     }
 
     /// W back as f32 (exact), row-major `n × k`.
     fn unpack_f32(&self) -> Vec<f32> {
-        let pairs = self.k.div_ceil(2);
-        let mut w = vec![0.0f32; self.n * self.k];
-        for (j, row) in w.chunks_exact_mut(self.k.max(1)).enumerate().take(self.n) {
-            let (panel, c) = (j / NR, j % NR);
-            for (kk, v) in row.iter_mut().enumerate() {
-                let pair = self.data[(panel * pairs + kk / 2) * NR + c];
-                let bits = if kk % 2 == 0 {
-                    pair & 0xffff
-                } else {
-                    pair >> 16
-                };
-                *v = f32::from_bits(bits << 16);
-            }
-        }
-        w
+        self.unpack().into_iter().map(bf16::to_f32).collect()
     }
 }
 
@@ -140,7 +224,7 @@ pub fn matmul_bf16_with(
         // panel through a raw pointer, since the column blocks are not contiguous.
         let cp = SyncPtr(c.as_mut_ptr());
         (0..panels).into_par_iter().for_each(|panel| {
-            let b = &w.data[panel * pairs * NR..(panel + 1) * pairs * NR];
+            let b = &w.words()[panel * pairs * NR..(panel + 1) * pairs * NR];
             let cols = NR.min(n - panel * NR);
             let cp = &cp;
             let mut r = 0;
@@ -221,7 +305,7 @@ pub(crate) fn panel_row(ap: &[u32], w: &PackedBf16, panel: usize, y: &mut [f32])
     );
     #[cfg(target_arch = "x86_64")]
     {
-        let b = &w.data[panel * pairs * NR..(panel + 1) * pairs * NR];
+        let b = &w.words()[panel * pairs * NR..(panel + 1) * pairs * NR];
         let mut tile = [[0.0f32; NR]; MR];
         // SAFETY: AVX-512 F/BW/VL and BF16 are available (asserted); `ap` holds one row of
         // `pairs` pairs and `b` one panel of `pairs · NR` pairs.

@@ -1,14 +1,18 @@
 //! Host tensors: a dtype, a concrete shape, and row-major elements stored in their own format,
 //! either owned ([`Storage`]) or borrowed in place from bytes shared with other tensors
-//! ([`SharedBytes`]: a memory-mapped artifact), so that loading weights copies nothing.
+//! ([`SharedBytes`]: a memory-mapped artifact), so that loading weights copies nothing; or a
+//! 2-D bf16 weight held only in the linear kernels' packed layout ([`Tensor::packed`]: an
+//! artifact's, borrowed from its map), which those kernels read as it is.
 //!
-//! Read elements through [`Tensor::elements`] (or `as_f32`, `get`, ...), which never copies.
-//! [`Tensor::storage`] hands out owned storage: for a borrowing tensor it decodes a copy on first
-//! use and keeps it with the tensor, so the hot paths (the CPU backend's weights) avoid it.
+//! Read elements through [`Tensor::elements`] (or `as_f32`, `get`, ...), which never copies
+//! (except from a packed weight, unpacked on first use). [`Tensor::storage`] hands out owned
+//! storage: for a borrowing tensor it decodes a copy on first use and keeps it with the tensor,
+//! so the hot paths (the CPU backend's weights) avoid it.
 
 use half::{bf16, f16};
 use kiln_ir::scalar::Scalar;
 use kiln_ir::{f8, DType};
+use kiln_kernels::gemm_bf16::PackedBf16;
 use std::ops::Range;
 use std::sync::{Arc, OnceLock};
 
@@ -112,6 +116,12 @@ pub enum BorrowError {
         /// Why not.
         why: &'static str,
     },
+    /// Packed forms that do not hold a 2-D bf16 tensor of the shape ([`Tensor::packed`]).
+    #[error("packed forms do not hold a bf16 tensor of shape {shape:?}")]
+    Packed {
+        /// The shape.
+        shape: Vec<usize>,
+    },
 }
 
 /// A tensor on the host.
@@ -125,6 +135,39 @@ pub struct Tensor {
 enum Data {
     Owned(Storage),
     Borrowed(Borrowed),
+    Packed(Packed),
+}
+
+/// A 2-D bf16 tensor held only in the packed layout of the linear kernels, by orientation
+/// (`[transposed as usize]`: packed from the tensor as stored `[n, k]`, or from its transpose
+/// when stored `[k, n]`); at least one form. Other readers get its elements unpacked.
+#[derive(Debug, Clone)]
+struct Packed {
+    forms: [Option<PackedBf16>; 2],
+    /// The elements, unpacked on first use.
+    owned: OnceLock<Storage>,
+}
+
+impl Packed {
+    /// The row-major elements of a `shape` tensor, from either form.
+    fn unpack(&self, shape: &[usize]) -> Storage {
+        let w = match &self.forms {
+            [_, Some(stored)] => stored.unpack(),
+            [Some(transposed), None] => {
+                let (k, n) = (shape[0], shape[1]);
+                let t = transposed.unpack();
+                let mut w = vec![bf16::ZERO; n * k];
+                for (j, row) in t.chunks_exact(k.max(1)).enumerate().take(n) {
+                    for (kk, &v) in row.iter().enumerate() {
+                        w[kk * n + j] = v;
+                    }
+                }
+                w
+            }
+            [None, None] => Vec::new(),
+        };
+        Storage::BF16(w)
+    }
 }
 
 /// Elements used in place from shared bytes (checked when made: in bounds, sized for the shape,
@@ -443,6 +486,52 @@ impl Tensor {
         })
     }
 
+    /// A bf16 tensor of `shape` (2-D) held only in packed forms ([`PackedBf16`], by
+    /// orientation: `forms[1]` packs it as stored, `[n, k]`; `forms[0]` its transpose, for a
+    /// tensor stored `[k, n]`); the linear kernels read them as they are, any other reader gets
+    /// the elements unpacked on first use. Refuses forms that are all absent or whose sizes do
+    /// not fit the shape.
+    pub fn packed(
+        shape: Vec<usize>,
+        forms: [Option<PackedBf16>; 2],
+    ) -> Result<Tensor, BorrowError> {
+        let fits = match shape[..] {
+            [rows, cols] => {
+                forms.iter().any(Option::is_some)
+                    && forms.iter().enumerate().all(|(stored, f)| {
+                        f.as_ref().is_none_or(|f| {
+                            let nk = (f.n(), f.k());
+                            nk == if stored == 1 {
+                                (rows, cols)
+                            } else {
+                                (cols, rows)
+                            }
+                        })
+                    })
+            }
+            _ => false,
+        };
+        if !fits {
+            return Err(BorrowError::Packed { shape });
+        }
+        Ok(Tensor {
+            shape,
+            data: Data::Packed(Packed {
+                forms,
+                owned: OnceLock::new(),
+            }),
+        })
+    }
+
+    /// The packed form of a tensor made by [`Tensor::packed`], for the orientation `transposed`
+    /// (stored `[n, k]`) or not.
+    pub fn packed_form(&self, transposed: bool) -> Option<&PackedBf16> {
+        match &self.data {
+            Data::Packed(p) => p.forms[usize::from(transposed)].as_ref(),
+            _ => None,
+        }
+    }
+
     /// An f32 tensor.
     pub fn from_f32(shape: Vec<usize>, data: Vec<f32>) -> Result<Tensor, ShapeMismatch> {
         Tensor::new(shape, Storage::F32(data))
@@ -469,7 +558,10 @@ impl Tensor {
 
     /// The element type.
     pub fn dtype(&self) -> DType {
-        self.elements().dtype()
+        match &self.data {
+            Data::Packed(_) => DType::BF16,
+            _ => self.elements().dtype(),
+        }
     }
 
     /// The shape.
@@ -479,26 +571,41 @@ impl Tensor {
 
     /// Number of elements.
     pub fn numel(&self) -> usize {
-        self.elements().len()
+        match &self.data {
+            Data::Packed(_) => self.shape.iter().product(),
+            _ => self.elements().len(),
+        }
     }
 
-    /// The elements, borrowed (never a copy).
+    /// The elements, borrowed: never a copy, except for a tensor held only packed
+    /// ([`Tensor::packed`]), whose elements are unpacked on the first call and kept.
     pub fn elements(&self) -> Elements<'_> {
         match &self.data {
             Data::Owned(s) => s.elements(),
             Data::Borrowed(b) => b.elements(),
+            Data::Packed(p) => p.owned.get_or_init(|| p.unpack(&self.shape)).elements(),
         }
     }
 
-    /// True when the elements are used in place from shared bytes ([`Tensor::borrowed`]).
+    /// True when the elements are used in place from shared bytes ([`Tensor::borrowed`]), or
+    /// held only in packed forms borrowed from them.
     pub fn is_borrowed(&self) -> bool {
-        matches!(self.data, Data::Borrowed(_))
+        match &self.data {
+            Data::Owned(_) => false,
+            Data::Borrowed(_) => true,
+            Data::Packed(p) => p.forms.iter().flatten().all(PackedBf16::is_borrowed),
+        }
     }
 
     /// True when a borrowed tensor has decoded an owned copy of its elements (through
-    /// [`Tensor::storage`]), which holds as many bytes again for as long as it lives.
+    /// [`Tensor::storage`]), or a packed one unpacked them (through any read of its elements),
+    /// which holds as many bytes again for as long as it lives.
     pub fn has_decoded_copy(&self) -> bool {
-        matches!(&self.data, Data::Borrowed(b) if b.owned.get().is_some())
+        match &self.data {
+            Data::Owned(_) => false,
+            Data::Borrowed(b) => b.owned.get().is_some(),
+            Data::Packed(p) => p.owned.get().is_some(),
+        }
     }
 
     /// The elements as owned storage. A tensor borrowing its elements decodes a copy on the
@@ -508,6 +615,7 @@ impl Tensor {
         match &self.data {
             Data::Owned(s) => s,
             Data::Borrowed(b) => b.owned.get_or_init(|| b.elements().to_storage()),
+            Data::Packed(p) => p.owned.get_or_init(|| p.unpack(&self.shape)),
         }
     }
 
@@ -627,6 +735,39 @@ mod tests {
         // Kept alive by the tensor after the caller's handle is gone.
         drop(bytes);
         assert_eq!(t.clone().as_f32().unwrap()[5], -8.5);
+    }
+
+    #[test]
+    fn a_packed_tensor_unpacks_on_first_read_only() {
+        let (rows, cols) = (3, 5);
+        let values: Vec<bf16> = (0..rows * cols)
+            .map(|i| bf16::from_f32(i as f32 - 7.5))
+            .collect();
+        let plain = Tensor::new(vec![rows, cols], Storage::BF16(values.clone())).unwrap();
+        let transposed: Vec<bf16> = (0..rows * cols)
+            .map(|i| values[(i % rows) * cols + i / rows])
+            .collect();
+        let as_stored = PackedBf16::pack(rows, cols, &values).unwrap();
+        let as_kn = PackedBf16::pack(cols, rows, &transposed).unwrap();
+        for forms in [
+            [None, Some(as_stored.clone())],
+            [Some(as_kn.clone()), None],
+            [Some(as_kn.clone()), Some(as_stored.clone())],
+        ] {
+            let t = Tensor::packed(vec![rows, cols], forms.clone()).unwrap();
+            assert_eq!((t.dtype(), t.numel()), (DType::BF16, rows * cols));
+            assert_eq!(t.packed_form(true).is_some(), forms[1].is_some());
+            assert!(!t.has_decoded_copy() && !t.is_borrowed());
+            assert_eq!(t, plain);
+            assert!(t.has_decoded_copy(), "unpacked once read");
+        }
+        let refuse = |shape: Vec<usize>, forms| Tensor::packed(shape, forms).unwrap_err();
+        assert!(refuse(vec![rows, cols], [None, None])
+            .to_string()
+            .contains("packed forms do not hold"));
+        refuse(vec![cols, rows], [None, Some(as_stored.clone())]);
+        refuse(vec![rows, cols], [Some(as_stored), None]);
+        refuse(vec![rows * cols], [Some(as_kn), None]);
     }
 
     #[test]

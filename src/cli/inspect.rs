@@ -135,9 +135,10 @@ precision: {}",
             s.hash
         );
     }
-    let mut by_dtype: BTreeMap<&str, (usize, u64)> = BTreeMap::new();
+    let mut by_dtype: BTreeMap<String, (usize, u64)> = BTreeMap::new();
     for w in &art.weights {
-        let e = by_dtype.entry(w.dtype.as_str()).or_default();
+        let packed = if w.packed.is_some() { " packed" } else { "" };
+        let e = by_dtype.entry(format!("{}{packed}", w.dtype)).or_default();
         e.0 += 1;
         e.1 += w.len;
     }

@@ -19,15 +19,19 @@
 //! round-trips exactly), optionally `tokenizer.json` and `generation_config.json` (their
 //! bytes), the weight index (JSON list of [`WeightEntry`], sorted by offset) and the weight
 //! data (each tensor's raw little-endian elements at a 64-byte aligned offset; `bool` as bytes
-//! 0/1; fp8 as bit patterns).
+//! 0/1; fp8 as bit patterns). For a CPU target, a bf16 weight that the CPU plan reads only
+//! through linear layers is stored instead in the kernels' packed layout ([`Packing`]: the
+//! little-endian `u32` words of `kiln_kernels::gemm_bf16::PackedBf16`), once per orientation
+//! read, so that the loader hands those words to the kernels in place.
 
 use crate::info::ModelInfo;
 use serde::{Deserialize, Serialize};
 
 /// The first bytes of every artifact (PNG-style: detects text-mode transfers).
 pub const MAGIC: [u8; 8] = *b"\x89KILN\r\n\x1a";
-/// The format version this build reads and writes (2: XXH3-64 checksums; 1 used XXH64).
-pub const FORMAT_VERSION: u32 = 2;
+/// The format version this build reads and writes (3: packed weights; 2 stored every weight
+/// plain; 1 used XXH64 checksums).
+pub const FORMAT_VERSION: u32 = 3;
 /// Bytes of the header.
 pub const HEADER_LEN: usize = 64;
 /// Bytes of one section-table entry.
@@ -138,13 +142,37 @@ pub struct WeightEntry {
     pub shape: Vec<usize>,
     /// Offset in the weight data section (a multiple of [`ALIGN`]).
     pub offset: u64,
-    /// Bytes (elements × element size).
+    /// Bytes (elements × element size; packed: the packed words' bytes).
     pub len: u64,
+    /// Absent: the elements, row-major. Present: the tensor packed for the linear kernels.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub packed: Option<Packing>,
+}
+
+/// How a packed weight is laid out: `kiln_kernels::gemm_bf16::PackedBf16`'s words for a bf16
+/// 2-D tensor (`dtype` and `shape` of the [`WeightEntry`] are the tensor's own).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Packing {
+    /// The layout's name (`kiln_kernels::gemm_bf16::LAYOUT`).
+    pub layout: String,
+    /// Packed from the tensor as stored, `[n, k]` (a matmul with `transpose_b`), or from its
+    /// transpose, for a tensor stored `[k, n]`.
+    pub transposed: bool,
 }
 
 /// `n` rounded up to a multiple of [`ALIGN`], or `None` on overflow.
 pub fn align_up(n: u64) -> Option<u64> {
     n.checked_add(ALIGN - 1).map(|x| x / ALIGN * ALIGN)
+}
+
+/// Whether this runtime runs `target`: the CPU targets (`cpu`, `cpu-...`), whose graphs the
+/// host executor runs on any x86-64 or ARM machine.
+pub fn runs_here(target: &str) -> bool {
+    target == HOST_TARGET
+        || target
+            .strip_prefix(HOST_TARGET)
+            .is_some_and(|r| r.starts_with('-'))
 }
 
 /// The graph names a model with this head has, in order.

@@ -7,7 +7,8 @@
 //! - [`read`]: the checking reader ([`Artifact::open`]), which refuses a bad file with an
 //!   [`ArtifactError`] and never panics;
 //! - [`checksum`]: the per-section checksum (XXH3-64); `codec`: tensors to and from little-endian
-//!   bytes; `tokenizer`: `tokenizer.json` in the shape that parses fastest;
+//!   bytes; `packed`: weights stored in the kernels' packed layout (which, and borrowing them);
+//!   `tokenizer`: `tokenizer.json` in the shape that parses fastest;
 //! - [`WeightCheck`]: the weight data's checksum, computed in the background while the model
 //!   starts (its outputs wait for it).
 //!
@@ -18,13 +19,14 @@ pub mod checksum;
 mod codec;
 mod error;
 pub mod format;
+mod packed;
 pub mod read;
 mod tokenizer;
 pub mod write;
 
 pub use check::WeightCheck;
 pub use error::ArtifactError;
-pub use format::{Manifest, Section, SectionKind, WeightEntry};
+pub use format::{Manifest, Packing, Section, SectionKind, WeightEntry};
 pub use read::Artifact;
 
 /// Recomputes every checksum of an artifact's bytes (header, table and sections) after the

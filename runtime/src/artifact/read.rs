@@ -5,7 +5,8 @@
 //! target. Nothing is allocated beyond what the file's own length justifies.
 //!
 //! The file is memory-mapped and the weights are used in place from the map (every tensor is
-//! 64-byte aligned in the file): opening copies no weight. The weight data's checksum is
+//! 64-byte aligned in the file), packed ones too (handed to the kernels as they are, after
+//! checking their layout, size and padding): opening copies no weight. The weight data's checksum is
 //! computed on its own thread meanwhile ([`WeightCheck`]); [`Artifact::verify`] waits for it.
 //! The tokenizer is parsed on another, from the start.
 
@@ -13,9 +14,10 @@ use super::check::WeightCheck;
 use super::checksum::xxh3;
 use super::codec;
 use super::format::{
-    graph_names, Manifest, Section, SectionKind, WeightEntry, ALIGN, ENTRY_LEN, FORMAT_VERSION,
-    HEADER_LEN, HOST_TARGET, MAGIC, MAX_SECTIONS,
+    graph_names, runs_here, Manifest, Section, SectionKind, WeightEntry, ALIGN, ENTRY_LEN,
+    FORMAT_VERSION, HEADER_LEN, HOST_TARGET, MAGIC, MAX_SECTIONS,
 };
+use super::packed;
 use super::ArtifactError;
 use crate::background::Background;
 use crate::deploy::parse_tokenizer;
@@ -23,7 +25,8 @@ use crate::info::{Assets, Head};
 use crate::tensor::SharedBytes;
 use crate::{Params, Tensor};
 use kiln_ir::{DType, Graph};
-use std::collections::BTreeSet;
+use kiln_kernels::gemm_bf16::{PackedBf16, LAYOUT};
+use std::collections::BTreeMap;
 use std::ops::Range;
 use tokenizers::Tokenizer;
 
@@ -224,27 +227,57 @@ impl<'o> Reader<'o> {
             .map_err(|e| self.malformed(format!("section {index} ({}): {e}", s.kind.name())))
     }
 
-    /// The weight index, checked against the data section's length.
+    /// The weight index, checked against the data section's length: each tensor stored once,
+    /// plain or packed (in one or both orientations, which agree on its dtype and shape).
     fn check_index(&self, index: &[WeightEntry], data_len: u64) -> Result<(), ArtifactError> {
-        let mut names = BTreeSet::new();
+        let mut stored: BTreeMap<&str, (&WeightEntry, [bool; 3])> = BTreeMap::new();
         let mut prev_end = 0u64;
         for w in index {
             let bad = |m: String| self.malformed(format!("weight {:?}: {m}", w.name));
-            if !names.insert(w.name.as_str()) {
+            let form = w.packed.as_ref().map_or(2, |p| usize::from(p.transposed));
+            let (first, forms) = stored.entry(&w.name).or_insert((w, [false; 3]));
+            if forms[form] || (form == 2) != (first.packed.is_none()) {
                 return Err(bad("listed twice".into()));
+            }
+            forms[form] = true;
+            if (&first.dtype, &first.shape) != (&w.dtype, &w.shape) {
+                return Err(bad(format!(
+                    "packed as {} {:?} and as {} {:?}",
+                    first.dtype, first.shape, w.dtype, w.shape
+                )));
             }
             let dtype: DType = w
                 .dtype
                 .parse()
                 .map_err(|_| bad(format!("unknown dtype {:?}", w.dtype)))?;
-            let bytes = w
-                .shape
-                .iter()
-                .try_fold(dtype.size_bytes() as u64, |n, &d| n.checked_mul(d as u64));
+            let bytes = match &w.packed {
+                None => w
+                    .shape
+                    .iter()
+                    .try_fold(dtype.size_bytes() as u64, |n, &d| n.checked_mul(d as u64)),
+                Some(p) => {
+                    if p.layout != LAYOUT {
+                        return Err(bad(format!(
+                            "packed in layout {:?}; this build packs {LAYOUT:?} (recompile the artifact with this kiln)",
+                            p.layout
+                        )));
+                    }
+                    let (n, k) = packed_dims(dtype, &w.shape, p.transposed).ok_or_else(|| {
+                        bad(format!(
+                            "a packed {} {:?} tensor: only 2-D bf16 tensors are packed",
+                            w.dtype, w.shape
+                        ))
+                    })?;
+                    PackedBf16::words_for(n, k).and_then(|x| (x as u64).checked_mul(4))
+                }
+            };
             if bytes != Some(w.len) {
                 return Err(bad(format!(
-                    "{} bytes do not hold a {} tensor of shape {:?}",
-                    w.len, w.dtype, w.shape
+                    "{} bytes do not hold a {} tensor of shape {:?}{}",
+                    w.len,
+                    w.dtype,
+                    w.shape,
+                    if w.packed.is_some() { ", packed" } else { "" }
                 )));
             }
             let end = w.offset.checked_add(w.len);
@@ -260,8 +293,8 @@ impl<'o> Reader<'o> {
     }
 
     /// The weights, borrowing `shared` (whose bytes these are) where they can: every dtype
-    /// but bool, on a little-endian host; the others are decoded into owned tensors. The index
-    /// was checked against the section (`check_index`).
+    /// but bool, on a little-endian host, packed weights too; the others are decoded into owned
+    /// tensors. The index was checked against the section (`check_index`).
     fn weights(
         &self,
         shared: &SharedBytes,
@@ -270,12 +303,21 @@ impl<'o> Reader<'o> {
     ) -> Result<Params, ArtifactError> {
         let data = self.range(s)?;
         let mut params = Params::with_capacity(index.len());
+        let mut packed: BTreeMap<&str, (&WeightEntry, [Option<PackedBf16>; 2])> = BTreeMap::new();
         for w in index {
             let dtype: DType = w.dtype.parse().map_err(|_| self.malformed("dtype"))?;
             // In bounds of the section (checked by `check_index`), hence of the file.
             let start = data.start + w.offset as usize;
             let range = start..start + w.len as usize;
             let bad = |m: String| self.malformed(format!("weight {:?}: {m}", w.name));
+            if let Some(p) = &w.packed {
+                let (n, k) = packed_dims(dtype, &w.shape, p.transposed)
+                    .ok_or_else(|| bad("not packable".into()))?;
+                let form = packed::borrow(shared, range, n, k).map_err(|e| bad(e.to_string()))?;
+                packed.entry(&w.name).or_insert((w, [None, None])).1[usize::from(p.transposed)] =
+                    Some(form);
+                continue;
+            }
             let t = if dtype == DType::Bool || cfg!(target_endian = "big") {
                 codec::decode(dtype, w.shape.clone(), &self.bytes[range]).map_err(bad)?
             } else {
@@ -284,17 +326,23 @@ impl<'o> Reader<'o> {
             };
             params.insert(w.name.clone(), t);
         }
+        for (name, (w, forms)) in packed {
+            let t = Tensor::packed(w.shape.clone(), forms)
+                .map_err(|e| self.malformed(format!("weight {name:?}: {e}")))?;
+            params.insert(name.to_string(), t);
+        }
         Ok(params)
     }
 }
 
-/// Whether this runtime runs `target`: the CPU targets (`cpu`, `cpu-...`), whose graphs the
-/// host executor runs on any x86-64 or ARM machine.
-fn runs_here(target: &str) -> bool {
-    target == HOST_TARGET
-        || target
-            .strip_prefix(HOST_TARGET)
-            .is_some_and(|r| r.starts_with('-'))
+/// The `(n, k)` of the packed matrix of a 2-D bf16 tensor of `shape`, stored `[n, k]`
+/// (`transposed`) or `[k, n]`; `None` for other tensors.
+fn packed_dims(dtype: DType, shape: &[usize], transposed: bool) -> Option<(usize, usize)> {
+    match (dtype, shape) {
+        (DType::BF16, &[rows, cols]) if transposed => Some((rows, cols)),
+        (DType::BF16, &[rows, cols]) => Some((cols, rows)),
+        _ => None,
+    }
 }
 
 /// Checks that every parameter of every graph has a tensor of its dtype and shape.

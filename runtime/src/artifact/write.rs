@@ -1,21 +1,27 @@
 //! Writing an artifact: the sections laid out as [`format`](super::format) describes, in a
-//! fixed order and with sorted weights, so the same inputs always give the same bytes.
+//! fixed order and with sorted weights, so the same inputs always give the same bytes. For a
+//! CPU target the weights the CPU plan reads only packed are stored packed ([`super::packed`]),
+//! by the runtime's own packing code.
 
 use super::checksum::xxh3;
 use super::codec;
 use super::format::{
-    align_up, Manifest, Section, SectionKind, WeightEntry, ALIGN, ENTRY_LEN, FORMAT_VERSION,
-    HEADER_LEN, MAGIC,
+    align_up, runs_here, Manifest, Packing, Section, SectionKind, WeightEntry, ALIGN, ENTRY_LEN,
+    FORMAT_VERSION, HEADER_LEN, MAGIC,
 };
+use super::packed::{append_words, packed_forms};
 use super::tokenizer;
 use super::ArtifactError;
+use crate::cpu::weights::pack;
 use crate::info::Assets;
 use crate::Tensor;
 use kiln_ir::Graph;
+use kiln_kernels::gemm_bf16::LAYOUT;
 use std::collections::BTreeMap;
 
-/// The bytes of an artifact holding `manifest`, the graphs it names (in its order), the
-/// parameters (any map; written sorted by name) and the assets.
+/// The bytes of an artifact holding `manifest`, the graphs it names (in its order; verified),
+/// the parameters (any map; written sorted by name, packed where the target's plan reads them
+/// packed) and the assets.
 pub fn to_bytes<'a>(
     manifest: &Manifest,
     graphs: &[Graph],
@@ -31,19 +37,46 @@ pub fn to_bytes<'a>(
         )));
     }
     let params: BTreeMap<&String, &Tensor> = params.into_iter().collect();
+    let packed = if runs_here(&manifest.target) {
+        for g in graphs {
+            kiln_ir::verify(g).map_err(|e| fail(format!("a graph does not verify: {e}")))?;
+        }
+        packed_forms(graphs, |name| {
+            params.get(&name.to_string()).map(|t| t.dtype())
+        })
+    } else {
+        BTreeMap::new()
+    };
     let mut index = Vec::with_capacity(params.len());
     let mut data = Vec::new();
     for (name, t) in &params {
-        let offset = data.len() as u64;
-        codec::append(t, &mut data);
-        index.push(WeightEntry {
-            name: (*name).clone(),
-            dtype: t.dtype().name().to_string(),
-            shape: t.shape().to_vec(),
-            offset,
-            len: data.len() as u64 - offset,
-        });
-        data.resize(data.len().next_multiple_of(ALIGN as usize), 0);
+        let forms: Vec<Option<bool>> = match packed.get(*name) {
+            Some(forms) => forms.iter().map(|&tr| Some(tr)).collect(),
+            None => vec![None],
+        };
+        for transposed in forms {
+            let offset = data.len() as u64;
+            match transposed {
+                Some(tr) => {
+                    let packed = t.packed_form(tr).cloned().or_else(|| pack(t, tr));
+                    let p = packed.ok_or_else(|| fail(format!("cannot pack {name:?}")))?;
+                    append_words(&p, &mut data);
+                }
+                None => codec::append(t, &mut data),
+            }
+            index.push(WeightEntry {
+                name: (*name).clone(),
+                dtype: t.dtype().name().to_string(),
+                shape: t.shape().to_vec(),
+                offset,
+                len: data.len() as u64 - offset,
+                packed: transposed.map(|transposed| Packing {
+                    layout: LAYOUT.to_string(),
+                    transposed,
+                }),
+            });
+            data.resize(data.len().next_multiple_of(ALIGN as usize), 0);
+        }
     }
     let mut sections: Vec<(SectionKind, Vec<u8>)> = vec![(SectionKind::Manifest, json(manifest)?)];
     for g in graphs {

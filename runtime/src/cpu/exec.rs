@@ -623,11 +623,12 @@ impl CpuGraph {
                 .get(name)
                 .ok_or_else(|| ctx.mismatch(format!("no parameter {name:?}")))?;
             // Read through `elements()`: an artifact's weights are borrowed from its map, and
-            // `storage()` would decode a copy of each.
-            let direct = matches!(
-                (t.elements(), transposed),
-                (Elements::F32(_), _) | (Elements::F8E4M3(_), true)
-            ) || self.weights.packed(name, transposed).is_some();
+            // `storage()` would decode a copy of each (a packed weight's, prepared, first).
+            let direct = self.weights.packed(name, transposed).is_some()
+                || matches!(
+                    (t.elements(), transposed),
+                    (Elements::F32(_), _) | (Elements::F8E4M3(_), true)
+                );
             if !direct
                 && !late
                     .iter()
@@ -638,18 +639,21 @@ impl CpuGraph {
                 late.push((name, transposed, p));
             }
         }
+        // A prepared weight is never an e4m3 one stored `[n, k]` (read in place), so the packed
+        // form comes first, before reading a weight that may be held only packed.
         let weight = |name: &str, transposed: bool| {
-            let stored = params.get(name).map(Tensor::elements);
             let packed = late
                 .iter()
                 .find(|(n, tr, _)| *n == name && *tr == transposed)
                 .map(|(_, _, p)| p)
                 .or(self.weights.packed(name, transposed));
-            match (stored, packed) {
-                (Some(Elements::F8E4M3(w)), _) if transposed => Ok(Weight::F8E4M3(w)),
-                (_, Some(p)) => Ok(Weight::Bf16(p)),
-                (Some(Elements::F32(w)), _) if transposed => Ok(Weight::F32(w)),
-                (Some(Elements::F32(w)), _) => Ok(Weight::F32Kn(w)),
+            if let Some(p) = packed {
+                return Ok(Weight::Bf16(p));
+            }
+            match params.get(name).map(Tensor::elements) {
+                Some(Elements::F8E4M3(w)) if transposed => Ok(Weight::F8E4M3(w)),
+                Some(Elements::F32(w)) if transposed => Ok(Weight::F32(w)),
+                Some(Elements::F32(w)) => Ok(Weight::F32Kn(w)),
                 _ => Err(ctx.mismatch(format!("weight {name:?} is not prepared"))),
             }
         };

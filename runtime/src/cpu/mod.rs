@@ -30,7 +30,7 @@ mod moe;
 mod plan;
 mod slots;
 pub mod state;
-mod weights;
+pub(crate) mod weights;
 
 pub use exec::CpuGraph;
 pub use plan::{GateLayer, LinearLayer, MoeWeight, Plan, Step};
