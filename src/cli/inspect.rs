@@ -128,7 +128,7 @@ precision: {}",
     println!("sections:");
     for (i, s) in art.sections.iter().enumerate() {
         println!(
-            "  {i:>2} {:<18} offset {:>12} length {:>12} xxh64 {:016x}",
+            "  {i:>2} {:<18} offset {:>12} length {:>12} xxh3 {:016x}",
             s.kind.name(),
             s.offset,
             s.len,
