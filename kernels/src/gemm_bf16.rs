@@ -79,6 +79,11 @@ impl PackedBf16 {
         self.k
     }
 
+    /// The packed data (for placement advice: [`crate::pages`]).
+    pub fn words(&self) -> &[u32] {
+        &self.data
+    }
+
     /// Bytes of the packed data.
     pub fn bytes(&self) -> usize {
         self.data.len() * std::mem::size_of::<u32>()
