@@ -316,24 +316,34 @@ mod tests {
     fn helpers_take_part_and_park_after_spinning() {
         let team = Team::new(1);
         let seen = Mutex::new(std::collections::HashSet::new());
-        // Tasks long enough that the helper wakes while the caller is still busy.
-        let mut items = vec![0u8; 64];
-        for round in 0..3 {
-            team.for_each(&mut items, |_, _| {
+        // Regions of tasks long enough that the helper joins while the caller is still busy
+        // (on a busy machine it may be scheduled late: retried for up to 10 s).
+        let region = |items: &mut [u8]| {
+            team.for_each(items, |_, _| {
                 seen.lock().unwrap().insert(std::thread::current().id());
                 std::thread::sleep(Duration::from_millis(1));
-            });
-            if round == 1 {
-                // Past the spin the helper parks (on a busy machine it may be scheduled late),
-                // and the next region must wake it.
-                let waited = Instant::now();
-                while team.shared.parked.load(Ordering::SeqCst) == 0 {
-                    assert!(waited.elapsed() < Duration::from_secs(10), "never parked");
-                    std::thread::sleep(SPIN);
-                }
+            })
+        };
+        let mut items = vec![0u8; 64];
+        let took_part = |items: &mut [u8]| {
+            seen.lock().unwrap().clear();
+            let started = Instant::now();
+            while seen.lock().unwrap().len() < 2 {
+                assert!(
+                    started.elapsed() < Duration::from_secs(10),
+                    "no helper took part"
+                );
+                region(items);
             }
+        };
+        took_part(&mut items);
+        // Past the spin the helper parks, and the next regions must wake it.
+        let waited = Instant::now();
+        while team.shared.parked.load(Ordering::SeqCst) == 0 {
+            assert!(waited.elapsed() < Duration::from_secs(10), "never parked");
+            std::thread::sleep(SPIN);
         }
-        assert_eq!(seen.into_inner().unwrap().len(), 2);
+        took_part(&mut items);
     }
 
     #[test]
