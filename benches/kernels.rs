@@ -14,8 +14,12 @@
 //! `linear_decode`: the linear layers of one decode token of the 125M Llama (12 layers: Q/K/V,
 //! output, gate/up, down projections; weights 2–4× the L3, so read from memory) in f32, bf16
 //! and fp8 e4m3, each layer its own call (`separate`) or as the CPU plan runs them (`grouped`:
-//! Q/K/V and gate/up one region each, the residual adds in the epilogue); throughput: weight
-//! bytes read.
+//! Q/K/V and gate/up one region each, the residual adds in the epilogue), and the same bytes as
+//! one layer of k = 768 (`one_call`: the cost without any per-call cost); weights backed by huge
+//! pages as the CPU backend asks for; throughput: weight bytes read.
+//!
+//! `region`: the fixed cost of one parallel region of tiny tasks after a short serial step, on
+//! the kernels' team (`kiln_kernels::pool`) and on rayon's pool.
 //!
 //! `cargo bench --bench kernels`
 
@@ -26,7 +30,7 @@ use kiln_kernels::fused::Program;
 use kiln_kernels::gemm::{matmul_f32, Gemm};
 use kiln_kernels::gemm_bf16::{matmul_bf16, PackedBf16};
 use kiln_kernels::layout::copy_strided;
-use kiln_kernels::{elementwise, gemv, peak, rowwise};
+use kiln_kernels::{elementwise, gemv, pages, peak, rowwise};
 use std::hint::black_box;
 use std::time::Duration;
 
@@ -316,6 +320,21 @@ fn linear_decode(c: &mut Criterion) {
     let x = data(2048, 2.0);
     let resid = data(768, 3.0);
     let mut outs: Vec<Vec<f32>> = shapes.iter().map(|&(n, _)| vec![0.0; n]).collect();
+    let one_rows = shapes.iter().map(|(n, k)| n * k).sum::<usize>() * LAYERS / 768;
+    let one_call = OneCall::all(one_rows);
+    let mut one_out = vec![0.0; one_rows];
+    // As the CPU backend does for a model's weights (`kiln_kernels::pages`).
+    let spans = (f32w.iter().flatten().map(|w| pages::span(w)))
+        .chain(bf16w.iter().flatten().map(|w| pages::span(w.words())))
+        .chain(f8w.iter().flatten().map(|w| pages::span(w)));
+    pages::back_with_huge_pages(spans);
+    for o in &one_call {
+        pages::back_with_huge_pages([match o {
+            OneCall::F32(w) => pages::span(w),
+            OneCall::Bf16(w) => pages::span(w.words()),
+            OneCall::F8(w) => pages::span(w),
+        }]);
+    }
     let mut g = c.benchmark_group("linear_decode");
     g.sample_size(20).measurement_time(Duration::from_secs(4));
     for kind in ["f32", "bf16", "fp8"] {
@@ -385,12 +404,89 @@ fn linear_decode(c: &mut Criterion) {
                 }
             })
         });
+        // The same weight bytes as ONE layer of k = 768 (one region, one stream per thread):
+        // what the token's 48 calls would cost without any per-call cost.
+        let one = one_call[kind_index(kind)].weight();
+        g.bench_function(format!("one_call/{kind}"), |b| {
+            b.iter(|| linear(1, 768, &x[..768], &mut [Layer::new(one, &mut one_out)]).unwrap())
+        });
     }
+    g.finish();
+}
+
+/// One weight of `rows × 768` in each kind (f32, packed bf16, fp8 e4m3).
+enum OneCall {
+    F32(Vec<f32>),
+    Bf16(PackedBf16),
+    F8(Vec<u8>),
+}
+
+impl OneCall {
+    fn all(rows: usize) -> [OneCall; 3] {
+        let w = data(rows * 768, 0.5);
+        let b: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+        let f8 = w
+            .iter()
+            .map(|&v| kiln_ir::f8::f32_to_f8e4m3(v * 400.0))
+            .collect();
+        [
+            OneCall::Bf16(PackedBf16::pack(rows, 768, &b).unwrap()),
+            OneCall::F8(f8),
+            OneCall::F32(w),
+        ]
+    }
+
+    fn weight(&self) -> kiln_kernels::linear::Weight<'_> {
+        use kiln_kernels::linear::Weight;
+        match self {
+            OneCall::F32(w) => Weight::F32(w),
+            OneCall::Bf16(w) => Weight::Bf16(w),
+            OneCall::F8(w) => Weight::F8E4M3(w),
+        }
+    }
+}
+
+fn kind_index(kind: &str) -> usize {
+    match kind {
+        "bf16" => 0,
+        "fp8" => 1,
+        _ => 2,
+    }
+}
+
+/// The fixed cost of one parallel region as decode pays it: a region of one small task per
+/// thread (a few hundred nanoseconds of work each) after a short serial step on the calling
+/// thread (outside any pool, as the executor's), on the kernels' team or on rayon's pool.
+fn region(c: &mut Criterion) {
+    use rayon::prelude::*;
+    let threads = kiln_kernels::threads();
+    let work = |v: &mut f32| {
+        for i in 0..256 {
+            *v = black_box(*v * 0.999 + i as f32);
+        }
+    };
+    let mut items = vec![0.0f32; threads];
+    let mut serial = 0.0f32;
+    let mut g = c.benchmark_group("region");
+    g.sample_size(20).measurement_time(Duration::from_secs(3));
+    g.bench_function("team", |b| {
+        b.iter(|| {
+            work(&mut serial);
+            kiln_kernels::pool::for_each(&mut items, |_, v| work(v))
+        })
+    });
+    g.bench_function("rayon", |b| {
+        b.iter(|| {
+            work(&mut serial);
+            items.par_iter_mut().for_each(work)
+        })
+    });
     g.finish();
 }
 
 criterion_group!(
     benches,
+    region,
     linear_decode,
     gemm,
     gemv_bench,

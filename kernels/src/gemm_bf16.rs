@@ -138,7 +138,7 @@ impl PackedBf16 {
         })
     }
 
-    /// The packed words ([`LAYOUT`]).
+    /// The packed words ([`LAYOUT`]; also for placement advice: [`crate::pages`]).
     pub fn words(&self) -> &[u32] {
         match &self.data {
             Words::Owned(w) => w,

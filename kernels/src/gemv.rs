@@ -1,5 +1,6 @@
 //! Matrix-vector products for decode: `y[n] = W[n, k] · x[k]`, W row-major (dense, row stride
-//! k), x and y f32, accumulated in f32. Rows are split over [`crate::threads`] threads.
+//! k), x and y f32, accumulated in f32. Rows are split over the [`crate::pool`] team (each
+//! member a contiguous share).
 //!
 //! [`gemv_bf16`] takes bf16 weights. On every path x is first rounded to bf16 (to nearest
 //! even), so the result is `Σ_j W[i,j] · bf16(x[j])` accumulated in f32 whatever the CPU: the
@@ -13,7 +14,6 @@
 use crate::simd::{dot, madd, Isa, LANES};
 use crate::KernelError;
 use half::bf16;
-use rayon::prelude::*;
 
 mod f8;
 pub(crate) use f8::PreparedX;
@@ -50,9 +50,8 @@ fn split_rows(
     }
     // Several blocks per thread so an uneven split costs little; at least 4 rows each.
     let block = n.div_ceil(threads * 8).next_multiple_of(4).max(4);
-    y.par_chunks_mut(block * width)
-        .enumerate()
-        .for_each(|(b, yb)| rows(b * block, yb));
+    let mut blocks: Vec<&mut [f32]> = y.chunks_mut(block * width).collect();
+    crate::pool::for_each(&mut blocks, |b, yb| rows(b * block, yb));
 }
 
 /// `y = W · bf16(x)` with bf16 weights `w` (`n × k`, row-major), at the best [`Isa`].

@@ -18,11 +18,15 @@
 //! * [`fused`]: compiled programs for any `fused_elementwise` body over broadcast/strided
 //!   operands, interpreted per chunk of elements.
 //! * [`layout`]: strided copies (permute, slice, expand, concat).
+//! * [`pages`]: backing weights with transparent huge pages (decode streams them).
+//! * [`pool`]: a persistent team of threads (the caller and spinning helpers) for decode's
+//!   short parallel regions.
 //! * [`peak`]: machine ceilings (FMA and bf16 dot-product peak, copy and read bandwidth).
 //!
 //! Every fast path is chosen at run time with `is_x86_feature_detected!` and has a portable
 //! fallback, so the crate runs on any CPU; `unsafe` is confined to the SIMD paths, each block
-//! with a `// SAFETY:` comment. Parallel kernels use rayon's global pool ([`threads`]).
+//! with a `// SAFETY:` comment. Parallel kernels use rayon's global pool ([`threads`]), the
+//! decode GEMVs and attention the [`pool`] team of as many threads.
 
 pub mod attention;
 pub mod convert;
@@ -33,7 +37,9 @@ pub mod gemm_bf16;
 pub mod gemv;
 pub mod layout;
 pub mod linear;
+pub mod pages;
 pub mod peak;
+pub mod pool;
 pub mod rope;
 pub mod rowwise;
 mod simd;

@@ -11,8 +11,9 @@
 //!
 //! [`linear`] takes several layers that read the same `x` (a transformer's Q/K/V or gate/up
 //! projections). With one row of x (decode), all their output rows are computed in ONE
-//! parallel region, blocks of [`BLOCK`] rows of any layer handed out to the threads, each block
-//! finishing its epilogue while its values are hot: one fork/join per group instead of one per
+//! parallel region of the [`crate::pool`] team (its caller and spinning helpers; each member
+//! streams a contiguous share of the blocks), blocks of [`BLOCK`] rows of any layer, each block
+//! finishing its epilogue while its values are hot: one region per group instead of one per
 //! weight plus one per elementwise epilogue, which is what small decode GEMVs pay most for
 //! (with RoPE, blocks are whole heads: a multiple of both [`BLOCK`] and `d`).
 //! x is converted once per group (rounded to bf16 for bf16 and fp8 weights). With more rows
@@ -212,7 +213,7 @@ pub fn linear_with(
             Weight::F32Kn(_) => {}
         }
     };
-    let run = |t: Task<'_>| {
+    let run = |t: &mut Task<'_>| {
         product(t.weight, t.row0, t.y);
         epilogue(t.scale, t.add, t.y);
         if let Some((gw, gs)) = t.gate {
@@ -228,9 +229,9 @@ pub fn linear_with(
         tail(t.rope.map(|r| (r.cos, r.sin)), t.round_bf16, t.y);
     };
     if crate::threads() <= 1 || weights < PARALLEL_MIN_WEIGHTS {
-        tasks.into_iter().for_each(run);
+        tasks.iter_mut().for_each(run);
     } else {
-        tasks.into_par_iter().for_each(run);
+        crate::pool::for_each(&mut tasks, |_, t| run(t));
     }
     Ok(())
 }

@@ -6,12 +6,12 @@
 //! runs the online softmax of every query row of the group (`group × q_len` rows: the query
 //! heads sharing the kv head, each at every query position). With fewer `(batch, kv head)`
 //! pairs than the threads can use, the key range is split into parts (flash-decoding), whose
-//! partial `(m, l, acc)` are merged per row afterwards. Keys are read through the operands'
-//! strides, so a cache view with spare capacity (head stride = capacity · d) costs nothing.
+//! partial `(m, l, acc)` are merged per row afterwards. The tasks run on the [`crate::pool`]
+//! team (decode's regions are short). Keys are read through the operands' strides, so a cache
+//! view with spare capacity (head stride = capacity · d) costs nothing.
 
 use super::{merge, update, Ctx, OutPtr, Stats, EMPTY, KEY_BLOCK, PARALLEL_MIN_WORK};
 use crate::simd::{dot, prefetch, Isa};
-use rayon::prelude::*;
 
 /// Keys per part at least, when the key range is split.
 const MIN_PART_KEYS: usize = 128;
@@ -43,18 +43,21 @@ pub(super) fn run(c: &Ctx, out: &OutPtr) {
     let tasks = units * parts;
     let mut stats = vec![EMPTY; tasks * rows];
     let mut acc = vec![0.0f32; tasks * rows * dv];
-    let min_len = if parallel { 1 } else { tasks };
-    stats
-        .par_chunks_mut(rows)
-        .zip(acc.par_chunks_mut(rows * dv))
-        .enumerate()
-        .with_min_len(min_len)
-        .for_each(|(t, (st, a))| {
-            let (unit, part) = (t / parts, t % parts);
-            let p0 = klo + part * per;
-            let p1 = (p0 + per).min(khi);
-            task(c, unit / s.kv_heads, unit % s.kv_heads, p0, p1, st, a);
-        });
+    let mut items: Vec<(&mut [Stats], &mut [f32])> = stats
+        .chunks_mut(rows)
+        .zip(acc.chunks_mut(rows * dv))
+        .collect();
+    let run = |t: usize, (st, a): &mut (&mut [Stats], &mut [f32])| {
+        let (unit, part) = (t / parts, t % parts);
+        let p0 = klo + part * per;
+        let p1 = (p0 + per).min(khi);
+        task(c, unit / s.kv_heads, unit % s.kv_heads, p0, p1, st, a);
+    };
+    if parallel {
+        crate::pool::for_each(&mut items, run);
+    } else {
+        items.iter_mut().enumerate().for_each(|(t, it)| run(t, it));
+    }
     // Merge each row's parts and write it.
     let mut row_acc = vec![0.0f32; dv];
     for unit in 0..units {

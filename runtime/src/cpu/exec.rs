@@ -20,7 +20,7 @@ use kiln_kernels::gemm_bf16::PackedBf16;
 use kiln_kernels::layout::copy_strided;
 use kiln_kernels::linear::{linear, Gate, Layer, Rope, Weight};
 use kiln_kernels::rope::rope_rotate_half;
-use kiln_kernels::{rowwise, KernelError};
+use kiln_kernels::{pages, rowwise, KernelError};
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -118,6 +118,7 @@ impl CpuGraph {
             .map(|g| Plan::with_provider(g, provider))
             .collect();
         let weights = Arc::new(Weights::prepare(&plans.iter().collect::<Vec<_>>(), params));
+        back_weights_with_huge_pages(&plans, params, &weights);
         Ok(graphs
             .into_iter()
             .zip(plans)
@@ -929,6 +930,35 @@ impl CpuGraph {
         }
         Ok(true)
     }
+}
+
+/// Asks for huge pages under every weight a linear step streams ([`kiln_kernels::pages`]): the
+/// packed copy where there is one, else the parameter read in place.
+fn back_weights_with_huge_pages(plans: &[Plan], params: &dyn ParamSource, weights: &Weights) {
+    let mut seen = std::collections::HashSet::new();
+    let mut spans = Vec::new();
+    for plan in plans {
+        for step in &plan.steps {
+            let Step::Linear(layers) = step else {
+                continue;
+            };
+            for (name, transposed) in layers.iter().flat_map(LinearLayer::weights) {
+                if !seen.insert((name, transposed)) {
+                    continue;
+                }
+                if let Some(p) = weights.packed(name, transposed) {
+                    spans.push(pages::span(p.words()));
+                } else if let Some(t) = params.get(name) {
+                    match t.elements() {
+                        Elements::F32(v) => spans.push(pages::span(v)),
+                        Elements::F8E4M3(v) => spans.push(pages::span(v)),
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+    pages::back_with_huge_pages(spans);
 }
 
 /// For each layer of a linear group computed at another node, that node.
