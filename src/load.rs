@@ -8,7 +8,7 @@ use crate::placement::{self, Placement};
 use kiln_compiler::cost::Target;
 use kiln_compiler::pipeline::{optimize, Limits, OptimizeError, Report};
 use kiln_compiler::precision::{
-    lower_precision, Precision, PrecisionError, E4M3_MAX, SCALE_SUFFIX,
+    lower_precision, Precision, PrecisionError, E4M3_MAX, ROUNDED_SUFFIX, SCALE_SUFFIX,
 };
 use kiln_ir::{DType, Graph};
 use kiln_models::encoder::{base_model_prefix, trace_encoder};
@@ -115,21 +115,52 @@ fn bind(
 ) -> Result<(Vec<Graph>, Params), LoadError> {
     let ckpt = Checkpoint::open_many(&dir.weight_files()?)?;
     let prefix = base_model_prefix(&dir.config.model_type);
-    // An fp8 weight's scale is named after the weight, and follows its renaming.
+    // An fp8 weight's scale and a weight's rounded copy are named after the weight, and
+    // follow its renaming.
     let has = |n: &str| {
         ckpt.info(n).is_some()
-            || n.strip_suffix(SCALE_SUFFIX)
-                .is_some_and(|w| ckpt.info(w).is_some())
+            || [SCALE_SUFFIX, ROUNDED_SUFFIX]
+                .iter()
+                .any(|s| n.strip_suffix(s).is_some_and(|w| ckpt.info(w).is_some()))
     };
     let adapted: Vec<Graph> = graphs
         .iter()
         .map(|g| adapt_param_names(g, prefix, has))
         .collect();
     let params = match adapted.first() {
-        Some(g) => bind_scaled(&ckpt, g, convert)?,
+        Some(g) => bind_with_copies(&ckpt, g, convert)?,
         None => Params::new(),
     };
     Ok((adapted, params))
+}
+
+/// Binds `g`'s parameters ([`bind_scaled`]), then each rounded copy `<w>.rounded` as `w` cast
+/// to its declared dtype (see [`ROUNDED_SUFFIX`]).
+fn bind_with_copies(ckpt: &Checkpoint, g: &Graph, convert: Convert) -> Result<Params, LoadError> {
+    let copies: Vec<(&str, &str, DType)> = g
+        .params()
+        .filter_map(|(n, _, t)| Some((n, n.strip_suffix(ROUNDED_SUFFIX)?, t.dtype)))
+        .collect();
+    if copies.is_empty() {
+        return bind_scaled(ckpt, g, convert);
+    }
+    let mut originals = Graph::new();
+    for (name, _, ty) in g.params() {
+        if !copies.iter().any(|c| c.0 == name) {
+            originals.param(name, ty.clone());
+        }
+    }
+    let mut params = bind_scaled(ckpt, &originals, convert)?;
+    for (name, weight, dtype) in copies {
+        let w = params.get(weight).ok_or_else(|| {
+            LoadError::Unsupported(format!(
+                "internal: {name} copies {weight}, which is not bound"
+            ))
+        })?;
+        let copy = w.cast(dtype);
+        params.insert(name.to_string(), copy);
+    }
+    Ok(params)
 }
 
 /// Binds `g`'s parameters; fp8 (e4m3) weights with a `<name>.scale` parameter are stored

@@ -98,6 +98,13 @@ fn channels(g: &Graph, w: ValueId) -> Channels {
 /// computes and binds (see the module docs).
 pub const SCALE_SUFFIX: &str = ".scale";
 
+/// The suffix of a rounded copy of an f32 weight: `<name>.rounded`, declared in the compute
+/// dtype, which the loader binds as the weight cast to that dtype. Precision lowering reads a
+/// matmul's f32 weight through it when the weight must stay f32 for another reader (a tied
+/// embedding and LM head), so the product reads narrow weights stored once, as every other
+/// weight, instead of rounding the f32 weight on every run.
+pub const ROUNDED_SUFFIX: &str = ".rounded";
+
 /// The largest finite e4m3 value; fp8 weights are stored as `w / scale` with
 /// `scale = amax(|w|) / E4M3_MAX`.
 pub const E4M3_MAX: f32 = 448.0;
@@ -231,6 +238,8 @@ struct Lowering<'a> {
     scales: HashMap<ValueId, (ValueId, ValueId)>,
     /// The KV cache values kept in the compute dtype.
     cache: CacheState,
+    /// Per f32 parameter kept f32: its rounded copy ([`ROUNDED_SUFFIX`]) cast to f32, once made.
+    rounded_params: HashMap<ValueId, ValueId>,
 }
 
 /// The values of a KV cache that precision lowering keeps in the compute dtype (see the module
@@ -319,6 +328,7 @@ impl<'a> Lowering<'a> {
             cache: CacheState::new(g, &users),
             narrow,
             scales: HashMap::new(),
+            rounded_params: HashMap::new(),
         }
     }
 
@@ -362,6 +372,34 @@ impl<'a> Lowering<'a> {
         }
         let c = self.cast(v, self.compute)?;
         self.cast(c, DType::F32)
+    }
+
+    /// For an f32 2-D parameter `w` of the original graph that stays f32 (another reader needs
+    /// it), its rounded copy as an f32 value: `cast(p, f32)` with `p` the parameter
+    /// `<name>.rounded` declared in the compute dtype (made once).
+    fn rounded_param(&mut self, w: ValueId) -> Option<Result<ValueId, PrecisionError>> {
+        let node = self.g.node(w)?;
+        let Op::Param { name } = &node.op else {
+            return None;
+        };
+        if node.ty.dtype != DType::F32 || node.ty.rank() != 2 || self.narrow[w.index()] {
+            return None;
+        }
+        if let Some(&r) = self.rounded_params.get(&w) {
+            return Some(Ok(r));
+        }
+        let p = self.out.param(
+            &format!("{name}{ROUNDED_SUFFIX}"),
+            TensorType {
+                dtype: self.compute,
+                shape: node.ty.shape.clone(),
+            },
+        );
+        let r = self.cast(p, DType::F32);
+        if let Ok(r) = r {
+            self.rounded_params.insert(w, r);
+        }
+        Some(r)
     }
 
     fn run(mut self) -> Result<Graph, PrecisionError> {
@@ -412,11 +450,19 @@ impl<'a> Lowering<'a> {
                     p
                 }
                 Op::MatMul { .. } | Op::Attention { .. } if node.ty.dtype == DType::F32 => {
-                    // Matmul operands, attention's q, k, v (not its additive mask).
+                    // Matmul operands, attention's q, k, v (not its additive mask); a matmul's
+                    // f32 weight kept f32 for another reader through its rounded copy.
                     let low = ins
                         .iter()
                         .enumerate()
-                        .map(|(i, &x)| if i < 3 { self.rounded(x) } else { Ok(x) })
+                        .map(|(i, &x)| match (i, &node.op) {
+                            (1, Op::MatMul { .. }) => match self.rounded_param(node.inputs[1]) {
+                                Some(r) => r,
+                                None => self.rounded(x),
+                            },
+                            (0..3, _) => self.rounded(x),
+                            _ => Ok(x),
+                        })
                         .collect::<Result<Vec<_>, _>>()?;
                     let mut r = self.add(node.op.clone(), &low)?;
                     // fp8: the weight's scales multiply the product.
@@ -576,6 +622,44 @@ mod tests {
         let y = g.add(Op::Binary(kiln_ir::BinaryOp::Add), &[s, x]).unwrap();
         g.add_output("y", y);
         g
+    }
+
+    /// A tied embedding: the f32 table is gathered and is the head's weight. The gather reads
+    /// the f32 parameter; the head reads `<name>.rounded`, declared bf16, through one cast.
+    #[test]
+    fn a_tied_weight_is_read_through_its_rounded_copy() {
+        let mut g = Graph::new();
+        let ids = g.input("ids", ty(DType::I64, &[4]));
+        let table = g.param("embed", ty(DType::F32, &[16, 8]));
+        let e = g.add(Op::Gather { axis: 0 }, &[table, ids]).unwrap();
+        let mm = Op::MatMul {
+            transpose_a: false,
+            transpose_b: true,
+        };
+        let logits = g.add(mm, &[e, table]).unwrap();
+        g.add_output("logits", logits);
+        for p in [Precision::Bf16, Precision::Fp8] {
+            let low = lower_precision(&g, p, &Target::cpu()).unwrap();
+            kiln_ir::verify(&low).unwrap();
+            let params: Vec<(String, DType)> = low
+                .params()
+                .map(|(n, _, t)| (n.to_string(), t.dtype))
+                .collect();
+            assert_eq!(
+                params,
+                [
+                    ("embed".to_string(), DType::F32),
+                    (format!("embed{ROUNDED_SUFFIX}"), DType::BF16)
+                ],
+                "{p:?}"
+            );
+            let head = low.node(low.outputs()[0].value).unwrap();
+            let w = low.node(head.inputs[1]).unwrap();
+            assert_eq!(w.op, Op::Cast { to: DType::F32 }, "{p:?}");
+            assert!(
+                matches!(&low.node(w.inputs[0]).unwrap().op, Op::Param { name } if name.ends_with(ROUNDED_SUFFIX))
+            );
+        }
     }
 
     /// The dtype `v`'s elements are exactly representable in: `v`'s own, or `y`'s for
