@@ -300,15 +300,16 @@ fn prefill_matches_reference() {
 
 #[test]
 fn bf16_operands_match_reference() {
-    // Prefill shapes of the score-GEMM path with q and k bf16 values: key ranges starting
-    // inside a panel of 32 keys (windows, kv longer than queries), odd head dims, a strided
-    // layout, masks, GQA.
+    // Prefill shapes of the score-GEMM path with q and k bf16 values (head dims ≥ 64 take
+    // vdpbf16ps, smaller ones the f32 GEMM): key ranges starting inside a panel of 32 keys
+    // (windows, kv longer than queries), odd head dims, a strided layout, masks, GQA.
     let mut seed = 200;
     for base in [
         case(2, 4, 2, 33, 33, 64),
-        case(1, 3, 3, 130, 130, 33),
-        case(1, 6, 2, 40, 150, 16),
-        case(1, 2, 1, 100, 100, 7),
+        case(1, 3, 3, 130, 130, 65),
+        case(1, 6, 2, 40, 150, 64),
+        case(1, 2, 1, 100, 100, 128),
+        case(1, 2, 1, 40, 40, 32),
     ] {
         for (causal, window, mask, bshd) in [
             (false, 0, Mask::None, false),

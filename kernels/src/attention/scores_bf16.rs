@@ -26,11 +26,15 @@ pub(super) struct Keys {
     pairs: usize,
 }
 
-/// The packed keys when level `isa` has `vdpbf16ps` and every element of q and k is a bf16
-/// value, else `None`.
+/// Head dimensions below which the f32 GEMM scores as fast (all-MiniLM's 32: the check and
+/// key packing cost what the shorter micro-kernel runs save; measured 2026-11-28).
+const MIN_HEAD_DIM: usize = 64;
+
+/// The packed keys when level `isa` has `vdpbf16ps`, the head dimension is at least
+/// [`MIN_HEAD_DIM`] and every element of q and k is a bf16 value, else `None`.
 pub(super) fn pack_keys(isa: Isa, c: &Ctx) -> Option<Keys> {
     let s = &c.s;
-    if !gemm_bf16::has_panel_row(isa) {
+    if !gemm_bf16::has_panel_row(isa) || s.head_dim < MIN_HEAD_DIM {
         return None;
     }
     let all_bf16 = |v: &View, heads: usize, len: usize| {
