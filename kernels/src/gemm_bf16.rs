@@ -243,8 +243,9 @@ unsafe fn block(
 /// `ap[i·lda ..]` (an odd k padded with a zero), and `m` rounded up to a multiple of [`MR`]
 /// rows (the rows past `m` hold stale values whose products are never stored). The row stride
 /// is an odd number of 64-byte lines, so the [`MR`] rows a micro-kernel reads side by side
-/// fall into distinct L1 sets (a stride of 4 KiB put them all in one). The buffer is the calling thread's, reused between
-/// calls (zeroed only when it grows); rows are converted over the threads when large.
+/// fall into distinct L1 sets (a stride of 4 KiB put them all in one). The buffer is the
+/// calling thread's, reused between calls (zeroed only when it grows, and kept at the largest
+/// size seen); rows are converted over the threads when large.
 fn with_packed_a<R>(m: usize, k: usize, a: &[f32], f: impl FnOnce(&[u32], usize) -> R) -> R {
     thread_local! {
         static BUF: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
