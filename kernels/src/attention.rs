@@ -36,6 +36,7 @@ use crate::KernelError;
 use rayon::prelude::*;
 
 mod decode;
+mod scores_bf16;
 
 /// Keys scored per step of the online softmax.
 const KEY_BLOCK: usize = 64;
@@ -234,6 +235,7 @@ pub fn attention_f32_with(
         && s.head_dim >= 8
         && s.q_len.saturating_mul(s.kv_len) <= GEMM_MAX_SCORES
     {
+        let keys = scores_bf16::pack_keys(isa, &ctx);
         let per_head = s.q_len.div_ceil(GEMM_QUERY_BLOCK);
         let tasks = s.batch * s.q_heads * per_head;
         let per_task = if threads > 1 && work >= PARALLEL_MIN_WORK {
@@ -245,12 +247,14 @@ pub fn attention_f32_with(
             .into_par_iter()
             .with_min_len(per_task)
             .for_each_init(
-                || (Vec::new(), Vec::new()),
-                |(scores, acc), t| {
+                || (Vec::new(), Vec::new(), Vec::new()),
+                |(scores, acc, qp), t| {
                     let (bh, qb) = (t / per_head, t % per_head);
                     let i0 = qb * GEMM_QUERY_BLOCK;
                     let rows = i0..(i0 + GEMM_QUERY_BLOCK).min(s.q_len);
-                    ctx.rows_gemm(bh / s.q_heads, bh % s.q_heads, rows, scores, acc, &out_ptr)
+                    let bf16 = keys.as_ref().map(|k| (k, &mut *qp));
+                    let (b, h) = (bh / s.q_heads, bh % s.q_heads);
+                    ctx.rows_gemm(b, h, rows, bf16, scores, acc, &out_ptr)
                 },
             );
     } else if threads > 1 && work >= PARALLEL_MIN_WORK {
@@ -405,14 +409,17 @@ impl Ctx<'_> {
     }
 
     /// Queries `rows` of head `(b, h)` with two GEMMs over the keys `lo..hi` any of them sees
-    /// (fully masked causal/window blocks skipped): scores `S = scale · Q·Kᵀ`, each row's
-    /// softmax over its visible keys (mask added, others zero), `O = P·V`, rows written as
-    /// [`Ctx::write`] does. `scores` and `acc` are the thread's scratch.
+    /// (fully masked causal/window blocks skipped): scores `S = scale · Q·Kᵀ` (with the packed
+    /// bf16 keys and the thread's query scratch of `bf16` when given), each row's softmax over
+    /// its visible keys (mask added, others zero), `O = P·V`, rows written as [`Ctx::write`]
+    /// does. `scores` and `acc` are the thread's scratch.
+    #[allow(clippy::too_many_arguments)]
     fn rows_gemm(
         &self,
         b: usize,
         h: usize,
         rows: std::ops::Range<usize>,
+        bf16: Option<(&scores_bf16::Keys, &mut Vec<u32>)>,
         scores: &mut Vec<f32>,
         acc: &mut Vec<f32>,
         out: &OutPtr,
@@ -420,8 +427,12 @@ impl Ctx<'_> {
         let s = &self.s;
         let (d, dv) = (s.head_dim, s.v_dim);
         let sq = rows.len();
-        // Query positions only grow with i: the first row starts, the last ends the key range.
-        let (klo, khi) = (self.visible(rows.start).0, self.visible(rows.end - 1).1);
+        // Query positions only grow with i: the first row starts, the last ends the key range
+        // (with bf16 keys, from the start of its panel).
+        let (mut klo, khi) = (self.visible(rows.start).0, self.visible(rows.end - 1).1);
+        if bf16.is_some() {
+            klo -= klo % crate::gemm_bf16::NR;
+        }
         let sk = khi.saturating_sub(klo);
         if sk == 0 {
             for i in rows {
@@ -435,23 +446,30 @@ impl Ctx<'_> {
         let v = &self.v.data[self.v.strides.offset(b, kh, klo)..];
         scores.resize(sq * sk, 0.0);
         acc.resize(sq * dv, 0.0);
-        let qk = Gemm {
-            m: sq,
-            n: sk,
-            k: d,
-            a: MatLayout {
-                ld: self.q.strides.seq,
-                trans: false,
-            },
-            b: MatLayout {
-                ld: self.k.strides.seq,
-                trans: true,
-            },
-            ldc: sk,
-            alpha: self.opts.scale,
-            beta: 0.0,
-        };
-        gemm::run(&qk, q, k, scores, 1);
+        if let Some((keys, qp)) = bf16 {
+            keys.scores(self, b, h, rows.clone(), klo, sk, scores, qp);
+            for x in scores.iter_mut() {
+                *x *= self.opts.scale;
+            }
+        } else {
+            let qk = Gemm {
+                m: sq,
+                n: sk,
+                k: d,
+                a: MatLayout {
+                    ld: self.q.strides.seq,
+                    trans: false,
+                },
+                b: MatLayout {
+                    ld: self.k.strides.seq,
+                    trans: true,
+                },
+                ldc: sk,
+                alpha: self.opts.scale,
+                beta: 0.0,
+            };
+            gemm::run(&qk, q, k, scores, 1);
+        }
         let mut stats: Vec<Option<Stats>> = Vec::with_capacity(sq);
         for (i, row) in rows.clone().zip(scores.chunks_exact_mut(sk.max(1))) {
             let (lo, hi) = self.visible(i);

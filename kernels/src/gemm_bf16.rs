@@ -8,7 +8,12 @@
 //! packed words may also be borrowed from memory that already holds them in this layout
 //! ([`PackedBf16::from_words`]: an artifact's memory-mapped weights), checked when borrowed. The AVX512-BF16 micro-kernel
 //! keeps an `MR × NR` tile of C in 16 registers, broadcasts one bf16 pair of A per row and
-//! issues one `vdpbf16ps` per (row, 16 columns) per k-pair; panels are spread over the threads.
+//! issues one `vdpbf16ps` per (row, 16 columns) per k-pair. A is rounded once per call into a
+//! reused buffer of bf16 pairs; C is computed in tasks of `MC` rows × `NC` panels spread over
+//! the threads, each passing over k in blocks of `KC` pairs so that a panel's block of weights
+//! stays in L1 while the task's tiles pass over it, and the task's block of A stays in L2
+//! (before this blocking, calls with thousands of rows, as an encoder batch has, re-read all of
+//! A from L3 for every panel).
 //! Without AVX512-BF16 the weights are widened to f32 and [`crate::gemm::matmul_f32`] runs
 //! (same rounding of A, different accumulation order).
 
@@ -25,7 +30,15 @@ pub const NR: usize = 32;
 /// for another layout are refused: change it whenever [`PackedBf16::pack`]'s layout changes.
 pub const LAYOUT: &str = "bf16-panels32-kpairs";
 /// Rows of C per micro-kernel tile.
-const MR: usize = 8;
+pub(crate) const MR: usize = 8;
+/// k-pairs per cache block: a panel's block of weights (`KC · NR` pairs, 16 KiB) stays in L1
+/// while every tile of a task's rows passes over it.
+const KC: usize = 128;
+/// Rows of C per task, a multiple of [`MR`]: a task's block of A (`MC · KC` pairs, 64 KiB)
+/// stays in L2 while the task's panels pass over it.
+const MC: usize = 128;
+/// Panels (of [`NR`] columns) per task.
+const NC: usize = 8;
 /// Elements of A below which it is converted to bf16 on the calling thread only.
 const PACK_PARALLEL_MIN: usize = 1 << 16;
 
@@ -202,64 +215,179 @@ pub fn matmul_bf16_with(
     w: &PackedBf16,
     c: &mut [f32],
 ) -> Result<(), KernelError> {
-    let (n, k) = (w.n, w.k);
-    if a.len() != m * k || c.len() != m * n {
-        return Err(KernelError::Layout(format!(
-            "matmul_bf16 {m}x{n}x{k}: A has {} elements (want {}), C {} (want {})",
-            a.len(),
-            m * k,
-            c.len(),
-            m * n
-        )));
+    matmul_bf16_many_with(isa, m, a, &mut [(w, c)])
+}
+
+/// `C_i = bf16(A) · W_iᵀ` for every `(W_i, C_i)` of `products` (each `C_i` row-major
+/// `m × n_i`, overwritten) over the same `a` (`m × k`): A is rounded once and the tiles of
+/// every product share one parallel region (a transformer's Q/K/V or gate/up projections).
+pub fn matmul_bf16_many_with(
+    isa: Isa,
+    m: usize,
+    a: &[f32],
+    products: &mut [(&PackedBf16, &mut [f32])],
+) -> Result<(), KernelError> {
+    let Some(k) = products.first().map(|(w, _)| w.k) else {
+        return Ok(());
+    };
+    for (w, c) in products.iter() {
+        let n = w.n;
+        if w.k != k || a.len() != m * k || c.len() != m * n {
+            return Err(KernelError::Layout(format!(
+                "matmul_bf16 {m}x{n}x{}: A has {} elements (want {}), C {} (want {})",
+                w.k,
+                a.len(),
+                m * w.k,
+                c.len(),
+                m * n
+            )));
+        }
     }
-    if m == 0 || n == 0 {
+    if m == 0 {
         return Ok(());
     }
-    let pairs = k.div_ceil(2);
-    let ap = pack_a(m, k, a);
+    if k == 0 {
+        products.iter_mut().for_each(|(_, c)| c.fill(0.0));
+        return Ok(());
+    }
     #[cfg(target_arch = "x86_64")]
     if isa >= Isa::Avx512Bf16 && Isa::Avx512Bf16.available() {
-        let panels = n.div_ceil(NR);
-        // Each task owns the columns of one panel in every row of C: hand out C by column
-        // panel through a raw pointer, since the column blocks are not contiguous.
-        let cp = SyncPtr(c.as_mut_ptr());
-        (0..panels).into_par_iter().for_each(|panel| {
-            let b = &w.words()[panel * pairs * NR..(panel + 1) * pairs * NR];
-            let cols = NR.min(n - panel * NR);
-            let cp = &cp;
-            let mut r = 0;
-            while r < m {
-                let rows = MR.min(m - r);
-                let mut tile = [[0.0f32; NR]; MR];
-                // SAFETY: AVX-512 F/BW/VL and BF16 are available (checked above); `ap` holds
-                // rows r..r+rows of `pairs` pairs and `b` one panel of `pairs · NR` pairs.
-                unsafe {
-                    x86::tile(
-                        &ap[r * pairs..(r + rows) * pairs],
-                        pairs,
-                        rows,
-                        b,
-                        &mut tile,
-                    )
-                };
-                for (i, t) in tile.iter().enumerate().take(rows) {
-                    // SAFETY: element (r+i, panel·NR .. panel·NR+cols) lies inside `c` (m × n);
-                    // panels are disjoint column ranges, so no two tasks write the same element,
-                    // and `c` stays mutably borrowed for the whole parallel loop.
-                    unsafe {
-                        let dst = cp.0.add((r + i) * n + panel * NR);
-                        std::ptr::copy_nonoverlapping(t.as_ptr(), dst, cols);
-                    }
+        // Tasks (product, row block, panel group); C_i through a pointer each.
+        let row_blocks = m.div_ceil(MC);
+        let mut tasks = Vec::new();
+        let mut outs = Vec::with_capacity(products.len());
+        for (i, (w, c)) in products.iter_mut().enumerate() {
+            let panels = w.n.div_ceil(NR);
+            for rb in 0..row_blocks {
+                for g in 0..panels.div_ceil(NC) {
+                    let tiles = rb * MC / MR..((rb + 1) * MC).min(m).div_ceil(MR);
+                    tasks.push((i, tiles, g * NC..((g + 1) * NC).min(panels)));
                 }
-                r += rows;
             }
+            outs.push((*w, SyncPtr(c.as_mut_ptr())));
+        }
+        with_packed_a(m, k, a, |ap, lda| {
+            tasks.into_par_iter().for_each(|(i, tiles, group)| {
+                let (w, c) = &outs[i];
+                // SAFETY: AVX512-BF16 is available (checked); tasks own disjoint (row block,
+                // panel group) rectangles of their product's C, and every C stays mutably
+                // borrowed (through `products`) for the whole parallel loop.
+                unsafe { block(ap, lda, w, m, tiles, group, c) }
+            })
         });
         return Ok(());
     }
     let _ = isa;
     let ar: Vec<f32> = a.iter().map(|&v| bf16::from_f32(v).to_f32()).collect();
-    let wf = w.unpack_f32();
-    matmul_f32(&Gemm::dense(m, n, k, false, true), &ar, &wf, c)
+    for (w, c) in products.iter_mut() {
+        let wf = w.unpack_f32();
+        matmul_f32(&Gemm::dense(m, w.n, k, false, true), &ar, &wf, c)?;
+    }
+    Ok(())
+}
+
+/// C's tiles `tiles` (of [`MR`] rows) × panels `group`, with `ap` A's pairs at row stride
+/// `lda` ([`with_packed_a`]): for each block of [`KC`] k-pairs, each panel's block of weights
+/// is read by every tile in turn (the first block writes C, the later ones add to it).
+///
+/// # Safety
+/// AVX512-BF16 must be available, `tiles` and `group` inside C (`m × w.n`, at `c`), and no other
+/// thread may access these elements of C during the call.
+#[cfg(target_arch = "x86_64")]
+unsafe fn block(
+    ap: &[u32],
+    lda: usize,
+    w: &PackedBf16,
+    m: usize,
+    tiles: std::ops::Range<usize>,
+    group: std::ops::Range<usize>,
+    c: &SyncPtr,
+) {
+    let (n, pairs) = (w.n, w.k.div_ceil(2));
+    for p0 in (0..pairs).step_by(KC) {
+        let kc = KC.min(pairs - p0);
+        for panel in group.clone() {
+            let b = &w.words()[(panel * pairs + p0) * NR..][..kc * NR];
+            let cols = NR.min(n - panel * NR);
+            for t in tiles.clone() {
+                let a = &ap[t * MR * lda + p0..][..(MR - 1) * lda + kc];
+                let rows = MR.min(m - t * MR);
+                // SAFETY: the caller guarantees AVX512-BF16 and exclusive access to this tile
+                // of C (rows t·MR.., columns panel·NR.., inside m × n with row stride n).
+                unsafe {
+                    let dst = c.0.add(t * MR * n + panel * NR);
+                    x86::tile::<MR>(a, lda, b, dst, n, rows, cols, p0 > 0)
+                }
+            }
+        }
+    }
+}
+
+/// Calls `f(ap, lda)` with `a` (`m × k`, f32) rounded to bf16 as pairs, row `i` at
+/// `ap[i·lda ..]` (an odd k padded with a zero), and `m` rounded up to a multiple of [`MR`]
+/// rows (the rows past `m` hold stale values whose products are never stored). The row stride
+/// is an odd number of 64-byte lines, so the [`MR`] rows a micro-kernel reads side by side
+/// fall into distinct L1 sets (a stride of 4 KiB put them all in one). The buffer is the
+/// calling thread's, reused between calls (zeroed only when it grows, and kept at the largest
+/// size seen); rows are converted over the threads when large.
+fn with_packed_a<R>(m: usize, k: usize, a: &[f32], f: impl FnOnce(&[u32], usize) -> R) -> R {
+    thread_local! {
+        static BUF: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    let pairs = k.div_ceil(2);
+    let lines = pairs.div_ceil(16);
+    let lda = 16 * (lines | 1);
+    let len = m.div_ceil(MR) * MR * lda;
+    let fill = |ap: &mut [u32]| {
+        let row = |(o, x): (&mut [u32], &[f32])| round_pairs(x, &mut o[..pairs]);
+        if m * k >= PACK_PARALLEL_MIN {
+            ap[..m * lda]
+                .par_chunks_exact_mut(lda)
+                .zip(a.par_chunks_exact(k))
+                .for_each(row);
+        } else {
+            ap[..m * lda]
+                .chunks_exact_mut(lda)
+                .zip(a.chunks_exact(k))
+                .for_each(row);
+        }
+    };
+    BUF.with(|buf| match buf.try_borrow_mut() {
+        Ok(mut ap) => {
+            if ap.len() < len {
+                ap.resize(len, 0);
+            }
+            fill(&mut ap[..len]);
+            f(&ap[..len], lda)
+        }
+        // Re-entered on this thread (a task of an outer call): a buffer of its own.
+        Err(_) => {
+            let mut ap = vec![0u32; len];
+            fill(&mut ap);
+            f(&ap, lda)
+        }
+    })
+}
+
+/// `out[p] = bf16(x[2p]) | bf16(x[2p+1]) << 16` (`x` of `2·out.len()` elements, or one fewer:
+/// the last high half is then zero), vectorized at the best level.
+fn round_pairs(x: &[f32], out: &mut [u32]) {
+    #[cfg(target_arch = "x86_64")]
+    if Isa::Avx512.available() {
+        // SAFETY: AVX-512 F/BW/VL are available (checked).
+        return unsafe { x86::round_pairs(x, out) };
+    }
+    round_pairs_body(x, out)
+}
+
+#[inline(always)]
+fn round_pairs_body(x: &[f32], out: &mut [u32]) {
+    for (o, pair) in out.iter_mut().zip(x.chunks_exact(2)) {
+        *o = u32::from(bf16_bits(pair[0])) | (u32::from(bf16_bits(pair[1])) << 16);
+    }
+    if x.len() % 2 == 1 {
+        out[x.len() / 2] = u32::from(bf16_bits(x[x.len() - 1]));
+    }
 }
 
 /// The `m` rows of `a` (`m × k`, f32) rounded to bf16 as pairs, row-major `m × ⌈k/2⌉` (an odd
@@ -267,22 +395,14 @@ pub fn matmul_bf16_with(
 pub(crate) fn pack_a(m: usize, k: usize, a: &[f32]) -> Vec<u32> {
     let pairs = k.div_ceil(2);
     let mut ap = vec![0u32; m * pairs];
-    let pack_row = |(row, out): (&[f32], &mut [u32])| {
-        for (o, pair) in out.iter_mut().zip(row.chunks_exact(2)) {
-            *o = u32::from(bf16_bits(pair[0])) | (u32::from(bf16_bits(pair[1])) << 16);
-        }
-        if k % 2 == 1 {
-            out[pairs - 1] = u32::from(bf16_bits(row[k - 1]));
-        }
-    };
     if k > 0 && m * k >= PACK_PARALLEL_MIN {
         a.par_chunks_exact(k)
             .zip(ap.par_chunks_exact_mut(pairs))
-            .for_each(pack_row);
+            .for_each(|(x, o)| round_pairs(x, o));
     } else if k > 0 {
         a.chunks_exact(k)
             .zip(ap.chunks_exact_mut(pairs))
-            .for_each(pack_row);
+            .for_each(|(x, o)| round_pairs(x, o));
     }
     ap
 }
@@ -306,73 +426,113 @@ pub(crate) fn panel_row(ap: &[u32], w: &PackedBf16, panel: usize, y: &mut [f32])
     #[cfg(target_arch = "x86_64")]
     {
         let b = &w.words()[panel * pairs * NR..(panel + 1) * pairs * NR];
-        let mut tile = [[0.0f32; NR]; MR];
-        // SAFETY: AVX-512 F/BW/VL and BF16 are available (asserted); `ap` holds one row of
-        // `pairs` pairs and `b` one panel of `pairs · NR` pairs.
-        unsafe { x86::tile(ap, pairs, 1, b, &mut tile) };
-        let cols = y.len();
-        y.copy_from_slice(&tile[0][..cols]);
+        // SAFETY: AVX-512 F/BW/VL and BF16 are available (asserted); `ap` is one row (a tile
+        // of one row) of `pairs` pairs, `b` one panel of `pairs · NR` pairs, and `y` the
+        // `y.len()` columns written.
+        unsafe { x86::tile::<1>(ap, pairs, b, y.as_mut_ptr(), NR, 1, y.len(), false) };
     }
 }
 
-/// A pointer shared by the panel tasks, each writing its own columns.
+/// One tile of at most [`MR`] rows × [`NR`] columns: `c[i·ldc + j] = Σ_p dot(a[i·lda + p],
+/// b[p·NR + j])` for `i < rows`, `j < cols`, with `b` one panel's `kc` k-pairs in the packed
+/// layout and `a` [`MR`] rows of `kc` pairs at stride `lda` (rows past `rows` are read, not
+/// stored). Only where [`has_panel_row`] holds.
+pub(crate) fn tile_into(
+    a: &[u32],
+    lda: usize,
+    b: &[u32],
+    c: &mut [f32],
+    ldc: usize,
+    rows: usize,
+    cols: usize,
+) {
+    let kc = b.len() / NR;
+    assert!(
+        has_panel_row(Isa::Avx512Bf16)
+            && (1..=MR).contains(&rows)
+            && cols <= NR
+            && lda >= kc
+            && a.len() >= (MR - 1) * lda + kc
+            && c.len() >= (rows - 1) * ldc + cols
+    );
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: AVX-512 F/BW/VL and BF16 are available and every element of C written lies in
+    // `c` (asserted); `c` is borrowed mutably for the call.
+    unsafe {
+        x86::tile::<MR>(a, lda, b, c.as_mut_ptr(), ldc, rows, cols, false)
+    };
+}
+
+/// A pointer shared by the tasks, each writing its own elements.
 struct SyncPtr(*mut f32);
-// SAFETY: the tasks write disjoint elements through it (see the use in `matmul_bf16_with`).
+// SAFETY: the tasks write disjoint elements through it (see `matmul_bf16_many_with`).
 unsafe impl Sync for SyncPtr {}
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{MR, NR};
+    use super::NR;
     use std::arch::x86_64::*;
 
-    /// `tile[i][c] = Σ_p dot(a[i, p], b[p, c])` for `rows ≤ MR` rows: `a` holds `rows · pairs`
-    /// bf16 pairs (row-major), `b` one packed panel of `pairs · NR` pairs.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-    pub(super) fn tile(
-        a: &[u32],
-        pairs: usize,
-        rows: usize,
-        b: &[u32],
-        tile: &mut [[f32; NR]; MR],
-    ) {
-        assert!(rows <= MR && a.len() == rows * pairs && b.len() == pairs * NR);
-        match rows {
-            8 => tile_n::<8>(a, pairs, b, tile),
-            7 => tile_n::<7>(a, pairs, b, tile),
-            6 => tile_n::<6>(a, pairs, b, tile),
-            5 => tile_n::<5>(a, pairs, b, tile),
-            4 => tile_n::<4>(a, pairs, b, tile),
-            3 => tile_n::<3>(a, pairs, b, tile),
-            2 => tile_n::<2>(a, pairs, b, tile),
-            _ => tile_n::<1>(a, pairs, b, tile),
-        }
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub(super) fn round_pairs(x: &[f32], out: &mut [u32]) {
+        super::round_pairs_body(x, out)
     }
 
-    #[inline]
+    /// One `R × NR` tile of C over `kc = b.len() / NR` k-pairs: `C[i][c] (+)= Σ_p
+    /// dot(a[i·lda + p], b[p·NR + c])` for the first `rows` rows and `cols` columns (masked
+    /// stores), added to C when `accumulate`, else written. `a` holds the tile's `R` rows of
+    /// pairs at stride `lda`, `b` a panel's block of `NR` pairs per k-pair.
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/VL and BF16 must be available; `rows ≤ R`, `cols ≤ NR`, and
+    /// `c + i·ldc + j` for `i < rows`, `j < cols` must be valid for reads and writes.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-    fn tile_n<const R: usize>(a: &[u32], pairs: usize, b: &[u32], tile: &mut [[f32; NR]; MR]) {
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn tile<const R: usize>(
+        a: &[u32],
+        lda: usize,
+        b: &[u32],
+        c: *mut f32,
+        ldc: usize,
+        rows: usize,
+        cols: usize,
+        accumulate: bool,
+    ) {
+        let kc = b.len() / NR;
+        assert!(rows <= R && cols <= NR && b.len() == kc * NR && a.len() >= (R - 1) * lda + kc);
         let mut acc = [[_mm512_setzero_ps(); 2]; R];
         let (ap, bp) = (a.as_ptr(), b.as_ptr());
-        for p in 0..pairs {
-            // SAFETY: p < pairs, so b[p·NR .. p·NR + 32] and a[i·pairs + p] (i < R = rows) are
-            // inside the slices (asserted by `tile`); loads are unaligned.
+        for p in 0..kc {
+            // SAFETY: p < kc, so b[p·NR .. p·NR + 32] and a[i·lda + p] (i < R) are inside the
+            // slices (asserted); loads are unaligned.
             unsafe {
                 let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp.add(p * NR).cast()));
                 let b1: __m512bh =
                     std::mem::transmute(_mm512_loadu_si512(bp.add(p * NR + 16).cast()));
                 for (i, acc) in acc.iter_mut().enumerate() {
                     let av: __m512bh =
-                        std::mem::transmute(_mm512_set1_epi32(*ap.add(i * pairs + p) as i32));
+                        std::mem::transmute(_mm512_set1_epi32(*ap.add(i * lda + p) as i32));
                     acc[0] = _mm512_dpbf16_ps(acc[0], av, b0);
                     acc[1] = _mm512_dpbf16_ps(acc[1], av, b1);
                 }
             }
         }
-        for (i, acc) in acc.iter().enumerate() {
-            // SAFETY: tile[i] holds NR = 32 f32, written as two 16-lane stores.
+        let lanes = |n: usize| -> __mmask16 { ((1u32 << n.min(16)) - 1) as __mmask16 };
+        let (m0, m1) = (lanes(cols), lanes(cols.saturating_sub(16)));
+        for (i, acc) in acc.iter().enumerate().take(rows) {
+            // SAFETY: row i < rows, columns < cols under the masks (the caller guarantees them
+            // valid); masked-off lanes are neither read nor written, so the second half's
+            // address may lie past C when m1 is empty (hence `wrapping_add`).
             unsafe {
-                _mm512_storeu_ps(tile[i].as_mut_ptr(), acc[0]);
-                _mm512_storeu_ps(tile[i].as_mut_ptr().add(16), acc[1]);
+                let d0 = c.add(i * ldc);
+                let d1 = d0.wrapping_add(16);
+                let (mut v0, mut v1) = (acc[0], acc[1]);
+                if accumulate {
+                    v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, d0));
+                    v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, d1));
+                }
+                _mm512_mask_storeu_ps(d0, m0, v0);
+                _mm512_mask_storeu_ps(d1, m1, v1);
             }
         }
     }

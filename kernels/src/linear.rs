@@ -17,8 +17,10 @@
 //! weight plus one per elementwise epilogue, which is what small decode GEMVs pay most for
 //! (with RoPE, blocks are whole heads: a multiple of both [`BLOCK`] and `d`).
 //! x is converted once per group (rounded to bf16 for bf16 and fp8 weights). With more rows
-//! (prefill, batched decode) each layer runs its GEMM (already parallel and large), then its
-//! epilogue. The results are those of [`crate::gemv`] / [`crate::gemm_bf16`] / [`crate::gemm`]
+//! (prefill, batched decode) the group's bf16 weights (and bf16 gates) run as one
+//! [`gemm_bf16::matmul_bf16_many_with`] (x rounded once, every product's tiles in one parallel
+//! region), the other layers each their own GEMM (already parallel and large); then each
+//! layer's epilogue. The results are those of [`crate::gemv`] / [`crate::gemm_bf16`] / [`crate::gemm`]
 //! followed by the epilogue in f32; only the order of f32 additions can differ.
 
 use crate::elementwise::silu_mul_with;
@@ -147,8 +149,42 @@ pub fn linear_with(
     let in_region = |l: &Layer<'_>| {
         m == 1 && k > 0 && regional(l.weight) && l.gate.is_none_or(|g| regional(g.weight))
     };
-    for (l, s) in layers.iter_mut().zip(&shapes) {
-        if !in_region(l) {
+    // With several rows, the bf16 products (and bf16 gates) of the group run first in one
+    // GEMM region over x rounded once; each layer then finishes its epilogue.
+    let bf16 = |w: Weight<'_>| matches!(w, Weight::Bf16(_));
+    let shared = |l: &Layer<'_>| {
+        !in_region(l) && k > 0 && bf16(l.weight) && l.gate.is_none_or(|g| bf16(g.weight))
+    };
+    let mut gates: Vec<Option<Vec<f32>>> = layers
+        .iter()
+        .zip(&shapes)
+        .map(|(l, s)| (shared(l) && l.gate.is_some()).then(|| vec![0.0; m * s.n]))
+        .collect();
+    let mut products = Vec::new();
+    for (l, g) in layers.iter_mut().zip(gates.iter_mut()) {
+        if !shared(l) {
+            continue;
+        }
+        if let (
+            Some(Gate {
+                weight: Weight::Bf16(gw),
+                ..
+            }),
+            Some(g),
+        ) = (l.gate, g.as_mut())
+        {
+            products.push((gw, g.as_mut_slice()));
+        }
+        if let Weight::Bf16(w) = l.weight {
+            products.push((w, &mut *l.out));
+        }
+    }
+    gemm_bf16::matmul_bf16_many_with(isa, m, x, &mut products)?;
+    drop(products);
+    for ((l, s), g) in layers.iter_mut().zip(&shapes).zip(gates) {
+        if shared(l) {
+            finish(isa, s, l, g)?;
+        } else if !in_region(l) {
             alone(isa, m, s, k, x, l)?;
         }
     }
@@ -328,10 +364,28 @@ fn alone(
 ) -> Result<(), KernelError> {
     let n = s.n;
     product(isa, m, n, k, x, l.weight, l.out)?;
+    let gate = match l.gate {
+        Some(g) => {
+            let mut gate = vec![0.0; m * n];
+            product(isa, m, n, k, x, g.weight, &mut gate)?;
+            Some(gate)
+        }
+        None => None,
+    };
+    finish(isa, s, l, gate)
+}
+
+/// The epilogue of a layer whose product `x · Wᵀ` is in `l.out` (and the gate's product in
+/// `gate` when the layer has one).
+fn finish(
+    isa: Isa,
+    s: &Shape,
+    l: &mut Layer<'_>,
+    gate: Option<Vec<f32>>,
+) -> Result<(), KernelError> {
+    let n = s.n;
     rows_epilogue(l.scale, l.add, l.out, n);
-    if let Some(g) = l.gate {
-        let mut gate = vec![0.0; m * n];
-        product(isa, m, n, k, x, g.weight, &mut gate)?;
+    if let (Some(g), Some(mut gate)) = (l.gate, gate) {
         rows_epilogue(g.scale, None, &mut gate, n);
         let up = l.out.to_vec();
         silu_mul_with(isa, &gate, &up, l.out)?;

@@ -46,6 +46,9 @@ struct Case {
     /// k/v stored as a KV cache with room for this many positions (`[b, h, cap, d]`, the
     /// spare rows NaN, so reading one shows); 0: dense.
     cap: usize,
+    /// q and k rounded to bf16 values (a bf16 graph's operands: prefill scores them with
+    /// `vdpbf16ps` where the CPU has it).
+    bf16: bool,
 }
 
 fn case(b: usize, hq: usize, hkv: usize, sq: usize, sk: usize, d: usize) -> Case {
@@ -62,6 +65,7 @@ fn case(b: usize, hq: usize, hkv: usize, sq: usize, sk: usize, d: usize) -> Case
         mask: Mask::None,
         bshd: false,
         cap: 0,
+        bf16: false,
     }
 }
 
@@ -240,8 +244,13 @@ fn kernel(
 
 fn check(seed: u64, c: Case) {
     let mut r = rng(seed);
-    let q = random(&mut r, c.b * c.hq * c.sq * c.d, -1.0, 1.0);
-    let k = random(&mut r, c.b * c.hkv * c.sk * c.d, -1.0, 1.0);
+    let mut q = random(&mut r, c.b * c.hq * c.sq * c.d, -1.0, 1.0);
+    let mut k = random(&mut r, c.b * c.hkv * c.sk * c.d, -1.0, 1.0);
+    if c.bf16 {
+        for x in q.iter_mut().chain(k.iter_mut()) {
+            *x = half::bf16::from_f32(*x).to_f32();
+        }
+    }
     let v = random(&mut r, c.b * c.hkv * c.sk * c.dv, -1.0, 1.0);
     let m = match c.mask {
         Mask::None => None,
@@ -285,6 +294,41 @@ fn prefill_matches_reference() {
                     },
                 );
             }
+        }
+    }
+}
+
+#[test]
+fn bf16_operands_match_reference() {
+    // Prefill shapes of the score-GEMM path with q and k bf16 values (head dims ≥ 64 take
+    // vdpbf16ps, smaller ones the f32 GEMM): key ranges starting inside a panel of 32 keys
+    // (windows, kv longer than queries), odd head dims, a strided layout, masks, GQA.
+    let mut seed = 200;
+    for base in [
+        case(2, 4, 2, 33, 33, 64),
+        case(1, 3, 3, 130, 130, 65),
+        case(1, 6, 2, 40, 150, 64),
+        case(1, 2, 1, 100, 100, 128),
+        case(1, 2, 1, 40, 40, 32),
+    ] {
+        for (causal, window, mask, bshd) in [
+            (false, 0, Mask::None, false),
+            (true, 0, Mask::Full, true),
+            (true, 40, Mask::Padding, false),
+            (false, 0, Mask::Full, true),
+        ] {
+            seed += 1;
+            check(
+                seed,
+                Case {
+                    causal,
+                    window,
+                    mask,
+                    bshd,
+                    bf16: true,
+                    ..base
+                },
+            );
         }
     }
 }

@@ -13,7 +13,7 @@ use half::bf16;
 use kiln_ir::trace::Tracer;
 use kiln_ir::{DType, Op, F64};
 use kiln_kernels::gemm::{matmul_f32, matmul_f32_batched, BatchStrides, Gemm, MatLayout};
-use kiln_kernels::gemm_bf16::{matmul_bf16_with, PackedBf16};
+use kiln_kernels::gemm_bf16::{matmul_bf16_many_with, matmul_bf16_with, PackedBf16};
 use kiln_kernels::{elementwise, gemv, rowwise, Isa, KernelError};
 use kiln_runtime::{Storage, Tensor};
 mod common;
@@ -411,32 +411,14 @@ fn matmul_bf16_matches_reference_with_a_rounded_to_bf16() {
         (9, 65, 4097),
         (65, 100, 130),
         (8, 64, 64),
+        // More rows, columns and k than one task's block (256 rows, 8 panels, 128 k-pairs).
+        (300, 290, 600),
+        (263, 33, 513),
     ] {
         let af = random(&mut r, m * k, -2.0, 2.0);
         let wf = random(&mut r, n * k, -1.0, 1.0);
         let w: Vec<bf16> = wf.iter().map(|&v| bf16::from_f32(v)).collect();
-        let t = Tracer::new();
-        let xi = t.input("a", DType::F32, [m, k]);
-        let wi = t.input("w", DType::BF16, [n, k]);
-        let xr = xi.cast(DType::BF16).unwrap().cast(DType::F32).unwrap();
-        let y = xr
-            .matmul_t(&wi.cast(DType::F32).unwrap(), false, true)
-            .unwrap();
-        t.output("y", &y);
-        let wt = Tensor::new(vec![n, k], Storage::BF16(w.clone())).unwrap();
-        let want = eval(&t, vec![("a", f32t(&[m, k], &af)), ("w", wt)]);
-        let mut bound = vec![0.0f64; m * n];
-        for i in 0..m {
-            for j in 0..n {
-                bound[i * n + j] = (0..k)
-                    .map(|p| {
-                        f64::from(
-                            (bf16::from_f32(af[i * k + p]).to_f32() * w[j * k + p].to_f32()).abs(),
-                        )
-                    })
-                    .sum();
-            }
-        }
+        let (want, bound) = bf16_reference(m, n, k, &af, &w);
         let packed = PackedBf16::pack(n, k, &w).unwrap();
         for isa in isas() {
             let mut c = vec![f32::NAN; m * n];
@@ -452,4 +434,81 @@ fn matmul_bf16_matches_reference_with_a_rounded_to_bf16() {
     assert!(PackedBf16::pack(2, 3, &[bf16::ZERO; 5]).is_err());
     let p = PackedBf16::pack(2, 3, &[bf16::ZERO; 6]).unwrap();
     assert!(matmul_bf16_with(Isa::best(), 2, &[0.0; 5], &p, &mut [0.0; 4]).is_err());
+}
+
+/// The reference of `bf16(a) · Wᵀ` (`a` `m × k`, `w` `n × k`) and each element's bound
+/// `Σ |bf16(a)·w|`.
+fn bf16_reference(m: usize, n: usize, k: usize, af: &[f32], w: &[bf16]) -> (Vec<f32>, Vec<f64>) {
+    let t = Tracer::new();
+    let xi = t.input("a", DType::F32, [m, k]);
+    let wi = t.input("w", DType::BF16, [n, k]);
+    let xr = xi.cast(DType::BF16).unwrap().cast(DType::F32).unwrap();
+    let y = xr
+        .matmul_t(&wi.cast(DType::F32).unwrap(), false, true)
+        .unwrap();
+    t.output("y", &y);
+    let wt = Tensor::new(vec![n, k], Storage::BF16(w.to_vec())).unwrap();
+    let want = eval(&t, vec![("a", f32t(&[m, k], af)), ("w", wt)]);
+    let mut bound = vec![0.0f64; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            bound[i * n + j] = (0..k)
+                .map(|p| {
+                    f64::from(
+                        (bf16::from_f32(af[i * k + p]).to_f32() * w[j * k + p].to_f32()).abs(),
+                    )
+                })
+                .sum();
+        }
+    }
+    (want, bound)
+}
+
+#[test]
+fn matmul_bf16_many_matches_reference_per_product() {
+    let mut r = rng(10);
+    let (m, k) = (140, 301);
+    let af = random(&mut r, m * k, -2.0, 2.0);
+    let ns = [33, 0, 290, 7];
+    let ws: Vec<Vec<bf16>> = ns
+        .iter()
+        .map(|&n| {
+            random(&mut r, n * k, -1.0, 1.0)
+                .iter()
+                .map(|&v| bf16::from_f32(v))
+                .collect()
+        })
+        .collect();
+    let packed: Vec<PackedBf16> = ns
+        .iter()
+        .zip(&ws)
+        .map(|(&n, w)| PackedBf16::pack(n, k, w).unwrap())
+        .collect();
+    for isa in isas() {
+        let mut outs: Vec<Vec<f32>> = ns.iter().map(|&n| vec![f32::NAN; m * n]).collect();
+        let mut products: Vec<(&PackedBf16, &mut [f32])> = packed
+            .iter()
+            .zip(outs.iter_mut())
+            .map(|(p, c)| (p, c.as_mut_slice()))
+            .collect();
+        matmul_bf16_many_with(isa, m, &af, &mut products).unwrap();
+        for ((&n, w), c) in ns.iter().zip(&ws).zip(&outs) {
+            let (want, bound) = bf16_reference(m, n, k, &af, w);
+            assert_products(
+                &format!("bf16 many {m}x{n}x{k} at {}", isa.name()),
+                c,
+                &want,
+                &bound,
+            );
+        }
+    }
+    let short = PackedBf16::pack(2, 4, &[bf16::ZERO; 8]).unwrap();
+    let mut c = [0.0; 4];
+    let e = matmul_bf16_many_with(
+        Isa::best(),
+        2,
+        &[0.0; 6],
+        &mut [(&packed[0], &mut []), (&short, &mut c)],
+    );
+    assert!(e.is_err());
 }
