@@ -1,6 +1,7 @@
 //! The run loop of the CPU backend: binds sizes from the inputs, walks the plan's steps in node
 //! order with values in reusable f32 buffers, and returns the graph's outputs as tensors.
 
+use super::advice::HugePages;
 use super::external::{Operand, Provider};
 use super::layout::Layout;
 use super::moe::{moe_f32, MoeData};
@@ -40,6 +41,8 @@ pub struct CpuGraph {
     /// The nodes each set of wanted outputs needs.
     needed: NeededNodes,
     weights: Arc<Weights>,
+    /// The huge-page advice for the weights, shared by the graphs compiled together.
+    huge_pages: Arc<HugePages>,
     buffers: Mutex<Vec<Vec<f32>>>,
     /// With `KILN_PROFILE` set: seconds and calls per kind of step, over all runs.
     profile: Option<Profile>,
@@ -118,7 +121,7 @@ impl CpuGraph {
             .map(|g| Plan::with_provider(g, provider))
             .collect();
         let weights = Arc::new(Weights::prepare(&plans.iter().collect::<Vec<_>>(), params));
-        back_weights_with_huge_pages(&plans, params, &weights);
+        let huge_pages = Arc::new(streamed_weights(&plans, params, &weights));
         Ok(graphs
             .into_iter()
             .zip(plans)
@@ -134,6 +137,7 @@ impl CpuGraph {
                     plan,
                     slots,
                     weights: weights.clone(),
+                    huge_pages: huge_pages.clone(),
                 }
             })
             .collect())
@@ -286,6 +290,7 @@ impl CpuGraph {
         wanted: Option<&[&str]>,
         params: &dyn ParamSource,
     ) -> Result<HashMap<String, Value>, ExecError> {
+        self.huge_pages.run_started();
         let mut types: HashMap<String, (DType, Vec<usize>)> = inputs
             .iter()
             .map(|(k, t)| (k.clone(), (t.dtype(), t.shape().to_vec())))
@@ -932,9 +937,9 @@ impl CpuGraph {
     }
 }
 
-/// Asks for huge pages under every weight a linear step streams ([`kiln_kernels::pages`]): the
-/// packed copy where there is one, else the parameter read in place.
-fn back_weights_with_huge_pages(plans: &[Plan], params: &dyn ParamSource, weights: &Weights) {
+/// The address ranges of every weight a linear step streams, for the huge-page advice
+/// ([`HugePages`]): the packed copy where there is one, else the parameter read in place.
+fn streamed_weights(plans: &[Plan], params: &dyn ParamSource, weights: &Weights) -> HugePages {
     let mut seen = std::collections::HashSet::new();
     let mut spans = Vec::new();
     for plan in plans {
@@ -958,7 +963,7 @@ fn back_weights_with_huge_pages(plans: &[Plan], params: &dyn ParamSource, weight
             }
         }
     }
-    pages::back_with_huge_pages(spans);
+    HugePages::new(spans)
 }
 
 /// For each layer of a linear group computed at another node, that node.

@@ -17,11 +17,13 @@
 //!    and writes f32; integer and bool values (masks, ids) stay host tensors. Buffers persist
 //!    between runs and only grow, so a decode loop at steady state does not allocate them.
 //!    A `concat` that is a graph output (a KV cache) is kept as a [`state`] with room to
-//!    grow, and appended to in place when it comes back as the next run's input.
+//!    grow, and appended to in place when it comes back as the next run's input. The weights
+//!    the linear steps stream get huge pages from the second run on ([`advice`]).
 //!
 //! The reference executor ([`crate::reference`]) defines what every graph means; this backend
 //! must agree with it within the kernels' documented tolerances (tests in `tests/`).
 
+mod advice;
 mod exec;
 pub mod external;
 mod fuse;
