@@ -383,8 +383,8 @@ fn bad_files_are_refused_with_their_message() {
         (refusal(b""), "not a kiln artifact"),
         (edited(|b| b.extend([0; 64])), "trailing data"),
         (edited_resealed(|b| b[8] = 1), "format version 1"),
-        (edited_resealed(|b| b[8] = 2), "format version 2"),
-        (edited_resealed(|b| b[8] = 4), "format version 4"),
+        (edited_resealed(|b| b[8] = 3), "format version 3"),
+        (edited_resealed(|b| b[8] = 5), "format version 5"),
         (edited(|b| b[20] ^= 1), "header is corrupt"),
         (edited(|b| b[64 + 24] ^= 1), "section table is corrupt"),
         (
@@ -518,6 +518,88 @@ fn bad_files_are_refused_with_their_message() {
             "tpu",
         ],
         &["unknown target"],
+    );
+}
+
+/// The recorded execution plan is checked against the one the runtime derives: a kernel
+/// changed in the file (checksums resealed), a memory plan changed, or no plan at all is
+/// refused with the first difference; `kiln inspect` prints the recorded plan.
+#[test]
+fn a_plan_this_runtime_does_not_derive_is_refused() {
+    let good = llama_bytes();
+    let plan_of = |b: &[u8]| -> serde_json::Value {
+        let (_, bytes) = sections_of(b)
+            .into_iter()
+            .find(|(k, _)| *k == SectionKind::Plan)
+            .unwrap();
+        serde_json::from_slice(&bytes).unwrap()
+    };
+    let with_plan = |f: &dyn Fn(&mut serde_json::Value)| -> Vec<u8> {
+        let mut sections = sections_of(&good);
+        let (_, bytes) = sections
+            .iter_mut()
+            .find(|(k, _)| *k == SectionKind::Plan)
+            .unwrap();
+        let mut plan: serde_json::Value = serde_json::from_slice(bytes).unwrap();
+        f(&mut plan);
+        *bytes = serde_json::to_vec(&plan).unwrap();
+        write::assemble(&sections)
+    };
+    let plan = plan_of(&good);
+    let prefill = &plan["graphs"][0];
+    assert_eq!(prefill["name"], "prefill");
+    let kernels = prefill["kernels"].as_array().unwrap();
+    let at = kernels
+        .iter()
+        .position(|k| k["kernel"].as_str().unwrap().starts_with("linear"))
+        .unwrap();
+    let node = kernels[at]["node"].as_u64().unwrap();
+    // The step's parameters changed (the weight read as stored instead of transposed).
+    let e = refusal(&with_plan(&|p| {
+        let k = &mut p["graphs"][0]["kernels"][at]["step"];
+        let s = k
+            .as_str()
+            .unwrap()
+            .replacen("transposed: true", "transposed: false", 1);
+        *k = s.into();
+    }));
+    assert!(
+        e.contains("with an execution plan this runtime does not reproduce")
+            && e.contains("in the prefill graph it runs Linear(")
+            && e.contains("recompile it with this kiln"),
+        "{e}"
+    );
+    // Another kernel for the node.
+    let e = refusal(&with_plan(&|p| {
+        p["graphs"][0]["kernels"][at]["kernel"] = "reference".into()
+    }));
+    assert!(
+        e.contains(&format!(
+            "it runs %{node}: reference, this runtime would run %{node}: linear"
+        )),
+        "{e}"
+    );
+    // A node's buffer.
+    let e = refusal(&with_plan(&|p| {
+        let slot = &mut p["graphs"][1]["slots"][3][1];
+        *slot = (slot.as_u64().unwrap() + 1).into();
+    }));
+    assert!(e.contains("the decode graph's memory plan differs"), "{e}");
+    // No plan.
+    let mut sections = sections_of(&good);
+    sections.retain(|(k, _)| *k != SectionKind::Plan);
+    let e = refusal(&write::assemble(&sections));
+    assert!(e.contains("no plan section"), "{e}");
+    // The recorded plan, printed.
+    let file = temp("plan.kiln");
+    std::fs::write(&file, &good).unwrap();
+    let o = kiln(&["inspect", "--model", file.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = String::from_utf8_lossy(&o.stdout);
+    let name = kernels[at]["kernel"].as_str().unwrap();
+    assert!(
+        out.contains("prefill CPU plan: ") && out.contains(&format!("  %{node}: {name}\n")),
+        "{out}"
     );
 }
 

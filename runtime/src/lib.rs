@@ -16,6 +16,7 @@ pub mod pooling;
 pub mod profile;
 pub mod reference;
 pub mod tensor;
+mod tokenizer_json;
 pub mod weights;
 
 pub use deploy::{CausalModel, EncoderModel, Model};

@@ -92,7 +92,8 @@ pub(super) fn traced(dir: &kiln::models::ModelDir) -> Result<Vec<(&'static str, 
 }
 
 /// Prints what an artifact holds: format and kiln versions, target, precision, limits, the
-/// model's settings, the section table, the weights by dtype and each graph's kernels.
+/// model's settings, the section table, the weights by dtype, each graph's IR kernels and its
+/// CPU execution plan (kernel per computed node) as recorded in the file.
 pub fn inspect_artifact(path: &Path) -> Result<(), CliError> {
     use kiln::runtime::artifact::{format::FORMAT_VERSION, Artifact};
     let art = Artifact::open(path).map_err(|e| CliError::Input(e.to_string()))?;
@@ -152,10 +153,22 @@ precision: {}",
         let total: usize = counts.values().sum();
         let list: Vec<String> = counts.iter().map(|(k, n)| format!("{k}×{n}")).collect();
         println!(
-            "{name} graph: {} nodes, kernels: {total} ({})",
+            "{name} graph: {} nodes, IR kernels: {total} ({})",
             g.nodes().len(),
             list.join(" ")
         );
+    }
+    for p in &art.plan.graphs {
+        println!(
+            "{} CPU plan: {} kernels ({}), {} activation buffers",
+            p.name,
+            p.kernels.len(),
+            p.summary(),
+            p.buffers
+        );
+        for k in &p.kernels {
+            println!("  %{}: {}", k.node, k.kernel);
+        }
     }
     Ok(())
 }

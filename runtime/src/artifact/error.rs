@@ -101,6 +101,16 @@ pub enum ArtifactError {
         /// What this runtime runs.
         host: &'static str,
     },
+    /// The artifact's execution plan is not the one this runtime derives from its graphs.
+    #[error("{origin} was compiled by kiln {version} with an execution plan this runtime does not reproduce: {difference}; recompile it with this kiln")]
+    PlanMismatch {
+        /// The file.
+        origin: String,
+        /// The kiln version that wrote it.
+        version: String,
+        /// The first difference.
+        difference: String,
+    },
     /// Something given to the writer cannot be stored.
     #[error("cannot write the artifact: {0}")]
     Write(String),

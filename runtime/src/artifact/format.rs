@@ -17,21 +17,22 @@
 //! Sections: one [`Manifest`] (JSON: versions, target, precision, limits, graph names, the
 //! model's [`ModelInfo`]), one IR graph per name in the manifest (kiln's text format, which
 //! round-trips exactly), optionally `tokenizer.json` and `generation_config.json` (their
-//! bytes), the weight index (JSON list of [`WeightEntry`], sorted by offset) and the weight
-//! data (each tensor's raw little-endian elements at a 64-byte aligned offset; `bool` as bytes
+//! bytes), the weight index (JSON list of [`WeightEntry`], sorted by offset), the weight data
+//! (each tensor's raw little-endian elements at a 64-byte aligned offset; `bool` as bytes
 //! 0/1; fp8 as bit patterns). For a CPU target, a bf16 weight that the CPU plan reads only
 //! through linear layers is stored instead in the kernels' packed layout ([`Packing`]: the
 //! little-endian `u32` words of `kiln_kernels::gemm_bf16::PackedBf16`), once per orientation
-//! read, so that the loader hands those words to the kernels in place.
+//! read, so that the loader hands those words to the kernels in place. Last, for a CPU target,
+//! the execution and memory plan of each graph ([`super::plan`]).
 
 use crate::info::ModelInfo;
 use serde::{Deserialize, Serialize};
 
 /// The first bytes of every artifact (PNG-style: detects text-mode transfers).
 pub const MAGIC: [u8; 8] = *b"\x89KILN\r\n\x1a";
-/// The format version this build reads and writes (3: packed weights; 2 stored every weight
-/// plain; 1 used XXH64 checksums).
-pub const FORMAT_VERSION: u32 = 3;
+/// The format version this build reads and writes (4: the CPU plan section; 3 added packed
+/// weights; 2 stored every weight plain; 1 used XXH64 checksums).
+pub const FORMAT_VERSION: u32 = 4;
 /// Bytes of the header.
 pub const HEADER_LEN: usize = 64;
 /// Bytes of one section-table entry.
@@ -58,17 +59,20 @@ pub enum SectionKind {
     WeightIndex,
     /// The weights' bytes.
     WeightData,
+    /// The CPU execution and memory plans ([`super::plan::PlanRecord`], JSON).
+    Plan,
 }
 
 impl SectionKind {
     /// Every kind with its code in the section table.
-    pub const ALL: [(u32, SectionKind); 6] = [
+    pub const ALL: [(u32, SectionKind); 7] = [
         (1, SectionKind::Manifest),
         (2, SectionKind::Graph),
         (3, SectionKind::Tokenizer),
         (4, SectionKind::GenerationConfig),
         (5, SectionKind::WeightIndex),
         (6, SectionKind::WeightData),
+        (7, SectionKind::Plan),
     ];
 
     /// The kind with this code.
@@ -93,6 +97,7 @@ impl SectionKind {
             SectionKind::GenerationConfig => "generation_config",
             SectionKind::WeightIndex => "weight_index",
             SectionKind::WeightData => "weight_data",
+            SectionKind::Plan => "plan",
         }
     }
 }

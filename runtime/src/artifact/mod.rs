@@ -9,6 +9,8 @@
 //! - [`checksum`]: the per-section checksum (XXH3-64); `codec`: tensors to and from little-endian
 //!   bytes; `packed`: weights stored in the kernels' packed layout (which, and borrowing them);
 //!   `tokenizer`: `tokenizer.json` in the shape that parses fastest;
+//! - [`plan`]: the CPU execution and memory plans, recorded by the writer and checked by the
+//!   reader against its own;
 //! - [`WeightCheck`]: the weight data's checksum, computed in the background while the model
 //!   starts (its outputs wait for it).
 //!
@@ -20,13 +22,15 @@ mod codec;
 mod error;
 pub mod format;
 mod packed;
+pub mod plan;
 pub mod read;
-mod tokenizer;
+pub(crate) mod tokenizer;
 pub mod write;
 
 pub use check::WeightCheck;
 pub use error::ArtifactError;
 pub use format::{Manifest, Packing, Section, SectionKind, WeightEntry};
+pub use plan::PlanRecord;
 pub use read::Artifact;
 
 /// Recomputes every checksum of an artifact's bytes (header, table and sections) after the

@@ -1,8 +1,8 @@
 //! Reading an artifact, checking everything before trusting it: the magic number, the format
 //! version, the header's and the table's checksums, the file length, every section's bounds,
 //! alignment and checksum, the JSON and UTF-8 of the text sections, the graphs (parsed and
-//! verified), the weight index against its bytes and against the graphs' parameters, and the
-//! target. Nothing is allocated beyond what the file's own length justifies.
+//! verified), the recorded CPU plan against the one this runtime derives, the weight index
+//! against its bytes and against the graphs' parameters, and the target. Nothing is allocated beyond what the file's own length justifies.
 //!
 //! The file is memory-mapped and the weights are used in place from the map (every tensor is
 //! 64-byte aligned in the file), packed ones too (handed to the kernels as they are, after
@@ -18,6 +18,7 @@ use super::format::{
     FORMAT_VERSION, HEADER_LEN, HOST_TARGET, MAGIC, MAX_SECTIONS,
 };
 use super::packed;
+use super::plan::PlanRecord;
 use super::ArtifactError;
 use crate::background::Background;
 use crate::deploy::parse_tokenizer;
@@ -45,6 +46,8 @@ pub struct Artifact {
     pub graphs: Vec<Graph>,
     /// The weight index.
     pub weights: Vec<WeightEntry>,
+    /// The CPU execution and memory plans, as recorded (and found equal to this runtime's).
+    pub plan: PlanRecord,
     /// The weights, borrowing the artifact's bytes. Their checksum may still be being computed:
     /// call [`Artifact::verify`] before trusting anything computed from them.
     pub params: Params,
@@ -483,6 +486,18 @@ impl Artifact {
                 .map_err(|e| rd.malformed(format!("the {name} graph: {e}")))?;
             graphs.push(g);
         }
+        let plan = match one(&rd, SectionKind::Plan, false)? {
+            Some(pi) => rd.json::<PlanRecord>(pi, &sections[pi])?,
+            None => return Err(rd.malformed("no plan section")),
+        };
+        // The graphs verified when parsed; plan them as the CPU backend will.
+        if let Some(difference) = plan.difference(&PlanRecord::derive(&manifest.graphs, &graphs)) {
+            return Err(ArtifactError::PlanMismatch {
+                origin: origin.to_string(),
+                version: manifest.kiln_version,
+                difference,
+            });
+        }
         let weights: Vec<WeightEntry> = rd.json(ii, &sections[ii])?;
         rd.check_index(&weights, sections[di].len)?;
         check_params(&graphs, &manifest.graphs, &weights).map_err(|m| rd.malformed(m))?;
@@ -494,6 +509,7 @@ impl Artifact {
             manifest,
             graphs,
             weights,
+            plan,
             params,
             assets,
             check,

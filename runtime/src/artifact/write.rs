@@ -1,7 +1,7 @@
 //! Writing an artifact: the sections laid out as [`format`](super::format) describes, in a
 //! fixed order and with sorted weights, so the same inputs always give the same bytes. For a
-//! CPU target the weights the CPU plan reads only packed are stored packed ([`super::packed`]),
-//! by the runtime's own packing code.
+//! CPU target the runtime's own plan is recorded ([`super::plan`]) and the weights it reads
+//! only packed are stored packed ([`super::packed`]), by the runtime's own packing code.
 
 use super::checksum::xxh3;
 use super::codec;
@@ -10,6 +10,7 @@ use super::format::{
     FORMAT_VERSION, HEADER_LEN, MAGIC,
 };
 use super::packed::{append_words, packed_forms};
+use super::plan::PlanRecord;
 use super::tokenizer;
 use super::ArtifactError;
 use crate::cpu::weights::pack;
@@ -90,6 +91,10 @@ pub fn to_bytes<'a>(
     }
     sections.push((SectionKind::WeightIndex, json(&index)?));
     sections.push((SectionKind::WeightData, data));
+    if runs_here(&manifest.target) {
+        let plan = PlanRecord::derive(&manifest.graphs, graphs);
+        sections.push((SectionKind::Plan, json(&plan)?));
+    }
     Ok(assemble(&sections))
 }
 

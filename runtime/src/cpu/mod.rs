@@ -35,5 +35,6 @@ pub mod state;
 pub(crate) mod weights;
 
 pub use exec::CpuGraph;
-pub use plan::{GateLayer, LinearLayer, MoeWeight, Plan, Step};
+pub use plan::{kind_counts, GateLayer, LinearLayer, MoeWeight, Plan, Step};
+pub use slots::SlotPlan;
 pub use weights::Weights;

@@ -362,15 +362,24 @@ impl Plan {
 
     /// How many nodes each kind of step computes, e.g. `linear×7 rmsnorm×3`.
     pub fn summary(&self) -> String {
-        let mut counts = std::collections::BTreeMap::<String, usize>::new();
-        for s in &self.steps {
-            if !matches!(s, Step::Source | Step::Skip | Step::Grouped) {
-                *counts.entry(kind(&s.name()).to_string()).or_default() += 1;
-            }
-        }
-        let parts: Vec<String> = counts.iter().map(|(k, n)| format!("{k}×{n}")).collect();
-        parts.join(" ")
+        let names: Vec<String> = self
+            .steps
+            .iter()
+            .filter(|s| !matches!(s, Step::Source | Step::Skip | Step::Grouped))
+            .map(Step::name)
+            .collect();
+        kind_counts(names.iter().map(String::as_str))
     }
+}
+
+/// How many kernels of each kind `names` (kernel names) holds, e.g. `linear×7 rmsnorm×3`.
+pub fn kind_counts<'a>(names: impl IntoIterator<Item = &'a str>) -> String {
+    let mut counts = std::collections::BTreeMap::<&str, usize>::new();
+    for name in names {
+        *counts.entry(kind(name)).or_default() += 1;
+    }
+    let parts: Vec<String> = counts.iter().map(|(k, n)| format!("{k}×{n}")).collect();
+    parts.join(" ")
 }
 
 impl fmt::Display for Plan {
