@@ -3,7 +3,7 @@
 //! stored packed and used in place, exactly as from the directory; each bad file (bad packed
 //! weights too) refused with its own message; and mutations of real artifacts (bit flips,
 //! truncations, header fields overwritten with huge values, weight-index fields, packing
-//! included, set to other values), none of which may panic or hang.
+//! included, and recorded-plan fields set to other values), none of which may panic or hang.
 //!
 //! The mutation test runs `KILN_FUZZ_CASES` cases (3,000 by default, enough for CI); the long
 //! run sets it, in release and under a 4 GiB address-space limit so that a huge allocation would
@@ -527,25 +527,13 @@ fn bad_files_are_refused_with_their_message() {
 #[test]
 fn a_plan_this_runtime_does_not_derive_is_refused() {
     let good = llama_bytes();
-    let plan_of = |b: &[u8]| -> serde_json::Value {
-        let (_, bytes) = sections_of(b)
-            .into_iter()
-            .find(|(k, _)| *k == SectionKind::Plan)
-            .unwrap();
-        serde_json::from_slice(&bytes).unwrap()
-    };
-    let with_plan = |f: &dyn Fn(&mut serde_json::Value)| -> Vec<u8> {
-        let mut sections = sections_of(&good);
-        let (_, bytes) = sections
-            .iter_mut()
-            .find(|(k, _)| *k == SectionKind::Plan)
-            .unwrap();
-        let mut plan: serde_json::Value = serde_json::from_slice(bytes).unwrap();
-        f(&mut plan);
-        *bytes = serde_json::to_vec(&plan).unwrap();
-        write::assemble(&sections)
-    };
-    let plan = plan_of(&good);
+    let with_plan =
+        |f: &dyn Fn(&mut serde_json::Value)| with_json(&good, SectionKind::Plan, |p| f(p));
+    let (_, bytes) = sections_of(&good)
+        .into_iter()
+        .find(|(k, _)| *k == SectionKind::Plan)
+        .unwrap();
+    let plan: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
     let prefill = &plan["graphs"][0];
     assert_eq!(prefill["name"], "prefill");
     let kernels = prefill["kernels"].as_array().unwrap();
@@ -617,17 +605,24 @@ fn sections_of(b: &[u8]) -> Vec<(SectionKind, Vec<u8>)> {
         .collect()
 }
 
-/// `good` (well formed) with its weight index (JSON) edited by `f`, laid out and sealed again.
-fn with_index(good: &[u8], f: impl FnOnce(&mut Vec<serde_json::Value>)) -> Vec<u8> {
+/// `good` (well formed) with its JSON section of kind `kind` edited by `f`, laid out and sealed
+/// again.
+fn with_json(good: &[u8], kind: SectionKind, f: impl FnOnce(&mut serde_json::Value)) -> Vec<u8> {
     let mut sections = sections_of(good);
-    let (_, index) = sections
-        .iter_mut()
-        .find(|(k, _)| *k == SectionKind::WeightIndex)
-        .unwrap();
-    let mut entries: Vec<serde_json::Value> = serde_json::from_slice(index).unwrap();
-    f(&mut entries);
-    *index = serde_json::to_vec(&entries).unwrap();
+    let (_, bytes) = sections.iter_mut().find(|(k, _)| *k == kind).unwrap();
+    let mut value: serde_json::Value = serde_json::from_slice(bytes).unwrap();
+    f(&mut value);
+    *bytes = serde_json::to_vec(&value).unwrap();
     write::assemble(&sections)
+}
+
+/// `good` with its weight index's entries edited by `f`.
+fn with_index(good: &[u8], f: impl FnOnce(&mut Vec<serde_json::Value>)) -> Vec<u8> {
+    with_json(good, SectionKind::WeightIndex, |v| {
+        if let Some(entries) = v.as_array_mut() {
+            f(entries)
+        }
+    })
 }
 
 /// Packed weights whose layout, orientation, dtype, shape or padding disagree with what
@@ -909,8 +904,43 @@ fn mutate(good: &[u8], rng: &mut Rng) -> Vec<u8> {
         good.len() as u64,
         good.len() as u64 + 64,
     ];
-    let mode = rng.below(7);
+    let mode = rng.below(8);
     match mode {
+        // A field of the recorded plan set to another value.
+        7 => {
+            let values = [
+                serde_json::json!(null),
+                serde_json::json!("linear x"),
+                serde_json::json!("reference"),
+                serde_json::json!([]),
+                serde_json::json!([0, 0]),
+                serde_json::json!([u64::MAX, u64::MAX]),
+                serde_json::json!(huge[rng.below(huge.len())]),
+                serde_json::json!(rng.below(1000)),
+            ];
+            let value = values[rng.below(values.len())].clone();
+            let (graph, pick) = (rng.below(2), rng.below(10_000));
+            let list = ["kernels", "slots"][rng.below(2)];
+            let field = ["node", "kernel", "step"][rng.below(3)];
+            let whole = rng.below(8) == 0;
+            return with_json(good, SectionKind::Plan, |p| {
+                let Some(g) = p["graphs"].get_mut(graph) else {
+                    return;
+                };
+                if whole {
+                    g["buffers"] = value;
+                    return;
+                }
+                if let Some(items) = g[list].as_array_mut().filter(|i| !i.is_empty()) {
+                    let n = items.len();
+                    let item = &mut items[pick % n];
+                    match item.get_mut(field) {
+                        Some(f) => *f = value,
+                        None => *item = value,
+                    }
+                }
+            });
+        }
         // A field of a weight index entry (packing included) set to another value.
         6 => {
             let values = [
