@@ -553,7 +553,7 @@ fn a_plan_this_runtime_does_not_derive_is_refused() {
     }));
     assert!(
         e.contains("with an execution plan this runtime does not reproduce")
-            && e.contains("in the prefill graph it runs Linear(")
+            && e.contains(&format!("in the prefill graph it runs %{node}: Linear("))
             && e.contains("recompile it with this kiln"),
         "{e}"
     );

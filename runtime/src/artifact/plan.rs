@@ -98,28 +98,8 @@ impl PlanRecord {
             if a.name != b.name {
                 return Some(format!("it names graph {name:?} {:?}", a.name));
             }
-            let mut ka = a.kernels.iter();
-            let mut kb = b.kernels.iter();
-            loop {
-                match (ka.next(), kb.next()) {
-                    (None, None) => break,
-                    (Some(x), Some(y)) if x == y => continue,
-                    (x, y) => {
-                        let show = |k: Option<&KernelRecord>| {
-                            k.map_or("nothing more".to_string(), |k| {
-                                format!("%{}: {}", k.node, k.kernel)
-                            })
-                        };
-                        let (sx, sy) = (show(x), show(y));
-                        let (sx, sy) = match (x, y) {
-                            (Some(x), Some(y)) if sx == sy => (x.step.clone(), y.step.clone()),
-                            _ => (sx, sy),
-                        };
-                        return Some(format!(
-                            "in the {name} graph it runs {sx}, this runtime would run {sy}"
-                        ));
-                    }
-                }
+            if let Some(d) = kernel_difference(&a.kernels, &b.kernels) {
+                return Some(format!("in the {name} graph {d}"));
             }
             if (&a.slots, a.buffers) != (&b.slots, b.buffers) {
                 return Some(format!(
@@ -130,6 +110,29 @@ impl PlanRecord {
         }
         None
     }
+}
+
+/// The first kernel where `recorded` and `derived` differ, in words: its node and kernel name,
+/// or its full step when only the parameters differ.
+fn kernel_difference(recorded: &[KernelRecord], derived: &[KernelRecord]) -> Option<String> {
+    let show = |k: Option<&KernelRecord>, full: bool| match k {
+        None => "nothing more".to_string(),
+        Some(k) if full => format!("%{}: {}", k.node, k.step),
+        Some(k) => format!("%{}: {}", k.node, k.kernel),
+    };
+    let n = recorded.len().max(derived.len());
+    (0..n).find_map(|i| {
+        let (a, b) = (recorded.get(i), derived.get(i));
+        (a != b).then(|| {
+            let full =
+                matches!((a, b), (Some(x), Some(y)) if (x.node, &x.kernel) == (y.node, &y.kernel));
+            format!(
+                "it runs {}, this runtime would run {}",
+                show(a, full),
+                show(b, full)
+            )
+        })
+    })
 }
 
 impl GraphPlan {
