@@ -1,6 +1,7 @@
 //! Command definitions (clap) and dispatch; each command lives in its own module.
 
 mod bench;
+mod bench_kernel;
 mod bench_model;
 mod compile;
 mod emit;

@@ -35,6 +35,7 @@ pub mod state;
 pub(crate) mod weights;
 
 pub use exec::CpuGraph;
+pub use moe::{moe_f32, MoeData};
 pub use plan::{kind_counts, GateLayer, LinearLayer, MoeWeight, Plan, Step};
 pub use slots::SlotPlan;
 pub use weights::Weights;
