@@ -2,7 +2,8 @@
 //! version, the header's and the table's checksums, the file length, every section's bounds,
 //! alignment and checksum, the JSON and UTF-8 of the text sections, the graphs (parsed and
 //! verified), the recorded CPU plan against the one this runtime derives, the weight index
-//! against its bytes and against the graphs' parameters, and the target. Nothing is allocated beyond what the file's own length justifies.
+//! against its bytes and against the graphs' parameters, and the target. Nothing is allocated
+//! beyond what the file's own length justifies.
 //!
 //! The file is memory-mapped and the weights are used in place from the map (every tensor is
 //! 64-byte aligned in the file), packed ones too (handed to the kernels as they are, after
