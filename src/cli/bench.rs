@@ -48,8 +48,8 @@ pub struct KernelArgs {
     /// cols); silu_mul: N or RxC (elements).
     #[arg(long)]
     shape: String,
-    /// f32; bf16 (matmul and gemv: bf16 weights, activations rounded to bf16); fp8 (gemv: e4m3
-    /// weights, per-tensor scale).
+    /// f32; bf16 (matmul and gemv: bf16 weights, activations rounded to bf16; moe: bf16
+    /// experts); fp8 (gemv: e4m3 weights, per-tensor scale; moe: e4m3 experts, per-row scales).
     #[arg(long, default_value = "f32")]
     dtype: String,
     /// Timed runs (after warm-up).

@@ -5,6 +5,7 @@
 use super::CliError;
 use half::bf16;
 use kiln::runtime::cpu::{moe_f32, MoeData};
+use kiln::runtime::tensor::Elements;
 use kiln_kernels::attention::{attention_f32, AttnOptions, AttnShape, Strides4, View};
 use kiln_kernels::gemm::{matmul_f32, Gemm};
 use kiln_kernels::gemm_bf16::{matmul_bf16, PackedBf16};
@@ -19,9 +20,11 @@ pub const OPS: &str = "matmul, gemv, attention, moe, rmsnorm, layernorm, softmax
 pub enum KernelDtype {
     /// f32 everywhere.
     F32,
-    /// bf16 weights, activations rounded to bf16, f32 accumulation (matmul, gemv).
+    /// bf16 weights, f32 accumulation (matmul, gemv: activations rounded to bf16; moe: the
+    /// experts' weights as bf16 precision stores them, activations f32).
     Bf16,
-    /// fp8 e4m3 weights with a per-tensor scale, bf16 activations (gemv).
+    /// fp8 e4m3 weights (gemv: a per-tensor scale, bf16 activations; moe: per-row scales as
+    /// fp8 precision stores the experts, activations f32).
     Fp8,
 }
 
@@ -39,9 +42,10 @@ impl KernelDtype {
             }
         };
         match (op, d) {
-            ("matmul", KernelDtype::Bf16) | ("gemv", _) => Ok(d),
+            ("matmul", KernelDtype::Bf16) | ("gemv" | "moe", _) => Ok(d),
             _ => Err(CliError::Input(format!(
-                "--dtype {dtype}: {op} has f32 kernels only (bf16: matmul and gemv; fp8: gemv)"
+                "--dtype {dtype}: {op} has f32 kernels only (bf16: matmul, gemv and moe; fp8: \
+                 gemv and moe)"
             ))),
         }
     }
@@ -275,7 +279,7 @@ pub fn measure(
             (w, median_secs(runs, || g.run()))
         }
         "attention" => attention(shape, runs)?,
-        "moe" => moe(shape, runs)?,
+        "moe" => moe(shape, dtype, runs)?,
         "rmsnorm" | "layernorm" | "softmax" => {
             let d = parse_shape(op, shape, &[2])?;
             let (rows, cols) = (d[0], d[1]);
@@ -377,10 +381,11 @@ fn attention(shape: &str, runs: usize) -> Result<(Work, f64), CliError> {
     Ok((w, secs))
 }
 
-/// The CPU backend's mixture-of-experts step, f32 weights: the router, then each expert's
-/// SwiGLU MLP on the tokens routed to it; bytes count the weights of the experts the tokens
-/// reach (at most all of them) and the activations.
-fn moe(shape: &str, runs: usize) -> Result<(Work, f64), CliError> {
+/// The CPU backend's mixture-of-experts step: the router, then each expert's SwiGLU MLP on
+/// the tokens routed to it, with the experts' weights in `dtype` as precision lowering stores
+/// them (bf16; fp8 e4m3 with a scale per row); bytes count the weights of the experts the
+/// tokens reach (at most all of them) and the activations.
+fn moe(shape: &str, dtype: KernelDtype, runs: usize) -> Result<(Work, f64), CliError> {
     let d = parse_shape("moe", shape, &[5])?;
     let (t, h, i, e, k) = (d[0], d[1], d[2], d[3], d[4]);
     if k > e {
@@ -390,22 +395,65 @@ fn moe(shape: &str, runs: usize) -> Result<(Work, f64), CliError> {
     }
     let x = data(t * h, 0.0);
     let gate = data(e * h, 1.0);
-    let weights: Vec<[Vec<f32>; 3]> = (0..e)
+    let f32s: Vec<[Vec<f32>; 3]> = (0..e)
         .map(|j| {
             let s = 3.0 * j as f32;
             [data(i * h, s), data(i * h, s + 1.0), data(h * i, s + 2.0)]
         })
         .collect();
-    let experts: Vec<[MoeData<'_>; 3]> = weights
-        .iter()
-        .map(|[w1, w3, w2]| [MoeData::F32(w1), MoeData::F32(w3), MoeData::F32(w2)])
+    let bf16s: Vec<Vec<bf16>> = match dtype {
+        KernelDtype::Bf16 => f32s
+            .iter()
+            .flatten()
+            .map(|w| w.iter().map(|&v| bf16::from_f32(v)).collect())
+            .collect(),
+        _ => Vec::new(),
+    };
+    let fp8s: Vec<Vec<u8>> = match dtype {
+        KernelDtype::Fp8 => f32s
+            .iter()
+            .flatten()
+            .map(|w| {
+                w.iter()
+                    .map(|&v| kiln::ir::f8::f32_to_f8e4m3(v * 800.0))
+                    .collect()
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    let (row_scale_i, row_scale_h) = (vec![1.0 / 800.0; i], vec![1.0 / 800.0; h]);
+    let weight = |j: usize| -> MoeData<'_> {
+        let rows = if j % 3 == 2 {
+            &row_scale_h
+        } else {
+            &row_scale_i
+        };
+        match dtype {
+            KernelDtype::F32 => MoeData::F32(&f32s[j / 3][j % 3]),
+            KernelDtype::Bf16 => MoeData::Narrow {
+                elements: Elements::BF16(&bf16s[j]),
+                scale: None,
+            },
+            KernelDtype::Fp8 => MoeData::Narrow {
+                elements: Elements::F8E4M3(&fp8s[j]),
+                scale: Some(rows),
+            },
+        }
+    };
+    let experts: Vec<[MoeData<'_>; 3]> = (0..e)
+        .map(|j| [weight(3 * j), weight(3 * j + 1), weight(3 * j + 2)])
         .collect();
+    let (size, name) = match dtype {
+        KernelDtype::F32 => (4, "f32"),
+        KernelDtype::Bf16 => (2, "bf16"),
+        KernelDtype::Fp8 => (1, "fp8 e4m3"),
+    };
     let mut out = vec![0.0; t * h];
     let reached = (t * k).min(e);
     let w = Work {
-        label: format!("moe f32 {t}x{h}x{i}x{e}x{k}"),
+        label: format!("moe {name} experts {t}x{h}x{i}x{e}x{k}"),
         flops: (2 * t * e * h + t * k * 6 * h * i) as f64,
-        bytes: 4.0 * (reached * 3 * h * i + e * h + 2 * t * h) as f64,
+        bytes: (size * reached * 3 * h * i + 4 * (e * h + 2 * t * h)) as f64,
     };
     let secs = median_secs(runs, || {
         moe_f32(k, h, &x, MoeData::F32(&gate), &experts, &mut out).expect("dense layout")
@@ -427,8 +475,12 @@ mod tests {
     #[test]
     fn dtypes_and_shapes_are_checked() {
         assert_eq!(KernelDtype::parse("gemv", "fp8").unwrap(), KernelDtype::Fp8);
+        assert_eq!(
+            KernelDtype::parse("moe", "bf16").unwrap(),
+            KernelDtype::Bf16
+        );
         assert!(dtype_error("softmax", "bf16").contains("f32 kernels only"));
-        assert!(dtype_error("matmul", "fp8").contains("fp8: gemv"));
+        assert!(dtype_error("matmul", "fp8").contains("fp8: gemv and moe"));
         assert!(dtype_error("gemv", "f16").contains("f32, bf16 or fp8"));
         let shape_error = |op: &str, shape: &str| match measure(op, shape, KernelDtype::F32, 1) {
             Err(e) => e.to_string(),
@@ -452,6 +504,8 @@ mod tests {
             ("attention", "1x6x2x3x9x16", KernelDtype::F32),
             ("attention", "2x4x4x1x33x8", KernelDtype::F32),
             ("moe", "3x8x16x4x2", KernelDtype::F32),
+            ("moe", "1x8x16x4x2", KernelDtype::Bf16),
+            ("moe", "9x8x16x4x2", KernelDtype::Fp8),
             ("rmsnorm", "3x33", KernelDtype::F32),
             ("layernorm", "3x33", KernelDtype::F32),
             ("softmax", "3x33", KernelDtype::F32),

@@ -5,12 +5,16 @@
 //!
 //! Weights are f32 data, or narrow parameters (precision lowering's `cast(w, f32)`, times a
 //! per-row scale for fp8) widened exactly as those ops would, by the step, and only for the
-//! router and the experts that receive tokens: a decode step widens `top_k` experts, not all.
+//! router and the experts that receive tokens. An expert that receives at most
+//! [`FEW_TOKENS`] tokens (every expert of a batch-1 decode step) reads its weights where they
+//! are stored instead, one token at a time (`kiln_kernels::gemv::gemv_narrow`: narrow
+//! elements widened on the fly, x left in f32): nothing is widened into a buffer or packed.
 
 use crate::tensor::Elements;
 use kiln_ir::f8::{f8e4m3_to_f32, f8e5m2_to_f32};
 use kiln_kernels::elementwise::silu_mul;
 use kiln_kernels::gemm::{matmul_f32, Gemm};
+use kiln_kernels::gemv::{gemv_f32, gemv_narrow, Narrow};
 use kiln_kernels::{rowwise, KernelError};
 use std::borrow::Cow;
 
@@ -30,6 +34,42 @@ pub enum MoeData<'a> {
 }
 
 impl<'a> MoeData<'a> {
+    /// Elements.
+    fn len(&self) -> usize {
+        match self {
+            MoeData::F32(d) => d.len(),
+            MoeData::Narrow { elements, .. } => elements.len(),
+        }
+    }
+
+    /// `y = self · x` for the weight as `n × k` (row-major), read as stored: the narrow
+    /// elements widened on the fly (exact), then each row times its scale — the values of
+    /// [`MoeData::widen`] and an f32 GEMV up to the rounding of the scale's product.
+    fn gemv(&self, n: usize, k: usize, x: &[f32], y: &mut [f32]) -> Result<(), String> {
+        let (elements, scale) = match *self {
+            MoeData::F32(d) => return gemv_f32(n, k, d, x, y).map_err(|e| e.to_string()),
+            MoeData::Narrow { elements, scale } => (elements, scale),
+        };
+        let narrow = match elements {
+            Elements::F32(d) => return gemv_f32(n, k, d, x, y).map_err(|e| e.to_string()),
+            Elements::F16(v) => Narrow::F16(v),
+            Elements::BF16(v) => Narrow::Bf16(v),
+            Elements::F8E4M3(v) => Narrow::F8E4M3(v),
+            Elements::F8E5M2(v) => Narrow::F8E5M2(v),
+            other => return Err(format!("a {} weight", other.dtype())),
+        };
+        gemv_narrow(n, k, narrow, x, y).map_err(|e| e.to_string())?;
+        if let Some(scale) = scale {
+            if scale.len() != n {
+                return Err(format!("{} scales for {n} rows", scale.len()));
+            }
+            for (v, s) in y.iter_mut().zip(scale) {
+                *v *= s;
+            }
+        }
+        Ok(())
+    }
+
     /// The f32 elements: borrowed, or widened (and scaled) into a new buffer.
     fn widen(&self) -> Result<Cow<'a, [f32]>, KernelError> {
         let (elements, scale) = match *self {
@@ -64,6 +104,54 @@ impl<'a> MoeData<'a> {
         }
         Ok(Cow::Owned(w))
     }
+}
+
+/// Routed tokens up to which an expert reads its weights where they are stored, one token at a
+/// time (GEMVs over the narrow elements, nothing widened or packed); with more, widening once
+/// and one GEMM per weight costs less than re-reading the weights per token.
+const FEW_TOKENS: usize = 2;
+
+/// The `(w1, w3, w2)` of an expert: `[i, h]`, `[i, h]`, `[h, i]` for `i` the intermediate size.
+fn intermediate(h: usize, expert: &[MoeData<'_>; 3]) -> Result<usize, String> {
+    let lens = expert.map(|w| w.len());
+    let i = lens[0] / h;
+    if lens[0] != i * h || lens[1] != lens[0] || lens[2] != lens[0] {
+        return Err(format!(
+            "weights of {}, {}, {} elements",
+            lens[0], lens[1], lens[2]
+        ));
+    }
+    Ok(i)
+}
+
+/// `silu(x · w1ᵀ) · (x · w3ᵀ) · w2ᵀ` for the rows of `xe`, one row at a time on the weights as
+/// stored.
+fn expert_in_place(h: usize, xe: &[f32], expert: &[MoeData<'_>; 3]) -> Result<Vec<f32>, String> {
+    let i = intermediate(h, expert)?;
+    let [w1, w3, w2] = expert;
+    let (mut g, mut u, mut a) = (vec![0.0; i], vec![0.0; i], vec![0.0; i]);
+    let mut y = vec![0.0; xe.len()];
+    for (xr, yr) in xe.chunks_exact(h).zip(y.chunks_exact_mut(h)) {
+        w1.gemv(i, h, xr, &mut g)?;
+        w3.gemv(i, h, xr, &mut u)?;
+        silu_mul(&g, &u, &mut a).map_err(|e| e.to_string())?;
+        w2.gemv(h, i, &a, yr)?;
+    }
+    Ok(y)
+}
+
+/// The same for many rows: each weight widened once (narrow ones) and one GEMM per weight.
+fn expert_widened(h: usize, xe: &[f32], expert: &[MoeData<'_>; 3]) -> Result<Vec<f32>, String> {
+    let text = |e: KernelError| e.to_string();
+    let i = intermediate(h, expert)?;
+    let n = xe.len() / h;
+    let [w1, w3, w2] = expert.map(|w| w.widen());
+    let (w1, w3, w2) = (w1.map_err(text)?, w3.map_err(text)?, w2.map_err(text)?);
+    let g = linear(n, i, h, xe, &w1).map_err(text)?;
+    let u = linear(n, i, h, xe, &w3).map_err(text)?;
+    let mut a = vec![0.0; g.len()];
+    silu_mul(&g, &u, &mut a).map_err(text)?;
+    linear(n, h, i, &a, &w2).map_err(text)
 }
 
 /// `x · wᵀ` for row-major `x` (`m × k`) and `w` (`n × k`).
@@ -128,27 +216,18 @@ pub fn moe_f32(
         if pairs.is_empty() {
             continue;
         }
-        let [w1, w3, w2] = experts[e];
-        let (w1, w3, w2) = (w1.widen()?, w3.widen()?, w2.widen()?);
-        let inter = w1.len() / h;
-        if w1.len() != inter * h || w3.len() != w1.len() || w2.len() != w1.len() {
-            return bad(format!(
-                "expert {e}: weights of {}, {}, {} elements",
-                w1.len(),
-                w3.len(),
-                w2.len()
-            ));
-        }
         let n = pairs.len();
         let mut xe = Vec::with_capacity(n * h);
         for &(t, _) in pairs {
             xe.extend_from_slice(&x[t * h..(t + 1) * h]);
         }
-        let g = linear(n, inter, h, &xe, &w1)?;
-        let u = linear(n, inter, h, &xe, &w3)?;
-        let mut a = vec![0.0; g.len()];
-        silu_mul(&g, &u, &mut a)?;
-        let y = linear(n, h, inter, &a, &w2)?;
+        let run = if n <= FEW_TOKENS {
+            expert_in_place
+        } else {
+            expert_widened
+        };
+        let y = run(h, &xe, &experts[e])
+            .map_err(|m| KernelError::Layout(format!("moe: expert {e}: {m}")))?;
         for (r, &(t, w)) in pairs.iter().enumerate() {
             for (o, &v) in out[t * h..(t + 1) * h]
                 .iter_mut()

@@ -1,0 +1,184 @@
+//! Narrow-float weights read where they are stored, for products whose activations stay f32:
+//! `y = widen(W) · x` with `W` bf16, f16 or fp8 (e4m3, e5m2) and `x` f32 **not** rounded — the
+//! IR's `matmul(x, cast(w, f32))`, as a mixture-of-experts block computes under bf16 and fp8
+//! precision. Every narrow value is exact in f32, so the result is [`super::gemv_f32`] of the
+//! widened matrix up to the order of the f32 additions, without writing that matrix anywhere:
+//! each block of four rows is widened into a small buffer (in L1) and multiplied by the f32
+//! row kernel.
+
+use super::{check, f32_rows, split_rows};
+use crate::simd::Isa;
+use crate::KernelError;
+use half::{bf16, f16};
+use std::sync::OnceLock;
+
+/// Rows widened at a time (the f32 row kernel reads four side by side).
+const ROWS: usize = 4;
+
+/// A row-major matrix of narrow floats.
+#[derive(Debug, Clone, Copy)]
+pub enum Narrow<'a> {
+    /// bf16 elements.
+    Bf16(&'a [bf16]),
+    /// f16 elements.
+    F16(&'a [f16]),
+    /// fp8 e4m3 bit patterns.
+    F8E4M3(&'a [u8]),
+    /// fp8 e5m2 bit patterns.
+    F8E5M2(&'a [u8]),
+}
+
+impl Narrow<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Narrow::Bf16(w) => w.len(),
+            Narrow::F16(w) => w.len(),
+            Narrow::F8E4M3(w) | Narrow::F8E5M2(w) => w.len(),
+        }
+    }
+
+    /// Elements `range` widened into `out` (as long as the range).
+    fn widen(&self, range: std::ops::Range<usize>, out: &mut [f32]) {
+        match self {
+            Narrow::Bf16(w) => {
+                for (o, v) in out.iter_mut().zip(&w[range]) {
+                    *o = f32::from_bits(u32::from(v.to_bits()) << 16);
+                }
+            }
+            Narrow::F16(w) => {
+                for (o, v) in out.iter_mut().zip(&w[range]) {
+                    *o = v.to_f32();
+                }
+            }
+            Narrow::F8E4M3(w) => lookup(e4m3_table(), &w[range], out),
+            Narrow::F8E5M2(w) => lookup(e5m2_table(), &w[range], out),
+        }
+    }
+}
+
+fn lookup(table: &[f32; 256], bytes: &[u8], out: &mut [f32]) {
+    for (o, &b) in out.iter_mut().zip(bytes) {
+        *o = table[usize::from(b)];
+    }
+}
+
+fn e4m3_table() -> &'static [f32; 256] {
+    static T: OnceLock<[f32; 256]> = OnceLock::new();
+    T.get_or_init(|| std::array::from_fn(|b| kiln_ir::f8::f8e4m3_to_f32(b as u8)))
+}
+
+fn e5m2_table() -> &'static [f32; 256] {
+    static T: OnceLock<[f32; 256]> = OnceLock::new();
+    T.get_or_init(|| std::array::from_fn(|b| kiln_ir::f8::f8e5m2_to_f32(b as u8)))
+}
+
+/// `y = widen(W) · x` with `W` of `n × k` narrow elements (row-major), at the best [`Isa`].
+pub fn gemv_narrow(
+    n: usize,
+    k: usize,
+    w: Narrow<'_>,
+    x: &[f32],
+    y: &mut [f32],
+) -> Result<(), KernelError> {
+    gemv_narrow_with(Isa::best(), n, k, w, x, y)
+}
+
+/// As [`gemv_narrow`] at instruction-set level `isa`.
+pub fn gemv_narrow_with(
+    isa: Isa,
+    n: usize,
+    k: usize,
+    w: Narrow<'_>,
+    x: &[f32],
+    y: &mut [f32],
+) -> Result<(), KernelError> {
+    check(n, k, w.len(), x.len(), y.len())?;
+    if n == 0 {
+        return Ok(());
+    }
+    let level = crate::simd::vector_level(isa);
+    split_rows(n, k, 1, y, |r0, yb| {
+        let mut buf = vec![0.0f32; ROWS * k];
+        for (q, yq) in yb.chunks_mut(ROWS).enumerate() {
+            let first = r0 + q * ROWS;
+            let wide = &mut buf[..yq.len() * k];
+            w.widen(first * k..(first + yq.len()) * k, wide);
+            f32_rows(level, wide, k, x, yq);
+        }
+    });
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gemv::gemv_f32;
+
+    fn data(n: usize, seed: u32) -> Vec<f32> {
+        (0..n as u32)
+            .map(|i| ((i.wrapping_mul(2_654_435_761) ^ seed) % 2001) as f32 / 1000.0 - 1.0)
+            .collect()
+    }
+
+    /// Against widening first and the f32 GEMV, for every narrow dtype, at odd sizes, with
+    /// every byte pattern of the fp8 formats present (NaN and infinities included).
+    #[test]
+    fn matches_widening_then_the_f32_gemv() {
+        for (n, k) in [(1usize, 1usize), (7, 33), (33, 7), (5, 4097), (64, 256)] {
+            let base = data(n * k, 7);
+            let x = data(k, 3);
+            let bytes: Vec<u8> = (0..n * k).map(|i| (i * 97 % 256) as u8).collect();
+            let b16: Vec<bf16> = base.iter().map(|&v| bf16::from_f32(v * 3.0)).collect();
+            let h16: Vec<f16> = base.iter().map(|&v| f16::from_f32(v * 3.0)).collect();
+            let cases: [(&str, Narrow<'_>, Vec<f32>); 4] = [
+                (
+                    "bf16",
+                    Narrow::Bf16(&b16),
+                    b16.iter().map(|v| v.to_f32()).collect(),
+                ),
+                (
+                    "f16",
+                    Narrow::F16(&h16),
+                    h16.iter().map(|v| v.to_f32()).collect(),
+                ),
+                (
+                    "e4m3",
+                    Narrow::F8E4M3(&bytes),
+                    bytes
+                        .iter()
+                        .map(|&b| kiln_ir::f8::f8e4m3_to_f32(b))
+                        .collect(),
+                ),
+                (
+                    "e5m2",
+                    Narrow::F8E5M2(&bytes),
+                    bytes
+                        .iter()
+                        .map(|&b| kiln_ir::f8::f8e5m2_to_f32(b))
+                        .collect(),
+                ),
+            ];
+            for (name, w, wide) in cases {
+                for isa in Isa::ALL.into_iter().filter(|i| i.available()) {
+                    let (mut got, mut want) = (vec![0.0; n], vec![0.0; n]);
+                    gemv_narrow_with(isa, n, k, w, &x, &mut got).unwrap();
+                    gemv_f32(n, k, &wide, &x, &mut want).unwrap();
+                    for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                        let same = (a.is_nan() && b.is_nan())
+                            || a == b
+                            || (a - b).abs() <= 1e-4 * b.abs().max(1.0);
+                        assert!(same, "{name} {n}x{k} {isa:?} row {i}: {a} vs {b}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bad_lengths_are_errors() {
+        let w = vec![bf16::ONE; 6];
+        let mut y = vec![0.0; 2];
+        assert!(gemv_narrow(2, 3, Narrow::Bf16(&w), &[0.0; 4], &mut y).is_err());
+        assert!(gemv_narrow(3, 3, Narrow::Bf16(&w), &[0.0; 3], &mut y).is_err());
+    }
+}
