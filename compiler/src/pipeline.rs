@@ -51,8 +51,9 @@ pub struct Pass {
 }
 
 /// The default pipeline: `algebra` (layout and algebra clean-ups), `norm` (RMSNorm/LayerNorm
-/// fusion), `rotary` (rotary embedding), `attention` (attention fusion), `moe` (MoE dispatch), `fuse` (elementwise kernel
-/// fusion), `dce`.
+/// fusion), `rotary` (rotary embedding), `attention` (attention fusion), `moe` (MoE dispatch),
+/// `fuse` (elementwise kernel fusion), `dce`. Precision lowering follows it, then
+/// [`lowered_passes`].
 pub fn default_passes() -> Vec<Pass> {
     vec![
         Pass {
@@ -84,6 +85,30 @@ pub fn default_passes() -> Vec<Pass> {
             kind: PassKind::Graph(dce::eliminate),
         },
     ]
+}
+
+/// The passes run after precision lowering ([`crate::precision`], which creates fp8's scale
+/// products): `epilogue` (matmul epilogues into `linear` ops). At f32, where lowering changes
+/// nothing, [`default_passes`] followed by these is the whole pipeline.
+pub fn lowered_passes() -> Vec<Pass> {
+    vec![Pass {
+        name: "epilogue",
+        kind: PassKind::Rewrite(rules::epilogue::rules),
+    }]
+}
+
+/// Runs [`lowered_passes`] over `g` (a graph [`optimize`]d and then precision-lowered),
+/// appending their records and warnings to `report`, the optimizer's report.
+pub fn finish(
+    g: &Graph,
+    target: &Target,
+    limits: &Limits,
+    report: &mut Report,
+) -> Result<Graph, OptimizeError> {
+    let (out, late) = run_passes(g, &lowered_passes(), target, limits)?;
+    report.passes.extend(late.passes);
+    report.warnings.extend(late.warnings);
+    Ok(out)
 }
 
 /// One pass's record.

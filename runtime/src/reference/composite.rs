@@ -1,10 +1,11 @@
-//! Normalizations, rotary embedding and attention: `softmax` / `log_softmax` along an axis, and
-//! the composite ops `rmsnorm`, `layernorm`, `rotary` and `attention`, exactly as documented on
-//! their [`kiln_ir::Op`] variants. Everything but `rotary` is computed in f64 from the widened
-//! operands and rounded once; `rotary` is its primitive ops in sequence.
+//! Normalizations, rotary embedding, linear layers and attention: `softmax` / `log_softmax`
+//! along an axis, and the composite ops `rmsnorm`, `layernorm`, `rotary`, `linear` and
+//! `attention`, exactly as documented on their [`kiln_ir::Op`] variants. Everything but
+//! `rotary` and `linear` is computed in f64 from the widened operands and rounded once;
+//! `rotary` and `linear` are their primitive ops in sequence.
 
 use super::index::{broadcast_strides, split_axis};
-use super::{elementwise, floats, from_floats, layout, Ctx, ExecError};
+use super::{elementwise, floats, from_floats, layout, matmul, Ctx, ExecError};
 use crate::Tensor;
 use kiln_ir::{BinaryOp, Dim, UnaryOp};
 
@@ -128,6 +129,33 @@ pub(crate) fn rotary(
             x.shape(),
             y.shape()
         )));
+    }
+    Ok(y)
+}
+
+/// A linear layer with its epilogue: `matmul(x, w)` (`transpose_a = false`), then `* scale`,
+/// then `+ addend` (`epilogue` holds those present, in that order), computed as those
+/// primitive ops, so each rounds as they do.
+pub(crate) fn linear(
+    ctx: &Ctx<'_>,
+    transpose_b: bool,
+    x: &Tensor,
+    w: &Tensor,
+    epilogue: &[(BinaryOp, &Tensor)],
+) -> Result<Tensor, ExecError> {
+    let mut y = matmul::matmul(ctx, false, transpose_b, x, w)?;
+    for &(op, operand) in epilogue {
+        let next = elementwise::binary(ctx, op, &y, operand)?;
+        if next.shape() != y.shape() {
+            return Err(ctx.mismatch(format!(
+                "linear {} operand {:?} broadcasts the product {:?} to {:?}",
+                op.name(),
+                operand.shape(),
+                y.shape(),
+                next.shape()
+            )));
+        }
+        y = next;
     }
     Ok(y)
 }
