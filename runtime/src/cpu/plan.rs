@@ -275,10 +275,11 @@ impl Plan {
     /// Selects a step for every node of `graph` (which must be verified; `linear` ops and
     /// matmuls by a weight parameter become linear layers, with the op's scale and addend in
     /// their epilogue), leaves bf16 operand roundings to the linear kernels and folds head
-    /// layouts with their RoPE and bf16 rounding, and SwiGLU into linear layers ([`fuse`]), marks the nodes no output depends on through a value operand as
-    /// [`Step::Skip`], turns each view read by a kernel that needs dense data into a copy
-    /// (except the permute of an attention output stored permuted), groups the linear layers
-    /// reading one activation, and lets the groups append their KV-cache rows.
+    /// layouts with their RoPE and bf16 rounding, and SwiGLU into linear layers ([`fuse`]),
+    /// marks the nodes no output depends on through a value operand as [`Step::Skip`], turns
+    /// each view read by a kernel that needs dense data into a copy (except the permute of an
+    /// attention output stored permuted), groups the linear layers reading one activation,
+    /// and lets the groups append their KV-cache rows.
     pub fn new(graph: &Graph) -> Plan {
         Plan::with_provider(graph, None)
     }
