@@ -6,7 +6,7 @@
 use crate::codegen::{self, Codegen};
 use crate::placement::{self, Placement};
 use kiln_compiler::cost::Target;
-use kiln_compiler::pipeline::{finish, optimize, Limits, OptimizeError, Report};
+use kiln_compiler::pipeline::{optimize, run_lowered, Limits, OptimizeError, Report};
 use kiln_compiler::precision::{
     lower_precision, Precision, PrecisionError, E4M3_MAX, ROUNDED_SUFFIX, SCALE_SUFFIX,
 };
@@ -88,7 +88,7 @@ pub fn prepare(
         if opts.optimize {
             let (optimized, mut report) = optimize(&g, target, limits)?;
             let lowered = lower_precision(&optimized, opts.precision, target)?;
-            out.push(finish(&lowered, target, limits, &mut report)?);
+            out.push(run_lowered(&lowered, target, limits, &mut report)?);
             reports.push(report);
         } else {
             out.push(lower_precision(&g, opts.precision, target)?);

@@ -99,7 +99,7 @@ pub fn lowered_passes() -> Vec<Pass> {
 
 /// Runs [`lowered_passes`] over `g` (a graph [`optimize`]d and then precision-lowered),
 /// appending their records and warnings to `report`, the optimizer's report.
-pub fn finish(
+pub fn run_lowered(
     g: &Graph,
     target: &Target,
     limits: &Limits,
@@ -413,6 +413,24 @@ mod tests {
             msg.contains("pass bad: inconsistent e-graph: rule wrong-type built a f32[4]"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn the_lowered_passes_extend_the_report() {
+        let t = Tracer::new();
+        let x = t.input("x", DType::F32, [3, 4]);
+        let w = t.param("w", DType::F32, [5, 4]);
+        let b = t.param("b", DType::F32, [5]);
+        t.output("y", &x.matmul_t(&w, false, true).unwrap().add(&b).unwrap());
+        let (target, limits) = (Target::cpu(), Limits::default());
+        let (h, mut report) = optimize(&t.finish().unwrap(), &target, &limits).unwrap();
+        let h = run_lowered(&h, &target, &limits, &mut report).unwrap();
+        let names: Vec<&str> = report.passes.iter().map(|p| p.name).collect();
+        assert_eq!(names.len(), default_passes().len() + 1);
+        assert_eq!(names.last(), Some(&"epilogue"));
+        let ops: Vec<&str> = h.nodes().iter().map(|n| n.op.name()).collect();
+        assert_eq!(ops, ["input", "param", "param", "linear"]);
+        assert!(report.to_string().contains("linear-epilogue×1"), "{report}");
     }
 
     #[test]

@@ -9,7 +9,7 @@
 #[path = "../../src/testutil.rs"]
 pub mod testutil;
 
-use kiln_compiler::pipeline::finish;
+use kiln_compiler::pipeline::run_lowered;
 use kiln_compiler::{optimize, Limits, Target};
 use kiln_ir::{verify, Bindings, DType, Graph};
 use kiln_models::config::Family;
@@ -117,7 +117,7 @@ pub fn optimize_fixture(fixture: &str) -> (ModelDir, Vec<Optimized>) {
         let g = adapt_param_names(&g, prefix, |n| ckpt.info(n).is_some());
         let params = ckpt.bind(&g, Convert::Exact).unwrap();
         let (h, mut report) = optimize(&g, &Target::cpu(), &Limits::default()).unwrap();
-        let h = finish(&h, &Target::cpu(), &Limits::default(), &mut report).unwrap();
+        let h = run_lowered(&h, &Target::cpu(), &Limits::default(), &mut report).unwrap();
         println!(
             "{fixture} {which}: {} -> {} ops\n{report}",
             g.nodes().len(),
@@ -139,7 +139,7 @@ pub fn optimize_fixture(fixture: &str) -> (ModelDir, Vec<Optimized>) {
 }
 
 /// Traces the causal LM of a `config.json` text (no weights) and optimizes its prefill and
-/// decode graphs, printing op counts and times (`--nocapture`; times are not asserted) and
+/// decode graphs (the default and the lowered passes, at f32), printing op counts and times (`--nocapture`; times are not asserted) and
 /// checking that no limit was hit. Returns the optimized graphs by name.
 pub fn optimize_config(config: &str, label: &str) -> Vec<(&'static str, Graph)> {
     let cfg = kiln_models::config::parse(config, Path::new("config.json")).unwrap();
@@ -152,7 +152,7 @@ pub fn optimize_config(config: &str, label: &str) -> Vec<(&'static str, Graph)> 
         .map(|(which, g)| {
             let start = std::time::Instant::now();
             let (h, mut report) = optimize(&g, &Target::cpu(), &Limits::default()).unwrap();
-            let h = finish(&h, &Target::cpu(), &Limits::default(), &mut report).unwrap();
+            let h = run_lowered(&h, &Target::cpu(), &Limits::default(), &mut report).unwrap();
             println!(
                 "{label} {which}: {} -> {} ops in {:.3} s\n{report}",
                 g.nodes().len(),
