@@ -6,7 +6,7 @@
 use crate::codegen::{self, Codegen};
 use crate::placement::{self, Placement};
 use kiln_compiler::cost::Target;
-use kiln_compiler::pipeline::{optimize, Limits, OptimizeError, Report};
+use kiln_compiler::pipeline::{optimize, run_lowered, Limits, OptimizeError, Report};
 use kiln_compiler::precision::{
     lower_precision, Precision, PrecisionError, E4M3_MAX, ROUNDED_SUFFIX, SCALE_SUFFIX,
 };
@@ -74,23 +74,25 @@ impl Default for LoadOptions {
     }
 }
 
-/// The graphs as they will run: optimized for the target when asked (one report each), then
-/// lowered to the precision asked for.
+/// The graphs as they will run: optimized for the target when asked, lowered to the precision
+/// asked for, then (when optimizing) given the passes that follow lowering
+/// ([`kiln_compiler::pipeline::lowered_passes`]); one report per optimized graph.
 pub fn prepare(
     graphs: Vec<Graph>,
     opts: &LoadOptions,
 ) -> Result<(Vec<Graph>, Vec<Report>), LoadError> {
     let mut out = Vec::with_capacity(graphs.len());
     let mut reports = Vec::with_capacity(graphs.len());
+    let (target, limits) = (&opts.target, &Limits::default());
     for g in graphs {
-        let g = if opts.optimize {
-            let (optimized, report) = optimize(&g, &opts.target, &Limits::default())?;
+        if opts.optimize {
+            let (optimized, mut report) = optimize(&g, target, limits)?;
+            let lowered = lower_precision(&optimized, opts.precision, target)?;
+            out.push(run_lowered(&lowered, target, limits, &mut report)?);
             reports.push(report);
-            optimized
         } else {
-            g
-        };
-        out.push(lower_precision(&g, opts.precision, &opts.target)?);
+            out.push(lower_precision(&g, opts.precision, target)?);
+        }
     }
     Ok((out, reports))
 }

@@ -5,7 +5,7 @@
 mod common;
 
 use common::{f32_tensor, kiln, reference_json as reference, refused};
-use kiln_compiler::pipeline::default_passes;
+use kiln_compiler::pipeline::{default_passes, lowered_passes};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Output;
@@ -449,9 +449,16 @@ fn inspect_passes_and_no_optimize() {
             .iter()
             .map(|p| p["name"].as_str().unwrap())
             .collect();
-        let pipeline: Vec<&str> = default_passes().iter().map(|p| p.name).collect();
+        let pipeline: Vec<&str> = default_passes()
+            .iter()
+            .chain(&lowered_passes())
+            .map(|p| p.name)
+            .collect();
         assert_eq!(names, pipeline);
         assert_eq!(g["kernels"]["attention"], 2, "one per layer: {g}");
+        // o_proj and down_proj with their residual adds, two per layer.
+        assert_eq!(g["kernels"]["linear"], 4, "{g}");
+        assert!(g["kernels"].get("add").is_none(), "{g}");
         assert!(g["kernels"].get("softmax").is_none(), "{g}");
         let sum: u64 = g["kernels"]
             .as_object()
@@ -525,6 +532,21 @@ fn dump_ir_after_a_pass_parses_back() {
         let norms = if g.starts_with("prefill") { 6 } else { 5 };
         assert_eq!(ops.iter().filter(|o| **o == "layernorm").count(), norms);
         assert!(ops.contains(&"softmax") && !ops.contains(&"attention"));
+    }
+    // The last pass, after (f32) precision lowering: c_attn's bias add is its epilogue.
+    let o = kiln(&[
+        "inspect",
+        "--model",
+        &fixture("gpt2"),
+        "--dump-ir",
+        "epilogue",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = String::from_utf8_lossy(&o.stdout);
+    for g in text.split("# ==== ").filter(|s| !s.is_empty()) {
+        let parsed = kiln::ir::text::parse(&format!("# {g}")).unwrap();
+        let linear = parsed.nodes().iter().filter(|n| n.op.name() == "linear");
+        assert_eq!(linear.count(), 2, "one per layer");
     }
     refused(
         &["inspect", "--model", &fixture("gpt2"), "--dump-ir", "bogus"],

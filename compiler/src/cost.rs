@@ -2,8 +2,9 @@
 //! `max(flops / peak(dtype), bytes / bandwidth) + launch` on a [`Target`]; layout views
 //! (reshape, permute, expand, which later fold into their consumers) and sources (inputs,
 //! parameters, constants) cost next to nothing. Composite ops (`rmsnorm`, `layernorm`,
-//! `attention`, `fused_elementwise`) read their operands and write their result once, so they cost less than their
-//! decompositions, which make a round trip through memory per op; `moe` also does the FLOPs of
+//! `linear`, `attention`, `fused_elementwise`) read their operands and write their result
+//! once, so they cost less than their decompositions, which make a round trip through memory
+//! per op; `moe` also does the FLOPs of
 //! only the `top_k` experts each token is routed to, where its dense form runs every expert.
 //!
 //! Symbolic sizes are costed at [`NOMINAL_SYMBOL`] (a moderate batch × sequence).
@@ -175,6 +176,11 @@ pub fn op_cost(target: &Target, op: &Op, ins: &[&TensorType], out: &TensorType) 
                     let k = a.shape[a.rank() - if *transpose_a { 2 } else { 1 }].clone();
                     2.0 * numel(out) * size(&k)
                 }
+                // The product, then one operation per element for each epilogue operand.
+                Op::Linear { .. } => {
+                    let k = ins[0].shape.last().map_or(1.0, size);
+                    (2.0 * k + (ins.len() - 2) as f64) * numel(out)
+                }
                 Op::Attention { .. } => {
                     // q·k, softmax over the scores, then p·v.
                     let (q, k) = (ins[0], ins[1]);
@@ -303,6 +309,32 @@ mod tests {
                 op_cost(&t, &mul, &[&w, &x], &x),
             ];
             assert!(fused < parts.iter().sum::<f64>(), "{}", t.name);
+        }
+    }
+
+    #[test]
+    fn linear_costs_less_than_its_decomposition() {
+        for seq in [Dim::sym("seq"), Dim::fixed(1)] {
+            let x = TensorType::new(DType::F32, [seq.clone(), Dim::fixed(4096)]);
+            let y = TensorType::new(DType::F32, [seq, Dim::fixed(11008)]);
+            let w = TensorType::new(DType::F32, [11008, 4096]);
+            let n = TensorType::new(DType::F32, [11008]);
+            let mm = Op::MatMul {
+                transpose_a: false,
+                transpose_b: true,
+            };
+            let linear = Op::Linear {
+                transpose_b: true,
+                scaled: true,
+                added: true,
+            };
+            for t in TARGETS {
+                let fused = op_cost(&t, &linear, &[&x, &w, &n, &y], &y);
+                let parts = op_cost(&t, &mm, &[&x, &w], &y)
+                    + op_cost(&t, &Op::Binary(BinaryOp::Mul), &[&y, &n], &y)
+                    + op_cost(&t, &Op::Binary(BinaryOp::Add), &[&y, &y], &y);
+                assert!(fused < parts, "{}: {fused} vs {parts}", t.name);
+            }
         }
     }
 

@@ -51,8 +51,9 @@ pub struct Pass {
 }
 
 /// The default pipeline: `algebra` (layout and algebra clean-ups), `norm` (RMSNorm/LayerNorm
-/// fusion), `rotary` (rotary embedding), `attention` (attention fusion), `moe` (MoE dispatch), `fuse` (elementwise kernel
-/// fusion), `dce`.
+/// fusion), `rotary` (rotary embedding), `attention` (attention fusion), `moe` (MoE dispatch),
+/// `fuse` (elementwise kernel fusion), `dce`. Precision lowering follows it, then
+/// [`lowered_passes`].
 pub fn default_passes() -> Vec<Pass> {
     vec![
         Pass {
@@ -84,6 +85,30 @@ pub fn default_passes() -> Vec<Pass> {
             kind: PassKind::Graph(dce::eliminate),
         },
     ]
+}
+
+/// The passes run after precision lowering ([`crate::precision`], which creates fp8's scale
+/// products): `epilogue` (matmul epilogues into `linear` ops). At f32, where lowering changes
+/// nothing, [`default_passes`] followed by these is the whole pipeline.
+pub fn lowered_passes() -> Vec<Pass> {
+    vec![Pass {
+        name: "epilogue",
+        kind: PassKind::Rewrite(rules::epilogue::rules),
+    }]
+}
+
+/// Runs [`lowered_passes`] over `g` (a graph [`optimize`]d and then precision-lowered),
+/// appending their records and warnings to `report`, the optimizer's report.
+pub fn run_lowered(
+    g: &Graph,
+    target: &Target,
+    limits: &Limits,
+    report: &mut Report,
+) -> Result<Graph, OptimizeError> {
+    let (out, late) = run_passes(g, &lowered_passes(), target, limits)?;
+    report.passes.extend(late.passes);
+    report.warnings.extend(late.warnings);
+    Ok(out)
 }
 
 /// One pass's record.
@@ -388,6 +413,24 @@ mod tests {
             msg.contains("pass bad: inconsistent e-graph: rule wrong-type built a f32[4]"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn the_lowered_passes_extend_the_report() {
+        let t = Tracer::new();
+        let x = t.input("x", DType::F32, [3, 4]);
+        let w = t.param("w", DType::F32, [5, 4]);
+        let b = t.param("b", DType::F32, [5]);
+        t.output("y", &x.matmul_t(&w, false, true).unwrap().add(&b).unwrap());
+        let (target, limits) = (Target::cpu(), Limits::default());
+        let (h, mut report) = optimize(&t.finish().unwrap(), &target, &limits).unwrap();
+        let h = run_lowered(&h, &target, &limits, &mut report).unwrap();
+        let names: Vec<&str> = report.passes.iter().map(|p| p.name).collect();
+        assert_eq!(names.len(), default_passes().len() + 1);
+        assert_eq!(names.last(), Some(&"epilogue"));
+        let ops: Vec<&str> = h.nodes().iter().map(|n| n.op.name()).collect();
+        assert_eq!(ops, ["input", "param", "param", "linear"]);
+        assert!(report.to_string().contains("linear-epilogue×1"), "{report}");
     }
 
     #[test]

@@ -52,6 +52,10 @@
 //!
 //! A target that cannot run the precision is refused with the targets that can
 //! ([`crate::cost::Target::precisions`]).
+//!
+//! Matmul epilogues (`linear` ops) are formed after lowering
+//! ([`crate::pipeline::lowered_passes`]), so that fp8's scale products join them; a `linear`
+//! op met here is kept as it is, in f32.
 
 use crate::cost::{Target, TARGETS};
 use kiln_ir::{BinaryOp, DType, Dim, Graph, Node, Op, TensorType, ValueId};

@@ -1,8 +1,9 @@
 //! Every Hugging Face family fixture, optimized: the graph verifies, each application of a
 //! normalization of the model is exactly one composite op, each RoPE of a decoder family's
-//! queries and keys is one `rotary` op (two per layer, none left as a negation), and the
-//! reference executor gives the unoptimized graph's outputs (within 1e-5 of each output's
-//! largest magnitude) with the fixture's weights.
+//! queries and keys is one `rotary` op (two per layer, none left as a negation), each matmul
+//! epilogue the architecture has (a residual or bias add alone after a projection) is part of
+//! one `linear` op, and the reference executor gives the unoptimized graph's outputs (within
+//! 1e-5 of each output's largest magnitude) with the fixture's weights.
 
 mod common;
 
@@ -24,7 +25,14 @@ fn norm_weights(g: &Graph) -> usize {
         .count()
 }
 
-fn check(fixture: &str, norm: &str) {
+/// The `linear` ops a fixture's graph must have: `per_layer` in each layer (one layer per
+/// attention op), `extra` outside them.
+struct Epilogues {
+    per_layer: usize,
+    extra: usize,
+}
+
+fn check(fixture: &str, norm: &str, epilogues: Epilogues) {
     let (dir, graphs) = optimize_fixture(fixture);
     for common::Optimized {
         which,
@@ -60,40 +68,80 @@ fn check(fixture: &str, norm: &str) {
             n.op,
             Op::RmsNorm { .. } | Op::LayerNorm { .. }
         ) || n.op.name() == norm));
+        let layers = count(&h, "attention");
+        assert_eq!(
+            count(&h, "linear"),
+            epilogues.per_layer * layers + epilogues.extra,
+            "{fixture} {which}: linear ops over {layers} layers"
+        );
     }
 }
 
+/// The o_proj and down_proj residual adds.
+const LLAMA: Epilogues = Epilogues {
+    per_layer: 2,
+    extra: 0,
+};
+
 #[test]
 fn llama() {
-    check("llama", "rmsnorm");
+    check("llama", "rmsnorm", LLAMA);
 }
 
 #[test]
 fn mistral() {
-    check("mistral", "rmsnorm");
+    check("mistral", "rmsnorm", LLAMA);
 }
 
 #[test]
 fn qwen2() {
-    check("qwen2", "rmsnorm");
+    // The residual adds and the q, k and v projections' biases.
+    let epilogues = Epilogues {
+        per_layer: 5,
+        extra: 0,
+    };
+    check("qwen2", "rmsnorm", epilogues);
 }
 
 #[test]
 fn mixtral() {
-    check("mixtral", "rmsnorm");
+    // o_proj's residual add (the experts' sum is part of the `moe` op).
+    let epilogues = Epilogues {
+        per_layer: 1,
+        extra: 0,
+    };
+    check("mixtral", "rmsnorm", epilogues);
 }
 
 #[test]
 fn gpt2() {
-    check("gpt2", "layernorm");
+    // c_attn's bias; the other projections' biases are added with the residual or fed to
+    // GELU in one elementwise kernel (the `fuse` pass), which a `linear` op cannot hold.
+    let epilogues = Epilogues {
+        per_layer: 1,
+        extra: 0,
+    };
+    check("gpt2", "layernorm", epilogues);
 }
 
 #[test]
 fn bert() {
-    check("bert", "layernorm");
+    // The query, key and value biases, and the MLM decoder's bias; the other biases are
+    // added with the residual or fed to GELU in one elementwise kernel (the `fuse` pass).
+    let epilogues = Epilogues {
+        per_layer: 3,
+        extra: 1,
+    };
+    check("bert", "layernorm", epilogues);
 }
 
 #[test]
 fn distilbert() {
-    check("distilbert", "layernorm");
+    // The query, key and value biases, and the MLM decoder's bias; the other biases are
+    // added with the residual or fed to GELU in one elementwise kernel (the `fuse` pass).
+    let epilogues = Epilogues {
+        per_layer: 3,
+        extra: 1,
+    };
+    check("distilbert", "layernorm", epilogues);
 }

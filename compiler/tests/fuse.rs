@@ -1,13 +1,14 @@
-//! Elementwise and rotary fusion on the Llama fixture: the optimized graphs have fewer kernels
-//! per layer than the same pipeline without the `fuse` pass (SwiGLU's `silu * up` becomes one
-//! kernel), each RoPE `x * cos + rotate_half(x) * sin` is one `rotary` op (its slices,
-//! negation and concat gone), and the graphs still give the unoptimized graph's outputs
-//! (checked by `optimize_fixture`).
+//! Elementwise, rotary and epilogue fusion on the Llama fixture: the optimized graphs have
+//! fewer kernels per layer than the same pipeline without the `fuse` pass (SwiGLU's
+//! `silu * up` becomes one kernel), each RoPE `x * cos + rotate_half(x) * sin` is one `rotary`
+//! op (its slices, negation and concat gone), each residual add is a projection's `linear`
+//! epilogue, and the graphs still give the unoptimized graph's outputs (checked by
+//! `optimize_fixture`).
 
 mod common;
 
 use common::{count, optimize_fixture};
-use kiln_compiler::pipeline::{default_passes, run_passes};
+use kiln_compiler::pipeline::{default_passes, lowered_passes, run_passes};
 use kiln_compiler::{Limits, Target};
 use kiln_ir::{Graph, Op};
 
@@ -46,6 +47,7 @@ fn llama_decode_has_fewer_kernels_per_layer() {
             .count();
         let unfused: Vec<_> = default_passes()
             .into_iter()
+            .chain(lowered_passes())
             .filter(|p| p.name != "fuse")
             .collect();
         let (before, _) =
@@ -71,5 +73,8 @@ fn llama_decode_has_fewer_kernels_per_layer() {
         assert_eq!(swiglu, layers, "{}: {b:?}", o.which);
         assert_eq!(count(h, "rotary"), 2 * layers, "{}", o.which);
         assert_eq!(count(h, "neg"), 0, "{}", o.which);
+        // Each residual add is o_proj's or down_proj's epilogue.
+        assert_eq!(count(h, "add"), 0, "{}", o.which);
+        assert_eq!(count(h, "linear"), 2 * layers, "{}", o.which);
     }
 }

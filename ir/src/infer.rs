@@ -401,6 +401,34 @@ pub fn infer(op: &Op, ins: &[&TensorType]) -> R {
             }
             Ok(x.clone())
         }
+        Op::Linear {
+            transpose_b,
+            scaled,
+            added,
+        } => {
+            arity(op, ins, 2 + usize::from(*scaled) + usize::from(*added))?;
+            let mm = Op::MatMul {
+                transpose_a: false,
+                transpose_b: *transpose_b,
+            };
+            let y = infer(&mm, &ins[..2])?;
+            let n = std::slice::from_ref(&y.shape[y.rank() - 1]);
+            if *scaled {
+                let s = ins[2];
+                same_dtype(&y, s)?;
+                if s.shape.as_slice() != n {
+                    return Err(format!("linear scale {s} must be [{}] for {y}", n[0]));
+                }
+            }
+            if *added {
+                let a = ins[ins.len() - 1];
+                same_dtype(&y, a)?;
+                if a.shape.as_slice() != n && a.shape != y.shape {
+                    return Err(format!("linear addend {a} must be {y} or [{}]", n[0]));
+                }
+            }
+            Ok(y)
+        }
         Op::Attention {
             causal: false,
             window: 1..,
@@ -550,6 +578,39 @@ mod tests {
 
     fn f32s(shape: &[i64]) -> TensorType {
         TensorType::new(DType::F32, shape.iter().copied())
+    }
+
+    #[test]
+    fn linear_operands() {
+        let x = TensorType::new(DType::F32, [Dim::sym("seq"), Dim::fixed(4)]);
+        let y = TensorType::new(DType::F32, [Dim::sym("seq"), Dim::fixed(6)]);
+        let (w, n, k) = (f32s(&[6, 4]), f32s(&[6]), f32s(&[4]));
+        let linear = |scaled, added, ins: &[&TensorType]| {
+            let op = Op::Linear {
+                transpose_b: true,
+                scaled,
+                added,
+            };
+            infer(&op, ins)
+        };
+        assert_eq!(linear(false, false, &[&x, &w]), Ok(y.clone()));
+        assert_eq!(linear(true, true, &[&x, &w, &n, &y]), Ok(y.clone()));
+        assert_eq!(linear(false, true, &[&x, &w, &n]), Ok(y.clone()));
+        let e = linear(true, false, &[&x, &w, &k]).unwrap_err();
+        assert!(e.contains("scale f32[4] must be [6]"), "{e}");
+        let e = linear(true, false, &[&x, &w, &f32s(&[1, 6])]).unwrap_err();
+        assert!(e.contains("must be [6]"), "{e}");
+        let e = linear(false, true, &[&x, &w, &f32s(&[2, 6])]).unwrap_err();
+        assert!(
+            e.contains("addend f32[2, 6] must be f32[seq, 6] or [6]"),
+            "{e}"
+        );
+        let e = linear(true, true, &[&x, &w, &n]).unwrap_err();
+        assert!(e.contains("takes 4 operand(s), got 3"), "{e}");
+        let e = linear(false, false, &[&x, &f32s(&[4, 6])]).unwrap_err();
+        assert!(e.contains("contracted dims"), "{e}");
+        let half = TensorType::new(DType::BF16, [6]);
+        assert!(linear(false, true, &[&x, &w, &half]).is_err());
     }
 
     #[test]

@@ -1,8 +1,8 @@
 //! The op set: every operation a kiln graph can contain, with its exact semantics.
 //!
 //! Primitive ops are what model code traces into; composite ops (`rmsnorm`, `layernorm`,
-//! `attention`, `moe`, `fused_elementwise`) are what the optimizer creates and backends
-//! implement as single kernels.
+//! `rotary`, `linear`, `attention`, `moe`, `fused_elementwise`) are what the optimizer creates
+//! and backends implement as single kernels.
 //! Each op's semantics is stated on its variant; [`UnaryOp::eval`], [`BinaryOp::eval`] and
 //! [`CmpOp::eval`] define the scalar functions, computed in f64 and then rounded to the
 //! result dtype: to f32 first, then (for f16, bf16 and fp8) from that f32 to the narrower
@@ -455,6 +455,24 @@ pub enum Op {
     /// `rotate_half(x)[.., i] = -x[.., i + d/2]` for `i < d/2` and `x[.., i - d/2]` after, each
     /// product and the sum rounded to the dtype as the primitive ops would.
     Rotary,
+    /// Composite linear layer with its epilogue (the matmul epilogues backends run in the GEMM's
+    /// output stage). Operands `(x, w)`, then `scale` if `scaled`, then `addend` if `added`,
+    /// all of one numeric dtype (not bool). The result is `y = matmul(x, w)` with
+    /// `transpose_a = false` and this op's `transpose_b` (see [`Op::MatMul`]), then, if
+    /// `scaled`, `y * scale` with `scale` of shape `[n]`, `n` the product's last axis (one
+    /// factor per output column: fp8's per-channel weight scales), then, if `added`,
+    /// `y + addend` with `addend` of the product's shape (a residual) or `[n]` (a bias). Each
+    /// step is its primitive op ([`Op::MatMul`], [`Op::Binary`]), rounded as that op rounds,
+    /// so the op equals that chain bit for bit ([`crate::decompose`]); the result has the
+    /// product's type.
+    Linear {
+        /// Read `w` as `[.., n, k]` transposed (a checkpoint's `[out, in]` weight).
+        transpose_b: bool,
+        /// A per-column `scale` operand follows `w`.
+        scaled: bool,
+        /// An `addend` operand comes last.
+        added: bool,
+    },
     /// Composite scaled-dot-product attention. Operands `(q[b, hq, sq, d], k[b, hkv, sk, d],
     /// v[b, hkv, sk, dv])` and optionally an additive `mask` broadcastable to `[b, hq, sq, sk]`.
     /// `hq` is a multiple of `hkv`; query head `h` uses key/value head `h / (hq / hkv)`.
@@ -543,6 +561,7 @@ impl Op {
             Op::RmsNorm { .. } => "rmsnorm",
             Op::LayerNorm { .. } => "layernorm",
             Op::Rotary => "rotary",
+            Op::Linear { .. } => "linear",
             Op::Attention { .. } => "attention",
             Op::Moe { .. } => "moe",
             Op::FusedElementwise { .. } => "fused_elementwise",

@@ -390,27 +390,55 @@ impl Gen<'_> {
         }
     }
 
+    /// A matmul, or (half the time) a linear layer with a random epilogue.
     fn matmul(&mut self) {
         let a = self.get(|d| d != DType::Bool, DType::F32, 2);
         let t = self.ty(a);
         let r = t.rank();
-        let (transpose_a, transpose_b) = (self.flip(), self.flip());
+        let linear = self.flip();
+        let (transpose_a, transpose_b) = (!linear && self.flip(), self.flip());
         let k = t.shape[if transpose_a { r - 2 } else { r - 1 }].clone();
         let n = self.dim();
         let mut shape = t.shape[self.pick(r - 1)..r - 2].to_vec();
-        shape.extend(if transpose_b { [n, k] } else { [k, n] });
+        shape.extend(if transpose_b {
+            [n.clone(), k]
+        } else {
+            [k, n.clone()]
+        });
         let b = self.leaf(TensorType {
             dtype: t.dtype,
             shape,
         });
-        let ins = [a, b];
-        self.add(
-            Op::MatMul {
-                transpose_a,
-                transpose_b,
-            },
-            &ins,
-        );
+        let mm = Op::MatMul {
+            transpose_a,
+            transpose_b,
+        };
+        if !linear {
+            self.add(mm, &[a, b]);
+            return;
+        }
+        let Ok(y) = kiln_ir::infer(&mm, &[&t, &self.ty(b)]) else {
+            return;
+        };
+        let (scaled, added) = (self.flip(), self.flip());
+        let mut ins = vec![a, b];
+        let column = TensorType {
+            dtype: t.dtype,
+            shape: vec![n],
+        };
+        if scaled {
+            ins.push(self.leaf(column.clone()));
+        }
+        if added {
+            let addend = if self.flip() { y } else { column };
+            ins.push(self.leaf(addend));
+        }
+        let op = Op::Linear {
+            transpose_b,
+            scaled,
+            added,
+        };
+        self.add(op, &ins);
     }
 
     fn reshape(&mut self) {
@@ -574,7 +602,7 @@ fn generator_covers_the_op_set() {
     let names = ["n".to_string()];
     let (mut seen, mut const_dtypes) = (BTreeSet::new(), BTreeSet::new());
     let mut state = 0x2545_f491_4f6c_dd1du64;
-    for _ in 0..300 {
+    for _ in 0..400 {
         let choices: Vec<u32> = (0..300)
             .map(|_| {
                 state ^= state << 13;
@@ -596,6 +624,7 @@ fn generator_covers_the_op_set() {
         "softmax",
         "log_softmax",
         "matmul",
+        "linear",
         "reshape",
         "permute",
         "expand",

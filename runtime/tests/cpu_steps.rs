@@ -1,7 +1,7 @@
 //! The CPU backend's fused steps against the reference executor, on small graphs built to
 //! trigger each fusion, at shapes including the odd sizes 1, 7 and 33: linear groups (f32,
-//! bf16 and fp8 weights, one and several rows of x), linear epilogues (fp8-style per-column
-//! scale, residual add, bias add), the rotate-half rotary embedding, and attention storing its
+//! bf16 and fp8 weights, one and several rows of x), linear epilogues (the `linear` op's
+//! fp8-style per-column scale, residual add, bias add), the rotate-half rotary embedding, and attention storing its
 //! output permuted. Each test also checks that the plan did fuse (the step kinds it holds), so
 //! a pattern that stops matching fails here rather than silently running the unfused path.
 //! Tolerance: f32 within 1e-5 of the output's largest magnitude (f32 accumulation against the
@@ -101,6 +101,23 @@ fn rounded(x: &T, dtype: DType) -> T {
     }
 }
 
+/// `x · Wᵀ`, then `* scale` and `+ add` as the optimizer's `linear` op when there is one.
+fn linear(t: &Tracer, x: &T, w: &T, scale: Option<&T>, add: Option<&T>) -> T {
+    if scale.is_none() && add.is_none() {
+        return x.matmul_t(w, false, true).unwrap();
+    }
+    let op = Op::Linear {
+        transpose_b: true,
+        scaled: scale.is_some(),
+        added: add.is_some(),
+    };
+    let operands: Vec<&T> = [Some(x), Some(w), scale, add]
+        .into_iter()
+        .flatten()
+        .collect();
+    t.apply(op, &operands).unwrap()
+}
+
 fn linear_layers(steps: &[Step]) -> Vec<usize> {
     steps
         .iter()
@@ -150,21 +167,20 @@ fn linear_epilogues_match_the_reference() {
                 let s = t.param("s", DType::F32, [n as i64, 1]);
                 params.insert("s".into(), random(&mut rng, &[n, 1]));
                 let s = s.reshape(&[Dim::fixed(n as i64)]).unwrap();
-                let y = x.matmul_t(&w, false, true).unwrap();
-                let y = y.mul(&s).unwrap().add(&r).unwrap();
+                let y = linear(&t, &x, &w, Some(&s), Some(&r));
                 t.output("scaled_residual", &y);
                 // x · W2ᵀ + b, b a [n] bias.
                 let b = t.param("b", DType::F32, [n as i64]);
                 params.insert("b".into(), random(&mut rng, &[n]));
-                let z = x.matmul_t(&w2, false, true).unwrap().add(&b).unwrap();
+                let z = linear(&t, &x, &w2, None, Some(&b));
                 t.output("bias", &z);
                 let inputs = HashMap::from([
                     ("x".to_string(), random(&mut rng, &[m, k])),
                     ("r".to_string(), random(&mut rng, &[m, n])),
                 ]);
                 let steps = check(t.finish().unwrap(), &inputs, &params);
-                // Both layers fused with their epilogues (different epilogues: two steps)
-                // and no elementwise step left.
+                // Both layers computed with their epilogues (different epilogues: two
+                // steps), no elementwise step.
                 assert_eq!(linear_layers(&steps), [1, 1], "{dtype:?} {m}x{n}x{k}");
                 assert!(
                     !steps.iter().any(|s| matches!(s, Step::Fused(_))),
@@ -172,6 +188,32 @@ fn linear_epilogues_match_the_reference() {
                 );
             }
         }
+    }
+}
+
+/// A `linear` op whose scale is computed (not a parameter the kernel reads prepared) or whose
+/// weight is an activation runs the reference executor's op, with its result.
+#[test]
+fn linear_ops_without_a_kernel_run_the_reference_op() {
+    let mut rng = ChaCha8Rng::seed_from_u64(12);
+    for computed_weight in [false, true] {
+        let t = Tracer::new();
+        let mut params = HashMap::new();
+        let x = t.input("x", DType::F32, [3, 7]);
+        let r = t.input("r", DType::F32, [3, 5]);
+        let s = t.input("s", DType::F32, [5]).exp().unwrap();
+        let w = weight(&t, &mut params, &mut rng, "w", DType::F32, [5, 7]);
+        let w = if computed_weight { w.neg().unwrap() } else { w };
+        let scale = (!computed_weight).then_some(&s);
+        t.output("y", &linear(&t, &x, &w, scale, Some(&r)));
+        let inputs = HashMap::from([
+            ("x".to_string(), random(&mut rng, &[3, 7])),
+            ("r".to_string(), random(&mut rng, &[3, 5])),
+            ("s".to_string(), random(&mut rng, &[5])),
+        ]);
+        let steps = check(t.finish().unwrap(), &inputs, &params);
+        assert!(linear_layers(&steps).is_empty(), "{steps:?}");
+        assert!(steps.iter().any(|s| matches!(s, Step::Reference)));
     }
 }
 
@@ -561,7 +603,7 @@ fn a_head_view_with_another_reader_is_not_fused() {
     }
 }
 
-/// `silu(x·Gᵀ) · (x·Uᵀ)` (each scaled per column for fp8, as precision lowering emits) is one
+/// `silu(x·Gᵀ) · (x·Uᵀ)` (each scaled per column for fp8, as the optimizer leaves it) is one
 /// linear layer with a gate; a gate also read elsewhere is not fused (and stays correct).
 #[test]
 fn swiglu_as_a_gated_linear_layer_matches_the_reference() {
@@ -576,13 +618,12 @@ fn swiglu_as_a_gated_linear_layer_matches_the_reference() {
                     let xr = rounded(&x, dtype);
                     let mut proj = |name: &str| {
                         let w = weight(&t, &mut params, &mut rng, name, dtype, [n, k]);
-                        let y = xr.matmul_t(&w, false, true).unwrap();
                         if dtype != DType::F8E4M3 {
-                            return y;
+                            return linear(&t, &xr, &w, None, None);
                         }
                         let s = t.param(&format!("{name}.scale"), DType::F32, [n as i64]);
                         params.insert(format!("{name}.scale"), random(&mut rng, &[n]));
-                        y.mul(&s).unwrap()
+                        linear(&t, &xr, &w, Some(&s), None)
                     };
                     let (g, u) = (proj("gate"), proj("up"));
                     let body: Expr = "(mul (silu $0) $1)".parse().unwrap();

@@ -173,11 +173,13 @@ precision: {}",
     Ok(())
 }
 
-/// Prints each graph of a model directory as it is right after the optimizer pass `pass`.
+/// Prints each graph of a model directory as it is right after the optimizer pass `pass`, at
+/// f32 (where precision lowering, between the default and the lowered passes, changes nothing).
 pub fn dump_ir(dir: &Path, pass: &str) -> Result<(), CliError> {
-    use kiln::compiler::pipeline::{default_passes, run_passes, Limits};
+    use kiln::compiler::pipeline::{default_passes, lowered_passes, run_passes, Limits};
     let dir = kiln::models::ModelDir::open(dir).map_err(|e| CliError::Input(e.to_string()))?;
-    let passes = default_passes();
+    let mut passes = default_passes();
+    passes.extend(lowered_passes());
     let Some(last) = passes.iter().position(|p| p.name == pass) else {
         let names: Vec<&str> = passes.iter().map(|p| p.name).collect();
         return Err(CliError::Input(format!(

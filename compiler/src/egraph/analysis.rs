@@ -23,10 +23,12 @@ pub struct Data {
 }
 
 /// The analysis state: the declared types of inputs and parameters (they are not inferred),
-/// and the inconsistencies found (each one a bug in a rule).
+/// the graph's outputs, and the inconsistencies found (each one a bug in a rule).
 #[derive(Debug, Default)]
 pub struct TypeAnalysis {
     declared: HashMap<Op, TensorType>,
+    /// The e-classes of the lowered graph's outputs (as lowered: compare canonical ids).
+    pub outputs: Vec<Id>,
     /// Type or constant disagreements and ill-typed rewrites, in the order found.
     pub bugs: Vec<String>,
 }

@@ -81,7 +81,8 @@ pub fn to_egraph(g: &Graph) -> Lowered {
         .outputs()
         .iter()
         .map(|o| (o.name.clone(), egraph.find(ids[o.value.index()])))
-        .collect();
+        .collect::<Vec<_>>();
+    egraph.analysis.outputs = outputs.iter().map(|&(_, id)| id).collect();
     Lowered {
         egraph,
         outputs,
@@ -238,6 +239,15 @@ pub mod find {
         nodes(eg, id, pred)
             .filter(|n| n.children.len() == 1)
             .map(|n| (&n.op, eg.find(n.children[0])))
+    }
+
+    /// True when every reader of `id`'s class is a node of `user`'s class (there is one at
+    /// least) and the class is not a graph output: a value `user` alone reads.
+    pub fn only_read_by(eg: &EG, id: Id, user: Id) -> bool {
+        let (id, user) = (eg.find(id), eg.find(user));
+        let output = eg.analysis.outputs.iter().any(|&o| eg.find(o) == id);
+        let parents = eg[id].parents();
+        !output && parents.len() > 0 && parents.map(|p| eg.find(p)).all(|p| p == user)
     }
 
     /// True when `id`'s class holds the constant whose every element is `v`.

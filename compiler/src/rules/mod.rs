@@ -1,9 +1,11 @@
 //! Rule sets, one module each: [`algebra`] (algebra and layout clean-ups), [`norm`]
-//! (normalization fusion), [`rotary`] (rotary embedding), [`attention`] (scaled-dot-product attention fusion), [`moe`]
-//! (mixture-of-experts dispatch) and [`fuse`] (elementwise kernel fusion).
+//! (normalization fusion), [`rotary`] (rotary embedding), [`attention`] (scaled-dot-product
+//! attention fusion), [`moe`] (mixture-of-experts dispatch), [`fuse`] (elementwise kernel
+//! fusion) and [`epilogue`] (matmul epilogues, after precision lowering).
 
 pub mod algebra;
 pub mod attention;
+pub mod epilogue;
 pub mod fuse;
 pub mod moe;
 pub mod norm;

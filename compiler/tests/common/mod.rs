@@ -9,6 +9,7 @@
 #[path = "../../src/testutil.rs"]
 pub mod testutil;
 
+use kiln_compiler::pipeline::run_lowered;
 use kiln_compiler::{optimize, Limits, Target};
 use kiln_ir::{verify, Bindings, DType, Graph};
 use kiln_models::config::Family;
@@ -96,13 +97,14 @@ pub struct Optimized {
     pub which: &'static str,
     /// The traced graph (parameter names as in the checkpoint).
     pub original: Graph,
-    /// The default pipeline's result.
+    /// The default pipeline's result, after the lowered passes.
     pub optimized: Graph,
 }
 
 /// Opens `tests/fixtures/hf/<fixture>`, optimizes each of its graphs with the default
-/// pipeline, and checks that the optimizer gave no warnings, the result verifies, and the
-/// reference executor gives the unoptimized graph's outputs with the fixture's weights.
+/// pipeline and the passes that follow precision lowering (which changes nothing at f32), and
+/// checks that the optimizer gave no warnings, the result verifies, and the reference
+/// executor gives the unoptimized graph's outputs with the fixture's weights.
 pub fn optimize_fixture(fixture: &str) -> (ModelDir, Vec<Optimized>) {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../tests/fixtures/hf")
@@ -114,7 +116,8 @@ pub fn optimize_fixture(fixture: &str) -> (ModelDir, Vec<Optimized>) {
     for (which, g) in graphs(&dir) {
         let g = adapt_param_names(&g, prefix, |n| ckpt.info(n).is_some());
         let params = ckpt.bind(&g, Convert::Exact).unwrap();
-        let (h, report) = optimize(&g, &Target::cpu(), &Limits::default()).unwrap();
+        let (h, mut report) = optimize(&g, &Target::cpu(), &Limits::default()).unwrap();
+        let h = run_lowered(&h, &Target::cpu(), &Limits::default(), &mut report).unwrap();
         println!(
             "{fixture} {which}: {} -> {} ops\n{report}",
             g.nodes().len(),
@@ -136,7 +139,7 @@ pub fn optimize_fixture(fixture: &str) -> (ModelDir, Vec<Optimized>) {
 }
 
 /// Traces the causal LM of a `config.json` text (no weights) and optimizes its prefill and
-/// decode graphs, printing op counts and times (`--nocapture`; times are not asserted) and
+/// decode graphs (the default and the lowered passes, at f32), printing op counts and times (`--nocapture`; times are not asserted) and
 /// checking that no limit was hit. Returns the optimized graphs by name.
 pub fn optimize_config(config: &str, label: &str) -> Vec<(&'static str, Graph)> {
     let cfg = kiln_models::config::parse(config, Path::new("config.json")).unwrap();
@@ -148,7 +151,8 @@ pub fn optimize_config(config: &str, label: &str) -> Vec<(&'static str, Graph)> 
         .into_iter()
         .map(|(which, g)| {
             let start = std::time::Instant::now();
-            let (h, report) = optimize(&g, &Target::cpu(), &Limits::default()).unwrap();
+            let (h, mut report) = optimize(&g, &Target::cpu(), &Limits::default()).unwrap();
+            let h = run_lowered(&h, &Target::cpu(), &Limits::default(), &mut report).unwrap();
             println!(
                 "{label} {which}: {} -> {} ops in {:.3} s\n{report}",
                 g.nodes().len(),

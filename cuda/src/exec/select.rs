@@ -110,13 +110,18 @@ impl Step {
 }
 
 /// The graph this backend plans for `graph`: the composite ops it has no kernel for
-/// (`rotary`) written as their primitive ops ([`kiln_ir::decompose`]), each of which has one.
+/// (`rotary`, and `linear`, whose epilogue cuBLAS does not apply here yet) written as their
+/// primitive ops ([`kiln_ir::decompose`]), each of which has one.
 pub fn legalize(graph: &Graph) -> Result<Graph, ExecError> {
     verify(graph)?;
-    kiln_ir::decompose::rotary(graph).map_err(|(node, e)| ExecError::ShapeMismatch {
-        node,
-        op: "rotary",
-        detail: e.to_string(),
+    let composite = |op: &Op| matches!(op, Op::Rotary | Op::Linear { .. });
+    kiln_ir::decompose::expand(graph, composite).map_err(|(node, e)| {
+        let op = graph.node(node).map_or("composite", |n| n.op.name());
+        ExecError::ShapeMismatch {
+            node,
+            op,
+            detail: e.to_string(),
+        }
     })
 }
 

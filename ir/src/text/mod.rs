@@ -121,6 +121,15 @@ pub(crate) fn fields(op: &mut Op) -> Vec<(&'static str, Field<'_>)> {
             ("transpose_a", F::Bool(transpose_a)),
             ("transpose_b", F::Bool(transpose_b)),
         ],
+        Op::Linear {
+            transpose_b,
+            scaled,
+            added,
+        } => vec![
+            ("transpose_b", F::Bool(transpose_b)),
+            ("scaled", F::Bool(scaled)),
+            ("added", F::Bool(added)),
+        ],
         Op::Reshape { shape } | Op::Expand { shape } => vec![("shape", F::Shape(shape))],
         Op::Permute { perm } => vec![("perm", F::Axes(perm))],
         Op::Slice { axis, start, end } => vec![
@@ -208,6 +217,11 @@ pub(crate) fn templates() -> Vec<Op> {
         },
         Op::Moe { top_k: 0 },
         Op::Rotary,
+        Op::Linear {
+            transpose_b: false,
+            scaled: false,
+            added: false,
+        },
         Op::FusedElementwise { body: Expr::Arg(0) },
     ];
     ops.extend(UnaryOp::ALL.map(Op::Unary));
@@ -231,7 +245,7 @@ mod tests {
         let ops = templates();
         let names: HashSet<&str> = ops.iter().map(Op::name).collect();
         assert_eq!(names.len(), ops.len());
-        assert_eq!(ops.len(), 3 + 22 + 18 + 9 + 6 + 4);
+        assert_eq!(ops.len(), 3 + 22 + 19 + 9 + 6 + 4);
         for mut op in ops {
             let keys: Vec<&str> = fields(&mut op).into_iter().map(|(k, _)| k).collect();
             let unique: HashSet<&&str> = keys.iter().collect();

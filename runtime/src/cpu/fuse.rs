@@ -5,9 +5,6 @@
 //! - **Operand rounding in the kernels** ([`rounding_in_kernels`]): a `cast(cast(x, bf16), f32)`
 //!   read only by linear layers with bf16 or e4m3 weights is not computed: those kernels round
 //!   x to bf16 (to nearest even, as the cast) when they convert it.
-//! - **Linear epilogues** ([`linear_epilogues`]): a linear layer whose only consumer multiplies
-//!   it by a per-column f32 parameter (fp8's scales) and/or whose (scaled) result's only
-//!   consumer adds a residual of its shape or a bias `[n]` computes that in its epilogue.
 //! - **Linear groups** ([`linear_groups`]): linear layers reading the same activation (Q/K/V,
 //!   gate/up) become one step at the first one's node, one parallel region in decode.
 //! - **Rotary rounding** ([`rope_rounding`]): a rotary step's rounding to bf16, where that is
@@ -30,7 +27,7 @@
 //! reader) and leaves the steps unchanged otherwise.
 
 use super::plan::{reads_strided, GateLayer, LinearLayer, Step};
-use kiln_ir::{BinaryOp, DType, Dim, Expr, Graph, Node, Op, UnaryOp, ValueId};
+use kiln_ir::{BinaryOp, DType, Dim, Expr, Graph, Op, UnaryOp, ValueId};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -46,40 +43,6 @@ fn users(graph: &Graph) -> Vec<Vec<usize>> {
         users[o.value.index()].push(usize::MAX);
     }
     users
-}
-
-/// The binary op a node computes on its two operands: a primitive binary op, or a
-/// `fused_elementwise` body `(op $0 $1)`.
-fn binary(node: &Node) -> Option<BinaryOp> {
-    if node.inputs.len() != 2 {
-        return None;
-    }
-    match &node.op {
-        Op::Binary(op) => Some(*op),
-        Op::FusedElementwise {
-            body: Expr::Binary(op, a, b),
-        } => match (&**a, &**b) {
-            (Expr::Arg(0), Expr::Arg(1)) | (Expr::Arg(1), Expr::Arg(0)) => Some(*op),
-            _ => None,
-        },
-        _ => None,
-    }
-}
-
-/// The f32 parameter behind `v` if `v` is that parameter, or a reshape of it, of shape `[n]`.
-fn column_param(graph: &Graph, v: ValueId, n: &Dim) -> Option<String> {
-    let node = graph.node(v)?;
-    if node.ty.shape.as_slice() != std::slice::from_ref(n) {
-        return None;
-    }
-    let param = match &node.op {
-        Op::Reshape { .. } => graph.node(node.inputs[0])?,
-        _ => node,
-    };
-    match &param.op {
-        Op::Param { name } if param.ty.dtype == DType::F32 => Some(name.clone()),
-        _ => None,
-    }
 }
 
 /// Lets the linear layers with bf16 / e4m3 weights read `x` for `cast(cast(x, bf16), f32)`
@@ -115,61 +78,6 @@ pub(super) fn rounding_in_kernels(graph: &Graph, steps: &mut [Step]) {
                 }
                 steps[r] = Step::Linear(Arc::from(layers));
             }
-        }
-    }
-}
-
-/// Folds each single linear layer's scale multiply and residual / bias add into it.
-pub(super) fn linear_epilogues(graph: &Graph, steps: &mut [Step]) {
-    let nodes = graph.nodes();
-    let users = users(graph);
-    for i in 0..nodes.len() {
-        let Step::Linear(layers) = &steps[i] else {
-            continue;
-        };
-        let [layer] = &layers[..] else {
-            continue;
-        };
-        let mut layer = layer.clone();
-        let mut at = i;
-        while let [c] = users[at][..] {
-            let Some(cn) = nodes.get(c) else { break };
-            let an = &nodes[at];
-            let other = cn.inputs.iter().copied().find(|v| v.index() != at);
-            let (Some(op), Some(other), true, true) = (
-                binary(cn),
-                other,
-                cn.ty == an.ty,
-                matches!(steps[c], Step::Fused(_)),
-            ) else {
-                break;
-            };
-            let Some(n) = cn.ty.shape.last() else { break };
-            match op {
-                BinaryOp::Mul if layer.scale.is_none() && layer.add.is_none() => {
-                    match column_param(graph, other, n) {
-                        Some(name) => layer.scale = Some(name),
-                        None => break,
-                    }
-                }
-                BinaryOp::Add if layer.add.is_none() => {
-                    let Some(o) = graph.node(other) else { break };
-                    let fits = o.ty.dtype == DType::F32
-                        && (o.ty.shape == cn.ty.shape
-                            || o.ty.shape.as_slice() == std::slice::from_ref(n));
-                    if !fits {
-                        break;
-                    }
-                    layer.add = Some(other);
-                }
-                _ => break,
-            }
-            steps[at] = Step::Skip;
-            at = c;
-        }
-        if at != i {
-            layer.node = at;
-            steps[at] = Step::Linear(Arc::from(vec![layer]));
         }
     }
 }

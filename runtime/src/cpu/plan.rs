@@ -5,7 +5,7 @@
 
 use super::external::Provider;
 use super::fuse;
-use kiln_ir::{BinaryOp, DType, Expr, Graph, Node, Op, ValueId};
+use kiln_ir::{BinaryOp, DType, Dim, Expr, Graph, Node, Op, ValueId};
 use kiln_kernels::fused::Program;
 use std::fmt;
 use std::sync::Arc;
@@ -16,8 +16,8 @@ pub fn kind(name: &str) -> &str {
 }
 
 /// One linear layer of a [`Step::Linear`]: `(x · Wᵀ) ⊙ scale + add` (or `x · W`), the value of
-/// `node` (the matmul, or the last node of its epilogue: an fp8 per-channel scale multiply, a
-/// residual or bias add; the nodes it absorbs are not computed).
+/// `node` (a matmul or a `linear` op, whose scale and addend are its epilogue; or the node of a
+/// fusion that absorbs it, see [`fuse`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct LinearLayer {
     /// The node whose value this layer computes.
@@ -272,13 +272,14 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// Selects a step for every node of `graph` (which must be verified; rotary embeddings are
-    /// recognized here), leaves bf16 operand roundings to the linear kernels and folds linear
-    /// epilogues, head layouts with their RoPE and bf16 rounding, and SwiGLU into linear
-    /// layers ([`fuse`]), marks the nodes no output depends on through a value operand as
-    /// [`Step::Skip`], turns each view read by a kernel that needs dense data into a copy
-    /// (except the permute of an attention output stored permuted), groups the linear layers
-    /// reading one activation, and lets the groups append their KV-cache rows.
+    /// Selects a step for every node of `graph` (which must be verified; `linear` ops and
+    /// matmuls by a weight parameter become linear layers, with the op's scale and addend in
+    /// their epilogue), leaves bf16 operand roundings to the linear kernels and folds head
+    /// layouts with their RoPE and bf16 rounding, and SwiGLU into linear layers ([`fuse`]),
+    /// marks the nodes no output depends on through a value operand as [`Step::Skip`], turns
+    /// each view read by a kernel that needs dense data into a copy (except the permute of an
+    /// attention output stored permuted), groups the linear layers reading one activation,
+    /// and lets the groups append their KV-cache rows.
     pub fn new(graph: &Graph) -> Plan {
         Plan::with_provider(graph, None)
     }
@@ -298,7 +299,6 @@ impl Plan {
             })
             .collect();
         fuse::rounding_in_kernels(graph, &mut steps);
-        fuse::linear_epilogues(graph, &mut steps);
         fuse::rope_rounding(graph, &mut steps);
         fuse::linear_heads(graph, &mut steps);
         fuse::swiglu(graph, &mut steps);
@@ -464,26 +464,28 @@ fn select(graph: &Graph, i: usize, node: &Node) -> Step {
         Op::MatMul {
             transpose_a: false,
             transpose_b,
-        } if dtype == DType::F32 => match operand(1).and_then(|w| weight_param(graph, w)) {
-            Some((weight, wdtype)) => Step::Linear(Arc::from(vec![LinearLayer {
-                node: i,
-                x: node.inputs[0],
-                weight,
-                transposed: *transpose_b,
-                rounds_x: matches!(wdtype, DType::BF16 | DType::F8E4M3),
-                scale: None,
-                add: None,
-                gate: None,
-                heads: None,
-                rope: None,
-                round_bf16: false,
-                append: None,
-            }])),
-            None => Step::MatMul {
+        } if dtype == DType::F32 => {
+            linear(graph, i, node, *transpose_b, None, None).unwrap_or(Step::MatMul {
                 ta: false,
                 tb: *transpose_b,
-            },
-        },
+            })
+        }
+        Op::Linear {
+            transpose_b,
+            scaled,
+            added,
+        } if dtype == DType::F32 => {
+            // The kernel reads its scale prepared, by name: a parameter (fp8's scales).
+            let scale = scaled.then(|| {
+                let n = node.ty.shape.last()?;
+                column_param(graph, node.inputs[2], n)
+            });
+            if scale.as_ref().is_some_and(Option::is_none) {
+                return Step::Reference;
+            }
+            let add = added.then(|| node.inputs[node.inputs.len() - 1]);
+            linear(graph, i, node, *transpose_b, scale.flatten(), add).unwrap_or(Step::Reference)
+        }
         Op::MatMul {
             transpose_a,
             transpose_b,
@@ -595,6 +597,50 @@ fn moe_weight(graph: &Graph, w: ValueId) -> MoeWeight {
             _ => None,
         });
     scaled.unwrap_or(MoeWeight::Value(w))
+}
+
+/// The linear layer step for node `i`, `x · w` (operands 0 and 1) then `⊙ scale` (a parameter)
+/// and `+ add`, if `w` is a weight parameter ([`weight_param`]).
+fn linear(
+    graph: &Graph,
+    i: usize,
+    node: &Node,
+    transposed: bool,
+    scale: Option<String>,
+    add: Option<ValueId>,
+) -> Option<Step> {
+    let (weight, wdtype) = weight_param(graph, graph.node(node.inputs[1])?)?;
+    Some(Step::Linear(Arc::from(vec![LinearLayer {
+        node: i,
+        x: node.inputs[0],
+        weight,
+        transposed,
+        rounds_x: matches!(wdtype, DType::BF16 | DType::F8E4M3),
+        scale,
+        add,
+        gate: None,
+        heads: None,
+        rope: None,
+        round_bf16: false,
+        append: None,
+    }])))
+}
+
+/// The f32 parameter behind `v` if `v` is that parameter, or a reshape of it (precision
+/// lowering's fp8 scales), of shape `[n]`.
+fn column_param(graph: &Graph, v: ValueId, n: &Dim) -> Option<String> {
+    let node = graph.node(v)?;
+    if node.ty.shape.as_slice() != std::slice::from_ref(n) {
+        return None;
+    }
+    let param = match &node.op {
+        Op::Reshape { .. } => graph.node(node.inputs[0])?,
+        _ => node,
+    };
+    match &param.op {
+        Op::Param { name } if param.ty.dtype == DType::F32 => Some(name.clone()),
+        _ => None,
+    }
 }
 
 /// The parameter (and its dtype) behind a matmul's right operand if it is a 2-D weight: an f32

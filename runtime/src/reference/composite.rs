@@ -1,10 +1,11 @@
-//! Normalizations, rotary embedding and attention: `softmax` / `log_softmax` along an axis, and
-//! the composite ops `rmsnorm`, `layernorm`, `rotary` and `attention`, exactly as documented on
-//! their [`kiln_ir::Op`] variants. Everything but `rotary` is computed in f64 from the widened
-//! operands and rounded once; `rotary` is its primitive ops in sequence.
+//! Normalizations, rotary embedding, linear layers and attention: `softmax` / `log_softmax`
+//! along an axis, and the composite ops `rmsnorm`, `layernorm`, `rotary`, `linear` and
+//! `attention`, exactly as documented on their [`kiln_ir::Op`] variants. Everything but
+//! `rotary` and `linear` is computed in f64 from the widened operands and rounded once;
+//! `rotary` and `linear` are their primitive ops in sequence.
 
 use super::index::{broadcast_strides, split_axis};
-use super::{elementwise, floats, from_floats, layout, Ctx, ExecError};
+use super::{elementwise, floats, from_floats, layout, matmul, Ctx, ExecError};
 use crate::Tensor;
 use kiln_ir::{BinaryOp, Dim, UnaryOp};
 
@@ -128,6 +129,33 @@ pub(crate) fn rotary(
             x.shape(),
             y.shape()
         )));
+    }
+    Ok(y)
+}
+
+/// A linear layer with its epilogue: `matmul(x, w)` (`transpose_a = false`), then `* scale`,
+/// then `+ addend` (`epilogue` holds those present, in that order), computed as those
+/// primitive ops, so each rounds as they do.
+pub(crate) fn linear(
+    ctx: &Ctx<'_>,
+    transpose_b: bool,
+    x: &Tensor,
+    w: &Tensor,
+    epilogue: &[(BinaryOp, &Tensor)],
+) -> Result<Tensor, ExecError> {
+    let mut y = matmul::matmul(ctx, false, transpose_b, x, w)?;
+    for &(op, operand) in epilogue {
+        let next = elementwise::binary(ctx, op, &y, operand)?;
+        if next.shape() != y.shape() {
+            return Err(ctx.mismatch(format!(
+                "linear {} operand {:?} broadcasts the product {:?} to {:?}",
+                op.name(),
+                operand.shape(),
+                y.shape(),
+                next.shape()
+            )));
+        }
+        y = next;
     }
     Ok(y)
 }
@@ -262,6 +290,44 @@ mod tests {
     use kiln_ir::{DType, Op, F64};
 
     const NINF: f32 = f32::NEG_INFINITY;
+
+    /// `linear` is its matmul, scale product and sum: hand-checked in f32, and bit for bit the
+    /// chain of those primitive ops in bf16 (each step rounded to bf16), with a residual or a
+    /// bias `[n]`.
+    #[test]
+    fn linear_is_its_primitive_ops() {
+        let x = f32t(&[2, 3], &[1.0, 2.0, 3.0, -1.0, 0.5, 0.25]);
+        let w = f32t(&[2, 3], &[1.0, 0.0, 1.0, 2.0, -1.0, 0.0]);
+        let s = f32t(&[2], &[0.5, 2.0]);
+        let r = f32t(&[2, 2], &[10.0, 20.0, 30.0, 40.0]);
+        let linear = |scaled, added| Op::Linear {
+            transpose_b: true,
+            scaled,
+            added,
+        };
+        // x · wᵀ = [[4, 0], [-0.75, -2.5]], times s = [[2, 0], [-0.375, -5]], plus r.
+        let y = eval_op(linear(true, true), &[&x, &w, &s, &r]);
+        assert_close(&y, &[2, 2], &[12.0, 20.0, 29.625, 35.0], 0.0);
+        let mm = Op::MatMul {
+            transpose_a: false,
+            transpose_b: true,
+        };
+        let (mul, add) = (Op::Binary(BinaryOp::Mul), Op::Binary(BinaryOp::Add));
+        let bf16 = |t: &Tensor| t.cast(DType::BF16);
+        let x = bf16(&f32t(&[2, 3], &[1.1, 2.3, 3.7, -1.9, 0.55, 0.27]));
+        let (w, s) = (bf16(&w), bf16(&f32t(&[2], &[0.3, 1.7])));
+        for addend in [bf16(&r), bf16(&f32t(&[2], &[0.3, -0.7]))] {
+            let got = eval_op(linear(true, true), &[&x, &w, &s, &addend]);
+            let product = eval_op(mm.clone(), &[&x, &w]);
+            let scaled = eval_op(mul.clone(), &[&product, &s]);
+            let want = eval_op(add.clone(), &[&scaled, &addend]);
+            assert_eq!(got.dtype(), DType::BF16);
+            assert_eq!(got.to_f64_vec(), want.to_f64_vec());
+            let got = eval_op(linear(false, true), &[&x, &w, &addend]);
+            let want = eval_op(add.clone(), &[&product, &addend]);
+            assert_eq!(got.to_f64_vec(), want.to_f64_vec());
+        }
+    }
 
     #[test]
     fn softmax_rows_and_columns() {

@@ -39,7 +39,7 @@ pub use error::ExecError;
 
 use crate::{Storage, Tensor};
 use kiln_ir::scalar::Scalar;
-use kiln_ir::{verify, Bindings, DType, Dim, Graph, Op, ValueId};
+use kiln_ir::{verify, BinaryOp, Bindings, DType, Dim, Graph, Op, ValueId};
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::hash::BuildHasher;
@@ -420,6 +420,26 @@ pub(crate) fn eval_op(ctx: &Ctx<'_>, op: &Op, args: &[&Tensor]) -> Result<Tensor
         Op::Rotary => {
             let [x, cos, sin] = operands(ctx, args)?;
             composite::rotary(ctx, x, cos, sin)
+        }
+        Op::Linear {
+            transpose_b,
+            scaled,
+            added,
+        } => {
+            let arity = 2 + usize::from(*scaled) + usize::from(*added);
+            if args.len() != arity {
+                return Err(ctx.mismatch(format!(
+                    "linear takes {arity} operand(s), got {}",
+                    args.len()
+                )));
+            }
+            let ops = [(*scaled, BinaryOp::Mul), (*added, BinaryOp::Add)];
+            let epilogue: Vec<(BinaryOp, &Tensor)> = ops
+                .into_iter()
+                .filter_map(|(on, op)| on.then_some(op))
+                .zip(args[2..].iter().copied())
+                .collect();
+            composite::linear(ctx, *transpose_b, args[0], args[1], &epilogue)
         }
         Op::Attention {
             scale,
