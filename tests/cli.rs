@@ -137,3 +137,30 @@ fn bad_input_exits_2_with_a_clear_message() {
         std::fs::remove_file(p).ok();
     }
 }
+
+/// Output piped into a reader that is gone (`kiln inspect ... | head` once `head` has exited)
+/// ends the process quietly (SIGPIPE), without a panic message: here the reader closes the pipe
+/// before kiln has written anything (it takes tens of milliseconds to trace the model).
+#[test]
+fn a_reader_that_stops_early_is_not_a_panic() {
+    use std::io::Read;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["inspect", "--model", "tests/fixtures/hf/llama"])
+        .current_dir(ROOT)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    let status = child.wait().unwrap();
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(!status.success(), "{status:?}");
+}
