@@ -20,7 +20,7 @@ use crate::KernelError;
 use std::sync::OnceLock;
 
 /// The f32 value of every e4m3 byte.
-fn table() -> &'static [f32; 256] {
+pub(super) fn table() -> &'static [f32; 256] {
     static T: OnceLock<[f32; 256]> = OnceLock::new();
     T.get_or_init(|| std::array::from_fn(|b| kiln_ir::f8::f8e4m3_to_f32(b as u8)))
 }

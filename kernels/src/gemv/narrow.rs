@@ -50,7 +50,7 @@ impl Narrow<'_> {
                     *o = v.to_f32();
                 }
             }
-            Narrow::F8E4M3(w) => lookup(e4m3_table(), &w[range], out),
+            Narrow::F8E4M3(w) => lookup(super::f8::table(), &w[range], out),
             Narrow::F8E5M2(w) => lookup(e5m2_table(), &w[range], out),
         }
     }
@@ -60,11 +60,6 @@ fn lookup(table: &[f32; 256], bytes: &[u8], out: &mut [f32]) {
     for (o, &b) in out.iter_mut().zip(bytes) {
         *o = table[usize::from(b)];
     }
-}
-
-fn e4m3_table() -> &'static [f32; 256] {
-    static T: OnceLock<[f32; 256]> = OnceLock::new();
-    T.get_or_init(|| std::array::from_fn(|b| kiln_ir::f8::f8e4m3_to_f32(b as u8)))
 }
 
 fn e5m2_table() -> &'static [f32; 256] {
