@@ -39,13 +39,17 @@ pub enum BenchCommand {
 /// `kiln bench kernel` flags.
 #[derive(Debug, Args)]
 pub struct KernelArgs {
-    /// matmul | gemv | attention | moe | rmsnorm | layernorm | softmax | silu_mul.
+    /// matmul | gemv | attention | moe | rmsnorm | layernorm | softmax | silu_mul | fused.
     #[arg(long)]
     op: String,
+    /// `--op fused`: the elementwise expression, in the IR's `fused_elementwise` body syntax
+    /// over operands $0, $1, ... of the shape, e.g. "(mul (silu $0) $1)".
+    #[arg(long)]
+    body: Option<String>,
     /// matmul: MxNxK; gemv: NxK (W is N×K); attention: BxHQxHKVxSQxSKxD (batch, query heads,
     /// kv heads, queries, keys, head dim; causal); moe: TxHxIxExK (tokens, hidden,
     /// intermediate, experts, experts per token); rmsnorm, layernorm, softmax: RxC (rows ×
-    /// cols); silu_mul: N or RxC (elements).
+    /// cols); silu_mul, fused: N or RxC (elements).
     #[arg(long)]
     shape: String,
     /// f32; bf16 (matmul and gemv: bf16 weights, activations rounded to bf16; moe: bf16
@@ -259,6 +263,7 @@ fn kernel(args: &KernelArgs) -> Result<(), CliError> {
         "layernorm",
         "softmax",
         "silu_mul",
+        "fused",
     ];
     if !known.contains(&op) {
         return Err(CliError::Input(format!(
@@ -270,7 +275,13 @@ fn kernel(args: &KernelArgs) -> Result<(), CliError> {
     if args.runs == 0 {
         return Err(CliError::Input("--runs must be at least 1".into()));
     }
-    let (work, secs) = bench_kernel::measure(op, &args.shape, dtype, args.runs)?;
+    if args.body.is_some() && op != "fused" {
+        return Err(CliError::Input(format!(
+            "--body is the expression of --op fused; {op} takes none"
+        )));
+    }
+    let (work, secs) =
+        bench_kernel::measure(op, &args.shape, dtype, args.body.as_deref(), args.runs)?;
     report(args, op, &work, secs);
     Ok(())
 }
@@ -344,6 +355,7 @@ mod tests {
             runs,
             json: false,
             device: crate::cli::opts::Device::Cpu,
+            body: None,
         }
     }
 

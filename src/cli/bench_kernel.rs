@@ -4,16 +4,18 @@
 
 use super::CliError;
 use half::bf16;
+use kiln::ir::{DType, Expr};
 use kiln::runtime::cpu::{moe_f32, MoeData};
 use kiln::runtime::tensor::Elements;
 use kiln_kernels::attention::{attention_f32, AttnOptions, AttnShape, Strides4, View};
+use kiln_kernels::fused::Program;
 use kiln_kernels::gemm::{matmul_f32, Gemm};
 use kiln_kernels::gemm_bf16::{matmul_bf16, PackedBf16};
 use kiln_kernels::{elementwise, gemv, rowwise};
 use std::time::Instant;
 
 /// The ops, as `--op` names them.
-pub const OPS: &str = "matmul, gemv, attention, moe, rmsnorm, layernorm, softmax, silu_mul";
+pub const OPS: &str = "matmul, gemv, attention, moe, rmsnorm, layernorm, softmax, silu_mul, fused";
 
 /// The element type of a kernel's weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -223,7 +225,7 @@ fn parse_shape(op: &str, shape: &str, arity: &[usize]) -> Result<Vec<usize>, Cli
                     "TxHxIxExK (tokens, hidden, intermediate, experts, experts per token), \
                      e.g. 1x4096x14336x8x2"
                 }
-                "silu_mul" => "N or RxC, e.g. 4194304 or 1024x4096",
+                "silu_mul" | "fused" => "N or RxC, e.g. 4194304 or 1024x4096",
                 _ => "RxC, e.g. 1024x4096",
             };
             Err(CliError::Input(format!(
@@ -233,15 +235,18 @@ fn parse_shape(op: &str, shape: &str, arity: &[usize]) -> Result<Vec<usize>, Cli
     }
 }
 
-/// Times `op` on `shape` (validated here) in `dtype` (see [`KernelDtype::parse`]): what one
-/// call computes and moves, and the median seconds of `runs` calls.
+/// Times `op` on `shape` (validated here) in `dtype` (see [`KernelDtype::parse`]), with the
+/// expression `body` of `--op fused` (`$0`, `$1`, ... are its operands): what one call computes
+/// and moves, and the median seconds of `runs` calls.
 pub fn measure(
     op: &str,
     shape: &str,
     dtype: KernelDtype,
+    body: Option<&str>,
     runs: usize,
 ) -> Result<(Work, f64), CliError> {
     Ok(match op {
+        "fused" => fused(shape, body, runs)?,
         "matmul" => {
             let d = parse_shape(op, shape, &[3])?;
             let (m, n, k) = (d[0], d[1], d[2]);
@@ -326,6 +331,51 @@ pub fn measure(
             )
         }
     })
+}
+
+/// A fused elementwise body compiled as the CPU backend compiles the optimizer's
+/// `fused_elementwise` ops (`kiln_kernels::fused::Program`), over f32 operands of the shape
+/// (each read once) into one output; flops count one per operation node per element.
+fn fused(shape: &str, body: Option<&str>, runs: usize) -> Result<(Work, f64), CliError> {
+    let Some(text) = body else {
+        return Err(CliError::Input(
+            "--op fused needs --body, an expression over $0, $1, ..., e.g. \"(mul (silu $0) $1)\""
+                .into(),
+        ));
+    };
+    let expr: Expr = text
+        .parse()
+        .map_err(|e| CliError::Input(format!("--body {text:?}: {e}")))?;
+    let mut args = 0;
+    let mut nodes = 0;
+    expr.visit(&mut |e| match e {
+        Expr::Arg(i) => args = args.max(i + 1),
+        Expr::Const(_) => {}
+        _ => nodes += 1,
+    });
+    let prog = Program::compile(&expr, &vec![DType::F32; args])
+        .map_err(|e| CliError::Input(format!("--body {text:?}: {e}")))?;
+    let d = parse_shape("fused", shape, &[1, 2])?;
+    let n: usize = d.iter().product();
+    let operands: Vec<Vec<f32>> = (0..args).map(|a| data(n, a as f32)).collect();
+    let strides: Vec<usize> = match d.len() {
+        1 => vec![1],
+        _ => vec![d[1], 1],
+    };
+    let mut out = vec![0.0; n];
+    let w = Work {
+        label: format!("fused {text} f32 {shape}"),
+        flops: (nodes * n) as f64,
+        bytes: (4 * (args + 1) * n) as f64,
+    };
+    let secs = median_secs(runs, || {
+        let views: Vec<(&[f32], &[usize])> = operands
+            .iter()
+            .map(|o| (o.as_slice(), strides.as_slice()))
+            .collect();
+        prog.run(&d, &views, &mut out).expect("dense operands")
+    });
+    Ok((w, secs))
 }
 
 /// Causal flash attention (the queries are the last `SQ` positions of the `SK` keys, as in
@@ -482,15 +532,23 @@ mod tests {
         assert!(dtype_error("softmax", "bf16").contains("f32 kernels only"));
         assert!(dtype_error("matmul", "fp8").contains("fp8: gemv and moe"));
         assert!(dtype_error("gemv", "f16").contains("f32, bf16 or fp8"));
-        let shape_error = |op: &str, shape: &str| match measure(op, shape, KernelDtype::F32, 1) {
-            Err(e) => e.to_string(),
-            Ok(_) => panic!("{op} {shape} accepted"),
-        };
+        let shape_error =
+            |op: &str, shape: &str| match measure(op, shape, KernelDtype::F32, None, 1) {
+                Err(e) => e.to_string(),
+                Ok(_) => panic!("{op} {shape} accepted"),
+            };
         assert!(shape_error("attention", "1x12x4x512x64").contains("BxHQxHKVxSQxSKxD"));
         assert!(shape_error("attention", "1x12x5x1x8x64").contains("multiple of the kv heads"));
         assert!(shape_error("attention", "1x4x4x9x8x64").contains("at most the keys"));
         assert!(shape_error("moe", "1x8x16x4x5").contains("5 experts per token of 4"));
         assert!(shape_error("layernorm", "3").contains("RxC"));
+        let body_error = |body: Option<&str>| match measure("fused", "8", KernelDtype::F32, body, 1)
+        {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("{body:?} accepted"),
+        };
+        assert!(body_error(None).contains("needs --body"));
+        assert!(body_error(Some("(mul $0")).contains("--body"));
     }
 
     #[test]
@@ -512,8 +570,15 @@ mod tests {
             ("silu_mul", "33", KernelDtype::F32),
             ("silu_mul", "3x7", KernelDtype::F32),
         ] {
-            let (work, secs) = measure(op, shape, dtype, 2).unwrap();
+            let (work, secs) = measure(op, shape, dtype, None, 2).unwrap();
             assert!(work.flops > 0.0 && work.bytes > 0.0 && secs >= 0.0, "{op}");
+        }
+        for (shape, body) in [
+            ("33", "(mul (silu $0) $1)"),
+            ("3x7", "(add (mul $0 $1) $2)"),
+        ] {
+            let (work, _) = measure("fused", shape, KernelDtype::F32, Some(body), 2).unwrap();
+            assert!(work.flops > 0.0 && work.bytes > 0.0, "{body}");
         }
     }
 }
