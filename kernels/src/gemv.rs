@@ -20,7 +20,7 @@ mod f8;
 mod narrow;
 pub(crate) use f8::PreparedX;
 pub use f8::{gemv_f8e4m3, gemv_f8e4m3_batch, gemv_f8e4m3_batch_with, gemv_f8e4m3_with, MAX_BATCH};
-pub use narrow::{gemv_narrow, gemv_narrow_with, Narrow};
+pub use narrow::{gemv_narrow, gemv_narrow_batch, gemv_narrow_batch_with, Narrow};
 
 /// Products with fewer weights than this run on the calling thread only.
 const PARALLEL_MIN_WEIGHTS: usize = 1 << 15;

@@ -4,7 +4,8 @@
 //! precision. Every narrow value is exact in f32, so the result is [`super::gemv_f32`] of the
 //! widened matrix up to the order of the f32 additions, without writing that matrix anywhere:
 //! each block of four rows is widened into a small buffer (in L1) and multiplied by the f32
-//! row kernel.
+//! row kernel — by every row of x, for a few rows ([`gemv_narrow_batch`]), so the weights are
+//! read from memory once.
 
 use super::{check, f32_rows, split_rows};
 use crate::simd::Isa;
@@ -18,6 +19,8 @@ const ROWS: usize = 4;
 /// A row-major matrix of narrow floats.
 #[derive(Debug, Clone, Copy)]
 pub enum Narrow<'a> {
+    /// f32 elements (read as they are; so that one call serves every dtype).
+    F32(&'a [f32]),
     /// bf16 elements.
     Bf16(&'a [bf16]),
     /// f16 elements.
@@ -31,6 +34,7 @@ pub enum Narrow<'a> {
 impl Narrow<'_> {
     fn len(&self) -> usize {
         match self {
+            Narrow::F32(w) => w.len(),
             Narrow::Bf16(w) => w.len(),
             Narrow::F16(w) => w.len(),
             Narrow::F8E4M3(w) | Narrow::F8E5M2(w) => w.len(),
@@ -40,6 +44,7 @@ impl Narrow<'_> {
     /// Elements `range` widened into `out` (as long as the range).
     fn widen(&self, range: std::ops::Range<usize>, out: &mut [f32]) {
         match self {
+            Narrow::F32(w) => out.copy_from_slice(&w[range]),
             Narrow::Bf16(w) => {
                 for (o, v) in out.iter_mut().zip(&w[range]) {
                     *o = f32::from_bits(u32::from(v.to_bits()) << 16);
@@ -75,32 +80,70 @@ pub fn gemv_narrow(
     x: &[f32],
     y: &mut [f32],
 ) -> Result<(), KernelError> {
-    gemv_narrow_with(Isa::best(), n, k, w, x, y)
+    gemv_narrow_batch_with(Isa::best(), 1, n, k, w, x, y)
 }
 
-/// As [`gemv_narrow`] at instruction-set level `isa`.
-pub fn gemv_narrow_with(
-    isa: Isa,
+/// `y[r] = widen(W) · x[r]` for the `m` rows of `x` (`m × k`) into `y` (`m × n`), both
+/// row-major, at the best [`Isa`]: each block of four weight rows is read from memory and
+/// widened once for all the rows of x.
+pub fn gemv_narrow_batch(
+    m: usize,
     n: usize,
     k: usize,
     w: Narrow<'_>,
     x: &[f32],
     y: &mut [f32],
 ) -> Result<(), KernelError> {
-    check(n, k, w.len(), x.len(), y.len())?;
-    if n == 0 {
+    gemv_narrow_batch_with(Isa::best(), m, n, k, w, x, y)
+}
+
+/// As [`gemv_narrow_batch`] at instruction-set level `isa`.
+pub fn gemv_narrow_batch_with(
+    isa: Isa,
+    m: usize,
+    n: usize,
+    k: usize,
+    w: Narrow<'_>,
+    x: &[f32],
+    y: &mut [f32],
+) -> Result<(), KernelError> {
+    if m.checked_mul(k) != Some(x.len()) || m.checked_mul(n) != Some(y.len()) {
+        return Err(KernelError::Layout(format!(
+            "gemv_narrow {m}x{n}x{k}: x has {} elements, y {}",
+            x.len(),
+            y.len()
+        )));
+    }
+    check(n, k, w.len(), k, n)?;
+    if n == 0 || m == 0 {
         return Ok(());
     }
     let level = crate::simd::vector_level(isa);
-    split_rows(n, k, 1, y, |r0, yb| {
+    // Row i of W times row r of x lands at yt[i·m + r] (each block's outputs contiguous).
+    let mut yt = if m == 1 { Vec::new() } else { vec![0.0; n * m] };
+    let out: &mut [f32] = if m == 1 { y } else { &mut yt };
+    split_rows(n, k, m, out, |r0, yb| {
         let mut buf = vec![0.0f32; ROWS * k];
-        for (q, yq) in yb.chunks_mut(ROWS).enumerate() {
-            let first = r0 + q * ROWS;
-            let wide = &mut buf[..yq.len() * k];
-            w.widen(first * k..(first + yq.len()) * k, wide);
-            f32_rows(level, wide, k, x, yq);
+        let mut dots = [0.0f32; ROWS];
+        for (q, yq) in yb.chunks_mut(ROWS * m).enumerate() {
+            let (first, count) = (r0 + q * ROWS, yq.len() / m);
+            let wide = &mut buf[..count * k];
+            w.widen(first * k..(first + count) * k, wide);
+            for (r, xr) in x.chunks_exact(k).enumerate() {
+                f32_rows(level, wide, k, xr, &mut dots[..count]);
+                for (j, &d) in dots[..count].iter().enumerate() {
+                    yq[j * m + r] = d;
+                }
+            }
         }
     });
+    if m > 1 {
+        for (i, row) in yt.chunks_exact(m).enumerate() {
+            for (r, &v) in row.iter().enumerate() {
+                y[r * n + i] = v;
+            }
+        }
+    }
     Ok(())
 }
 
@@ -125,7 +168,8 @@ mod tests {
             let bytes: Vec<u8> = (0..n * k).map(|i| (i * 97 % 256) as u8).collect();
             let b16: Vec<bf16> = base.iter().map(|&v| bf16::from_f32(v * 3.0)).collect();
             let h16: Vec<f16> = base.iter().map(|&v| f16::from_f32(v * 3.0)).collect();
-            let cases: [(&str, Narrow<'_>, Vec<f32>); 4] = [
+            let cases: [(&str, Narrow<'_>, Vec<f32>); 5] = [
+                ("f32", Narrow::F32(&base), base.clone()),
                 (
                     "bf16",
                     Narrow::Bf16(&b16),
@@ -154,15 +198,24 @@ mod tests {
                 ),
             ];
             for (name, w, wide) in cases {
-                for isa in Isa::ALL.into_iter().filter(|i| i.available()) {
-                    let (mut got, mut want) = (vec![0.0; n], vec![0.0; n]);
-                    gemv_narrow_with(isa, n, k, w, &x, &mut got).unwrap();
-                    gemv_f32(n, k, &wide, &x, &mut want).unwrap();
+                for (isa, m) in Isa::ALL
+                    .into_iter()
+                    .filter(|i| i.available())
+                    .flat_map(|i| [(i, 1), (i, 3)])
+                {
+                    let xs: Vec<f32> = (0..m)
+                        .flat_map(|r| x.iter().map(move |v| v * (r + 1) as f32))
+                        .collect();
+                    let (mut got, mut want) = (vec![0.0; m * n], vec![0.0; m * n]);
+                    gemv_narrow_batch_with(isa, m, n, k, w, &xs, &mut got).unwrap();
+                    for (xr, yr) in xs.chunks_exact(k).zip(want.chunks_exact_mut(n)) {
+                        gemv_f32(n, k, &wide, xr, yr).unwrap();
+                    }
                     for (i, (a, b)) in got.iter().zip(&want).enumerate() {
                         let same = (a.is_nan() && b.is_nan())
                             || a == b
                             || (a - b).abs() <= 1e-4 * b.abs().max(1.0);
-                        assert!(same, "{name} {n}x{k} {isa:?} row {i}: {a} vs {b}");
+                        assert!(same, "{name} {m}x{n}x{k} {isa:?} output {i}: {a} vs {b}");
                     }
                 }
             }
@@ -175,5 +228,9 @@ mod tests {
         let mut y = vec![0.0; 2];
         assert!(gemv_narrow(2, 3, Narrow::Bf16(&w), &[0.0; 4], &mut y).is_err());
         assert!(gemv_narrow(3, 3, Narrow::Bf16(&w), &[0.0; 3], &mut y).is_err());
+        let mut y4 = vec![0.0; 4];
+        assert!(gemv_narrow_batch(2, 2, 3, Narrow::Bf16(&w), &[0.0; 5], &mut y4).is_err());
+        assert!(gemv_narrow_batch(0, 2, 3, Narrow::Bf16(&w), &[], &mut []).is_ok());
+        assert!(gemv_narrow_batch(1, 2, 3, Narrow::Bf16(&w), &[0.0; 3], &mut []).is_err());
     }
 }

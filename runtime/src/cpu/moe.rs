@@ -7,14 +7,15 @@
 //! per-row scale for fp8) widened exactly as those ops would, by the step, and only for the
 //! router and the experts that receive tokens. An expert that receives at most
 //! [`FEW_TOKENS`] tokens (every expert of a batch-1 decode step) reads its weights where they
-//! are stored instead, one token at a time (`kiln_kernels::gemv::gemv_narrow`: narrow
-//! elements widened on the fly, x left in f32): nothing is widened into a buffer or packed.
+//! are stored instead (`kiln_kernels::gemv::gemv_narrow_batch`: each block of weight rows
+//! widened on the fly in L1, exactly, and multiplied by every token's row, x left in f32):
+//! nothing is widened into a buffer or packed.
 
 use crate::tensor::Elements;
 use kiln_ir::f8::{f8e4m3_to_f32, f8e5m2_to_f32};
 use kiln_kernels::elementwise::silu_mul;
 use kiln_kernels::gemm::{matmul_f32, Gemm};
-use kiln_kernels::gemv::{gemv_f32, gemv_narrow, Narrow};
+use kiln_kernels::gemv::{gemv_narrow_batch, Narrow};
 use kiln_kernels::{rowwise, KernelError};
 use std::borrow::Cow;
 
@@ -42,29 +43,32 @@ impl<'a> MoeData<'a> {
         }
     }
 
-    /// `y = self · x` for the weight as `n × k` (row-major), read as stored: the narrow
-    /// elements widened on the fly (exact), then each row times its scale — the values of
-    /// [`MoeData::widen`] and an f32 GEMV up to the rounding of the scale's product.
-    fn gemv(&self, n: usize, k: usize, x: &[f32], y: &mut [f32]) -> Result<(), String> {
+    /// `y[r] = self · x[r]` for the `m` rows of `x`, the weight as `n × k` (row-major) read as
+    /// stored: narrow elements widened on the fly (exact), then each output times its row's
+    /// scale — the values of [`MoeData::widen`] and an f32 product up to the rounding of the
+    /// scale's product.
+    fn gemv(&self, m: usize, n: usize, k: usize, x: &[f32], y: &mut [f32]) -> Result<(), String> {
         let (elements, scale) = match *self {
-            MoeData::F32(d) => return gemv_f32(n, k, d, x, y).map_err(|e| e.to_string()),
+            MoeData::F32(d) => (Elements::F32(d), None),
             MoeData::Narrow { elements, scale } => (elements, scale),
         };
         let narrow = match elements {
-            Elements::F32(d) => return gemv_f32(n, k, d, x, y).map_err(|e| e.to_string()),
+            Elements::F32(v) => Narrow::F32(v),
             Elements::F16(v) => Narrow::F16(v),
             Elements::BF16(v) => Narrow::Bf16(v),
             Elements::F8E4M3(v) => Narrow::F8E4M3(v),
             Elements::F8E5M2(v) => Narrow::F8E5M2(v),
             other => return Err(format!("a {} weight", other.dtype())),
         };
-        gemv_narrow(n, k, narrow, x, y).map_err(|e| e.to_string())?;
+        gemv_narrow_batch(m, n, k, narrow, x, y).map_err(|e| e.to_string())?;
         if let Some(scale) = scale {
             if scale.len() != n {
                 return Err(format!("{} scales for {n} rows", scale.len()));
             }
-            for (v, s) in y.iter_mut().zip(scale) {
-                *v *= s;
+            for row in y.chunks_exact_mut(n) {
+                for (v, s) in row.iter_mut().zip(scale) {
+                    *v *= s;
+                }
             }
         }
         Ok(())
@@ -106,10 +110,10 @@ impl<'a> MoeData<'a> {
     }
 }
 
-/// Routed tokens up to which an expert reads its weights where they are stored, one token at a
-/// time (GEMVs over the narrow elements, nothing widened or packed); with more, widening once
-/// and one GEMM per weight costs less than re-reading the weights per token.
-const FEW_TOKENS: usize = 2;
+/// Routed tokens up to which an expert reads its weights where they are stored (each block of
+/// weight rows widened in L1 once and multiplied by every token's row: nothing widened into a
+/// buffer or packed); with more, widening once and one GEMM per weight computes faster.
+const FEW_TOKENS: usize = 4;
 
 /// The `(w1, w3, w2)` of an expert: `[i, h]`, `[i, h]`, `[h, i]` for `i` the intermediate size.
 fn intermediate(h: usize, expert: &[MoeData<'_>; 3]) -> Result<usize, String> {
@@ -124,19 +128,17 @@ fn intermediate(h: usize, expert: &[MoeData<'_>; 3]) -> Result<usize, String> {
     Ok(i)
 }
 
-/// `silu(x · w1ᵀ) · (x · w3ᵀ) · w2ᵀ` for the rows of `xe`, one row at a time on the weights as
-/// stored.
+/// `silu(x · w1ᵀ) · (x · w3ᵀ) · w2ᵀ` for the rows of `xe`, on the weights as stored.
 fn expert_in_place(h: usize, xe: &[f32], expert: &[MoeData<'_>; 3]) -> Result<Vec<f32>, String> {
     let i = intermediate(h, expert)?;
+    let m = xe.len() / h;
     let [w1, w3, w2] = expert;
-    let (mut g, mut u, mut a) = (vec![0.0; i], vec![0.0; i], vec![0.0; i]);
+    let (mut g, mut u, mut a) = (vec![0.0; m * i], vec![0.0; m * i], vec![0.0; m * i]);
     let mut y = vec![0.0; xe.len()];
-    for (xr, yr) in xe.chunks_exact(h).zip(y.chunks_exact_mut(h)) {
-        w1.gemv(i, h, xr, &mut g)?;
-        w3.gemv(i, h, xr, &mut u)?;
-        silu_mul(&g, &u, &mut a).map_err(|e| e.to_string())?;
-        w2.gemv(h, i, &a, yr)?;
-    }
+    w1.gemv(m, i, h, xe, &mut g)?;
+    w3.gemv(m, i, h, xe, &mut u)?;
+    silu_mul(&g, &u, &mut a).map_err(|e| e.to_string())?;
+    w2.gemv(m, h, i, &a, &mut y)?;
     Ok(y)
 }
 
