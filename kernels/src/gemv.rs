@@ -9,7 +9,7 @@
 //! Only the order of the f32 additions differs between paths.
 //!
 //! [`gemv_f8e4m3`] and [`gemv_f8e4m3_batch`] take fp8 e4m3 weights with a per-tensor scale
-//! (module `f8`). [`gemv_narrow`] takes bf16, f16 or fp8 weights and leaves x in f32 (module
+//! (module `f8`). [`gemv_narrow_batch`] takes bf16, f16 or fp8 weights and leaves x in f32 (module
 //! `narrow`).
 
 use crate::simd::{dot, madd, Isa, LANES};
@@ -20,7 +20,7 @@ mod f8;
 mod narrow;
 pub(crate) use f8::PreparedX;
 pub use f8::{gemv_f8e4m3, gemv_f8e4m3_batch, gemv_f8e4m3_batch_with, gemv_f8e4m3_with, MAX_BATCH};
-pub use narrow::{gemv_narrow, gemv_narrow_batch, gemv_narrow_batch_with, Narrow};
+pub use narrow::{gemv_narrow_batch, gemv_narrow_batch_with, Narrow};
 
 /// Products with fewer weights than this run on the calling thread only.
 const PARALLEL_MIN_WEIGHTS: usize = 1 << 15;

@@ -72,17 +72,6 @@ fn e5m2_table() -> &'static [f32; 256] {
     T.get_or_init(|| std::array::from_fn(|b| kiln_ir::f8::f8e5m2_to_f32(b as u8)))
 }
 
-/// `y = widen(W) · x` with `W` of `n × k` narrow elements (row-major), at the best [`Isa`].
-pub fn gemv_narrow(
-    n: usize,
-    k: usize,
-    w: Narrow<'_>,
-    x: &[f32],
-    y: &mut [f32],
-) -> Result<(), KernelError> {
-    gemv_narrow_batch_with(Isa::best(), 1, n, k, w, x, y)
-}
-
 /// `y[r] = widen(W) · x[r]` for the `m` rows of `x` (`m × k`) into `y` (`m × n`), both
 /// row-major, at the best [`Isa`]: each block of four weight rows is read from memory and
 /// widened once for all the rows of x.
@@ -226,8 +215,8 @@ mod tests {
     fn bad_lengths_are_errors() {
         let w = vec![bf16::ONE; 6];
         let mut y = vec![0.0; 2];
-        assert!(gemv_narrow(2, 3, Narrow::Bf16(&w), &[0.0; 4], &mut y).is_err());
-        assert!(gemv_narrow(3, 3, Narrow::Bf16(&w), &[0.0; 3], &mut y).is_err());
+        assert!(gemv_narrow_batch(1, 2, 3, Narrow::Bf16(&w), &[0.0; 4], &mut y).is_err());
+        assert!(gemv_narrow_batch(1, 3, 3, Narrow::Bf16(&w), &[0.0; 3], &mut y).is_err());
         let mut y4 = vec![0.0; 4];
         assert!(gemv_narrow_batch(2, 2, 3, Narrow::Bf16(&w), &[0.0; 5], &mut y4).is_err());
         assert!(gemv_narrow_batch(0, 2, 3, Narrow::Bf16(&w), &[], &mut []).is_ok());
