@@ -117,6 +117,14 @@ pub struct View<'a> {
     pub strides: Strides4,
 }
 
+/// A key or value operand stored as bf16 (the bits of each element), with its strides.
+pub struct Bf16View<'a> {
+    /// The elements.
+    pub data: &'a [half::bf16],
+    /// Strides of the batch, head and sequence axes.
+    pub strides: Strides4,
+}
+
 /// Additive mask broadcastable to `[batch, q_heads, q_len, kv_len]`: strides for batch, head,
 /// query (0 = broadcast); key axis contiguous.
 pub struct MaskView<'a> {
@@ -155,75 +163,12 @@ pub fn attention_f32_with(
     out: &mut [f32],
     out_strides: Strides4,
 ) -> Result<(), KernelError> {
-    let s = *shape;
-    let group = if s.kv_heads == 0 {
-        (s.q_heads == 0).then_some(1)
-    } else {
-        s.q_heads
-            .is_multiple_of(s.kv_heads)
-            .then_some(s.q_heads / s.kv_heads)
-    };
-    let group = group.ok_or_else(|| {
-        KernelError::Layout(format!(
-            "attention: {} query heads is not a multiple of {} kv heads",
-            s.q_heads, s.kv_heads
-        ))
-    })?;
-    let fits = |what: &str, len: usize, st: Strides4, dims: [usize; 4]| {
-        check_extent(len, st, dims).ok_or_else(|| {
-            KernelError::Layout(format!(
-                "attention {what}: {len} elements do not hold {dims:?} at strides {st:?}"
-            ))
-        })
-    };
-    fits(
-        "q",
-        q.data.len(),
-        q.strides,
-        [s.batch, s.q_heads, s.q_len, s.head_dim],
-    )?;
-    fits(
-        "k",
-        k.data.len(),
-        k.strides,
-        [s.batch, s.kv_heads, s.kv_len, s.head_dim],
-    )?;
-    fits(
-        "v",
-        v.data.len(),
-        v.strides,
-        [s.batch, s.kv_heads, s.kv_len, s.v_dim],
-    )?;
-    if let Some(m) = &mask {
-        fits(
-            "mask",
-            m.data.len(),
-            m.strides,
-            [s.batch, s.q_heads, s.q_len, s.kv_len],
-        )?;
-    }
-    let out_dims = [s.batch, s.q_heads, s.q_len, s.v_dim];
-    fits("out", out.len(), out_strides, out_dims)?;
-    if !injective(out_strides, out_dims) {
-        return Err(KernelError::Layout(format!(
-            "attention out: strides {out_strides:?} make rows of {out_dims:?} overlap"
-        )));
-    }
-    let rows = s.batch.saturating_mul(s.q_heads).saturating_mul(s.q_len);
-    if rows == 0 || s.v_dim == 0 {
+    let Some(ctx) = context(isa, shape, opts, q, k, v, mask, out, out_strides)? else {
         return Ok(());
-    }
-    let ctx = Ctx {
-        s,
-        group,
-        opts: *opts,
-        q,
-        k,
-        v,
-        mask,
-        out_strides,
-        level: vector_level(isa),
     };
+    let s = ctx.s;
+    let group = ctx.group;
+    let rows = s.batch * s.q_heads * s.q_len;
     let out_ptr = OutPtr(out.as_mut_ptr());
     let threads = crate::threads();
     let work = rows * s.kv_len.max(1) * (s.head_dim + s.v_dim).max(1);
@@ -269,6 +214,151 @@ pub fn attention_f32_with(
         }
     }
     Ok(())
+}
+
+/// [`attention_f32`] with keys and values stored as bf16 (a KV cache kept narrow): the same
+/// results as widening them to f32 first. Decode-shaped calls (few queries per head) widen
+/// each block of keys and values in L1 as they read it; others widen `k` and `v` whole, then
+/// run the f32 kernel.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_bf16_kv(
+    shape: &AttnShape,
+    opts: &AttnOptions,
+    q: View,
+    k: Bf16View,
+    v: Bf16View,
+    mask: Option<MaskView>,
+    out: &mut [f32],
+    out_strides: Strides4,
+) -> Result<(), KernelError> {
+    attention_bf16_kv_with(Isa::best(), shape, opts, q, k, v, mask, out, out_strides)
+}
+
+/// As [`attention_bf16_kv`] at instruction-set level `isa`.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_bf16_kv_with(
+    isa: Isa,
+    shape: &AttnShape,
+    opts: &AttnOptions,
+    q: View,
+    k: Bf16View,
+    v: Bf16View,
+    mask: Option<MaskView>,
+    out: &mut [f32],
+    out_strides: Strides4,
+) -> Result<(), KernelError> {
+    let Some(ctx) = context(isa, shape, opts, q, k, v, mask, out, out_strides)? else {
+        return Ok(());
+    };
+    if ctx.s.q_len < QUERY_BLOCK / 2 {
+        decode::run(&ctx, &OutPtr(out.as_mut_ptr()));
+        return Ok(());
+    }
+    let s = ctx.s;
+    let (kw, vw) = (
+        ctx.k.widened(s.batch, s.kv_heads, s.kv_len, s.head_dim),
+        ctx.v.widened(s.batch, s.kv_heads, s.kv_len, s.v_dim),
+    );
+    let dense = |data, dim| View {
+        data,
+        strides: Strides4::dense(s.kv_heads, s.kv_len, dim),
+    };
+    attention_f32_with(
+        isa,
+        shape,
+        opts,
+        ctx.q,
+        dense(&kw, s.head_dim),
+        dense(&vw, s.v_dim),
+        ctx.mask,
+        out,
+        out_strides,
+    )
+}
+
+/// Checks the operands' extents against the shape and builds the call's context; `None` when
+/// there is nothing to compute.
+#[allow(clippy::too_many_arguments)]
+fn context<'a, KV: decode::KvRows>(
+    isa: Isa,
+    shape: &AttnShape,
+    opts: &AttnOptions,
+    q: View<'a>,
+    k: KV,
+    v: KV,
+    mask: Option<MaskView<'a>>,
+    out: &[f32],
+    out_strides: Strides4,
+) -> Result<Option<Ctx<'a, KV>>, KernelError> {
+    let s = *shape;
+    let group = if s.kv_heads == 0 {
+        (s.q_heads == 0).then_some(1)
+    } else {
+        s.q_heads
+            .is_multiple_of(s.kv_heads)
+            .then_some(s.q_heads / s.kv_heads)
+    };
+    let group = group.ok_or_else(|| {
+        KernelError::Layout(format!(
+            "attention: {} query heads is not a multiple of {} kv heads",
+            s.q_heads, s.kv_heads
+        ))
+    })?;
+    let fits = |what: &str, len: usize, st: Strides4, dims: [usize; 4]| {
+        check_extent(len, st, dims).ok_or_else(|| {
+            KernelError::Layout(format!(
+                "attention {what}: {len} elements do not hold {dims:?} at strides {st:?}"
+            ))
+        })
+    };
+    fits(
+        "q",
+        q.data.len(),
+        q.strides,
+        [s.batch, s.q_heads, s.q_len, s.head_dim],
+    )?;
+    fits(
+        "k",
+        k.len(),
+        k.strides(),
+        [s.batch, s.kv_heads, s.kv_len, s.head_dim],
+    )?;
+    fits(
+        "v",
+        v.len(),
+        v.strides(),
+        [s.batch, s.kv_heads, s.kv_len, s.v_dim],
+    )?;
+    if let Some(m) = &mask {
+        fits(
+            "mask",
+            m.data.len(),
+            m.strides,
+            [s.batch, s.q_heads, s.q_len, s.kv_len],
+        )?;
+    }
+    let out_dims = [s.batch, s.q_heads, s.q_len, s.v_dim];
+    fits("out", out.len(), out_strides, out_dims)?;
+    if !injective(out_strides, out_dims) {
+        return Err(KernelError::Layout(format!(
+            "attention out: strides {out_strides:?} make rows of {out_dims:?} overlap"
+        )));
+    }
+    let rows = s.batch.saturating_mul(s.q_heads).saturating_mul(s.q_len);
+    if rows == 0 || s.v_dim == 0 {
+        return Ok(None);
+    }
+    Ok(Some(Ctx {
+        s,
+        group,
+        opts: *opts,
+        q,
+        k,
+        v,
+        mask,
+        out_strides,
+        level: vector_level(isa),
+    }))
 }
 
 /// `Some(())` when `len` elements hold every index of `dims` at `st` (last axis stride 1).
@@ -334,14 +424,15 @@ struct Stats {
     nan: bool,
 }
 
-/// One call's operands and attributes.
-struct Ctx<'a> {
+/// One call's operands and attributes; keys and values are f32 [`View`]s, or (decode only)
+/// any [`decode::KvRows`] source such as bf16 [`Bf16View`]s.
+struct Ctx<'a, KV = View<'a>> {
     s: AttnShape,
     group: usize,
     opts: AttnOptions,
     q: View<'a>,
-    k: View<'a>,
-    v: View<'a>,
+    k: KV,
+    v: KV,
     mask: Option<MaskView<'a>>,
     out_strides: Strides4,
     level: Isa,
@@ -367,7 +458,7 @@ impl Scratch {
     }
 }
 
-impl Ctx<'_> {
+impl<KV> Ctx<'_, KV> {
     /// Keys `lo..hi` visible to query `i`.
     fn visible(&self, i: usize) -> (usize, usize) {
         let s = &self.s;
@@ -407,7 +498,9 @@ impl Ctx<'_> {
             }
         }
     }
+}
 
+impl Ctx<'_> {
     /// Queries `rows` of head `(b, h)` with two GEMMs over the keys `lo..hi` any of them sees
     /// (fully masked causal/window blocks skipped): scores `S = scale · Q·Kᵀ` (with the packed
     /// bf16 keys and the thread's query scratch of `bf16` when given), each row's softmax over

@@ -5,14 +5,45 @@
 //! `copy_from_slice`, transposes of the last two axes in cache-sized tiles, anything else
 //! element by element along the innermost axis. Large copies are split over [`crate::threads`]
 //! threads along the destination's outermost axis when its rows are disjoint slices of `dst`.
+//! [`copy_strided_convert`] converts each element on the way ([`Convert`]: f32 to bf16 and
+//! back, for a KV cache kept narrow).
 
 use crate::KernelError;
+use half::bf16;
 use rayon::prelude::*;
 
 /// Copies with fewer elements than this run on the calling thread only.
 const PARALLEL_MIN_ELEMS: usize = 1 << 16;
 /// Side of the square tiles of a blocked transpose.
 const TILE: usize = 32;
+
+/// An element conversion a copy applies: the identity, f32 to bf16 (to nearest, ties to even,
+/// as a cast) and bf16 to f32 (exact).
+pub trait Convert<D>: Copy + Send + Sync {
+    /// The element as a `D`.
+    fn convert(self) -> D;
+}
+
+impl<T: Copy + Send + Sync> Convert<T> for T {
+    #[inline(always)]
+    fn convert(self) -> T {
+        self
+    }
+}
+
+impl Convert<bf16> for f32 {
+    #[inline(always)]
+    fn convert(self) -> bf16 {
+        bf16::from_f32(self)
+    }
+}
+
+impl Convert<f32> for bf16 {
+    #[inline(always)]
+    fn convert(self) -> f32 {
+        f32::from_bits(u32::from(self.to_bits()) << 16)
+    }
+}
 
 /// Copies `shape` elements from `src` (starting at `src_offset`, element strides `src_strides`,
 /// 0 = broadcast) to `dst` (starting at `dst_offset`, strides `dst_strides`). Generic over
@@ -23,6 +54,27 @@ pub fn copy_strided<T: Copy + Send + Sync>(
     src_offset: usize,
     src_strides: &[usize],
     dst: &mut [T],
+    dst_offset: usize,
+    dst_strides: &[usize],
+) -> Result<(), KernelError> {
+    copy_strided_convert(
+        shape,
+        src,
+        src_offset,
+        src_strides,
+        dst,
+        dst_offset,
+        dst_strides,
+    )
+}
+
+/// [`copy_strided`], converting each element from `S` to `D`.
+pub fn copy_strided_convert<S: Convert<D>, D: Copy + Send + Sync>(
+    shape: &[usize],
+    src: &[S],
+    src_offset: usize,
+    src_strides: &[usize],
+    dst: &mut [D],
     dst_offset: usize,
     dst_strides: &[usize],
 ) -> Result<(), KernelError> {
@@ -100,7 +152,7 @@ fn merge_axes(shape: &[usize], ss: &[usize], ds: &[usize]) -> Vec<(usize, usize,
 
 /// Copies the (already bounds-checked) index space `axes` from `src` to `dst`, both starting
 /// at element 0.
-fn copy_axes<T: Copy>(axes: &[(usize, usize, usize)], src: &[T], dst: &mut [T]) {
+fn copy_axes<S: Convert<D>, D: Copy>(axes: &[(usize, usize, usize)], src: &[S], dst: &mut [D]) {
     let rank = axes.len();
     // The innermost one or two axes are handled by a kernel; the rest by an odometer.
     let transpose = rank >= 2 && axes[rank - 1].1 != 1 && axes[rank - 2].1 == 1;
@@ -137,13 +189,17 @@ fn copy_axes<T: Copy>(axes: &[(usize, usize, usize)], src: &[T], dst: &mut [T]) 
 
 /// One run of `n` elements at strides `s` (src) and `d` (dst).
 #[inline]
-fn copy_run<T: Copy>((n, s, d): (usize, usize, usize), src: &[T], dst: &mut [T]) {
+fn copy_run<S: Convert<D>, D: Copy>((n, s, d): (usize, usize, usize), src: &[S], dst: &mut [D]) {
     match (s, d) {
-        (1, 1) => dst[..n].copy_from_slice(&src[..n]),
-        (0, 1) => dst[..n].fill(src[0]),
+        (1, 1) => {
+            for (y, &x) in dst[..n].iter_mut().zip(&src[..n]) {
+                *y = x.convert();
+            }
+        }
+        (0, 1) => dst[..n].fill(src[0].convert()),
         _ => {
             for i in 0..n {
-                dst[i * d] = src[i * s];
+                dst[i * d] = src[i * s].convert();
             }
         }
     }
@@ -151,17 +207,17 @@ fn copy_run<T: Copy>((n, s, d): (usize, usize, usize), src: &[T], dst: &mut [T])
 
 /// A 2-D block whose source is contiguous along the outer axis (a transpose), in
 /// `TILE × TILE` tiles so reads and writes both stay in cache.
-fn copy_tiled<T: Copy>(
+fn copy_tiled<S: Convert<D>, D: Copy>(
     (n1, s1, d1): (usize, usize, usize),
     (n2, s2, d2): (usize, usize, usize),
-    src: &[T],
-    dst: &mut [T],
+    src: &[S],
+    dst: &mut [D],
 ) {
     for i0 in (0..n1).step_by(TILE) {
         for j0 in (0..n2).step_by(TILE) {
             for i in i0..(i0 + TILE).min(n1) {
                 for j in j0..(j0 + TILE).min(n2) {
-                    dst[i * d1 + j * d2] = src[i * s1 + j * s2];
+                    dst[i * d1 + j * d2] = src[i * s1 + j * s2].convert();
                 }
             }
         }

@@ -3,7 +3,8 @@
 //! where the key range is split over threads), odd head dims, q/k/v read from a `[b, s, h, d]`
 //! layout through strides and the output written as `[b, s, h, d]`, and the degenerate rows
 //! (no visible key → zeros, all visible scores −inf → NaN), k/v read from a KV cache with spare
-//! capacity (NaN there); at every instruction-set level.
+//! capacity (NaN there), k/v stored as bf16 (a narrow KV cache: equal, bit for bit, to the f32
+//! kernel on the widened values); at every instruction-set level.
 //!
 //! Tolerance: inputs in [−1, 1], masks in [−2, 0]; every output is a convex combination of
 //! value rows, so |out| ≤ 1 and |got − want| ≤ 2e-5 absolute (f32 dot products and online
@@ -15,7 +16,8 @@ use common::{eval, f32t, isas, random, rng};
 use kiln_ir::trace::Tracer;
 use kiln_ir::{DType, Op, F64};
 use kiln_kernels::attention::{
-    attention_f32_with, AttnOptions, AttnShape, MaskView, Strides4, View,
+    attention_bf16_kv_with, attention_f32_with, AttnOptions, AttnShape, Bf16View, MaskView,
+    Strides4, View,
 };
 use kiln_kernels::{Isa, KernelError};
 
@@ -49,6 +51,8 @@ struct Case {
     /// q and k rounded to bf16 values (a bf16 graph's operands: prefill scores them with
     /// `vdpbf16ps` where the CPU has it).
     bf16: bool,
+    /// k and v rounded to bf16 values and passed as bf16 (a narrow KV cache).
+    kv_bf16: bool,
 }
 
 fn case(b: usize, hq: usize, hkv: usize, sq: usize, sk: usize, d: usize) -> Case {
@@ -66,6 +70,7 @@ fn case(b: usize, hq: usize, hkv: usize, sq: usize, sk: usize, d: usize) -> Case
         bshd: false,
         cap: 0,
         bf16: false,
+        kv_bf16: false,
     }
 }
 
@@ -203,27 +208,38 @@ fn kernel(
         },
     });
     let mut out = vec![f32::NAN; c.b * c.hq * c.sq * c.dv];
-    attention_f32_with(
-        isa,
-        &shape,
-        &opts,
-        View {
-            data: &qd,
-            strides: qst,
-        },
-        View {
-            data: &kd,
-            strides: kst,
-        },
-        View {
-            data: &vd,
-            strides: vst,
-        },
-        mask,
-        &mut out,
-        ost,
-    )
-    .unwrap();
+    let q = View {
+        data: &qd,
+        strides: qst,
+    };
+    if c.kv_bf16 {
+        let bits =
+            |x: &[f32]| -> Vec<half::bf16> { x.iter().map(|&x| half::bf16::from_f32(x)).collect() };
+        let (kb, vb) = (bits(&kd), bits(&vd));
+        let (k, v) = (
+            Bf16View {
+                data: &kb,
+                strides: kst,
+            },
+            Bf16View {
+                data: &vb,
+                strides: vst,
+            },
+        );
+        attention_bf16_kv_with(isa, &shape, &opts, q, k, v, mask, &mut out, ost).unwrap();
+    } else {
+        let (k, v) = (
+            View {
+                data: &kd,
+                strides: kst,
+            },
+            View {
+                data: &vd,
+                strides: vst,
+            },
+        );
+        attention_f32_with(isa, &shape, &opts, q, k, v, mask, &mut out, ost).unwrap();
+    }
     if c.bshd {
         // Back from [b, s, h, dv] to [b, h, s, dv].
         let mut y = vec![0.0; out.len()];
@@ -251,7 +267,12 @@ fn check(seed: u64, c: Case) {
             *x = half::bf16::from_f32(*x).to_f32();
         }
     }
-    let v = random(&mut r, c.b * c.hkv * c.sk * c.dv, -1.0, 1.0);
+    let mut v = random(&mut r, c.b * c.hkv * c.sk * c.dv, -1.0, 1.0);
+    if c.kv_bf16 {
+        for x in k.iter_mut().chain(v.iter_mut()) {
+            *x = half::bf16::from_f32(*x).to_f32();
+        }
+    }
     let m = match c.mask {
         Mask::None => None,
         _ => Some(random(&mut r, mask_shape(&c).iter().product(), -2.0, 0.0)),
@@ -261,6 +282,19 @@ fn check(seed: u64, c: Case) {
     for isa in isas() {
         let got = kernel(isa, &c, scale, &q, &k, &v, m.as_deref());
         assert_close(&format!("{c:?} at {}", isa.name()), &got, &want);
+        if c.kv_bf16 {
+            // The narrow cache changes where the elements are read from, not the arithmetic.
+            let wide = Case {
+                kv_bf16: false,
+                ..c
+            };
+            let f32_kernel = kernel(isa, &wide, scale, &q, &k, &v, m.as_deref());
+            let same = got
+                .iter()
+                .zip(&f32_kernel)
+                .all(|(a, b)| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()));
+            assert!(same, "{c:?} at {}: bf16 k/v differ from f32", isa.name());
+        }
     }
 }
 
@@ -417,6 +451,40 @@ fn decode_reads_a_cache_with_spare_capacity() {
                     window,
                     mask,
                     cap: 2 * sk + 3,
+                    ..case(b, hq, hkv, sq, sk, d)
+                },
+            );
+        }
+    }
+}
+
+/// k/v stored as bf16 (a narrow KV cache, with spare capacity): decode widens each block of
+/// keys and values as it reads it; prefill-shaped calls widen them whole first.
+#[test]
+fn bf16_kv_cache_matches_reference() {
+    let mut seed = 900;
+    for (b, hq, hkv, sq, sk, d) in [
+        (1, 12, 4, 1, 550, 64),
+        (1, 3, 1, 7, 33, 7),
+        (2, 6, 2, 3, 1, 33),
+        (3, 4, 1, 2, 300, 64),
+        (1, 4, 2, 40, 97, 16),
+        (2, 2, 1, 16, 16, 8),
+    ] {
+        for (causal, window, mask) in [
+            (true, 0, Mask::Padding),
+            (true, 5, Mask::Full),
+            (false, 0, Mask::None),
+        ] {
+            seed += 1;
+            check(
+                seed,
+                Case {
+                    causal,
+                    window,
+                    mask,
+                    cap: 2 * sk + 3,
+                    kv_bf16: true,
                     ..case(b, hq, hkv, sq, sk, d)
                 },
             );

@@ -4,7 +4,7 @@
 //! same values concatenated as host tensors. The cache must come back as a state that grows in
 //! place (its capacity changes only when it doubles), for f32 and bf16-declared caches, batch
 //! 1 and 2, and stay correct when the caller still holds the previous value (then it is
-//! copied, not overwritten). Tolerance: 1e-5 of the output's largest magnitude (f32
+//! copied, not overwritten); a bf16 cache is stored as bf16. Tolerance: 1e-5 of the output's largest magnitude (f32
 //! accumulation against the reference's f64); the cache itself must be equal.
 
 use kiln_ir::trace::Tracer;
@@ -116,6 +116,8 @@ fn run_steps(cache: DType, batch: usize, prompt: usize, steps: usize, hold: bool
         };
         let state = d.as_any().downcast_ref::<CpuState>().unwrap();
         capacities.push(state.capacity());
+        // A bf16 cache is stored as bf16 (half the bytes decode attention reads).
+        assert_eq!(state.is_narrow(), cache == DType::BF16, "{what}");
         assert_eq!(past.dtype(), cache, "{what}");
         assert_eq!(past.clone().into_host().unwrap(), want["present"], "{what}");
         want_past = want["present"].clone();

@@ -8,10 +8,127 @@
 //! pairs than the threads can use, the key range is split into parts (flash-decoding), whose
 //! partial `(m, l, acc)` are merged per row afterwards. The tasks run on the [`crate::pool`]
 //! team (decode's regions are short). Keys are read through the operands' strides, so a cache
-//! view with spare capacity (head stride = capacity · d) costs nothing.
+//! view with spare capacity (head stride = capacity · d) costs nothing. Keys and values come
+//! from a [`KvRows`] source: f32 rows are read in place, bf16 rows (a narrow KV cache) are
+//! widened a block at a time into the task's L1-sized scratch, once for every query row of
+//! the group.
 
-use super::{merge, update, Ctx, OutPtr, Stats, EMPTY, KEY_BLOCK, PARALLEL_MIN_WORK};
+use super::{
+    merge, update, Bf16View, Ctx, OutPtr, Stats, Strides4, View, EMPTY, KEY_BLOCK,
+    PARALLEL_MIN_WORK,
+};
+use crate::layout::Convert;
 use crate::simd::{dot, prefetch, Isa};
+
+/// Where the decode kernel reads key or value rows from.
+pub(super) trait KvRows: Sync {
+    /// Elements held.
+    fn len(&self) -> usize;
+    /// Strides of the batch, head and sequence axes.
+    fn strides(&self) -> Strides4;
+    /// Rows `j0..j0 + n` (each `dim` elements) of `(b, h)` as f32, and the stride between
+    /// them: in place, or widened into `buf`.
+    fn rows<'s>(
+        &'s self,
+        b: usize,
+        h: usize,
+        j0: usize,
+        n: usize,
+        dim: usize,
+        buf: &'s mut Vec<f32>,
+    ) -> (&'s [f32], usize);
+    /// Hints the cache to fetch row `j` of `(b, h)`.
+    fn prefetch(&self, b: usize, h: usize, j: usize);
+}
+
+impl KvRows for View<'_> {
+    fn len(&self) -> usize {
+        self.data.len()
+    }
+
+    fn strides(&self) -> Strides4 {
+        self.strides
+    }
+
+    #[inline(always)]
+    fn rows<'s>(
+        &'s self,
+        b: usize,
+        h: usize,
+        j0: usize,
+        _n: usize,
+        _dim: usize,
+        _buf: &'s mut Vec<f32>,
+    ) -> (&'s [f32], usize) {
+        (
+            &self.data[self.strides.offset(b, h, j0)..],
+            self.strides.seq,
+        )
+    }
+
+    #[inline(always)]
+    fn prefetch(&self, b: usize, h: usize, j: usize) {
+        prefetch(self.data[self.strides.offset(b, h, j)..].as_ptr());
+    }
+}
+
+impl KvRows for Bf16View<'_> {
+    fn len(&self) -> usize {
+        self.data.len()
+    }
+
+    fn strides(&self) -> Strides4 {
+        self.strides
+    }
+
+    #[inline(always)]
+    fn rows<'s>(
+        &'s self,
+        b: usize,
+        h: usize,
+        j0: usize,
+        n: usize,
+        dim: usize,
+        buf: &'s mut Vec<f32>,
+    ) -> (&'s [f32], usize) {
+        buf.resize(n * dim, 0.0);
+        let src = &self.data[self.strides.offset(b, h, j0)..];
+        for (t, row) in buf.chunks_exact_mut(dim).enumerate() {
+            widen(&src[t * self.strides.seq..][..dim], row);
+        }
+        (buf, dim)
+    }
+
+    #[inline(always)]
+    fn prefetch(&self, b: usize, h: usize, j: usize) {
+        // Every cache line up to the next row (a 64-element row spans two or three).
+        let row = &self.data[self.strides.offset(b, h, j)..];
+        for x in row[..self.strides.seq.min(row.len())].iter().step_by(32) {
+            prefetch(x);
+        }
+    }
+}
+
+impl Bf16View<'_> {
+    /// The elements of `[batch, heads, seq, dim]` widened to dense row-major f32.
+    pub(super) fn widened(&self, batch: usize, heads: usize, seq: usize, dim: usize) -> Vec<f32> {
+        let mut out = vec![0.0f32; batch * heads * seq * dim];
+        for (r, row) in out.chunks_exact_mut(dim.max(1)).enumerate() {
+            let (bh, j) = (r / seq, r % seq);
+            let o = self.strides.offset(bh / heads, bh % heads, j);
+            widen(&self.data[o..][..dim], row);
+        }
+        out
+    }
+}
+
+/// bf16 to f32 (exact).
+#[inline(always)]
+fn widen(src: &[half::bf16], dst: &mut [f32]) {
+    for (d, &x) in dst.iter_mut().zip(src) {
+        *d = x.convert();
+    }
+}
 
 /// Keys per part at least, when the key range is split.
 const MIN_PART_KEYS: usize = 128;
@@ -19,7 +136,7 @@ const MIN_PART_KEYS: usize = 128;
 const TASKS_PER_THREAD: usize = 4;
 
 /// Computes and writes every output row (see the module docs).
-pub(super) fn run(c: &Ctx, out: &OutPtr) {
+pub(super) fn run<KV: KvRows>(c: &Ctx<'_, KV>, out: &OutPtr) {
     let s = &c.s;
     let rows = c.group * s.q_len;
     let dv = s.v_dim;
@@ -81,7 +198,15 @@ pub(super) fn run(c: &Ctx, out: &OutPtr) {
 /// The online softmax of every query row of kv head `hk` of batch `b` over keys `p0..p1`:
 /// row `r` (query head `hk · group + r / q_len`, query `r % q_len`) into `st[r]` and
 /// `acc[r · v_dim..]`.
-fn task(c: &Ctx, b: usize, hk: usize, p0: usize, p1: usize, st: &mut [Stats], acc: &mut [f32]) {
+fn task<KV: KvRows>(
+    c: &Ctx<'_, KV>,
+    b: usize,
+    hk: usize,
+    p0: usize,
+    p1: usize,
+    st: &mut [Stats],
+    acc: &mut [f32],
+) {
     match c.level {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 | Isa::Avx512Bf16 => {
@@ -94,15 +219,15 @@ fn task(c: &Ctx, b: usize, hk: usize, p0: usize, p1: usize, st: &mut [Stats], ac
             // SAFETY: `vector_level` returned an available level, so AVX2 and FMA are present.
             unsafe { x86::task_avx2(c, b, hk, p0, p1, st, acc) }
         }
-        _ => task_body::<false, false>(c, b, hk, p0, p1, st, acc),
+        _ => task_body::<KV, false, false>(c, b, hk, p0, p1, st, acc),
     }
 }
 
 /// See [`task`]; `WIDE` scores keys with the AVX-512 kernel [`x86::scores_avx512`] (only
 /// instantiated with `FMA` inside functions compiled for AVX-512).
 #[inline(always)]
-fn task_body<const FMA: bool, const WIDE: bool>(
-    c: &Ctx,
+fn task_body<KV: KvRows, const FMA: bool, const WIDE: bool>(
+    c: &Ctx<'_, KV>,
     b: usize,
     hk: usize,
     p0: usize,
@@ -112,19 +237,20 @@ fn task_body<const FMA: bool, const WIDE: bool>(
 ) {
     let s = &c.s;
     let (d, dv, nq) = (s.head_dim, s.v_dim, s.q_len);
-    let k = &c.k.data[c.k.strides.offset(b, hk, 0)..];
-    let v = &c.v.data[c.v.strides.offset(b, hk, 0)..];
-    let (ks, vs) = (c.k.strides.seq, c.v.strides.seq);
     st.fill(EMPTY);
     acc.fill(0.0);
+    let (mut kbuf, mut vbuf) = (Vec::new(), Vec::new());
     let mut j0 = p0;
     while j0 < p1 {
         let n = KEY_BLOCK.min(p1 - j0);
         // The next block's rows, while this one is computed.
         for j in j0 + n..(j0 + 2 * n).min(p1) {
-            prefetch(k[j * ks..].as_ptr());
-            prefetch(v[j * vs..].as_ptr());
+            c.k.prefetch(b, hk, j);
+            c.v.prefetch(b, hk, j);
         }
+        // This block's rows from j0 on, in place or widened once for every row of the group.
+        let (k, ks) = c.k.rows(b, hk, j0, n, d, &mut kbuf);
+        let (v, vs) = c.v.rows(b, hk, j0, n, dv, &mut vbuf);
         for (r, (st, acc)) in st.iter_mut().zip(acc.chunks_exact_mut(dv)).enumerate() {
             let (h, i) = (hk * c.group + r / nq, r % nq);
             let (lo, hi) = c.visible(i);
@@ -135,7 +261,7 @@ fn task_body<const FMA: bool, const WIDE: bool>(
             let q = &c.q.data[c.q.strides.offset(b, h, i)..][..d];
             let mut scores = [0.0f32; KEY_BLOCK];
             let sc = &mut scores[..e - a];
-            let keys = &k[a * ks..(e - 1) * ks + d];
+            let keys = &k[(a - j0) * ks..(e - 1 - j0) * ks + d];
             if WIDE {
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: `WIDE` is only instantiated by `x86::task_avx512`, compiled with the
@@ -157,7 +283,7 @@ fn task_body<const FMA: bool, const WIDE: bool>(
                     *o += x;
                 }
             }
-            update::<FMA>(st, sc, acc, v, vs, a);
+            update::<FMA>(st, sc, acc, v, vs, a - j0);
         }
         j0 += n;
     }
@@ -165,12 +291,12 @@ fn task_body<const FMA: bool, const WIDE: bool>(
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{task_body, Ctx, Stats};
+    use super::{task_body, Ctx, KvRows, Stats};
     use std::arch::x86_64::*;
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-    pub(super) fn task_avx512(
-        c: &Ctx,
+    pub(super) fn task_avx512<KV: KvRows>(
+        c: &Ctx<'_, KV>,
         b: usize,
         hk: usize,
         p0: usize,
@@ -178,12 +304,12 @@ mod x86 {
         st: &mut [Stats],
         acc: &mut [f32],
     ) {
-        task_body::<true, true>(c, b, hk, p0, p1, st, acc)
+        task_body::<KV, true, true>(c, b, hk, p0, p1, st, acc)
     }
 
     #[target_feature(enable = "avx2,fma")]
-    pub(super) fn task_avx2(
-        c: &Ctx,
+    pub(super) fn task_avx2<KV: KvRows>(
+        c: &Ctx<'_, KV>,
         b: usize,
         hk: usize,
         p0: usize,
@@ -191,7 +317,7 @@ mod x86 {
         st: &mut [Stats],
         acc: &mut [f32],
     ) {
-        task_body::<true, false>(c, b, hk, p0, p1, st, acc)
+        task_body::<KV, true, false>(c, b, hk, p0, p1, st, acc)
     }
 
     /// `out[t] = q · keys[t · ks..][..d]` (`d = q.len()`), four keys at a time: one vector

@@ -7,18 +7,21 @@ use super::layout::Layout;
 use super::moe::{moe_f32, MoeData};
 use super::plan::{self, LinearLayer, MoeWeight, Plan, Step};
 use super::slots::SlotPlan;
-use super::state::{grown_capacity, CpuState};
+use super::state::{grown_capacity, narrow, narrow_mut, stored_narrow, CpuState};
 use super::weights::{self, Weights};
 use crate::executor::{DeviceValue, NeededNodes, Value};
 use crate::profile::Profile;
 use crate::reference::{self, bind, Ctx, ExecError, ParamSource};
 use crate::tensor::Elements;
 use crate::{Storage, Tensor};
+use half::bf16;
 use kiln_ir::{verify, Bindings, DType, Graph, Node, Op, ValueId};
-use kiln_kernels::attention::{attention_f32, AttnOptions, AttnShape, MaskView, Strides4, View};
+use kiln_kernels::attention::{
+    attention_bf16_kv, attention_f32, AttnOptions, AttnShape, Bf16View, MaskView, Strides4, View,
+};
 use kiln_kernels::gemm::{matmul_f32, matmul_f32_batched, BatchStrides, Gemm};
 use kiln_kernels::gemm_bf16::PackedBf16;
-use kiln_kernels::layout::copy_strided;
+use kiln_kernels::layout::{copy_strided, copy_strided_convert};
 use kiln_kernels::linear::{linear, Gate, Layer, Rope, Weight};
 use kiln_kernels::rope::rope_rotate_half;
 use kiln_kernels::{pages, rowwise, KernelError};
@@ -56,6 +59,9 @@ enum Val<'a> {
     Ext(&'a Tensor, Vec<usize>),
     /// Widened f32 elements in a buffer slot, dense or strided.
     Buf(usize, Layout),
+    /// bf16 elements packed in a state's buffer slot ([`super::state::narrow`]), dense or
+    /// strided; the value is their f32 widening.
+    Narrow(usize, Layout),
     /// A computed non-float value (ids, masks).
     Host(Tensor),
 }
@@ -80,9 +86,9 @@ struct Run<'a> {
 }
 
 impl<'a> Run<'a> {
-    /// Moves `state`'s buffer in as a new buffer; its index.
-    fn add_state(&mut self, bufs: &mut Vec<Vec<f32>>, state: CpuState) -> usize {
-        let (axis, capacity) = (state.axis(), state.capacity());
+    /// Moves `state`'s buffer in as a new buffer; its value (the filled part).
+    fn add_state(&mut self, bufs: &mut Vec<Vec<f32>>, state: CpuState) -> Val<'a> {
+        let (axis, capacity, narrow) = (state.axis(), state.capacity(), state.is_narrow());
         let (data, layout) = state.into_parts();
         let s = bufs.len();
         bufs.push(data);
@@ -90,11 +96,15 @@ impl<'a> Run<'a> {
             s,
             StateSlot {
                 axis,
-                layout,
+                layout: layout.clone(),
                 capacity,
             },
         );
-        s
+        if narrow {
+            Val::Narrow(s, layout)
+        } else {
+            Val::Buf(s, layout)
+        }
     }
 }
 
@@ -315,10 +325,7 @@ impl CpuGraph {
             let v = match &node.op {
                 Op::Input { name } => match (inputs.get(name), states.remove(name)) {
                     (Some(t), _) => Val::Ext(t, t.shape().to_vec()),
-                    (None, Some(state)) => {
-                        let layout = state.layout().clone();
-                        Val::Buf(run.add_state(bufs, state), layout)
-                    }
+                    (None, Some(state)) => run.add_state(bufs, state),
                     (None, None) => continue,
                 },
                 Op::Param { name } => match params.get(name) {
@@ -384,7 +391,8 @@ impl CpuGraph {
                 }
             }
             for v in node.inputs.iter().chain([&id]) {
-                if self.last_use[v.index()] == i && !matches!(run.vals[v.index()], Val::Buf(..)) {
+                let buffer = matches!(run.vals[v.index()], Val::Buf(..) | Val::Narrow(..));
+                if self.last_use[v.index()] == i && !buffer {
                     run.vals[v.index()] = Val::Empty;
                 }
             }
@@ -406,7 +414,7 @@ impl CpuGraph {
     ) -> Result<Val<'a>, ExecError> {
         // In place: the first operand is a whole state with room for the rest.
         let in_place = match &run.vals[node.inputs[0].index()] {
-            Val::Buf(s, l) => run.states.get(s).and_then(|state| {
+            Val::Buf(s, l) | Val::Narrow(s, l) => run.states.get(s).and_then(|state| {
                 (state.axis == axis && state.layout == *l && shape[axis] <= state.capacity)
                     .then(|| (*s, l.shape[axis]))
             }),
@@ -417,9 +425,13 @@ impl CpuGraph {
             None => {
                 let fresh =
                     CpuState::zeroed(node.ty.dtype, &shape, axis, grown_capacity(shape[axis]))?;
-                (run.add_state(bufs, fresh), 0, 0)
+                let (Val::Buf(s, _) | Val::Narrow(s, _)) = run.add_state(bufs, fresh) else {
+                    return Err(ctx.mismatch("internal: a new state has no buffer"));
+                };
+                (s, 0, 0)
             }
         };
+        let narrow_state = stored_narrow(node.ty.dtype);
         let layout = match run.states.get_mut(&s) {
             Some(state) => {
                 state.layout.shape = shape;
@@ -433,21 +445,34 @@ impl CpuGraph {
         let written = (first..node.inputs.len()).try_for_each(|k| {
             let (x, xl) = float_operand(ctx, &run.vals, node, k, bufs)?;
             let start = layout.offset + at * layout.strides[axis];
-            copy_strided(
-                &xl.shape,
-                &x,
-                xl.offset,
-                &xl.strides,
-                &mut data,
-                start,
-                &layout.strides,
-            )
-            .map_err(|e| ctx.mismatch(e.to_string()))?;
+            let copied = if narrow_state {
+                // Exact: the values are the bf16 values the graph computed, widened.
+                let dst = narrow_mut(&mut data);
+                let (src, st) = (&x[..], &xl.strides);
+                copy_strided_convert(&xl.shape, src, xl.offset, st, dst, start, &layout.strides)
+            } else {
+                copy_strided(
+                    &xl.shape,
+                    &x,
+                    xl.offset,
+                    &xl.strides,
+                    &mut data,
+                    start,
+                    &layout.strides,
+                )
+            };
+            copied.map_err(|e| ctx.mismatch(e.to_string()))?;
             at += xl.shape[axis];
             Ok(())
         });
         bufs[s] = data;
-        written.map(|()| Val::Buf(s, layout))
+        written.map(|()| {
+            if narrow_state {
+                Val::Narrow(s, layout)
+            } else {
+                Val::Buf(s, layout)
+            }
+        })
     }
 
     /// The graph's outputs (those in `wanted`, when given): a value in a state's buffer as that
@@ -473,7 +498,7 @@ impl CpuGraph {
                     detail: format!("output {:?} has no node", o.name),
                 })?;
             let v = &run.vals[o.value.index()];
-            if let Val::Buf(s, l) = v {
+            if let Val::Buf(s, l) | Val::Narrow(s, l) = v {
                 if let Some(meta) = run.states.get(s) {
                     if !taken.contains(s) && *l == meta.layout {
                         taken.push(*s);
@@ -520,9 +545,19 @@ impl CpuGraph {
             (Step::Alias, Some(Val::Ext(t, _))) if t.dtype() == DType::F32 => {
                 return Ok(Val::Ext(t, shape));
             }
+            (Step::Alias, Some(Val::Narrow(s, l)))
+                if l.is_dense() || !matches!(node.op, Op::Reshape { .. }) =>
+            {
+                return Ok(Val::Narrow(*s, l.reshaped(shape)));
+            }
             (Step::View, Some(Val::Buf(s, l))) => {
                 if let Some(l) = view(ctx, &node.op, l, &shape)? {
                     return Ok(Val::Buf(*s, l));
+                }
+            }
+            (Step::View, Some(Val::Narrow(s, l))) => {
+                if let Some(l) = view(ctx, &node.op, l, &shape)? {
+                    return Ok(Val::Narrow(*s, l));
                 }
             }
             _ => {}
@@ -851,7 +886,14 @@ impl CpuGraph {
                 window,
                 bshd,
             } => {
-                let (Some(q), Some(k), Some(v)) = (strided(0), strided(1), strided(2)) else {
+                // Keys and values may be a KV cache kept as bf16.
+                let kv = |k: usize| -> Option<Kv<'_>> {
+                    match &vals[node.inputs.get(k)?.index()] {
+                        Val::Narrow(s, l) => Some(Kv::Bf16(narrow(bufs.get(*s)?), l.clone())),
+                        v => strided_data(v, bufs).map(|(d, l)| Kv::F32(d, l)),
+                    }
+                };
+                let (Some(q), Some(k), Some(v)) = (strided(0), kv(1), kv(2)) else {
                     return Ok(false);
                 };
                 let mask = match node.inputs.len() {
@@ -866,7 +908,7 @@ impl CpuGraph {
                     causal: *causal,
                     window: *window,
                 };
-                return attention(&opts, *bshd, [q, k, v], mask, shape, out).map_err(kerr);
+                return attention(&opts, *bshd, q, [k, v], mask, shape, out).map_err(kerr);
             }
             Step::Moe { top_k, weights } => {
                 let Some((x, xs)) = f32s(0) else {
@@ -1059,10 +1101,13 @@ fn strided_data<'v>(v: &'v Val<'_>, bufs: &'v [Vec<f32>]) -> Option<(&'v [f32], 
     }
 }
 
-/// A value's f32 elements in row-major order (copied only when strided) and its shape.
+/// A value's f32 elements in row-major order (copied only when strided or bf16) and its shape.
 fn dense_f32<'v>(v: &'v Val<'_>, bufs: &'v [Vec<f32>]) -> Option<(Cow<'v, [f32]>, Vec<usize>)> {
     if let Some((d, shape)) = f32_data(v, bufs) {
         return Some((Cow::Borrowed(d), shape.to_vec()));
+    }
+    if let Val::Narrow(s, l) = v {
+        return Some((Cow::Owned(widened(*s, l, bufs)?), l.shape.clone()));
     }
     let (d, l) = strided_data(v, bufs)?;
     let mut out = vec![0.0; l.numel()];
@@ -1078,6 +1123,24 @@ fn dense_f32<'v>(v: &'v Val<'_>, bufs: &'v [Vec<f32>]) -> Option<(Cow<'v, [f32]>
     )
     .ok()?;
     Some((Cow::Owned(out), l.shape))
+}
+
+/// The elements of view `l` of the bf16 state buffer `s`, widened to dense row-major f32.
+fn widened(s: usize, l: &Layout, bufs: &[Vec<f32>]) -> Option<Vec<f32>> {
+    let src = narrow(bufs.get(s)?);
+    let mut d = vec![0.0f32; l.numel()];
+    let dense = Layout::dense(l.shape.clone());
+    copy_strided_convert(
+        &l.shape,
+        src,
+        l.offset,
+        &l.strides,
+        &mut d,
+        0,
+        &dense.strides,
+    )
+    .ok()?;
+    Some(d)
 }
 
 /// A value's i64 elements, if it is an i64 tensor.
@@ -1098,6 +1161,14 @@ fn to_tensor<'v>(v: &'v Val<'_>, dtype: DType, bufs: &[Vec<f32>]) -> Option<Cow<
             .ok()
             .map(Cow::Owned),
         Val::Host(t) => Some(Cow::Borrowed(t)),
+        Val::Narrow(s, l) => {
+            let t = Tensor::from_f32(l.shape.clone(), widened(*s, l, bufs)?).ok()?;
+            Some(Cow::Owned(if dtype == DType::F32 {
+                t
+            } else {
+                t.cast(dtype)
+            }))
+        }
         Val::Buf(s, l) => {
             let buf = bufs.get(*s)?;
             let data = if l.is_dense() {
@@ -1202,31 +1273,54 @@ fn view(ctx: &Ctx<'_>, op: &Op, l: &Layout, shape: &[usize]) -> Result<Option<La
     })
 }
 
+/// A key or value operand of attention: f32, or bf16 (a KV cache kept narrow), with its layout.
+enum Kv<'d> {
+    F32(&'d [f32], Layout),
+    Bf16(&'d [bf16], Layout),
+}
+
+impl Kv<'_> {
+    fn layout(&self) -> &Layout {
+        match self {
+            Kv::F32(_, l) | Kv::Bf16(_, l) => l,
+        }
+    }
+}
+
+/// The strides of a rank-4 layout whose last axis is contiguous, and its element offset.
+fn strides4(l: &Layout) -> Option<(Strides4, usize)> {
+    (l.shape.len() == 4 && l.strides[3] == 1).then(|| {
+        let st = Strides4 {
+            batch: l.strides[0],
+            head: l.strides[1],
+            seq: l.strides[2],
+        };
+        (st, l.offset)
+    })
+}
+
 /// Attention on strided `q`, `k`, `v` (rank 4, last axis contiguous) and an optional additive
 /// mask broadcast to the scores, stored `[b, h, s, d]` (or `[b, s, h, d]` with `bshd`);
 /// `Ok(false)` when the operands do not fit the kernel.
 fn attention(
     opts: &AttnOptions,
     bshd: bool,
-    [q, k, v]: [(&[f32], Layout); 3],
+    q: (&[f32], Layout),
+    [k, v]: [Kv<'_>; 2],
     mask: Option<(&[f32], Layout)>,
     shape: &[usize],
     out: &mut [f32],
 ) -> Result<bool, KernelError> {
-    fn four<'d>((d, l): &(&'d [f32], Layout)) -> Option<View<'d>> {
-        (l.shape.len() == 4 && l.strides[3] == 1).then(|| View {
-            data: &d[l.offset.min(d.len())..],
-            strides: Strides4 {
-                batch: l.strides[0],
-                head: l.strides[1],
-                seq: l.strides[2],
-            },
-        })
-    }
-    let (Some(qv), Some(kv), Some(vv)) = (four(&q), four(&k), four(&v)) else {
+    let Some(qv) = strides4(&q.1).map(|(strides, o)| View {
+        data: &q.0[o.min(q.0.len())..],
+        strides,
+    }) else {
         return Ok(false);
     };
-    let (qs, ks, vs) = (&q.1.shape, &k.1.shape, &v.1.shape);
+    let (Some(kst), Some(vst)) = (strides4(k.layout()), strides4(v.layout())) else {
+        return Ok(false);
+    };
+    let (qs, ks, vs) = (&q.1.shape, &k.layout().shape, &v.layout().shape);
     let dims = AttnShape {
         batch: qs[0],
         q_heads: qs[1],
@@ -1261,7 +1355,35 @@ fn attention(
     } else {
         Strides4::dense(h, s, d)
     };
-    attention_f32(&dims, opts, qv, kv, vv, mask, out, out_strides)?;
+    match (k, v) {
+        (Kv::F32(kd, _), Kv::F32(vd, _)) => {
+            let (k, v) = (
+                View {
+                    data: &kd[kst.1.min(kd.len())..],
+                    strides: kst.0,
+                },
+                View {
+                    data: &vd[vst.1.min(vd.len())..],
+                    strides: vst.0,
+                },
+            );
+            attention_f32(&dims, opts, qv, k, v, mask, out, out_strides)?;
+        }
+        (Kv::Bf16(kd, _), Kv::Bf16(vd, _)) => {
+            let (k, v) = (
+                Bf16View {
+                    data: &kd[kst.1.min(kd.len())..],
+                    strides: kst.0,
+                },
+                Bf16View {
+                    data: &vd[vst.1.min(vd.len())..],
+                    strides: vst.0,
+                },
+            );
+            attention_bf16_kv(&dims, opts, qv, k, v, mask, out, out_strides)?;
+        }
+        _ => return Ok(false),
+    }
     Ok(true)
 }
 
