@@ -110,6 +110,7 @@ pub struct AttnOptions {
 
 /// An operand: its elements and its strides (element offsets; `data` starts at element
 /// `[0,0,0,0]`).
+#[derive(Clone, Copy)]
 pub struct View<'a> {
     /// The elements.
     pub data: &'a [f32],
@@ -117,7 +118,8 @@ pub struct View<'a> {
     pub strides: Strides4,
 }
 
-/// A key or value operand stored as bf16 (the bits of each element), with its strides.
+/// A key or value operand stored as bf16, with its strides.
+#[derive(Clone, Copy)]
 pub struct Bf16View<'a> {
     /// The elements.
     pub data: &'a [half::bf16],

@@ -7,7 +7,9 @@ use half::bf16;
 use kiln::ir::{DType, Expr};
 use kiln::runtime::cpu::{moe_f32, MoeData};
 use kiln::runtime::tensor::Elements;
-use kiln_kernels::attention::{attention_f32, AttnOptions, AttnShape, Strides4, View};
+use kiln_kernels::attention::{
+    attention_bf16_kv, attention_f32, AttnOptions, AttnShape, Bf16View, Strides4, View,
+};
 use kiln_kernels::fused::Program;
 use kiln_kernels::gemm::{matmul_f32, Gemm};
 use kiln_kernels::gemm_bf16::{matmul_bf16, PackedBf16};
@@ -23,7 +25,8 @@ pub enum KernelDtype {
     /// f32 everywhere.
     F32,
     /// bf16 weights, f32 accumulation (matmul, gemv: activations rounded to bf16; moe: the
-    /// experts' weights as bf16 precision stores them, activations f32).
+    /// experts' weights as bf16 precision stores them, activations f32; attention: keys and
+    /// values stored bf16, as a bf16 model's KV cache).
     Bf16,
     /// fp8 e4m3 weights (gemv: a per-tensor scale, bf16 activations; moe: per-row scales as
     /// fp8 precision stores the experts, activations f32).
@@ -44,10 +47,10 @@ impl KernelDtype {
             }
         };
         match (op, d) {
-            ("matmul", KernelDtype::Bf16) | ("gemv" | "moe", _) => Ok(d),
+            ("matmul" | "attention", KernelDtype::Bf16) | ("gemv" | "moe", _) => Ok(d),
             _ => Err(CliError::Input(format!(
-                "--dtype {dtype}: {op} has f32 kernels only (bf16: matmul, gemv and moe; fp8: \
-                 gemv and moe)"
+                "--dtype {dtype}: {op} has f32 kernels only (bf16: matmul, gemv, moe and \
+                 attention; fp8: gemv and moe)"
             ))),
         }
     }
@@ -283,7 +286,7 @@ pub fn measure(
             };
             (w, median_secs(runs, || g.run()))
         }
-        "attention" => attention(shape, runs)?,
+        "attention" => attention(shape, dtype, runs)?,
         "moe" => moe(shape, dtype, runs)?,
         "rmsnorm" | "layernorm" | "softmax" => {
             let d = parse_shape(op, shape, &[2])?;
@@ -379,9 +382,10 @@ fn fused(shape: &str, body: Option<&str>, runs: usize) -> Result<(Work, f64), Cl
 }
 
 /// Causal flash attention (the queries are the last `SQ` positions of the `SK` keys, as in
-/// prefill and decode), f32, dense `[batch, heads, seq, dim]` operands; flops count the visible
-/// query-key pairs only.
-fn attention(shape: &str, runs: usize) -> Result<(Work, f64), CliError> {
+/// prefill and decode), f32, dense `[batch, heads, seq, dim]` operands, the keys and values
+/// stored bf16 with `dtype` bf16 (a bf16 model's KV cache); flops count the visible query-key
+/// pairs only.
+fn attention(shape: &str, dtype: KernelDtype, runs: usize) -> Result<(Work, f64), CliError> {
     let d = parse_shape("attention", shape, &[6])?;
     let (b, hq, hkv, sq, sk, dim) = (d[0], d[1], d[2], d[3], d[4], d[5]);
     if hq % hkv != 0 || sq > sk {
@@ -409,25 +413,35 @@ fn attention(shape: &str, runs: usize) -> Result<(Work, f64), CliError> {
     let mut out = vec![0.0; q.len()];
     let (qs, ks) = (Strides4::dense(hq, sq, dim), Strides4::dense(hkv, sk, dim));
     let visible = sq * (sk - sq) + sq * (sq + 1) / 2;
+    let bf16_kv = dtype == KernelDtype::Bf16;
+    let kv_size = if bf16_kv { 2 } else { 4 };
     let w = Work {
-        label: format!("attention f32 causal {b}x{hq}x{hkv}x{sq}x{sk}x{dim}"),
+        label: format!(
+            "attention {} causal {b}x{hq}x{hkv}x{sq}x{sk}x{dim}",
+            if bf16_kv { "bf16 k/v" } else { "f32" }
+        ),
         flops: 4.0 * (b * hq * visible * dim) as f64,
-        bytes: 4.0 * (2 * q.len() + 2 * k.len()) as f64,
+        bytes: (4 * 2 * q.len() + kv_size * 2 * k.len()) as f64,
     };
-    let secs = median_secs(runs, || {
-        let view = |data, strides| View { data, strides };
-        attention_f32(
-            &s,
-            &opts,
-            view(&q, qs),
-            view(&k, ks),
-            view(&v, ks),
-            None,
-            &mut out,
-            qs,
-        )
-        .expect("dense layout")
-    });
+    let q = View {
+        data: &q,
+        strides: qs,
+    };
+    let secs = if bf16_kv {
+        let narrow = |x: &[f32]| -> Vec<bf16> { x.iter().map(|&v| bf16::from_f32(v)).collect() };
+        let (k, v) = (narrow(&k), narrow(&v));
+        median_secs(runs, || {
+            let view = |data, strides| Bf16View { data, strides };
+            let (k, v) = (view(&k, ks), view(&v, ks));
+            attention_bf16_kv(&s, &opts, q, k, v, None, &mut out, qs).expect("dense layout")
+        })
+    } else {
+        median_secs(runs, || {
+            let view = |data, strides| View { data, strides };
+            let (k, v) = (view(&k, ks), view(&v, ks));
+            attention_f32(&s, &opts, q, k, v, None, &mut out, qs).expect("dense layout")
+        })
+    };
     Ok((w, secs))
 }
 
@@ -531,6 +545,10 @@ mod tests {
         );
         assert!(dtype_error("softmax", "bf16").contains("f32 kernels only"));
         assert!(dtype_error("matmul", "fp8").contains("fp8: gemv and moe"));
+        assert_eq!(
+            KernelDtype::parse("attention", "bf16").unwrap(),
+            KernelDtype::Bf16
+        );
         assert!(dtype_error("gemv", "f16").contains("f32, bf16 or fp8"));
         let shape_error =
             |op: &str, shape: &str| match measure(op, shape, KernelDtype::F32, None, 1) {
