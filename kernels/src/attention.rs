@@ -359,7 +359,12 @@ fn context<'a, KV: decode::KvRows>(
         v,
         mask,
         out_strides,
-        level: vector_level(isa),
+        // AVX512-BF16 kept (not only the vector width): decode scores bf16 keys with it.
+        level: if crate::gemm_bf16::has_panel_row(isa) {
+            Isa::Avx512Bf16
+        } else {
+            vector_level(isa)
+        },
     }))
 }
 

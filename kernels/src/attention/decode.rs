@@ -19,6 +19,7 @@ use super::{
 };
 use crate::layout::Convert;
 use crate::simd::{dot, prefetch, Isa};
+use half::bf16;
 
 /// Where the decode kernel reads key or value rows from.
 pub(super) trait KvRows: Sync {
@@ -39,6 +40,11 @@ pub(super) trait KvRows: Sync {
     ) -> (&'s [f32], usize);
     /// Hints the cache to fetch row `j` of `(b, h)`.
     fn prefetch(&self, b: usize, h: usize, j: usize);
+    /// Rows `j0..` of `(b, h)` as stored bf16, and the stride between them; `None` when the
+    /// rows are not bf16.
+    fn raw_bf16(&self, _b: usize, _h: usize, _j0: usize) -> Option<(&[bf16], usize)> {
+        None
+    }
 }
 
 impl KvRows for View<'_> {
@@ -100,6 +106,14 @@ impl KvRows for Bf16View<'_> {
     }
 
     #[inline(always)]
+    fn raw_bf16(&self, b: usize, h: usize, j0: usize) -> Option<(&[bf16], usize)> {
+        Some((
+            &self.data[self.strides.offset(b, h, j0)..],
+            self.strides.seq,
+        ))
+    }
+
+    #[inline(always)]
     fn prefetch(&self, b: usize, h: usize, j: usize) {
         // Every cache line up to the next row (a 64-element row spans two or three).
         let row = &self.data[self.strides.offset(b, h, j)..];
@@ -124,7 +138,7 @@ impl Bf16View<'_> {
 
 /// bf16 to f32 (exact).
 #[inline(always)]
-fn widen(src: &[half::bf16], dst: &mut [f32]) {
+fn widen(src: &[bf16], dst: &mut [f32]) {
     for (d, &x) in dst.iter_mut().zip(src) {
         *d = x.convert();
     }
@@ -209,7 +223,13 @@ fn task<KV: KvRows>(
 ) {
     match c.level {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 | Isa::Avx512Bf16 => {
+        Isa::Avx512Bf16 => {
+            // SAFETY: `vector_level` returned an available level, so AVX-512 F/BW/VL/BF16,
+            // AVX2 and FMA are present.
+            unsafe { x86::task_avx512bf16(c, b, hk, p0, p1, st, acc) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => {
             // SAFETY: `vector_level` returned an available level, so AVX-512 F/BW/VL, AVX2
             // and FMA are present.
             unsafe { x86::task_avx512(c, b, hk, p0, p1, st, acc) }
@@ -219,14 +239,18 @@ fn task<KV: KvRows>(
             // SAFETY: `vector_level` returned an available level, so AVX2 and FMA are present.
             unsafe { x86::task_avx2(c, b, hk, p0, p1, st, acc) }
         }
-        _ => task_body::<KV, false, false>(c, b, hk, p0, p1, st, acc),
+        _ => task_body::<KV, false, false, false>(c, b, hk, p0, p1, st, acc),
     }
 }
 
 /// See [`task`]; `WIDE` scores keys with the AVX-512 kernel [`x86::scores_avx512`] (only
-/// instantiated with `FMA` inside functions compiled for AVX-512).
+/// instantiated with `FMA` inside functions compiled for AVX-512); `DP` scores bf16 keys as
+/// stored with `vdpbf16ps` ([`x86::scores_dpbf16`], only instantiated inside functions compiled
+/// for AVX512-BF16) when every query element of the task is a bf16 value (a bf16 graph rounds
+/// its attention operands): the products of bf16 values are exact in f32, so the scores are
+/// those of the f32 path up to the order of the additions, without widening the keys.
 #[inline(always)]
-fn task_body<KV: KvRows, const FMA: bool, const WIDE: bool>(
+fn task_body<KV: KvRows, const FMA: bool, const WIDE: bool, const DP: bool>(
     c: &Ctx<'_, KV>,
     b: usize,
     hk: usize,
@@ -239,6 +263,22 @@ fn task_body<KV: KvRows, const FMA: bool, const WIDE: bool>(
     let (d, dv, nq) = (s.head_dim, s.v_dim, s.q_len);
     st.fill(EMPTY);
     acc.fill(0.0);
+    // Query row r at qb[r · dp..], zero-padded to whole 32-element vectors.
+    let dp = d.next_multiple_of(32);
+    let qb = if DP && c.k.raw_bf16(b, hk, p0).is_some() {
+        let mut qb = vec![bf16::ZERO; st.len() * dp];
+        let exact = qb.chunks_exact_mut(dp).enumerate().all(|(r, o)| {
+            let (h, i) = (hk * c.group + r / nq, r % nq);
+            let q = &c.q.data[c.q.strides.offset(b, h, i)..][..d];
+            for (o, x) in o.iter_mut().zip(q) {
+                *o = bf16::from_bits((x.to_bits() >> 16) as u16);
+            }
+            q.iter().all(|x| x.to_bits() & 0xffff == 0)
+        });
+        exact.then_some(qb)
+    } else {
+        None
+    };
     let (mut kbuf, mut vbuf) = (Vec::new(), Vec::new());
     let mut j0 = p0;
     while j0 < p1 {
@@ -248,8 +288,13 @@ fn task_body<KV: KvRows, const FMA: bool, const WIDE: bool>(
             c.k.prefetch(b, hk, j);
             c.v.prefetch(b, hk, j);
         }
-        // This block's rows from j0 on, in place or widened once for every row of the group.
-        let (k, ks) = c.k.rows(b, hk, j0, n, d, &mut kbuf);
+        // This block's rows from j0 on, in place or widened once for every row of the group
+        // (the keys as stored when `vdpbf16ps` scores them).
+        let raw = qb.as_ref().and_then(|_| c.k.raw_bf16(b, hk, j0));
+        let (k, ks) = match raw {
+            Some(_) => (&[][..], 0),
+            None => c.k.rows(b, hk, j0, n, d, &mut kbuf),
+        };
         let (v, vs) = c.v.rows(b, hk, j0, n, dv, &mut vbuf);
         for (r, (st, acc)) in st.iter_mut().zip(acc.chunks_exact_mut(dv)).enumerate() {
             let (h, i) = (hk * c.group + r / nq, r % nq);
@@ -261,15 +306,23 @@ fn task_body<KV: KvRows, const FMA: bool, const WIDE: bool>(
             let q = &c.q.data[c.q.strides.offset(b, h, i)..][..d];
             let mut scores = [0.0f32; KEY_BLOCK];
             let sc = &mut scores[..e - a];
-            let keys = &k[(a - j0) * ks..(e - 1 - j0) * ks + d];
-            if WIDE {
+            if let (true, Some(qb), Some((kr, krs))) = (DP, &qb, raw) {
                 #[cfg(target_arch = "x86_64")]
-                // SAFETY: `WIDE` is only instantiated by `x86::task_avx512`, compiled with the
-                // features `scores_avx512` needs.
+                // SAFETY: `DP` is only instantiated by `x86::task_avx512bf16`, compiled with
+                // the features `scores_dpbf16` needs.
+                unsafe {
+                    x86::scores_dpbf16(&qb[r * dp..][..dp], &kr[(a - j0) * krs..], krs, d, sc)
+                };
+            } else if WIDE {
+                let keys = &k[(a - j0) * ks..(e - 1 - j0) * ks + d];
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: `WIDE` is only instantiated by `x86::task_avx512` and
+                // `x86::task_avx512bf16`, compiled with the features `scores_avx512` needs.
                 unsafe {
                     x86::scores_avx512(q, keys, ks, sc)
                 };
             } else {
+                let keys = &k[(a - j0) * ks..(e - 1 - j0) * ks + d];
                 for (t, o) in sc.iter_mut().enumerate() {
                     *o = dot::<FMA>(q, &keys[t * ks..][..d]);
                 }
@@ -292,7 +345,21 @@ fn task_body<KV: KvRows, const FMA: bool, const WIDE: bool>(
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{task_body, Ctx, KvRows, Stats};
+    use half::bf16;
     use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma")]
+    pub(super) fn task_avx512bf16<KV: KvRows>(
+        c: &Ctx<'_, KV>,
+        b: usize,
+        hk: usize,
+        p0: usize,
+        p1: usize,
+        st: &mut [Stats],
+        acc: &mut [f32],
+    ) {
+        task_body::<KV, true, true, true>(c, b, hk, p0, p1, st, acc)
+    }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
     pub(super) fn task_avx512<KV: KvRows>(
@@ -304,7 +371,7 @@ mod x86 {
         st: &mut [Stats],
         acc: &mut [f32],
     ) {
-        task_body::<KV, true, true>(c, b, hk, p0, p1, st, acc)
+        task_body::<KV, true, true, false>(c, b, hk, p0, p1, st, acc)
     }
 
     #[target_feature(enable = "avx2,fma")]
@@ -317,12 +384,85 @@ mod x86 {
         st: &mut [Stats],
         acc: &mut [f32],
     ) {
-        task_body::<KV, true, false>(c, b, hk, p0, p1, st, acc)
+        task_body::<KV, true, false, false>(c, b, hk, p0, p1, st, acc)
+    }
+
+    /// The lane sums of four vectors, `[Σ a0, Σ a1, Σ a2, Σ a3]`: per 128-bit quarter pair
+    /// sums `[a0 a1 a0 a1]`, then `[a0 a1 a2 a3]`, then the quarters added.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+    #[inline]
+    fn sum4(a: [__m512; 4]) -> __m128 {
+        let t0 = _mm512_add_ps(
+            _mm512_unpacklo_ps(a[0], a[1]),
+            _mm512_unpackhi_ps(a[0], a[1]),
+        );
+        let t1 = _mm512_add_ps(
+            _mm512_unpacklo_ps(a[2], a[3]),
+            _mm512_unpackhi_ps(a[2], a[3]),
+        );
+        let s = _mm512_add_ps(
+            _mm512_shuffle_ps::<0x44>(t0, t1),
+            _mm512_shuffle_ps::<0xEE>(t0, t1),
+        );
+        let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(s)));
+        let s = _mm256_add_ps(_mm512_castps512_ps256(s), hi);
+        _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps::<1>(s))
+    }
+
+    /// `out[t] = q · keys[t · ks..][..d]` with bf16 keys and queries, `vdpbf16ps` summing
+    /// products of element pairs in f32: `q` holds the query zero-padded to a multiple of 32
+    /// elements, each key's last vector is loaded masked to its `d` elements. Four keys at a
+    /// time, reduced by [`sum4`].
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma")]
+    #[inline]
+    pub(super) fn scores_dpbf16(q: &[bf16], keys: &[bf16], ks: usize, d: usize, out: &mut [f32]) {
+        let n = out.len();
+        let (full, rem) = (d / 32, d % 32);
+        assert!(q.len() >= d.next_multiple_of(32) && (n == 0 || (n - 1) * ks + d <= keys.len()));
+        let tail: __mmask32 = ((1u64 << rem) - 1) as u32;
+        let (qp, kp) = (q.as_ptr(), keys.as_ptr());
+        // SAFETY (every load below): vector `c` of q covers elements 32c .. 32c + 32 within
+        // q.len() (asserted); of key `j`, elements j·ks + 32c .. + 32 with 32c + 32 <= d (full
+        // vectors) or only the first `rem` lanes, j·ks + d <= keys.len() by the assertion.
+        // `__m512i` and `__m512bh` are the same 64 bytes.
+        let bh = |v: __m512i| -> __m512bh { unsafe { std::mem::transmute(v) } };
+        let qv = |c: usize| bh(unsafe { _mm512_loadu_si512(qp.add(32 * c).cast()) });
+        let kv = |row: *const bf16, c: usize| {
+            bh(if c < full {
+                unsafe { _mm512_loadu_si512(row.add(32 * c).cast()) }
+            } else {
+                unsafe { _mm512_maskz_loadu_epi16(tail, row.add(32 * c).cast()) }
+            })
+        };
+        let vectors = full + usize::from(rem > 0);
+        let mut j = 0;
+        while j + 4 <= n {
+            let mut a = [_mm512_setzero_ps(); 4];
+            for c in 0..vectors {
+                let q = qv(c);
+                for (u, acc) in a.iter_mut().enumerate() {
+                    // SAFETY: j + u < n, so the key row is in bounds (see above).
+                    *acc = _mm512_dpbf16_ps(*acc, q, kv(unsafe { kp.add((j + u) * ks) }, c));
+                }
+            }
+            // SAFETY: j + 4 <= n = out.len().
+            unsafe { _mm_storeu_ps(out.as_mut_ptr().add(j), sum4(a)) };
+            j += 4;
+        }
+        for (t, o) in out.iter_mut().enumerate().skip(j) {
+            let mut acc = _mm512_setzero_ps();
+            // SAFETY: t < n, so the key row is in bounds (see above).
+            let row = unsafe { kp.add(t * ks) };
+            for c in 0..vectors {
+                acc = _mm512_dpbf16_ps(acc, qv(c), kv(row, c));
+            }
+            *o = _mm512_reduce_add_ps(acc);
+        }
     }
 
     /// `out[t] = q · keys[t · ks..][..d]` (`d = q.len()`), four keys at a time: one vector
     /// accumulator per key over the head dims (the last vector masked), the four reduced
-    /// together (two unpack/shuffle rounds, then the 128-bit quarters summed).
+    /// together by [`sum4`].
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
     #[inline]
     pub(super) fn scores_avx512(q: &[f32], keys: &[f32], ks: usize, out: &mut [f32]) {
@@ -354,24 +494,8 @@ mod x86 {
                     *acc = _mm512_fmadd_ps(qv, load_tail(unsafe { kp.add((j + u) * ks) }), *acc);
                 }
             }
-            // Per 128-bit quarter: [a0 a1 a0 a1] pair sums, then [a0 a1 a2 a3].
-            let t0 = _mm512_add_ps(
-                _mm512_unpacklo_ps(a[0], a[1]),
-                _mm512_unpackhi_ps(a[0], a[1]),
-            );
-            let t1 = _mm512_add_ps(
-                _mm512_unpacklo_ps(a[2], a[3]),
-                _mm512_unpackhi_ps(a[2], a[3]),
-            );
-            let s = _mm512_add_ps(
-                _mm512_shuffle_ps::<0x44>(t0, t1),
-                _mm512_shuffle_ps::<0xEE>(t0, t1),
-            );
-            let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(s)));
-            let s = _mm256_add_ps(_mm512_castps512_ps256(s), hi);
-            let s = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps::<1>(s));
             // SAFETY: j + 4 <= n = out.len().
-            unsafe { _mm_storeu_ps(out.as_mut_ptr().add(j), s) };
+            unsafe { _mm_storeu_ps(out.as_mut_ptr().add(j), sum4(a)) };
             j += 4;
         }
         for (t, o) in out.iter_mut().enumerate().skip(j) {
