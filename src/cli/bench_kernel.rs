@@ -382,9 +382,9 @@ fn fused(shape: &str, body: Option<&str>, runs: usize) -> Result<(Work, f64), Cl
 }
 
 /// Causal flash attention (the queries are the last `SQ` positions of the `SK` keys, as in
-/// prefill and decode), f32, dense `[batch, heads, seq, dim]` operands, the keys and values
-/// stored bf16 with `dtype` bf16 (a bf16 model's KV cache); flops count the visible query-key
-/// pairs only.
+/// prefill and decode), f32, dense `[batch, heads, seq, dim]` operands; with `dtype` bf16 the
+/// keys and values stored bf16 and the queries bf16 values (a bf16 model's KV cache and
+/// attention operands); flops count the visible query-key pairs only.
 fn attention(shape: &str, dtype: KernelDtype, runs: usize) -> Result<(Work, f64), CliError> {
     let d = parse_shape("attention", shape, &[6])?;
     let (b, hq, hkv, sq, sk, dim) = (d[0], d[1], d[2], d[3], d[4], d[5]);
@@ -408,12 +408,16 @@ fn attention(shape: &str, dtype: KernelDtype, runs: usize) -> Result<(Work, f64)
         causal: true,
         window: 0,
     };
-    let q = data(b * hq * sq * dim, 0.0);
+    let bf16_kv = dtype == KernelDtype::Bf16;
+    let mut q = data(b * hq * sq * dim, 0.0);
+    if bf16_kv {
+        // A bf16 graph's queries are bf16 values too (decode then scores with `vdpbf16ps`).
+        q.iter_mut().for_each(|x| *x = bf16::from_f32(*x).to_f32());
+    }
     let (k, v) = (data(b * hkv * sk * dim, 1.0), data(b * hkv * sk * dim, 2.0));
     let mut out = vec![0.0; q.len()];
     let (qs, ks) = (Strides4::dense(hq, sq, dim), Strides4::dense(hkv, sk, dim));
     let visible = sq * (sk - sq) + sq * (sq + 1) / 2;
-    let bf16_kv = dtype == KernelDtype::Bf16;
     let kv_size = if bf16_kv { 2 } else { 4 };
     let w = Work {
         label: format!(
