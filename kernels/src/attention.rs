@@ -111,21 +111,18 @@ pub struct AttnOptions {
 /// An operand: its elements and its strides (element offsets; `data` starts at element
 /// `[0,0,0,0]`).
 #[derive(Clone, Copy)]
-pub struct View<'a> {
+pub struct Strided<'a, T> {
     /// The elements.
-    pub data: &'a [f32],
+    pub data: &'a [T],
     /// Strides of the batch, head and sequence axes.
     pub strides: Strides4,
 }
 
-/// A key or value operand stored as bf16, with its strides.
-#[derive(Clone, Copy)]
-pub struct Bf16View<'a> {
-    /// The elements.
-    pub data: &'a [half::bf16],
-    /// Strides of the batch, head and sequence axes.
-    pub strides: Strides4,
-}
+/// An f32 operand.
+pub type View<'a> = Strided<'a, f32>;
+
+/// A key or value operand stored as bf16 (a KV cache kept narrow).
+pub type Bf16View<'a> = Strided<'a, half::bf16>;
 
 /// Additive mask broadcastable to `[batch, q_heads, q_len, kv_len]`: strides for batch, head,
 /// query (0 = broadcast); key axis contiguous.
@@ -281,17 +278,17 @@ pub fn attention_bf16_kv_with(
 /// Checks the operands' extents against the shape and builds the call's context; `None` when
 /// there is nothing to compute.
 #[allow(clippy::too_many_arguments)]
-fn context<'a, KV: decode::KvRows>(
+fn context<'a, T>(
     isa: Isa,
     shape: &AttnShape,
     opts: &AttnOptions,
     q: View<'a>,
-    k: KV,
-    v: KV,
+    k: Strided<'a, T>,
+    v: Strided<'a, T>,
     mask: Option<MaskView<'a>>,
     out: &[f32],
     out_strides: Strides4,
-) -> Result<Option<Ctx<'a, KV>>, KernelError> {
+) -> Result<Option<Ctx<'a, T>>, KernelError> {
     let s = *shape;
     let group = if s.kv_heads == 0 {
         (s.q_heads == 0).then_some(1)
@@ -321,14 +318,14 @@ fn context<'a, KV: decode::KvRows>(
     )?;
     fits(
         "k",
-        k.len(),
-        k.strides(),
+        k.data.len(),
+        k.strides,
         [s.batch, s.kv_heads, s.kv_len, s.head_dim],
     )?;
     fits(
         "v",
-        v.len(),
-        v.strides(),
+        v.data.len(),
+        v.strides,
         [s.batch, s.kv_heads, s.kv_len, s.v_dim],
     )?;
     if let Some(m) = &mask {
@@ -431,15 +428,14 @@ struct Stats {
     nan: bool,
 }
 
-/// One call's operands and attributes; keys and values are f32 [`View`]s, or (decode only)
-/// any [`decode::KvRows`] source such as bf16 [`Bf16View`]s.
-struct Ctx<'a, KV = View<'a>> {
+/// One call's operands and attributes; keys and values are f32, or (decode only) bf16.
+struct Ctx<'a, T = f32> {
     s: AttnShape,
     group: usize,
     opts: AttnOptions,
     q: View<'a>,
-    k: KV,
-    v: KV,
+    k: Strided<'a, T>,
+    v: Strided<'a, T>,
     mask: Option<MaskView<'a>>,
     out_strides: Strides4,
     level: Isa,
@@ -465,7 +461,7 @@ impl Scratch {
     }
 }
 
-impl<KV> Ctx<'_, KV> {
+impl<T> Ctx<'_, T> {
     /// Keys `lo..hi` visible to query `i`.
     fn visible(&self, i: usize) -> (usize, usize) {
         let s = &self.s;

@@ -8,29 +8,22 @@
 //! pairs than the threads can use, the key range is split into parts (flash-decoding), whose
 //! partial `(m, l, acc)` are merged per row afterwards. The tasks run on the [`crate::pool`]
 //! team (decode's regions are short). Keys are read through the operands' strides, so a cache
-//! view with spare capacity (head stride = capacity · d) costs nothing. Keys and values come
-//! from a [`KvRows`] source: f32 rows are read in place, bf16 rows (a narrow KV cache) are
-//! widened a block at a time into the task's L1-sized scratch, once for every query row of
-//! the group.
+//! view with spare capacity (head stride = capacity · d) costs nothing. Keys and values are
+//! f32 rows read in place or bf16 rows (a narrow KV cache) widened a block at a time into the
+//! task's L1-sized scratch, once for every query row of the group ([`KvElement`]); bf16 keys
+//! are scored as stored with `vdpbf16ps` where the CPU has it and the queries are bf16 values.
 
-use super::{
-    merge, update, Bf16View, Ctx, OutPtr, Stats, Strides4, View, EMPTY, KEY_BLOCK,
-    PARALLEL_MIN_WORK,
-};
+use super::{merge, update, Ctx, OutPtr, Stats, Strided, EMPTY, KEY_BLOCK, PARALLEL_MIN_WORK};
 use crate::layout::Convert;
 use crate::simd::{dot, prefetch, Isa};
 use half::bf16;
 
-/// Where the decode kernel reads key or value rows from.
-pub(super) trait KvRows: Sync {
-    /// Elements held.
-    fn len(&self) -> usize;
-    /// Strides of the batch, head and sequence axes.
-    fn strides(&self) -> Strides4;
-    /// Rows `j0..j0 + n` (each `dim` elements) of `(b, h)` as f32, and the stride between
-    /// them: in place, or widened into `buf`.
+/// The element types decode reads keys and values in: f32 rows in place, bf16 rows widened.
+pub(super) trait KvElement: Copy + Sync {
+    /// Rows `j0..j0 + n` (each `dim` elements) of `(b, h)` of `v` as f32, and the stride
+    /// between them: in place, or widened into `buf`.
     fn rows<'s>(
-        &'s self,
+        v: &'s Strided<'_, Self>,
         b: usize,
         h: usize,
         j0: usize,
@@ -38,27 +31,22 @@ pub(super) trait KvRows: Sync {
         dim: usize,
         buf: &'s mut Vec<f32>,
     ) -> (&'s [f32], usize);
-    /// Hints the cache to fetch row `j` of `(b, h)`.
-    fn prefetch(&self, b: usize, h: usize, j: usize);
-    /// Rows `j0..` of `(b, h)` as stored bf16, and the stride between them; `None` when the
-    /// rows are not bf16.
-    fn raw_bf16(&self, _b: usize, _h: usize, _j0: usize) -> Option<(&[bf16], usize)> {
+    /// Rows `j0..` of `(b, h)` of `v` as stored bf16, and the stride between them; `None` when
+    /// they are not bf16.
+    fn raw_bf16<'s>(
+        _v: &'s Strided<'_, Self>,
+        _b: usize,
+        _h: usize,
+        _j0: usize,
+    ) -> Option<(&'s [bf16], usize)> {
         None
     }
 }
 
-impl KvRows for View<'_> {
-    fn len(&self) -> usize {
-        self.data.len()
-    }
-
-    fn strides(&self) -> Strides4 {
-        self.strides
-    }
-
+impl KvElement for f32 {
     #[inline(always)]
     fn rows<'s>(
-        &'s self,
+        v: &'s Strided<'_, f32>,
         b: usize,
         h: usize,
         j0: usize,
@@ -66,30 +54,14 @@ impl KvRows for View<'_> {
         _dim: usize,
         _buf: &'s mut Vec<f32>,
     ) -> (&'s [f32], usize) {
-        (
-            &self.data[self.strides.offset(b, h, j0)..],
-            self.strides.seq,
-        )
-    }
-
-    #[inline(always)]
-    fn prefetch(&self, b: usize, h: usize, j: usize) {
-        prefetch(self.data[self.strides.offset(b, h, j)..].as_ptr());
+        (&v.data[v.strides.offset(b, h, j0)..], v.strides.seq)
     }
 }
 
-impl KvRows for Bf16View<'_> {
-    fn len(&self) -> usize {
-        self.data.len()
-    }
-
-    fn strides(&self) -> Strides4 {
-        self.strides
-    }
-
+impl KvElement for bf16 {
     #[inline(always)]
     fn rows<'s>(
-        &'s self,
+        v: &'s Strided<'_, bf16>,
         b: usize,
         h: usize,
         j0: usize,
@@ -98,32 +70,25 @@ impl KvRows for Bf16View<'_> {
         buf: &'s mut Vec<f32>,
     ) -> (&'s [f32], usize) {
         buf.resize(n * dim, 0.0);
-        let src = &self.data[self.strides.offset(b, h, j0)..];
+        let src = &v.data[v.strides.offset(b, h, j0)..];
         for (t, row) in buf.chunks_exact_mut(dim).enumerate() {
-            widen(&src[t * self.strides.seq..][..dim], row);
+            widen(&src[t * v.strides.seq..][..dim], row);
         }
         (buf, dim)
     }
 
     #[inline(always)]
-    fn raw_bf16(&self, b: usize, h: usize, j0: usize) -> Option<(&[bf16], usize)> {
-        Some((
-            &self.data[self.strides.offset(b, h, j0)..],
-            self.strides.seq,
-        ))
-    }
-
-    #[inline(always)]
-    fn prefetch(&self, b: usize, h: usize, j: usize) {
-        // Every cache line up to the next row (a 64-element row spans two or three).
-        let row = &self.data[self.strides.offset(b, h, j)..];
-        for x in row[..self.strides.seq.min(row.len())].iter().step_by(32) {
-            prefetch(x);
-        }
+    fn raw_bf16<'s>(
+        v: &'s Strided<'_, bf16>,
+        b: usize,
+        h: usize,
+        j0: usize,
+    ) -> Option<(&'s [bf16], usize)> {
+        Some((&v.data[v.strides.offset(b, h, j0)..], v.strides.seq))
     }
 }
 
-impl Bf16View<'_> {
+impl Strided<'_, bf16> {
     /// The elements of `[batch, heads, seq, dim]` widened to dense row-major f32.
     pub(super) fn widened(&self, batch: usize, heads: usize, seq: usize, dim: usize) -> Vec<f32> {
         let mut out = vec![0.0f32; batch * heads * seq * dim];
@@ -133,6 +98,14 @@ impl Bf16View<'_> {
             widen(&self.data[o..][..dim], row);
         }
         out
+    }
+}
+
+/// Hints the cache to fetch the first line of row `j` of `(b, h)` of `v`.
+#[inline(always)]
+fn prefetch_row<T>(v: &Strided<'_, T>, b: usize, h: usize, j: usize) {
+    if let Some(x) = v.data.get(v.strides.offset(b, h, j)) {
+        prefetch(x);
     }
 }
 
@@ -150,7 +123,7 @@ const MIN_PART_KEYS: usize = 128;
 const TASKS_PER_THREAD: usize = 4;
 
 /// Computes and writes every output row (see the module docs).
-pub(super) fn run<KV: KvRows>(c: &Ctx<'_, KV>, out: &OutPtr) {
+pub(super) fn run<T: KvElement>(c: &Ctx<'_, T>, out: &OutPtr) {
     let s = &c.s;
     let rows = c.group * s.q_len;
     let dv = s.v_dim;
@@ -212,8 +185,8 @@ pub(super) fn run<KV: KvRows>(c: &Ctx<'_, KV>, out: &OutPtr) {
 /// The online softmax of every query row of kv head `hk` of batch `b` over keys `p0..p1`:
 /// row `r` (query head `hk · group + r / q_len`, query `r % q_len`) into `st[r]` and
 /// `acc[r · v_dim..]`.
-fn task<KV: KvRows>(
-    c: &Ctx<'_, KV>,
+fn task<T: KvElement>(
+    c: &Ctx<'_, T>,
     b: usize,
     hk: usize,
     p0: usize,
@@ -239,7 +212,7 @@ fn task<KV: KvRows>(
             // SAFETY: `vector_level` returned an available level, so AVX2 and FMA are present.
             unsafe { x86::task_avx2(c, b, hk, p0, p1, st, acc) }
         }
-        _ => task_body::<KV, false, false, false>(c, b, hk, p0, p1, st, acc),
+        _ => task_body::<T, false, false, false>(c, b, hk, p0, p1, st, acc),
     }
 }
 
@@ -250,8 +223,8 @@ fn task<KV: KvRows>(
 /// its attention operands): the products of bf16 values are exact in f32, so the scores are
 /// those of the f32 path up to the order of the additions, without widening the keys.
 #[inline(always)]
-fn task_body<KV: KvRows, const FMA: bool, const WIDE: bool, const DP: bool>(
-    c: &Ctx<'_, KV>,
+fn task_body<T: KvElement, const FMA: bool, const WIDE: bool, const DP: bool>(
+    c: &Ctx<'_, T>,
     b: usize,
     hk: usize,
     p0: usize,
@@ -265,7 +238,7 @@ fn task_body<KV: KvRows, const FMA: bool, const WIDE: bool, const DP: bool>(
     acc.fill(0.0);
     // Query row r at qb[r · dp..], zero-padded to whole 32-element vectors.
     let dp = d.next_multiple_of(32);
-    let qb = if DP && c.k.raw_bf16(b, hk, p0).is_some() {
+    let qb = if DP && T::raw_bf16(&c.k, b, hk, p0).is_some() {
         let mut qb = vec![bf16::ZERO; st.len() * dp];
         let exact = qb.chunks_exact_mut(dp).enumerate().all(|(r, o)| {
             let (h, i) = (hk * c.group + r / nq, r % nq);
@@ -285,17 +258,17 @@ fn task_body<KV: KvRows, const FMA: bool, const WIDE: bool, const DP: bool>(
         let n = KEY_BLOCK.min(p1 - j0);
         // The next block's rows, while this one is computed.
         for j in j0 + n..(j0 + 2 * n).min(p1) {
-            c.k.prefetch(b, hk, j);
-            c.v.prefetch(b, hk, j);
+            prefetch_row(&c.k, b, hk, j);
+            prefetch_row(&c.v, b, hk, j);
         }
         // This block's rows from j0 on, in place or widened once for every row of the group
         // (the keys as stored when `vdpbf16ps` scores them).
-        let raw = qb.as_ref().and_then(|_| c.k.raw_bf16(b, hk, j0));
+        let raw = qb.as_ref().and_then(|_| T::raw_bf16(&c.k, b, hk, j0));
         let (k, ks) = match raw {
             Some(_) => (&[][..], 0),
-            None => c.k.rows(b, hk, j0, n, d, &mut kbuf),
+            None => T::rows(&c.k, b, hk, j0, n, d, &mut kbuf),
         };
-        let (v, vs) = c.v.rows(b, hk, j0, n, dv, &mut vbuf);
+        let (v, vs) = T::rows(&c.v, b, hk, j0, n, dv, &mut vbuf);
         for (r, (st, acc)) in st.iter_mut().zip(acc.chunks_exact_mut(dv)).enumerate() {
             let (h, i) = (hk * c.group + r / nq, r % nq);
             let (lo, hi) = c.visible(i);
@@ -344,13 +317,13 @@ fn task_body<KV: KvRows, const FMA: bool, const WIDE: bool, const DP: bool>(
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{task_body, Ctx, KvRows, Stats};
+    use super::{task_body, Ctx, KvElement, Stats};
     use half::bf16;
     use std::arch::x86_64::*;
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma")]
-    pub(super) fn task_avx512bf16<KV: KvRows>(
-        c: &Ctx<'_, KV>,
+    pub(super) fn task_avx512bf16<T: KvElement>(
+        c: &Ctx<'_, T>,
         b: usize,
         hk: usize,
         p0: usize,
@@ -358,12 +331,12 @@ mod x86 {
         st: &mut [Stats],
         acc: &mut [f32],
     ) {
-        task_body::<KV, true, true, true>(c, b, hk, p0, p1, st, acc)
+        task_body::<T, true, true, true>(c, b, hk, p0, p1, st, acc)
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-    pub(super) fn task_avx512<KV: KvRows>(
-        c: &Ctx<'_, KV>,
+    pub(super) fn task_avx512<T: KvElement>(
+        c: &Ctx<'_, T>,
         b: usize,
         hk: usize,
         p0: usize,
@@ -371,12 +344,12 @@ mod x86 {
         st: &mut [Stats],
         acc: &mut [f32],
     ) {
-        task_body::<KV, true, true, false>(c, b, hk, p0, p1, st, acc)
+        task_body::<T, true, true, false>(c, b, hk, p0, p1, st, acc)
     }
 
     #[target_feature(enable = "avx2,fma")]
-    pub(super) fn task_avx2<KV: KvRows>(
-        c: &Ctx<'_, KV>,
+    pub(super) fn task_avx2<T: KvElement>(
+        c: &Ctx<'_, T>,
         b: usize,
         hk: usize,
         p0: usize,
@@ -384,7 +357,7 @@ mod x86 {
         st: &mut [Stats],
         acc: &mut [f32],
     ) {
-        task_body::<KV, true, false, false>(c, b, hk, p0, p1, st, acc)
+        task_body::<T, true, false, false>(c, b, hk, p0, p1, st, acc)
     }
 
     /// The lane sums of four vectors, `[Σ a0, Σ a1, Σ a2, Σ a3]`: per 128-bit quarter pair
@@ -409,10 +382,40 @@ mod x86 {
         _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps::<1>(s))
     }
 
+    /// `out[t] = Σ_c mac(0, q(c), c, t)` folded over the vectors `c < vectors` of key `t`:
+    /// four keys at a time (one accumulator each, `q(c)` loaded once for the four, the sums
+    /// reduced together by [`sum4`]), then the rest one by one.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+    #[inline]
+    fn per_key<Q: Copy>(
+        vectors: usize,
+        q: impl Fn(usize) -> Q,
+        mac: impl Fn(__m512, Q, usize, usize) -> __m512,
+        out: &mut [f32],
+    ) {
+        let n = out.len();
+        let mut j = 0;
+        while j + 4 <= n {
+            let mut a = [_mm512_setzero_ps(); 4];
+            for c in 0..vectors {
+                let qc = q(c);
+                for (u, acc) in a.iter_mut().enumerate() {
+                    *acc = mac(*acc, qc, c, j + u);
+                }
+            }
+            // SAFETY: j + 4 <= n = out.len().
+            unsafe { _mm_storeu_ps(out.as_mut_ptr().add(j), sum4(a)) };
+            j += 4;
+        }
+        for (t, o) in out.iter_mut().enumerate().skip(j) {
+            let acc = (0..vectors).fold(_mm512_setzero_ps(), |acc, c| mac(acc, q(c), c, t));
+            *o = _mm512_reduce_add_ps(acc);
+        }
+    }
+
     /// `out[t] = q · keys[t · ks..][..d]` with bf16 keys and queries, `vdpbf16ps` summing
     /// products of element pairs in f32: `q` holds the query zero-padded to a multiple of 32
-    /// elements, each key's last vector is loaded masked to its `d` elements. Four keys at a
-    /// time, reduced by [`sum4`].
+    /// elements, each key's last vector is loaded masked to its `d` elements.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma")]
     #[inline]
     pub(super) fn scores_dpbf16(q: &[bf16], keys: &[bf16], ks: usize, d: usize, out: &mut [f32]) {
@@ -422,47 +425,30 @@ mod x86 {
         let tail: __mmask32 = ((1u64 << rem) - 1) as u32;
         let (qp, kp) = (q.as_ptr(), keys.as_ptr());
         // SAFETY (every load below): vector `c` of q covers elements 32c .. 32c + 32 within
-        // q.len() (asserted); of key `j`, elements j·ks + 32c .. + 32 with 32c + 32 <= d (full
-        // vectors) or only the first `rem` lanes, j·ks + d <= keys.len() by the assertion.
-        // `__m512i` and `__m512bh` are the same 64 bytes.
+        // q.len() (asserted); of key `t < n`, elements t·ks + 32c .. + 32 with 32c + 32 <= d
+        // (full vectors) or only the first `rem` lanes, t·ks + d <= keys.len() by the
+        // assertion. `__m512i` and `__m512bh` are the same 64 bytes.
         let bh = |v: __m512i| -> __m512bh { unsafe { std::mem::transmute(v) } };
         let qv = |c: usize| bh(unsafe { _mm512_loadu_si512(qp.add(32 * c).cast()) });
-        let kv = |row: *const bf16, c: usize| {
+        let kv = |t: usize, c: usize| {
+            let row = kp.wrapping_add(t * ks + 32 * c);
             bh(if c < full {
-                unsafe { _mm512_loadu_si512(row.add(32 * c).cast()) }
+                unsafe { _mm512_loadu_si512(row.cast()) }
             } else {
-                unsafe { _mm512_maskz_loadu_epi16(tail, row.add(32 * c).cast()) }
+                unsafe { _mm512_maskz_loadu_epi16(tail, row.cast()) }
             })
         };
         let vectors = full + usize::from(rem > 0);
-        let mut j = 0;
-        while j + 4 <= n {
-            let mut a = [_mm512_setzero_ps(); 4];
-            for c in 0..vectors {
-                let q = qv(c);
-                for (u, acc) in a.iter_mut().enumerate() {
-                    // SAFETY: j + u < n, so the key row is in bounds (see above).
-                    *acc = _mm512_dpbf16_ps(*acc, q, kv(unsafe { kp.add((j + u) * ks) }, c));
-                }
-            }
-            // SAFETY: j + 4 <= n = out.len().
-            unsafe { _mm_storeu_ps(out.as_mut_ptr().add(j), sum4(a)) };
-            j += 4;
-        }
-        for (t, o) in out.iter_mut().enumerate().skip(j) {
-            let mut acc = _mm512_setzero_ps();
-            // SAFETY: t < n, so the key row is in bounds (see above).
-            let row = unsafe { kp.add(t * ks) };
-            for c in 0..vectors {
-                acc = _mm512_dpbf16_ps(acc, qv(c), kv(row, c));
-            }
-            *o = _mm512_reduce_add_ps(acc);
-        }
+        per_key(
+            vectors,
+            qv,
+            |acc, q, c, t| _mm512_dpbf16_ps(acc, q, kv(t, c)),
+            out,
+        );
     }
 
-    /// `out[t] = q · keys[t · ks..][..d]` (`d = q.len()`), four keys at a time: one vector
-    /// accumulator per key over the head dims (the last vector masked), the four reduced
-    /// together by [`sum4`].
+    /// `out[t] = q · keys[t · ks..][..d]` (`d = q.len()`): one vector accumulator per key over
+    /// the head dims (the last vector masked).
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
     #[inline]
     pub(super) fn scores_avx512(q: &[f32], keys: &[f32], ks: usize, out: &mut [f32]) {
@@ -471,44 +457,23 @@ mod x86 {
         let (full, rem) = (d / 16, d % 16);
         let tail: __mmask16 = ((1u32 << rem) - 1) as u16;
         let (qp, kp) = (q.as_ptr(), keys.as_ptr());
-        // SAFETY (every load below): vector `c` of key `j` covers elements j·ks + 16c .. + 16
-        // with 16c + 16 <= d (full vectors) or only the first `rem` lanes, j·ks + d <= keys.len()
-        // by the assertion, and q's vectors lie within q.len() = d likewise.
-        let load = |p: *const f32, c: usize| unsafe { _mm512_loadu_ps(p.add(16 * c)) };
-        // SAFETY: as above, masked lanes are not read.
-        let load_tail = |p: *const f32| unsafe { _mm512_maskz_loadu_ps(tail, p.add(16 * full)) };
-        let mut j = 0;
-        while j + 4 <= n {
-            let mut a = [_mm512_setzero_ps(); 4];
-            for c in 0..full {
-                let qv = load(qp, c);
-                for (u, acc) in a.iter_mut().enumerate() {
-                    // SAFETY: j + u < n, so the key row is in bounds (see above).
-                    *acc = _mm512_fmadd_ps(qv, load(unsafe { kp.add((j + u) * ks) }, c), *acc);
-                }
+        // SAFETY (every load below): vector `c` of key `t < n` covers elements t·ks + 16c ..
+        // + 16 with 16c + 16 <= d (full vectors) or only the first `rem` lanes, t·ks + d <=
+        // keys.len() by the assertion, and q's vectors lie within q.len() = d likewise.
+        let load = |p: *const f32, c: usize| {
+            if c < full {
+                unsafe { _mm512_loadu_ps(p.add(16 * c)) }
+            } else {
+                unsafe { _mm512_maskz_loadu_ps(tail, p.add(16 * c)) }
             }
-            if rem > 0 {
-                let qv = load_tail(qp);
-                for (u, acc) in a.iter_mut().enumerate() {
-                    // SAFETY: as above.
-                    *acc = _mm512_fmadd_ps(qv, load_tail(unsafe { kp.add((j + u) * ks) }), *acc);
-                }
-            }
-            // SAFETY: j + 4 <= n = out.len().
-            unsafe { _mm_storeu_ps(out.as_mut_ptr().add(j), sum4(a)) };
-            j += 4;
-        }
-        for (t, o) in out.iter_mut().enumerate().skip(j) {
-            let mut acc = _mm512_setzero_ps();
-            // SAFETY: t < n, so the key row is in bounds (see above).
-            let kr = unsafe { kp.add(t * ks) };
-            for c in 0..full {
-                acc = _mm512_fmadd_ps(load(qp, c), load(kr, c), acc);
-            }
-            if rem > 0 {
-                acc = _mm512_fmadd_ps(load_tail(qp), load_tail(kr), acc);
-            }
-            *o = _mm512_reduce_add_ps(acc);
-        }
+        };
+        let vectors = full + usize::from(rem > 0);
+        let kv = |t: usize, c: usize| load(kp.wrapping_add(t * ks), c);
+        per_key(
+            vectors,
+            |c| load(qp, c),
+            |acc, q, c, t| _mm512_fmadd_ps(q, kv(t, c), acc),
+            out,
+        );
     }
 }

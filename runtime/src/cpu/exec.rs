@@ -17,7 +17,7 @@ use crate::{Storage, Tensor};
 use half::bf16;
 use kiln_ir::{verify, Bindings, DType, Graph, Node, Op, ValueId};
 use kiln_kernels::attention::{
-    attention_bf16_kv, attention_f32, AttnOptions, AttnShape, Bf16View, MaskView, Strides4, View,
+    attention_bf16_kv, attention_f32, AttnOptions, AttnShape, MaskView, Strided, Strides4,
 };
 use kiln_kernels::gemm::{matmul_f32, matmul_f32_batched, BatchStrides, Gemm};
 use kiln_kernels::gemm_bf16::PackedBf16;
@@ -1299,6 +1299,14 @@ fn strides4(l: &Layout) -> Option<(Strides4, usize)> {
     })
 }
 
+/// The operand of attention over `data` at a [`strides4`] layout.
+fn strided<T>(data: &[T], (strides, offset): (Strides4, usize)) -> Strided<'_, T> {
+    Strided {
+        data: &data[offset.min(data.len())..],
+        strides,
+    }
+}
+
 /// Attention on strided `q`, `k`, `v` (rank 4, last axis contiguous) and an optional additive
 /// mask broadcast to the scores, stored `[b, h, s, d]` (or `[b, s, h, d]` with `bshd`);
 /// `Ok(false)` when the operands do not fit the kernel.
@@ -1311,10 +1319,7 @@ fn attention(
     shape: &[usize],
     out: &mut [f32],
 ) -> Result<bool, KernelError> {
-    let Some(qv) = strides4(&q.1).map(|(strides, o)| View {
-        data: &q.0[o.min(q.0.len())..],
-        strides,
-    }) else {
+    let Some(qv) = strides4(&q.1).map(|st| strided(q.0, st)) else {
         return Ok(false);
     };
     let (Some(kst), Some(vst)) = (strides4(k.layout()), strides4(v.layout())) else {
@@ -1357,29 +1362,11 @@ fn attention(
     };
     match (k, v) {
         (Kv::F32(kd, _), Kv::F32(vd, _)) => {
-            let (k, v) = (
-                View {
-                    data: &kd[kst.1.min(kd.len())..],
-                    strides: kst.0,
-                },
-                View {
-                    data: &vd[vst.1.min(vd.len())..],
-                    strides: vst.0,
-                },
-            );
+            let (k, v) = (strided(kd, kst), strided(vd, vst));
             attention_f32(&dims, opts, qv, k, v, mask, out, out_strides)?;
         }
         (Kv::Bf16(kd, _), Kv::Bf16(vd, _)) => {
-            let (k, v) = (
-                Bf16View {
-                    data: &kd[kst.1.min(kd.len())..],
-                    strides: kst.0,
-                },
-                Bf16View {
-                    data: &vd[vst.1.min(vd.len())..],
-                    strides: vst.0,
-                },
-            );
+            let (k, v) = (strided(kd, kst), strided(vd, vst));
             attention_bf16_kv(&dims, opts, qv, k, v, mask, out, out_strides)?;
         }
         _ => return Ok(false),
