@@ -428,75 +428,46 @@ fn decode_with_long_kv_splits_the_key_range() {
 }
 
 /// Few queries per head (decode, short prefill after a cache): GQA groups, query counts 1–7,
-/// keys read from a cache with spare capacity, causal, windows and masks.
+/// keys read from a cache with spare capacity, causal, windows and masks. The cache in f32, and
+/// in bf16 (a narrow KV cache: decode widens each block of keys and values as it reads it, or
+/// scores the keys as stored with `vdpbf16ps` when the queries are bf16 values too, a bf16
+/// graph's; prefill-shaped calls, the last two shapes, widen them whole first).
 #[test]
 fn decode_reads_a_cache_with_spare_capacity() {
     let mut seed = 500;
-    for (b, hq, hkv, sq, sk, d) in [
+    let shapes = [
         (1, 12, 4, 1, 550, 64),
         (1, 3, 1, 7, 33, 7),
         (2, 6, 2, 3, 1, 33),
         (1, 8, 8, 1, 7, 16),
         (3, 4, 1, 2, 300, 64),
-    ] {
-        for (causal, window, mask) in [
-            (true, 0, Mask::None),
-            (true, 0, Mask::Padding),
-            (true, 5, Mask::Full),
-            (false, 0, Mask::Full),
-        ] {
-            seed += 1;
-            check(
-                seed,
-                Case {
-                    causal,
-                    window,
-                    mask,
-                    cap: 2 * sk + 3,
-                    ..case(b, hq, hkv, sq, sk, d)
-                },
-            );
-        }
-    }
-}
-
-/// k/v stored as bf16 (a narrow KV cache, with spare capacity): decode widens each block of
-/// keys and values as it reads it, or scores the keys as stored with `vdpbf16ps` when the
-/// queries are bf16 values too (a bf16 graph's); prefill-shaped calls widen them whole first.
-#[test]
-fn bf16_kv_cache_matches_reference() {
-    let mut seed = 900;
-    for ((b, hq, hkv, sq, sk, d), bf16) in [
-        (1, 12, 4, 1, 550, 64),
-        (1, 3, 1, 7, 33, 7),
-        (2, 6, 2, 3, 1, 33),
-        (3, 4, 1, 2, 300, 64),
+        (1, 4, 4, 1, 131, 100),
         (1, 4, 2, 40, 97, 16),
         (2, 2, 1, 16, 16, 8),
-        (1, 4, 4, 1, 131, 100),
-        (2, 2, 1, 5, 70, 31),
-    ]
-    .into_iter()
-    .flat_map(|shape| [(shape, false), (shape, true)])
-    {
-        for (causal, window, mask) in [
-            (true, 0, Mask::Padding),
-            (true, 5, Mask::Full),
-            (false, 0, Mask::None),
-        ] {
-            seed += 1;
-            check(
-                seed,
-                Case {
-                    causal,
-                    window,
-                    mask,
-                    cap: 2 * sk + 3,
-                    kv_bf16: true,
-                    bf16,
-                    ..case(b, hq, hkv, sq, sk, d)
-                },
-            );
+    ];
+    // (k/v bf16, queries bf16 values)
+    for (kv_bf16, bf16) in [(false, false), (true, false), (true, true)] {
+        for (b, hq, hkv, sq, sk, d) in shapes {
+            for (causal, window, mask) in [
+                (true, 0, Mask::None),
+                (true, 0, Mask::Padding),
+                (true, 5, Mask::Full),
+                (false, 0, Mask::Full),
+            ] {
+                seed += 1;
+                check(
+                    seed,
+                    Case {
+                        causal,
+                        window,
+                        mask,
+                        cap: 2 * sk + 3,
+                        kv_bf16,
+                        bf16,
+                        ..case(b, hq, hkv, sq, sk, d)
+                    },
+                );
+            }
         }
     }
 }
