@@ -6,10 +6,11 @@
 //! (query `i` sits at `sk - sq + i`); an additive mask of any shape broadcastable to the
 //! scores is read at index 0 on its broadcast axes. As the reference executor: a query with no
 //! visible key gives zeros, visible keys all `-inf` give NaN. The (batch, query head) rows are
-//! split across threads by the JIT; keys, values and the mask are read whole at the absolute
+//! an `scf.parallel` loop (split across threads by the JIT, mapped to GPU threads by the GPU
+//! pipeline), each with its own accumulator; keys, values and the mask are read whole at the absolute
 //! row ([`super::lower::Lowered::first_row`]).
 
-use super::loops::{for_loop, Ix};
+use super::loops::{for_loop, parallel_rows, Ix};
 use super::lower::{fixed, module_with, Lowered};
 use super::spec::{KernelKey, Layout};
 use super::MlirError;
@@ -92,22 +93,21 @@ pub fn attention<'c>(
             let m_arg = mask.as_ref().map(|f| (vals[3], f.clone()));
             let (out, first) = (vals[vals.len() - 2], vals[vals.len() - 1]);
             let top = Ix { b: bd, block };
-            let acc_ty = bd.memref(&[Some(dv)]);
-            let acc = bd.op(
-                block,
-                "memref.alloca",
-                &[],
-                Some(acc_ty),
-                &[("operandSegmentSizes", bd.attr("array<i32: 0, 0>")?)],
-            )?;
-            let zero = top.c(0)?;
             let rows = bd.dim(block, q, 0)?;
             let sq_n = bd.dim(block, q, 1)?;
             let sk_n = bd.dim(block, k, 1)?;
             // Query i sits at key position sk - sq + i.
             let offset = top.op("arith.subi", sk_n, sq_n)?;
-            for_loop(bd, block, (zero, rows), &[], |blk, r, _| {
+            parallel_rows(bd, block, rows, |blk, r| {
                 {
+                    // The accumulator is the row's own (a thread's on the GPU).
+                    let acc = bd.op(
+                        blk,
+                        "memref.alloca",
+                        &[],
+                        Some(bd.memref(&[Some(dv)])),
+                        &[("operandSegmentSizes", bd.attr("array<i32: 0, 0>")?)],
+                    )?;
                     let ix = Ix { b: bd, block: blk };
                     let row = ix.op("arith.addi", first, r)?;
                     let hq_n = ix.c(hq as i64)?;
@@ -214,7 +214,7 @@ pub fn attention<'c>(
                         Ok(vec![])
                     })?;
                 }
-                Ok(vec![])
+                Ok(())
             })?;
             Ok(())
         }),
