@@ -9,7 +9,7 @@
 
 use super::build::context;
 use super::host::{HostProgram, KernelOperand};
-use super::lower::lower;
+use super::lower::{lower, Target};
 use super::spec::{KernelKey, KernelSpec};
 use super::MlirError;
 use kiln_cuda::exec::external::{LaunchArg, PtxLaunch};
@@ -86,7 +86,7 @@ impl GpuKernel {
             None => None,
         };
         let ctx = context();
-        let mut lowered = lower(&ctx, key)?;
+        let mut lowered = lower(&ctx, key, Target::Gpu)?;
         let pm = PassManager::new(&ctx);
         parse_pass_pipeline(pm.as_operation_pass_manager(), &pipeline(chip, toolkit))?;
         pm.run(&mut lowered.module)
