@@ -7,15 +7,16 @@
 //! scores is read at index 0 on its broadcast axes. As the reference executor: a query with no
 //! visible key gives zeros, visible keys all `-inf` give NaN. The (batch, query head) rows are
 //! an `scf.parallel` loop (split across threads by the JIT, mapped to GPU threads by the GPU
-//! pipeline), each with its own accumulator; keys, values and the mask are read whole at the absolute
+//! pipeline, where each row has its own accumulator); keys, values and the mask are read whole at the absolute
 //! row ([`super::lower::Lowered::first_row`]).
 
+use super::build::Builder;
 use super::loops::{for_loop, parallel_rows, Ix};
-use super::lower::{fixed, module_with, Lowered};
+use super::lower::{fixed, module_with, Lowered, Target};
 use super::spec::{KernelKey, Layout};
 use super::MlirError;
 use melior::dialect::arith::{self, CmpfPredicate, CmpiPredicate};
-use melior::ir::{BlockLike, Value};
+use melior::ir::{Block, BlockLike, Value};
 use melior::Context;
 
 type V<'c, 'a> = Value<'c, 'a>;
@@ -69,11 +70,27 @@ pub fn layout(inputs: &[&[usize]]) -> Result<Layout, MlirError> {
     Ok(l)
 }
 
+/// A `memref<dv x f32>` on the stack, allocated in `block`.
+fn alloca<'c, 'a>(
+    bd: &Builder<'c>,
+    block: &'a Block<'c>,
+    dv: usize,
+) -> Result<V<'c, 'a>, MlirError> {
+    bd.op(
+        block,
+        "memref.alloca",
+        &[],
+        Some(bd.memref(&[Some(dv)])),
+        &[("operandSegmentSizes", bd.attr("array<i32: 0, 0>")?)],
+    )
+}
+
 /// Attention laid out by [`layout`].
 pub fn attention<'c>(
     ctx: &'c Context,
     key: &KernelKey,
     (scale, causal, window): (f64, bool, usize),
+    target: Target,
 ) -> Result<Lowered<'c>, MlirError> {
     let (hq, hkv) = (key.params[0], key.params[1]);
     let group = hq / hkv;
@@ -98,16 +115,18 @@ pub fn attention<'c>(
             let sk_n = bd.dim(block, k, 1)?;
             // Query i sits at key position sk - sq + i.
             let offset = top.op("arith.subi", sk_n, sq_n)?;
+            // The accumulator: one for the function on the CPU (a static stack slot; one per
+            // row would be a dynamic alloca in the loop), each row's own on the GPU (a thread's).
+            let shared = match target {
+                Target::Cpu => Some(alloca(bd, block, dv)?),
+                Target::Gpu => None,
+            };
             parallel_rows(bd, block, rows, |blk, r| {
                 {
-                    // The accumulator is the row's own (a thread's on the GPU).
-                    let acc = bd.op(
-                        blk,
-                        "memref.alloca",
-                        &[],
-                        Some(bd.memref(&[Some(dv)])),
-                        &[("operandSegmentSizes", bd.attr("array<i32: 0, 0>")?)],
-                    )?;
+                    let acc = match shared {
+                        Some(a) => a,
+                        None => alloca(bd, blk, dv)?,
+                    };
                     let ix = Ix { b: bd, block: blk };
                     let row = ix.op("arith.addi", first, r)?;
                     let hq_n = ix.c(hq as i64)?;

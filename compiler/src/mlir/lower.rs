@@ -162,7 +162,7 @@ pub fn lower<'c>(
             scale,
             causal,
             window,
-        } => attention::attention(ctx, key, (scale.0, *causal, *window)),
+        } => attention::attention(ctx, key, (scale.0, *causal, *window), target),
         op => Err(MlirError::Unsupported(format!(
             "no MLIR lowering for {}",
             op.name()
