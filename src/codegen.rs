@@ -1,11 +1,15 @@
-//! `--codegen native|mlir`: whose kernels the CPU backend runs. `native` (the default) is the
-//! hand-written kernels of `kiln-kernels`; `mlir` (feature `mlir`) recompiles a loaded model's
-//! graphs with [`kiln_compiler::mlir::MlirProvider`] hooked into the CPU backend
-//! ([`kiln_runtime::cpu::external`]) when a model's graphs are compiled ([`compile`]): fused
-//! elementwise bodies, norms, softmax and products of activations run as MLIR-JIT kernels,
-//! anything MLIR cannot lower keeps its native kernel.
+//! `--codegen native|mlir`: whose kernels the backends run. `native` (the default) is the
+//! hand-written kernels (`kiln-kernels` on the CPU, NVRTC's on CUDA); `mlir` (feature `mlir`)
+//! compiles a loaded model's graphs with [`kiln_compiler::mlir::MlirProvider`] hooked into the
+//! CPU backend ([`kiln_runtime::cpu::external`], [`compile`]), or on `--device cuda` with
+//! [`kiln_compiler::mlir::MlirCudaProvider`]'s PTX hooked into the CUDA backend
+//! ([`kiln_cuda::exec::external`], [`cuda_provider`]): fused elementwise bodies, norms, softmax,
+//! products of activations and attention run as MLIR kernels, anything MLIR cannot lower keeps
+//! its native kernel.
 
+use kiln_cuda::exec::external::Provider as CudaProvider;
 use kiln_runtime::deploy::{self, Compile};
+use std::sync::Arc;
 
 /// Whose kernels the CPU backend runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -33,9 +37,18 @@ pub fn compile(codegen: Codegen) -> Result<Box<Compile>, String> {
     }
 }
 
+/// The CUDA backend's kernel provider for `codegen` (`None`: its own kernels only).
+pub fn cuda_provider(codegen: Codegen) -> Result<Option<Arc<CudaProvider>>, String> {
+    match codegen {
+        Codegen::Native => Ok(None),
+        Codegen::Mlir => imp::cuda_provider().map(Some),
+    }
+}
+
 #[cfg(feature = "mlir")]
 mod imp {
-    use kiln_compiler::mlir::MlirProvider;
+    use kiln_compiler::mlir::{MlirCudaProvider, MlirProvider};
+    use kiln_cuda::exec::external::Provider as CudaProvider;
     use kiln_ir::Graph;
     use kiln_runtime::cpu::external::Provider;
     use kiln_runtime::cpu::CpuGraph;
@@ -54,14 +67,25 @@ mod imp {
                 .collect())
         }))
     }
+
+    /// MLIR PTX kernels for the CUDA backend.
+    pub fn cuda_provider() -> Result<Arc<CudaProvider>, String> {
+        Ok(CudaProvider::new(Arc::new(MlirCudaProvider::new())))
+    }
 }
 
 #[cfg(not(feature = "mlir"))]
 mod imp {
     use super::{unavailable, Codegen};
+    use kiln_cuda::exec::external::Provider;
     use kiln_runtime::deploy::Compile;
+    use std::sync::Arc;
 
     pub fn compile() -> Result<Box<Compile>, String> {
+        Err(unavailable(Codegen::Mlir).unwrap_or_default().to_string())
+    }
+
+    pub fn cuda_provider() -> Result<Arc<Provider>, String> {
         Err(unavailable(Codegen::Mlir).unwrap_or_default().to_string())
     }
 }

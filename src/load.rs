@@ -322,12 +322,15 @@ fn artifact(path: &Path, opts: &LoadOptions) -> Result<Model, LoadError> {
 }
 
 /// How a loaded model's graphs are compiled: for the CUDA backend when the placement resolves
-/// to it, else for the CPU backend with `opts.codegen`'s kernels.
+/// to it, else for the CPU backend, either with `opts.codegen`'s kernels.
 fn backend(opts: &LoadOptions) -> Result<Box<Compile>, LoadError> {
     let cuda = placement::resolve(opts.placement)
         .map_err(|why| LoadError::Unsupported(format!("--device cuda: {why}")))?;
     match cuda {
-        Some(b) => Ok(placement::compile(b)),
+        Some(b) => Ok(placement::compile(
+            b,
+            codegen::cuda_provider(opts.codegen).map_err(LoadError::Unsupported)?,
+        )),
         None => codegen::compile(opts.codegen).map_err(LoadError::Unsupported),
     }
 }

@@ -3,6 +3,7 @@
 //! CUDA device, driver and cuBLAS are present). Without them `cuda` is an error naming what is
 //! missing and `auto` stays on the CPU.
 
+use kiln_cuda::exec::external::Provider;
 use kiln_cuda::exec::{Backend, CudaGraph};
 use kiln_ir::Graph;
 use kiln_runtime::deploy::Compile;
@@ -39,13 +40,16 @@ pub fn resolve(placement: Placement) -> Result<Option<Arc<Backend>>, String> {
 }
 
 /// The function that compiles a model's graphs for `backend` (parameters uploaded once, shared
-/// by the graphs); its errors name `--device cuda`.
-pub fn compile(backend: Arc<Backend>) -> Box<Compile> {
+/// by the graphs), with `provider`'s kernels where it has them (`--codegen mlir`); its errors
+/// name `--device cuda`.
+pub fn compile(backend: Arc<Backend>, provider: Option<Arc<Provider>>) -> Box<Compile> {
     Box::new(move |graphs: Vec<Graph>, params: &Params| {
-        Ok(CudaGraph::compile(&backend, graphs, params)
-            .map_err(|e| ModelError(format!("--device cuda: {e}")))?
-            .into_iter()
-            .map(|g| Box::new(g) as Box<dyn GraphExecutor>)
-            .collect())
+        Ok(
+            CudaGraph::compile_with(&backend, graphs, params, provider.as_ref())
+                .map_err(|e| ModelError(format!("--device cuda: {e}")))?
+                .into_iter()
+                .map(|g| Box::new(g) as Box<dyn GraphExecutor>)
+                .collect(),
+        )
     })
 }

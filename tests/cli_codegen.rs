@@ -1,6 +1,8 @@
 //! `--codegen native|mlir` on the command line: without the `mlir` feature, `mlir` is refused
 //! (exit 2, saying how to get it); with it, `kiln forward --codegen mlir` writes transformers'
-//! logits (the families one by one are checked in `compiler/tests/mlir_models.rs`).
+//! logits on the CPU and, with `--device cuda`, on a GPU (refused naming CUDA without one; the
+//! families one by one are checked in `compiler/tests/mlir_models.rs`, the MLIR-PTX kernels
+//! one by one in `compiler/tests/mlir_gpu.rs`).
 
 mod common;
 
@@ -11,18 +13,23 @@ fn ids_text(v: &serde_json::Value) -> String {
     ids.join(",")
 }
 
-#[test]
-fn codegen_mlir_forward_matches_transformers_or_says_the_build_lacks_mlir() {
+/// `kiln forward --codegen mlir --device DEVICE` on the llama fixture: its logits' largest
+/// difference from transformers', or `None` after checking the refusal when the build lacks
+/// MLIR or (on `cuda`) the machine lacks CUDA.
+fn forward_mlir(device: &str) -> Option<f32> {
     let model = fixture("llama");
     let model = model.to_str().unwrap();
     let tokens = ids_text(&reference_json("llama")["prompt_ids"]);
-    let out = std::env::temp_dir().join(format!("kiln-codegen-{}.safetensors", std::process::id()));
+    let out = std::env::temp_dir().join(format!(
+        "kiln-codegen-{device}-{}.safetensors",
+        std::process::id()
+    ));
     let args = [
         "forward",
         "--model",
         model,
         "--device",
-        "cpu",
+        device,
         "--codegen",
         "mlir",
         "--tokens",
@@ -32,19 +39,39 @@ fn codegen_mlir_forward_matches_transformers_or_says_the_build_lacks_mlir() {
     ];
     if !cfg!(feature = "mlir") {
         refused(&args, &["built without MLIR support", "--features mlir"]);
-        return;
+        return None;
+    }
+    if device == "cuda" && kiln_cuda::device::device_count().is_err() {
+        refused(&args, &["--device cuda", "CUDA"]);
+        return None;
     }
     let o = kiln(&args);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let (_, got) = f32_tensor(&out, "logits");
     let (_, want) = f32_tensor(&fixture("llama").join("reference.safetensors"), "logits");
     let _ = std::fs::remove_file(&out);
-    let err = got
-        .iter()
-        .zip(&want)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0, f32::max);
-    assert!(err <= 1e-4, "logits max abs error {err:e}");
+    Some(
+        got.iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max),
+    )
+}
+
+#[test]
+fn codegen_mlir_forward_matches_transformers_or_says_the_build_lacks_mlir() {
+    if let Some(err) = forward_mlir("cpu") {
+        assert!(err <= 1e-4, "logits max abs error {err:e}");
+    }
+}
+
+/// MLIR's PTX kernels in the CUDA backend; on a machine without CUDA, the refusal naming it.
+/// (The bound is the CUDA backend's own against transformers, `tests/cuda_models.rs`.)
+#[test]
+fn codegen_mlir_on_cuda_matches_transformers_or_is_refused_naming_why() {
+    if let Some(err) = forward_mlir("cuda") {
+        assert!(err <= 5e-4, "logits max abs error {err:e}");
+    }
 }
 
 #[test]

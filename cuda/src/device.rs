@@ -112,6 +112,24 @@ impl Device {
         Ok(module.load_function(entry)?)
     }
 
+    /// The entry point `entry` of a module given as PTX (e.g. MLIR's), loaded once per
+    /// distinct text; the driver JIT-compiles the PTX for the device.
+    pub fn ptx_function(&self, ptx: &str, entry: &str) -> Result<CudaFunction, CudaError> {
+        let key = crate::compile::content_hash(&[b"ptx", ptx.as_bytes()]);
+        let module = {
+            let mut m = self.modules.lock().unwrap_or_else(|e| e.into_inner());
+            match m.get(&key) {
+                Some(module) => module.clone(),
+                None => {
+                    let module = self.ctx.load_module(Ptx::from_src(ptx))?;
+                    m.insert(key, module.clone());
+                    module
+                }
+            }
+        };
+        Ok(module.load_function(entry)?)
+    }
+
     /// The function cached under `key`, or the entry point `entry` of the module `source()`
     /// makes (so that repeated launches skip building and hashing the source).
     pub fn function_cached(

@@ -47,7 +47,9 @@ pub(crate) fn launch<'a>(
     push(&mut b);
     // SAFETY: every launcher pushes exactly the kernel's parameters, in order and of the
     // kernel's types (device pointers for pointers, i32/i64/f32 scalars), and checks beforehand
-    // that each buffer holds the elements the kernel reads or writes for the given sizes.
+    // that each buffer holds the elements the kernel reads or writes for the given sizes; a
+    // provider's PTX kernel gets values `exec::external::pack` checked against the `.param`
+    // list its PTX declares, each memref within its buffer.
     unsafe { b.launch(config) }?;
     Ok(())
 }

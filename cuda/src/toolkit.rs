@@ -105,6 +105,19 @@ impl Toolkit {
     }
 }
 
+/// A directory holding `nvvm/libdevice/libdevice.10.bc` (the GPU `math` library MLIR's PTX
+/// links), searched under [`Toolkit::roots`], each root's `nvidia/cuda_nvcc` (the wheel), then
+/// `$CUDA_HOME` and `/usr/local/cuda`.
+pub fn libdevice_root() -> Option<PathBuf> {
+    let mut roots = Toolkit::roots();
+    roots.extend(std::env::var_os("CUDA_HOME").map(PathBuf::from));
+    roots.push(PathBuf::from("/usr/local/cuda"));
+    roots
+        .iter()
+        .flat_map(|r| [r.clone(), r.join("nvidia/cuda_nvcc")])
+        .find(|d| d.join("nvvm/libdevice/libdevice.10.bc").is_file())
+}
+
 /// Makes NVRTC loadable by cudarc: loads the toolkit's library by full path (kept for the
 /// process's life), then asks cudarc whether it can load NVRTC by name; an error, not
 /// cudarc's panic, when it cannot.

@@ -66,7 +66,7 @@ pub struct ModelOpts {
     /// Run the traced graphs as they are, without the optimizer (to compare).
     #[arg(long)]
     pub no_optimize: bool,
-    /// Whose kernels the CPU backend runs.
+    /// Whose kernels the backend runs (`mlir`: on the CPU, or with `--device cuda` on the GPU).
     #[arg(long, value_enum, default_value_t = CodegenArg::Native)]
     pub codegen: CodegenArg,
 }
@@ -77,7 +77,8 @@ impl ModelOpts {
         kiln::load::LoadOptions {
             optimize: !self.no_optimize,
             precision: self.precision,
-            // MLIR kernels run on the CPU backend: `auto` then means the CPU.
+            // MLIR kernels run on the CUDA backend only when asked for (`--device cuda`):
+            // `auto` then means the CPU.
             placement: match (self.device, self.codegen) {
                 (Device::Auto, CodegenArg::Mlir) => kiln::placement::Placement::Cpu,
                 (d, _) => placement(d),
@@ -106,11 +107,6 @@ impl ModelOpts {
         let backend = kiln::placement::resolve(opts.placement).map_err(|why| {
             CliError::Input(format!("--device cuda: {why}; use --device cpu (or auto)"))
         })?;
-        if backend.is_some() && opts.codegen == kiln::codegen::Codegen::Mlir {
-            return Err(CliError::Input(
-                "--codegen mlir runs on the CPU backend; use --device cpu".into(),
-            ));
-        }
         let target = match &backend {
             Some(b) => kiln::compiler::Target::by_name(match b.device().arch() {
                 kiln_cuda::Arch::Sm80 => "cuda-sm80",

@@ -6,15 +6,17 @@
 //! (query `i` sits at `sk - sq + i`); an additive mask of any shape broadcastable to the
 //! scores is read at index 0 on its broadcast axes. As the reference executor: a query with no
 //! visible key gives zeros, visible keys all `-inf` give NaN. The (batch, query head) rows are
-//! split across threads by the JIT; keys, values and the mask are read whole at the absolute
+//! an `scf.parallel` loop (split across threads by the JIT, mapped to GPU threads by the GPU
+//! pipeline, where each row has its own accumulator); keys, values and the mask are read whole at the absolute
 //! row ([`super::lower::Lowered::first_row`]).
 
-use super::loops::{for_loop, Ix};
-use super::lower::{fixed, module_with, Lowered};
+use super::build::Builder;
+use super::loops::{for_loop, parallel_rows, Ix};
+use super::lower::{fixed, module_with, Lowered, Target};
 use super::spec::{KernelKey, Layout};
 use super::MlirError;
 use melior::dialect::arith::{self, CmpfPredicate, CmpiPredicate};
-use melior::ir::{BlockLike, Value};
+use melior::ir::{Block, BlockLike, Value};
 use melior::Context;
 
 type V<'c, 'a> = Value<'c, 'a>;
@@ -68,11 +70,27 @@ pub fn layout(inputs: &[&[usize]]) -> Result<Layout, MlirError> {
     Ok(l)
 }
 
+/// A `memref<dv x f32>` on the stack, allocated in `block`.
+fn alloca<'c, 'a>(
+    bd: &Builder<'c>,
+    block: &'a Block<'c>,
+    dv: usize,
+) -> Result<V<'c, 'a>, MlirError> {
+    bd.op(
+        block,
+        "memref.alloca",
+        &[],
+        Some(bd.memref(&[Some(dv)])),
+        &[("operandSegmentSizes", bd.attr("array<i32: 0, 0>")?)],
+    )
+}
+
 /// Attention laid out by [`layout`].
 pub fn attention<'c>(
     ctx: &'c Context,
     key: &KernelKey,
     (scale, causal, window): (f64, bool, usize),
+    target: Target,
 ) -> Result<Lowered<'c>, MlirError> {
     let (hq, hkv) = (key.params[0], key.params[1]);
     let group = hq / hkv;
@@ -92,22 +110,23 @@ pub fn attention<'c>(
             let m_arg = mask.as_ref().map(|f| (vals[3], f.clone()));
             let (out, first) = (vals[vals.len() - 2], vals[vals.len() - 1]);
             let top = Ix { b: bd, block };
-            let acc_ty = bd.memref(&[Some(dv)]);
-            let acc = bd.op(
-                block,
-                "memref.alloca",
-                &[],
-                Some(acc_ty),
-                &[("operandSegmentSizes", bd.attr("array<i32: 0, 0>")?)],
-            )?;
-            let zero = top.c(0)?;
             let rows = bd.dim(block, q, 0)?;
             let sq_n = bd.dim(block, q, 1)?;
             let sk_n = bd.dim(block, k, 1)?;
             // Query i sits at key position sk - sq + i.
             let offset = top.op("arith.subi", sk_n, sq_n)?;
-            for_loop(bd, block, (zero, rows), &[], |blk, r, _| {
+            // The accumulator: one for the function on the CPU (a static stack slot; one per
+            // row would be a dynamic alloca in the loop), each row's own on the GPU (a thread's).
+            let shared = match target {
+                Target::Cpu => Some(alloca(bd, block, dv)?),
+                Target::Gpu => None,
+            };
+            parallel_rows(bd, block, rows, |blk, r| {
                 {
+                    let acc = match shared {
+                        Some(a) => a,
+                        None => alloca(bd, blk, dv)?,
+                    };
                     let ix = Ix { b: bd, block: blk };
                     let row = ix.op("arith.addi", first, r)?;
                     let hq_n = ix.c(hq as i64)?;
@@ -214,7 +233,7 @@ pub fn attention<'c>(
                         Ok(vec![])
                     })?;
                 }
-                Ok(vec![])
+                Ok(())
             })?;
             Ok(())
         }),

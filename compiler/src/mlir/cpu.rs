@@ -7,7 +7,7 @@
 //! parallel on rayon's global pool, as the native kernels do.
 
 use super::build::context;
-use super::lower::{lower, ENTRY};
+use super::lower::{lower, Target, ENTRY};
 use super::spec::{layout, KernelKey, KernelSpec};
 use super::MlirError;
 use kiln_runtime::cpu::external::Operand;
@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 /// The lowering pipeline: structured ops to loops, then every dialect to LLVM.
 pub const PIPELINE: &str = "builtin.module(func.func(convert-linalg-to-loops), \
     convert-scf-to-cf, convert-math-to-llvm, convert-math-to-libm, expand-strided-metadata, \
-    lower-affine, finalize-memref-to-llvm, convert-arith-to-llvm, convert-index-to-llvm, \
+    lower-affine, convert-vector-to-llvm, finalize-memref-to-llvm, convert-arith-to-llvm, convert-index-to-llvm, \
     convert-cf-to-llvm, convert-func-to-llvm, reconcile-unrealized-casts)";
 
 /// LLVM's optimization level for the JIT.
@@ -86,7 +86,7 @@ impl MlirKernel {
     /// Lowers, verifies and JIT-compiles the kernel of `key`.
     pub fn compile_key(key: &KernelKey) -> Result<MlirKernel, MlirError> {
         let ctx = context();
-        let mut lowered = lower(&ctx, key)?;
+        let mut lowered = lower(&ctx, key, Target::Cpu)?;
         let pm = PassManager::new(&ctx);
         parse_pass_pipeline(pm.as_operation_pass_manager(), PIPELINE)?;
         pm.run(&mut lowered.module)

@@ -124,8 +124,22 @@ pub fn fixed(key: &KernelKey, arg: usize, axis: usize) -> Result<usize, MlirErro
     })
 }
 
-/// Lowers a kernel to a verified module in `ctx`.
-pub fn lower<'c>(ctx: &'c Context, key: &KernelKey) -> Result<Lowered<'c>, MlirError> {
+/// What a kernel is lowered for: a lowering may pick its loop structure per target (the CPU's
+/// register-tiled products; the GPU pipeline maps `linalg` and parallel loops to threads).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// The host CPU (JIT).
+    Cpu,
+    /// NVIDIA GPUs (PTX).
+    Gpu,
+}
+
+/// Lowers a kernel to a verified module in `ctx` for `target`.
+pub fn lower<'c>(
+    ctx: &'c Context,
+    key: &KernelKey,
+    target: Target,
+) -> Result<Lowered<'c>, MlirError> {
     let n = key.args.len() - 1;
     match &key.op {
         Op::FusedElementwise { body } => elementwise(ctx, key, body.clone()),
@@ -143,12 +157,12 @@ pub fn lower<'c>(ctx: &'c Context, key: &KernelKey) -> Result<Lowered<'c>, MlirE
         Op::MatMul {
             transpose_a,
             transpose_b,
-        } => matmul::matmul(ctx, key, *transpose_a, *transpose_b),
+        } => matmul::matmul(ctx, key, *transpose_a, *transpose_b, target),
         Op::Attention {
             scale,
             causal,
             window,
-        } => attention::attention(ctx, key, (scale.0, *causal, *window)),
+        } => attention::attention(ctx, key, (scale.0, *causal, *window), target),
         op => Err(MlirError::Unsupported(format!(
             "no MLIR lowering for {}",
             op.name()
@@ -159,7 +173,7 @@ pub fn lower<'c>(ctx: &'c Context, key: &KernelKey) -> Result<Lowered<'c>, MlirE
 /// The kernel's MLIR before the lowering pipeline, as text (`kiln inspect --emit mlir`).
 pub fn emit(spec: &KernelSpec) -> Result<String, MlirError> {
     let ctx = context();
-    let lowered = lower(&ctx, &spec.key()?)?;
+    let lowered = lower(&ctx, &spec.key()?, Target::Cpu)?;
     Ok(lowered.module.as_operation().to_string())
 }
 

@@ -1,15 +1,30 @@
-//! Matrix products as `linalg` contractions. Batch axes are collapsed into one (each operand's
-//! batch is either the result's or all ones, i.e. broadcast); the loops run in the order
-//! batch, `i`, `k`, `j`, so the innermost loop walks `b` and `c` with unit stride and LLVM
-//! vectorizes it (`linalg.matmul`'s own order, `i, j, k`, puts a strided reduction innermost).
-//! Rows of `a` and `c` (or whole batches) are split across threads by the JIT.
+//! Matrix products. Batch axes are collapsed into one (each operand's batch is either the
+//! result's or all ones, i.e. broadcast).
+//!
+//! On the CPU ([`Target::Cpu`]) a product whose `b` is not transposed is register-tiled: for
+//! each panel of [`NR`] columns of `b` (kept in cache while every row block uses it) and each
+//! block of [`MR`] rows of `a`, [`MR`] `vector<NRxf32>` accumulators are carried through the
+//! `k` loop (one vector load of `b`, [`MR`] broadcasts of `a` and [`MR`] vector FMAs per
+//! step), then stored; the rows and columns past the last whole tile are scalar dot products.
+//! Otherwise (`b` transposed, or the GPU, whose pipeline maps parallel loops) the product is a
+//! `linalg` contraction with loops in the order batch, `i`, `k`, `j`, so the innermost loop
+//! walks `b` and `c` with unit stride and LLVM vectorizes it. Rows of `a` and `c` (or whole
+//! batches) are split across threads by the JIT.
 
-use super::build::Iter;
-use super::lower::{module, Lowered};
+use super::build::{Builder, Iter};
+use super::loops::{for_loop, Ix};
+use super::lower::{module, Lowered, Target};
 use super::scalar::Scalars;
 use super::spec::{KernelKey, Layout};
 use super::MlirError;
+use melior::ir::operation::OperationBuilder;
+use melior::ir::{Block, BlockLike, Type, Value};
 use melior::Context;
+
+/// Rows of `a` per register tile.
+pub const MR: usize = 4;
+/// Columns of `b` per register tile (two AVX-512 vectors, four AVX2 ones).
+pub const NR: usize = 32;
 
 /// The product of the batch axes of `shape` (all but the last two), checked against the
 /// result's: equal (`Some(true)`), all ones (`Some(false)`), or neither (`None`).
@@ -77,7 +92,11 @@ pub fn matmul<'c>(
     key: &KernelKey,
     ta: bool,
     tb: bool,
+    target: Target,
 ) -> Result<Lowered<'c>, MlirError> {
+    if target == Target::Cpu && !tb {
+        return tiled(ctx, key, ta);
+    }
     if key.args[2].dims.len() == 2 {
         // Loops (i, k, j).
         let am = if ta {
@@ -147,4 +166,201 @@ pub fn matmul<'c>(
             })
         }),
     )
+}
+
+type V<'c, 'a> = Value<'c, 'a>;
+
+/// The register-tiled product (see the module documentation) of `a` (transposed when `ta`)
+/// and `b`, laid out by [`layout`].
+fn tiled<'c>(ctx: &'c Context, key: &KernelKey, ta: bool) -> Result<Lowered<'c>, MlirError> {
+    let batched = key.args[2].dims.len() == 3;
+    // Whether a and b have a batch axis of their own (else it is fixed at 1, read at 0).
+    let own = |arg: usize| batched && key.args[arg].dims[0].is_none();
+    let (a_own, b_own) = (own(0), own(1));
+    module(
+        ctx,
+        &key.args,
+        Box::new(move |b, block, v| {
+            let (x, y, c) = (v[0], v[1], v[2]);
+            let top = Ix { b, block };
+            let r = usize::from(batched);
+            let m = b.dim(block, c, r)?;
+            let n = b.dim(block, c, r + 1)?;
+            let k = b.dim(block, x, if ta { r } else { r + 1 })?;
+            let batches = if batched {
+                b.dim(block, c, 0)?
+            } else {
+                top.c(1)?
+            };
+            let (mr, nr) = (top.c(MR as i64)?, top.c(NR as i64)?);
+            let mt = top.op("arith.divui", m, mr)?;
+            let nt = top.op("arith.divui", n, nr)?;
+            let m_full = top.op("arith.muli", mt, mr)?;
+            let n_full = top.op("arith.muli", nt, nr)?;
+            let zero = top.c(0)?;
+            for_loop(b, block, (zero, batches), &[], |blk, bi, _| {
+                let ix = Ix { b, block: blk };
+                let z = ix.c(0)?;
+                let p = Product {
+                    b,
+                    x,
+                    y,
+                    c,
+                    ta,
+                    batch: batched.then_some((bi, a_own, b_own)),
+                    k,
+                };
+                for_loop(b, blk, (z, nt), &[], |blk, jt, _| {
+                    let ix = Ix { b, block: blk };
+                    let j0 = ix.op("arith.muli", jt, ix.c(NR as i64)?)?;
+                    let z = ix.c(0)?;
+                    for_loop(b, blk, (z, mt), &[], |blk, it, _| {
+                        let ix = Ix { b, block: blk };
+                        let i0 = ix.op("arith.muli", it, ix.c(MR as i64)?)?;
+                        p.tile(blk, i0, j0)?;
+                        Ok(vec![])
+                    })?;
+                    Ok(vec![])
+                })?;
+                // The columns past the last whole panel, for the rows of whole tiles; then the
+                // rows past the last whole tile, for every column.
+                p.scalar(blk, (z, m_full), (n_full, n))?;
+                p.scalar(blk, (m_full, m), (z, n))?;
+                Ok(vec![])
+            })?;
+            Ok(())
+        }),
+    )
+}
+
+/// An operand of a product.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Side {
+    /// `a`, indexed `[i, k]` (`[k, i]` when transposed).
+    A,
+    /// `b`, indexed `[k, j]`.
+    B,
+    /// The result, `[i, j]`.
+    C,
+}
+
+/// The operands of a tiled product and how to index them.
+struct Product<'b, 'c, 'v> {
+    b: &'b Builder<'c>,
+    x: V<'c, 'v>,
+    y: V<'c, 'v>,
+    c: V<'c, 'v>,
+    ta: bool,
+    /// The batch index, and whether `a` and `b` have their own batch axis.
+    batch: Option<(V<'c, 'v>, bool, bool)>,
+    k: V<'c, 'v>,
+}
+
+impl<'c, 'v> Product<'_, 'c, 'v> {
+    /// The indices of element `(r, col)` of `side` (`a[i, k]`, `b[k, j]`, `c[i, j]`) in
+    /// `block`.
+    fn at<'a>(
+        &self,
+        block: &'a Block<'c>,
+        side: Side,
+        (r, col): (V<'c, 'a>, V<'c, 'a>),
+    ) -> Result<Vec<V<'c, 'a>>, MlirError>
+    where
+        'v: 'a,
+    {
+        let ix = Ix { b: self.b, block };
+        let mut at = Vec::with_capacity(3);
+        if let Some((bi, a_own, b_own)) = self.batch {
+            let own = match side {
+                Side::A => a_own,
+                Side::B => b_own,
+                Side::C => true,
+            };
+            at.push(if own { bi } else { ix.c(0)? });
+        }
+        if side == Side::A && self.ta {
+            at.extend([col, r]);
+        } else {
+            at.extend([r, col]);
+        }
+        Ok(at)
+    }
+
+    /// `c[i0..i0+MR, j0..j0+NR]`, accumulated in vector registers.
+    fn tile<'a>(&self, block: &'a Block<'c>, i0: V<'c, 'a>, j0: V<'c, 'a>) -> Result<(), MlirError>
+    where
+        'v: 'a,
+    {
+        let b = self.b;
+        let ix = Ix { b, block };
+        let vt = Type::parse(b.ctx, &format!("vector<{NR}xf32>"))
+            .ok_or_else(|| MlirError::Mlir("vector type".into()))?;
+        let zero_attr = b.attr(&format!("dense<0.000000e+00> : vector<{NR}xf32>"))?;
+        let zero = b.op(
+            block,
+            "arith.constant",
+            &[],
+            Some(vt),
+            &[("value", zero_attr)],
+        )?;
+        let rows: Vec<V<'c, 'a>> = (0..MR)
+            .map(|r| ix.op("arith.addi", i0, ix.c(r as i64)?))
+            .collect::<Result<_, _>>()?;
+        let z = ix.c(0)?;
+        let acc = for_loop(b, block, (z, self.k), &[zero; MR], |blk, kk, acc| {
+            let ix = Ix { b, block: blk };
+            let at = self.at(blk, Side::B, (kk, j0))?;
+            let mut operands = vec![self.y];
+            operands.extend(at);
+            let bv = b.op(blk, "vector.load", &operands, Some(vt), &[])?;
+            let mut next = Vec::with_capacity(MR);
+            for (r, &row) in rows.iter().enumerate() {
+                let a = ix.load(self.x, &self.at(blk, Side::A, (row, kk))?)?;
+                let av = b.op(blk, "vector.broadcast", &[a], Some(vt), &[])?;
+                next.push(b.op(blk, "vector.fma", &[av, bv, acc[r]], Some(vt), &[])?);
+            }
+            Ok(next)
+        })?;
+        for (r, &row) in rows.iter().enumerate() {
+            let mut operands = vec![acc[r], self.c];
+            operands.extend(self.at(block, Side::C, (row, j0))?);
+            block.append_operation(
+                OperationBuilder::new("vector.store", b.loc)
+                    .add_operands(&operands)
+                    .build()?,
+            );
+        }
+        Ok(())
+    }
+
+    /// `c[i, j]` for rows `i` in `rows` and columns `j` in `cols`, one dot product each.
+    fn scalar<'a>(
+        &self,
+        block: &'a Block<'c>,
+        rows: (V<'c, 'a>, V<'c, 'a>),
+        cols: (V<'c, 'a>, V<'c, 'a>),
+    ) -> Result<(), MlirError>
+    where
+        'v: 'a,
+    {
+        let b = self.b;
+        for_loop(b, block, rows, &[], |blk, i, _| {
+            for_loop(b, blk, cols, &[], |blk, j, _| {
+                let ix = Ix { b, block: blk };
+                let s = ix.scalars();
+                let z = ix.c(0)?;
+                let dot = for_loop(b, blk, (z, self.k), &[s.c(0.0)?], |blk, kk, acc| {
+                    let ix = Ix { b, block: blk };
+                    let s = ix.scalars();
+                    let x = ix.load(self.x, &self.at(blk, Side::A, (i, kk))?)?;
+                    let y = ix.load(self.y, &self.at(blk, Side::B, (kk, j))?)?;
+                    Ok(vec![s.fma(x, y, acc[0])?])
+                })?[0];
+                ix.store(dot, self.c, &self.at(blk, Side::C, (i, j))?)?;
+                Ok(vec![])
+            })?;
+            Ok(vec![])
+        })?;
+        Ok(())
+    }
 }

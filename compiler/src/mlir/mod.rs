@@ -13,8 +13,11 @@
 //!   bodies and reductions there, [`norm`] for softmax/rmsnorm/layernorm, [`matmul`],
 //!   [`attention`] as an `scf` loop nest with online softmax);
 //! - [`cpu`]: the pass pipeline down to LLVM, the JIT ([`MlirKernel`]) and its cache;
-//! - [`gpu`]: the same kernels as PTX for NVIDIA GPUs;
-//! - [`provider`]: the CPU backend's kernel hook ([`MlirProvider`], `--codegen mlir`).
+//! - [`gpu`]: the same kernels as PTX for NVIDIA GPUs ([`GpuKernel`]), with [`host`] reading
+//!   the host side of the launches;
+//! - [`provider`]: the CPU backend's kernel hook ([`MlirProvider`], `--codegen mlir`);
+//! - [`cuda`]: the CUDA backend's kernel hook ([`MlirCudaProvider`], `--codegen mlir` on
+//!   `--device cuda`).
 //!
 //! Anything this backend cannot lower is an [`MlirError::Unsupported`] carrying the reason, so a
 //! caller can fall back to its native kernel.
@@ -22,7 +25,9 @@
 pub mod attention;
 pub mod build;
 pub mod cpu;
+pub mod cuda;
 pub mod gpu;
+pub mod host;
 pub mod loops;
 pub mod lower;
 pub mod matmul;
@@ -32,7 +37,8 @@ pub mod scalar;
 pub mod spec;
 
 pub use cpu::{KernelCache, MlirKernel};
-pub use gpu::ptx;
+pub use cuda::MlirCudaProvider;
+pub use gpu::{ptx, GpuKernel};
 pub use lower::emit;
 pub use provider::MlirProvider;
 pub use spec::{KernelKey, KernelSpec};

@@ -62,31 +62,38 @@ fn lowered(op: &Op) -> bool {
     )
 }
 
+/// Whether a node with `op` over operands of these declared types is lowered (an op of
+/// [`lowered`], f32 operands and result); `Err` says why not. Shared by the CPU and CUDA
+/// providers.
+pub fn accepts(op: &Op, operands: &[&TensorType]) -> Result<(), String> {
+    if !lowered(op) {
+        return Err(format!("no MLIR lowering for {}", op.name()));
+    }
+    if let Some(t) = operands.iter().find(|t| t.dtype != DType::F32) {
+        return Err(format!(
+            "{} on a {} operand; only f32 is lowered",
+            op.name(),
+            t.dtype
+        ));
+    }
+    match infer(op, operands) {
+        Ok(t) if t.dtype == DType::F32 => Ok(()),
+        Ok(t) => Err(format!(
+            "{} gives {}; only f32 is lowered",
+            op.name(),
+            t.dtype
+        )),
+        Err(e) => Err(e),
+    }
+}
+
 impl KernelProvider for MlirProvider {
     fn name(&self) -> &str {
         "mlir"
     }
 
     fn accepts(&self, op: &Op, operands: &[&TensorType]) -> Result<(), String> {
-        if !lowered(op) {
-            return Err(format!("no MLIR lowering for {}", op.name()));
-        }
-        if let Some(t) = operands.iter().find(|t| t.dtype != DType::F32) {
-            return Err(format!(
-                "{} on a {} operand; only f32 is lowered",
-                op.name(),
-                t.dtype
-            ));
-        }
-        match infer(op, operands) {
-            Ok(t) if t.dtype == DType::F32 => Ok(()),
-            Ok(t) => Err(format!(
-                "{} gives {}; only f32 is lowered",
-                op.name(),
-                t.dtype
-            )),
-            Err(e) => Err(e),
-        }
+        accepts(op, operands)
     }
 
     fn kernel(&self, op: &Op, shapes: &[&[usize]]) -> Result<Arc<dyn ExternalKernel>, String> {

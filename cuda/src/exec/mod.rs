@@ -8,8 +8,11 @@
 //! decode loop at steady state does not call the driver to allocate). Values stay on the
 //! device: a causal LM's KV cache moves between steps as [`DevTensor`]s, and only what the
 //! caller reads (logits) is copied back. Nodes without a kernel run the reference executor's
-//! op on the host, so coverage never changes results.
+//! op on the host, so coverage never changes results. With a [`external::Provider`]
+//! ([`CudaGraph::compile_with`], `--codegen mlir`) the nodes it accepts run its PTX kernels,
+//! falling back to the backend's own step when it has none for the shapes at hand.
 
+pub mod external;
 pub mod host;
 pub mod kernels;
 mod run;
@@ -143,6 +146,12 @@ struct Prepared {
 /// A generated kernel and the sizes (its `meta`) it was prepared for.
 type KernelKey = (Elementwise, Vec<i64>);
 
+/// A provider's PTX entry point, loaded, with its declared parameters.
+struct PtxEntry {
+    f: CudaFunction,
+    params: Vec<external::Param>,
+}
+
 /// A graph compiled for a CUDA device.
 pub struct CudaGraph {
     graph: Graph,
@@ -153,6 +162,10 @@ pub struct CudaGraph {
     /// The constants, by node index, on the device.
     consts: HashMap<usize, DevTensor>,
     kernels: Mutex<HashMap<KernelKey, Arc<Prepared>>>,
+    /// The provider of [`Step::External`] kernels, if any.
+    provider: Option<Arc<external::Provider>>,
+    /// Its entry points loaded so far, by PTX content hash and entry name.
+    ptx_entries: Mutex<HashMap<(u128, String), Arc<PtxEntry>>>,
     profile: Option<Profile>,
     /// The nodes each set of wanted outputs needs.
     needed: NeededNodes,
@@ -165,10 +178,20 @@ impl CudaGraph {
         graphs: Vec<Graph>,
         params: &dyn ParamSource,
     ) -> Result<Vec<CudaGraph>, ExecError> {
+        Self::compile_with(backend, graphs, params, None)
+    }
+
+    /// [`CudaGraph::compile`], with the nodes `provider` accepts running its kernels.
+    pub fn compile_with(
+        backend: &Arc<Backend>,
+        graphs: Vec<Graph>,
+        params: &dyn ParamSource,
+        provider: Option<&Arc<external::Provider>>,
+    ) -> Result<Vec<CudaGraph>, ExecError> {
         let mut out = Vec::new();
         for graph in graphs {
             let graph = select::legalize(&graph)?;
-            let plan = Plan::new(&graph);
+            let plan = Plan::with_provider(&graph, provider.map(|p| &**p));
             let nodes = graph.nodes();
             let mut last_use: Vec<usize> = (0..nodes.len()).collect();
             let mut wanted = Vec::new();
@@ -214,6 +237,8 @@ impl CudaGraph {
                 consts,
                 backend: backend.clone(),
                 kernels: Mutex::default(),
+                provider: provider.cloned(),
+                ptx_entries: Mutex::default(),
                 profile: Profile::from_env(),
                 needed: NeededNodes::default(),
             });

@@ -2,7 +2,7 @@
 //! kernel on the device's stream, and returns the outputs as device values.
 
 use super::select::Step;
-use super::{backend_err, host, kernels, CudaGraph, DevTensor, Prepared};
+use super::{backend_err, external, host, kernels, CudaGraph, DevTensor, Prepared, PtxEntry};
 use crate::alloc::Buffer;
 use crate::blas::GemmShape;
 use crate::codegen::elementwise::{broadcast_strides, Elementwise};
@@ -239,6 +239,10 @@ impl StepCx<'_> {
                 window,
             } => self.attention(*qkv, *scale, *causal, *window, &shape)?,
             Step::Embedding => self.embedding(&shape)?,
+            Step::External(native) => match self.external(native, &shape)? {
+                Some(t) => Some(t),
+                None => return self.eval(native, shape),
+            },
             Step::Host | Step::Source | Step::Skip | Step::Const => None,
         };
         match done {
@@ -623,6 +627,84 @@ impl StepCx<'_> {
         };
         r.map_err(backend_err)?;
         self.elementwise(&kernels::cast(DType::F32), &[&out], shape)
+    }
+
+    /// The provider's launches for the node into a new f32 value of `shape`; `None` (the
+    /// reason recorded) when it has none for these operands.
+    fn external(&self, native: &Step, shape: &[usize]) -> Result<Option<DevTensor>, ExecError> {
+        let Some(provider) = &self.g.provider else {
+            return Ok(None);
+        };
+        let args: Vec<&DevTensor> = (0..self.node.inputs.len())
+            .map(|k| self.operand(k))
+            .collect::<Result<_, _>>()?;
+        if let Some(a) = args.iter().find(|a| a.dtype != DType::F32) {
+            provider.fell_back(
+                native.kind(),
+                format!("a {} operand on the device", a.dtype),
+            );
+            return Ok(None);
+        }
+        let shapes: Vec<&[usize]> = args.iter().map(|a| a.shape.as_slice()).collect();
+        let dev = &self.g.backend.dev;
+        let Some(launches) = provider.launches(native.kind(), &self.node.op, &shapes, dev.arch())
+        else {
+            return Ok(None);
+        };
+        let out = self.g.alloc(DType::F32, shape.to_vec())?;
+        let mut buffers: Vec<(u64, usize)> = args.iter().map(|a| (ptr(a), a.numel())).collect();
+        buffers.push((ptr(&out), out.numel()));
+        // Load and check every launch before the first runs, so a refusal leaves no partial work.
+        let mut ready = Vec::with_capacity(launches.len());
+        for l in &launches {
+            let entry = self.ptx_entry(l).map_err(backend_err)?;
+            match external::pack(l, &entry.params, &buffers) {
+                Ok(values) => ready.push((entry, values, l)),
+                Err(e) => {
+                    provider.fell_back(native.kind(), e.to_string());
+                    return Ok(None);
+                }
+            }
+        }
+        for (entry, values, l) in &ready {
+            if l.grid.contains(&0) || l.block.contains(&0) {
+                continue;
+            }
+            let config = cudarc::driver::LaunchConfig {
+                grid_dim: (l.grid[0], l.grid[1], l.grid[2]),
+                block_dim: (l.block[0], l.block[1], l.block[2]),
+                shared_mem_bytes: 0,
+            };
+            launch::launch(dev, &entry.f, config, |b| {
+                for v in values {
+                    match v {
+                        external::ParamValue::B32(x) => b.arg(x),
+                        external::ParamValue::B64(x) => b.arg(x),
+                    };
+                }
+            })
+            .map_err(backend_err)?;
+        }
+        provider.ran();
+        Ok(Some(out))
+    }
+
+    /// The loaded entry point of a provider's launch, with its declared parameters.
+    fn ptx_entry(&self, l: &external::PtxLaunch) -> Result<Arc<PtxEntry>, CudaError> {
+        let key = (
+            crate::compile::content_hash(&[l.ptx.as_bytes()]),
+            l.entry.clone(),
+        );
+        let mut cache = self.g.ptx_entries.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(e) = cache.get(&key) {
+            return Ok(e.clone());
+        }
+        let entry = Arc::new(PtxEntry {
+            f: self.g.backend.dev.ptx_function(&l.ptx, &l.entry)?,
+            params: external::entry_params(&l.ptx, &l.entry)?,
+        });
+        cache.insert(key, entry.clone());
+        Ok(entry)
     }
 
     fn embedding(&self, shape: &[usize]) -> Result<Option<DevTensor>, ExecError> {

@@ -5,7 +5,8 @@
 //! flash-attention kernels), so the widening cast is never computed. Anything without a kernel
 //! runs the reference executor's op on the host ([`Step::Host`]).
 
-use kiln_ir::{verify, DType, Expr, Graph, Node, Op, ValueId};
+use super::external::Provider;
+use kiln_ir::{verify, DType, Expr, Graph, Node, Op, TensorType, ValueId};
 use kiln_runtime::reference::ExecError;
 use std::fmt;
 
@@ -70,6 +71,9 @@ pub enum Step {
     Embedding,
     /// The reference executor's op on the host (operands downloaded, result uploaded).
     Host,
+    /// A kernel from a [`super::external::Provider`] (`--codegen mlir`), with the step that
+    /// runs when the provider has none for the operands' shapes.
+    External(Box<Step>),
 }
 
 impl Step {
@@ -91,6 +95,7 @@ impl Step {
             Step::Attention { .. } => "attention",
             Step::Embedding => "embedding",
             Step::Host => "host",
+            Step::External(_) => "external",
         }
     }
 
@@ -136,8 +141,28 @@ impl Plan {
     /// Selects a step for every node of `graph` (verified), then marks the nodes no output
     /// depends on as [`Step::Skip`].
     pub fn new(graph: &Graph) -> Plan {
+        Plan::with_provider(graph, None)
+    }
+
+    /// [`Plan::new`], with the nodes `provider` replaces as [`Step::External`].
+    pub fn with_provider(graph: &Graph, provider: Option<&Provider>) -> Plan {
         let nodes = graph.nodes();
-        let mut steps: Vec<Step> = graph.iter().map(|(_, n)| select(graph, n)).collect();
+        let mut steps: Vec<Step> = graph
+            .iter()
+            .map(|(_, n)| {
+                let step = select(graph, n);
+                let Some(p) = provider else { return step };
+                let operands: Option<Vec<&TensorType>> = n
+                    .inputs
+                    .iter()
+                    .map(|v| graph.node(*v).map(|o| &o.ty))
+                    .collect();
+                match operands {
+                    Some(ops) if p.replaces(&step, &n.op, &ops) => Step::External(Box::new(step)),
+                    _ => step,
+                }
+            })
+            .collect();
         let mut needed = vec![false; nodes.len()];
         for out in graph.outputs() {
             needed[out.value.index()] = true;
