@@ -405,39 +405,100 @@ pub fn infer(op: &Op, ins: &[&TensorType]) -> R {
             transpose_b,
             scaled,
             added,
+            heads,
+            rotary,
         } => {
-            arity(op, ins, 2 + usize::from(*scaled) + usize::from(*added))?;
-            let mm = Op::MatMul {
-                transpose_a: false,
-                transpose_b: *transpose_b,
+            let epilogue = 2 + usize::from(*scaled) + usize::from(*added);
+            arity(op, ins, epilogue + 2 * usize::from(*rotary))?;
+            let y = infer_product(*transpose_b, *scaled, *added, &ins[..epilogue])?;
+            if *heads == 0 {
+                return match rotary {
+                    true => Err("linear rotary=true needs heads > 0".into()),
+                    false => Ok(y),
+                };
+            }
+            let y = split_heads(y, *heads)?;
+            match rotary {
+                true => infer(&Op::Rotary, &[&y, ins[epilogue], ins[epilogue + 1]]),
+                false => Ok(y),
+            }
+        }
+        Op::SwiGlu {
+            transpose_b,
+            scaled,
+        } => {
+            let n = 1 + usize::from(*scaled);
+            arity(op, ins, 1 + 2 * n)?;
+            // The operands of the gate (0) or up (1) layer: x, its weight, its scale.
+            let layer = |j: usize| -> Vec<&TensorType> {
+                let scale = scaled.then(|| ins[3 + j]);
+                [ins[0], ins[1 + j]].into_iter().chain(scale).collect()
             };
-            let y = infer(&mm, &ins[..2])?;
-            let n = std::slice::from_ref(&y.shape[y.rank() - 1]);
-            if *scaled {
-                let s = ins[2];
-                same_dtype(&y, s)?;
-                if s.shape.as_slice() != n {
-                    return Err(format!("linear scale {s} must be [{}] for {y}", n[0]));
-                }
+            let g = infer_product(*transpose_b, *scaled, false, &layer(0))?;
+            let u = infer_product(*transpose_b, *scaled, false, &layer(1))?;
+            float_only(op.name(), &g)?;
+            if g != u {
+                return Err(format!("swiglu gate {g} and up {u} projections differ"));
             }
-            if *added {
-                let a = ins[ins.len() - 1];
-                same_dtype(&y, a)?;
-                if a.shape.as_slice() != n && a.shape != y.shape {
-                    return Err(format!("linear addend {a} must be {y} or [{}]", n[0]));
-                }
-            }
-            Ok(y)
+            Ok(g)
         }
         Op::Attention {
             causal: false,
             window: 1..,
             ..
         } => Err("a sliding window requires causal=true".into()),
+        Op::Attention {
+            merge_heads: true, ..
+        } => {
+            let o = infer_attention(ins)?;
+            let rows = &o.shape[1] * &o.shape[3];
+            let shape = vec![o.shape[0].clone(), o.shape[2].clone(), rows];
+            Ok(TensorType { shape, ..o })
+        }
         Op::Attention { .. } => infer_attention(ins),
         Op::Moe { top_k } => infer_moe(*top_k, ins),
         Op::FusedElementwise { body } => infer_fused(body, ins),
     }
+}
+
+/// A linear layer's product and epilogue: `(x, w[, scale][, addend])` as the flags say.
+fn infer_product(transpose_b: bool, scaled: bool, added: bool, ins: &[&TensorType]) -> R {
+    let mm = Op::MatMul {
+        transpose_a: false,
+        transpose_b,
+    };
+    let y = infer(&mm, &ins[..2])?;
+    let n = std::slice::from_ref(&y.shape[y.rank() - 1]);
+    if scaled {
+        let s = ins[2];
+        same_dtype(&y, s)?;
+        if s.shape.as_slice() != n {
+            return Err(format!("linear scale {s} must be [{}] for {y}", n[0]));
+        }
+    }
+    if added {
+        let a = ins[ins.len() - 1];
+        same_dtype(&y, a)?;
+        if a.shape.as_slice() != n && a.shape != y.shape {
+            return Err(format!("linear addend {a} must be {y} or [{}]", n[0]));
+        }
+    }
+    Ok(y)
+}
+
+/// `y[.., s, n]` as `heads` heads `[.., heads, s, n / heads]`.
+fn split_heads(y: TensorType, heads: usize) -> R {
+    let r = y.rank();
+    let n = y.shape[r - 1].as_fixed();
+    let h = i64::try_from(heads).unwrap_or(i64::MAX);
+    let Some(d) = n.filter(|n| n % h == 0).map(|n| n / h) else {
+        return Err(format!(
+            "linear heads={heads} must divide a fixed last axis of {y}"
+        ));
+    };
+    let mut shape = y.shape[..r - 2].to_vec();
+    shape.extend([Dim::fixed(h), y.shape[r - 2].clone(), Dim::fixed(d)]);
+    Ok(TensorType { shape, ..y })
 }
 
 fn infer_fused(body: &crate::Expr, ins: &[&TensorType]) -> R {
@@ -590,6 +651,8 @@ mod tests {
                 transpose_b: true,
                 scaled,
                 added,
+                heads: 0,
+                rotary: false,
             };
             infer(&op, ins)
         };
