@@ -8,7 +8,8 @@
 mod common;
 
 use common::{count, optimize_fixture};
-use kiln_compiler::pipeline::{default_passes, lowered_passes, run_passes};
+use kiln_compiler::pipeline::{default_passes, lowered_passes, optimize, run_lowered, run_passes};
+use kiln_compiler::precision::{lower_precision, Precision};
 use kiln_compiler::{Limits, Target};
 use kiln_ir::{Graph, Op};
 
@@ -86,5 +87,70 @@ fn llama_decode_has_fewer_kernels_per_layer() {
         // with heads.
         assert_eq!(count(h, "add"), 0, "{}", o.which);
         assert_eq!(count(h, "linear"), 5 * layers, "{}", o.which);
+    }
+}
+
+/// The head-layout and SwiGLU passes run after precision lowering, so they fire in bf16 and
+/// fp8 too (through bf16's roundings and fp8's weight scales): every Llama layer's q, k and v
+/// are `linear` ops with heads (q and k rotated), attention writes merged heads, gate and up
+/// are one `swiglu` op, and no permute or `rotary` op is left.
+#[test]
+fn llama_layers_fuse_at_every_precision() {
+    let dir = kiln_models::ModelDir::open(
+        &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/hf/llama"),
+    )
+    .unwrap();
+    let (target, limits) = (Target::cpu(), Limits::default());
+    for precision in [Precision::F32, Precision::Bf16, Precision::Fp8] {
+        for (which, g) in common::graphs(&dir) {
+            let layers = g
+                .outputs()
+                .iter()
+                .filter(|o| o.name.ends_with(".key"))
+                .count();
+            let (h, mut report) = optimize(&g, &target, &limits).unwrap();
+            let h = lower_precision(&h, precision, &target).unwrap();
+            let h = run_lowered(&h, &target, &limits, &mut report).unwrap();
+            let what = format!("{} {which}", precision.name());
+            let with = |f: fn(&Op) -> bool| h.nodes().iter().filter(|n| f(&n.op)).count();
+            let rotated = with(|op| {
+                matches!(
+                    op,
+                    Op::Linear {
+                        heads: 1..,
+                        rotary: true,
+                        ..
+                    }
+                )
+            });
+            let split = with(|op| {
+                matches!(
+                    op,
+                    Op::Linear {
+                        heads: 1..,
+                        rotary: false,
+                        ..
+                    }
+                )
+            });
+            let merged = with(|op| {
+                matches!(
+                    op,
+                    Op::Attention {
+                        merge_heads: true,
+                        ..
+                    }
+                )
+            });
+            assert_eq!(
+                (rotated, split, merged),
+                (2 * layers, layers, layers),
+                "{what}"
+            );
+            assert_eq!(count(&h, "swiglu"), layers, "{what}");
+            for gone in ["permute", "rotary", "fused_elementwise"] {
+                assert_eq!(count(&h, gone), 0, "{what}: {gone}");
+            }
+        }
     }
 }

@@ -311,4 +311,85 @@ mod tests {
         // Not chosen: copied as it is.
         assert_eq!(expand(&g, |_| false).unwrap(), g);
     }
+
+    #[test]
+    fn layouts_and_gates_expand_one_level_where_chosen() {
+        let mut g = Graph::new();
+        let x = g.input("x", f32s(&[2, 3, 8]));
+        let w = g.param("w", f32s(&[8, 8]));
+        let b = g.param("b", f32s(&[8]));
+        let table = g.input("cos", f32s(&[2, 1, 3, 4]));
+        let q = Op::Linear {
+            transpose_b: true,
+            scaled: false,
+            added: true,
+            heads: 2,
+            rotary: true,
+        };
+        let q = g.add(q, &[x, w, b, table, table]).unwrap();
+        let v = Op::Linear {
+            transpose_b: true,
+            scaled: false,
+            added: false,
+            heads: 2,
+            rotary: false,
+        };
+        let v = g.add(v, &[x, w]).unwrap();
+        let attention = |merge_heads| Op::Attention {
+            scale: crate::F64(0.5),
+            causal: true,
+            window: 0,
+            merge_heads,
+        };
+        let o = g.add(attention(true), &[q, v, v]).unwrap();
+        let up = g.param("up", f32s(&[8, 8]));
+        let swiglu = Op::SwiGlu {
+            transpose_b: true,
+            scaled: false,
+        };
+        let y = g.add(swiglu, &[o, w, up]).unwrap();
+        g.add_output("y", y);
+        verify(&g).unwrap();
+        // The CPU backend's choice: the new forms only, one level.
+        let fused = |op: &Op| {
+            matches!(
+                op,
+                Op::Linear { heads: 1.., .. }
+                    | Op::SwiGlu { .. }
+                    | Op::Attention {
+                        merge_heads: true,
+                        ..
+                    }
+            )
+        };
+        let h = expand(&g, fused).unwrap();
+        verify(&h).unwrap();
+        assert_eq!(
+            ops(&h)[4..],
+            [
+                "linear",
+                "reshape",
+                "permute",
+                "rotary",
+                "matmul",
+                "reshape",
+                "permute",
+                "attention",
+                "permute",
+                "reshape",
+                "param",
+                "matmul",
+                "matmul",
+                "fused_elementwise"
+            ]
+        );
+        assert_eq!(h.ty(h.outputs()[0].value), g.ty(y));
+        // Everything: primitive ops and the elementwise body.
+        let h = expand(&g, |_| true).unwrap();
+        verify(&h).unwrap();
+        assert!(ops(&h)
+            .iter()
+            .all(|&n| !["linear", "rotary", "swiglu"].contains(&n)));
+        assert_eq!(h.ty(h.outputs()[0].value), g.ty(y));
+    }
 }

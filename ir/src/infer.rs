@@ -677,6 +677,70 @@ mod tests {
     }
 
     #[test]
+    fn head_layouts_and_swiglu_operands() {
+        let s = Dim::sym("seq");
+        let x = TensorType::new(DType::F32, [Dim::fixed(2), s.clone(), Dim::fixed(8)]);
+        let heads = TensorType::new(DType::F32, [2.into(), 2.into(), s.clone(), 4.into()]);
+        let table = TensorType::new(DType::F32, [2.into(), 1.into(), s.clone(), 4.into()]);
+        let (w, w6) = (f32s(&[8, 8]), f32s(&[6, 8]));
+        let linear = |heads, rotary, ins: &[&TensorType]| {
+            let op = Op::Linear {
+                transpose_b: true,
+                scaled: false,
+                added: false,
+                heads,
+                rotary,
+            };
+            infer(&op, ins)
+        };
+        assert_eq!(linear(2, false, &[&x, &w]), Ok(heads.clone()));
+        assert_eq!(
+            linear(2, true, &[&x, &w, &table, &table]),
+            Ok(heads.clone())
+        );
+        let e = linear(3, false, &[&x, &w]).unwrap_err();
+        assert!(e.contains("heads=3 must divide"), "{e}");
+        let e = linear(0, true, &[&x, &w, &table, &table]).unwrap_err();
+        assert!(e.contains("rotary=true needs heads > 0"), "{e}");
+        let e = linear(2, true, &[&x, &w]).unwrap_err();
+        assert!(e.contains("takes 4 operand(s), got 2"), "{e}");
+        // Tables that do not broadcast to the heads, and an odd head size.
+        let wide = TensorType::new(DType::F32, [2.into(), 1.into(), s.clone(), 8.into()]);
+        assert!(linear(2, true, &[&x, &w, &wide, &wide]).is_err());
+        assert!(linear(4, true, &[&x, &w, &table, &table]).is_err());
+
+        let swiglu = |scaled, ins: &[&TensorType]| {
+            let op = Op::SwiGlu {
+                transpose_b: true,
+                scaled,
+            };
+            infer(&op, ins)
+        };
+        let y = TensorType::new(DType::F32, [Dim::fixed(2), s.clone(), Dim::fixed(6)]);
+        let n = f32s(&[6]);
+        assert_eq!(swiglu(false, &[&x, &w6, &w6]), Ok(y.clone()));
+        assert_eq!(swiglu(true, &[&x, &w6, &w6, &n, &n]), Ok(y));
+        let e = swiglu(false, &[&x, &w6, &w]).unwrap_err();
+        assert!(e.contains("projections differ"), "{e}");
+        assert!(swiglu(true, &[&x, &w6, &w6, &n]).is_err());
+        let ints = TensorType::new(DType::I64, [2, 8]);
+        let iw = TensorType::new(DType::I64, [6, 8]);
+        assert!(swiglu(false, &[&ints, &iw, &iw]).is_err());
+
+        let attention = |merge_heads| Op::Attention {
+            scale: crate::F64(0.5),
+            causal: true,
+            window: 0,
+            merge_heads,
+        };
+        let q = TensorType::new(DType::F32, [2.into(), 4.into(), s.clone(), 8.into()]);
+        let kv = TensorType::new(DType::F32, [2.into(), 2.into(), s.clone(), 8.into()]);
+        let rows = TensorType::new(DType::F32, [2.into(), s, 32.into()]);
+        assert_eq!(infer(&attention(true), &[&q, &kv, &kv]), Ok(rows));
+        assert_eq!(infer(&attention(false), &[&q, &kv, &kv]), Ok(q.clone()));
+    }
+
+    #[test]
     fn moe_operands() {
         let x = TensorType::new(DType::F32, [Dim::sym("seq"), Dim::fixed(4)]);
         let (gate, w1, w2) = (f32s(&[2, 4]), f32s(&[6, 4]), f32s(&[4, 6]));

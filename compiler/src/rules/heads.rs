@@ -386,5 +386,18 @@ mod tests {
         assert_eq!(merged(&rewrite_exact(&g, rules)), 0);
         let g = attention(|o| vec![("y", rows(o, &[0, 2, 1, 3], &[6, 16]).0)]);
         assert_eq!(merged(&rewrite_exact(&g, rules)), 0);
+        // With as many heads as rows and head size, another permutation gives the rows' shape.
+        let t = Tracer::new();
+        let q = t.input("q", DType::F32, [2, 3, 3, 3]);
+        let kv = t.input("kv", DType::F32, [2, 1, 3, 3]);
+        let op = Op::Attention {
+            scale: F64(0.5),
+            causal: false,
+            window: 0,
+            merge_heads: false,
+        };
+        let o = t.apply(op, &[&q, &kv, &kv]).unwrap();
+        t.output("y", &rows(&o, &[0, 2, 3, 1], &[2, 3, 9]).0);
+        assert_eq!(merged(&rewrite_exact(&t.finish().unwrap(), rules)), 0);
     }
 }

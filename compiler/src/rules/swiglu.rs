@@ -10,8 +10,9 @@
 //!
 //! Both projections must read the same `x` (not transposed), their weights with the same
 //! `transpose_b`, both scaled or neither, with no addend or heads; `g` and `u` must be
-//! different values, each read by the gate alone (and the `silu` of the primitive form by the
-//! product alone), none a graph output. The op is defined as exactly this chain (a
+//! different values (a body gating its one operand, or `silu(g) * g`, whose `g` has two
+//! readers, does not match), each read by the gate alone (and the `silu` of the primitive form
+//! by the product alone), none a graph output. The op is defined as exactly this chain (a
 //! `fused_elementwise` computes each node as its primitive op), so the rewrite is exact.
 
 use crate::egraph::{find, FnRule, Rewrite, Term, EG};
@@ -100,7 +101,7 @@ fn projections(eg: &EG, id: Id) -> Vec<(Id, Id, Option<Id>, bool)> {
 fn swiglu(eg: &EG, id: Id) -> Vec<Term> {
     let mut out = vec![];
     for (g, u, reader) in gates(eg, id) {
-        if g == u || !find::only_read_by(eg, g, reader) || !find::only_read_by(eg, u, id) {
+        if !find::only_read_by(eg, g, reader) || !find::only_read_by(eg, u, id) {
             continue;
         }
         for (x, wg, sg, tg) in projections(eg, g) {
@@ -219,6 +220,7 @@ mod tests {
             vec![("y", s.mul(&proj(x, u)).unwrap()), ("s", s)]
         });
         assert!(swiglus(&fused_then_gated(&g)).is_empty());
+        assert!(swiglus(&rewrite_exact(&g, rules)).is_empty());
         let g = mlp(|_, x, g, u| {
             let up = proj(x, u);
             vec![
@@ -250,6 +252,20 @@ mod tests {
                     .mul(&x.matmul(&up).unwrap())
                     .unwrap(),
             )]
+        });
+        assert!(swiglus(&fused_then_gated(&g)).is_empty());
+        // The gate scaled, the up projection not.
+        let g = mlp(|t, x, g, u| {
+            let s = t.param("gs", DType::F32, [6]);
+            let op = Op::Linear {
+                transpose_b: true,
+                scaled: true,
+                added: false,
+                heads: 0,
+                rotary: false,
+            };
+            let gp = t.apply(op, &[x, g, &s]).unwrap();
+            vec![("y", gp.silu().unwrap().mul(&proj(x, u)).unwrap())]
         });
         assert!(swiglus(&fused_then_gated(&g)).is_empty());
         // Another activation: gelu is not SwiGLU.
