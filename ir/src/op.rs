@@ -1,8 +1,8 @@
 //! The op set: every operation a kiln graph can contain, with its exact semantics.
 //!
 //! Primitive ops are what model code traces into; composite ops (`rmsnorm`, `layernorm`,
-//! `rotary`, `linear`, `attention`, `swiglu`, `moe`, `fused_elementwise`) are what the optimizer creates
-//! and backends implement as single kernels.
+//! `rotary`, `linear`, `attention`, `swiglu`, `moe`, `fused_elementwise`) are what the
+//! optimizer creates and backends implement as single kernels.
 //! Each op's semantics is stated on its variant; [`UnaryOp::eval`], [`BinaryOp::eval`] and
 //! [`CmpOp::eval`] define the scalar functions, computed in f64 and then rounded to the
 //! result dtype: to f32 first, then (for f16, bf16 and fp8) from that f32 to the narrower
@@ -479,9 +479,12 @@ pub enum Op {
         scaled: bool,
         /// An `addend` operand follows `w` and the scale.
         added: bool,
-        /// Split the result's last axis into this many heads moved before the rows; 0 for none.
+        /// Split the result's last axis into this many heads moved before the rows; 0 for none
+        /// (the default when absent from serialized graphs written before the field existed).
+        #[serde(default)]
         heads: usize,
         /// Rotate the heads (rotary embedding): `cos` and `sin` operands come last.
+        #[serde(default)]
         rotary: bool,
     },
     /// Composite scaled-dot-product attention. Operands `(q[b, hq, sq, d], k[b, hkv, sk, d],
@@ -501,7 +504,9 @@ pub enum Op {
         causal: bool,
         /// Sliding-window size; 0 for none.
         window: usize,
-        /// Write the result as rows `[b, sq, hq·dv]` instead of heads.
+        /// Write the result as rows `[b, sq, hq·dv]` instead of heads (false when absent from
+        /// serialized graphs written before the field existed).
+        #[serde(default)]
         merge_heads: bool,
     },
     /// Composite SwiGLU of two linear layers over one activation (a gated MLP's gate and up
@@ -621,6 +626,39 @@ mod tests {
         names.sort();
         names.dedup();
         assert_eq!(names.len(), n);
+    }
+
+    #[test]
+    fn graphs_serialized_before_the_layout_fields_still_read() {
+        let linear = r#"{"Linear":{"transpose_b":true,"scaled":false,"added":true}}"#;
+        let op: Op = serde_json::from_str(linear).unwrap();
+        let want = Op::Linear {
+            transpose_b: true,
+            scaled: false,
+            added: true,
+            heads: 0,
+            rotary: false,
+        };
+        assert_eq!(op, want);
+        let attention = r#"{"Attention":{"scale":0.5,"causal":true,"window":0}}"#;
+        let op: Op = serde_json::from_str(attention).unwrap();
+        assert!(matches!(
+            op,
+            Op::Attention {
+                merge_heads: false,
+                ..
+            }
+        ));
+        // And the new fields round-trip.
+        let heads = Op::Linear {
+            transpose_b: true,
+            scaled: false,
+            added: true,
+            heads: 4,
+            rotary: true,
+        };
+        let text = serde_json::to_string(&heads).unwrap();
+        assert_eq!(serde_json::from_str::<Op>(&text).unwrap(), heads);
     }
 
     #[test]
