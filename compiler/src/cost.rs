@@ -2,7 +2,8 @@
 //! `max(flops / peak(dtype), bytes / bandwidth) + launch` on a [`Target`]; layout views
 //! (reshape, permute, expand, which later fold into their consumers) and sources (inputs,
 //! parameters, constants) cost next to nothing. Composite ops (`rmsnorm`, `layernorm`,
-//! `linear`, `attention`, `fused_elementwise`) read their operands and write their result
+//! `linear` with its epilogue, head layout and RoPE, `swiglu`, `attention`,
+//! `fused_elementwise`) read their operands and write their result
 //! once, so they cost less than their decompositions, which make a round trip through memory
 //! per op; `moe` also does the FLOPs of
 //! only the `top_k` experts each token is routed to, where its dense form runs every expert.
@@ -181,6 +182,11 @@ pub fn op_cost(target: &Target, op: &Op, ins: &[&TensorType], out: &TensorType) 
                     let k = ins[0].shape.last().map_or(1.0, size);
                     (2.0 * k + (ins.len() - 2) as f64) * numel(out)
                 }
+                // Two products sharing x, their scales, then silu and the gate product.
+                Op::SwiGlu { .. } => {
+                    let k = ins[0].shape.last().map_or(1.0, size);
+                    (4.0 * k + (ins.len() - 3) as f64 + 9.0) * numel(out)
+                }
                 Op::Attention { .. } => {
                     // q·k, softmax over the scores, then p·v.
                     let (q, k) = (ins[0], ins[1]);
@@ -327,6 +333,8 @@ mod tests {
                 transpose_b: true,
                 scaled: true,
                 added: true,
+                heads: 0,
+                rotary: false,
             };
             for t in TARGETS {
                 let fused = op_cost(&t, &linear, &[&x, &w, &n, &y], &y);
@@ -384,6 +392,7 @@ mod tests {
             scale: F64(0.1),
             causal: true,
             window: 0,
+            merge_heads: false,
         };
         let mm = Op::MatMul {
             transpose_a: false,

@@ -88,13 +88,25 @@ pub fn default_passes() -> Vec<Pass> {
 }
 
 /// The passes run after precision lowering ([`crate::precision`], which creates fp8's scale
-/// products): `epilogue` (matmul epilogues into `linear` ops). At f32, where lowering changes
-/// nothing, [`default_passes`] followed by these is the whole pipeline.
+/// products and bf16's roundings): `epilogue` (matmul epilogues into `linear` ops), `heads`
+/// (head layouts and RoPE into projections, merged heads into attention), `swiglu` (gated
+/// MLPs into `swiglu` ops). At f32, where lowering changes nothing, [`default_passes`]
+/// followed by these is the whole pipeline.
 pub fn lowered_passes() -> Vec<Pass> {
-    vec![Pass {
-        name: "epilogue",
-        kind: PassKind::Rewrite(rules::epilogue::rules),
-    }]
+    vec![
+        Pass {
+            name: "epilogue",
+            kind: PassKind::Rewrite(rules::epilogue::rules),
+        },
+        Pass {
+            name: "heads",
+            kind: PassKind::Rewrite(rules::heads::rules),
+        },
+        Pass {
+            name: "swiglu",
+            kind: PassKind::Rewrite(rules::swiglu::rules),
+        },
+    ]
 }
 
 /// Runs [`lowered_passes`] over `g` (a graph [`optimize`]d and then precision-lowered),
@@ -426,8 +438,11 @@ mod tests {
         let (h, mut report) = optimize(&t.finish().unwrap(), &target, &limits).unwrap();
         let h = run_lowered(&h, &target, &limits, &mut report).unwrap();
         let names: Vec<&str> = report.passes.iter().map(|p| p.name).collect();
-        assert_eq!(names.len(), default_passes().len() + 1);
-        assert_eq!(names.last(), Some(&"epilogue"));
+        assert_eq!(names.len(), default_passes().len() + lowered_passes().len());
+        assert_eq!(
+            names[default_passes().len()..],
+            ["epilogue", "heads", "swiglu"]
+        );
         let ops: Vec<&str> = h.nodes().iter().map(|n| n.op.name()).collect();
         assert_eq!(ops, ["input", "param", "param", "linear"]);
         assert!(report.to_string().contains("linear-epilogue×1"), "{report}");

@@ -797,6 +797,7 @@ mod tests {
                     scale: F64(0.5),
                     causal: true,
                     window: 0,
+                    merge_heads: false,
                 },
                 &[q, q, q, mask],
             )
@@ -898,6 +899,7 @@ mod tests {
             scale: F64(0.5),
             causal: true,
             window: 0,
+            merge_heads: false,
         };
         let a = g.add(attn, &[q, k, v]).unwrap();
         g.add_output("a", a);
@@ -922,6 +924,7 @@ mod tests {
             scale: F64(0.5),
             causal: false,
             window: 0,
+            merge_heads: false,
         };
         let a = g.add(attn, &[q, present, v]).unwrap();
         g.add_output("a", a);

@@ -1,9 +1,12 @@
 //! Every Hugging Face family fixture, optimized: the graph verifies, each application of a
 //! normalization of the model is exactly one composite op, each RoPE of a decoder family's
-//! queries and keys is one `rotary` op (two per layer, none left as a negation), each matmul
-//! epilogue the architecture has (a residual or bias add alone after a projection) is part of
-//! one `linear` op, and the reference executor gives the unoptimized graph's outputs (within
-//! 1e-5 of each output's largest magnitude) with the fixture's weights.
+//! queries and keys is part of its projection's `linear` op (two per layer, no `rotary` op or
+//! negation left), each matmul epilogue the architecture has (a residual or bias add alone
+//! after a projection) is part of one `linear` op, each projection split into attention heads
+//! is one `linear` op with `heads`, each attention writes its heads merged into rows, each
+//! SwiGLU MLP's gate and up projections are one `swiglu` op, and the reference executor gives
+//! the unoptimized graph's outputs (within 1e-5 of each output's largest magnitude) with the
+//! fixture's weights.
 
 mod common;
 
@@ -26,10 +29,13 @@ fn norm_weights(g: &Graph) -> usize {
 }
 
 /// The `linear` ops a fixture's graph must have: `per_layer` in each layer (one layer per
-/// attention op), `extra` outside them.
+/// attention op), `extra` outside them; `heads` of each layer's split into attention heads;
+/// and the `swiglu` ops of each layer.
 struct Epilogues {
     per_layer: usize,
     extra: usize,
+    heads: usize,
+    swiglu: usize,
 }
 
 fn check(fixture: &str, norm: &str, epilogues: Epilogues) {
@@ -53,7 +59,13 @@ fn check(fixture: &str, norm: &str, epilogues: Epilogues) {
                 Family::Decoder(_) => 2 * layers,
                 _ => 0,
             };
-            assert_eq!(count(&h, "rotary"), rotary, "{fixture} {which}");
+            let rotated = h
+                .nodes()
+                .iter()
+                .filter(|n| matches!(n.op, Op::Linear { rotary: true, .. }))
+                .count();
+            assert_eq!(rotated, rotary, "{fixture} {which}: rotated projections");
+            assert_eq!(count(&h, "rotary"), 0, "{fixture} {which}");
             assert_eq!(count(&h, "neg"), 0, "{fixture} {which}");
         }
         // The prefill graph's `last_logits` applies the final norm a second time.
@@ -74,13 +86,34 @@ fn check(fixture: &str, norm: &str, epilogues: Epilogues) {
             epilogues.per_layer * layers + epilogues.extra,
             "{fixture} {which}: linear ops over {layers} layers"
         );
+        let split = h
+            .nodes()
+            .iter()
+            .filter(|n| matches!(n.op, Op::Linear { heads: 1.., .. }))
+            .count();
+        assert_eq!(split, epilogues.heads * layers, "{fixture} {which}: heads");
+        let merged = h.nodes().iter().filter(|n| {
+            matches!(
+                n.op,
+                Op::Attention {
+                    merge_heads: true,
+                    ..
+                }
+            )
+        });
+        assert_eq!(merged.count(), layers, "{fixture} {which}: merged heads");
+        let swiglu = epilogues.swiglu * layers;
+        assert_eq!(count(&h, "swiglu"), swiglu, "{fixture} {which}");
     }
 }
 
-/// The o_proj and down_proj residual adds.
+/// The q, k and v projections (split into heads, q and k rotated) and the o_proj and
+/// down_proj residual adds; gate and up are a `swiglu` op.
 const LLAMA: Epilogues = Epilogues {
-    per_layer: 2,
+    per_layer: 5,
     extra: 0,
+    heads: 3,
+    swiglu: 1,
 };
 
 #[test]
@@ -95,20 +128,19 @@ fn mistral() {
 
 #[test]
 fn qwen2() {
-    // The residual adds and the q, k and v projections' biases.
-    let epilogues = Epilogues {
-        per_layer: 5,
-        extra: 0,
-    };
-    check("qwen2", "rmsnorm", epilogues);
+    // Llama's; the q, k and v projections' biases are part of their `linear` ops.
+    check("qwen2", "rmsnorm", LLAMA);
 }
 
 #[test]
 fn mixtral() {
-    // o_proj's residual add (the experts' sum is part of the `moe` op).
+    // q, k and v split into heads and o_proj's residual add (the experts' sum is part of
+    // the `moe` op).
     let epilogues = Epilogues {
-        per_layer: 1,
+        per_layer: 4,
         extra: 0,
+        heads: 3,
+        swiglu: 0,
     };
     check("mixtral", "rmsnorm", epilogues);
 }
@@ -117,9 +149,12 @@ fn mixtral() {
 fn gpt2() {
     // c_attn's bias; the other projections' biases are added with the residual or fed to
     // GELU in one elementwise kernel (the `fuse` pass), which a `linear` op cannot hold.
+    // Its heads are slices of c_attn's output, which no projection's head layout holds.
     let epilogues = Epilogues {
         per_layer: 1,
         extra: 0,
+        heads: 0,
+        swiglu: 0,
     };
     check("gpt2", "layernorm", epilogues);
 }
@@ -128,9 +163,12 @@ fn gpt2() {
 fn bert() {
     // The query, key and value biases, and the MLM decoder's bias; the other biases are
     // added with the residual or fed to GELU in one elementwise kernel (the `fuse` pass).
+    // Each of them split into heads.
     let epilogues = Epilogues {
         per_layer: 3,
         extra: 1,
+        heads: 3,
+        swiglu: 0,
     };
     check("bert", "layernorm", epilogues);
 }
@@ -139,9 +177,12 @@ fn bert() {
 fn distilbert() {
     // The query, key and value biases, and the MLM decoder's bias; the other biases are
     // added with the residual or fed to GELU in one elementwise kernel (the `fuse` pass).
+    // Each of them split into heads.
     let epilogues = Epilogues {
         per_layer: 3,
         extra: 1,
+        heads: 3,
+        swiglu: 0,
     };
     check("distilbert", "layernorm", epilogues);
 }

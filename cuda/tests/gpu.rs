@@ -298,6 +298,7 @@ fn check_attention(dev: &Device, rng: &mut impl rand::Rng, a: Attention, masked:
             scale: F64(f64::from(a.scale)),
             causal: a.causal,
             window: a.window,
+            merge_heads: false,
         },
         &args,
     );

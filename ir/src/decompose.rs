@@ -1,26 +1,37 @@
-//! Composite ops written back as the primitive ops that define them, for a backend without a
-//! kernel for the composite: [`expand`] turns each chosen `rotary` node into the slices,
-//! negation, concat, products and sum of its definition ([`Op::Rotary`]), and each chosen
-//! `linear` node into its matmul, scale product and sum ([`Op::Linear`]).
+//! Composite ops written back as the ops that define them, for a backend without a kernel
+//! for the composite. [`expand`] turns each chosen node into its definition, one level at a
+//! time, expanding again every op of that definition that is chosen too:
+//!
+//! - `rotary` into the slices, negation, concat, products and sum of [`Op::Rotary`];
+//! - `linear` with `heads` into the `linear` without them (a plain `matmul` when it has no
+//!   epilogue either), the reshape and permute to heads, and `rotary` ([`Op::Linear`]);
+//!   `linear` without heads into its matmul, scale product and sum;
+//! - `attention` with `merge_heads` into `attention` without, the permute and the reshape
+//!   ([`Op::Attention`]);
+//! - `swiglu` into its two linear layers (plain matmuls when unscaled) and the
+//!   `fused_elementwise` `(mul (silu $0) $1)` of them ([`Op::SwiGlu`]; a `fused_elementwise`
+//!   is exactly its primitive ops, so the expansion is too).
+//!
+//! So a backend that fuses those forms itself (the CPU plan) expands only the new layouts and
+//! gates, and one that wants primitives (CUDA) chooses every composite it lacks.
 
-use crate::{BinaryOp, Dim, Graph, Node, Op, OpError, TensorType, UnaryOp, ValueId};
+use crate::{BinaryOp, Dim, Expr, Graph, Node, Op, OpError, TensorType, UnaryOp, ValueId};
 
-/// `g` with every node whose op satisfies `which` and is `rotary` or `linear` replaced by its
-/// primitive ops; other nodes are copied unchanged (values renumbered), outputs keep their
-/// names. Fails only on a replaced node the verifier would reject, naming it.
+/// `g` with every node whose op satisfies `which` and is `rotary`, `linear`, `swiglu` or
+/// `attention` with `merge_heads` replaced by its definition (whose own ops are expanded again
+/// where `which` holds); other nodes are copied unchanged (values renumbered), outputs keep
+/// their names. Fails only on a replaced node the verifier would reject, naming it.
 pub fn expand(g: &Graph, which: impl Fn(&Op) -> bool) -> Result<Graph, (ValueId, OpError)> {
-    let mut out = Graph::new();
+    let mut x = Expander {
+        out: Graph::new(),
+        which,
+    };
     let mut remap: Vec<ValueId> = Vec::with_capacity(g.nodes().len());
     for (v, node) in g.iter() {
         let inputs: Vec<ValueId> = node.inputs.iter().map(|v| remap[v.index()]).collect();
-        let id = match node.op {
-            Op::Rotary if which(&node.op) => expand_rotary(&mut out, &inputs, &node.ty),
-            Op::Linear {
-                transpose_b,
-                scaled,
-                added,
-            } if which(&node.op) => expand_linear(&mut out, &inputs, transpose_b, scaled, added),
-            _ => Ok(out.push(Node {
+        let id = match x.expands(&node.op) {
+            true => x.add(node.op.clone(), &inputs),
+            false => Ok(x.out.push(Node {
                 op: node.op.clone(),
                 inputs,
                 ty: node.ty.clone(),
@@ -29,80 +40,209 @@ pub fn expand(g: &Graph, which: impl Fn(&Op) -> bool) -> Result<Graph, (ValueId,
         remap.push(id.map_err(|e| (v, e))?);
     }
     for o in g.outputs() {
-        out.add_output(&o.name, remap[o.value.index()]);
+        x.out.add_output(&o.name, remap[o.value.index()]);
     }
-    Ok(out)
+    Ok(x.out)
 }
 
-/// `matmul(x, w)`, then `* scale`, then `+ addend`, as the flags say.
-fn expand_linear(
-    g: &mut Graph,
-    ins: &[ValueId],
-    transpose_b: bool,
-    scaled: bool,
-    added: bool,
-) -> Result<ValueId, OpError> {
-    let arity = 2 + usize::from(scaled) + usize::from(added);
-    if ins.len() != arity {
-        return Err(OpError {
-            op: "linear".into(),
+/// The graph being written and the choice of ops to expand.
+struct Expander<F> {
+    out: Graph,
+    which: F,
+}
+
+impl<F: Fn(&Op) -> bool> Expander<F> {
+    /// True when `op` is chosen and has a definition here.
+    fn expands(&self, op: &Op) -> bool {
+        let composite = matches!(
+            op,
+            Op::Rotary
+                | Op::Linear { .. }
+                | Op::SwiGlu { .. }
+                | Op::Attention {
+                    merge_heads: true,
+                    ..
+                }
+        );
+        composite && (self.which)(op)
+    }
+
+    /// `op(ins)`, expanded when chosen.
+    fn add(&mut self, op: Op, ins: &[ValueId]) -> Result<ValueId, OpError> {
+        if !self.expands(&op) {
+            return self.out.add(op, ins);
+        }
+        let error = |reason: String| OpError {
+            op: op.name().into(),
             operands: vec![],
-            reason: format!("needs {arity} operands, got {}", ins.len()),
-        });
+            reason,
+        };
+        let tys: Vec<&TensorType> = ins.iter().map(|&v| self.out.ty(v)).collect();
+        let ty = crate::infer(&op, &tys).map_err(&error)?;
+        match op {
+            Op::Rotary => self.rotary(ins, &ty),
+            Op::Linear {
+                transpose_b,
+                scaled,
+                added,
+                heads: 0,
+                ..
+            } => self.product(ins, transpose_b, scaled, added),
+            Op::Linear {
+                transpose_b,
+                scaled,
+                added,
+                heads,
+                rotary,
+            } => {
+                let epilogue = 2 + usize::from(scaled) + usize::from(added);
+                let y = self.product(&ins[..epilogue], transpose_b, scaled, added)?;
+                let heads = self.split_heads(y, heads)?;
+                match rotary {
+                    true => self.add(Op::Rotary, &[heads, ins[epilogue], ins[epilogue + 1]]),
+                    false => Ok(heads),
+                }
+            }
+            Op::Attention {
+                scale,
+                causal,
+                window,
+                ..
+            } => {
+                let heads = Op::Attention {
+                    scale,
+                    causal,
+                    window,
+                    merge_heads: false,
+                };
+                let o = self.add(heads, ins)?;
+                let rows = self.add(
+                    Op::Permute {
+                        perm: vec![0, 2, 1, 3],
+                    },
+                    &[o],
+                )?;
+                self.add(Op::Reshape { shape: ty.shape }, &[rows])
+            }
+            Op::SwiGlu {
+                transpose_b,
+                scaled,
+            } => {
+                let layer = |j: usize| -> Vec<ValueId> {
+                    let scale = scaled.then(|| ins[3 + j]);
+                    [ins[0], ins[1 + j]].into_iter().chain(scale).collect()
+                };
+                let g = self.product(&layer(0), transpose_b, scaled, false)?;
+                let u = self.product(&layer(1), transpose_b, scaled, false)?;
+                let body = Expr::Binary(
+                    BinaryOp::Mul,
+                    Box::new(Expr::Unary(UnaryOp::Silu, Box::new(Expr::Arg(0)))),
+                    Box::new(Expr::Arg(1)),
+                );
+                self.add(Op::FusedElementwise { body }, &[g, u])
+            }
+            _ => Err(error("has no definition to expand".into())),
+        }
     }
-    let mm = Op::MatMul {
-        transpose_a: false,
-        transpose_b,
-    };
-    let mut y = g.add(mm, &ins[..2])?;
-    if scaled {
-        y = g.add(Op::Binary(BinaryOp::Mul), &[y, ins[2]])?;
-    }
-    if added {
-        y = g.add(Op::Binary(BinaryOp::Add), &[y, ins[arity - 1]])?;
-    }
-    Ok(y)
-}
 
-/// `x * cos + concat(-x[.., h..d], x[.., 0..h]) * sin` over the last axis.
-fn expand_rotary(g: &mut Graph, ins: &[ValueId], ty: &TensorType) -> Result<ValueId, OpError> {
-    let error = |reason: &str| OpError {
-        op: "rotary".into(),
-        operands: vec![ty.to_string()],
-        reason: reason.into(),
-    };
-    let &[x, cos, sin] = ins else {
-        return Err(error("needs 3 operands"));
-    };
-    let axis = ty
-        .rank()
-        .checked_sub(1)
-        .ok_or_else(|| error("needs rank >= 1"))?;
-    let d = ty.shape[axis].clone();
-    let half = d
-        .div_exact(2)
-        .ok_or_else(|| error("needs an even last axis"))?;
-    let low = g.add(
-        Op::Slice {
-            axis,
-            start: Dim::fixed(0),
-            end: half.clone(),
-        },
-        &[x],
-    )?;
-    let high = g.add(
-        Op::Slice {
-            axis,
-            start: half,
-            end: d,
-        },
-        &[x],
-    )?;
-    let negated = g.add(Op::Unary(UnaryOp::Neg), &[high])?;
-    let rotated = g.add(Op::Concat { axis }, &[negated, low])?;
-    let a = g.add(Op::Binary(BinaryOp::Mul), &[x, cos])?;
-    let b = g.add(Op::Binary(BinaryOp::Mul), &[rotated, sin])?;
-    g.add(Op::Binary(BinaryOp::Add), &[a, b])
+    /// A linear layer without heads: the matmul alone when there is no epilogue, else the
+    /// `linear` op, expanded when chosen into `matmul(x, w)`, then `* scale`, then `+ addend`.
+    fn product(
+        &mut self,
+        ins: &[ValueId],
+        transpose_b: bool,
+        scaled: bool,
+        added: bool,
+    ) -> Result<ValueId, OpError> {
+        let mm = Op::MatMul {
+            transpose_a: false,
+            transpose_b,
+        };
+        let linear = Op::Linear {
+            transpose_b,
+            scaled,
+            added,
+            heads: 0,
+            rotary: false,
+        };
+        if (scaled || added) && !self.expands(&linear) {
+            return self.out.add(linear, ins);
+        }
+        let arity = 2 + usize::from(scaled) + usize::from(added);
+        if ins.len() != arity {
+            return Err(OpError {
+                op: "linear".into(),
+                operands: vec![],
+                reason: format!("needs {arity} operands, got {}", ins.len()),
+            });
+        }
+        let mut y = self.out.add(mm, &ins[..2])?;
+        if scaled {
+            y = self.out.add(Op::Binary(BinaryOp::Mul), &[y, ins[2]])?;
+        }
+        if added {
+            y = self
+                .out
+                .add(Op::Binary(BinaryOp::Add), &[y, ins[arity - 1]])?;
+        }
+        Ok(y)
+    }
+
+    /// `y[.., s, n]` reshaped to `[.., s, h, n/h]` and permuted to `[.., h, s, n/h]`.
+    fn split_heads(&mut self, y: ValueId, heads: usize) -> Result<ValueId, OpError> {
+        let ty = self.out.ty(y).clone();
+        let r = ty.rank();
+        let h = i64::try_from(heads).unwrap_or(i64::MAX);
+        let d = ty.shape[r - 1].as_fixed().unwrap_or(0) / h.max(1);
+        let mut shape = ty.shape[..r - 1].to_vec();
+        shape.extend([Dim::fixed(h), Dim::fixed(d)]);
+        let split = self.out.add(Op::Reshape { shape }, &[y])?;
+        let mut perm: Vec<usize> = (0..=r).collect();
+        perm.swap(r - 2, r - 1);
+        self.out.add(Op::Permute { perm }, &[split])
+    }
+
+    /// `x * cos + concat(-x[.., h..d], x[.., 0..h]) * sin` over the last axis.
+    fn rotary(&mut self, ins: &[ValueId], ty: &TensorType) -> Result<ValueId, OpError> {
+        let error = |reason: &str| OpError {
+            op: "rotary".into(),
+            operands: vec![ty.to_string()],
+            reason: reason.into(),
+        };
+        let &[x, cos, sin] = ins else {
+            return Err(error("needs 3 operands"));
+        };
+        let axis = ty
+            .rank()
+            .checked_sub(1)
+            .ok_or_else(|| error("needs rank >= 1"))?;
+        let d = ty.shape[axis].clone();
+        let half = d
+            .div_exact(2)
+            .ok_or_else(|| error("needs an even last axis"))?;
+        let g = &mut self.out;
+        let low = g.add(
+            Op::Slice {
+                axis,
+                start: Dim::fixed(0),
+                end: half.clone(),
+            },
+            &[x],
+        )?;
+        let high = g.add(
+            Op::Slice {
+                axis,
+                start: half,
+                end: d,
+            },
+            &[x],
+        )?;
+        let negated = g.add(Op::Unary(UnaryOp::Neg), &[high])?;
+        let rotated = g.add(Op::Concat { axis }, &[negated, low])?;
+        let a = g.add(Op::Binary(BinaryOp::Mul), &[x, cos])?;
+        let b = g.add(Op::Binary(BinaryOp::Mul), &[rotated, sin])?;
+        g.add(Op::Binary(BinaryOp::Add), &[a, b])
+    }
 }
 
 #[cfg(test)]
@@ -149,6 +289,8 @@ mod tests {
             transpose_b: true,
             scaled,
             added,
+            heads: 0,
+            rotary: false,
         };
         let full = g.add(linear(true, true), &[x, w, s, r]).unwrap();
         let bias = g.add(linear(false, true), &[x, w, s]).unwrap();
@@ -168,5 +310,86 @@ mod tests {
         }
         // Not chosen: copied as it is.
         assert_eq!(expand(&g, |_| false).unwrap(), g);
+    }
+
+    #[test]
+    fn layouts_and_gates_expand_one_level_where_chosen() {
+        let mut g = Graph::new();
+        let x = g.input("x", f32s(&[2, 3, 8]));
+        let w = g.param("w", f32s(&[8, 8]));
+        let b = g.param("b", f32s(&[8]));
+        let table = g.input("cos", f32s(&[2, 1, 3, 4]));
+        let q = Op::Linear {
+            transpose_b: true,
+            scaled: false,
+            added: true,
+            heads: 2,
+            rotary: true,
+        };
+        let q = g.add(q, &[x, w, b, table, table]).unwrap();
+        let v = Op::Linear {
+            transpose_b: true,
+            scaled: false,
+            added: false,
+            heads: 2,
+            rotary: false,
+        };
+        let v = g.add(v, &[x, w]).unwrap();
+        let attention = |merge_heads| Op::Attention {
+            scale: crate::F64(0.5),
+            causal: true,
+            window: 0,
+            merge_heads,
+        };
+        let o = g.add(attention(true), &[q, v, v]).unwrap();
+        let up = g.param("up", f32s(&[8, 8]));
+        let swiglu = Op::SwiGlu {
+            transpose_b: true,
+            scaled: false,
+        };
+        let y = g.add(swiglu, &[o, w, up]).unwrap();
+        g.add_output("y", y);
+        verify(&g).unwrap();
+        // The CPU backend's choice: the new forms only, one level.
+        let fused = |op: &Op| {
+            matches!(
+                op,
+                Op::Linear { heads: 1.., .. }
+                    | Op::SwiGlu { .. }
+                    | Op::Attention {
+                        merge_heads: true,
+                        ..
+                    }
+            )
+        };
+        let h = expand(&g, fused).unwrap();
+        verify(&h).unwrap();
+        assert_eq!(
+            ops(&h)[4..],
+            [
+                "linear",
+                "reshape",
+                "permute",
+                "rotary",
+                "matmul",
+                "reshape",
+                "permute",
+                "attention",
+                "permute",
+                "reshape",
+                "param",
+                "matmul",
+                "matmul",
+                "fused_elementwise"
+            ]
+        );
+        assert_eq!(h.ty(h.outputs()[0].value), g.ty(y));
+        // Everything: primitive ops and the elementwise body.
+        let h = expand(&g, |_| true).unwrap();
+        verify(&h).unwrap();
+        assert!(ops(&h)
+            .iter()
+            .all(|&n| !["linear", "rotary", "swiglu"].contains(&n)));
+        assert_eq!(h.ty(h.outputs()[0].value), g.ty(y));
     }
 }

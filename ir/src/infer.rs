@@ -405,39 +405,100 @@ pub fn infer(op: &Op, ins: &[&TensorType]) -> R {
             transpose_b,
             scaled,
             added,
+            heads,
+            rotary,
         } => {
-            arity(op, ins, 2 + usize::from(*scaled) + usize::from(*added))?;
-            let mm = Op::MatMul {
-                transpose_a: false,
-                transpose_b: *transpose_b,
+            let epilogue = 2 + usize::from(*scaled) + usize::from(*added);
+            arity(op, ins, epilogue + 2 * usize::from(*rotary))?;
+            let y = infer_product(*transpose_b, *scaled, *added, &ins[..epilogue])?;
+            if *heads == 0 {
+                return match rotary {
+                    true => Err("linear rotary=true needs heads > 0".into()),
+                    false => Ok(y),
+                };
+            }
+            let y = split_heads(y, *heads)?;
+            match rotary {
+                true => infer(&Op::Rotary, &[&y, ins[epilogue], ins[epilogue + 1]]),
+                false => Ok(y),
+            }
+        }
+        Op::SwiGlu {
+            transpose_b,
+            scaled,
+        } => {
+            let n = 1 + usize::from(*scaled);
+            arity(op, ins, 1 + 2 * n)?;
+            // The operands of the gate (0) or up (1) layer: x, its weight, its scale.
+            let layer = |j: usize| -> Vec<&TensorType> {
+                let scale = scaled.then(|| ins[3 + j]);
+                [ins[0], ins[1 + j]].into_iter().chain(scale).collect()
             };
-            let y = infer(&mm, &ins[..2])?;
-            let n = std::slice::from_ref(&y.shape[y.rank() - 1]);
-            if *scaled {
-                let s = ins[2];
-                same_dtype(&y, s)?;
-                if s.shape.as_slice() != n {
-                    return Err(format!("linear scale {s} must be [{}] for {y}", n[0]));
-                }
+            let g = infer_product(*transpose_b, *scaled, false, &layer(0))?;
+            let u = infer_product(*transpose_b, *scaled, false, &layer(1))?;
+            float_only(op.name(), &g)?;
+            if g != u {
+                return Err(format!("swiglu gate {g} and up {u} projections differ"));
             }
-            if *added {
-                let a = ins[ins.len() - 1];
-                same_dtype(&y, a)?;
-                if a.shape.as_slice() != n && a.shape != y.shape {
-                    return Err(format!("linear addend {a} must be {y} or [{}]", n[0]));
-                }
-            }
-            Ok(y)
+            Ok(g)
         }
         Op::Attention {
             causal: false,
             window: 1..,
             ..
         } => Err("a sliding window requires causal=true".into()),
+        Op::Attention {
+            merge_heads: true, ..
+        } => {
+            let o = infer_attention(ins)?;
+            let rows = &o.shape[1] * &o.shape[3];
+            let shape = vec![o.shape[0].clone(), o.shape[2].clone(), rows];
+            Ok(TensorType { shape, ..o })
+        }
         Op::Attention { .. } => infer_attention(ins),
         Op::Moe { top_k } => infer_moe(*top_k, ins),
         Op::FusedElementwise { body } => infer_fused(body, ins),
     }
+}
+
+/// A linear layer's product and epilogue: `(x, w[, scale][, addend])` as the flags say.
+fn infer_product(transpose_b: bool, scaled: bool, added: bool, ins: &[&TensorType]) -> R {
+    let mm = Op::MatMul {
+        transpose_a: false,
+        transpose_b,
+    };
+    let y = infer(&mm, &ins[..2])?;
+    let n = std::slice::from_ref(&y.shape[y.rank() - 1]);
+    if scaled {
+        let s = ins[2];
+        same_dtype(&y, s)?;
+        if s.shape.as_slice() != n {
+            return Err(format!("linear scale {s} must be [{}] for {y}", n[0]));
+        }
+    }
+    if added {
+        let a = ins[ins.len() - 1];
+        same_dtype(&y, a)?;
+        if a.shape.as_slice() != n && a.shape != y.shape {
+            return Err(format!("linear addend {a} must be {y} or [{}]", n[0]));
+        }
+    }
+    Ok(y)
+}
+
+/// `y[.., s, n]` as `heads` heads `[.., heads, s, n / heads]`.
+fn split_heads(y: TensorType, heads: usize) -> R {
+    let r = y.rank();
+    let n = y.shape[r - 1].as_fixed();
+    let h = i64::try_from(heads).unwrap_or(i64::MAX);
+    let Some(d) = n.filter(|n| n % h == 0).map(|n| n / h) else {
+        return Err(format!(
+            "linear heads={heads} must divide a fixed last axis of {y}"
+        ));
+    };
+    let mut shape = y.shape[..r - 2].to_vec();
+    shape.extend([Dim::fixed(h), y.shape[r - 2].clone(), Dim::fixed(d)]);
+    Ok(TensorType { shape, ..y })
 }
 
 fn infer_fused(body: &crate::Expr, ins: &[&TensorType]) -> R {
@@ -590,6 +651,8 @@ mod tests {
                 transpose_b: true,
                 scaled,
                 added,
+                heads: 0,
+                rotary: false,
             };
             infer(&op, ins)
         };
@@ -611,6 +674,70 @@ mod tests {
         assert!(e.contains("contracted dims"), "{e}");
         let half = TensorType::new(DType::BF16, [6]);
         assert!(linear(false, true, &[&x, &w, &half]).is_err());
+    }
+
+    #[test]
+    fn head_layouts_and_swiglu_operands() {
+        let s = Dim::sym("seq");
+        let x = TensorType::new(DType::F32, [Dim::fixed(2), s.clone(), Dim::fixed(8)]);
+        let heads = TensorType::new(DType::F32, [2.into(), 2.into(), s.clone(), 4.into()]);
+        let table = TensorType::new(DType::F32, [2.into(), 1.into(), s.clone(), 4.into()]);
+        let (w, w6) = (f32s(&[8, 8]), f32s(&[6, 8]));
+        let linear = |heads, rotary, ins: &[&TensorType]| {
+            let op = Op::Linear {
+                transpose_b: true,
+                scaled: false,
+                added: false,
+                heads,
+                rotary,
+            };
+            infer(&op, ins)
+        };
+        assert_eq!(linear(2, false, &[&x, &w]), Ok(heads.clone()));
+        assert_eq!(
+            linear(2, true, &[&x, &w, &table, &table]),
+            Ok(heads.clone())
+        );
+        let e = linear(3, false, &[&x, &w]).unwrap_err();
+        assert!(e.contains("heads=3 must divide"), "{e}");
+        let e = linear(0, true, &[&x, &w, &table, &table]).unwrap_err();
+        assert!(e.contains("rotary=true needs heads > 0"), "{e}");
+        let e = linear(2, true, &[&x, &w]).unwrap_err();
+        assert!(e.contains("takes 4 operand(s), got 2"), "{e}");
+        // Tables that do not broadcast to the heads, and an odd head size.
+        let wide = TensorType::new(DType::F32, [2.into(), 1.into(), s.clone(), 8.into()]);
+        assert!(linear(2, true, &[&x, &w, &wide, &wide]).is_err());
+        assert!(linear(4, true, &[&x, &w, &table, &table]).is_err());
+
+        let swiglu = |scaled, ins: &[&TensorType]| {
+            let op = Op::SwiGlu {
+                transpose_b: true,
+                scaled,
+            };
+            infer(&op, ins)
+        };
+        let y = TensorType::new(DType::F32, [Dim::fixed(2), s.clone(), Dim::fixed(6)]);
+        let n = f32s(&[6]);
+        assert_eq!(swiglu(false, &[&x, &w6, &w6]), Ok(y.clone()));
+        assert_eq!(swiglu(true, &[&x, &w6, &w6, &n, &n]), Ok(y));
+        let e = swiglu(false, &[&x, &w6, &w]).unwrap_err();
+        assert!(e.contains("projections differ"), "{e}");
+        assert!(swiglu(true, &[&x, &w6, &w6, &n]).is_err());
+        let ints = TensorType::new(DType::I64, [2, 8]);
+        let iw = TensorType::new(DType::I64, [6, 8]);
+        assert!(swiglu(false, &[&ints, &iw, &iw]).is_err());
+
+        let attention = |merge_heads| Op::Attention {
+            scale: crate::F64(0.5),
+            causal: true,
+            window: 0,
+            merge_heads,
+        };
+        let q = TensorType::new(DType::F32, [2.into(), 4.into(), s.clone(), 8.into()]);
+        let kv = TensorType::new(DType::F32, [2.into(), 2.into(), s.clone(), 8.into()]);
+        let rows = TensorType::new(DType::F32, [2.into(), s, 32.into()]);
+        assert_eq!(infer(&attention(true), &[&q, &kv, &kv]), Ok(rows));
+        assert_eq!(infer(&attention(false), &[&q, &kv, &kv]), Ok(q.clone()));
     }
 
     #[test]

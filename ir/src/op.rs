@@ -1,8 +1,8 @@
 //! The op set: every operation a kiln graph can contain, with its exact semantics.
 //!
 //! Primitive ops are what model code traces into; composite ops (`rmsnorm`, `layernorm`,
-//! `rotary`, `linear`, `attention`, `moe`, `fused_elementwise`) are what the optimizer creates
-//! and backends implement as single kernels.
+//! `rotary`, `linear`, `attention`, `swiglu`, `moe`, `fused_elementwise`) are what the
+//! optimizer creates and backends implement as single kernels.
 //! Each op's semantics is stated on its variant; [`UnaryOp::eval`], [`BinaryOp::eval`] and
 //! [`CmpOp::eval`] define the scalar functions, computed in f64 and then rounded to the
 //! result dtype: to f32 first, then (for f16, bf16 and fp8) from that f32 to the narrower
@@ -463,15 +463,29 @@ pub enum Op {
     /// factor per output column: fp8's per-channel weight scales), then, if `added`,
     /// `y + addend` with `addend` of the product's shape (a residual) or `[n]` (a bias). Each
     /// step is its primitive op ([`Op::MatMul`], [`Op::Binary`]), rounded as that op rounds,
-    /// so the op equals that chain bit for bit ([`crate::decompose`]); the result has the
-    /// product's type.
+    /// so the op equals that chain bit for bit ([`crate::decompose`]).
+    ///
+    /// Then the head layout of an attention projection, when `heads = h > 0`: the result
+    /// `y[.., s, n]` (`n` fixed, a multiple of `h`) is reshaped to `[.., s, h, n/h]` and
+    /// permuted to `[.., h, s, n/h]` (the two axes before the last swapped: [`Op::Reshape`],
+    /// [`Op::Permute`] `[0, 2, 1, 3]` for a `[b, s, n]` product); then, if `rotary` (which
+    /// requires `heads > 0`), [`Op::Rotary`] of those heads with the `cos` and `sin` operands,
+    /// which come last. With `heads = 0` the result has the product's type, else
+    /// `[.., h, s, n/h]`.
     Linear {
         /// Read `w` as `[.., n, k]` transposed (a checkpoint's `[out, in]` weight).
         transpose_b: bool,
         /// A per-column `scale` operand follows `w`.
         scaled: bool,
-        /// An `addend` operand comes last.
+        /// An `addend` operand follows `w` and the scale.
         added: bool,
+        /// Split the result's last axis into this many heads moved before the rows; 0 for none
+        /// (the default when absent from serialized graphs written before the field existed).
+        #[serde(default)]
+        heads: usize,
+        /// Rotate the heads (rotary embedding): `cos` and `sin` operands come last.
+        #[serde(default)]
+        rotary: bool,
     },
     /// Composite scaled-dot-product attention. Operands `(q[b, hq, sq, d], k[b, hkv, sk, d],
     /// v[b, hkv, sk, dv])` and optionally an additive `mask` broadcastable to `[b, hq, sq, sk]`.
@@ -480,7 +494,9 @@ pub enum Op {
     /// sliding `window = w > 0` (which requires `causal`) also hides keys `j <= pos - w`.
     /// Scores are `scale * q·k + mask`, softmax over the visible keys; a query with no visible
     /// key yields zeros, while visible keys all masked with `-inf` give NaN (as softmax does).
-    /// Result `[b, hq, sq, dv]`.
+    /// Result `[b, hq, sq, dv]`; with `merge_heads`, that result permuted to `[b, sq, hq, dv]`
+    /// and reshaped to `[b, sq, hq·dv]` ([`Op::Permute`] `[0, 2, 1, 3]`, [`Op::Reshape`]): the
+    /// heads side by side in each row, as the output projection reads them.
     Attention {
         /// Multiplies `q·k`.
         scale: F64,
@@ -488,6 +504,24 @@ pub enum Op {
         causal: bool,
         /// Sliding-window size; 0 for none.
         window: usize,
+        /// Write the result as rows `[b, sq, hq·dv]` instead of heads (false when absent from
+        /// serialized graphs written before the field existed).
+        #[serde(default)]
+        merge_heads: bool,
+    },
+    /// Composite SwiGLU of two linear layers over one activation (a gated MLP's gate and up
+    /// projections with its activation). Operands `(x, w_gate, w_up)`, then
+    /// `(scale_gate, scale_up)` if `scaled`. With `g` and `u` the [`Op::Linear`] layers
+    /// `linear(x, w_gate[, scale_gate])` and `linear(x, w_up[, scale_up])` (this op's
+    /// `transpose_b` and `scaled`, no addend, no heads), which must have one type, the result is
+    /// `silu(g) * u`: [`UnaryOp::Silu`] then [`BinaryOp::Mul`], each rounded to the dtype as that
+    /// primitive op would, so the op equals that chain bit for bit ([`crate::decompose`]). The
+    /// result has `g`'s type; float dtypes only.
+    SwiGlu {
+        /// Read both weights as `[.., n, k]` transposed.
+        transpose_b: bool,
+        /// Per-column scale operands follow the weights.
+        scaled: bool,
     },
     /// Composite sparse mixture-of-experts block (Mixtral's `block_sparse_moe`). Variadic
     /// operands `(x[.., h], gate[E, h], w1_0, w3_0, w2_0, w1_1, w3_1, w2_1, ..)`: after `x` and
@@ -563,6 +597,7 @@ impl Op {
             Op::Rotary => "rotary",
             Op::Linear { .. } => "linear",
             Op::Attention { .. } => "attention",
+            Op::SwiGlu { .. } => "swiglu",
             Op::Moe { .. } => "moe",
             Op::FusedElementwise { .. } => "fused_elementwise",
         }
@@ -591,6 +626,39 @@ mod tests {
         names.sort();
         names.dedup();
         assert_eq!(names.len(), n);
+    }
+
+    #[test]
+    fn graphs_serialized_before_the_layout_fields_still_read() {
+        let linear = r#"{"Linear":{"transpose_b":true,"scaled":false,"added":true}}"#;
+        let op: Op = serde_json::from_str(linear).unwrap();
+        let want = Op::Linear {
+            transpose_b: true,
+            scaled: false,
+            added: true,
+            heads: 0,
+            rotary: false,
+        };
+        assert_eq!(op, want);
+        let attention = r#"{"Attention":{"scale":0.5,"causal":true,"window":0}}"#;
+        let op: Op = serde_json::from_str(attention).unwrap();
+        assert!(matches!(
+            op,
+            Op::Attention {
+                merge_heads: false,
+                ..
+            }
+        ));
+        // And the new fields round-trip.
+        let heads = Op::Linear {
+            transpose_b: true,
+            scaled: false,
+            added: true,
+            heads: 4,
+            rotary: true,
+        };
+        let text = serde_json::to_string(&heads).unwrap();
+        assert_eq!(serde_json::from_str::<Op>(&text).unwrap(), heads);
     }
 
     #[test]

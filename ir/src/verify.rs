@@ -203,6 +203,7 @@ mod tests {
             scale: crate::F64(0.5),
             causal,
             window: 2,
+            merge_heads: false,
         };
         assert!(g.add(attn(true), &[q, q, q]).is_ok());
         let e = g.add(attn(false), &[q, q, q]).unwrap_err();

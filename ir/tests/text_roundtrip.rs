@@ -426,17 +426,54 @@ impl Gen<'_> {
             dtype: t.dtype,
             shape: vec![n],
         };
+        if self.pick(4) == 0 {
+            // A SwiGLU: a second weight of b's type, and a scale per weight.
+            ins.push(self.leaf(self.ty(b)));
+            if scaled {
+                ins.push(self.leaf(column.clone()));
+                ins.push(self.leaf(column));
+            }
+            self.add(
+                Op::SwiGlu {
+                    transpose_b,
+                    scaled,
+                },
+                &ins,
+            );
+            return;
+        }
         if scaled {
             ins.push(self.leaf(column.clone()));
         }
         if added {
-            let addend = if self.flip() { y } else { column };
+            let addend = if self.flip() { y.clone() } else { column };
             ins.push(self.leaf(addend));
+        }
+        // Heads (rotated half the time), when the product's last axis splits into them.
+        let heads = self.one(&[0, 0, 1, 2]);
+        let mut rotary = false;
+        let r = y.rank();
+        let d = y.shape[r - 1]
+            .as_fixed()
+            .filter(|_| heads > 0)
+            .map(|n| n / heads as i64);
+        if let Some(d) = d.filter(|&d| d > 0 && self.flip()) {
+            rotary = true;
+            let mut table = y.shape[..r - 2].to_vec();
+            table.extend([1.into(), y.shape[r - 2].clone(), Dim::fixed(d)]);
+            for _ in 0..2 {
+                ins.push(self.leaf(TensorType {
+                    dtype: t.dtype,
+                    shape: table.clone(),
+                }));
+            }
         }
         let op = Op::Linear {
             transpose_b,
             scaled,
             added,
+            heads,
+            rotary,
         };
         self.add(op, &ins);
     }
@@ -485,11 +522,13 @@ impl Gen<'_> {
         }
         let (scale, causal) = (F64(self.f64()), self.flip());
         let window = self.one(&[0, 1, 4, 4096]);
+        let merge_heads = self.flip();
         self.add(
             Op::Attention {
                 scale,
                 causal,
                 window,
+                merge_heads,
             },
             &ins,
         );

@@ -47,6 +47,7 @@ fn decode_graph(cache: DType) -> kiln_ir::Graph {
         scale: F64(0.5),
         causal: false,
         window: 0,
+        merge_heads: false,
     };
     t.output("a", &t.apply(op, &[&q, &wide, &wide]).unwrap());
     t.output("present", &present);

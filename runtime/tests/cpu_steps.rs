@@ -110,6 +110,8 @@ fn linear(t: &Tracer, x: &T, w: &T, scale: Option<&T>, add: Option<&T>) -> T {
         transpose_b: true,
         scaled: scale.is_some(),
         added: add.is_some(),
+        heads: 0,
+        rotary: false,
     };
     let operands: Vec<&T> = [Some(x), Some(w), scale, add]
         .into_iter()
@@ -280,6 +282,7 @@ fn attention_stored_permuted_matches_the_reference() {
             scale: F64(0.3),
             causal: q == kv,
             window: 0,
+            merge_heads: false,
         };
         // q² so attention reads a computed buffer, as in a model.
         let qc = qv.mul(&qv).unwrap();
@@ -408,6 +411,7 @@ fn attention_block(
         scale: F64(0.25),
         causal: false,
         window: 0,
+        merge_heads: false,
     };
     let wide = |c: &T| c.cast(DType::F32).unwrap();
     let a = t

@@ -137,6 +137,7 @@ fn attention(eg: &EG, id: Id) -> Vec<Term> {
                     scale: F64(scale),
                     causal: false,
                     window: 0,
+                    merge_heads: false,
                 };
                 out.extend(fused(eg, id, op, q, k, v, mask));
             }
@@ -317,6 +318,7 @@ fn attention_causal(eg: &EG, id: Id) -> Vec<Term> {
                     scale,
                     causal: true,
                     window,
+                    merge_heads: false,
                 };
                 let qkv = [q, k, v].map(Term::Class);
                 let mut children = qkv.to_vec();
@@ -401,7 +403,8 @@ mod tests {
             Op::Attention {
                 scale: F64(f64::from(8f32.powf(-0.5))),
                 causal: false,
-                window: 0
+                window: 0,
+                merge_heads: false,
             }
         );
     }
@@ -436,7 +439,8 @@ mod tests {
             Op::Attention {
                 scale: F64(0.125),
                 causal: true,
-                window: 2
+                window: 2,
+                merge_heads: false,
             }
         );
         // Padding at the first key of one row; every query keeps a visible key.
@@ -541,6 +545,7 @@ mod tests {
             scale: F64(s),
             causal: false,
             window: 0,
+            merge_heads: false,
         };
         assert_eq!(scales, [attn(1.0), attn(1.0 / f64::from(8f32.sqrt()))]);
     }

@@ -36,6 +36,8 @@ fn as_linear(op: &Op) -> Option<(bool, bool, bool)> {
             transpose_b,
             scaled,
             added,
+            heads: 0,
+            ..
         } => Some((transpose_b, scaled, added)),
         _ => None,
     }
@@ -71,6 +73,8 @@ fn epilogue(eg: &EG, id: Id) -> Vec<Term> {
                     transpose_b,
                     scaled,
                     added: op == BinaryOp::Add,
+                    heads: 0,
+                    rotary: false,
                 };
                 let mut operands = node.children.clone();
                 operands.push(other);
@@ -162,6 +166,8 @@ mod tests {
             transpose_b: false,
             scaled: false,
             added: true,
+            heads: 0,
+            rotary: false,
         };
         assert!(h.nodes().iter().any(|n| n.op == plain), "{h}");
     }

@@ -1,15 +1,18 @@
 //! Rule sets, one module each: [`algebra`] (algebra and layout clean-ups), [`norm`]
 //! (normalization fusion), [`rotary`] (rotary embedding), [`attention`] (scaled-dot-product
 //! attention fusion), [`moe`] (mixture-of-experts dispatch), [`fuse`] (elementwise kernel
-//! fusion) and [`epilogue`] (matmul epilogues, after precision lowering).
+//! fusion), and after precision lowering [`epilogue`] (matmul epilogues), [`heads`] (head
+//! layouts in projections and attention) and [`swiglu`] (gated MLPs).
 
 pub mod algebra;
 pub mod attention;
 pub mod epilogue;
 pub mod fuse;
+pub mod heads;
 pub mod moe;
 pub mod norm;
 pub mod rotary;
+pub mod swiglu;
 
 #[cfg(test)]
 pub(crate) mod check {

@@ -115,11 +115,23 @@ impl Step {
 }
 
 /// The graph this backend plans for `graph`: the composite ops it has no kernel for
-/// (`rotary`, and `linear`, whose epilogue cuBLAS does not apply here yet) written as their
-/// primitive ops ([`kiln_ir::decompose`]), each of which has one.
+/// (`rotary`; `linear`, whose epilogue and head layout cuBLAS does not apply here yet;
+/// `swiglu`; attention with merged heads) written as their defining ops
+/// ([`kiln_ir::decompose`]), each of which has one.
 pub fn legalize(graph: &Graph) -> Result<Graph, ExecError> {
     verify(graph)?;
-    let composite = |op: &Op| matches!(op, Op::Rotary | Op::Linear { .. });
+    let composite = |op: &Op| {
+        matches!(
+            op,
+            Op::Rotary
+                | Op::Linear { .. }
+                | Op::SwiGlu { .. }
+                | Op::Attention {
+                    merge_heads: true,
+                    ..
+                }
+        )
+    };
     kiln_ir::decompose::expand(graph, composite).map_err(|(node, e)| {
         let op = graph.node(node).map_or("composite", |n| n.op.name());
         ExecError::ShapeMismatch {
@@ -306,6 +318,7 @@ fn select(graph: &Graph, node: &Node) -> Step {
             scale,
             causal,
             window,
+            merge_heads: false,
         } if dtype == DType::F32 => {
             let narrow: Option<Vec<ValueId>> = node.inputs[..3]
                 .iter()

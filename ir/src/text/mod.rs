@@ -125,10 +125,21 @@ pub(crate) fn fields(op: &mut Op) -> Vec<(&'static str, Field<'_>)> {
             transpose_b,
             scaled,
             added,
+            heads,
+            rotary,
         } => vec![
             ("transpose_b", F::Bool(transpose_b)),
             ("scaled", F::Bool(scaled)),
             ("added", F::Bool(added)),
+            ("heads", F::Usize(heads)),
+            ("rotary", F::Bool(rotary)),
+        ],
+        Op::SwiGlu {
+            transpose_b,
+            scaled,
+        } => vec![
+            ("transpose_b", F::Bool(transpose_b)),
+            ("scaled", F::Bool(scaled)),
         ],
         Op::Reshape { shape } | Op::Expand { shape } => vec![("shape", F::Shape(shape))],
         Op::Permute { perm } => vec![("perm", F::Axes(perm))],
@@ -148,10 +159,12 @@ pub(crate) fn fields(op: &mut Op) -> Vec<(&'static str, Field<'_>)> {
             scale,
             causal,
             window,
+            merge_heads,
         } => vec![
             ("scale", F::F64(scale)),
             ("causal", F::Bool(causal)),
             ("window", F::Usize(window)),
+            ("merge_heads", F::Bool(merge_heads)),
         ],
         Op::Moe { top_k } => vec![("top_k", F::Usize(top_k))],
         Op::FusedElementwise { body } => vec![("body", F::Expr(body))],
@@ -214,6 +227,7 @@ pub(crate) fn templates() -> Vec<Op> {
             scale: F64(0.0),
             causal: false,
             window: 0,
+            merge_heads: false,
         },
         Op::Moe { top_k: 0 },
         Op::Rotary,
@@ -221,6 +235,12 @@ pub(crate) fn templates() -> Vec<Op> {
             transpose_b: false,
             scaled: false,
             added: false,
+            heads: 0,
+            rotary: false,
+        },
+        Op::SwiGlu {
+            transpose_b: false,
+            scaled: false,
         },
         Op::FusedElementwise { body: Expr::Arg(0) },
     ];
@@ -245,7 +265,7 @@ mod tests {
         let ops = templates();
         let names: HashSet<&str> = ops.iter().map(Op::name).collect();
         assert_eq!(names.len(), ops.len());
-        assert_eq!(ops.len(), 3 + 22 + 19 + 9 + 6 + 4);
+        assert_eq!(ops.len(), 3 + 23 + 19 + 9 + 6 + 4);
         for mut op in ops {
             let keys: Vec<&str> = fields(&mut op).into_iter().map(|(k, _)| k).collect();
             let unique: HashSet<&&str> = keys.iter().collect();

@@ -714,7 +714,7 @@ mod tests {
 %q: f32[batch, 4, seq, 16] = param "q"
 %k: f32[batch, 2, past+seq, 16] = param "k"
 %v: f32[batch, 2, past+seq, 16] = param "v"
-%9: f32[batch, 4, seq, 16] = attention(%q, %k, %v, %7) scale=0.25 causal=true window=0
+%9: f32[batch, 4, seq, 16] = attention(%q, %k, %v, %7) scale=0.25 causal=true window=0 merge_heads=false
 output "hidden" = %5
 "#;
 

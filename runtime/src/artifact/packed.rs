@@ -9,6 +9,7 @@
 //! a directory. A packed weight read as a value after all (another plan, e.g. with external
 //! kernels) is unpacked on first use ([`crate::Tensor::packed`]): slower, never different.
 
+use crate::cpu::legalize::legalize;
 use crate::cpu::weights::{packed_reads, plain_reads};
 use crate::cpu::Plan;
 use crate::tensor::SharedBytes;
@@ -26,6 +27,7 @@ pub fn packed_forms(
     graphs: &[Graph],
     dtype: impl Fn(&str) -> Option<DType>,
 ) -> BTreeMap<String, Vec<bool>> {
+    let graphs: Vec<Graph> = graphs.iter().map(legalize).collect();
     let plans: Vec<Plan> = graphs.iter().map(Plan::new).collect();
     let plan_refs: Vec<&Plan> = plans.iter().collect();
     let plain: BTreeSet<&str> = graphs

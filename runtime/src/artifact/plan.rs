@@ -10,6 +10,7 @@
 //! that would plan it differently — an older or newer kiln — says so instead of running
 //! something else; `kiln inspect` prints the plan from the file.
 
+use crate::cpu::legalize::legalize;
 use crate::cpu::{kind_counts, Plan, SlotPlan, Step};
 use kiln_ir::Graph;
 use serde::{Deserialize, Serialize};
@@ -50,12 +51,14 @@ pub struct KernelRecord {
 }
 
 impl PlanRecord {
-    /// The plans this runtime derives for `graphs` (verified), named by `names`.
+    /// The plans this runtime derives for `graphs` (verified, then legalized for the CPU plan),
+    /// named by `names`.
     pub fn derive(names: &[String], graphs: &[Graph]) -> PlanRecord {
         let graphs = names
             .iter()
             .zip(graphs)
             .map(|(name, g)| {
+                let g = &legalize(g);
                 let plan = Plan::new(g);
                 let slots = SlotPlan::new(g, &plan);
                 GraphPlan {

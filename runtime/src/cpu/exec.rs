@@ -4,6 +4,7 @@
 use super::advice::HugePages;
 use super::external::{Operand, Provider};
 use super::layout::Layout;
+use super::legalize::legalize;
 use super::moe::{moe_f32, MoeData};
 use super::plan::{self, LinearLayer, MoeWeight, Plan, Step};
 use super::slots::SlotPlan;
@@ -126,6 +127,7 @@ impl CpuGraph {
         for g in &graphs {
             verify(g)?;
         }
+        let graphs: Vec<Graph> = graphs.iter().map(legalize).collect();
         let plans: Vec<Plan> = graphs
             .iter()
             .map(|g| Plan::with_provider(g, provider))

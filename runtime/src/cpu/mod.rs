@@ -1,6 +1,8 @@
 //! kiln's CPU backend: runs an (optimized) graph with the fast kernels of `kiln-kernels`.
 //!
-//! Three stages, each printable and checkable on its own:
+//! The graph is first [`legalize`]d: the compiler's head-layout linears, merged-head
+//! attentions and SwiGLUs are expanded to the forms [`fuse`] maps onto the same steps.
+//! Then three stages, each printable and checkable on its own:
 //! 1. [`plan`]: kernel selection per node ([`plan::Step`]): a matmul whose right operand is a
 //!    weight becomes a linear layer on weights converted and packed once at load
 //!    ([`weights`]), then [`fuse`] folds epilogues (scales, residual and bias adds, SwiGLU,
@@ -28,6 +30,7 @@ mod exec;
 pub mod external;
 mod fuse;
 mod layout;
+pub mod legalize;
 mod moe;
 mod plan;
 mod slots;

@@ -423,6 +423,7 @@ fn select(graph: &Graph, i: usize, node: &Node) -> Step {
             scale,
             causal,
             window,
+            merge_heads: false,
         } if dtype == DType::F32 => Step::Attention {
             scale: scale.0,
             causal: *causal,
@@ -474,6 +475,8 @@ fn select(graph: &Graph, i: usize, node: &Node) -> Step {
             transpose_b,
             scaled,
             added,
+            heads: 0,
+            ..
         } if dtype == DType::F32 => {
             // The kernel reads its scale prepared, by name: a parameter (fp8's scales).
             let scale = scaled.then(|| {

@@ -1,8 +1,9 @@
 //! Normalizations, rotary embedding, linear layers and attention: `softmax` / `log_softmax`
-//! along an axis, and the composite ops `rmsnorm`, `layernorm`, `rotary`, `linear` and
-//! `attention`, exactly as documented on their [`kiln_ir::Op`] variants. Everything but
-//! `rotary` and `linear` is computed in f64 from the widened operands and rounded once;
-//! `rotary` and `linear` are their primitive ops in sequence.
+//! along an axis, and the composite ops `rmsnorm`, `layernorm`, `rotary`, `linear` (with its
+//! head layout) and `attention` (with its merged heads), exactly as documented on their
+//! [`kiln_ir::Op`] variants. Norms and attention are computed in f64 from the widened operands
+//! and rounded once; `rotary`, `linear` and the layouts are their primitive ops in sequence
+//! (so is `swiglu`, which the executor composes from `linear` and elementwise ops).
 
 use super::index::{broadcast_strides, split_axis};
 use super::{elementwise, floats, from_floats, layout, matmul, Ctx, ExecError};
@@ -114,7 +115,6 @@ pub(crate) fn rotary(
     if d % 2 != 0 {
         return Err(ctx.mismatch(format!("rotary needs an even last axis, got {d}")));
     }
-    let size = |n: usize| Dim::fixed(i64::try_from(n).unwrap_or(i64::MAX));
     let (zero, half, end) = (size(0), size(d / 2), size(d));
     let low = layout::slice(ctx, axis, &zero, &half, x)?;
     let high = layout::slice(ctx, axis, &half, &end, x)?;
@@ -158,6 +158,45 @@ pub(crate) fn linear(
         y = next;
     }
     Ok(y)
+}
+
+/// A linear layer's result `y[.., s, n]` as `h` heads: reshaped to `[.., s, h, n/h]`, permuted
+/// to `[.., h, s, n/h]` and, with `tables` `(cos, sin)`, rotated ([`rotary`]).
+pub(crate) fn heads(
+    ctx: &Ctx<'_>,
+    h: usize,
+    y: &Tensor,
+    tables: Option<(&Tensor, &Tensor)>,
+) -> Result<Tensor, ExecError> {
+    let s = y.shape();
+    let (r, n) = (s.len(), s.last().copied().unwrap_or(0));
+    if r < 2 || h == 0 || n % h != 0 {
+        return Err(ctx.mismatch(format!("cannot split {s:?} into {h} heads")));
+    }
+    let mut shape: Vec<Dim> = s[..r - 1].iter().map(|&d| size(d)).collect();
+    shape.extend([size(h), size(n / h)]);
+    let split = layout::reshape(ctx, &shape, y)?;
+    let mut perm: Vec<usize> = (0..=r).collect();
+    perm.swap(r - 2, r - 1);
+    let heads = layout::permute(ctx, &perm, &split)?;
+    match tables {
+        Some((cos, sin)) => rotary(ctx, &heads, cos, sin),
+        None => Ok(heads),
+    }
+}
+
+/// Attention's result `o[b, h, s, d]` as rows `[b, s, h·d]`: permuted, then reshaped.
+pub(crate) fn merge_heads(ctx: &Ctx<'_>, o: &Tensor) -> Result<Tensor, ExecError> {
+    let &[b, h, s, d] = o.shape() else {
+        return Err(ctx.mismatch(format!("cannot merge the heads of {:?}", o.shape())));
+    };
+    let rows = layout::permute(ctx, &[0, 2, 1, 3], o)?;
+    layout::reshape(ctx, &[size(b), size(s), size(h * d)], &rows)
+}
+
+/// A run-time size as a fixed [`Dim`].
+fn size(n: usize) -> Dim {
+    Dim::fixed(i64::try_from(n).unwrap_or(i64::MAX))
 }
 
 /// `(x - mean) / sqrt(var + eps) * weight + bias` over the last axis (biased variance).
@@ -304,6 +343,8 @@ mod tests {
             transpose_b: true,
             scaled,
             added,
+            heads: 0,
+            rotary: false,
         };
         // x · wᵀ = [[4, 0], [-0.75, -2.5]], times s = [[2, 0], [-0.375, -5]], plus r.
         let y = eval_op(linear(true, true), &[&x, &w, &s, &r]);
@@ -468,6 +509,7 @@ mod tests {
             scale: F64(scale),
             causal,
             window,
+            merge_heads: false,
         }
     }
 

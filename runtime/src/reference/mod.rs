@@ -39,7 +39,7 @@ pub use error::ExecError;
 
 use crate::{Storage, Tensor};
 use kiln_ir::scalar::Scalar;
-use kiln_ir::{verify, BinaryOp, Bindings, DType, Dim, Graph, Op, ValueId};
+use kiln_ir::{verify, BinaryOp, Bindings, DType, Dim, Graph, Op, UnaryOp, ValueId};
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::hash::BuildHasher;
@@ -425,8 +425,11 @@ pub(crate) fn eval_op(ctx: &Ctx<'_>, op: &Op, args: &[&Tensor]) -> Result<Tensor
             transpose_b,
             scaled,
             added,
+            heads,
+            rotary,
         } => {
-            let arity = 2 + usize::from(*scaled) + usize::from(*added);
+            let epilogue = 2 + usize::from(*scaled) + usize::from(*added);
+            let arity = epilogue + 2 * usize::from(*rotary);
             if args.len() != arity {
                 return Err(ctx.mismatch(format!(
                     "linear takes {arity} operand(s), got {}",
@@ -434,30 +437,62 @@ pub(crate) fn eval_op(ctx: &Ctx<'_>, op: &Op, args: &[&Tensor]) -> Result<Tensor
                 )));
             }
             let ops = [(*scaled, BinaryOp::Mul), (*added, BinaryOp::Add)];
-            let epilogue: Vec<(BinaryOp, &Tensor)> = ops
+            let steps: Vec<(BinaryOp, &Tensor)> = ops
                 .into_iter()
                 .filter_map(|(on, op)| on.then_some(op))
-                .zip(args[2..].iter().copied())
+                .zip(args[2..epilogue].iter().copied())
                 .collect();
-            composite::linear(ctx, *transpose_b, args[0], args[1], &epilogue)
+            let y = composite::linear(ctx, *transpose_b, args[0], args[1], &steps)?;
+            let tables = rotary.then(|| (args[epilogue], args[epilogue + 1]));
+            match *heads {
+                0 => Ok(y),
+                h => composite::heads(ctx, h, &y, tables),
+            }
+        }
+        Op::SwiGlu {
+            transpose_b,
+            scaled,
+        } => {
+            let arity = 3 + 2 * usize::from(*scaled);
+            if args.len() != arity {
+                return Err(ctx.mismatch(format!(
+                    "swiglu takes {arity} operand(s), got {}",
+                    args.len()
+                )));
+            }
+            let layer = |j: usize| {
+                let scale: Vec<(BinaryOp, &Tensor)> = match scaled {
+                    true => vec![(BinaryOp::Mul, args[3 + j])],
+                    false => vec![],
+                };
+                composite::linear(ctx, *transpose_b, args[0], args[1 + j], &scale)
+            };
+            let (g, u) = (layer(0)?, layer(1)?);
+            let silu = elementwise::unary(ctx, UnaryOp::Silu, &g)?;
+            elementwise::binary(ctx, BinaryOp::Mul, &silu, &u)
         }
         Op::Attention {
             scale,
             causal,
             window,
+            merge_heads,
         } => {
             let spec = composite::AttentionSpec {
                 scale: scale.0,
                 causal: *causal,
                 window: *window,
             };
-            match *args {
+            let o = match *args {
                 [q, k, v] => composite::attention(ctx, spec, q, k, v, None),
                 [q, k, v, m] => composite::attention(ctx, spec, q, k, v, Some(m)),
                 _ => Err(ctx.mismatch(format!(
                     "attention takes 3 or 4 operands, got {}",
                     args.len()
                 ))),
+            }?;
+            match merge_heads {
+                true => composite::merge_heads(ctx, &o),
+                false => Ok(o),
             }
         }
         Op::Moe { top_k } => moe::moe(ctx, *top_k, args),
