@@ -121,6 +121,7 @@ fn kernels(c: &mut Criterion) {
                 scale: F64(scale),
                 causal: true,
                 window: 0,
+                merge_heads: false,
             },
             &[&[1, hq, seq, d], &[1, hkv, seq, d], &[1, hkv, seq, d]],
         ),

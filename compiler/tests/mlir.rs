@@ -347,6 +347,7 @@ fn attention_matches_reference_with_gqa_causal_window_and_masks() {
             scale: F64(1.0 / (*d as f64).sqrt()),
             causal: *causal,
             window: *window,
+            merge_heads: false,
         };
         let mut shapes = vec![vec![*b, *hq, *sq, *d], vec![*b, *hkv, *sk, *d]];
         shapes.push(vec![*b, *hkv, *sk, *dv]);
@@ -398,6 +399,7 @@ fn attention_reads_views_of_a_cache_and_copies_other_views() {
         scale: F64(0.3),
         causal: true,
         window: 0,
+        merge_heads: false,
     };
     let cache = KernelCache::new();
     for (sq, sk) in [(5, 5), (1, 6), (1, 17)] {
@@ -627,6 +629,7 @@ fn one_kernel_serves_every_sequence_and_cache_length() {
         scale: F64(0.25),
         causal: true,
         window: 0,
+        merge_heads: false,
     };
     let family: Vec<_> = [(9, 9), (1, 10), (1, 11), (1, 65), (64, 64)]
         .iter()

@@ -42,6 +42,7 @@ fn attention(causal: bool, window: usize, d: usize) -> Op {
         scale: F64(1.0 / (d as f64).sqrt()),
         causal,
         window,
+        merge_heads: false,
     }
 }
 

@@ -124,6 +124,7 @@ fn reference(c: &Case, scale: f32, q: &[f32], k: &[f32], v: &[f32], m: Option<&[
         scale: F64(f64::from(scale)),
         causal: c.causal,
         window: c.window,
+        merge_heads: false,
     };
     let mut inputs = vec![
         ("q", f32t(&qs, q)),

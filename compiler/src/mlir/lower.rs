@@ -162,6 +162,7 @@ pub fn lower<'c>(
             scale,
             causal,
             window,
+            merge_heads: false,
         } => attention::attention(ctx, key, (scale.0, *causal, *window), target),
         op => Err(MlirError::Unsupported(format!(
             "no MLIR lowering for {}",

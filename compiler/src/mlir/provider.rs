@@ -58,7 +58,10 @@ fn lowered(op: &Op) -> bool {
             | Op::RmsNorm { .. }
             | Op::LayerNorm { .. }
             | Op::MatMul { .. }
-            | Op::Attention { .. }
+            | Op::Attention {
+                merge_heads: false,
+                ..
+            }
     )
 }
 

@@ -140,7 +140,9 @@ pub fn layout(op: &Op, inputs: &[&[usize]]) -> Result<Layout, MlirError> {
             transpose_a,
             transpose_b,
         } => matmul::layout(inputs, &out, *transpose_a, *transpose_b),
-        Op::Attention { .. } => attention::layout(inputs),
+        Op::Attention {
+            merge_heads: false, ..
+        } => attention::layout(inputs),
         op => Err(MlirError::Unsupported(format!(
             "no MLIR lowering for {}",
             op.name()
