@@ -14,6 +14,7 @@ pub mod info;
 pub mod lm;
 pub mod pooling;
 pub mod profile;
+pub mod provider_log;
 pub mod reference;
 pub mod tensor;
 mod tokenizer_json;

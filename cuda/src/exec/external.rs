@@ -19,9 +19,9 @@
 use super::select::Step;
 use crate::{Arch, CudaError};
 use kiln_ir::{Op, TensorType};
+use kiln_runtime::provider_log::ProviderLog;
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 /// One argument of a launch, in the kernel's order.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -193,20 +193,14 @@ pub fn pack(
 /// kind) and the number of nodes its kernels computed.
 pub struct Provider {
     inner: Arc<dyn PtxProvider>,
-    fallbacks: Mutex<BTreeMap<String, String>>,
-    runs: AtomicUsize,
-    log: bool,
+    log: ProviderLog,
 }
 
 impl Provider {
     /// Wraps `inner`; fallbacks go to stderr when `KILN_CODEGEN_LOG` is set.
     pub fn new(inner: Arc<dyn PtxProvider>) -> Arc<Provider> {
-        Arc::new(Provider {
-            inner,
-            fallbacks: Mutex::default(),
-            runs: AtomicUsize::new(0),
-            log: std::env::var_os("KILN_CODEGEN_LOG").is_some(),
-        })
+        let log = ProviderLog::new(format!("{} CUDA kernels", inner.name()));
+        Arc::new(Provider { inner, log })
     }
 
     /// The provider's name.
@@ -262,37 +256,22 @@ impl Provider {
 
     /// Counts one node computed by the provider's kernels.
     pub fn ran(&self) {
-        self.runs.fetch_add(1, Ordering::Relaxed);
+        self.log.ran();
     }
 
     /// Records (and with the log on, prints) the first reason a kind of step stayed native.
     pub fn fell_back(&self, kind: &str, why: String) {
-        let mut seen = self
-            .fallbacks
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if !seen.contains_key(kind) {
-            if self.log {
-                eprintln!(
-                    "kiln: {} CUDA kernels: {kind} stays native: {why}",
-                    self.inner.name()
-                );
-            }
-            seen.insert(kind.to_string(), why);
-        }
+        self.log.fell_back(kind, why);
     }
 
     /// Per kind of step, the first reason it was not computed by the provider.
     pub fn fallbacks(&self) -> BTreeMap<String, String> {
-        self.fallbacks
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+        self.log.fallbacks()
     }
 
     /// How many node evaluations the provider's kernels computed so far.
     pub fn runs(&self) -> usize {
-        self.runs.load(Ordering::Relaxed)
+        self.log.runs()
     }
 }
 

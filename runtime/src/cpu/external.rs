@@ -13,11 +13,11 @@
 //! [`kernel`]: KernelProvider::kernel
 
 use super::plan::{kind, Step};
+use crate::provider_log::ProviderLog;
 use kiln_ir::{Op, TensorType};
 use std::collections::BTreeMap;
 use std::fmt;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 /// An f32 operand as the CPU backend holds it, possibly a view (e.g. the KV cache grown in
 /// place): element `[i0, i1, ...]` is `data[Σ ik · strides[k]]`.
@@ -60,9 +60,7 @@ pub trait KernelProvider: Send + Sync {
 /// not (once per kind) and the number of nodes its kernels computed.
 pub struct Provider {
     inner: Arc<dyn KernelProvider>,
-    fallbacks: Mutex<BTreeMap<String, String>>,
-    runs: AtomicUsize,
-    log: bool,
+    log: ProviderLog,
 }
 
 impl fmt::Debug for Provider {
@@ -74,12 +72,8 @@ impl fmt::Debug for Provider {
 impl Provider {
     /// Wraps `inner`; fallbacks go to stderr when `KILN_CODEGEN_LOG` is set.
     pub fn new(inner: Arc<dyn KernelProvider>) -> Arc<Provider> {
-        Arc::new(Provider {
-            inner,
-            fallbacks: Mutex::default(),
-            runs: AtomicUsize::new(0),
-            log: std::env::var_os("KILN_CODEGEN_LOG").is_some(),
-        })
+        let log = ProviderLog::new(format!("{} kernels", inner.name()));
+        Arc::new(Provider { inner, log })
     }
 
     /// The provider's name.
@@ -132,7 +126,7 @@ impl Provider {
             .and_then(|k| k.run(inputs, out, out_shape));
         match done {
             Ok(()) => {
-                self.runs.fetch_add(1, Ordering::Relaxed);
+                self.log.ran();
                 true
             }
             Err(why) => {
@@ -144,33 +138,16 @@ impl Provider {
 
     /// Records (and with the log on, prints) the first reason a kind of kernel stayed native.
     pub fn fell_back(&self, native: &Step, why: String) {
-        let name = native.name();
-        let kind = kind(&name);
-        let mut seen = self
-            .fallbacks
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if !seen.contains_key(kind) {
-            if self.log {
-                eprintln!(
-                    "kiln: {} kernels: {kind} stays native: {why}",
-                    self.inner.name()
-                );
-            }
-            seen.insert(kind.to_string(), why);
-        }
+        self.log.fell_back(kind(&native.name()), why);
     }
 
     /// Per kind of native kernel, the first reason it was not replaced.
     pub fn fallbacks(&self) -> BTreeMap<String, String> {
-        self.fallbacks
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+        self.log.fallbacks()
     }
 
     /// How many node evaluations the provider's kernels computed so far.
     pub fn runs(&self) -> usize {
-        self.runs.load(Ordering::Relaxed)
+        self.log.runs()
     }
 }
