@@ -1,5 +1,8 @@
 //! `kiln inspect --model DIR --emit mlir`: the MLIR of every distinct kernel of a model's
-//! optimized graphs (needs the `mlir` feature; without it, an error saying so).
+//! optimized graphs as the CPU backend plans them (legalized: the compiler's head-layout,
+//! merged-head and SwiGLU ops written back as the kernels that backend runs, which
+//! `--codegen mlir` replaces), or why a kernel is not lowered (needs the `mlir` feature;
+//! without it, an error saying so).
 
 use super::CliError;
 use std::path::Path;
@@ -19,6 +22,7 @@ pub fn emit_mlir(dir: &Path) -> Result<(), CliError> {
     let (graphs, _) = kiln::load::prepare(traced, &kiln::load::LoadOptions::default())
         .map_err(super::forward::load_error)?;
     for (name, g) in names.iter().zip(&graphs) {
+        let g = &kiln::runtime::cpu::legalize::legalize(g);
         let mut env = Bindings::new();
         for n in g.nodes() {
             for s in n.ty.shape.iter().flat_map(|d| d.symbols()) {
