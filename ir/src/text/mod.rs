@@ -47,6 +47,9 @@
 //!   parenthesized operand list. Every attribute of the [`Op`] variant is written `key=value`
 //!   with the variant's field name, in field order (the parser accepts any order, each once);
 //!   `triu`/`tril` stand for `upper=true/false`, and the reduction op is part of `reduce_*`.
+//! - Attributes added to an op after the format's first use (`LATER_ATTRIBUTES`: `linear`'s
+//!   `heads` and `rotary`, `attention`'s `merge_heads`) may be absent and then take the value
+//!   that keeps the op's earlier meaning (`0`, `false`); the printer always writes them.
 //! - `f64` attributes print with Rust's `{:?}` (shortest round-trip) and so round-trip bit-exactly.
 //! - A constant's dtype and shape come from its declared type, which must be fixed. Float
 //!   elements print as the f32 value with `{:?}` (exact for f32, f16, bf16 and fp8) and parse
@@ -170,6 +173,16 @@ pub(crate) fn fields(op: &mut Op) -> Vec<(&'static str, Field<'_>)> {
         Op::FusedElementwise { body } => vec![("body", F::Expr(body))],
     }
 }
+
+/// Attributes added to an op after graphs were first written in this format, as (mnemonic,
+/// attribute): a line without one keeps the [`templates`] value, which is the op's meaning
+/// before the attribute existed, so artifacts written by earlier kiln versions still load.
+/// Every other attribute is required.
+pub(crate) const LATER_ATTRIBUTES: &[(&str, &str)] = &[
+    ("linear", "heads"),
+    ("linear", "rotary"),
+    ("attention", "merge_heads"),
+];
 
 /// One op of every mnemonic, with default attributes: the parser looks mnemonics up here and
 /// then fills in the attributes through [`fields`].

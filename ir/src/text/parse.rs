@@ -2,7 +2,7 @@
 //! the graph node by node (renumbering values by definition order), then runs the verifier.
 //! It never panics: every error is a [`ParseError`] naming the line and column.
 
-use super::{fields, templates, Field};
+use super::{fields, templates, Field, LATER_ATTRIBUTES};
 use crate::{dtype::UnknownDType, VerifyError};
 use crate::{verify, DType, Dim, Graph, Literal, Node, Op, Scalar, Shape, TensorType, ValueId};
 use std::collections::{BTreeMap, HashMap};
@@ -408,7 +408,8 @@ impl Cursor {
             self.expect('=', &format!("'=' after attribute `{}`", key.text))?;
             self.field(field, &key.text)?;
         }
-        match fs.iter().find(|(.., seen)| !seen) {
+        let required = |k: &str| !LATER_ATTRIBUTES.contains(&(name, k));
+        match fs.iter().find(|(k, _, seen)| !seen && required(k)) {
             Some((k, ..)) => {
                 let msg = format!("missing attribute `{k}` for op {name}");
                 Err(self.error(self.peek().col, msg))
@@ -698,6 +699,7 @@ impl Cursor {
 mod tests {
     use super::*;
     use crate::text::print;
+    use crate::F64;
 
     const EXAMPLE: &str = r#"
 # the module example, with operands that verify
@@ -717,6 +719,37 @@ mod tests {
 %9: f32[batch, 4, seq, 16] = attention(%q, %k, %v, %7) scale=0.25 causal=true window=0 merge_heads=false
 output "hidden" = %5
 "#;
+
+    /// Lines as kiln wrote them before `linear` had `heads`/`rotary` and `attention` had
+    /// `merge_heads` (artifacts compiled then) parse with the earlier meaning; the other
+    /// attributes stay required.
+    #[test]
+    fn attributes_added_later_may_be_absent() {
+        let old = "%x: f32[2, 3, 8] = input \"x\"\n\
+                   %w: f32[8, 8] = param \"w\"\n\
+                   %y: f32[2, 3, 8] = linear(%x, %w) transpose_b=true scaled=false added=false\n\
+                   %q: f32[2, 4, 3, 16] = input \"q\"\n\
+                   %m: f32[2, 1, 3, 3] = input \"m\"\n\
+                   %a: f32[2, 4, 3, 16] = attention(%q, %q, %q, %m) scale=0.25 causal=true window=0\n\
+                   output \"y\" = %y\noutput \"a\" = %a\n";
+        let g = parse(old).unwrap();
+        let ops: Vec<&Op> = g.nodes().iter().map(|n| &n.op).collect();
+        assert!(ops.contains(&&Op::Linear {
+            transpose_b: true,
+            scaled: false,
+            added: false,
+            heads: 0,
+            rotary: false
+        }));
+        assert!(ops.contains(&&Op::Attention {
+            scale: F64(0.25),
+            causal: true,
+            window: 0,
+            merge_heads: false
+        }));
+        let err = parse(&old.replace(" window=0", "")).unwrap_err().to_string();
+        assert!(err.contains("missing attribute `window` for op attention"), "{err}");
+    }
 
     /// The first line of the sources of the errors on line 2 below.
     const X: &str = "%0: f32[2] = input \"x\"\n";
