@@ -308,7 +308,8 @@ pub fn is_artifact(path: &Path) -> bool {
 
 /// Opens the artifact at `path`, refusing options that would need recompiling it: an artifact's
 /// graphs are already optimized and lowered, so only its own precision (or the default) fits.
-fn artifact(path: &Path, opts: &LoadOptions) -> Result<Model, LoadError> {
+/// Returns the model and the precision it was compiled for.
+fn artifact(path: &Path, opts: &LoadOptions) -> Result<(Model, String), LoadError> {
     let art = Artifact::open(path)?;
     let precision = &art.manifest.precision;
     if !opts.optimize || (opts.precision != Precision::F32 && opts.precision.name() != precision) {
@@ -318,7 +319,8 @@ fn artifact(path: &Path, opts: &LoadOptions) -> Result<Model, LoadError> {
             path.display()
         )));
     }
-    Ok(art.into_model(&*backend(opts)?)?)
+    let precision = precision.clone();
+    Ok((art.into_model(&*backend(opts)?)?, precision))
 }
 
 /// How a loaded model's graphs are compiled: for the CUDA backend when the placement resolves
@@ -335,19 +337,38 @@ fn backend(opts: &LoadOptions) -> Result<Box<Compile>, LoadError> {
     }
 }
 
-/// Opens `path` (a directory or an artifact) as whichever model it holds, with the optimizer's
-/// reports.
-pub fn model_with(path: &Path, opts: &LoadOptions) -> Result<(Model, Vec<Report>), LoadError> {
+/// A model opened by [`model_with`].
+pub struct Opened {
+    /// The model.
+    pub model: Model,
+    /// The optimizer's reports (empty when not optimized or from an artifact).
+    pub reports: Vec<Report>,
+    /// The precision it runs in: the artifact's, or the requested one for a directory.
+    pub precision: String,
+}
+
+/// Opens `path` (a directory or an artifact) as whichever model it holds.
+pub fn model_with(path: &Path, opts: &LoadOptions) -> Result<Opened, LoadError> {
     if is_artifact(path) {
-        return Ok((artifact(path, opts)?, Vec::new()));
+        let (model, precision) = artifact(path, opts)?;
+        return Ok(Opened {
+            model,
+            reports: Vec::new(),
+            precision,
+        });
     }
-    if ModelDir::open(path)?.config.head == Head::CausalLm {
+    let (model, reports) = if ModelDir::open(path)?.config.head == Head::CausalLm {
         let lm = causal_lm_with(path, opts)?;
-        Ok((Model::Causal(lm.model), lm.reports))
+        (Model::Causal(lm.model), lm.reports)
     } else {
         let enc = encoder_with(path, opts)?;
-        Ok((Model::Encoder(enc.model), enc.reports))
-    }
+        (Model::Encoder(enc.model), enc.reports)
+    };
+    Ok(Opened {
+        model,
+        reports,
+        precision: opts.precision.name().to_string(),
+    })
 }
 
 /// Opens `path` (a directory: trace, optimize and bind; or an artifact) as a causal LM.
@@ -358,7 +379,7 @@ pub fn causal_lm(path: &Path) -> Result<CausalLm, LoadError> {
 /// [`causal_lm`] with explicit options.
 pub fn causal_lm_with(path: &Path, opts: &LoadOptions) -> Result<CausalLm, LoadError> {
     if is_artifact(path) {
-        return match artifact(path, opts)? {
+        return match artifact(path, opts)?.0 {
             Model::Causal(model) => Ok(CausalLm {
                 model,
                 reports: Vec::new(),
@@ -442,7 +463,7 @@ pub fn encoder(path: &Path) -> Result<Encoder, LoadError> {
 /// [`encoder`] with explicit options.
 pub fn encoder_with(path: &Path, opts: &LoadOptions) -> Result<Encoder, LoadError> {
     if is_artifact(path) {
-        return match artifact(path, opts)? {
+        return match artifact(path, opts)?.0 {
             Model::Encoder(model) => Ok(Encoder {
                 model,
                 reports: Vec::new(),

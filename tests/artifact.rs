@@ -334,6 +334,29 @@ fn cli_commands_take_artifacts() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
+/// `kiln bench model` on an artifact reports the precision the artifact was compiled for (not
+/// the `--precision` flag's default).
+#[test]
+fn bench_model_reports_an_artifacts_precision() {
+    let path = compiled_file("llama", Precision::Bf16, "bench");
+    let o = kiln(&[
+        "bench",
+        "model",
+        "--model",
+        path.to_str().unwrap(),
+        "--prompt-len",
+        "4",
+        "--gen",
+        "2",
+        "--runs",
+        "1",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(j["precision"], "bf16", "{j}");
+}
+
 /// The llama artifact's bytes, and a function giving the byte range of field `at` (bytes) of
 /// section-table entry `i`.
 fn llama_bytes() -> Vec<u8> {
@@ -744,7 +767,7 @@ fn artifact_weights_are_used_in_place() {
             precision,
             ..Default::default()
         };
-        let (model, _) = load::model_with(&fixture(name), &opts).unwrap();
+        let model = load::model_with(&fixture(name), &opts).unwrap().model;
         let source = match &model {
             Model::Causal(m) => m.lm.params(),
             Model::Encoder(e) => e.runner.parts().1,

@@ -54,8 +54,11 @@ pub fn bench_model(args: &ModelArgs) -> Result<(), CliError> {
     }
     let run_error = |e: kiln::runtime::ModelError| CliError::Internal(e.to_string());
     let started = Instant::now();
-    let (model, reports) =
-        load::model_with(&args.opts.model, &args.opts.load_options()).map_err(load_error)?;
+    let load::Opened {
+        model,
+        reports,
+        precision,
+    } = load::model_with(&args.opts.model, &args.opts.load_options()).map_err(load_error)?;
     model.verify().map_err(super::forward::deploy_error)?;
     ModelOpts::warn(&reports);
     let load_s = started.elapsed().as_secs_f64();
@@ -125,7 +128,7 @@ pub fn bench_model(args: &ModelArgs) -> Result<(), CliError> {
                 "ttft_ms": num(figures.ttft_ms),
                 "peak_rss_bytes": rss.map_or(serde_json::Value::Null, |b| serde_json::json!(b)),
                 "load_s": load_s,
-                "precision": args.opts.precision.name(),
+                "precision": precision,
                 "batch": args.batch,
                 "prompt_len": args.prompt_len,
                 "gen": args.gen,
@@ -140,7 +143,7 @@ pub fn bench_model(args: &ModelArgs) -> Result<(), CliError> {
         println!(
             "{} ({}, batch {}, {} tokens, {} runs after warm-up; load {load_s:.2} s)",
             args.opts.model.display(),
-            args.opts.precision.name(),
+            precision,
             args.batch,
             args.prompt_len,
             args.runs

@@ -50,10 +50,9 @@ pub fn load_error(e: LoadError) -> CliError {
 pub fn forward(opts: &ModelOpts, tokens: &str, out: Option<&Path>) -> Result<(), CliError> {
     opts.check_target()?;
     let ids = parse_tokens(tokens)?;
-    let (model, reports) =
-        load::model_with(&opts.model, &opts.load_options()).map_err(load_error)?;
-    ModelOpts::warn(&reports);
-    let (name, tensor): (&str, Tensor) = match model {
+    let opened = load::model_with(&opts.model, &opts.load_options()).map_err(load_error)?;
+    ModelOpts::warn(&opened.reports);
+    let (name, tensor): (&str, Tensor) = match opened.model {
         Model::Causal(lm) => ("logits", lm.forward(&ids).map_err(deploy_error)?),
         Model::Encoder(enc) => {
             let out = enc.run(std::slice::from_ref(&ids)).map_err(deploy_error)?;

@@ -747,8 +747,13 @@ output "hidden" = %5
             window: 0,
             merge_heads: false
         }));
-        let err = parse(&old.replace(" window=0", "")).unwrap_err().to_string();
-        assert!(err.contains("missing attribute `window` for op attention"), "{err}");
+        let err = parse(&old.replace(" window=0", ""))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("missing attribute `window` for op attention"),
+            "{err}"
+        );
     }
 
     /// The first line of the sources of the errors on line 2 below.
