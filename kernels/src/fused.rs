@@ -22,7 +22,7 @@
 //! or 2e-6 absolute (the `1 + erf` of a negative tail loses digits to cancellation in f32). A node narrower than f32 inherits that: a few-ulp
 //! f32 difference can move its rounding by one ulp of its own dtype.
 
-use crate::simd::{erf, exp, madd, round_bf16, tanh, vector_level, Isa};
+use crate::simd::{erf, exp, gelu, gelu_tanh, round_bf16, tanh, vector_level, Isa};
 use crate::KernelError;
 use kiln_ir::{f8, BinaryOp, CmpOp, DType, Expr, UnaryOp};
 use rayon::prelude::*;
@@ -458,13 +458,8 @@ fn exec<const FMA: bool>(kind: Kind, a: &[f32], b: &[f32], c: &[f32], o: &mut [f
             UnaryOp::Rsqrt => map1!(|x| (1.0 / f64::from(x).sqrt()) as f32),
             UnaryOp::Tanh => map1!(|x| tanh::<FMA>(x)),
             UnaryOp::Erf => map1!(|x| erf::<FMA>(x)),
-            UnaryOp::Gelu => {
-                map1!(|x| 0.5 * x * (1.0 + erf::<FMA>(x * std::f32::consts::FRAC_1_SQRT_2)))
-            }
-            UnaryOp::GeluTanh => map1!(|x| {
-                let inner = 0.797_884_6 * madd::<FMA>(0.044_715 * x * x, x, x);
-                0.5 * x * (1.0 + tanh::<FMA>(inner))
-            }),
+            UnaryOp::Gelu => map1!(|x| gelu::<FMA>(x)),
+            UnaryOp::GeluTanh => map1!(|x| gelu_tanh::<FMA>(x)),
             UnaryOp::Log | UnaryOp::Sin | UnaryOp::Cos => map1!(|x| u.eval(f64::from(x)) as f32),
         },
         Kind::Binary(op) => match op {

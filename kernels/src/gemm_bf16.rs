@@ -39,6 +39,8 @@ const KC: usize = 128;
 const MC: usize = 128;
 /// Panels (of [`NR`] columns) per task.
 const NC: usize = 8;
+/// Columns of C per task: the parts of rows a [`RowEpilogue`] gets start at multiples of it.
+pub(crate) const TASK_COLS: usize = NC * NR;
 /// Elements of A below which it is converted to bf16 on the calling thread only.
 const PACK_PARALLEL_MIN: usize = 1 << 16;
 
@@ -215,17 +217,25 @@ pub fn matmul_bf16_with(
     w: &PackedBf16,
     c: &mut [f32],
 ) -> Result<(), KernelError> {
-    matmul_bf16_many_with(isa, m, a, &mut [(w, c)])
+    matmul_bf16_many_with(isa, m, a, &mut [(w, c)], None)
 }
+
+/// A function finishing computed parts of C: `f(i, r, c0, y)` with `y` columns `c0..c0 +
+/// y.len()` of row `r` of `C_i`, called once for every element of every product, while the
+/// task that computed them still has them in cache (an epilogue: bias, activation, residual).
+pub type RowEpilogue<'e> = dyn Fn(usize, usize, usize, &mut [f32]) + Sync + 'e;
 
 /// `C_i = bf16(A) · W_iᵀ` for every `(W_i, C_i)` of `products` (each `C_i` row-major
 /// `m × n_i`, overwritten) over the same `a` (`m × k`): A is rounded once and the tiles of
 /// every product share one parallel region (a transformer's Q/K/V or gate/up projections).
+/// `epilogue`, if any, then finishes each task's block of C (parts of rows of at most
+/// `TASK_COLS` = 256 columns, each starting at a multiple of 256) before the task ends.
 pub fn matmul_bf16_many_with(
     isa: Isa,
     m: usize,
     a: &[f32],
     products: &mut [(&PackedBf16, &mut [f32])],
+    epilogue: Option<&RowEpilogue<'_>>,
 ) -> Result<(), KernelError> {
     let Some(k) = products.first().map(|(w, _)| w.k) else {
         return Ok(());
@@ -246,8 +256,19 @@ pub fn matmul_bf16_many_with(
     if m == 0 {
         return Ok(());
     }
+    // Every row of every product, after the product (the paths that do not run in tasks).
+    let finish_all = |products: &mut [(&PackedBf16, &mut [f32])]| {
+        if let Some(f) = epilogue {
+            for (i, (w, c)) in products.iter_mut().enumerate() {
+                for (r, y) in c.chunks_mut(w.n.max(1)).enumerate() {
+                    f(i, r, 0, y);
+                }
+            }
+        }
+    };
     if k == 0 {
         products.iter_mut().for_each(|(_, c)| c.fill(0.0));
+        finish_all(products);
         return Ok(());
     }
     #[cfg(target_arch = "x86_64")]
@@ -272,7 +293,21 @@ pub fn matmul_bf16_many_with(
                 // SAFETY: AVX512-BF16 is available (checked); tasks own disjoint (row block,
                 // panel group) rectangles of their product's C, and every C stays mutably
                 // borrowed (through `products`) for the whole parallel loop.
-                unsafe { block(ap, lda, w, m, tiles, group, c) }
+                unsafe { block(ap, lda, w, m, tiles.clone(), group.clone(), c) };
+                if let Some(f) = epilogue {
+                    let cols = group.start * NR..(group.end * NR).min(w.n);
+                    for r in tiles.start * MR..(tiles.end * MR).min(m) {
+                        // SAFETY: as above, this task owns row r's columns `cols` of C_i
+                        // (inside its m × n, row stride n), which no one else accesses now.
+                        let y = unsafe {
+                            std::slice::from_raw_parts_mut(
+                                c.0.add(r * w.n + cols.start),
+                                cols.len(),
+                            )
+                        };
+                        f(i, r, cols.start, y);
+                    }
+                }
             })
         });
         return Ok(());
@@ -283,6 +318,7 @@ pub fn matmul_bf16_many_with(
         let wf = w.unpack_f32();
         matmul_f32(&Gemm::dense(m, w.n, k, false, true), &ar, &wf, c)?;
     }
+    finish_all(products);
     Ok(())
 }
 

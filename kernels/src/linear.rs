@@ -1,7 +1,8 @@
-//! Linear layers with their epilogue, alone or in groups: `y = (x · Wᵀ) ⊙ s + r` for f32, packed
-//! bf16 or fp8 e4m3 weights `W[n, k]` (or f32 `W[k, n]` read as `x · W`), an optional scale per
-//! output column `s[n]` (fp8's per-channel scales) and an optional addend `r` (a residual
-//! `[m, n]` or a bias `[n]` broadcast over the rows). Then, optionally and in this order:
+//! Linear layers with their epilogue, alone or in groups: `y = act((x · Wᵀ) ⊙ s + b + r)` for
+//! f32, packed bf16 or fp8 e4m3 weights `W[n, k]` (or f32 `W[k, n]` read as `x · W`), an
+//! optional scale per output column `s[n]` (fp8's per-channel scales), an optional bias `b[n]`,
+//! an optional addend `r` (a residual `[m, n]` or a bias `[n]` broadcast over the rows) and an
+//! optional [`Activation`] (GELU). Then, optionally and in this order:
 //! - a **gate** (SwiGLU): `y = silu(g) · y` where `g = (x · Gᵀ) ⊙ s_g` is a second weight's
 //!   product over the same columns (a gated MLP's gate and up projections in one output);
 //! - **rotary embedding** in rotate-half form on each head of `d` columns (`n` a multiple of
@@ -19,16 +20,19 @@
 //! x is converted once per group (rounded to bf16 for bf16 and fp8 weights). With more rows
 //! (prefill, batched decode) the group's bf16 weights (and bf16 gates) run as one
 //! [`gemm_bf16::matmul_bf16_many_with`] (x rounded once, every product's tiles in one parallel
-//! region), the other layers each their own GEMM (already parallel and large); then each
-//! layer's epilogue. The results are those of [`crate::gemv`] / [`crate::gemm_bf16`] / [`crate::gemm`]
-//! followed by the epilogue in f32; only the order of f32 additions can differ.
+//! region) that finishes each task's block of a layer's output with its epilogue while the
+//! block is in cache (gated layers, and RoPE heads that do not divide a task's columns, are
+//! finished after it), the other layers each their own GEMM (already parallel and large) and
+//! then their epilogue. The results are those of [`crate::gemv`] / [`crate::gemm_bf16`] /
+//! [`crate::gemm`] followed by the epilogue in f32; only the order of f32 additions can differ.
+//! The GELUs are the fused elementwise kernels' ([`crate::fused`]), bit for bit.
 
 use crate::elementwise::silu_mul_with;
 use crate::gemm::{matmul_f32, Gemm};
 use crate::gemm_bf16::{self, PackedBf16, NR};
 use crate::gemv::{f32_rows, gemv_f8e4m3_batch_with, PreparedX};
 use crate::rope::rotate_half_in_place;
-use crate::simd::{round_bf16, vector_level, Isa};
+use crate::simd::{gelu, gelu_tanh, round_bf16, vector_level, Isa};
 use crate::KernelError;
 use rayon::prelude::*;
 
@@ -63,6 +67,15 @@ impl Weight<'_> {
     }
 }
 
+/// An activation of a layer's result, after its addends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// `x/2 · (1 + erf(x/√2))` (the IR's `gelu`).
+    Gelu,
+    /// `x/2 · (1 + tanh(√(2/π) · (x + 0.044715 x³)))` (the IR's `gelu_tanh`).
+    GeluTanh,
+}
+
 /// One layer of a group: its weight, epilogue and output `[m, n]`.
 #[derive(Debug)]
 pub struct Layer<'a> {
@@ -70,8 +83,12 @@ pub struct Layer<'a> {
     pub weight: Weight<'a>,
     /// Multiplies output column j by `scale[j]` (length n).
     pub scale: Option<&'a [f32]>,
-    /// Added after the scale: `[m, n]` (a residual) or `[n]` (a bias, every row).
+    /// A bias `[n]` added to every row after the scale.
+    pub bias: Option<&'a [f32]>,
+    /// Added after the bias: `[m, n]` (a residual) or `[n]` (a bias, every row).
     pub add: Option<&'a [f32]>,
+    /// Applied after the addends.
+    pub activation: Option<Activation>,
     /// SwiGLU: the result becomes `silu(gate) · result`.
     pub gate: Option<Gate<'a>>,
     /// Rotary embedding of each head, after the gate.
@@ -88,7 +105,9 @@ impl<'a> Layer<'a> {
         Layer {
             weight,
             scale: None,
+            bias: None,
             add: None,
+            activation: None,
             gate: None,
             rope: None,
             round_bf16: false,
@@ -155,13 +174,32 @@ pub fn linear_with(
     let shared = |l: &Layer<'_>| {
         !in_region(l) && k > 0 && bf16(l.weight) && l.gate.is_none_or(|g| bf16(g.weight))
     };
+    let level = vector_level(isa);
+    let epilogues: Vec<Epilogue<'_>> = layers
+        .iter()
+        .zip(&shapes)
+        .map(|(l, s)| Epilogue::of(l, s))
+        .collect();
+    // Layers of the shared GEMM whose tasks finish their blocks (not gated; RoPE heads
+    // dividing a task's columns); the others are finished after it.
+    let tiled: Vec<bool> = layers
+        .iter()
+        .zip(&epilogues)
+        .map(|(l, e)| {
+            shared(l)
+                && l.gate.is_none()
+                && e.rope.is_none_or(|(_, d)| gemm_bf16::TASK_COLS % d == 0)
+        })
+        .collect();
     let mut gates: Vec<Option<Vec<f32>>> = layers
         .iter()
         .zip(&shapes)
         .map(|(l, s)| (shared(l) && l.gate.is_some()).then(|| vec![0.0; m * s.n]))
         .collect();
     let mut products = Vec::new();
-    for (l, g) in layers.iter_mut().zip(gates.iter_mut()) {
+    // Per product: the layer whose epilogue its tasks apply.
+    let mut owners = Vec::new();
+    for (j, (l, g)) in layers.iter_mut().zip(gates.iter_mut()).enumerate() {
         if !shared(l) {
             continue;
         }
@@ -174,42 +212,55 @@ pub fn linear_with(
         ) = (l.gate, g.as_mut())
         {
             products.push((gw, g.as_mut_slice()));
+            owners.push(None);
         }
         if let Weight::Bf16(w) = l.weight {
             products.push((w, &mut *l.out));
+            owners.push(tiled[j].then_some(j));
         }
     }
-    gemm_bf16::matmul_bf16_many_with(isa, m, x, &mut products)?;
+    let finish_block = |p: usize, r: usize, c0: usize, y: &mut [f32]| {
+        if let Some(j) = owners[p] {
+            epilogues[j].row(level, r, c0, y);
+        }
+    };
+    let in_tasks = owners.iter().any(Option::is_some);
+    gemm_bf16::matmul_bf16_many_with(
+        isa,
+        m,
+        x,
+        &mut products,
+        in_tasks.then_some(&finish_block as &gemm_bf16::RowEpilogue<'_>),
+    )?;
     drop(products);
-    for ((l, s), g) in layers.iter_mut().zip(&shapes).zip(gates) {
+    for (j, ((l, s), g)) in layers.iter_mut().zip(&shapes).zip(gates).enumerate() {
+        let gate = l.gate.map(|gl| gl.scale).zip(g);
         if shared(l) {
-            finish(isa, s, l, g)?;
+            if !tiled[j] {
+                finish(isa, &epilogues[j], l.out, gate)?;
+            }
         } else if !in_region(l) {
-            alone(isa, m, s, k, x, l)?;
+            alone(isa, m, s, k, x, l, &epilogues[j])?;
         }
     }
     let mut tasks: Vec<Task<'_>> = Vec::new();
     let mut weights = 0;
-    for (l, s) in layers.iter_mut().zip(&shapes) {
+    for ((l, s), e) in layers.iter_mut().zip(&shapes).zip(&epilogues) {
         if !in_region(l) {
             continue;
         }
         weights += s.n * k * if l.gate.is_some() { 2 } else { 1 };
-        let (weight, scale, add, gate, rope) = (l.weight, l.scale, l.add, l.gate, l.rope);
+        let (weight, gate) = (l.weight, l.gate);
         let rows = match s.head {
             Some(d) => lcm(BLOCK, d),
             None => BLOCK,
         };
         for (b, y) in l.out.chunks_mut(rows).enumerate() {
-            let cols = b * rows..b * rows + y.len();
             tasks.push(Task {
                 weight,
-                row0: cols.start,
-                scale: scale.map(|s| &s[cols.clone()]),
-                add: add.map(|a| &a[cols.clone()]),
-                gate: gate.map(|g| (g.weight, g.scale.map(|s| &s[cols]))),
-                rope,
-                round_bf16: l.round_bf16,
+                row0: b * rows,
+                e: *e,
+                gate: gate.map(|g| (g.weight, g.scale)),
                 y,
             });
         }
@@ -228,7 +279,6 @@ pub fn linear_with(
     let f8_x = weight_kinds()
         .any(|w| matches!(w, Some(Weight::F8E4M3(_))))
         .then(|| PreparedX::new(isa, x, 1, k));
-    let level = vector_level(isa);
     // Output rows `r0 .. r0 + y.len()` of `x · Wᵀ`.
     let product = |w: Weight<'_>, r0: usize, y: &mut [f32]| {
         let rows = y.len();
@@ -251,18 +301,20 @@ pub fn linear_with(
     };
     let run = |t: &mut Task<'_>| {
         product(t.weight, t.row0, t.y);
-        epilogue(t.scale, t.add, t.y);
+        t.e.head(level, 0, t.row0, t.y);
         if let Some((gw, gs)) = t.gate {
             // Gated layers' blocks are BLOCK rows (no RoPE; checked).
             let (mut g, mut u) = ([0.0f32; BLOCK], [0.0f32; BLOCK]);
             let (g, u) = (&mut g[..t.y.len()], &mut u[..t.y.len()]);
             product(gw, t.row0, g);
-            epilogue(gs, None, g);
+            if let Some(s) = gs {
+                scale_columns(g, &s[t.row0..]);
+            }
             u.copy_from_slice(t.y);
             // Lengths are equal by construction.
             let _ = silu_mul_with(isa, g, u, t.y);
         }
-        tail(t.rope.map(|r| (r.cos, r.sin)), t.round_bf16, t.y);
+        t.e.tail(0, t.row0, t.y);
     };
     if crate::threads() <= 1 || weights < PARALLEL_MIN_WEIGHTS {
         tasks.iter_mut().for_each(run);
@@ -272,16 +324,13 @@ pub fn linear_with(
     Ok(())
 }
 
-/// Output rows `row0 .. row0 + y.len()` of one layer in a decode region, with the matching
-/// slices of its epilogue.
+/// Output rows `row0 .. row0 + y.len()` of one layer in a decode region, with its epilogue.
 struct Task<'a> {
     weight: Weight<'a>,
     row0: usize,
-    scale: Option<&'a [f32]>,
-    add: Option<&'a [f32]>,
+    e: Epilogue<'a>,
+    /// The gate's weight and scale.
     gate: Option<(Weight<'a>, Option<&'a [f32]>)>,
-    rope: Option<Rope<'a>>,
-    round_bf16: bool,
     y: &'a mut [f32],
 }
 
@@ -307,6 +356,9 @@ fn check(m: usize, k: usize, x: &[f32], l: &Layer<'_>) -> Result<Shape, KernelEr
     }
     if l.scale.is_some_and(|s| s.len() != n) {
         return err(format!("scale is not [{n}]"));
+    }
+    if l.bias.is_some_and(|b| b.len() != n) {
+        return err(format!("the bias is not [{n}]"));
     }
     if l.add.is_some_and(|a| a.len() != n && a.len() != m * n) {
         return err(format!("the addend is neither [{n}] nor [{m}, {n}]"));
@@ -353,7 +405,7 @@ fn lcm(a: usize, b: usize) -> usize {
 /// Rows of x up to which an f32 `x · Wᵀ` runs as one GEMV per row.
 const GEMV_MAX_ROWS: usize = 4;
 
-/// One layer by its own (parallel) kernels, then its epilogue.
+/// One layer by its own (parallel) kernels, then its epilogue `e`.
 fn alone(
     isa: Isa,
     m: usize,
@@ -361,6 +413,7 @@ fn alone(
     k: usize,
     x: &[f32],
     l: &mut Layer<'_>,
+    e: &Epilogue<'_>,
 ) -> Result<(), KernelError> {
     let n = s.n;
     product(isa, m, n, k, x, l.weight, l.out)?;
@@ -368,41 +421,48 @@ fn alone(
         Some(g) => {
             let mut gate = vec![0.0; m * n];
             product(isa, m, n, k, x, g.weight, &mut gate)?;
-            Some(gate)
+            Some((g.scale, gate))
         }
         None => None,
     };
-    finish(isa, s, l, gate)
+    finish(isa, e, l.out, gate)
 }
 
-/// The epilogue of a layer whose product `x · Wᵀ` is in `l.out` (and the gate's product in
-/// `gate` when the layer has one).
+/// Epilogue `e` of a layer whose product `x · Wᵀ` is in `out`; with a gate, its scale and
+/// product.
 fn finish(
     isa: Isa,
-    s: &Shape,
-    l: &mut Layer<'_>,
-    gate: Option<Vec<f32>>,
+    e: &Epilogue<'_>,
+    out: &mut [f32],
+    gate: Option<(Option<&[f32]>, Vec<f32>)>,
 ) -> Result<(), KernelError> {
-    let n = s.n;
-    rows_epilogue(l.scale, l.add, l.out, n);
-    if let (Some(g), Some(mut gate)) = (l.gate, gate) {
-        rows_epilogue(g.scale, None, &mut gate, n);
-        let up = l.out.to_vec();
-        silu_mul_with(isa, &gate, &up, l.out)?;
-    }
-    if l.rope.is_some() || l.round_bf16 {
-        let d = s.head.unwrap_or(n);
-        let row = |(r, y): (usize, &mut [f32])| {
-            let rope = l.rope.map(|p| (&p.cos[r * d..][..d], &p.sin[r * d..][..d]));
-            tail(rope, l.round_bf16, y)
-        };
-        if l.out.len() >= PARALLEL_MIN_WEIGHTS && l.out.len() > n && crate::threads() > 1 {
-            l.out.par_chunks_mut(n).enumerate().for_each(row);
-        } else {
-            l.out.chunks_mut(n).enumerate().for_each(row);
+    let (n, level) = (e.n, vector_level(isa));
+    let Some((gate_scale, mut gate)) = gate else {
+        if !e.is_empty() {
+            rows(out, n, |r, y| e.row(level, r, 0, y));
         }
+        return Ok(());
+    };
+    rows(out, n, |r, y| e.head(level, r, 0, y));
+    if let Some(s) = gate_scale {
+        rows(&mut gate, n, |_, y| scale_columns(y, s));
     }
+    let up = out.to_vec();
+    silu_mul_with(isa, &gate, &up, out)?;
+    rows(out, n, |r, y| e.tail(r, 0, y));
     Ok(())
+}
+
+/// `f(r, row r)` for every row of `n` columns of `out`, over the threads when `out` is large.
+fn rows(out: &mut [f32], n: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    if n == 0 {
+        return;
+    }
+    if out.len() >= PARALLEL_MIN_WEIGHTS && out.len() > n && crate::threads() > 1 {
+        out.par_chunks_mut(n).enumerate().for_each(|(r, y)| f(r, y));
+    } else {
+        out.chunks_mut(n).enumerate().for_each(|(r, y)| f(r, y));
+    }
 }
 
 /// `out = x · Wᵀ` (`[m, n]`) by the weight's own (parallel) kernel.
@@ -435,50 +495,125 @@ fn product(
     Ok(())
 }
 
-/// The scale and add epilogue of every row (`n` columns) of `out`.
-fn rows_epilogue(scale: Option<&[f32]>, add: Option<&[f32]>, out: &mut [f32], n: usize) {
-    if n == 0 || (scale.is_none() && add.is_none()) {
-        return;
-    }
-    let bias = add.is_some_and(|a| a.len() == n);
-    let row = |(r, y): (usize, &mut [f32])| {
-        let add = add.map(|a| if bias { a } else { &a[r * n..(r + 1) * n] });
-        epilogue(scale, add, y)
-    };
-    if out.len() >= PARALLEL_MIN_WEIGHTS && out.len() > n {
-        out.par_chunks_mut(n).enumerate().for_each(row);
-    } else {
-        out.chunks_mut(n).enumerate().for_each(row);
+/// `y[j] ·= scale[j]` (`scale` at least as long as `y`).
+#[inline(always)]
+fn scale_columns(y: &mut [f32], scale: &[f32]) {
+    for (v, s) in y.iter_mut().zip(scale) {
+        *v *= s;
     }
 }
 
-/// `y[j] = y[j] · scale[j] + add[j]` (each slice as long as `y`).
-#[inline]
-fn epilogue(scale: Option<&[f32]>, add: Option<&[f32]>, y: &mut [f32]) {
-    if let Some(s) = scale {
-        for (v, s) in y.iter_mut().zip(s) {
-            *v *= s;
+/// A layer's epilogue, applied to parts of its output rows: [`Epilogue::head`] (scale, bias,
+/// addend, activation) comes before a gate, [`Epilogue::tail`] (RoPE, rounding) after it.
+#[derive(Debug, Clone, Copy)]
+struct Epilogue<'a> {
+    /// Output columns.
+    n: usize,
+    scale: Option<&'a [f32]>,
+    bias: Option<&'a [f32]>,
+    /// `[n]` or `[m, n]`.
+    add: Option<&'a [f32]>,
+    activation: Option<Activation>,
+    /// The tables and the head size.
+    rope: Option<(Rope<'a>, usize)>,
+    round_bf16: bool,
+}
+
+impl<'a> Epilogue<'a> {
+    fn of(l: &Layer<'a>, s: &Shape) -> Self {
+        Epilogue {
+            n: s.n,
+            scale: l.scale,
+            bias: l.bias,
+            add: l.add,
+            activation: l.activation,
+            rope: l.rope.zip(s.head),
+            round_bf16: l.round_bf16,
         }
     }
-    if let Some(a) = add {
-        for (v, a) in y.iter_mut().zip(a) {
-            *v += a;
+
+    fn is_empty(&self) -> bool {
+        self.scale.is_none()
+            && self.bias.is_none()
+            && self.add.is_none()
+            && self.activation.is_none()
+            && self.rope.is_none()
+            && !self.round_bf16
+    }
+
+    /// The whole epilogue of columns `c0 .. c0 + y.len()` of row `r` (without a gate).
+    fn row(&self, level: Isa, r: usize, c0: usize, y: &mut [f32]) {
+        self.head(level, r, c0, y);
+        self.tail(r, c0, y);
+    }
+
+    /// Scale, bias, addend and activation of columns `c0 .. c0 + y.len()` of row `r`, with
+    /// the vector instructions of `level` (a [`vector_level`]).
+    fn head(&self, level: Isa, r: usize, c0: usize, y: &mut [f32]) {
+        match level {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `vector_level` returned an available level, so AVX-512 F/BW/VL, AVX2
+            // and FMA are present.
+            Isa::Avx512 | Isa::Avx512Bf16 => unsafe { x86::head_avx512(self, r, c0, y) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above, AVX2 and FMA are present.
+            Isa::Avx2 => unsafe { x86::head_avx2(self, r, c0, y) },
+            _ => self.head_body::<false>(r, c0, y),
+        }
+    }
+
+    #[inline(always)]
+    fn head_body<const FMA: bool>(&self, r: usize, c0: usize, y: &mut [f32]) {
+        let (n, len) = (self.n, y.len());
+        if let Some(s) = self.scale {
+            scale_columns(y, &s[c0..]);
+        }
+        for a in [self.bias, self.add].into_iter().flatten() {
+            let a = if a.len() == n {
+                &a[c0..]
+            } else {
+                &a[r * n + c0..]
+            };
+            for (v, a) in y.iter_mut().zip(&a[..len]) {
+                *v += a;
+            }
+        }
+        match self.activation {
+            Some(Activation::Gelu) => y.iter_mut().for_each(|v| *v = gelu::<FMA>(*v)),
+            Some(Activation::GeluTanh) => y.iter_mut().for_each(|v| *v = gelu_tanh::<FMA>(*v)),
+            None => {}
+        }
+    }
+
+    /// RoPE on the heads of columns `c0 .. c0 + y.len()` of row `r` (both multiples of the
+    /// head size), then the rounding to bf16.
+    fn tail(&self, r: usize, c0: usize, y: &mut [f32]) {
+        if let Some((rope, d)) = self.rope {
+            debug_assert!(c0 % d == 0 && y.len() % d == 0);
+            let (cos, sin) = (&rope.cos[r * d..][..d], &rope.sin[r * d..][..d]);
+            for head in y.chunks_exact_mut(d) {
+                rotate_half_in_place(head, cos, sin);
+            }
+        }
+        if self.round_bf16 {
+            for v in y.iter_mut() {
+                *v = round_bf16(*v);
+            }
         }
     }
 }
 
-/// RoPE on each head of `y` (whole heads of `cos.len()` columns) with one position's
-/// `(cos, sin)`, then the rounding to bf16.
-#[inline]
-fn tail(rope: Option<(&[f32], &[f32])>, round: bool, y: &mut [f32]) {
-    if let Some((cos, sin)) = rope {
-        for head in y.chunks_exact_mut(cos.len()) {
-            rotate_half_in_place(head, cos, sin);
-        }
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::Epilogue;
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+    pub(super) fn head_avx512(e: &Epilogue<'_>, r: usize, c0: usize, y: &mut [f32]) {
+        e.head_body::<true>(r, c0, y)
     }
-    if round {
-        for v in y.iter_mut() {
-            *v = round_bf16(*v);
-        }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn head_avx2(e: &Epilogue<'_>, r: usize, c0: usize, y: &mut [f32]) {
+        e.head_body::<true>(r, c0, y)
     }
 }

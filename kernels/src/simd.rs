@@ -244,6 +244,19 @@ pub(crate) fn erf<const FMA: bool>(x: f32) -> f32 {
     }
 }
 
+/// `gelu(x) = x/2 · (1 + erf(x/√2))` in f32 from [`erf`], as PyTorch's CPU kernel computes it.
+#[inline(always)]
+pub(crate) fn gelu<const FMA: bool>(x: f32) -> f32 {
+    0.5 * x * (1.0 + erf::<FMA>(x * std::f32::consts::FRAC_1_SQRT_2))
+}
+
+/// `gelu_tanh(x) = x/2 · (1 + tanh(√(2/π) · (x + 0.044715 x³)))` in f32 from [`tanh`].
+#[inline(always)]
+pub(crate) fn gelu_tanh<const FMA: bool>(x: f32) -> f32 {
+    let inner = 0.797_884_6 * madd::<FMA>(0.044_715 * x * x, x, x);
+    0.5 * x * (1.0 + tanh::<FMA>(inner))
+}
+
 /// Asks the CPU to bring the cache line at `p` into L1 ahead of use; no effect on results. `p`
 /// need not point into any allocation (a prefetch never faults), so callers may run past the
 /// end of their data.

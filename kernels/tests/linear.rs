@@ -14,9 +14,9 @@ use common::{eval, f32t, isas, random, rng};
 use half::bf16;
 use kiln_ir::f8::{f32_to_f8e4m3, f8e4m3_to_f32};
 use kiln_ir::trace::Tracer;
-use kiln_ir::DType;
+use kiln_ir::{DType, Op, UnaryOp};
 use kiln_kernels::gemm_bf16::PackedBf16;
-use kiln_kernels::linear::{linear_with, Layer, Weight};
+use kiln_kernels::linear::{linear_with, Activation, Layer, Weight};
 use kiln_runtime::reference::{run, NoParams};
 use kiln_runtime::Tensor;
 use std::collections::HashMap;
@@ -36,7 +36,9 @@ struct Case {
     n: usize,
     w: Vec<f32>,
     scale: Option<Vec<f32>>,
+    bias: Option<Vec<f32>>,
     add: Option<Vec<f32>>,
+    activation: Option<Activation>,
 }
 
 /// `(x' · Wᵀ) * s + r` on the reference executor, and the tolerance of each element.
@@ -66,6 +68,10 @@ fn reference(m: usize, k: usize, x: &[f32], c: &Case) -> (Vec<f32>, Vec<f64>) {
         y = y.mul(&si).unwrap();
         inputs.insert("s".into(), Tensor::from_f32(vec![c.n], s.clone()).unwrap());
     }
+    if let Some(b) = &c.bias {
+        y = y.add(&t.input("b", DType::F32, [c.n])).unwrap();
+        inputs.insert("b".into(), Tensor::from_f32(vec![c.n], b.clone()).unwrap());
+    }
     if let Some(a) = &c.add {
         let shape = if a.len() == c.n {
             vec![c.n]
@@ -75,6 +81,14 @@ fn reference(m: usize, k: usize, x: &[f32], c: &Case) -> (Vec<f32>, Vec<f64>) {
         let ai = t.input("a", DType::F32, shape.clone());
         y = y.add(&ai).unwrap();
         inputs.insert("a".into(), Tensor::from_f32(shape, a.clone()).unwrap());
+    }
+    let unary = match c.activation {
+        Some(Activation::Gelu) => Some(UnaryOp::Gelu),
+        Some(Activation::GeluTanh) => Some(UnaryOp::GeluTanh),
+        None => None,
+    };
+    if let Some(u) = unary {
+        y = t.apply(Op::Unary(u), &[&y]).unwrap();
     }
     t.output("y", &y);
     let out = run(&t.finish().unwrap(), &inputs, &NoParams).unwrap();
@@ -99,7 +113,15 @@ fn reference(m: usize, k: usize, x: &[f32], c: &Case) -> (Vec<f32>, Vec<f64>) {
             let a = c.add.as_ref().map_or(0.0, |a| {
                 f64::from(if a.len() == c.n { a[i] } else { a[r * c.n + i] }).abs()
             });
-            tol[r * c.n + i] = 1e-5 * (dot * s + a) + 1e-30;
+            let b = c.bias.as_ref().map_or(0.0, |b| f64::from(b[i]).abs());
+            let e = 1e-5 * (dot * s + a + b) + 1e-30;
+            // GELU's slope is below 1.13; the kernels' GELU is within 2e-6 (relative or
+            // absolute) of the reference's.
+            let w = f64::from(want[r * c.n + i]).abs();
+            tol[r * c.n + i] = match c.activation {
+                Some(_) => 1.13 * e + 2e-6 * w.max(1.0),
+                None => e,
+            };
         }
     }
     (want, tol)
@@ -138,7 +160,9 @@ fn a_group_of_every_weight_kind_and_epilogue_matches_the_reference() {
                             n,
                             w,
                             scale,
+                            bias: None,
                             add,
+                            activation: None,
                         }
                     })
                     .collect();
@@ -181,7 +205,9 @@ fn a_group_of_every_weight_kind_and_epilogue_matches_the_reference() {
                             Kind::F8 => Weight::F8E4M3(&bytes[j]),
                         },
                         scale: c.scale.as_deref(),
+                        bias: c.bias.as_deref(),
                         add: c.add.as_deref(),
+                        activation: c.activation,
                         gate: None,
                         rope: None,
                         round_bf16: false,
@@ -206,6 +232,74 @@ fn a_group_of_every_weight_kind_and_epilogue_matches_the_reference() {
     }
 }
 
+/// Bias `[n]`, residual `[m, n]` and GELU (erf and tanh forms) after the product, as BERT and
+/// GPT-2 layers trace them (`act(x'·Wᵀ + b + r)`): bf16 weights over several GEMM tasks (which
+/// finish their blocks) and in one row (the decode region), f32 and fp8 weights.
+#[test]
+fn bias_residual_and_gelu_epilogues_match_the_reference() {
+    let mut r = rng(13);
+    for isa in isas() {
+        for (m, n, k, kind) in [
+            (130, 300, 65, Kind::Bf16),
+            (1, 300, 65, Kind::Bf16),
+            (7, 33, 7, Kind::F32),
+            (3, 33, 7, Kind::F8),
+            (1, 33, 7, Kind::F8),
+        ] {
+            for activation in [None, Some(Activation::Gelu), Some(Activation::GeluTanh)] {
+                let raw = random(&mut r, n * k, -1.0, 1.0);
+                let w: Vec<f32> = match kind {
+                    Kind::F8 => raw
+                        .iter()
+                        .map(|&v| f8e4m3_to_f32(f32_to_f8e4m3(v)))
+                        .collect(),
+                    _ => raw.iter().map(|&v| bf16::from_f32(v).to_f32()).collect(),
+                };
+                let c = Case {
+                    kind,
+                    n,
+                    w,
+                    scale: None,
+                    bias: Some(random(&mut r, n, -1.0, 1.0)),
+                    add: Some(random(&mut r, m * n, -1.0, 1.0)),
+                    activation,
+                };
+                let x = random(&mut r, m * k, -2.0, 2.0);
+                let b: Vec<bf16> = c.w.iter().map(|&v| bf16::from_f32(v)).collect();
+                let packed = PackedBf16::pack(n, k, &b).unwrap();
+                let bytes: Vec<u8> = c.w.iter().map(|&v| f32_to_f8e4m3(v)).collect();
+                let mut out = vec![f32::NAN; m * n];
+                let mut layer = Layer::new(
+                    match kind {
+                        Kind::Bf16 => Weight::Bf16(&packed),
+                        Kind::F8 => Weight::F8E4M3(&bytes),
+                        _ => Weight::F32(&c.w),
+                    },
+                    &mut out,
+                );
+                layer.bias = c.bias.as_deref();
+                layer.add = c.add.as_deref();
+                layer.activation = activation;
+                linear_with(isa, m, k, &x, &mut [layer]).unwrap();
+                let (want, tol) = reference(m, k, &x, &c);
+                for (i, ((g, w), t)) in out.iter().zip(&want).zip(&tol).enumerate() {
+                    let d = (f64::from(*g) - f64::from(*w)).abs();
+                    assert!(
+                        d <= *t,
+                        "{isa:?} {kind:?} {activation:?} m={m} n={n} k={k} [{i}]: {g} vs {w}"
+                    );
+                }
+            }
+        }
+    }
+    // A bias must be [n].
+    let (w, x, bias) = (vec![0.0f32; 6], vec![0.0f32; 3], vec![0.0f32; 3]);
+    let mut out = vec![0.0f32; 2];
+    let mut layer = Layer::new(Weight::F32(&w), &mut out);
+    layer.bias = Some(&bias);
+    assert!(linear_with(kiln_kernels::Isa::best(), 1, 3, &x, &mut [layer]).is_err());
+}
+
 #[test]
 fn mismatched_lengths_are_errors() {
     let w = vec![0.0f32; 6];
@@ -215,7 +309,9 @@ fn mismatched_lengths_are_errors() {
     let layer = |out| Layer {
         weight: Weight::F32(&w),
         scale: Some(&scale),
+        bias: None,
         add: None,
+        activation: None,
         gate: None,
         rope: None,
         round_bf16: false,
@@ -229,7 +325,9 @@ fn mismatched_lengths_are_errors() {
     let ok = Layer {
         weight: Weight::F32(&w),
         scale: None,
+        bias: None,
         add: None,
+        activation: None,
         gate: None,
         rope: None,
         round_bf16: false,
@@ -254,7 +352,6 @@ fn eighths(r: &mut rand_chacha::ChaCha8Rng, n: usize) -> Vec<f32> {
 /// and `x·Wᵀ` reshaped to heads, `y·cos + cat(-y[.., d/2..], y[.., ..d/2])·sin`, cast to bf16.
 #[test]
 fn gate_rope_and_rounding_epilogues_match_the_reference() {
-    use kiln_ir::{Dim, Op};
     use kiln_kernels::linear::{Gate, Rope};
     let mut r = rng(12);
     for isa in isas() {
@@ -330,61 +427,14 @@ fn gate_rope_and_rounding_epilogues_match_the_reference() {
                     (8, 1, Kind::Bf16),
                     (34, 3, Kind::F8),
                 ] {
-                    let n = d * heads;
-                    let w = eighths(&mut r, n * k);
-                    let x = eighths(&mut r, m * k);
-                    let (cos, sin) = (eighths(&mut r, m * d), eighths(&mut r, m * d));
-                    let b: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
-                    let packed = PackedBf16::pack(n, k, &b).unwrap();
-                    let bytes: Vec<u8> = w.iter().map(|&v| f32_to_f8e4m3(v)).collect();
-                    let mut out = vec![f32::NAN; m * n];
-                    let weight = match kind {
-                        Kind::Bf16 => Weight::Bf16(&packed),
-                        Kind::F8 => Weight::F8E4M3(&bytes),
-                        _ => Weight::F32(&w),
-                    };
-                    let mut layer = Layer::new(weight, &mut out);
-                    layer.rope = Some(Rope {
-                        cos: &cos,
-                        sin: &sin,
-                    });
-                    layer.round_bf16 = true;
-                    linear_with(isa, m, k, &x, &mut [layer]).unwrap();
-                    let t = Tracer::new();
-                    let fix = |v: usize| Dim::fixed(v as i64);
-                    let xi = t.input("x", DType::F32, [m, k]);
-                    let wi = t.input("w", DType::F32, [n, k]);
-                    let y = xi.matmul_t(&wi, false, true).unwrap();
-                    let y = y.reshape(&[fix(m), fix(heads), fix(d)]).unwrap();
-                    let c = t.input("cos", DType::F32, [m, 1, d]);
-                    let s = t.input("sin", DType::F32, [m, 1, d]);
-                    let h = d as i64 / 2;
-                    let rot = kiln_ir::trace::Tensor::cat(
-                        &[
-                            &y.slice(-1, h, d as i64).unwrap().neg().unwrap(),
-                            &y.slice(-1, 0, h).unwrap(),
-                        ],
-                        -1,
-                    )
-                    .unwrap();
-                    let y = y.mul(&c).unwrap().add(&rot.mul(&s).unwrap()).unwrap();
-                    let y = y.reshape(&[fix(m), fix(n)]).unwrap();
-                    t.output("y", &y.cast(DType::BF16).unwrap().cast(DType::F32).unwrap());
-                    let want = eval(
-                        &t,
-                        vec![
-                            ("x", f32t(&[m, k], &x)),
-                            ("w", f32t(&[n, k], &w)),
-                            ("cos", f32t(&[m, 1, d], &cos)),
-                            ("sin", f32t(&[m, 1, d], &sin)),
-                        ],
-                    );
-                    assert_eq!(
-                        out, want,
-                        "{isa:?} rope {kind:?} m={m} k={k} d={d} heads={heads}"
-                    );
+                    rope_case(&mut r, isa, m, k, d, heads, kind);
                 }
             }
+        }
+        // Rows and columns over several GEMM tasks (128 rows × 256 columns each): heads that
+        // divide a task's columns are rotated in the tasks, others after the GEMM.
+        for (d, heads) in [(64usize, 5usize), (80, 4)] {
+            rope_case(&mut r, isa, 130, 33, d, heads, Kind::Bf16);
         }
     }
     // A gated layer cannot also take RoPE, and RoPE rows must be [m, d] with d dividing n.
@@ -413,6 +463,75 @@ fn gate_rope_and_rounding_epilogues_match_the_reference() {
         scale: None,
     });
     assert!(linear_with(kiln_kernels::Isa::best(), 1, 3, &x, &mut [gated]).is_err());
+}
+
+/// `x·Wᵀ` (weight `kind`, `m × k` by `n = d · heads`) with RoPE on heads of `d` and bf16
+/// rounding, against the reference executor (exact: eighths keep every step exact in f32).
+#[allow(clippy::too_many_arguments)]
+fn rope_case(
+    r: &mut rand_chacha::ChaCha8Rng,
+    isa: kiln_kernels::Isa,
+    m: usize,
+    k: usize,
+    d: usize,
+    heads: usize,
+    kind: Kind,
+) {
+    use kiln_ir::Dim;
+    use kiln_kernels::linear::Rope;
+    let n = d * heads;
+    let w = eighths(r, n * k);
+    let x = eighths(r, m * k);
+    let (cos, sin) = (eighths(r, m * d), eighths(r, m * d));
+    let b: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+    let packed = PackedBf16::pack(n, k, &b).unwrap();
+    let bytes: Vec<u8> = w.iter().map(|&v| f32_to_f8e4m3(v)).collect();
+    let mut out = vec![f32::NAN; m * n];
+    let weight = match kind {
+        Kind::Bf16 => Weight::Bf16(&packed),
+        Kind::F8 => Weight::F8E4M3(&bytes),
+        _ => Weight::F32(&w),
+    };
+    let mut layer = Layer::new(weight, &mut out);
+    layer.rope = Some(Rope {
+        cos: &cos,
+        sin: &sin,
+    });
+    layer.round_bf16 = true;
+    linear_with(isa, m, k, &x, &mut [layer]).unwrap();
+    let t = Tracer::new();
+    let fix = |v: usize| Dim::fixed(v as i64);
+    let xi = t.input("x", DType::F32, [m, k]);
+    let wi = t.input("w", DType::F32, [n, k]);
+    let y = xi.matmul_t(&wi, false, true).unwrap();
+    let y = y.reshape(&[fix(m), fix(heads), fix(d)]).unwrap();
+    let c = t.input("cos", DType::F32, [m, 1, d]);
+    let s = t.input("sin", DType::F32, [m, 1, d]);
+    let h = d as i64 / 2;
+    let rot = kiln_ir::trace::Tensor::cat(
+        &[
+            &y.slice(-1, h, d as i64).unwrap().neg().unwrap(),
+            &y.slice(-1, 0, h).unwrap(),
+        ],
+        -1,
+    )
+    .unwrap();
+    let y = y.mul(&c).unwrap().add(&rot.mul(&s).unwrap()).unwrap();
+    let y = y.reshape(&[fix(m), fix(n)]).unwrap();
+    t.output("y", &y.cast(DType::BF16).unwrap().cast(DType::F32).unwrap());
+    let want = eval(
+        &t,
+        vec![
+            ("x", f32t(&[m, k], &x)),
+            ("w", f32t(&[n, k], &w)),
+            ("cos", f32t(&[m, 1, d], &cos)),
+            ("sin", f32t(&[m, 1, d], &sin)),
+        ],
+    );
+    assert_eq!(
+        out, want,
+        "{isa:?} rope {kind:?} m={m} k={k} d={d} heads={heads}"
+    );
 }
 
 /// Each element within 1e-5 of the largest magnitude of `want` (the exp of silu is a few ulp

@@ -16,6 +16,7 @@ use kiln_kernels::gemm::{matmul_f32, matmul_f32_batched, BatchStrides, Gemm, Mat
 use kiln_kernels::gemm_bf16::{matmul_bf16_many_with, matmul_bf16_with, PackedBf16};
 use kiln_kernels::{elementwise, gemv, rowwise, Isa, KernelError};
 use kiln_runtime::{Storage, Tensor};
+use std::sync::atomic::{AtomicU32, Ordering};
 mod common;
 
 use common::{assert_rel, eval, f32t, isas, random, rng};
@@ -491,11 +492,43 @@ fn matmul_bf16_many_matches_reference_per_product() {
             .zip(outs.iter_mut())
             .map(|(p, c)| (p, c.as_mut_slice()))
             .collect();
-        matmul_bf16_many_with(isa, m, &af, &mut products).unwrap();
+        matmul_bf16_many_with(isa, m, &af, &mut products, None).unwrap();
         for ((&n, w), c) in ns.iter().zip(&ws).zip(&outs) {
             let (want, bound) = bf16_reference(m, n, k, &af, w);
             assert_products(
                 &format!("bf16 many {m}x{n}x{k} at {}", isa.name()),
+                c,
+                &want,
+                &bound,
+            );
+        }
+        // With an epilogue: every element finished exactly once, after its product, knowing
+        // its product, row and column.
+        let calls: Vec<Vec<AtomicU32>> = ns
+            .iter()
+            .map(|&n| (0..m * n).map(|_| AtomicU32::new(0)).collect())
+            .collect();
+        let finish = |i: usize, r: usize, c0: usize, y: &mut [f32]| {
+            for (j, v) in y.iter_mut().enumerate() {
+                calls[i][r * ns[i] + c0 + j].fetch_add(1, Ordering::Relaxed);
+                *v = -*v + (i + r % 3 + (c0 + j) % 5) as f32;
+            }
+        };
+        let mut outs: Vec<Vec<f32>> = ns.iter().map(|&n| vec![f32::NAN; m * n]).collect();
+        let mut products: Vec<(&PackedBf16, &mut [f32])> = packed
+            .iter()
+            .zip(outs.iter_mut())
+            .map(|(p, c)| (p, c.as_mut_slice()))
+            .collect();
+        matmul_bf16_many_with(isa, m, &af, &mut products, Some(&finish)).unwrap();
+        for (i, ((&n, w), c)) in ns.iter().zip(&ws).zip(&outs).enumerate() {
+            assert!(calls[i].iter().all(|c| c.load(Ordering::Relaxed) == 1));
+            let (want, bound) = bf16_reference(m, n, k, &af, w);
+            let want: Vec<f32> = (0..m * n)
+                .map(|e| -want[e] + (i + (e / n) % 3 + (e % n) % 5) as f32)
+                .collect();
+            assert_products(
+                &format!("bf16 many + epilogue {m}x{n}x{k} at {}", isa.name()),
                 c,
                 &want,
                 &bound,
@@ -509,6 +542,7 @@ fn matmul_bf16_many_matches_reference_per_product() {
         2,
         &[0.0; 6],
         &mut [(&packed[0], &mut []), (&short, &mut c)],
+        None,
     );
     assert!(e.is_err());
 }

@@ -710,15 +710,16 @@ impl CpuGraph {
         };
         let mut operands = Vec::with_capacity(layers.len());
         for l in layers {
+            let bias = l.bias.map(operand).transpose()?;
             let add = l.add.map(operand).transpose()?;
             let rope = match l.rope {
                 Some((c, s)) => Some((operand(c)?.0, operand(s)?.0)),
                 None => None,
             };
-            operands.push((add, rope));
+            operands.push((bias, add, rope));
         }
         let mut group = Vec::with_capacity(layers.len());
-        for ((l, (add, rope)), (_, out, _)) in layers.iter().zip(&operands).zip(outs) {
+        for ((l, (bias, add, rope)), (_, out, _)) in layers.iter().zip(&operands).zip(outs) {
             let gate = match &l.gate {
                 Some(g) => Some(Gate {
                     weight: weight(&g.weight, g.transposed)?,
@@ -729,7 +730,9 @@ impl CpuGraph {
             group.push(Layer {
                 weight: weight(&l.weight, l.transposed)?,
                 scale: scale(&l.scale)?,
+                bias: bias.as_ref().map(|(b, _)| b.as_ref()),
                 add: add.as_ref().map(|(a, _)| a.as_ref()),
+                activation: l.activation,
                 gate,
                 rope: rope.as_ref().map(|(c, s)| Rope { cos: c, sin: s }),
                 round_bf16: l.round_bf16,

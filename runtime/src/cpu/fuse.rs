@@ -18,6 +18,11 @@
 //!   disappear.
 //! - **SwiGLU** ([`swiglu`]): `silu(x · Gᵀ) · (x · Uᵀ)` (each possibly scaled) is one layer
 //!   with a gate, writing one output.
+//! - **Bias, residual and GELU** ([`linear_epilogues`]): an elementwise step computing
+//!   `act(y + b + r)` from a single linear layer's value `y` read by nothing else (a bias `b`
+//!   `[n]`, a residual `r`, `act` GELU in either form, each optional, the additions in the
+//!   body's order) is that layer's epilogue, at the step's node (BERT's and GPT-2's output
+//!   projections and first MLP layers).
 //! - **KV-cache appends** ([`cache_appends`]): a `concat(past, new)` graph output whose `new`
 //!   is a linear layer's value read by nothing else is appended by that layer's group step
 //!   (the executor writes the new rows into the cache's spare capacity right after the
@@ -28,6 +33,7 @@
 
 use super::plan::{reads_strided, GateLayer, LinearLayer, Step};
 use kiln_ir::{BinaryOp, DType, Dim, Expr, Graph, Op, UnaryOp, ValueId};
+use kiln_kernels::linear::Activation;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -356,6 +362,136 @@ pub(super) fn swiglu(graph: &Graph, steps: &mut [Step]) {
         steps[gv.index()] = Step::Skip;
         steps[uv.index()] = Step::Skip;
         steps[i] = Step::Linear(Arc::from(vec![ul]));
+    }
+}
+
+/// A body `act?(p₀ [+ p₁] [+ c])` over operands: the pair added first (`(add $a $b)`, either
+/// way round) and the operand added to their sum (on either side), under an optional GELU.
+struct SumThenActivation {
+    pair: Vec<usize>,
+    outer: Option<usize>,
+    activation: Option<Activation>,
+}
+
+/// The [`SumThenActivation`] a body is, if it is one.
+fn sum_then_activation(body: &Expr) -> Option<SumThenActivation> {
+    let (sum, activation) = match body {
+        Expr::Unary(UnaryOp::Gelu, x) => (x.as_ref(), Some(Activation::Gelu)),
+        Expr::Unary(UnaryOp::GeluTanh, x) => (x.as_ref(), Some(Activation::GeluTanh)),
+        _ => (body, None),
+    };
+    let arg = |e: &Expr| match e {
+        Expr::Arg(i) => Some(*i),
+        _ => None,
+    };
+    let pair = |e: &Expr| match e {
+        Expr::Binary(BinaryOp::Add, a, b) => Some(vec![arg(a)?, arg(b)?]),
+        _ => None,
+    };
+    let (pair, outer) = match sum {
+        Expr::Arg(i) => (vec![*i], None),
+        Expr::Binary(BinaryOp::Add, a, b) => match (arg(a), arg(b)) {
+            (Some(a), Some(b)) => (vec![a, b], None),
+            (None, Some(c)) => (pair(a)?, Some(c)),
+            (Some(c), None) => (pair(b)?, Some(c)),
+            (None, None) => return None,
+        },
+        _ => return None,
+    };
+    Some(SumThenActivation {
+        pair,
+        outer,
+        activation,
+    })
+}
+
+/// Elementwise steps `act(y + b + r)` over a single linear layer's value `y` (see the module
+/// docs) become that layer, with the bias, addend and activation in its epilogue, at the
+/// step's node. `y` is one of the pair added first (f32 addition commutes); with a third
+/// operand, `y`'s partner must be a bias `[n]` (the kernel adds the bias, then the addend); a
+/// layer that already has an addend takes only an activation.
+pub(super) fn linear_epilogues(graph: &Graph, steps: &mut [Step]) {
+    let nodes = graph.nodes();
+    let users = users(graph);
+    for (i, node) in nodes.iter().enumerate() {
+        if !matches!(steps[i], Step::Fused(_)) || node.ty.dtype != DType::F32 {
+            continue;
+        }
+        let Op::FusedElementwise { body } = &node.op else {
+            continue;
+        };
+        let Some(sum) = sum_then_activation(body) else {
+            continue;
+        };
+        let value = |a: usize| node.inputs.get(a).copied();
+        // The layer's value: either operand of the pair.
+        let layer_at = |a: usize| {
+            let v = value(a)?;
+            match (&steps[v.index()], graph.node(v)) {
+                (Step::Linear(l), Some(n)) if users[v.index()] == [i] && n.ty == node.ty => {
+                    match &l[..] {
+                        [l] if l.bias.is_none()
+                            && l.activation.is_none()
+                            && l.gate.is_none()
+                            && l.heads.is_none()
+                            && l.rope.is_none()
+                            && !l.round_bf16 =>
+                        {
+                            Some((v, l.clone()))
+                        }
+                        _ => None,
+                    }
+                }
+                _ => None,
+            }
+        };
+        let Some((j, (y, mut layer))) = sum
+            .pair
+            .iter()
+            .enumerate()
+            .find_map(|(j, &a)| Some((j, layer_at(a)?)))
+        else {
+            continue;
+        };
+        let partner = match sum.pair.get(1 - j) {
+            Some(&a) => match value(a) {
+                Some(v) => Some(v),
+                None => continue,
+            },
+            None => None,
+        };
+        let outer = match sum.outer.map(value) {
+            Some(None) => continue,
+            Some(Some(v)) => Some(v),
+            None => None,
+        };
+        let n = node.ty.shape.last();
+        let is_bias = |v: ValueId| {
+            graph.node(v).is_some_and(|b| {
+                b.ty.dtype == DType::F32 && n.is_some_and(|n| b.ty.shape.as_slice() == [n.clone()])
+            })
+        };
+        let is_addend = |v: ValueId| is_bias(v) || graph.node(v).is_some_and(|a| a.ty == node.ty);
+        let fits = match (partner, outer, layer.add) {
+            (None, None, _) => true,
+            (Some(a), None, None) if is_addend(a) => {
+                layer.add = Some(a);
+                true
+            }
+            (Some(b), Some(a), None) if is_bias(b) && is_addend(a) => {
+                layer.bias = Some(b);
+                layer.add = Some(a);
+                true
+            }
+            _ => false,
+        };
+        if !fits || partner == Some(y) || outer == Some(y) {
+            continue;
+        }
+        layer.activation = sum.activation;
+        layer.node = i;
+        steps[y.index()] = Step::Skip;
+        steps[i] = Step::Linear(Arc::from(vec![layer]));
     }
 }
 

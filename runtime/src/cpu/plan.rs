@@ -7,6 +7,7 @@ use super::external::Provider;
 use super::fuse;
 use kiln_ir::{BinaryOp, DType, Dim, Expr, Graph, Node, Op, ValueId};
 use kiln_kernels::fused::Program;
+use kiln_kernels::linear::Activation;
 use std::fmt;
 use std::sync::Arc;
 
@@ -15,7 +16,7 @@ pub fn kind(name: &str) -> &str {
     name.split(' ').next().unwrap_or_default()
 }
 
-/// One linear layer of a [`Step::Linear`]: `(x · Wᵀ) ⊙ scale + add` (or `x · W`), the value of
+/// One linear layer of a [`Step::Linear`]: `act((x · Wᵀ) ⊙ scale + bias + add)` (or `x · W`), the value of
 /// `node` (a matmul or a `linear` op, whose scale and addend are its epilogue; or the node of a
 /// fusion that absorbs it, see [`fuse`]).
 #[derive(Debug, Clone, PartialEq)]
@@ -32,8 +33,12 @@ pub struct LinearLayer {
     pub rounds_x: bool,
     /// An f32 parameter of `n` elements multiplying the output columns.
     pub scale: Option<String>,
+    /// A bias `[n]` added before `add` (the first addend of a fused `(add (add y b) r)`).
+    pub bias: Option<ValueId>,
     /// A value added to the result: of the result's shape (a residual) or `[n]` (a bias).
     pub add: Option<ValueId>,
+    /// The activation of the sum (a fused `gelu`/`gelu_tanh` of it).
+    pub activation: Option<Activation>,
     /// SwiGLU: the result is `silu(gate) · (this layer's result)`, the gate a second layer
     /// over the same x (its matmul and scale not computed on their own).
     pub gate: Option<GateLayer>,
@@ -73,10 +78,10 @@ impl LinearLayer {
             .flatten()
     }
 
-    /// The values the layer reads besides x: its addend and RoPE tables.
+    /// The values the layer reads besides x: its bias, addend and RoPE tables.
     pub fn operands(&self) -> impl Iterator<Item = ValueId> + '_ {
         let rope = self.rope.into_iter().flat_map(|(c, s)| [c, s]);
-        self.add.into_iter().chain(rope)
+        self.bias.into_iter().chain(self.add).chain(rope)
     }
 }
 
@@ -302,6 +307,7 @@ impl Plan {
         fuse::rope_rounding(graph, &mut steps);
         fuse::linear_heads(graph, &mut steps);
         fuse::swiglu(graph, &mut steps);
+        fuse::linear_epilogues(graph, &mut steps);
         // Liveness: an output, or a value operand of a needed node.
         let mut needed = vec![false; nodes.len()];
         for out in graph.outputs() {
@@ -620,7 +626,9 @@ fn linear(
         transposed,
         rounds_x: matches!(wdtype, DType::BF16 | DType::F8E4M3),
         scale,
+        bias: None,
         add,
+        activation: None,
         gate: None,
         heads: None,
         rope: None,
