@@ -235,7 +235,7 @@ fn elementwise<'c>(
                 &maps,
                 &vec![Iter::Parallel; rank],
                 |blk, a| {
-                    let s = Scalars { b, block: blk };
+                    let s = Scalars::new(b, blk);
                     Ok(vec![s.expr(&body, &a[..a.len() - 1])?])
                 },
             )
@@ -298,7 +298,7 @@ fn reduce<'c>(
                 b.map(rank, &out_map),
             ];
             b.generic(block, &v[..1], &v[1..], &maps, &iters, |blk, a| {
-                let s = Scalars { b, block: blk };
+                let s = Scalars::new(b, blk);
                 Ok(vec![match op {
                     ReduceOp::Sum | ReduceOp::Mean => s.reassoc("arith.addf", a[1], a[0])?,
                     ReduceOp::Max => s.bin("arith.maximumf", a[1], a[0])?,
@@ -314,7 +314,7 @@ fn reduce<'c>(
                     &[id],
                     &vec![Iter::Parallel; out_rank],
                     |blk, a| {
-                        let s = Scalars { b, block: blk };
+                        let s = Scalars::new(b, blk);
                         Ok(vec![s.bin("arith.divf", a[0], s.c(count as f64)?)?])
                     },
                 )?;
