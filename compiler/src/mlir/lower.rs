@@ -125,7 +125,8 @@ pub fn fixed(key: &KernelKey, arg: usize, axis: usize) -> Result<usize, MlirErro
 }
 
 /// What a kernel is lowered for: a lowering may pick its loop structure per target (the CPU's
-/// register-tiled products; the GPU pipeline maps `linalg` and parallel loops to threads).
+/// register-tiled products and key-tiled attention; the GPU pipeline maps `linalg` and
+/// parallel loops to threads).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Target {
     /// The host CPU (JIT).
