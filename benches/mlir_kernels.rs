@@ -1,6 +1,7 @@
 //! MLIR-JIT kernels (feature `mlir`) against the native kernels of kiln-kernels, same data,
 //! same threads (rayon's global pool for both): fused `(mul (silu $0) $1)` on 16M elements,
-//! rmsnorm and softmax on 4096×4096, f32 matmul 512³, causal GQA attention (8 query heads over
+//! rmsnorm and softmax on 4096×4096, f32 matmul 512³ (and with `b` transposed, also one row
+//! `1×768 · (2048×768)ᵀ`), causal GQA attention (8 query heads over
 //! 2 key/value heads, 512 positions, head dim 64). Compilation is outside the timing.
 //!
 //! `cargo bench --features mlir --bench mlir_kernels`
@@ -91,6 +92,27 @@ fn kernels(c: &mut Criterion) {
         (m * m * m) as u64,
         |x, y| matmul_f32(&p, &x[0], &x[1], y).unwrap(),
     );
+    // `x · Wᵀ` (the linear layers' product): square, and one decode row against a weight.
+    for (name, m, n, k) in [
+        ("matmul_bt_512^3", 512, 512, 512),
+        ("matmul_bt_1x768x2048", 1, 2048, 768),
+    ] {
+        let p = Gemm::dense(m, n, k, false, true);
+        pair(
+            c,
+            name,
+            KernelSpec::new(
+                Op::MatMul {
+                    transpose_a: false,
+                    transpose_b: true,
+                },
+                &[&[m, k], &[n, k]],
+            ),
+            &[data(m * k, 0.0), data(n * k, 1.0)],
+            (m * n * k) as u64,
+            |x, y| matmul_f32(&p, &x[0], &x[1], y).unwrap(),
+        );
+    }
     let (hq, hkv, seq, d) = (8, 2, 512, 64);
     let dims = AttnShape {
         batch: 1,

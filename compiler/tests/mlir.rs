@@ -292,6 +292,10 @@ fn matmul_matches_reference_for_every_transpose_and_batch() {
         // Big enough (> 65536 outputs) to run in parallel row / batch blocks.
         (vec![], vec![], 300, 257, 9),
         (vec![8], vec![8], 100, 100, 3),
+        // Whole blocks of the CPU's `a · bᵀ` (4 × 4 dot products over 16-lane k vectors) with
+        // no tail, and a decode-like row.
+        (vec![], vec![], 8, 4, 32),
+        (vec![], vec![], 1, 301, 768),
     ];
     for (ba, bb, m, n, k) in cases {
         for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
@@ -341,6 +345,14 @@ fn attention_matches_reference_with_gqa_causal_window_and_masks() {
         ([1, 1, 1, 5, 3, 4, 4], true, 0, None),
         // Big enough (> 65536 outputs) to run in parallel batch blocks; a 2-D mask.
         ([5, 4, 4, 64, 64, 64, 64], true, 16, Some(vec![64, 64])),
+        // Key tiles of the CPU kernel (16 keys): partial last tiles, head vectors of 16 and 8
+        // lanes, GQA, decode, masks following the keys or broadcast along them.
+        ([1, 4, 2, 7, 7, 32, 32], true, 0, None),
+        ([1, 4, 2, 65, 65, 64, 64], true, 0, Some(vec![1, 1, 65, 65])),
+        ([2, 8, 2, 1, 33, 64, 64], true, 0, Some(vec![2, 1, 1, 33])),
+        ([1, 2, 1, 33, 33, 48, 16], true, 7, None),
+        ([1, 2, 2, 17, 65, 24, 40], true, 5, Some(vec![17, 1])),
+        ([1, 3, 1, 1, 1, 16, 16], false, 0, None),
     ];
     for ([b, hq, hkv, sq, sk, d, dv], causal, window, mask) in cases {
         let op = Op::Attention {

@@ -105,10 +105,7 @@ impl<'c, 'a> Ix<'_, 'c, 'a> {
 
     /// Scalar f32 code in the same block.
     pub fn scalars(&self) -> Scalars<'_, 'c, 'a> {
-        Scalars {
-            b: self.b,
-            block: self.block,
-        }
+        Scalars::new(self.b, self.block)
     }
 }
 

@@ -125,7 +125,8 @@ pub fn fixed(key: &KernelKey, arg: usize, axis: usize) -> Result<usize, MlirErro
 }
 
 /// What a kernel is lowered for: a lowering may pick its loop structure per target (the CPU's
-/// register-tiled products; the GPU pipeline maps `linalg` and parallel loops to threads).
+/// register-tiled products and key-tiled attention; the GPU pipeline maps `linalg` and
+/// parallel loops to threads).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Target {
     /// The host CPU (JIT).
@@ -235,7 +236,7 @@ fn elementwise<'c>(
                 &maps,
                 &vec![Iter::Parallel; rank],
                 |blk, a| {
-                    let s = Scalars { b, block: blk };
+                    let s = Scalars::new(b, blk);
                     Ok(vec![s.expr(&body, &a[..a.len() - 1])?])
                 },
             )
@@ -298,7 +299,7 @@ fn reduce<'c>(
                 b.map(rank, &out_map),
             ];
             b.generic(block, &v[..1], &v[1..], &maps, &iters, |blk, a| {
-                let s = Scalars { b, block: blk };
+                let s = Scalars::new(b, blk);
                 Ok(vec![match op {
                     ReduceOp::Sum | ReduceOp::Mean => s.reassoc("arith.addf", a[1], a[0])?,
                     ReduceOp::Max => s.bin("arith.maximumf", a[1], a[0])?,
@@ -314,7 +315,7 @@ fn reduce<'c>(
                     &[id],
                     &vec![Iter::Parallel; out_rank],
                     |blk, a| {
-                        let s = Scalars { b, block: blk };
+                        let s = Scalars::new(b, blk);
                         Ok(vec![s.bin("arith.divf", a[0], s.c(count as f64)?)?])
                     },
                 )?;

@@ -6,8 +6,14 @@
 //! block of [`MR`] rows of `a`, [`MR`] `vector<NRxf32>` accumulators are carried through the
 //! `k` loop (one vector load of `b`, [`MR`] broadcasts of `a` and [`MR`] vector FMAs per
 //! step), then stored; the rows and columns past the last whole tile are scalar dot products.
-//! Otherwise (`b` transposed, or the GPU, whose pipeline maps parallel loops) the product is a
-//! `linalg` contraction with loops in the order batch, `i`, `k`, `j`, so the innermost loop
+//! A product whose `b` is transposed (`a · bᵀ`, the linear layers' `x · Wᵀ`; `a` not transposed)
+//! reads rows of both operands along `k`: per block of [`MR`] rows of `a` and [`NB`] rows of
+//! `b`, [`MR`]·[`NB`] `vector<KVxf32>` accumulators ([`KV`] lanes) are carried through `k` in
+//! steps of [`KV`] (one vector load per row of either operand, a vector FMA per pair), reduced
+//! horizontally at the end, and the last `k mod KV` terms added as scalars; the rows and columns
+//! past the last whole block are blocks of one row or one column the same way.
+//! Otherwise (`a` and `b` both transposed, or the GPU, whose pipeline maps parallel loops) the
+//! product is a `linalg` contraction with loops in the order batch, `i`, `k`, `j`, so the innermost loop
 //! walks `b` and `c` with unit stride and LLVM vectorizes it. Rows of `a` and `c` (or whole
 //! batches) are split across threads by the JIT.
 
@@ -25,6 +31,10 @@ use melior::Context;
 pub const MR: usize = 4;
 /// Columns of `b` per register tile (two AVX-512 vectors, four AVX2 ones).
 pub const NR: usize = 32;
+/// Rows of `b` per block of a product with `b` transposed.
+pub const NB: usize = 4;
+/// Lanes of the `k` vectors of a product with `b` transposed (one AVX-512 vector).
+pub const KV: usize = 16;
 
 /// The product of the batch axes of `shape` (all but the last two), checked against the
 /// result's: equal (`Some(true)`), all ones (`Some(false)`), or neither (`None`).
@@ -97,6 +107,9 @@ pub fn matmul<'c>(
     if target == Target::Cpu && !tb {
         return tiled(ctx, key, ta);
     }
+    if target == Target::Cpu && !ta {
+        return tiled_bt(ctx, key);
+    }
     if key.args[2].dims.len() == 2 {
         // Loops (i, k, j).
         let am = if ta {
@@ -117,7 +130,7 @@ pub fn matmul<'c>(
                 let maps = [b.map(3, &am), b.map(3, &bm), b.map(3, &[Some(0), Some(2)])];
                 let iters = [Iter::Parallel, Iter::Reduction, Iter::Parallel];
                 b.generic(block, &v[..2], &v[2..], &maps, &iters, |blk, a| {
-                    let s = Scalars { b, block: blk };
+                    let s = Scalars::new(b, blk);
                     Ok(vec![s.bin(
                         "arith.addf",
                         a[2],
@@ -157,7 +170,7 @@ pub fn matmul<'c>(
                 Iter::Parallel,
             ];
             b.generic(block, &v[..2], &v[2..], &maps, &iters, |blk, a| {
-                let s = Scalars { b, block: blk };
+                let s = Scalars::new(b, blk);
                 Ok(vec![s.bin(
                     "arith.addf",
                     a[2],
@@ -207,6 +220,7 @@ fn tiled<'c>(ctx: &'c Context, key: &KernelKey, ta: bool) -> Result<Lowered<'c>,
                     y,
                     c,
                     ta,
+                    tb: false,
                     batch: batched.then_some((bi, a_own, b_own)),
                     k,
                 };
@@ -233,6 +247,87 @@ fn tiled<'c>(ctx: &'c Context, key: &KernelKey, ta: bool) -> Result<Lowered<'c>,
     )
 }
 
+/// The product `a · bᵀ` by blocks of dot products (see the module documentation), laid out by
+/// [`layout`].
+fn tiled_bt<'c>(ctx: &'c Context, key: &KernelKey) -> Result<Lowered<'c>, MlirError> {
+    let batched = key.args[2].dims.len() == 3;
+    let own = |arg: usize| batched && key.args[arg].dims[0].is_none();
+    let (a_own, b_own) = (own(0), own(1));
+    module(
+        ctx,
+        &key.args,
+        Box::new(move |b, block, v| {
+            let (x, y, c) = (v[0], v[1], v[2]);
+            let top = Ix { b, block };
+            let r = usize::from(batched);
+            let m = b.dim(block, c, r)?;
+            let n = b.dim(block, c, r + 1)?;
+            let k = b.dim(block, x, r + 1)?;
+            let batches = if batched {
+                b.dim(block, c, 0)?
+            } else {
+                top.c(1)?
+            };
+            let full = |len: V<'c, '_>, step: usize| -> Result<_, MlirError> {
+                let s = top.c(step as i64)?;
+                let t = top.op("arith.divui", len, s)?;
+                Ok((t, top.op("arith.muli", t, s)?))
+            };
+            let (mt, m_full) = full(m, MR)?;
+            let (nt, n_full) = full(n, NB)?;
+            let (kt, _) = full(k, KV)?;
+            let zero = top.c(0)?;
+            for_loop(b, block, (zero, batches), &[], |blk, bi, _| {
+                let p = Product {
+                    b,
+                    x,
+                    y,
+                    c,
+                    ta: false,
+                    tb: true,
+                    batch: batched.then_some((bi, a_own, b_own)),
+                    k,
+                };
+                // Rows of whole blocks: blocks of NB rows of b, then single rows of b.
+                let z = Ix { b, block: blk }.c(0)?;
+                for_loop(b, blk, (z, mt), &[], |blk, it, _| {
+                    let ix = Ix { b, block: blk };
+                    let i0 = ix.op("arith.muli", it, ix.c(MR as i64)?)?;
+                    let z = ix.c(0)?;
+                    for_loop(b, blk, (z, nt), &[], |blk, jt, _| {
+                        let ix = Ix { b, block: blk };
+                        let j0 = ix.op("arith.muli", jt, ix.c(NB as i64)?)?;
+                        p.dots(blk, (i0, MR), (j0, NB), kt)?;
+                        Ok(vec![])
+                    })?;
+                    for_loop(b, blk, (n_full, n), &[], |blk, j, _| {
+                        p.dots(blk, (i0, MR), (j, 1), kt)?;
+                        Ok(vec![])
+                    })?;
+                    Ok(vec![])
+                })?;
+                // The rows past the last whole block, one at a time.
+                for_loop(b, blk, (m_full, m), &[], |blk, i, _| {
+                    let z = Ix { b, block: blk }.c(0)?;
+                    for_loop(b, blk, (z, nt), &[], |blk, jt, _| {
+                        let ix = Ix { b, block: blk };
+                        let j0 = ix.op("arith.muli", jt, ix.c(NB as i64)?)?;
+                        p.dots(blk, (i, 1), (j0, NB), kt)?;
+                        Ok(vec![])
+                    })?;
+                    for_loop(b, blk, (n_full, n), &[], |blk, j, _| {
+                        p.dots(blk, (i, 1), (j, 1), kt)?;
+                        Ok(vec![])
+                    })?;
+                    Ok(vec![])
+                })?;
+                Ok(vec![])
+            })?;
+            Ok(())
+        }),
+    )
+}
+
 /// An operand of a product.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Side {
@@ -251,6 +346,7 @@ struct Product<'b, 'c, 'v> {
     y: V<'c, 'v>,
     c: V<'c, 'v>,
     ta: bool,
+    tb: bool,
     /// The batch index, and whether `a` and `b` have their own batch axis.
     batch: Option<(V<'c, 'v>, bool, bool)>,
     k: V<'c, 'v>,
@@ -278,7 +374,7 @@ impl<'c, 'v> Product<'_, 'c, 'v> {
             };
             at.push(if own { bi } else { ix.c(0)? });
         }
-        if side == Side::A && self.ta {
+        if (side == Side::A && self.ta) || (side == Side::B && self.tb) {
             at.extend([col, r]);
         } else {
             at.extend([r, col]);
@@ -329,6 +425,107 @@ impl<'c, 'v> Product<'_, 'c, 'v> {
                     .add_operands(&operands)
                     .build()?,
             );
+        }
+        Ok(())
+    }
+
+    /// `c[i0..i0+nr, j0..j0+nc]` of `a · bᵀ`: `nr`·`nc` dot products of rows of `a` and rows
+    /// of `b` over `k`, in [`KV`]-lane vector accumulators for the first `kt`·[`KV`] terms
+    /// (reduced horizontally), the rest as scalars.
+    fn dots<'a>(
+        &self,
+        block: &'a Block<'c>,
+        (i0, nr): (V<'c, 'a>, usize),
+        (j0, nc): (V<'c, 'a>, usize),
+        kt: V<'c, 'a>,
+    ) -> Result<(), MlirError>
+    where
+        'v: 'a,
+    {
+        let b = self.b;
+        let ix = Ix { b, block };
+        let vt = Type::parse(b.ctx, &format!("vector<{KV}xf32>"))
+            .ok_or_else(|| MlirError::Mlir("vector type".into()))?;
+        let zero_attr = b.attr(&format!("dense<0.000000e+00> : vector<{KV}xf32>"))?;
+        let zero = b.op(
+            block,
+            "arith.constant",
+            &[],
+            Some(vt),
+            &[("value", zero_attr)],
+        )?;
+        let offsets = |n: usize, base: V<'c, 'a>| -> Result<Vec<V<'c, 'a>>, MlirError> {
+            (0..n)
+                .map(|t| ix.op("arith.addi", base, ix.c(t as i64)?))
+                .collect()
+        };
+        let (rows, cols) = (offsets(nr, i0)?, offsets(nc, j0)?);
+        let z = ix.c(0)?;
+        let acc = for_loop(b, block, (z, kt), &vec![zero; nr * nc], |blk, t, acc| {
+            let ix = Ix { b, block: blk };
+            let kk = ix.op("arith.muli", t, ix.c(KV as i64)?)?;
+            let load = |mem: V<'c, 'v>, side: Side, at: (V<'c, '_>, V<'c, '_>)| {
+                let mut operands = vec![mem];
+                operands.extend(self.at(blk, side, at)?);
+                b.op(blk, "vector.load", &operands, Some(vt), &[])
+            };
+            let av: Vec<_> = rows
+                .iter()
+                .map(|&i| load(self.x, Side::A, (i, kk)))
+                .collect::<Result<_, _>>()?;
+            let bv: Vec<_> = cols
+                .iter()
+                .map(|&j| load(self.y, Side::B, (kk, j)))
+                .collect::<Result<_, _>>()?;
+            let mut next = Vec::with_capacity(nr * nc);
+            for (r, a) in av.iter().enumerate() {
+                for (q, bj) in bv.iter().enumerate() {
+                    next.push(b.op(
+                        blk,
+                        "vector.fma",
+                        &[*a, *bj, acc[r * nc + q]],
+                        Some(vt),
+                        &[],
+                    )?);
+                }
+            }
+            Ok(next)
+        })?;
+        let add = b.attr("#vector.kind<add>")?;
+        let fm = b.attr("#arith.fastmath<reassoc>")?;
+        let sums: Vec<V<'c, 'a>> = acc
+            .iter()
+            .map(|a| {
+                b.op(
+                    block,
+                    "vector.reduction",
+                    &[*a],
+                    Some(b.f32()),
+                    &[("kind", add), ("fastmath", fm)],
+                )
+            })
+            .collect::<Result<_, _>>()?;
+        let k_full = ix.op("arith.muli", kt, ix.c(KV as i64)?)?;
+        let sums = for_loop(b, block, (k_full, self.k), &sums, |blk, kk, acc| {
+            let ix = Ix { b, block: blk };
+            let s = ix.scalars();
+            let av: Vec<_> = rows
+                .iter()
+                .map(|&i| ix.load(self.x, &self.at(blk, Side::A, (i, kk))?))
+                .collect::<Result<_, _>>()?;
+            let mut next = Vec::with_capacity(nr * nc);
+            for (r, a) in av.iter().enumerate() {
+                for (q, &j) in cols.iter().enumerate() {
+                    let bj = ix.load(self.y, &self.at(blk, Side::B, (kk, j))?)?;
+                    next.push(s.fma(*a, bj, acc[r * nc + q])?);
+                }
+            }
+            Ok(next)
+        })?;
+        for (r, &i) in rows.iter().enumerate() {
+            for (q, &j) in cols.iter().enumerate() {
+                ix.store(sums[r * nc + q], self.c, &self.at(block, Side::C, (i, j))?)?;
+            }
         }
         Ok(())
     }

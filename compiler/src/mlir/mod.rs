@@ -11,7 +11,8 @@
 //! - [`loops`]: `scf` loops (carried reductions, parallel rows) for the non-structured kernels;
 //! - [`lower`]: one [`kiln_ir::Op`] as a verified `func.func @kernel` on memrefs (elementwise
 //!   bodies and reductions there, [`norm`] for softmax/rmsnorm/layernorm, [`matmul`],
-//!   [`attention`] as an `scf` loop nest with online softmax);
+//!   [`attention`] as an `scf` loop nest with online softmax, over key tiles in vector
+//!   registers on the CPU: [`flash`]);
 //! - [`cpu`]: the pass pipeline down to LLVM, the JIT ([`MlirKernel`]) and its cache;
 //! - [`gpu`]: the same kernels as PTX for NVIDIA GPUs ([`GpuKernel`]), with [`host`] reading
 //!   the host side of the launches;
@@ -26,6 +27,7 @@ pub mod attention;
 pub mod build;
 pub mod cpu;
 pub mod cuda;
+pub mod flash;
 pub mod gpu;
 pub mod host;
 pub mod loops;

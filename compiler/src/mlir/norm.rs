@@ -115,7 +115,9 @@ fn rowwise<'c>(
 pub fn softmax<'c>(ctx: &'c Context, key: &KernelKey, log: bool) -> Result<Lowered<'c>, MlirError> {
     rowwise(ctx, key, move |b, blk, r, cols, v| {
         let (x, y) = (v[0], v[1]);
-        let max = (f64::NEG_INFINITY, "arith.maximumf");
+        // maxnum (NaN-ignoring, cheaper than IEEE maximum on x86): a NaN in the row makes the
+        // sum, hence every output, NaN either way.
+        let max = (f64::NEG_INFINITY, "arith.maxnumf");
         let m = over_row(b, blk, cols, max, |ix, j| ix.load(x, &[r, j]))?;
         let sum = over_row(b, blk, cols, (0.0, "arith.addf"), |ix, j| {
             let s = ix.scalars();
@@ -125,7 +127,7 @@ pub fn softmax<'c>(ctx: &'c Context, key: &KernelKey, log: bool) -> Result<Lower
             }
             Ok(e)
         })?;
-        let s = Scalars { b, block: blk };
+        let s = Scalars::new(b, blk);
         if log {
             let lse = s.un("math.log", sum)?;
             each_col(b, blk, cols, |ix, j| {
@@ -152,7 +154,7 @@ pub fn rmsnorm<'c>(ctx: &'c Context, key: &KernelKey, eps: f64) -> Result<Lowere
             let t = ix.load(x, &[r, j])?;
             ix.scalars().bin("arith.mulf", t, t)
         })?;
-        let s = Scalars { b, block: blk };
+        let s = Scalars::new(b, blk);
         let ms = s.bin("arith.divf", ss, s.c(n)?)?;
         let scale = s.recip(s.un("math.sqrt", s.bin("arith.addf", ms, s.c(eps)?)?)?)?;
         each_col(b, blk, cols, |ix, j| {
@@ -176,7 +178,7 @@ pub fn layernorm<'c>(
         let sum = over_row(b, blk, cols, (0.0, "arith.addf"), |ix, j| {
             ix.load(x, &[r, j])
         })?;
-        let s = Scalars { b, block: blk };
+        let s = Scalars::new(b, blk);
         let mean = s.bin("arith.divf", sum, s.c(n)?)?;
         let dev = over_row(b, blk, cols, (0.0, "arith.addf"), |ix, j| {
             let s = ix.scalars();

@@ -9,27 +9,87 @@
 //! fused multiply-adds (about 1 ulp), and `2^n` applied as two exponent-field factors so that
 //! results in the subnormal range round once. Other
 //! transcendental functions use `math` ops, which become libm calls.
+//!
+//! The same code works on `vector<Nxf32>` values ([`Scalars::vector`]: constants are splats,
+//! comparisons give `vector<Nxi1>`), for the kernels that vectorize explicitly.
 
 use super::build::Builder;
 use super::MlirError;
 use kiln_ir::{BinaryOp, CmpOp, DType, Expr, Scalar, UnaryOp};
 use melior::dialect::arith::{self, CmpfPredicate};
-use melior::ir::{Block, BlockLike, Value};
+use melior::ir::{Block, BlockLike, Type, Value};
 
-/// Emits scalar ops into one block.
+/// Emits scalar ops (or the same ops on vectors of `lanes` elements) into one block.
 pub struct Scalars<'b, 'c, 'a> {
     /// The builder.
     pub b: &'b Builder<'c>,
     /// The block receiving the ops.
     pub block: &'a Block<'c>,
+    /// 1 for scalars, else the lanes of the vectors operated on.
+    lanes: usize,
 }
 
 type V<'c, 'a> = Value<'c, 'a>;
 
-impl<'c, 'a> Scalars<'_, 'c, 'a> {
-    /// An f32 constant.
+impl<'b, 'c, 'a> Scalars<'b, 'c, 'a> {
+    /// Scalar ops in `block`.
+    pub fn new(b: &'b Builder<'c>, block: &'a Block<'c>) -> Self {
+        Scalars { b, block, lanes: 1 }
+    }
+
+    /// The same ops on `vector<lanes x ...>` values in `block`.
+    pub fn vector(b: &'b Builder<'c>, block: &'a Block<'c>, lanes: usize) -> Self {
+        Scalars { b, block, lanes }
+    }
+
+    /// `elem` (`f32`, `i32`, `i1`), or a vector of it when vectorized.
+    fn of(&self, elem: &str) -> Result<Type<'c>, MlirError> {
+        let text = if self.lanes == 1 {
+            elem.to_string()
+        } else {
+            format!("vector<{}x{elem}>", self.lanes)
+        };
+        Type::parse(self.b.ctx, &text).ok_or_else(|| MlirError::Mlir(format!("type {text}")))
+    }
+
+    /// The value type: f32 or its vector.
+    pub fn ty(&self) -> Result<Type<'c>, MlirError> {
+        self.of("f32")
+    }
+
+    /// A vector constant of element type `elem`, every lane `value`.
+    fn splat(&self, elem: &str, value: &str) -> Result<V<'c, 'a>, MlirError> {
+        let ty = self.of(elem)?;
+        let value = self
+            .b
+            .attr(&format!("dense<{value}> : vector<{}x{elem}>", self.lanes))?;
+        self.b.op(
+            self.block,
+            "arith.constant",
+            &[],
+            Some(ty),
+            &[("value", value)],
+        )
+    }
+
+    /// An f32 constant (a splat when vectorized).
     pub fn c(&self, v: f64) -> Result<V<'c, 'a>, MlirError> {
-        self.b.f32_const(self.block, v)
+        if self.lanes == 1 {
+            return self.b.f32_const(self.block, v);
+        }
+        // The f32's bits in hex: exact, and it spells infinities too.
+        self.splat("f32", &format!("0x{:08X}", (v as f32).to_bits()))
+    }
+
+    /// An integer constant of type `elem` (a splat when vectorized).
+    fn int(&self, elem: &str, v: i64) -> Result<V<'c, 'a>, MlirError> {
+        if self.lanes == 1 {
+            return self.b.int_const(self.block, self.of(elem)?, v);
+        }
+        if elem == "i1" {
+            return self.splat(elem, if v != 0 { "true" } else { "false" });
+        }
+        self.splat(elem, &v.to_string())
     }
 
     /// A same-typed binary op such as `arith.addf`.
@@ -87,18 +147,20 @@ impl<'c, 'a> Scalars<'_, 'c, 'a> {
     /// `e^x` as a vectorizable polynomial (see the module doc).
     pub fn exp(&self, x: V<'c, '_>) -> Result<V<'c, 'a>, MlirError> {
         let b = self.b;
-        let lo = self.c(-103.972_077_083_991_8)?; // below: e^x rounds to 0 in f32
-        let hi = self.c(88.722_839_355_468_75)?; // above: e^x overflows f32
-        let xc = self.bin("arith.maximumf", x, lo)?;
-        let xc = self.bin("arith.minimumf", xc, hi)?;
-        // n = round(x·log2 e) by adding 1.5·2^23 (whose ulp is 1): n sits in the low mantissa
-        // bits of t, |n| < 151.
+        // Below -103.97 e^x rounds to 0 in f32; above 88.73 it overflows, and clamping at 89
+        // (not at the bound) keeps that: 2^n with n = 129 overflows the product to +inf. NaN
+        // passes through the clamps (`maximumf`/`minimumf` propagate it) and the float path.
+        let xc = self.bin("arith.maximumf", x, self.c(-103.972_077_083_991_8)?)?;
+        let xc = self.bin("arith.minimumf", xc, self.c(89.0)?)?;
+        // n = round(x·log2 e) by adding 1.5·2^23 (whose ulp is 1) plus both exponent biases
+        // (254): t's low mantissa bits hold n + 254 (104..=383 here), n = t - that sum.
         let magic = self.c(12_582_912.0)?;
-        let t = self.fma(xc, self.c(std::f64::consts::LOG2_E)?, magic)?;
-        let i32t = b.i32();
+        let biased = self.c(12_582_912.0 + 254.0)?;
+        let t = self.fma(xc, self.c(std::f64::consts::LOG2_E)?, biased)?;
+        let i32t = self.of("i32")?;
         let bits = |v| b.op(self.block, "arith.bitcast", &[v], Some(i32t), &[]);
-        let ni = self.bin("arith.subi", bits(t)?, bits(magic)?)?;
-        let n = self.bin("arith.subf", t, magic)?;
+        let e = self.bin("arith.subi", bits(t)?, bits(magic)?)?;
+        let n = self.bin("arith.subf", t, biased)?;
         // r = x - n·ln2, ln2 split in two so n·C1 is exact.
         let r = self.fma(n, self.c(-0.693_359_375)?, xc)?;
         let r = self.fma(n, self.c(2.121_944_400_546_905_8e-4)?, r)?;
@@ -115,24 +177,18 @@ impl<'c, 'a> Scalars<'_, 'c, 'a> {
         let z = self.bin("arith.mulf", r, r)?;
         let y = self.fma(p, z, r)?;
         let y = self.bin("arith.addf", y, self.c(1.0)?)?;
-        let one = b.int_const(self.block, i32t, 1)?;
-        // 2^n = 2^(n>>1) · 2^(n - n>>1), each a normal float built in the exponent field.
-        let n1 = self.bin("arith.shrsi", ni, one)?;
-        let n2 = self.bin("arith.subi", ni, n1)?;
-        let bias = b.int_const(self.block, i32t, 127)?;
-        let shift = b.int_const(self.block, i32t, 23)?;
+        // 2^n as two normal factors 2^(e1 - 127) · 2^(e2 - 127), e1 + e2 = n + 254 (each
+        // biased exponent within 52..=192), so subnormal results round once.
+        let e1 = self.bin("arith.shrsi", e, self.int("i32", 1)?)?;
+        let e2 = self.bin("arith.subi", e, e1)?;
+        let shift = self.int("i32", 23)?;
         let mut out = y;
-        for e in [n1, n2] {
-            let bits = self.bin("arith.shli", self.bin("arith.addi", e, bias)?, shift)?;
-            let scale = b.op(self.block, "arith.bitcast", &[bits], Some(b.f32()), &[])?;
+        for e in [e1, e2] {
+            let bits = self.bin("arith.shli", e, shift)?;
+            let scale = b.op(self.block, "arith.bitcast", &[bits], Some(self.ty()?), &[])?;
             out = self.bin("arith.mulf", out, scale)?;
         }
-        // Exact ends: +inf above the overflow bound, NaN stays NaN (0 below comes out of the
-        // scaling already).
-        let over = self.cmp(CmpfPredicate::Ogt, x, hi)?;
-        out = self.select(over, self.c(f64::INFINITY)?, out)?;
-        let nan = self.cmp(CmpfPredicate::Uno, x, x)?;
-        self.select(nan, x, out)
+        Ok(out)
     }
 
     /// `1 / (1 + e^-x)`.
@@ -182,7 +238,7 @@ impl<'c, 'a> Scalars<'_, 'c, 'a> {
             UnaryOp::Recip => self.recip(x)?,
             UnaryOp::Abs => self.un("math.absf", x)?,
             UnaryOp::Not => {
-                let t = self.b.int_const(self.block, self.b.i1(), 1)?;
+                let t = self.int("i1", 1)?;
                 self.bin("arith.xori", x, t)?
             }
         })
@@ -213,9 +269,7 @@ impl<'c, 'a> Scalars<'_, 'c, 'a> {
                 .ok_or_else(|| bad(format!("body refers to ${i}")))?,
             Expr::Const(lit) => match (lit.dtype(), lit.values().first()) {
                 (DType::F32, Some(Scalar::Float(v))) => self.c(*v)?,
-                (DType::Bool, Some(Scalar::Bool(v))) => {
-                    self.b.int_const(self.block, self.b.i1(), i64::from(*v))?
-                }
+                (DType::Bool, Some(Scalar::Bool(v))) => self.int("i1", i64::from(*v))?,
                 (d, _) => return Err(bad(format!("a {d} constant in a fused body"))),
             },
             Expr::Unary(u, a) => self.unary(*u, self.expr(a, args)?)?,
@@ -245,7 +299,7 @@ impl<'c, 'a> Scalars<'_, 'c, 'a> {
                     (f, t) if f == t => v,
                     (DType::Bool, DType::F32) => {
                         self.b
-                            .op(self.block, "arith.uitofp", &[v], Some(self.b.f32()), &[])?
+                            .op(self.block, "arith.uitofp", &[v], Some(self.ty()?), &[])?
                     }
                     (DType::F32, DType::Bool) => self.cmp(CmpfPredicate::Une, v, self.c(0.0)?)?,
                     (f, t) => return Err(bad(format!("cast from {f} to {t}"))),
