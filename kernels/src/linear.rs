@@ -188,7 +188,8 @@ pub fn linear_with(
         .map(|(l, e)| {
             shared(l)
                 && l.gate.is_none()
-                && e.rope.is_none_or(|(_, d)| gemm_bf16::TASK_COLS % d == 0)
+                && e.rope
+                    .is_none_or(|(_, d)| gemm_bf16::TASK_COLS.is_multiple_of(d))
         })
         .collect();
     let mut gates: Vec<Option<Vec<f32>>> = layers
@@ -589,7 +590,7 @@ impl<'a> Epilogue<'a> {
     /// head size), then the rounding to bf16.
     fn tail(&self, r: usize, c0: usize, y: &mut [f32]) {
         if let Some((rope, d)) = self.rope {
-            debug_assert!(c0 % d == 0 && y.len() % d == 0);
+            debug_assert!(c0.is_multiple_of(d) && y.len().is_multiple_of(d));
             let (cos, sin) = (&rope.cos[r * d..][..d], &rope.sin[r * d..][..d]);
             for head in y.chunks_exact_mut(d) {
                 rotate_half_in_place(head, cos, sin);
