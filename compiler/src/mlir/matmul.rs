@@ -389,16 +389,7 @@ impl<'c, 'v> Product<'_, 'c, 'v> {
     {
         let b = self.b;
         let ix = Ix { b, block };
-        let vt = Type::parse(b.ctx, &format!("vector<{NR}xf32>"))
-            .ok_or_else(|| MlirError::Mlir("vector type".into()))?;
-        let zero_attr = b.attr(&format!("dense<0.000000e+00> : vector<{NR}xf32>"))?;
-        let zero = b.op(
-            block,
-            "arith.constant",
-            &[],
-            Some(vt),
-            &[("value", zero_attr)],
-        )?;
+        let (vt, zero) = zeros(b, block, NR)?;
         let rows: Vec<V<'c, 'a>> = (0..MR)
             .map(|r| ix.op("arith.addi", i0, ix.c(r as i64)?))
             .collect::<Result<_, _>>()?;
@@ -444,16 +435,7 @@ impl<'c, 'v> Product<'_, 'c, 'v> {
     {
         let b = self.b;
         let ix = Ix { b, block };
-        let vt = Type::parse(b.ctx, &format!("vector<{KV}xf32>"))
-            .ok_or_else(|| MlirError::Mlir("vector type".into()))?;
-        let zero_attr = b.attr(&format!("dense<0.000000e+00> : vector<{KV}xf32>"))?;
-        let zero = b.op(
-            block,
-            "arith.constant",
-            &[],
-            Some(vt),
-            &[("value", zero_attr)],
-        )?;
+        let (vt, zero) = zeros(b, block, KV)?;
         let offsets = |n: usize, base: V<'c, 'a>| -> Result<Vec<V<'c, 'a>>, MlirError> {
             (0..n)
                 .map(|t| ix.op("arith.addi", base, ix.c(t as i64)?))
@@ -560,4 +542,17 @@ impl<'c, 'v> Product<'_, 'c, 'v> {
         })?;
         Ok(())
     }
+}
+
+/// `vector<lanes x f32>` and a zero vector of it, defined in `block`.
+fn zeros<'c, 'a>(
+    b: &Builder<'c>,
+    block: &'a Block<'c>,
+    lanes: usize,
+) -> Result<(Type<'c>, V<'c, 'a>), MlirError> {
+    let vt = Type::parse(b.ctx, &format!("vector<{lanes}xf32>"))
+        .ok_or_else(|| MlirError::Mlir("vector type".into()))?;
+    let attr = b.attr(&format!("dense<0.000000e+00> : vector<{lanes}xf32>"))?;
+    let zero = b.op(block, "arith.constant", &[], Some(vt), &[("value", attr)])?;
+    Ok((vt, zero))
 }
