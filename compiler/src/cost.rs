@@ -182,6 +182,12 @@ pub fn op_cost(target: &Target, op: &Op, ins: &[&TensorType], out: &TensorType) 
                     let k = ins[0].shape.last().map_or(1.0, size);
                     (2.0 * k + (ins.len() - 2) as f64) * numel(out)
                 }
+                // Each group's product and epilogue (x read once); RoPE's three per element.
+                Op::PackedLinear { rotary, .. } => {
+                    let k = ins[0].shape.last().map_or(1.0, size);
+                    let epilogue = ins.len() - 1 - 2 * usize::from(*rotary > 0);
+                    (2.0 * k + (epilogue as f64) + 3.0 * (*rotary as f64)) * numel(out)
+                }
                 // Two products sharing x, their scales, then silu and the gate product.
                 Op::SwiGlu { .. } => {
                     let k = ins[0].shape.last().map_or(1.0, size);
