@@ -1,8 +1,8 @@
 //! The op set: every operation a kiln graph can contain, with its exact semantics.
 //!
 //! Primitive ops are what model code traces into; composite ops (`rmsnorm`, `layernorm`,
-//! `rotary`, `linear`, `attention`, `swiglu`, `moe`, `fused_elementwise`) are what the
-//! optimizer creates and backends implement as single kernels.
+//! `rotary`, `linear`, `packed_linear`, `attention`, `swiglu`, `moe`, `fused_elementwise`)
+//! are what the optimizer creates and backends implement as single kernels.
 //! Each op's semantics is stated on its variant; [`UnaryOp::eval`], [`BinaryOp::eval`] and
 //! [`CmpOp::eval`] define the scalar functions, computed in f64 and then rounded to the
 //! result dtype: to f32 first, then (for f16, bf16 and fp8) from that f32 to the narrower

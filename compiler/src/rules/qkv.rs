@@ -211,19 +211,17 @@ fn packed(g: &Graph, projs: [ValueId; 3]) -> Option<(Op, Vec<ValueId>, TensorTyp
 }
 
 /// The graph of `nodes` (`g`'s, then the packed ops and their parts) with every replaced
-/// projection's readers reading its part instead, in an order where each node follows its
-/// operands: `g`'s order, a new node emitted just before its first reader.
+/// projection's readers reading its part instead, in `g`'s order: each part where its
+/// projection was, the packed op (and any operand of it not yet written, such as fp8's
+/// reshaped q scale) just before its first part. So the CPU backend's legalized graph, and
+/// its plan, keep their order.
 fn emit(g: &Graph, nodes: &[Node], replaced: &HashMap<ValueId, ValueId>) -> Graph {
     let mut out = Graph::new();
     let mut done: Vec<Option<ValueId>> = vec![None; nodes.len()];
     let resolve = |v: ValueId| replaced.get(&v).copied().unwrap_or(v);
     let mut stack: Vec<ValueId> = vec![];
     for i in 0..g.nodes().len() {
-        let v = ValueId(i as u32);
-        if replaced.contains_key(&v) {
-            continue;
-        }
-        stack.push(v);
+        stack.push(resolve(ValueId(i as u32)));
         while let Some(&top) = stack.last() {
             if done[top.index()].is_some() {
                 stack.pop();
