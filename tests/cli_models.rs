@@ -456,20 +456,22 @@ fn inspect_passes_and_no_optimize() {
             .collect();
         assert_eq!(names, pipeline);
         assert_eq!(g["kernels"]["attention"], 2, "one per layer: {g}");
-        // q, k and v (split into heads, q and k rotated), o_proj and down_proj with their
-        // residual adds: five per layer; gate, up and SwiGLU one per layer.
-        assert_eq!(g["kernels"]["linear"], 10, "{g}");
+        // q, k and v (split into heads, q and k rotated) one `packed_linear` per layer (its
+        // parts, slices selecting one projection's heads, are free); o_proj and down_proj with
+        // their residual adds: two per layer; gate, up and SwiGLU one per layer.
+        assert_eq!(g["kernels"]["packed_linear"], 2, "{g}");
+        assert_eq!(g["kernels"]["linear"], 4, "{g}");
         assert_eq!(g["kernels"]["swiglu"], 2, "{g}");
         for gone in ["add", "softmax", "permute", "rotary", "fused_elementwise"] {
             assert!(g["kernels"].get(gone).is_none(), "{gone}: {g}");
         }
-        // So a layer is 9 kernels: two norms, q, k, v, attention, o_proj, SwiGLU, down_proj.
-        let per_layer = ["attention", "linear", "swiglu"]
+        // So a layer is 7 kernels: two norms, q/k/v, attention, o_proj, SwiGLU, down_proj.
+        let per_layer = ["attention", "packed_linear", "linear", "swiglu"]
             .iter()
             .map(|k| g["kernels"][k].as_u64().unwrap())
             .sum::<u64>()
             + 2 * 2;
-        assert_eq!(per_layer, 2 * 9, "{g}");
+        assert_eq!(per_layer, 2 * 7, "{g}");
         let sum: u64 = g["kernels"]
             .as_object()
             .unwrap()

@@ -182,6 +182,18 @@ pub fn op_cost(target: &Target, op: &Op, ins: &[&TensorType], out: &TensorType) 
                     let k = ins[0].shape.last().map_or(1.0, size);
                     (2.0 * k + (ins.len() - 2) as f64) * numel(out)
                 }
+                // Each group's product and epilogue (x read once), then RoPE's three per
+                // element of the rotated groups' heads.
+                Op::PackedLinear { heads, rotary, .. } => {
+                    let k = ins[0].shape.last().map_or(1.0, size);
+                    let groups = heads.len();
+                    let tables = 2 * usize::from(*rotary > 0);
+                    let epilogue = (ins.len() - 1 - groups - tables) as f64 / groups as f64;
+                    let total: usize = heads.iter().sum();
+                    let rotated: usize = heads[..*rotary].iter().sum();
+                    let share = rotated as f64 / total as f64;
+                    (2.0 * k + epilogue + 3.0 * share) * numel(out)
+                }
                 // Two products sharing x, their scales, then silu and the gate product.
                 Op::SwiGlu { .. } => {
                     let k = ins[0].shape.last().map_or(1.0, size);

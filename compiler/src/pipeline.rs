@@ -90,7 +90,8 @@ pub fn default_passes() -> Vec<Pass> {
 /// The passes run after precision lowering ([`crate::precision`], which creates fp8's scale
 /// products and bf16's roundings): `epilogue` (matmul epilogues into `linear` ops), `heads`
 /// (head layouts and RoPE into projections, merged heads into attention), `swiglu` (gated
-/// MLPs into `swiglu` ops). At f32, where lowering changes nothing, [`default_passes`]
+/// MLPs into `swiglu` ops), `qkv` (an attention's q, k and v projections into one
+/// `packed_linear`; last, a graph pass, so no e-graph extraction reorders its nodes). At f32, where lowering changes nothing, [`default_passes`]
 /// followed by these is the whole pipeline.
 pub fn lowered_passes() -> Vec<Pass> {
     vec![
@@ -105,6 +106,10 @@ pub fn lowered_passes() -> Vec<Pass> {
         Pass {
             name: "swiglu",
             kind: PassKind::Rewrite(rules::swiglu::rules),
+        },
+        Pass {
+            name: "qkv",
+            kind: PassKind::Graph(rules::qkv::pack),
         },
     ]
 }
@@ -441,7 +446,7 @@ mod tests {
         assert_eq!(names.len(), default_passes().len() + lowered_passes().len());
         assert_eq!(
             names[default_passes().len()..],
-            ["epilogue", "heads", "swiglu"]
+            ["epilogue", "heads", "swiglu", "qkv"]
         );
         let ops: Vec<&str> = h.nodes().iter().map(|n| n.op.name()).collect();
         assert_eq!(ops, ["input", "param", "param", "linear"]);

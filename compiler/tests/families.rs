@@ -3,14 +3,15 @@
 //! queries and keys is part of its projection's `linear` op (two per layer, no `rotary` op or
 //! negation left), each matmul epilogue the architecture has (a residual or bias add alone
 //! after a projection) is part of one `linear` op, each projection split into attention heads
-//! is one `linear` op with `heads`, each attention writes its heads merged into rows, each
+//! is one `linear` op with `heads` or a group of a `packed_linear` op (an attention's q, k
+//! and v projections packed into one), each attention writes its heads merged into rows, each
 //! SwiGLU MLP's gate and up projections are one `swiglu` op, and the reference executor gives
 //! the unoptimized graph's outputs (within 1e-5 of each output's largest magnitude) with the
 //! fixture's weights.
 
 mod common;
 
-use common::{count, optimize_fixture};
+use common::{count, optimize_fixture, projections};
 use kiln_ir::{Graph, Op};
 use kiln_models::config::Family;
 
@@ -29,12 +30,14 @@ fn norm_weights(g: &Graph) -> usize {
 }
 
 /// The `linear` ops a fixture's graph must have: `per_layer` in each layer (one layer per
-/// attention op), `extra` outside them; `heads` of each layer's split into attention heads;
-/// and the `swiglu` ops of each layer.
+/// attention op), `extra` outside them; `heads` of each layer's split into attention heads
+/// (as `linear` ops or groups of its `packed` `packed_linear` ops); and the `swiglu` ops of
+/// each layer.
 struct Epilogues {
     per_layer: usize,
     extra: usize,
     heads: usize,
+    packed: usize,
     swiglu: usize,
 }
 
@@ -59,11 +62,7 @@ fn check(fixture: &str, norm: &str, epilogues: Epilogues) {
                 Family::Decoder(_) => 2 * layers,
                 _ => 0,
             };
-            let rotated = h
-                .nodes()
-                .iter()
-                .filter(|n| matches!(n.op, Op::Linear { rotary: true, .. }))
-                .count();
+            let (_, rotated) = projections(&h);
             assert_eq!(rotated, rotary, "{fixture} {which}: rotated projections");
             assert_eq!(count(&h, "rotary"), 0, "{fixture} {which}");
             assert_eq!(count(&h, "neg"), 0, "{fixture} {which}");
@@ -86,12 +85,13 @@ fn check(fixture: &str, norm: &str, epilogues: Epilogues) {
             epilogues.per_layer * layers + epilogues.extra,
             "{fixture} {which}: linear ops over {layers} layers"
         );
-        let split = h
-            .nodes()
-            .iter()
-            .filter(|n| matches!(n.op, Op::Linear { heads: 1.., .. }))
-            .count();
+        let (split, _) = projections(&h);
         assert_eq!(split, epilogues.heads * layers, "{fixture} {which}: heads");
+        assert_eq!(
+            count(&h, "packed_linear"),
+            epilogues.packed * layers,
+            "{fixture} {which}: packed q, k and v"
+        );
         let merged = h.nodes().iter().filter(|n| {
             matches!(
                 n.op,
@@ -107,12 +107,13 @@ fn check(fixture: &str, norm: &str, epilogues: Epilogues) {
     }
 }
 
-/// The q, k and v projections (split into heads, q and k rotated) and the o_proj and
-/// down_proj residual adds; gate and up are a `swiglu` op.
+/// The o_proj and down_proj residual adds; the q, k and v projections (split into heads, q
+/// and k rotated) are one `packed_linear` op; gate and up are a `swiglu` op.
 const LLAMA: Epilogues = Epilogues {
-    per_layer: 5,
+    per_layer: 2,
     extra: 0,
     heads: 3,
+    packed: 1,
     swiglu: 1,
 };
 
@@ -134,12 +135,13 @@ fn qwen2() {
 
 #[test]
 fn mixtral() {
-    // q, k and v split into heads and o_proj's residual add (the experts' sum is part of
-    // the `moe` op).
+    // o_proj's residual add (the experts' sum is part of the `moe` op); q, k and v split
+    // into heads in one `packed_linear`.
     let epilogues = Epilogues {
-        per_layer: 4,
+        per_layer: 1,
         extra: 0,
         heads: 3,
+        packed: 1,
         swiglu: 0,
     };
     check("mixtral", "rmsnorm", epilogues);
@@ -149,11 +151,13 @@ fn mixtral() {
 fn gpt2() {
     // c_attn's bias; the other projections' biases are added with the residual or fed to
     // GELU in one elementwise kernel (the `fuse` pass), which a `linear` op cannot hold.
-    // Its heads are slices of c_attn's output, which no projection's head layout holds.
+    // Its heads are slices of c_attn's output, which no projection's head layout holds
+    // (so no `packed_linear` either).
     let epilogues = Epilogues {
         per_layer: 1,
         extra: 0,
         heads: 0,
+        packed: 0,
         swiglu: 0,
     };
     check("gpt2", "layernorm", epilogues);
@@ -161,13 +165,14 @@ fn gpt2() {
 
 #[test]
 fn bert() {
-    // The query, key and value biases, and the MLM decoder's bias; the other biases are
-    // added with the residual or fed to GELU in one elementwise kernel (the `fuse` pass).
-    // Each of them split into heads.
+    // The MLM decoder's bias; the other biases are added with the residual or fed to GELU
+    // in one elementwise kernel (the `fuse` pass). The query, key and value projections,
+    // biases included, split into heads in one `packed_linear`.
     let epilogues = Epilogues {
-        per_layer: 3,
+        per_layer: 0,
         extra: 1,
         heads: 3,
+        packed: 1,
         swiglu: 0,
     };
     check("bert", "layernorm", epilogues);
@@ -175,13 +180,14 @@ fn bert() {
 
 #[test]
 fn distilbert() {
-    // The query, key and value biases, and the MLM decoder's bias; the other biases are
-    // added with the residual or fed to GELU in one elementwise kernel (the `fuse` pass).
-    // Each of them split into heads.
+    // The MLM decoder's bias; the other biases are added with the residual or fed to GELU
+    // in one elementwise kernel (the `fuse` pass). The query, key and value projections,
+    // biases included, split into heads in one `packed_linear`.
     let epilogues = Epilogues {
-        per_layer: 3,
+        per_layer: 0,
         extra: 1,
         heads: 3,
+        packed: 1,
         swiglu: 0,
     };
     check("distilbert", "layernorm", epilogues);

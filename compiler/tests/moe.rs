@@ -30,12 +30,14 @@ fn mixtral_moe_blocks_become_one_moe_each() {
         assert_eq!(count(&h, "moe"), layers, "{which}: moe ops");
         // The dense form is gone: no router softmax, top-k or routing comparison, no expert
         // MLP; the only matmuls left are the LM head(s); attention's q, k, v projections
-        // (split into heads) and o_proj with its residual add are `linear` ops.
+        // (split into heads) are one `packed_linear` op and o_proj with its residual add a
+        // `linear` op.
         for op in ["topk", "softmax", "gather_along", "eq", "silu"] {
             assert_eq!(count(&h, op), 0, "{which}: {op} left");
         }
         assert_eq!(count(&h, "matmul"), heads(&g), "{which}");
-        assert_eq!(count(&h, "linear"), 4 * layers, "{which}");
+        assert_eq!(count(&h, "linear"), layers, "{which}");
+        assert_eq!(count(&h, "packed_linear"), layers, "{which}");
         for node in h.nodes().iter().filter(|n| matches!(n.op, Op::Moe { .. })) {
             assert_eq!(node.op, Op::Moe { top_k: 2 });
             assert_eq!(node.inputs.len(), 2 + 3 * 4);

@@ -8,6 +8,10 @@
 //!   `linear` without heads into its matmul, scale product and sum;
 //! - `attention` with `merge_heads` into `attention` without, the permute and the reshape
 //!   ([`Op::Attention`]);
+//! - `packed_linear` into its groups' `linear` ops and the `concat` of their heads
+//!   ([`Op::PackedLinear`]); a `slice` selecting exactly one group ([`group_part`]) becomes
+//!   that group's result, not a copy of the concatenation, and the `concat` is written only
+//!   when something other than such parts reads the packed result;
 //! - `swiglu` into its two linear layers (plain matmuls when unscaled) and the
 //!   `fused_elementwise` `(mul (silu $0) $1)` of them ([`Op::SwiGlu`]; a `fused_elementwise`
 //!   is exactly its primitive ops, so the expansion is too).
@@ -16,6 +20,35 @@
 //! gates, and one that wants primitives (CUDA) chooses every composite it lacks.
 
 use crate::{BinaryOp, Dim, Expr, Graph, Node, Op, OpError, TensorType, UnaryOp, ValueId};
+use std::collections::{HashMap, HashSet};
+
+/// When `v` is a `slice` of a [`Op::PackedLinear`] result selecting exactly the heads of one
+/// of its groups (along the head axis, fixed bounds), the packed value and the group's index.
+/// Such a part is the group's own projection: [`expand`] turns it into that projection's
+/// result, so no backend copies it (a backend's plan is of the expanded graph).
+pub fn group_part(g: &Graph, v: ValueId) -> Option<(ValueId, usize)> {
+    let node = g.node(v)?;
+    let Op::Slice { axis, start, end } = &node.op else {
+        return None;
+    };
+    let packed = *node.inputs.first()?;
+    let Op::PackedLinear { heads, .. } = &g.node(packed)?.op else {
+        return None;
+    };
+    if *axis + 3 != g.ty(packed).rank() {
+        return None;
+    }
+    let (start, end) = (start.as_fixed()?, end.as_fixed()?);
+    let mut at = 0;
+    for (i, &h) in heads.iter().enumerate() {
+        let h = i64::try_from(h).ok()?;
+        if (start, end) == (at, at + h) {
+            return Some((packed, i));
+        }
+        at += h;
+    }
+    None
+}
 
 /// `g` with every node whose op satisfies `which` and is `rotary`, `linear`, `swiglu` or
 /// `attention` with `merge_heads` replaced by its definition (whose own ops are expanded again
@@ -25,13 +58,20 @@ pub fn expand(g: &Graph, which: impl Fn(&Op) -> bool) -> Result<Graph, (ValueId,
     let mut x = Expander {
         out: Graph::new(),
         which,
+        groups: HashMap::new(),
     };
+    let whole = read_whole(g);
     let mut remap: Vec<ValueId> = Vec::with_capacity(g.nodes().len());
     for (v, node) in g.iter() {
         let inputs: Vec<ValueId> = node.inputs.iter().map(|v| remap[v.index()]).collect();
-        let id = match x.expands(&node.op) {
-            true => x.add(node.op.clone(), &inputs),
-            false => Ok(x.out.push(Node {
+        let part = group_part(g, v).and_then(|(p, i)| Some(*x.groups.get(&p)?.get(i)?));
+        let id = match (part, x.expands(&node.op)) {
+            (Some(group), _) => Ok(group),
+            (None, true) if matches!(node.op, Op::PackedLinear { .. }) => {
+                x.packed(v, &node.op, &inputs, whole.contains(&v))
+            }
+            (None, true) => x.add(node.op.clone(), &inputs),
+            (None, false) => Ok(x.out.push(Node {
                 op: node.op.clone(),
                 inputs,
                 ty: node.ty.clone(),
@@ -45,10 +85,25 @@ pub fn expand(g: &Graph, which: impl Fn(&Op) -> bool) -> Result<Graph, (ValueId,
     Ok(x.out)
 }
 
-/// The graph being written and the choice of ops to expand.
+/// The `packed_linear` results of `g` read other than as a [`group_part`] (by another op or
+/// as a graph output): their expansion needs the `concat` of the groups.
+fn read_whole(g: &Graph) -> HashSet<ValueId> {
+    let packed = |v: &ValueId| matches!(g.node(*v).map(|n| &n.op), Some(Op::PackedLinear { .. }));
+    let mut whole: HashSet<ValueId> = g.outputs().iter().map(|o| o.value).filter(packed).collect();
+    for (v, node) in g.iter() {
+        if group_part(g, v).is_none() {
+            whole.extend(node.inputs.iter().copied().filter(packed));
+        }
+    }
+    whole
+}
+
+/// The graph being written, the choice of ops to expand, and the group results of each
+/// expanded `packed_linear` (by its value in the source graph).
 struct Expander<F> {
     out: Graph,
     which: F,
+    groups: HashMap<ValueId, Vec<ValueId>>,
 }
 
 impl<F: Fn(&Op) -> bool> Expander<F> {
@@ -58,6 +113,7 @@ impl<F: Fn(&Op) -> bool> Expander<F> {
             op,
             Op::Rotary
                 | Op::Linear { .. }
+                | Op::PackedLinear { .. }
                 | Op::SwiGlu { .. }
                 | Op::Attention {
                     merge_heads: true,
@@ -65,6 +121,42 @@ impl<F: Fn(&Op) -> bool> Expander<F> {
                 }
         );
         composite && (self.which)(op)
+    }
+
+    /// The packed projection `v` (`op` over `ins`) as its groups' `linear` ops (each expanded
+    /// when chosen), remembered for its parts; with `whole`, also their `concat` along the
+    /// head axis, which is then `v`'s result. Without, no reader needs that `concat`, and `v`
+    /// stands for its first group, which only its parts (redirected to their groups) read.
+    fn packed(
+        &mut self,
+        v: ValueId,
+        op: &Op,
+        ins: &[ValueId],
+        whole: bool,
+    ) -> Result<ValueId, OpError> {
+        let tys: Vec<&TensorType> = ins.iter().map(|&v| self.out.ty(v)).collect();
+        let ty = crate::infer(op, &tys).map_err(|reason| OpError {
+            op: op.name().into(),
+            operands: tys.iter().map(|t| t.to_string()).collect(),
+            reason,
+        })?;
+        let groups = op.packed_groups(ins.len()).unwrap_or_default();
+        let mut results = Vec::with_capacity(groups.len());
+        for (linear, at) in groups {
+            let operands: Vec<ValueId> = at.iter().map(|&i| ins[i]).collect();
+            results.push(self.add(linear, &operands)?);
+        }
+        let first = results[0];
+        self.groups.insert(v, results.clone());
+        match whole {
+            true => self.out.add(
+                Op::Concat {
+                    axis: ty.rank() - 3,
+                },
+                &results,
+            ),
+            false => Ok(first),
+        }
     }
 
     /// `op(ins)`, expanded when chosen.
@@ -310,6 +402,81 @@ mod tests {
         }
         // Not chosen: copied as it is.
         assert_eq!(expand(&g, |_| false).unwrap(), g);
+    }
+
+    /// `packed_linear` of q (4 heads, rotated), k (2, rotated) and v (2) over `x [2, 3, 8]`,
+    /// heads of size 2, and the slices `parts` of it (`(start, end)` along the head axis).
+    fn packed(parts: &[(i64, i64)]) -> (Graph, ValueId, Vec<ValueId>) {
+        let mut g = Graph::new();
+        let x = g.input("x", f32s(&[2, 3, 8]));
+        let wq = g.param("wq", f32s(&[8, 8]));
+        let wk = g.param("wk", f32s(&[4, 8]));
+        let wv = g.param("wv", f32s(&[4, 8]));
+        let table = g.input("cos", f32s(&[2, 1, 3, 2]));
+        let op = Op::PackedLinear {
+            transpose_b: true,
+            heads: vec![4, 2, 2],
+            scaled: 0,
+            added: false,
+            rotary: 2,
+        };
+        let p = g.add(op, &[x, wq, wk, wv, table, table]).unwrap();
+        let slices = parts
+            .iter()
+            .map(|&(start, end)| {
+                let slice = Op::Slice {
+                    axis: 1,
+                    start: Dim::fixed(start),
+                    end: Dim::fixed(end),
+                };
+                g.add(slice, &[p]).unwrap()
+            })
+            .collect();
+        (g, p, slices)
+    }
+
+    #[test]
+    fn packed_linear_parts_are_their_groups() {
+        let (g, p, parts) = packed(&[(0, 4), (4, 6), (6, 8), (5, 7), (0, 8)]);
+        assert_eq!(g.ty(p), &f32s(&[2, 8, 3, 2]));
+        let found: Vec<_> = parts.iter().map(|&v| group_part(&g, v)).collect();
+        assert_eq!(
+            found,
+            [Some((p, 0)), Some((p, 1)), Some((p, 2)), None, None]
+        );
+        let (mut g, _, parts) = packed(&[(0, 4), (4, 6), (6, 8)]);
+        for (i, &v) in parts.iter().enumerate() {
+            g.add_output(&format!("part{i}"), v);
+        }
+        verify(&g).unwrap();
+        // Parts only: three linears, no concat, each output the group's own result.
+        let h = expand(&g, |op| matches!(op, Op::PackedLinear { .. })).unwrap();
+        verify(&h).unwrap();
+        assert_eq!(ops(&h)[5..], ["linear", "linear", "linear"]);
+        let linears: Vec<ValueId> = h
+            .iter()
+            .filter(|(_, n)| matches!(n.op, Op::Linear { .. }))
+            .map(|(v, _)| v)
+            .collect();
+        let outs: Vec<ValueId> = h.outputs().iter().map(|o| o.value).collect();
+        assert_eq!(outs, linears);
+        // A slice that is not one group, or the packed value read whole: the concat is written.
+        let (mut g, _, parts) = packed(&[(0, 4), (4, 6), (6, 8), (5, 7)]);
+        for (i, &v) in parts.iter().enumerate() {
+            g.add_output(&format!("part{i}"), v);
+        }
+        let h = expand(&g, |op| matches!(op, Op::PackedLinear { .. })).unwrap();
+        verify(&h).unwrap();
+        assert_eq!(
+            ops(&h)[5..],
+            ["linear", "linear", "linear", "concat", "slice"]
+        );
+        let (mut g, p, _) = packed(&[]);
+        g.add_output("p", p);
+        let h = expand(&g, |_| true).unwrap();
+        verify(&h).unwrap();
+        assert!(ops(&h).contains(&"concat") && !ops(&h).contains(&"linear"));
+        assert_eq!(h.ty(h.outputs()[0].value), g.ty(p));
     }
 
     #[test]

@@ -423,6 +423,36 @@ pub fn infer(op: &Op, ins: &[&TensorType]) -> R {
                 false => Ok(y),
             }
         }
+        Op::PackedLinear { heads, .. } => {
+            let groups = op.packed_groups(ins.len()).ok_or_else(|| {
+                format!(
+                    "packed_linear with heads {heads:?} has the wrong flags or operand count {}",
+                    ins.len()
+                )
+            })?;
+            let mut out: Option<TensorType> = None;
+            for (linear, at) in groups {
+                let group: Vec<&TensorType> = at.iter().map(|&i| ins[i]).collect();
+                let y = infer(&linear, &group)?;
+                let r = y.rank();
+                out = Some(match out {
+                    None => y,
+                    Some(mut t) => {
+                        let same = t.dtype == y.dtype
+                            && t.shape[..r - 3] == y.shape[..r - 3]
+                            && t.shape[r - 2..] == y.shape[r - 2..];
+                        if !same {
+                            return Err(format!(
+                                "packed_linear groups {t} and {y} differ beyond their heads"
+                            ));
+                        }
+                        t.shape[r - 3] = &t.shape[r - 3] + &y.shape[r - 3];
+                        t
+                    }
+                });
+            }
+            out.ok_or_else(|| "packed_linear needs a group".into())
+        }
         Op::SwiGlu {
             transpose_b,
             scaled,

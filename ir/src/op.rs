@@ -1,8 +1,8 @@
 //! The op set: every operation a kiln graph can contain, with its exact semantics.
 //!
 //! Primitive ops are what model code traces into; composite ops (`rmsnorm`, `layernorm`,
-//! `rotary`, `linear`, `attention`, `swiglu`, `moe`, `fused_elementwise`) are what the
-//! optimizer creates and backends implement as single kernels.
+//! `rotary`, `linear`, `packed_linear`, `attention`, `swiglu`, `moe`, `fused_elementwise`)
+//! are what the optimizer creates and backends implement as single kernels.
 //! Each op's semantics is stated on its variant; [`UnaryOp::eval`], [`BinaryOp::eval`] and
 //! [`CmpOp::eval`] define the scalar functions, computed in f64 and then rounded to the
 //! result dtype: to f32 first, then (for f16, bf16 and fp8) from that f32 to the narrower
@@ -487,6 +487,36 @@ pub enum Op {
         #[serde(default)]
         rotary: bool,
     },
+    /// Composite packed projection (a fused QKV): `g >= 1` [`Op::Linear`] layers with head
+    /// layouts over one activation, their heads written side by side. Operands: `x`, then for
+    /// each group `i` in order its weight `w_i`, its per-column `scale_i` if `i < scaled`, its
+    /// `addend_i` if `added`; then `cos` and `sin` if `rotary > 0`. Group `i` is
+    /// `linear(x, w_i[, scale_i][, addend_i][, cos, sin]) heads=heads[i]` with this op's
+    /// `transpose_b`, rotated when `i < rotary` (so the rotated groups come first, as q and k
+    /// before v), each of type `[.., heads[i], s, d]`: every group must have one dtype, one
+    /// head size `d` and one batch and row shape. The result is their [`Op::Concat`] along
+    /// the head axis (rank − 3): `[.., Σ heads, s, d]`, group `i` at heads
+    /// `Σ_{j<i} heads[j] ..` (computed as that chain, bit for bit: [`crate::decompose`]).
+    ///
+    /// No weight is concatenated: the weights stay separate operands, so a backend runs one
+    /// GEMM over the groups' output columns (or one per group) and nothing is computed at
+    /// load. A [`Op::Slice`] of the result that selects exactly one group's heads is that
+    /// group's projection: [`crate::decompose::group_part`] recognizes it and
+    /// [`crate::decompose::expand`] replaces it by the group's own result, so no backend
+    /// copies it (the kernel count leaves such parts out for that reason).
+    PackedLinear {
+        /// Read every weight as `[.., n_i, k]` transposed.
+        transpose_b: bool,
+        /// Heads of each group, in order (each > 0).
+        heads: Vec<usize>,
+        /// How many leading groups carry a per-column scale operand (fp8's scaled q with
+        /// bf16 k and v: 1).
+        scaled: usize,
+        /// Every group carries an addend (a bias) after its weight and scale.
+        added: bool,
+        /// How many leading groups are rotated by the `cos` and `sin` operands, which come last.
+        rotary: usize,
+    },
     /// Composite scaled-dot-product attention. Operands `(q[b, hq, sq, d], k[b, hkv, sk, d],
     /// v[b, hkv, sk, dv])` and optionally an additive `mask` broadcastable to `[b, hq, sq, sk]`.
     /// `hq` is a multiple of `hkv`; query head `h` uses key/value head `h / (hq / hkv)`.
@@ -596,11 +626,53 @@ impl Op {
             Op::LayerNorm { .. } => "layernorm",
             Op::Rotary => "rotary",
             Op::Linear { .. } => "linear",
+            Op::PackedLinear { .. } => "packed_linear",
             Op::Attention { .. } => "attention",
             Op::SwiGlu { .. } => "swiglu",
             Op::Moe { .. } => "moe",
             Op::FusedElementwise { .. } => "fused_elementwise",
         }
+    }
+
+    /// For a [`Op::PackedLinear`] with `operands` operands: each group's [`Op::Linear`] and
+    /// the indices of its operands (`x`, weight, scale, addend, `cos`, `sin`); `None` for other
+    /// ops or a wrong operand count.
+    pub fn packed_groups(&self, operands: usize) -> Option<Vec<(Op, Vec<usize>)>> {
+        let Op::PackedLinear {
+            transpose_b,
+            heads,
+            scaled,
+            added,
+            rotary,
+        } = self
+        else {
+            return None;
+        };
+        let per = |i: usize| 1 + usize::from(i < *scaled) + usize::from(*added);
+        let weights: usize = (0..heads.len()).map(per).sum();
+        let tables = 1 + weights;
+        let arity = tables + 2 * usize::from(*rotary > 0);
+        if heads.is_empty() || *scaled > heads.len() || *rotary > heads.len() || operands != arity {
+            return None;
+        }
+        let mut next = 1;
+        let groups = heads.iter().enumerate().map(|(i, &h)| {
+            let mut ins = vec![0];
+            ins.extend(next..next + per(i));
+            next += per(i);
+            if i < *rotary {
+                ins.extend([tables, tables + 1]);
+            }
+            let op = Op::Linear {
+                transpose_b: *transpose_b,
+                scaled: i < *scaled,
+                added: *added,
+                heads: h,
+                rotary: i < *rotary,
+            };
+            (op, ins)
+        });
+        Some(groups.collect())
     }
 
     /// True for ops with no operands that introduce a value (inputs, params, constants, iota).

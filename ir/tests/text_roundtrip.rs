@@ -468,6 +468,32 @@ impl Gen<'_> {
                 }));
             }
         }
+        if heads > 0 && self.flip() {
+            // A packed projection: this layer and a second of the same types (as k and v),
+            // scaled and rotated groups leading.
+            let tables = ins.split_off(ins.len() - 2 * usize::from(rotary));
+            let mut second = vec![self.leaf(self.ty(b))];
+            let both_scaled = scaled && self.flip();
+            if both_scaled {
+                second.push(self.leaf(self.ty(ins[2])));
+            }
+            if added {
+                second.push(self.leaf(self.ty(ins[ins.len() - 1])));
+            }
+            ins.extend(second);
+            ins.extend(tables);
+            let count = |on: bool, both: bool| usize::from(on) + usize::from(on && both);
+            let both_rotated = self.flip();
+            let op = Op::PackedLinear {
+                transpose_b,
+                heads: vec![heads, heads],
+                scaled: count(scaled, both_scaled),
+                added,
+                rotary: count(rotary, both_rotated),
+            };
+            self.add(op, &ins);
+            return;
+        }
         let op = Op::Linear {
             transpose_b,
             scaled,
@@ -679,6 +705,7 @@ fn generator_covers_the_op_set() {
         "rmsnorm",
     ]);
     all.extend(["layernorm", "attention", "moe", "fused_elementwise"]);
+    all.extend(["swiglu", "packed_linear"]);
     all.extend(UnaryOp::ALL.map(UnaryOp::name));
     all.extend(BinaryOp::ALL.map(BinaryOp::name));
     all.extend(CmpOp::ALL.map(CmpOp::name));

@@ -1,5 +1,6 @@
-//! The fused layer ops the optimizer's `heads` and `swiglu` passes create (`linear` with a
-//! head layout and RoPE, `attention` with merged heads, `swiglu`) run by the reference
+//! The fused layer ops the optimizer's `heads`, `swiglu` and `qkv` passes create (`linear`
+//! with a head layout and RoPE, `attention` with merged heads, `swiglu`, `packed_linear` and
+//! its parts) run by the reference
 //! executor bit for bit as the chains of ops they are defined as
 //! (`kiln_ir::decompose::expand` of them, run by the same executor), in f32 and bf16, on
 //! pseudo-random data; the head layout is also checked by hand.
@@ -52,6 +53,7 @@ fn same_as_expansion(g: &Graph, inputs: &HashMap<String, Tensor>) -> Tensor {
         h.nodes().iter().all(|n| !matches!(
             n.op,
             Op::Linear { .. }
+                | Op::PackedLinear { .. }
                 | Op::SwiGlu { .. }
                 | Op::Rotary
                 | Op::Attention {
@@ -167,6 +169,58 @@ fn swiglu_is_its_chain() {
             let (g, inputs) = one_op(op, &shapes, dtype);
             let y = same_as_expansion(&g, &inputs);
             assert_eq!(y.shape(), [2, 3, 6]);
+        }
+    }
+}
+
+#[test]
+fn packed_linear_and_its_parts_are_their_chain() {
+    for dtype in [DType::F32, DType::BF16] {
+        for scaled in [0, 1, 3] {
+            for (added, rotary) in [(false, 0), (true, 2), (false, 2), (true, 3)] {
+                // q 4 heads, k and v 2 heads, of size 2 over x [2, 3, 8]; tables [2, 1, 3, 2].
+                let mut shapes: Vec<&[usize]> = vec![&[2, 3, 8]];
+                for (i, (w, n)) in [(&[8, 8][..], &[8][..]), (&[4, 8], &[4]), (&[4, 8], &[4])]
+                    .into_iter()
+                    .enumerate()
+                {
+                    shapes.push(w);
+                    shapes.extend((i < scaled).then_some(n));
+                    shapes.extend(added.then_some(n));
+                }
+                if rotary > 0 {
+                    shapes.extend([&[2, 1, 3, 2][..], &[2, 1, 3, 2][..]]);
+                }
+                let op = Op::PackedLinear {
+                    transpose_b: true,
+                    heads: vec![4, 2, 2],
+                    scaled,
+                    added,
+                    rotary,
+                };
+                let (mut g, inputs) = one_op(op, &shapes, dtype);
+                let y = same_as_expansion(&g, &inputs);
+                assert_eq!(y.shape(), [2, 8, 3, 2]);
+                // The parts: each the group's own result in the expansion, bit for bit.
+                let p = g.outputs()[0].value;
+                for (name, start, end) in [("q", 0, 4), ("k", 4, 6), ("v", 6, 8)] {
+                    let slice = Op::Slice {
+                        axis: 1,
+                        start: Dim::fixed(start),
+                        end: Dim::fixed(end),
+                    };
+                    let part = g.add(slice, &[p]).unwrap();
+                    g.add_output(name, part);
+                }
+                let h = expand(&g, |op| matches!(op, Op::PackedLinear { .. })).unwrap();
+                let want = run(&g, &inputs, &NoParams).unwrap();
+                let got = run(&h, &inputs, &NoParams).unwrap();
+                for name in ["y", "q", "k", "v"] {
+                    let (a, b) = (got[name].to_f64_vec(), want[name].to_f64_vec());
+                    assert_eq!(got[name].shape(), want[name].shape());
+                    assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()));
+                }
+            }
         }
     }
 }

@@ -64,15 +64,18 @@ pub fn inspect(path: &Path) -> Result<(), CliError> {
     Ok(())
 }
 
-/// The number of ops of `g` that become kernels (inputs, parameters, constants and reshapes,
-/// which are free, excluded), by kind.
+/// The number of ops of `g` that become kernels, by kind. Excluded as free: inputs,
+/// parameters, constants, reshapes, and the parts of a `packed_linear` (a slice selecting one
+/// group's heads, [`kiln::ir::decompose::group_part`]), which every backend replaces by that
+/// group's own result when it expands the packed op (no copy).
 fn kernels(g: &Graph) -> BTreeMap<&'static str, usize> {
     let mut counts = BTreeMap::new();
-    for n in g.nodes() {
-        if !matches!(
+    for (v, n) in g.iter() {
+        let free = matches!(
             n.op,
             Op::Input { .. } | Op::Param { .. } | Op::Const { .. } | Op::Reshape { .. }
-        ) {
+        );
+        if !free && kiln::ir::decompose::group_part(g, v).is_none() {
             *counts.entry(n.op.name()).or_default() += 1;
         }
     }

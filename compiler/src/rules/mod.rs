@@ -2,7 +2,8 @@
 //! (normalization fusion), [`rotary`] (rotary embedding), [`attention`] (scaled-dot-product
 //! attention fusion), [`moe`] (mixture-of-experts dispatch), [`fuse`] (elementwise kernel
 //! fusion), and after precision lowering [`epilogue`] (matmul epilogues), [`heads`] (head
-//! layouts in projections and attention) and [`swiglu`] (gated MLPs).
+//! layouts in projections and attention), [`qkv`] (q, k and v projections packed into one
+//! kernel; a graph pass) and [`swiglu`] (gated MLPs).
 
 pub mod algebra;
 pub mod attention;
@@ -11,6 +12,7 @@ pub mod fuse;
 pub mod heads;
 pub mod moe;
 pub mod norm;
+pub mod qkv;
 pub mod rotary;
 pub mod swiglu;
 
@@ -85,9 +87,24 @@ pub(crate) mod check {
     /// on random inputs.
     pub fn rewrite_exact(g: &Graph, rules: fn() -> Vec<Rewrite>) -> Graph {
         let h = rewrite(g, rules);
+        assert_exact(g, &h);
+        h
+    }
+
+    /// `pass(g)`, verified, checked as [`rewrite_exact`] checks a rule set's result.
+    pub fn pass_exact(g: &Graph, pass: fn(&Graph) -> Graph) -> Graph {
+        let h = pass(g);
+        kiln_ir::verify(&h).unwrap();
+        assert_exact(g, &h);
+        h
+    }
+
+    /// The reference executor gives `h` bit-identical outputs to `g`'s on random inputs.
+    fn assert_exact(g: &Graph, h: &Graph) {
         let (inputs, params) = random_sources(g, 7);
         let want = reference::run(g, &inputs, &params).unwrap();
-        let got = reference::run(&h, &inputs, &params).unwrap();
+        let got = reference::run(h, &inputs, &params).unwrap();
+        assert_eq!(got.len(), want.len());
         for (name, w) in &want {
             let g = &got[name];
             assert_eq!((g.dtype(), g.shape()), (w.dtype(), w.shape()), "{name}");
@@ -96,6 +113,5 @@ pub(crate) mod check {
                 assert!(a.to_bits() == b.to_bits(), "{name}[{i}]: {a} vs {b}");
             }
         }
-        h
     }
 }

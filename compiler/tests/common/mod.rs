@@ -11,7 +11,7 @@ pub mod testutil;
 
 use kiln_compiler::pipeline::run_lowered;
 use kiln_compiler::{optimize, Limits, Target};
-use kiln_ir::{verify, Bindings, DType, Graph};
+use kiln_ir::{verify, Bindings, DType, Graph, Op};
 use kiln_models::config::Family;
 use kiln_models::encoder::base_model_prefix;
 use kiln_models::nn::adapt_param_names;
@@ -87,6 +87,20 @@ pub fn heads(g: &Graph) -> usize {
 }
 
 /// How many nodes of `g` have the op named `op`.
+/// The head-layout projections of `g` (`linear` ops with heads and groups of `packed_linear`
+/// ops) and how many of them are rotated.
+pub fn projections(g: &Graph) -> (usize, usize) {
+    g.nodes()
+        .iter()
+        .fold((0, 0), |(split, rotated), n| match &n.op {
+            Op::Linear {
+                heads: 1.., rotary, ..
+            } => (split + 1, rotated + usize::from(*rotary)),
+            Op::PackedLinear { heads, rotary, .. } => (split + heads.len(), rotated + rotary),
+            _ => (split, rotated),
+        })
+}
+
 pub fn count(g: &Graph, op: &str) -> usize {
     g.nodes().iter().filter(|n| n.op.name() == op).count()
 }

@@ -125,6 +125,7 @@ pub fn legalize(graph: &Graph) -> Result<Graph, ExecError> {
             op,
             Op::Rotary
                 | Op::Linear { .. }
+                | Op::PackedLinear { .. }
                 | Op::SwiGlu { .. }
                 | Op::Attention {
                     merge_heads: true,

@@ -137,6 +137,19 @@ pub(crate) fn fields(op: &mut Op) -> Vec<(&'static str, Field<'_>)> {
             ("heads", F::Usize(heads)),
             ("rotary", F::Bool(rotary)),
         ],
+        Op::PackedLinear {
+            transpose_b,
+            heads,
+            scaled,
+            added,
+            rotary,
+        } => vec![
+            ("transpose_b", F::Bool(transpose_b)),
+            ("heads", F::Axes(heads)),
+            ("scaled", F::Usize(scaled)),
+            ("added", F::Bool(added)),
+            ("rotary", F::Usize(rotary)),
+        ],
         Op::SwiGlu {
             transpose_b,
             scaled,
@@ -251,6 +264,13 @@ pub(crate) fn templates() -> Vec<Op> {
             heads: 0,
             rotary: false,
         },
+        Op::PackedLinear {
+            transpose_b: false,
+            heads: vec![],
+            scaled: 0,
+            added: false,
+            rotary: 0,
+        },
         Op::SwiGlu {
             transpose_b: false,
             scaled: false,
@@ -278,7 +298,7 @@ mod tests {
         let ops = templates();
         let names: HashSet<&str> = ops.iter().map(Op::name).collect();
         assert_eq!(names.len(), ops.len());
-        assert_eq!(ops.len(), 3 + 23 + 19 + 9 + 6 + 4);
+        assert_eq!(ops.len(), 3 + 24 + 19 + 9 + 6 + 4);
         for mut op in ops {
             let keys: Vec<&str> = fields(&mut op).into_iter().map(|(k, _)| k).collect();
             let unique: HashSet<&&str> = keys.iter().collect();

@@ -1,6 +1,8 @@
 //! The compiler's fused layer forms, written back as the graph forms this backend's plan fuses
 //! itself ([`super::fuse`]): a `linear` op with a head layout (and RoPE) becomes its `linear`
-//! (or matmul), reshape, permute and `rotary`; `attention` with merged heads becomes
+//! (or matmul), reshape, permute and `rotary`; a `packed_linear` becomes its groups' such
+//! projections (its parts read them directly, no `concat` unless the packed result itself is
+//! read); `attention` with merged heads becomes
 //! `attention`, permute and reshape; `swiglu` becomes its two projections and the
 //! `fused_elementwise` `(mul (silu $0) $1)` of them ([`kiln_ir::decompose::expand`], exact).
 //! The plan then fuses those into the same steps as before: a Llama layer stays 7 kernels.
@@ -16,6 +18,7 @@ fn fused_layout(op: &Op) -> bool {
     matches!(
         op,
         Op::Linear { heads: 1.., .. }
+            | Op::PackedLinear { .. }
             | Op::SwiGlu { .. }
             | Op::Attention {
                 merge_heads: true,

@@ -449,6 +449,22 @@ pub(crate) fn eval_op(ctx: &Ctx<'_>, op: &Op, args: &[&Tensor]) -> Result<Tensor
                 h => composite::heads(ctx, h, &y, tables),
             }
         }
+        Op::PackedLinear { heads, .. } => {
+            let groups = op.packed_groups(args.len()).ok_or_else(|| {
+                ctx.mismatch(format!(
+                    "packed_linear with heads {heads:?} takes other operands than {}",
+                    args.len()
+                ))
+            })?;
+            let mut results = Vec::with_capacity(groups.len());
+            for (linear, at) in groups {
+                let operands: Vec<&Tensor> = at.iter().map(|&i| args[i]).collect();
+                results.push(eval_op(ctx, &linear, &operands)?);
+            }
+            let rank = results[0].shape().len();
+            let parts: Vec<&Tensor> = results.iter().collect();
+            layout::concat(ctx, rank - 3, &parts)
+        }
         Op::SwiGlu {
             transpose_b,
             scaled,
