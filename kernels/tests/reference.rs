@@ -13,7 +13,7 @@ use half::bf16;
 use kiln_ir::trace::Tracer;
 use kiln_ir::{DType, Op, F64};
 use kiln_kernels::gemm::{matmul_f32, matmul_f32_batched, BatchStrides, Gemm, MatLayout};
-use kiln_kernels::gemm_bf16::{matmul_bf16_many_with, matmul_bf16_with, PackedBf16};
+use kiln_kernels::gemm_bf16::{matmul_bf16_many_with, matmul_bf16_with, PackedBf16, RowEpilogue};
 use kiln_kernels::{elementwise, gemv, rowwise, Isa, KernelError};
 use kiln_runtime::{Storage, Tensor};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -486,13 +486,18 @@ fn matmul_bf16_many_matches_reference_per_product() {
         .map(|(&n, w)| PackedBf16::pack(n, k, w).unwrap())
         .collect();
     for isa in isas() {
-        let mut outs: Vec<Vec<f32>> = ns.iter().map(|&n| vec![f32::NAN; m * n]).collect();
-        let mut products: Vec<(&PackedBf16, &mut [f32])> = packed
-            .iter()
-            .zip(outs.iter_mut())
-            .map(|(p, c)| (p, c.as_mut_slice()))
-            .collect();
-        matmul_bf16_many_with(isa, m, &af, &mut products, None).unwrap();
+        let run = |epilogue: Option<&RowEpilogue<'_>>| {
+            let mut outs: Vec<Vec<f32>> = ns.iter().map(|&n| vec![f32::NAN; m * n]).collect();
+            let mut products: Vec<(&PackedBf16, &mut [f32])> = packed
+                .iter()
+                .zip(outs.iter_mut())
+                .map(|(p, c)| (p, c.as_mut_slice()))
+                .collect();
+            matmul_bf16_many_with(isa, m, &af, &mut products, epilogue).unwrap();
+            drop(products);
+            outs
+        };
+        let outs = run(None);
         for ((&n, w), c) in ns.iter().zip(&ws).zip(&outs) {
             let (want, bound) = bf16_reference(m, n, k, &af, w);
             assert_products(
@@ -514,13 +519,7 @@ fn matmul_bf16_many_matches_reference_per_product() {
                 *v = -*v + (i + r % 3 + (c0 + j) % 5) as f32;
             }
         };
-        let mut outs: Vec<Vec<f32>> = ns.iter().map(|&n| vec![f32::NAN; m * n]).collect();
-        let mut products: Vec<(&PackedBf16, &mut [f32])> = packed
-            .iter()
-            .zip(outs.iter_mut())
-            .map(|(p, c)| (p, c.as_mut_slice()))
-            .collect();
-        matmul_bf16_many_with(isa, m, &af, &mut products, Some(&finish)).unwrap();
+        let outs = run(Some(&finish));
         for (i, ((&n, w), c)) in ns.iter().zip(&ws).zip(&outs).enumerate() {
             assert!(calls[i].iter().all(|c| c.load(Ordering::Relaxed) == 1));
             let (want, bound) = bf16_reference(m, n, k, &af, w);

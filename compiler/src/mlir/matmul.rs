@@ -196,15 +196,7 @@ fn tiled<'c>(ctx: &'c Context, key: &KernelKey, ta: bool) -> Result<Lowered<'c>,
         Box::new(move |b, block, v| {
             let (x, y, c) = (v[0], v[1], v[2]);
             let top = Ix { b, block };
-            let r = usize::from(batched);
-            let m = b.dim(block, c, r)?;
-            let n = b.dim(block, c, r + 1)?;
-            let k = b.dim(block, x, if ta { r } else { r + 1 })?;
-            let batches = if batched {
-                b.dim(block, c, 0)?
-            } else {
-                top.c(1)?
-            };
+            let (m, n, k, batches) = sizes(&top, (x, c), batched, usize::from(!ta))?;
             let (mr, nr) = (top.c(MR as i64)?, top.c(NR as i64)?);
             let mt = top.op("arith.divui", m, mr)?;
             let nt = top.op("arith.divui", n, nr)?;
@@ -259,15 +251,7 @@ fn tiled_bt<'c>(ctx: &'c Context, key: &KernelKey) -> Result<Lowered<'c>, MlirEr
         Box::new(move |b, block, v| {
             let (x, y, c) = (v[0], v[1], v[2]);
             let top = Ix { b, block };
-            let r = usize::from(batched);
-            let m = b.dim(block, c, r)?;
-            let n = b.dim(block, c, r + 1)?;
-            let k = b.dim(block, x, r + 1)?;
-            let batches = if batched {
-                b.dim(block, c, 0)?
-            } else {
-                top.c(1)?
-            };
+            let (m, n, k, batches) = sizes(&top, (x, c), batched, 1)?;
             let full = |len: V<'c, '_>, step: usize| -> Result<_, MlirError> {
                 let s = top.c(step as i64)?;
                 let t = top.op("arith.divui", len, s)?;
@@ -555,4 +539,27 @@ fn zeros<'c, 'a>(
     let attr = b.attr(&format!("dense<0.000000e+00> : vector<{lanes}xf32>"))?;
     let zero = b.op(block, "arith.constant", &[], Some(vt), &[("value", attr)])?;
     Ok((vt, zero))
+}
+
+/// The sizes `(m, n, k, batches)` of a product into `c` (with a batch axis first when
+/// `batched`, else one batch), `k` being axis `k_axis` of `x` past its batch axis.
+type Sizes<'c, 'a> = (V<'c, 'a>, V<'c, 'a>, V<'c, 'a>, V<'c, 'a>);
+
+/// See [`Sizes`].
+fn sizes<'c, 'a>(
+    top: &Ix<'_, 'c, 'a>,
+    (x, c): (V<'c, '_>, V<'c, '_>),
+    batched: bool,
+    k_axis: usize,
+) -> Result<Sizes<'c, 'a>, MlirError> {
+    let (b, block, r) = (top.b, top.block, usize::from(batched));
+    let m = b.dim(block, c, r)?;
+    let n = b.dim(block, c, r + 1)?;
+    let k = b.dim(block, x, r + k_axis)?;
+    let batches = if batched {
+        b.dim(block, c, 0)?
+    } else {
+        top.c(1)?
+    };
+    Ok((m, n, k, batches))
 }
