@@ -50,8 +50,8 @@ pub fn group_part(g: &Graph, v: ValueId) -> Option<(ValueId, usize)> {
     None
 }
 
-/// `g` with every node whose op satisfies `which` and is `rotary`, `linear`, `swiglu` or
-/// `attention` with `merge_heads` replaced by its definition (whose own ops are expanded again
+/// `g` with every node whose op satisfies `which` and is `rotary`, `linear`, `packed_linear`,
+/// `swiglu` or `attention` with `merge_heads` replaced by its definition (whose own ops are expanded again
 /// where `which` holds); other nodes are copied unchanged (values renumbered), outputs keep
 /// their names. Fails only on a replaced node the verifier would reject, naming it.
 pub fn expand(g: &Graph, which: impl Fn(&Op) -> bool) -> Result<Graph, (ValueId, OpError)> {

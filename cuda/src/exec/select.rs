@@ -120,20 +120,8 @@ impl Step {
 /// ([`kiln_ir::decompose`]), each of which has one.
 pub fn legalize(graph: &Graph) -> Result<Graph, ExecError> {
     verify(graph)?;
-    let composite = |op: &Op| {
-        matches!(
-            op,
-            Op::Rotary
-                | Op::Linear { .. }
-                | Op::PackedLinear { .. }
-                | Op::SwiGlu { .. }
-                | Op::Attention {
-                    merge_heads: true,
-                    ..
-                }
-        )
-    };
-    kiln_ir::decompose::expand(graph, composite).map_err(|(node, e)| {
+    // `expand` itself keeps to the composite ops it defines: all of them, here.
+    kiln_ir::decompose::expand(graph, |_: &Op| true).map_err(|(node, e)| {
         let op = graph.node(node).map_or("composite", |n| n.op.name());
         ExecError::ShapeMismatch {
             node,
