@@ -187,7 +187,7 @@ impl<F: Fn(&Op) -> bool> Expander<F> {
                 heads,
                 rotary,
             } => {
-                let epilogue = 2 + usize::from(scaled) + usize::from(added);
+                let (epilogue, _) = op.linear_arity().unwrap_or_default();
                 let y = self.product(&ins[..epilogue], transpose_b, scaled, added)?;
                 let heads = self.split_heads(y, heads)?;
                 match rotary {

@@ -408,8 +408,8 @@ pub fn infer(op: &Op, ins: &[&TensorType]) -> R {
             heads,
             rotary,
         } => {
-            let epilogue = 2 + usize::from(*scaled) + usize::from(*added);
-            arity(op, ins, epilogue + 2 * usize::from(*rotary))?;
+            let (epilogue, n) = op.linear_arity().unwrap_or_default();
+            arity(op, ins, n)?;
             let y = infer_product(*transpose_b, *scaled, *added, &ins[..epilogue])?;
             if *heads == 0 {
                 return match rotary {

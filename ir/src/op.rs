@@ -634,6 +634,23 @@ impl Op {
         }
     }
 
+    /// For an [`Op::Linear`]: how many leading operands its product and epilogue take (`x`,
+    /// the weight, then the scale if `scaled` and the addend if `added`) and its whole arity
+    /// (`cos` and `sin` after them when `rotary`); `None` for other ops.
+    pub fn linear_arity(&self) -> Option<(usize, usize)> {
+        let Op::Linear {
+            scaled,
+            added,
+            rotary,
+            ..
+        } = self
+        else {
+            return None;
+        };
+        let epilogue = 2 + usize::from(*scaled) + usize::from(*added);
+        Some((epilogue, epilogue + 2 * usize::from(*rotary)))
+    }
+
     /// For a [`Op::PackedLinear`] with `operands` operands: each group's [`Op::Linear`] and
     /// the indices of its operands (`x`, weight, scale, addend, `cos`, `sin`); `None` for other
     /// ops or a wrong operand count.

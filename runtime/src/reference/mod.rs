@@ -428,8 +428,7 @@ pub(crate) fn eval_op(ctx: &Ctx<'_>, op: &Op, args: &[&Tensor]) -> Result<Tensor
             heads,
             rotary,
         } => {
-            let epilogue = 2 + usize::from(*scaled) + usize::from(*added);
-            let arity = epilogue + 2 * usize::from(*rotary);
+            let (epilogue, arity) = op.linear_arity().unwrap_or_default();
             if args.len() != arity {
                 return Err(ctx.mismatch(format!(
                     "linear takes {arity} operand(s), got {}",
