@@ -33,6 +33,12 @@ pub fn compile(dir: &Path, opts: &CompileOptions) -> Result<(Vec<u8>, Vec<Report
             dir.display()
         )));
     }
+    if opts.emit_mlir && !format::runs_here(opts.load.target.name) {
+        return Err(LoadError::Unsupported(format!(
+            "--emit-mlir carries the CPU backend's MLIR kernels; the target is {}",
+            opts.load.target.name
+        )));
+    }
     let head = ModelDir::open(dir)?.config.head;
     let causal = head == Head::CausalLm;
     let manifest = |model| Manifest {

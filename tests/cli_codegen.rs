@@ -124,6 +124,9 @@ fn codegen_mlir_on_an_artifact_compiles_its_carried_mlir() {
         assert!(!art.exists());
         return;
     }
+    let mut cuda = compile.to_vec();
+    cuda.extend(["--target", "cuda:sm_90"]);
+    refused(&cuda, &["--emit-mlir", "CPU", "cuda-sm90"]);
     let o = kiln(&compile);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let path = art.to_str().unwrap();
