@@ -95,8 +95,8 @@ fn codegen_mlir_on_cuda_matches_transformers_or_is_refused_naming_why() {
     }
 }
 
-/// `kiln compile --emit-mlir` (refused naming the feature in a build without it) carries the
-/// kernels' MLIR; `--codegen mlir` on the artifact compiles every kernel it runs from there
+/// `kiln compile --emit-mlir` (refused naming the feature in a build without it, and for a
+/// CUDA target) carries the kernels' MLIR, byte-identical when repeated; `--codegen mlir` on the artifact compiles every kernel it runs from there
 /// (each says so with `KILN_CODEGEN_LOG`) and matches transformers. With the modules edited in
 /// the file (resealed, so only the MLIR checks stand in the way), none is used: every kernel
 /// is lowered afresh, saying why, and the logits still match.
@@ -129,6 +129,12 @@ fn codegen_mlir_on_an_artifact_compiles_its_carried_mlir() {
     refused(&cuda, &["--emit-mlir", "CPU", "cuda-sm90"]);
     let o = kiln(&compile);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let first = std::fs::read(&art).unwrap();
+    assert!(kiln(&compile).status.success());
+    assert!(
+        first == std::fs::read(&art).unwrap(),
+        "compiling twice gives the same bytes"
+    );
     let path = art.to_str().unwrap();
     let (err, log) = forward_error(path, &[], "carried");
     assert!(err <= 1e-4, "logits max abs error {err:e}");
