@@ -331,8 +331,9 @@ impl MlirKernel {
         // address exactly its operand's elements (a view of them, or a dense copy held until
         // the call returns); an argument the kernel reads with a unit last stride gets one;
         // and a split argument, always dense, is offset by whole rows within its buffer. The
-        // kernel only reads the input buffers (the lowerings never write their operands) and
-        // writes only `out`, which this call borrows mutably.
+        // kernel only reads the input buffers (the lowerings never write their operands; a
+        // module carried by an artifact is compiled only when it is exactly this lowering, see
+        // `carry::compile`) and writes only `out`, which this call borrows mutably.
         unsafe { (self.func)(args.as_mut_ptr()) }
     }
 }
