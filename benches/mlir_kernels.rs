@@ -4,9 +4,17 @@
 //! `1×768 · (2048×768)ᵀ`), causal GQA attention (8 query heads over
 //! 2 key/value heads, 512 positions, head dim 64). Compilation is outside the timing.
 //!
-//! `cargo bench --features mlir --bench mlir_kernels`
+//! The `compile` group times compiling one kernel (rmsnorm over rows of 768) by its parts:
+//! an MLIR context, building the module (`lower`), the whole compilation from the key
+//! (context, module, pipeline, JIT) and from the module an artifact carries
+//! (`kiln_compiler::mlir::carry::compile`: parsed, verified, compared with a fresh lowering).
+//!
+//! `cargo bench --features mlir --bench mlir_kernels` (`-- compile` for that group only)
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use kiln_compiler::mlir::build::context;
+use kiln_compiler::mlir::carry::{self, Source};
+use kiln_compiler::mlir::lower::{lower, Target};
 use kiln_compiler::mlir::{KernelSpec, MlirKernel};
 use kiln_ir::{Expr, Op, F64};
 use kiln_kernels::attention::{attention_f32, AttnOptions, AttnShape, Strides4, View};
@@ -164,5 +172,29 @@ fn kernels(c: &mut Criterion) {
     );
 }
 
-criterion_group!(benches, kernels);
+fn compile(c: &mut Criterion) {
+    let spec = KernelSpec::new(Op::RmsNorm { eps: F64(1e-6) }, &[&[7, 768], &[768]]);
+    let key = spec.key().unwrap();
+    let carried = kiln_compiler::mlir::emit(&spec).unwrap();
+    let mut g = c.benchmark_group("compile rmsnorm 768");
+    g.sample_size(10).measurement_time(Duration::from_secs(3));
+    g.bench_function("context", |b| b.iter(context));
+    let ctx = context();
+    g.bench_function("lower", |b| {
+        b.iter(|| lower(&ctx, black_box(&key), Target::Cpu).unwrap().first_row)
+    });
+    g.bench_function("from the key", |b| {
+        b.iter(|| MlirKernel::compile_key(black_box(&key)).unwrap())
+    });
+    g.bench_function("from the carried module", |b| {
+        b.iter(|| {
+            let (k, source) = carry::compile(black_box(&key), Some(&carried)).unwrap();
+            assert_eq!(source, Source::Carried);
+            k
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, kernels, compile);
 criterion_main!(benches);

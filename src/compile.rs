@@ -1,10 +1,12 @@
 //! The compile side of artifacts: a Hugging Face model directory loaded as for running
 //! (traced, optimized for the target, lowered to the precision, weights bound and converted),
-//! then written with `kiln_runtime::artifact::write`. The same directory and options always
-//! give the same bytes.
+//! then written with `kiln_runtime::artifact::write`, with the kernels' MLIR when asked
+//! (`--emit-mlir`). The same directory and options always give the same bytes.
 
+use crate::codegen;
 use crate::load::{self, LoadError, LoadOptions};
 use kiln_compiler::pipeline::Report;
+use kiln_ir::Graph;
 use kiln_models::{Head, ModelDir};
 use kiln_runtime::artifact::{format, write, Manifest};
 use std::path::Path;
@@ -18,6 +20,9 @@ pub struct CompileOptions {
     pub max_seq: Option<usize>,
     /// The largest batch the artifact will accept.
     pub max_batch: Option<usize>,
+    /// Carry the kernels' MLIR (`--emit-mlir`; needs the `mlir` feature, see
+    /// [`crate::codegen::carried_mlir`]).
+    pub emit_mlir: bool,
 }
 
 /// Compiles the model directory `dir` into artifact bytes, with the optimizer's reports.
@@ -26,6 +31,12 @@ pub fn compile(dir: &Path, opts: &CompileOptions) -> Result<(Vec<u8>, Vec<Report
         return Err(LoadError::Unsupported(format!(
             "{} is a file; kiln compile takes a model directory",
             dir.display()
+        )));
+    }
+    if opts.emit_mlir && !format::runs_here(opts.load.target.name) {
+        return Err(LoadError::Unsupported(format!(
+            "--emit-mlir carries the CPU backend's MLIR kernels; the target is {}",
+            opts.load.target.name
         )));
     }
     let head = ModelDir::open(dir)?.config.head;
@@ -42,24 +53,33 @@ pub fn compile(dir: &Path, opts: &CompileOptions) -> Result<(Vec<u8>, Vec<Report
             .collect(),
         model,
     };
+    let mlir = |graphs: &[Graph]| {
+        opts.emit_mlir
+            .then(|| codegen::carried_mlir(graphs).map_err(LoadError::Unsupported))
+            .transpose()
+    };
     let (bytes, reports) = if causal {
         let lm = load::causal_lm_with(dir, &opts.load)?;
         let (prefill, decode, params) = lm.model.lm.parts();
+        let graphs = [prefill.clone(), decode.clone()];
         let bytes = write::to_bytes(
             &manifest(lm.model.info.clone()),
-            &[prefill.clone(), decode.clone()],
+            &graphs,
             params,
             &lm.model.assets,
+            mlir(&graphs)?.as_ref(),
         );
         (bytes, lm.reports)
     } else {
         let enc = load::encoder_with(dir, &opts.load)?;
         let (graph, params) = enc.model.runner.parts();
+        let graphs = std::slice::from_ref(graph);
         let bytes = write::to_bytes(
             &manifest(enc.model.info.clone()),
-            std::slice::from_ref(graph),
+            graphs,
             params,
             &enc.model.assets,
+            mlir(graphs)?.as_ref(),
         );
         (bytes, enc.reports)
     };

@@ -15,7 +15,7 @@ use kiln_models::encoder::{base_model_prefix, trace_encoder};
 use kiln_models::nn::adapt_param_names;
 use kiln_models::pooling::{self, Pooling};
 use kiln_models::{config::Family, CausalGraphs, Head, ModelDir, ModelError};
-use kiln_runtime::artifact::{Artifact, ArtifactError};
+use kiln_runtime::artifact::{Artifact, ArtifactError, MlirRecord};
 use kiln_runtime::deploy::{CausalModel, Compile, EncoderModel, InputLimits, Model};
 use kiln_runtime::info::{Assets, ModelInfo};
 use kiln_runtime::weights::{Checkpoint, Convert, WeightsError};
@@ -320,12 +320,14 @@ fn artifact(path: &Path, opts: &LoadOptions) -> Result<(Model, String), LoadErro
         )));
     }
     let precision = precision.clone();
-    Ok((art.into_model(&*backend(opts)?)?, precision))
+    let compile = backend(opts, art.mlir())?;
+    Ok((art.into_model(&*compile)?, precision))
 }
 
 /// How a loaded model's graphs are compiled: for the CUDA backend when the placement resolves
-/// to it, else for the CPU backend, either with `opts.codegen`'s kernels.
-fn backend(opts: &LoadOptions) -> Result<Box<Compile>, LoadError> {
+/// to it, else for the CPU backend, either with `opts.codegen`'s kernels (MLIR ones compiled
+/// from `carried`, an artifact's MLIR, where it holds them).
+fn backend(opts: &LoadOptions, carried: Option<&MlirRecord>) -> Result<Box<Compile>, LoadError> {
     let cuda = placement::resolve(opts.placement)
         .map_err(|why| LoadError::Unsupported(format!("--device cuda: {why}")))?;
     match cuda {
@@ -333,7 +335,7 @@ fn backend(opts: &LoadOptions) -> Result<Box<Compile>, LoadError> {
             b,
             codegen::cuda_provider(opts.codegen).map_err(LoadError::Unsupported)?,
         )),
-        None => codegen::compile(opts.codegen).map_err(LoadError::Unsupported),
+        None => codegen::compile(opts.codegen, carried).map_err(LoadError::Unsupported),
     }
 }
 
@@ -414,7 +416,7 @@ pub fn causal_lm_with(path: &Path, opts: &LoadOptions) -> Result<CausalLm, LoadE
         eos_token_ids: dir.config.eos_token_ids.clone(),
     };
     let model = CausalModel::new_on(
-        &*backend(opts)?,
+        &*backend(opts, None)?,
         prefill,
         decode,
         params,
@@ -493,7 +495,7 @@ pub fn encoder_with(path: &Path, opts: &LoadOptions) -> Result<Encoder, LoadErro
         eos_token_ids: dir.config.eos_token_ids.clone(),
     };
     let model = EncoderModel::new_on(
-        &*backend(opts)?,
+        &*backend(opts, None)?,
         bound.pop().unwrap_or_default(),
         params,
         info,

@@ -3,7 +3,10 @@
 //! stored packed and used in place, exactly as from the directory; each bad file (bad packed
 //! weights too) refused with its own message; and mutations of real artifacts (bit flips,
 //! truncations, header fields overwritten with huge values, weight-index fields, packing
-//! included, and recorded-plan fields set to other values), none of which may panic or hang.
+//! included, and recorded-plan and carried-MLIR fields set to other values), none of which may
+//! panic or hang. The MLIR section (`--emit-mlir`) is opaque text to the runtime: its round
+//! trip and its refusals are checked here with a record of made-up modules; the real ones (and
+//! `--codegen mlir` using them) in `tests/cli_codegen.rs` and `compiler/tests/mlir_carry.rs`.
 //!
 //! The mutation test runs `KILN_FUZZ_CASES` cases (3,000 by default, enough for CI); the long
 //! run sets it, in release and under a 4 GiB address-space limit so that a huge allocation would
@@ -20,7 +23,7 @@ use kiln::compile::{compile, CompileOptions};
 use kiln::compiler::Precision;
 use kiln::ir::DType;
 use kiln::load::{self, LoadOptions};
-use kiln::runtime::artifact::{reseal, write, Artifact, SectionKind};
+use kiln::runtime::artifact::{reseal, write, Artifact, CarriedKernel, MlirRecord, SectionKind};
 use kiln::runtime::cpu::CpuGraph;
 use kiln::runtime::deploy::Model;
 use kiln::runtime::Tensor;
@@ -490,7 +493,7 @@ fn bad_files_are_refused_with_their_message() {
     assert!(e.contains("bytes do not hold"), "{e}");
     // A wrong target, written properly.
     art.manifest.target = "cuda-sm90".into();
-    let cuda = write::to_bytes(&art.manifest, &art.graphs, &art.params, &art.assets).unwrap();
+    let cuda = write::to_bytes(&art.manifest, &art.graphs, &art.params, &art.assets, None).unwrap();
     let e = refusal(&cuda);
     assert!(
         e.contains("compiled for target cuda-sm90, but this runtime runs on cpu only"),
@@ -646,6 +649,132 @@ fn with_index(good: &[u8], f: impl FnOnce(&mut Vec<serde_json::Value>)) -> Vec<u
             f(entries)
         }
     })
+}
+
+/// A record of made-up modules (the runtime never reads them as MLIR), sorted by key.
+fn made_up_mlir() -> MlirRecord {
+    let kernel = |key: &str| CarriedKernel {
+        key: key.to_string(),
+        target: "cpu".to_string(),
+        mlir: format!("module {{\n  // {key}\n}}\n"),
+    };
+    MlirRecord::new(vec![
+        kernel("softmax axis=1 | ?x7 split, ?x7 split | params "),
+        kernel("rmsnorm eps=1e-6 | ?x32 split, 32, ?x32 split | params "),
+    ])
+}
+
+/// `good` with an MLIR section holding `record` appended (as the writer places it).
+fn with_mlir(good: &[u8], record: &MlirRecord) -> Vec<u8> {
+    let mut sections = sections_of(good);
+    sections.push((SectionKind::Mlir, serde_json::to_vec(record).unwrap()));
+    write::assemble(&sections)
+}
+
+/// The MLIR section: absent in a default compile; written last and deterministically,
+/// leaving every other section as it was, and read back equal; a corrupt, malformed,
+/// duplicated or inconsistent one refused with its message, by the reader and the writer.
+#[test]
+fn carried_mlir_round_trips_and_bad_sections_are_refused() {
+    let good = llama_bytes();
+    let art = Artifact::from_bytes(&good, "t.kiln").unwrap();
+    assert!(art.mlir().is_none());
+    let record = made_up_mlir();
+    let write = |r: &MlirRecord| {
+        write::to_bytes(
+            &art.manifest,
+            &art.graphs,
+            &art.params,
+            &art.assets,
+            Some(r),
+        )
+    };
+    let with = write(&record).unwrap();
+    assert_eq!(with, write(&record).unwrap(), "deterministic");
+    assert_eq!(with, with_mlir(&good, &record), "appended after the others");
+    let back = Artifact::from_bytes(&with, "t.kiln").unwrap();
+    assert_eq!(back.mlir(), Some(&record));
+    let key = &record.kernels[1].key;
+    assert_eq!(
+        back.mlir().unwrap().module(key),
+        Some(&*record.kernels[1].mlir)
+    );
+    // Corrupt bytes, then malformed JSON resealed.
+    let at = sections_of(&with).len() - 1;
+    let mut flipped = with.clone();
+    flipped[section(&with, at).start + 3] ^= 1;
+    let e = refusal(&flipped);
+    assert!(
+        e.contains(&format!("section {at} (mlir) is corrupt")),
+        "{e}"
+    );
+    reseal(&mut flipped);
+    let e = refusal(&flipped);
+    assert!(e.contains(&format!("section {at} (mlir): ")), "{e}");
+    // Records the reader refuses.
+    type Edit<'a> = &'a dyn Fn(&mut serde_json::Value);
+    let cases: [(Edit, &str); 5] = [
+        (
+            &|m| m["kernels"][1]["key"] = m["kernels"][0]["key"].clone(),
+            "listed twice",
+        ),
+        (
+            &|m| m["kernels"][0]["target"] = "cuda".into(),
+            "target \"cuda\"",
+        ),
+        (
+            &|m| m["kernels"][0]["mlir"] = "".into(),
+            "empty key or module",
+        ),
+        (&|m| m["kernels"][0]["extra"] = 1.into(), "unknown field"),
+        (&|m| m["kernels"] = "all".into(), "section"),
+    ];
+    for (edit, message) in cases {
+        let e = refusal(&with_json(&with, SectionKind::Mlir, edit));
+        assert!(e.contains(message), "{message}: {e}");
+    }
+    let mut twice = sections_of(&with);
+    twice.push(twice[at].clone());
+    let e = refusal(&write::assemble(&twice));
+    assert!(e.contains("more than one mlir section"), "{e}");
+    // The writer refuses a record it could not read back.
+    let mut dup = record.clone();
+    dup.kernels.push(dup.kernels[0].clone());
+    let e = write(&dup).unwrap_err().to_string();
+    assert!(
+        e.contains("the MLIR section") && e.contains("listed twice"),
+        "{e}"
+    );
+    // `kiln inspect` lists the section and prints its modules (in any build: they are text);
+    // an artifact without one says so.
+    let file = temp("mlir.kiln");
+    std::fs::write(&file, &with).unwrap();
+    let path = file.to_str().unwrap();
+    let o = kiln(&["inspect", "--model", path]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    let bytes = record.text_bytes();
+    assert!(
+        out.contains(&format!("mlir: 2 kernels, {bytes} bytes")),
+        "{out}"
+    );
+    let o = kiln(&["inspect", "--model", path, "--emit", "mlir"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = String::from_utf8_lossy(&o.stdout);
+    for k in &record.kernels {
+        assert!(
+            out.contains(&format!("// {} (cpu)\n{}", k.key, k.mlir)),
+            "{out}"
+        );
+    }
+    let plain = temp("plain.kiln");
+    std::fs::write(&plain, &good).unwrap();
+    let plain = plain.to_str().unwrap();
+    let o = kiln(&["inspect", "--model", plain]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("mlir: none"));
+    refused(
+        &["inspect", "--model", plain, "--emit", "mlir"],
+        &["carries no MLIR", "--emit-mlir"],
+    );
 }
 
 /// Packed weights whose layout, orientation, dtype, shape or padding disagree with what
@@ -927,8 +1056,35 @@ fn mutate(good: &[u8], rng: &mut Rng) -> Vec<u8> {
         good.len() as u64,
         good.len() as u64 + 64,
     ];
-    let mode = rng.below(8);
+    let mode = rng.below(9);
     match mode {
+        // A field of a carried MLIR kernel set to another value (bases with the section).
+        8 if sections_of(good)
+            .iter()
+            .any(|(k, _)| *k == SectionKind::Mlir) =>
+        {
+            let values = [
+                serde_json::json!(null),
+                serde_json::json!(""),
+                serde_json::json!("cpu"),
+                serde_json::json!("cuda"),
+                serde_json::json!("softmax axis=1 | ?x7 split, ?x7 split | params "),
+                serde_json::json!("module { garbage"),
+                serde_json::json!([]),
+                serde_json::json!(huge[rng.below(huge.len())]),
+            ];
+            let value = values[rng.below(values.len())].clone();
+            let (pick, whole) = (rng.below(100), rng.below(8) == 0);
+            let field = ["key", "target", "mlir"][rng.below(3)];
+            return with_json(good, SectionKind::Mlir, |m| {
+                if whole {
+                    m["kernels"] = value;
+                } else if let Some(items) = m["kernels"].as_array_mut().filter(|i| !i.is_empty()) {
+                    let n = items.len();
+                    items[pick % n][field] = value;
+                }
+            });
+        }
         // A field of the recorded plan set to another value.
         7 => {
             let values = [
@@ -1031,19 +1187,20 @@ fn mutate(good: &[u8], rng: &mut Rng) -> Vec<u8> {
 }
 
 /// Runs `cases` mutations of real artifacts (a causal LM, f32 and bf16 with packed weights,
-/// and an encoder) through the loader; every one must be refused with an error or load, never
+/// and with an MLIR section, and an encoder) through the loader; every one must be refused with an error or load, never
 /// panic.
 fn fuzz(cases: u64) {
     let bases = [
         llama_bytes(),
         compiled("distilbert", Precision::F32),
         compiled("llama", Precision::Bf16),
+        with_mlir(&llama_bytes(), &made_up_mlir()),
     ];
     let start = std::time::Instant::now();
     let mut refused = 0u64;
     for case in 0..cases {
         let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ case.wrapping_mul(0x1000_0000_01B3));
-        let good = &bases[(case % 3) as usize];
+        let good = &bases[(case % bases.len() as u64) as usize];
         let bytes = mutate(good, &mut rng);
         let result = std::panic::catch_unwind(|| {
             let art = Artifact::from_bytes(&bytes, "fuzz.kiln")?;

@@ -1,5 +1,6 @@
 //! `kiln compile --model DIR -o model.kiln [--target T] [--precision P] [--max-seq N]
-//! [--max-batch N]`: writes an ahead-of-time artifact (see `kiln_runtime::artifact`).
+//! [--max-batch N] [--emit-mlir]`: writes an ahead-of-time artifact (see
+//! `kiln_runtime::artifact`), with `--emit-mlir` carrying its kernels' MLIR (feature `mlir`).
 
 use super::forward::load_error;
 use super::opts::{parse_precision, ModelOpts};
@@ -31,6 +32,10 @@ pub struct CompileArgs {
     /// The largest batch (texts or beams) the artifact accepts.
     #[arg(long)]
     max_batch: Option<usize>,
+    /// Carry each kernel's MLIR (as `--codegen mlir` lowers it) in the artifact: `kiln inspect
+    /// --emit mlir` prints it, `--codegen mlir` compiles from it (needs the `mlir` feature).
+    #[arg(long)]
+    emit_mlir: bool,
 }
 
 /// The target called `name` (`cuda:sm_90` is the cost model's `cuda-sm90`).
@@ -59,6 +64,13 @@ pub fn compile(a: &CompileArgs) -> Result<(), CliError> {
     let target = target(&a.target)?;
     kiln::compiler::precision::check(a.precision, &target)
         .map_err(|e| CliError::Input(e.to_string()))?;
+    if let Some(why) = a
+        .emit_mlir
+        .then(|| kiln::codegen::missing("--emit-mlir"))
+        .flatten()
+    {
+        return Err(CliError::Input(why));
+    }
     if a.max_seq == Some(0) || a.max_batch == Some(0) {
         return Err(CliError::Input(
             "--max-seq and --max-batch must be at least 1".into(),
@@ -72,6 +84,7 @@ pub fn compile(a: &CompileArgs) -> Result<(), CliError> {
         },
         max_seq: a.max_seq,
         max_batch: a.max_batch,
+        emit_mlir: a.emit_mlir,
     };
     let (bytes, reports) = compile_dir(&a.model, &opts).map_err(load_error)?;
     ModelOpts::warn(&reports);

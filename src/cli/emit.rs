@@ -2,7 +2,8 @@
 //! optimized graphs as the CPU backend plans them (legalized: the compiler's head-layout,
 //! merged-head and SwiGLU ops written back as the kernels that backend runs, which
 //! `--codegen mlir` replaces), or why a kernel is not lowered (needs the `mlir` feature;
-//! without it, an error saying so).
+//! without it, an error saying so). On an artifact (`--model X.kiln`), the modules it carries
+//! (`kiln compile --emit-mlir`), which any build prints: they are text.
 
 use super::CliError;
 use std::path::Path;
@@ -12,9 +13,44 @@ use std::path::Path;
 #[cfg(feature = "mlir")]
 pub const SYMBOL_SIZE: i64 = 8;
 
+/// Prints the MLIR of `path`'s kernels: an artifact's carried modules, or a model directory's
+/// kernels lowered now.
+pub fn emit_mlir(path: &Path) -> Result<(), CliError> {
+    if kiln::load::is_artifact(path) {
+        carried(path)
+    } else {
+        lowered(path)
+    }
+}
+
+/// Prints the modules the artifact at `path` carries, each under its key.
+fn carried(path: &Path) -> Result<(), CliError> {
+    use kiln::runtime::artifact::Artifact;
+    let art = Artifact::open(path).map_err(|e| CliError::Input(e.to_string()))?;
+    let Some(record) = art.mlir() else {
+        return Err(CliError::Input(format!(
+            "{} carries no MLIR (compile it with `kiln compile --emit-mlir`, or give              --emit mlir a model directory)",
+            path.display()
+        )));
+    };
+    println!(
+        "// ==== {} kernels carried by {}",
+        record.kernels.len(),
+        path.display()
+    );
+    for k in &record.kernels {
+        println!(
+            "// {} ({})
+{}",
+            k.key, k.target, k.mlir
+        );
+    }
+    Ok(())
+}
+
 /// Prints each distinct kernel (op and operand shapes) once, as MLIR, or why it is not lowered.
 #[cfg(feature = "mlir")]
-pub fn emit_mlir(dir: &Path) -> Result<(), CliError> {
+fn lowered(dir: &Path) -> Result<(), CliError> {
     use kiln::compiler::mlir::{emit, KernelSpec};
     use kiln::ir::{Bindings, Op};
     let model = kiln::models::ModelDir::open(dir).map_err(|e| CliError::Input(e.to_string()))?;
@@ -58,10 +94,8 @@ pub fn emit_mlir(dir: &Path) -> Result<(), CliError> {
 
 /// Without the `mlir` feature: the error saying so.
 #[cfg(not(feature = "mlir"))]
-pub fn emit_mlir(_dir: &Path) -> Result<(), CliError> {
+fn lowered(_dir: &Path) -> Result<(), CliError> {
     Err(CliError::Input(
-        "--emit mlir: this kiln was built without MLIR support (rebuild with `--features mlir`, \
-         see DEVELOPERS.md)"
-            .into(),
+        kiln::codegen::missing("--emit mlir").unwrap_or_default(),
     ))
 }

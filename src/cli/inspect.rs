@@ -95,7 +95,7 @@ pub(super) fn traced(dir: &kiln::models::ModelDir) -> Result<Vec<(&'static str, 
 }
 
 /// Prints what an artifact holds: format and kiln versions, target, precision, limits, the
-/// model's settings, the section table, the weights by dtype, each graph's IR kernels and its
+/// model's settings, the section table, the carried MLIR (kernels, bytes), the weights by dtype, each graph's IR kernels and its
 /// CPU execution plan (kernel per computed node) as recorded in the file.
 pub fn inspect_artifact(path: &Path) -> Result<(), CliError> {
     use kiln::runtime::artifact::{format::FORMAT_VERSION, Artifact};
@@ -138,6 +138,14 @@ precision: {}",
             s.len,
             s.hash
         );
+    }
+    match art.mlir() {
+        Some(r) => println!(
+            "mlir: {} kernels, {} bytes of module text (`--emit mlir` prints them)",
+            r.kernels.len(),
+            r.text_bytes()
+        ),
+        None => println!("mlir: none (`kiln compile --emit-mlir` carries it)"),
     }
     let mut by_dtype: BTreeMap<String, (usize, u64)> = BTreeMap::new();
     for w in &art.weights {

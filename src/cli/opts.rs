@@ -102,7 +102,7 @@ impl ModelOpts {
     pub fn check_target(&self) -> Result<(), CliError> {
         let opts = self.load_options();
         if let Some(why) = kiln::codegen::unavailable(opts.codegen) {
-            return Err(CliError::Input(why.into()));
+            return Err(CliError::Input(why));
         }
         let backend = kiln::placement::resolve(opts.placement).map_err(|why| {
             CliError::Input(format!("--device cuda: {why}; use --device cpu (or auto)"))

@@ -1,18 +1,22 @@
 //! The CPU path: the pass pipeline from `linalg` on memrefs down to the LLVM dialect, the JIT
 //! (MLIR's `ExecutionEngine` at `-O3` for the host CPU, so LLVM's vectorizers target the host's
 //! vector width), the safe [`MlirKernel`] API and the [`KernelCache`] keyed by [`KernelKey`]
-//! (op and fixed sizes), so that one compiled kernel runs at every shape with its key.
+//! (op and fixed sizes), so that one compiled kernel runs at every shape with its key. A cache
+//! may be given an artifact's MLIR ([`KernelCache::carrying`], see [`super::carry`]).
 //!
 //! Kernels whose arguments allow it (see [`super::spec::ArgType::split`]) run on blocks of rows in
 //! parallel on rayon's global pool, as the native kernels do.
 
 use super::build::context;
-use super::lower::{lower, Target, ENTRY};
+use super::carry::{self, Source};
+use super::lower::{lower, Lowered, Target, ENTRY};
 use super::spec::{layout, KernelKey, KernelSpec};
 use super::MlirError;
+use kiln_runtime::artifact::MlirRecord;
 use kiln_runtime::cpu::external::Operand;
 use melior::pass::PassManager;
 use melior::utility::parse_pass_pipeline;
+use melior::Context;
 use rayon::prelude::*;
 use std::collections::HashMap;
 use std::ffi::c_void;
@@ -86,8 +90,18 @@ impl MlirKernel {
     /// Lowers, verifies and JIT-compiles the kernel of `key`.
     pub fn compile_key(key: &KernelKey) -> Result<MlirKernel, MlirError> {
         let ctx = context();
-        let mut lowered = lower(&ctx, key, Target::Cpu)?;
-        let pm = PassManager::new(&ctx);
+        let lowered = lower(&ctx, key, Target::Cpu)?;
+        Self::jit(&ctx, lowered, key)
+    }
+
+    /// Runs the pipeline over `lowered`, the verified module of `key` in `ctx`, and JIT-compiles
+    /// the result.
+    pub(crate) fn jit(
+        ctx: &Context,
+        mut lowered: Lowered<'_>,
+        key: &KernelKey,
+    ) -> Result<MlirKernel, MlirError> {
+        let pm = PassManager::new(ctx);
         parse_pass_pipeline(pm.as_operation_pass_manager(), PIPELINE)?;
         pm.run(&mut lowered.module)
             .map_err(|e| MlirError::Mlir(format!("lowering pipeline: {e}")))?;
@@ -317,8 +331,9 @@ impl MlirKernel {
         // address exactly its operand's elements (a view of them, or a dense copy held until
         // the call returns); an argument the kernel reads with a unit last stride gets one;
         // and a split argument, always dense, is offset by whole rows within its buffer. The
-        // kernel only reads the input buffers (the lowerings never write their operands) and
-        // writes only `out`, which this call borrows mutably.
+        // kernel only reads the input buffers (the lowerings never write their operands; a
+        // module carried by an artifact is compiled only when it is exactly this lowering, see
+        // `carry::compile`) and writes only `out`, which this call borrows mutably.
         unsafe { (self.func)(args.as_mut_ptr()) }
     }
 }
@@ -407,6 +422,10 @@ pub struct KernelCache {
     kernels: Mutex<HashMap<KernelKey, Result<Arc<MlirKernel>, MlirError>>>,
     limit: usize,
     compiled: AtomicUsize,
+    /// An artifact's MLIR, offered to each compilation ([`carry::compile`]).
+    carried: Option<MlirRecord>,
+    from_carried: AtomicUsize,
+    log: bool,
 }
 
 impl Default for KernelCache {
@@ -429,6 +448,20 @@ impl KernelCache {
             kernels: Mutex::default(),
             limit: limit.max(1),
             compiled: AtomicUsize::new(0),
+            carried: None,
+            from_carried: AtomicUsize::new(0),
+            log: false,
+        }
+    }
+
+    /// [`KernelCache::bounded`], compiling from `carried` (an artifact's MLIR) the kernels it
+    /// holds a usable module for ([`carry::compile`]); with `KILN_CODEGEN_LOG` set, says on
+    /// stderr for each kernel whether it came from there or was lowered afresh, and why.
+    pub fn carrying(limit: usize, carried: MlirRecord) -> Self {
+        KernelCache {
+            carried: Some(carried),
+            log: std::env::var_os("KILN_CODEGEN_LOG").is_some(),
+            ..Self::bounded(limit)
         }
     }
 
@@ -450,14 +483,47 @@ impl KernelCache {
             map.clear();
         }
         self.compiled.fetch_add(1, Ordering::Relaxed);
-        let k = MlirKernel::compile_key(key).map(Arc::new);
+        let k = match &self.carried {
+            None => MlirKernel::compile_key(key),
+            Some(record) => self.compile_offered(key, record),
+        }
+        .map(Arc::new);
         map.insert(key.clone(), k.clone());
         k
+    }
+
+    /// The kernel of `key`, from its module in `record` when that one is usable.
+    fn compile_offered(
+        &self,
+        key: &KernelKey,
+        record: &MlirRecord,
+    ) -> Result<MlirKernel, MlirError> {
+        let text = key.text();
+        let (k, source) = carry::compile(key, record.module(&text))?;
+        match source {
+            Source::Carried => {
+                self.from_carried.fetch_add(1, Ordering::Relaxed);
+                if self.log {
+                    eprintln!("kiln: mlir kernel `{text}`: compiled from the artifact's MLIR");
+                }
+            }
+            Source::Afresh(why) if self.log => {
+                eprintln!("kiln: mlir kernel `{text}`: lowered afresh: {why}");
+            }
+            Source::Afresh(_) => {}
+        }
+        Ok(k)
     }
 
     /// How many times a kernel was compiled (or its compilation attempted) so far.
     pub fn compilations(&self) -> usize {
         self.compiled.load(Ordering::Relaxed)
+    }
+
+    /// How many of the kernels compiled so far were compiled from the carried MLIR (see
+    /// [`KernelCache::carrying`]); the others were lowered afresh.
+    pub fn from_carried(&self) -> usize {
+        self.from_carried.load(Ordering::Relaxed)
     }
 
     /// The number of keys held.

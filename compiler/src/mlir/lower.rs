@@ -95,22 +95,29 @@ pub fn module_with<'c>(
 
 /// Verifies a module, with MLIR's diagnostics in the error.
 pub fn verify(ctx: &Context, module: &Module) -> Result<(), MlirError> {
+    let (ok, messages) = diagnosed(ctx, || module.as_operation().verify());
+    if ok {
+        Ok(())
+    } else {
+        Err(MlirError::Mlir(format!(
+            "the generated module does not verify: {}",
+            messages.join("; ")
+        )))
+    }
+}
+
+/// Runs `f` with `ctx`'s diagnostics collected (instead of printed to stderr).
+pub fn diagnosed<T>(ctx: &Context, f: impl FnOnce() -> T) -> (T, Vec<String>) {
     let messages = Rc::new(RefCell::new(Vec::new()));
     let sink = messages.clone();
     let id = ctx.attach_diagnostic_handler(move |d| {
         sink.borrow_mut().push(d.to_string());
         true
     });
-    let ok = module.as_operation().verify();
+    let out = f();
     ctx.detach_diagnostic_handler(id);
-    if ok {
-        Ok(())
-    } else {
-        Err(MlirError::Mlir(format!(
-            "the generated module does not verify: {}",
-            messages.borrow().join("; ")
-        )))
-    }
+    let messages = messages.borrow().clone();
+    (out, messages)
 }
 
 /// The fixed size of axis `axis` of argument `arg` of `key` (a bug if the layout left it

@@ -17,6 +17,8 @@
 //! - [`gpu`]: the same kernels as PTX for NVIDIA GPUs ([`GpuKernel`]), with [`host`] reading
 //!   the host side of the launches;
 //! - [`provider`]: the CPU backend's kernel hook ([`MlirProvider`], `--codegen mlir`);
+//! - [`carry`]: the kernels' MLIR an artifact carries (`kiln compile --emit-mlir`): listed for
+//!   its graphs, and checked and compiled from it at load;
 //! - [`cuda`]: the CUDA backend's kernel hook ([`MlirCudaProvider`], `--codegen mlir` on
 //!   `--device cuda`).
 //!
@@ -25,6 +27,7 @@
 
 pub mod attention;
 pub mod build;
+pub mod carry;
 pub mod cpu;
 pub mod cuda;
 pub mod flash;

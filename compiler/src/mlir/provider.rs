@@ -4,11 +4,13 @@
 //! [`KernelKey`](super::spec::KernelKey) (op and fixed sizes; sequence and cache lengths are
 //! dynamic), cached, so a decode loop compiles each of its kernels once. Whatever it cannot
 //! lower or compile is reported as a reason, and the CPU backend runs its native kernel
-//! instead.
+//! instead. Seeded with an artifact's MLIR ([`MlirProvider::carrying`]), it compiles from there
+//! the kernels whose carried module it accepts ([`super::carry`]).
 
 use super::cpu::{KernelCache, MlirKernel};
 use super::spec::layout;
 use kiln_ir::{infer, DType, Op, TensorType};
+use kiln_runtime::artifact::MlirRecord;
 use kiln_runtime::cpu::external::{ExternalKernel, KernelProvider, Operand};
 use std::sync::Arc;
 
@@ -33,6 +35,21 @@ impl MlirProvider {
     /// A provider with an empty kernel cache.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A provider compiling from `carried`, an artifact's MLIR, the kernels it holds a usable
+    /// module for (see [`super::carry`]).
+    pub fn carrying(carried: MlirRecord) -> Self {
+        MlirProvider {
+            cache: KernelCache::carrying(CACHED_KERNELS, carried),
+        }
+    }
+
+    /// How many of the kernels compiled so far came from the carried MLIR
+    /// ([`MlirProvider::carrying`]); the others ([`MlirProvider::compilations`] less these)
+    /// were lowered afresh.
+    pub fn from_carried(&self) -> usize {
+        self.cache.from_carried()
     }
 
     /// The number of distinct kernels held (compiled or refused).

@@ -65,6 +65,41 @@ pub struct KernelKey {
     pub params: Vec<usize>,
 }
 
+impl KernelKey {
+    /// The key as text, stable across runs and builds (the MLIR an artifact carries is filed
+    /// under it): the op in the IR text syntax, each memref argument's sizes (`?` dynamic)
+    /// with `split`/`strided` when set, then the params, e.g.
+    /// `softmax axis=1 | ?x7 split, ?x7 split | params`.
+    pub fn text(&self) -> String {
+        let args: Vec<String> = self
+            .args
+            .iter()
+            .map(|a| {
+                let dims: Vec<String> = a
+                    .dims
+                    .iter()
+                    .map(|d| d.map_or("?".to_string(), |n| n.to_string()))
+                    .collect();
+                let mut t = dims.join("x");
+                if a.split {
+                    t.push_str(" split");
+                }
+                if a.strided {
+                    t.push_str(" strided");
+                }
+                t
+            })
+            .collect();
+        let params: Vec<String> = self.params.iter().map(usize::to_string).collect();
+        format!(
+            "{} | {} | params {}",
+            kiln_ir::text::op_text(&self.op),
+            args.join(", "),
+            params.join(", ")
+        )
+    }
+}
+
 /// A spec laid out for a kernel: the key's arguments and params, and the concrete shapes of
 /// the arguments (the operands reshaped as the kernel views them, then the output).
 #[derive(Debug, Clone, PartialEq, Eq)]

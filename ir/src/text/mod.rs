@@ -72,7 +72,7 @@ mod parse;
 mod print;
 
 pub use parse::{parse, ParseError};
-pub use print::print;
+pub use print::{op_text, print};
 
 use crate::{BinaryOp, CmpOp, DType, Dim, Expr, Literal, Op, ReduceOp, Shape, UnaryOp, F64};
 
@@ -304,5 +304,30 @@ mod tests {
             let unique: HashSet<&&str> = keys.iter().collect();
             assert_eq!(unique.len(), keys.len(), "{keys:?}");
         }
+    }
+
+    /// An op's text is what the printer writes on its node line after the operands.
+    #[test]
+    fn op_text_is_the_node_line_without_operands() {
+        let src = "%0: f32[2, 3] = input \"x\"\n\
+                   %1: f32[2, 3] = softmax(%0) axis=1\n\
+                   %2: f32[2, 3] = add(%0, %1)\n\
+                   output \"y\" = %1\n\
+                   output \"z\" = %2\n";
+        let g = parse(src).unwrap();
+        let printed = print(&g);
+        for (id, node) in g.iter().skip(1) {
+            let text = op_text(&node.op);
+            let line = printed
+                .lines()
+                .find(|l| l.starts_with(&format!("{id}:")))
+                .unwrap();
+            let rest = line.split_once(')').map_or(line, |(_, r)| r);
+            assert!(
+                line.contains(node.op.name()) && text.ends_with(rest),
+                "{line} / {text}"
+            );
+        }
+        assert_eq!(op_text(&g.nodes()[1].op), "softmax axis=1");
     }
 }

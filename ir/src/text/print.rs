@@ -24,10 +24,7 @@ pub fn print(g: &Graph) -> String {
                     let operands: Vec<String> = node.inputs.iter().map(|v| v.to_string()).collect();
                     let _ = write!(s, "({})", operands.join(", "));
                 }
-                for (key, field) in fields(&mut op.clone()) {
-                    let _ = write!(s, " {key}=");
-                    attr(&mut s, &field);
-                }
+                attrs(&mut s, op);
             }
         }
         s.push('\n');
@@ -38,6 +35,23 @@ pub fn print(g: &Graph) -> String {
         let _ = writeln!(s, " = {}", out.value);
     }
     s
+}
+
+/// An op as a node line of the text format writes it, without operands: its mnemonic, then
+/// its attributes (e.g. `softmax axis=1`); for naming an op outside a graph (kernel keys).
+/// Sources (`input`, `param`, `const`) print their mnemonic only.
+pub fn op_text(op: &Op) -> String {
+    let mut s = op.name().to_string();
+    attrs(&mut s, op);
+    s
+}
+
+/// Writes ` key=value` for each attribute of `op`.
+fn attrs(s: &mut String, op: &Op) {
+    for (key, field) in fields(&mut op.clone()) {
+        let _ = write!(s, " {key}=");
+        attr(s, &field);
+    }
 }
 
 /// Prints the graph in the text format (see [`crate::text`]).

@@ -23,7 +23,10 @@
 //! through linear layers is stored instead in the kernels' packed layout ([`Packing`]: the
 //! little-endian `u32` words of `kiln_kernels::gemm_bf16::PackedBf16`), once per orientation
 //! read, so that the loader hands those words to the kernels in place. Last, for a CPU target,
-//! the execution and memory plan of each graph ([`super::plan`]).
+//! the execution and memory plan of each graph ([`super::plan`]); and, when compiled with
+//! `--emit-mlir`, the kernels' MLIR ([`super::mlir`]). That last section is optional and
+//! additive: a file without it is laid out exactly as before it existed, so the format version
+//! stayed 4 (a reader older than the section refuses a file holding it as "unknown kind 8").
 
 use crate::info::ModelInfo;
 use serde::{Deserialize, Serialize};
@@ -61,11 +64,13 @@ pub enum SectionKind {
     WeightData,
     /// The CPU execution and memory plans ([`super::plan::PlanRecord`], JSON).
     Plan,
+    /// The kernels' MLIR, optional ([`super::mlir::MlirRecord`], JSON).
+    Mlir,
 }
 
 impl SectionKind {
     /// Every kind with its code in the section table.
-    pub const ALL: [(u32, SectionKind); 7] = [
+    pub const ALL: [(u32, SectionKind); 8] = [
         (1, SectionKind::Manifest),
         (2, SectionKind::Graph),
         (3, SectionKind::Tokenizer),
@@ -73,6 +78,7 @@ impl SectionKind {
         (5, SectionKind::WeightIndex),
         (6, SectionKind::WeightData),
         (7, SectionKind::Plan),
+        (8, SectionKind::Mlir),
     ];
 
     /// The kind with this code.
@@ -98,6 +104,7 @@ impl SectionKind {
             SectionKind::WeightIndex => "weight_index",
             SectionKind::WeightData => "weight_data",
             SectionKind::Plan => "plan",
+            SectionKind::Mlir => "mlir",
         }
     }
 }

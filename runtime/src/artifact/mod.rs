@@ -11,6 +11,7 @@
 //!   `tokenizer`: `tokenizer.json` in the shape that parses fastest;
 //! - [`plan`]: the CPU execution and memory plans, recorded by the writer and checked by the
 //!   reader against its own;
+//! - [`mlir`]: the kernels' MLIR an artifact may carry (`kiln compile --emit-mlir`), as text;
 //! - [`WeightCheck`]: the weight data's checksum, computed in the background while the model
 //!   starts (its outputs wait for it).
 //!
@@ -21,6 +22,7 @@ pub mod checksum;
 mod codec;
 mod error;
 pub mod format;
+pub mod mlir;
 mod packed;
 pub mod plan;
 pub mod read;
@@ -30,6 +32,7 @@ pub mod write;
 pub use check::WeightCheck;
 pub use error::ArtifactError;
 pub use format::{Manifest, Packing, Section, SectionKind, WeightEntry};
+pub use mlir::{CarriedKernel, MlirRecord};
 pub use plan::PlanRecord;
 pub use read::Artifact;
 

@@ -2,7 +2,8 @@
 //! version, the header's and the table's checksums, the file length, every section's bounds,
 //! alignment and checksum, the JSON and UTF-8 of the text sections, the graphs (parsed and
 //! verified), the recorded CPU plan against the one this runtime derives, the weight index
-//! against its bytes and against the graphs' parameters, and the target. Nothing is allocated
+//! against its bytes and against the graphs' parameters, the shape of the optional MLIR
+//! section ([`super::mlir`]), and the target. Nothing is allocated
 //! beyond what the file's own length justifies.
 //!
 //! The file is memory-mapped and the weights are used in place from the map (every tensor is
@@ -18,6 +19,7 @@ use super::format::{
     graph_names, runs_here, Manifest, Section, SectionKind, WeightEntry, ALIGN, ENTRY_LEN,
     FORMAT_VERSION, HEADER_LEN, HOST_TARGET, MAGIC, MAX_SECTIONS,
 };
+use super::mlir::MlirRecord;
 use super::packed;
 use super::plan::PlanRecord;
 use super::ArtifactError;
@@ -49,6 +51,9 @@ pub struct Artifact {
     pub weights: Vec<WeightEntry>,
     /// The CPU execution and memory plans, as recorded (and found equal to this runtime's).
     pub plan: PlanRecord,
+    /// The kernels' MLIR, when compiled with `--emit-mlir` (its shape checked, its modules
+    /// opaque text here).
+    pub mlir: Option<MlirRecord>,
     /// The weights, borrowing the artifact's bytes. Their checksum may still be being computed:
     /// call [`Artifact::verify`] before trusting anything computed from them.
     pub params: Params,
@@ -395,6 +400,11 @@ impl Artifact {
         Ok(art)
     }
 
+    /// The kernels' MLIR the artifact carries (`kiln compile --emit-mlir`), if any.
+    pub fn mlir(&self) -> Option<&MlirRecord> {
+        self.mlir.as_ref()
+    }
+
     /// Waits for the weight data's checksum and compares it with the section table's:
     /// [`ArtifactError::Checksum`] if any weight byte is corrupt.
     pub fn verify(&self) -> Result<(), ArtifactError> {
@@ -499,6 +509,16 @@ impl Artifact {
                 difference,
             });
         }
+        let mlir = match one(&rd, SectionKind::Mlir, true)? {
+            Some(i) => {
+                let m: MlirRecord = rd.json(i, &sections[i])?;
+                if let Some(why) = m.problem() {
+                    return Err(rd.malformed(format!("section {i} (mlir): {why}")));
+                }
+                Some(m)
+            }
+            None => None,
+        };
         let weights: Vec<WeightEntry> = rd.json(ii, &sections[ii])?;
         rd.check_index(&weights, sections[di].len)?;
         check_params(&graphs, &manifest.graphs, &weights).map_err(|m| rd.malformed(m))?;
@@ -511,6 +531,7 @@ impl Artifact {
             graphs,
             weights,
             plan,
+            mlir,
             params,
             assets,
             check,

@@ -1,7 +1,8 @@
 //! Writing an artifact: the sections laid out as [`format`](super::format) describes, in a
 //! fixed order and with sorted weights, so the same inputs always give the same bytes. For a
 //! CPU target the runtime's own plan is recorded ([`super::plan`]) and the weights it reads
-//! only packed are stored packed ([`super::packed`]), by the runtime's own packing code.
+//! only packed are stored packed ([`super::packed`]), by the runtime's own packing code. The
+//! kernels' MLIR ([`super::mlir`]), when the caller has it, comes last, sorted by key.
 
 use super::checksum::xxh3;
 use super::codec;
@@ -9,6 +10,7 @@ use super::format::{
     align_up, runs_here, Manifest, Packing, Section, SectionKind, WeightEntry, ALIGN, ENTRY_LEN,
     FORMAT_VERSION, HEADER_LEN, MAGIC,
 };
+use super::mlir::MlirRecord;
 use super::packed::{append_words, packed_forms};
 use super::plan::PlanRecord;
 use super::tokenizer;
@@ -22,12 +24,13 @@ use std::collections::BTreeMap;
 
 /// The bytes of an artifact holding `manifest`, the graphs it names (in its order; verified),
 /// the parameters (any map; written sorted by name, packed where the target's plan reads them
-/// packed) and the assets.
+/// packed), the assets and, when given, the kernels' MLIR (last).
 pub fn to_bytes<'a>(
     manifest: &Manifest,
     graphs: &[Graph],
     params: impl IntoIterator<Item = (&'a String, &'a Tensor)>,
     assets: &Assets,
+    mlir: Option<&MlirRecord>,
 ) -> Result<Vec<u8>, ArtifactError> {
     let fail = |m: String| ArtifactError::Write(m);
     if graphs.len() != manifest.graphs.len() {
@@ -94,6 +97,12 @@ pub fn to_bytes<'a>(
     if runs_here(&manifest.target) {
         let plan = PlanRecord::derive(&manifest.graphs, graphs);
         sections.push((SectionKind::Plan, json(&plan)?));
+    }
+    if let Some(m) = mlir {
+        if let Some(why) = m.problem() {
+            return Err(fail(format!("the MLIR section: {why}")));
+        }
+        sections.push((SectionKind::Mlir, json(m)?));
     }
     Ok(assemble(&sections))
 }
