@@ -554,10 +554,15 @@ impl Ctx<'_> {
 
     /// Evaluates a shape whose element count must fit in `usize`.
     pub fn shape(&self, s: &[Dim]) -> Result<Vec<usize>, ExecError> {
-        let shape = s
-            .iter()
-            .map(|d| self.size(d))
-            .collect::<Result<Vec<usize>, _>>()?;
+        self.shape_in(s)
+    }
+
+    /// [`Ctx::shape`] collected into `S` (an inline array: no allocation).
+    pub fn shape_in<S>(&self, s: &[Dim]) -> Result<S, ExecError>
+    where
+        S: FromIterator<usize> + std::ops::Deref<Target = [usize]>,
+    {
+        let shape = s.iter().map(|d| self.size(d)).collect::<Result<S, _>>()?;
         if shape
             .iter()
             .try_fold(1usize, |a, &d| a.checked_mul(d))
@@ -566,7 +571,7 @@ impl Ctx<'_> {
             return Err(ExecError::BadDim {
                 at: self.at(),
                 dim: kiln_ir::shape::DisplayShape(s).to_string(),
-                reason: format!("evaluates to {shape:?}, too many elements"),
+                reason: format!("evaluates to {:?}, too many elements", &*shape),
             });
         }
         Ok(shape)
