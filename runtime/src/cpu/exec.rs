@@ -199,13 +199,14 @@ impl CpuGraph {
 
     /// The concrete shape of every computed node (empty for sources and skipped nodes).
     fn shapes(&self, env: &Bindings) -> Result<Vec<Dims>, ExecError> {
-        self.graph
-            .iter()
-            .map(|(id, node)| match self.plan.steps[id.index()] {
-                Step::Source | Step::Skip => Ok(Dims::default()),
-                _ => ctx(id, node, env).shape_in(&node.ty.shape),
-            })
-            .collect()
+        let mut shapes = Vec::with_capacity(self.graph.nodes().len());
+        for (id, node) in self.graph.iter() {
+            shapes.push(match self.plan.steps[id.index()] {
+                Step::Source | Step::Skip => Dims::default(),
+                _ => ctx(id, node, env).shape_in(&node.ty.shape)?,
+            });
+        }
+        Ok(shapes)
     }
 
     /// Bytes of the buffers for values of these shapes (views and aliases hold none of their
@@ -263,7 +264,8 @@ impl CpuGraph {
         params: &dyn ParamSource,
         wanted: Option<&[&str]>,
     ) -> Result<HashMap<String, Value>, ExecError> {
-        let (mut host, mut states) = (HashMap::new(), HashMap::new());
+        let n = inputs.len();
+        let (mut host, mut states) = (HashMap::with_capacity(n), HashMap::with_capacity(n));
         for (name, v) in inputs {
             match v {
                 Value::Host(t) => {
@@ -309,13 +311,18 @@ impl CpuGraph {
         params: &dyn ParamSource,
     ) -> Result<HashMap<String, Value>, ExecError> {
         self.huge_pages.run_started();
-        let mut types: HashMap<String, (DType, Vec<usize>)> = inputs
-            .iter()
-            .map(|(k, t)| (k.clone(), (t.dtype(), t.shape().to_vec())))
-            .collect();
-        for (k, s) in &states {
-            types.insert(k.clone(), (s.dtype(), s.shape().to_vec()));
-        }
+        let mut types: HashMap<&str, (DType, &[usize])> =
+            HashMap::with_capacity(inputs.len() + states.len());
+        types.extend(
+            inputs
+                .iter()
+                .map(|(k, t)| (k.as_str(), (t.dtype(), t.shape()))),
+        );
+        types.extend(
+            states
+                .iter()
+                .map(|(k, s)| (k.as_str(), (s.dtype(), s.shape()))),
+        );
         let env = reference::bind_types(&self.graph, &types, params)?;
         let mut guard = self.buffers.lock().unwrap_or_else(|e| e.into_inner());
         let bufs: &mut Vec<Vec<f32>> = &mut guard;
@@ -324,7 +331,7 @@ impl CpuGraph {
         self.check_memory(&shapes, bufs)?;
         let mut run = Run {
             vals: (0..self.graph.nodes().len()).map(|_| Val::Empty).collect(),
-            states: HashMap::new(),
+            states: HashMap::with_capacity(states.len()),
             keep_states,
             needed: wanted.map(|w| self.needed(w)),
         };
@@ -491,8 +498,8 @@ impl CpuGraph {
         bufs: &mut [Vec<f32>],
         wanted: Option<&[&str]>,
     ) -> Result<HashMap<String, Value>, ExecError> {
-        let mut out = HashMap::new();
-        let mut taken = Vec::new();
+        let n = self.graph.outputs().len();
+        let (mut out, mut taken) = (HashMap::with_capacity(n), Vec::with_capacity(n));
         for o in self.graph.outputs() {
             if wanted.is_some_and(|w| !w.contains(&o.name.as_str())) {
                 continue;
