@@ -1,5 +1,12 @@
 //! The run loop of the CPU backend: binds sizes from the inputs, walks the plan's steps in node
 //! order with values in reusable f32 buffers, and returns the graph's outputs as tensors.
+//!
+//! A steady decode step allocates nothing per node, layer or kernel call: layouts and shapes
+//! are inline arrays ([`super::layout::Dims`]), a linear group's operands sit in inline vectors,
+//! and the kernels keep their scratch per thread. What a run still allocates is O(1) in the
+//! layers apart from its interface: per input and output the maps' entries, names and state
+//! handles (`tests/decode_allocations.rs` counts them), plus the few mask nodes the plan leaves
+//! to the reference ops.
 
 use super::advice::HugePages;
 use super::external::{Operand, Provider};
