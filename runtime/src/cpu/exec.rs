@@ -1449,4 +1449,17 @@ mod tests {
         assert_eq!(*needed, 8usize << 40);
         assert!(err.to_string().contains("memory plan"), "{err}");
     }
+
+    /// A value of more axes than the run loop's inline layouts hold is refused when the graph
+    /// is compiled (an error, not a panic), and a state of that rank too.
+    #[test]
+    fn refuses_ranks_past_the_inline_layouts() {
+        let t = Tracer::new();
+        let x = t.input("x", DType::F32, [1i64; MAX_RANK + 1]);
+        let y = t.apply(Op::Unary(UnaryOp::Exp), &[&x]).unwrap();
+        t.output("y", &y);
+        let err = CpuGraph::compile(vec![t.finish().unwrap()], &NoParams).unwrap_err();
+        assert!(err.to_string().contains("rank 9"), "{err}");
+        assert!(CpuState::zeroed(DType::F32, &[1; MAX_RANK + 1], 0, 4).is_err());
+    }
 }

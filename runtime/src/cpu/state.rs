@@ -59,7 +59,7 @@ impl CpuState {
     /// or to as many as fit in the memory available (at least `shape`'s own). Refused with
     /// [`ExecError::OutOfMemory`] before allocating when even `shape` does not fit, and with
     /// a shape error when `axis` is not an axis of `shape`, the size overflows or `shape` has
-    /// more than [`MAX_RANK`] axes.
+    /// more than `MAX_RANK` (8) axes.
     pub fn zeroed(
         dtype: DType,
         shape: &[usize],
