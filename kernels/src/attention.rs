@@ -417,6 +417,9 @@ struct OutPtr(*mut f32);
 // disjoint by `injective`) from different threads, never read, and outlives the parallel loop.
 unsafe impl Sync for OutPtr {}
 
+// Decode's per-task states are per-thread scratch.
+crate::scratch::pooled!(Stats);
+
 /// Running softmax state of one query row over part of its keys.
 #[derive(Debug, Clone, Copy)]
 struct Stats {

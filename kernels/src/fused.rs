@@ -26,6 +26,7 @@ use crate::simd::{erf, exp, gelu, gelu_tanh, round_bf16, tanh, vector_level, Isa
 use crate::KernelError;
 use kiln_ir::{f8, BinaryOp, CmpOp, DType, Expr, UnaryOp};
 use rayon::prelude::*;
+use smallvec::{smallvec, SmallVec};
 
 /// Elements per register: one chunk of an innermost run.
 pub const CHUNK: usize = 256;
@@ -212,9 +213,9 @@ impl Program {
         if crate::threads() > 1 && out.len() >= 2 * TASK {
             out.par_chunks_mut(TASK)
                 .enumerate()
-                .for_each_init(|| Scratch::new(self), |s, (t, o)| f(t * TASK, o, s));
+                .for_each_init(|| Scratch::take(self), |s, (t, o)| f(t * TASK, o, s));
         } else {
-            f(0, out, &mut Scratch::new(self));
+            f(0, out, &mut Scratch::take(self));
         }
         Ok(())
     }
@@ -223,10 +224,13 @@ impl Program {
 /// The operands' layout after merging axes that are contiguous for all of them.
 struct Plan<'a> {
     /// Merged output dims (at least one).
-    dims: Vec<usize>,
+    dims: Axes,
     /// Each operand's data and strides over `dims`.
-    args: Vec<(&'a [f32], Vec<usize>)>,
+    args: SmallVec<[(&'a [f32], Axes); 8]>,
 }
+
+/// Sizes or strides per axis, inline up to 8 axes (a call allocates no plan).
+type Axes = SmallVec<[usize; 8]>;
 
 impl<'a> Plan<'a> {
     fn new(
@@ -265,8 +269,8 @@ impl<'a> Plan<'a> {
             }
         }
         // Merge axis a into a+1 when every operand steps over a as over a+1's whole extent.
-        let mut dims: Vec<usize> = Vec::with_capacity(shape.len());
-        let mut strides: Vec<Vec<usize>> = vec![Vec::with_capacity(shape.len()); args.len()];
+        let mut dims = Axes::new();
+        let mut strides: SmallVec<[Axes; 8]> = smallvec![Axes::new(); args.len()];
         for (ax, &d) in shape.iter().enumerate() {
             if d == 1 {
                 continue;
@@ -303,8 +307,12 @@ impl<'a> Plan<'a> {
     }
 }
 
-/// One thread's registers and operand buffers.
-struct Scratch {
+/// One thread's [`Buffers`] for a call, given back to the thread ([`SPARE`]) when dropped.
+struct Scratch(Buffers);
+
+/// Registers and operand buffers.
+#[derive(Default)]
+struct Buffers {
     regs: Vec<Vec<f32>>,
     /// Per operand: a splatted or gathered chunk.
     bufs: Vec<Vec<f32>>,
@@ -313,14 +321,50 @@ struct Scratch {
     consts: Vec<Vec<f32>>,
 }
 
+thread_local! {
+    /// The scratch of this thread's last call, given back when dropped.
+    static SPARE: std::cell::Cell<Option<Buffers>> = const { std::cell::Cell::new(None) };
+}
+
 impl Scratch {
-    fn new(p: &Program) -> Scratch {
-        Scratch {
-            regs: vec![vec![0.0; CHUNK]; p.instrs.len()],
-            bufs: vec![vec![0.0; CHUNK]; p.n_args],
-            direct: vec![None; p.n_args],
-            consts: p.consts.iter().map(|&c| vec![c; CHUNK]).collect(),
+    /// The thread's spare scratch (or a new one), sized for `p`, its constants filled.
+    fn take(p: &Program) -> Scratch {
+        let s = SPARE
+            .try_with(std::cell::Cell::take)
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        let chunk = || vec![0.0; CHUNK];
+        let mut s = Scratch(s);
+        s.regs.resize_with(p.instrs.len(), chunk);
+        s.bufs.resize_with(p.n_args, chunk);
+        s.direct.clear();
+        s.direct.resize(p.n_args, None);
+        s.consts.resize_with(p.consts.len(), chunk);
+        for (v, &c) in s.consts.iter_mut().zip(&p.consts) {
+            v.fill(c);
         }
+        s
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let kept = std::mem::take(&mut self.0);
+        let _ = SPARE.try_with(|spare| spare.set(Some(kept)));
+    }
+}
+
+impl std::ops::Deref for Scratch {
+    type Target = Buffers;
+    fn deref(&self) -> &Buffers {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Scratch {
+    fn deref_mut(&mut self) -> &mut Buffers {
+        &mut self.0
     }
 }
 
@@ -337,7 +381,7 @@ fn range_body<const FMA: bool>(
     let inner = plan.dims[rank - 1];
     let end = start + out.len();
     let mut pos = start;
-    let mut bases = vec![0usize; plan.args.len()];
+    let mut bases: Axes = smallvec![0; plan.args.len()];
     while pos < end {
         let (row, col) = (pos / inner, pos % inner);
         let n = (inner - col).min(end - pos);

@@ -18,6 +18,7 @@
 //! (same rounding of A, different accumulation order).
 
 use crate::gemm::{matmul_f32, Gemm};
+use crate::scratch::Scratch;
 use crate::simd::{bf16_bits, Isa};
 use crate::KernelError;
 use half::bf16;
@@ -428,9 +429,9 @@ fn round_pairs_body(x: &[f32], out: &mut [u32]) {
 
 /// The `m` rows of `a` (`m × k`, f32) rounded to bf16 as pairs, row-major `m × ⌈k/2⌉` (an odd
 /// k padded with a zero), rows over the threads when large.
-pub(crate) fn pack_a(m: usize, k: usize, a: &[f32]) -> Vec<u32> {
+pub(crate) fn pack_a(m: usize, k: usize, a: &[f32]) -> Scratch<u32> {
     let pairs = k.div_ceil(2);
-    let mut ap = vec![0u32; m * pairs];
+    let mut ap = Scratch::filled(m * pairs, 0u32);
     if k > 0 && m * k >= PACK_PARALLEL_MIN {
         a.par_chunks_exact(k)
             .zip(ap.par_chunks_exact_mut(pairs))

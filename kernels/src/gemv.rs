@@ -53,7 +53,8 @@ fn split_rows(
     }
     // Several blocks per thread so an uneven split costs little; at least 4 rows each.
     let block = n.div_ceil(threads * 8).next_multiple_of(4).max(4);
-    let mut blocks: Vec<&mut [f32]> = y.chunks_mut(block * width).collect();
+    // Inline for up to 16 threads' blocks: no allocation per call.
+    let mut blocks: smallvec::SmallVec<[&mut [f32]; 128]> = y.chunks_mut(block * width).collect();
     crate::pool::for_each(&mut blocks, |b, yb| rows(b * block, yb));
 }
 

@@ -129,10 +129,13 @@ pub fn copy_strided_convert<S: Convert<D>, D: Copy + Send + Sync>(
     Ok(())
 }
 
+/// [`merge_axes`]'s result: inline up to 8 axes (no allocation per copy).
+type Axes = smallvec::SmallVec<[(usize, usize, usize); 8]>;
+
 /// `(size, src stride, dst stride)` per axis without size-1 axes, adjacent axes merged where
 /// both operands step over the outer one as over the whole inner one; at least one axis.
-fn merge_axes(shape: &[usize], ss: &[usize], ds: &[usize]) -> Vec<(usize, usize, usize)> {
-    let mut axes: Vec<(usize, usize, usize)> = Vec::with_capacity(shape.len());
+fn merge_axes(shape: &[usize], ss: &[usize], ds: &[usize]) -> Axes {
+    let mut axes = Axes::new();
     for ((&n, &s), &d) in shape.iter().zip(ss).zip(ds) {
         if n == 1 {
             continue;
@@ -158,7 +161,7 @@ fn copy_axes<S: Convert<D>, D: Copy>(axes: &[(usize, usize, usize)], src: &[S], 
     let transpose = rank >= 2 && axes[rank - 1].1 != 1 && axes[rank - 2].1 == 1;
     let inner = if transpose { 2 } else { 1 };
     let outer = &axes[..rank - inner];
-    let mut idx = vec![0usize; outer.len()];
+    let mut idx: smallvec::SmallVec<[usize; 8]> = smallvec::smallvec![0; outer.len()];
     let (mut so, mut dof) = (0usize, 0usize);
     loop {
         if transpose {

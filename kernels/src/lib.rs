@@ -21,6 +21,8 @@
 //! * [`pages`]: backing weights with transparent huge pages (decode streams them).
 //! * [`pool`]: a persistent team of threads (the caller and spinning helpers) for decode's
 //!   short parallel regions.
+//! * `scratch`: per-thread spare vectors, so a steady decode loop's kernel calls do not
+//!   allocate their scratch.
 //! * [`peak`]: machine ceilings (FMA and bf16 dot-product peak, copy and read bandwidth).
 //!
 //! Every fast path is chosen at run time with `is_x86_feature_detected!` and has a portable
@@ -42,6 +44,7 @@ pub mod peak;
 pub mod pool;
 pub mod rope;
 pub mod rowwise;
+mod scratch;
 mod simd;
 
 pub use convert::ConvertError;

@@ -35,6 +35,7 @@ use crate::rope::rotate_half_in_place;
 use crate::simd::{gelu, gelu_tanh, round_bf16, vector_level, Isa};
 use crate::KernelError;
 use rayon::prelude::*;
+use smallvec::SmallVec;
 
 /// Output rows per task of a decode group (one packed bf16 panel).
 pub const BLOCK: usize = NR;
@@ -151,7 +152,7 @@ pub fn linear_with(
     x: &[f32],
     layers: &mut [Layer<'_>],
 ) -> Result<(), KernelError> {
-    let mut shapes = Vec::with_capacity(layers.len());
+    let mut shapes: PerLayer<Shape> = SmallVec::new();
     for l in layers.iter() {
         shapes.push(check(m, k, x, l)?);
     }
@@ -175,14 +176,14 @@ pub fn linear_with(
         !in_region(l) && k > 0 && bf16(l.weight) && l.gate.is_none_or(|g| bf16(g.weight))
     };
     let level = vector_level(isa);
-    let epilogues: Vec<Epilogue<'_>> = layers
+    let epilogues: PerLayer<Epilogue<'_>> = layers
         .iter()
         .zip(&shapes)
         .map(|(l, s)| Epilogue::of(l, s))
         .collect();
     // Layers of the shared GEMM whose tasks finish their blocks (not gated; RoPE heads
     // dividing a task's columns); the others are finished after it.
-    let tiled: Vec<bool> = layers
+    let tiled: PerLayer<bool> = layers
         .iter()
         .zip(&epilogues)
         .map(|(l, e)| {
@@ -192,7 +193,7 @@ pub fn linear_with(
                     .is_none_or(|(_, d)| gemm_bf16::TASK_COLS.is_multiple_of(d))
         })
         .collect();
-    let mut gates: Vec<Option<Vec<f32>>> = layers
+    let mut gates: PerLayer<Option<Vec<f32>>> = layers
         .iter()
         .zip(&shapes)
         .map(|(l, s)| (shared(l) && l.gate.is_some()).then(|| vec![0.0; m * s.n]))
@@ -244,7 +245,7 @@ pub fn linear_with(
             alone(isa, m, s, k, x, l, &epilogues[j])?;
         }
     }
-    let mut tasks: Vec<Task<'_>> = Vec::new();
+    let mut tasks: SmallVec<[Task<'_>; 64]> = SmallVec::new();
     let mut weights = 0;
     for ((l, s), e) in layers.iter_mut().zip(&shapes).zip(&epilogues) {
         if !in_region(l) {
@@ -324,6 +325,9 @@ pub fn linear_with(
     }
     Ok(())
 }
+
+/// Per layer of a group: inline for up to four layers (no allocation per call).
+type PerLayer<T> = SmallVec<[T; 4]>;
 
 /// Output rows `row0 .. row0 + y.len()` of one layer in a decode region, with its epilogue.
 struct Task<'a> {

@@ -80,7 +80,8 @@ struct Shared {
 /// One region: `n` tasks, a cursor per member over its own range.
 struct Job<'a> {
     task: &'a (dyn Fn(usize) + Sync),
-    cursors: Vec<Cursor>,
+    /// Inline for up to 64 members: a region does not allocate.
+    cursors: smallvec::SmallVec<[Cursor; 64]>,
     panicked: AtomicBool,
 }
 

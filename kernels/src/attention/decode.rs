@@ -15,8 +15,10 @@
 
 use super::{merge, update, Ctx, OutPtr, Stats, Strided, EMPTY, KEY_BLOCK, PARALLEL_MIN_WORK};
 use crate::layout::Convert;
+use crate::scratch::Scratch;
 use crate::simd::{dot, prefetch, Isa};
 use half::bf16;
+use smallvec::SmallVec;
 
 /// The element types decode reads keys and values in: f32 rows in place, bf16 rows widened.
 pub(super) trait KvElement: Copy + Sync {
@@ -145,9 +147,9 @@ pub(super) fn run<T: KvElement>(c: &Ctx<'_, T>, out: &OutPtr) {
     let per = span.div_ceil(parts).max(1).next_multiple_of(KEY_BLOCK);
     let parts = span.div_ceil(per).max(1);
     let tasks = units * parts;
-    let mut stats = vec![EMPTY; tasks * rows];
-    let mut acc = vec![0.0f32; tasks * rows * dv];
-    let mut items: Vec<(&mut [Stats], &mut [f32])> = stats
+    let mut stats = Scratch::filled(tasks * rows, EMPTY);
+    let mut acc = Scratch::filled(tasks * rows * dv, 0.0f32);
+    let mut items: SmallVec<[(&mut [Stats], &mut [f32]); 64]> = stats
         .chunks_mut(rows)
         .zip(acc.chunks_mut(rows * dv))
         .collect();
@@ -162,8 +164,9 @@ pub(super) fn run<T: KvElement>(c: &Ctx<'_, T>, out: &OutPtr) {
     } else {
         items.iter_mut().enumerate().for_each(|(t, it)| run(t, it));
     }
+    drop(items);
     // Merge each row's parts and write it.
-    let mut row_acc = vec![0.0f32; dv];
+    let mut row_acc = Scratch::filled(dv, 0.0f32);
     for unit in 0..units {
         let (b, hk) = (unit / s.kv_heads, unit % s.kv_heads);
         for r in 0..rows {
@@ -239,7 +242,7 @@ fn task_body<T: KvElement, const FMA: bool, const WIDE: bool, const DP: bool>(
     // Query row r at qb[r · dp..], zero-padded to whole 32-element vectors.
     let dp = d.next_multiple_of(32);
     let qb = if DP && T::raw_bf16(&c.k, b, hk, p0).is_some() {
-        let mut qb = vec![bf16::ZERO; st.len() * dp];
+        let mut qb = Scratch::filled(st.len() * dp, bf16::ZERO);
         let exact = qb.chunks_exact_mut(dp).enumerate().all(|(r, o)| {
             let (h, i) = (hk * c.group + r / nq, r % nq);
             let q = &c.q.data[c.q.strides.offset(b, h, i)..][..d];
@@ -252,7 +255,7 @@ fn task_body<T: KvElement, const FMA: bool, const WIDE: bool, const DP: bool>(
     } else {
         None
     };
-    let (mut kbuf, mut vbuf) = (Vec::new(), Vec::new());
+    let (mut kbuf, mut vbuf) = (Scratch::empty(), Scratch::empty());
     let mut j0 = p0;
     while j0 < p1 {
         let n = KEY_BLOCK.min(p1 - j0);
@@ -266,9 +269,9 @@ fn task_body<T: KvElement, const FMA: bool, const WIDE: bool, const DP: bool>(
         let raw = qb.as_ref().and_then(|_| T::raw_bf16(&c.k, b, hk, j0));
         let (k, ks) = match raw {
             Some(_) => (&[][..], 0),
-            None => T::rows(&c.k, b, hk, j0, n, d, &mut kbuf),
+            None => T::rows(&c.k, b, hk, j0, n, d, kbuf.as_vec()),
         };
-        let (v, vs) = T::rows(&c.v, b, hk, j0, n, dv, &mut vbuf);
+        let (v, vs) = T::rows(&c.v, b, hk, j0, n, dv, vbuf.as_vec());
         for (r, (st, acc)) in st.iter_mut().zip(acc.chunks_exact_mut(dv)).enumerate() {
             let (h, i) = (hk * c.group + r / nq, r % nq);
             let (lo, hi) = c.visible(i);

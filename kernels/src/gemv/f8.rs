@@ -15,6 +15,7 @@
 //! widening each weight block once for all rows.
 
 use super::split_rows;
+use crate::scratch::Scratch;
 use crate::simd::{madd, Isa};
 use crate::KernelError;
 use std::sync::OnceLock;
@@ -141,10 +142,10 @@ pub(crate) struct PreparedX {
 
 enum Path {
     #[cfg(target_arch = "x86_64")]
-    Vbmi(Vec<u16>),
+    Vbmi(Scratch<u16>),
     #[cfg(target_arch = "x86_64")]
-    Avx512(Vec<u16>),
-    Table(Isa, Vec<f32>),
+    Avx512(Scratch<u16>),
+    Table(Isa, Scratch<f32>),
 }
 
 impl PreparedX {
@@ -153,7 +154,7 @@ impl PreparedX {
         debug_assert!(mb <= MAX_BATCH && x.len() == mb * k);
         #[cfg(target_arch = "x86_64")]
         if isa >= Isa::Avx512Bf16 && Isa::Avx512Bf16.available() {
-            let xb: Vec<u16> = x.iter().map(|&v| crate::simd::bf16_bits(v)).collect();
+            let xb = Scratch::collected(x.iter().map(|&v| crate::simd::bf16_bits(v)));
             let path = if x86::has_vbmi() {
                 Path::Vbmi(x86::permute_x(&xb, mb, k))
             } else {
@@ -161,7 +162,7 @@ impl PreparedX {
             };
             return PreparedX { mb, k, path };
         }
-        let xr: Vec<f32> = x.iter().map(|&v| crate::simd::round_bf16(v)).collect();
+        let xr = Scratch::collected(x.iter().map(|&v| crate::simd::round_bf16(v)));
         PreparedX {
             mb,
             k,
@@ -202,7 +203,7 @@ impl PreparedX {
 fn rows_table<const FMA: bool>(w: &[u8], k: usize, xr: &[f32], mb: usize, yb: &mut [f32]) {
     const L: usize = 16;
     let t = table();
-    let mut wf = vec![0.0f32; k];
+    let mut wf = Scratch::filled(k, 0.0f32);
     for (row, out) in w.chunks_exact(k.max(1)).zip(yb.chunks_exact_mut(mb)) {
         for (d, &b) in wf.iter_mut().zip(row) {
             *d = t[usize::from(b)];
@@ -231,7 +232,7 @@ fn rows_table<const FMA: bool>(w: &[u8], k: usize, xr: &[f32], mb: usize, yb: &m
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{rows_table, table, MAX_BATCH};
+    use super::{rows_table, table, Scratch, MAX_BATCH};
     use std::arch::x86_64::*;
     use std::sync::OnceLock;
 
@@ -379,9 +380,9 @@ mod x86 {
 
     /// The `mb` rows of x (bf16 bits, `k` each) padded with zeros to a multiple of 64 and
     /// permuted within each block of 64 as [`widen64`] orders the weights, so products pair up.
-    pub(super) fn permute_x(xb: &[u16], mb: usize, k: usize) -> Vec<u16> {
+    pub(super) fn permute_x(xb: &[u16], mb: usize, k: usize) -> Scratch<u16> {
         let kp = k.next_multiple_of(64);
-        let mut out = vec![0u16; mb * kp];
+        let mut out = Scratch::filled(mb * kp, 0u16);
         for (src, dst) in xb
             .chunks_exact(k.max(1))
             .zip(out.chunks_exact_mut(kp.max(1)))

@@ -1,9 +1,16 @@
 //! The run loop of the CPU backend: binds sizes from the inputs, walks the plan's steps in node
 //! order with values in reusable f32 buffers, and returns the graph's outputs as tensors.
+//!
+//! A steady decode step allocates nothing per node, layer or kernel call: layouts and shapes
+//! are inline arrays ([`super::layout::Dims`]), a linear group's operands sit in inline vectors,
+//! and the kernels keep their scratch per thread. What a run still allocates is O(1) in the
+//! layers apart from its interface: per input and output the maps' entries, names and state
+//! handles (`tests/decode_allocations.rs` counts them), plus the few mask nodes the plan leaves
+//! to the reference ops.
 
 use super::advice::HugePages;
 use super::external::{Operand, Provider};
-use super::layout::Layout;
+use super::layout::{Dims, Layout, MAX_RANK};
 use super::legalize::legalize;
 use super::moe::{moe_f32, MoeData};
 use super::plan::{self, LinearLayer, MoeWeight, Plan, Step};
@@ -26,6 +33,7 @@ use kiln_kernels::layout::{copy_strided, copy_strided_convert};
 use kiln_kernels::linear::{linear, Gate, Layer, Rope, Weight};
 use kiln_kernels::rope::rope_rotate_half;
 use kiln_kernels::{pages, rowwise, KernelError};
+use smallvec::SmallVec;
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -52,12 +60,16 @@ pub struct CpuGraph {
     profile: Option<Profile>,
 }
 
+/// Per layer of a linear group: inline for groups of up to four layers (a fused QKV has three),
+/// so a decode step's linear steps do not allocate.
+type Group<T> = SmallVec<[T; 4]>;
+
 /// A value during a run.
 enum Val<'a> {
     /// Not computed yet, or freed.
     Empty,
     /// A supplied input or parameter, possibly viewed under another shape (a reshape).
-    Ext(&'a Tensor, Vec<usize>),
+    Ext(&'a Tensor, Dims),
     /// Widened f32 elements in a buffer slot, dense or strided.
     Buf(usize, Layout),
     /// bf16 elements packed in a state's buffer slot ([`super::state::narrow`]), dense or
@@ -97,7 +109,7 @@ impl<'a> Run<'a> {
             s,
             StateSlot {
                 axis,
-                layout: layout.clone(),
+                layout,
                 capacity,
             },
         );
@@ -126,6 +138,7 @@ impl CpuGraph {
     ) -> Result<Vec<CpuGraph>, ExecError> {
         for g in &graphs {
             verify(g)?;
+            check_ranks(g)?;
         }
         let graphs: Vec<Graph> = graphs.iter().map(legalize).collect();
         let plans: Vec<Plan> = graphs
@@ -192,19 +205,20 @@ impl CpuGraph {
     }
 
     /// The concrete shape of every computed node (empty for sources and skipped nodes).
-    fn shapes(&self, env: &Bindings) -> Result<Vec<Vec<usize>>, ExecError> {
-        self.graph
-            .iter()
-            .map(|(id, node)| match self.plan.steps[id.index()] {
-                Step::Source | Step::Skip => Ok(Vec::new()),
-                _ => ctx(id, node, env).shape(&node.ty.shape),
-            })
-            .collect()
+    fn shapes(&self, env: &Bindings) -> Result<Vec<Dims>, ExecError> {
+        let mut shapes = Vec::with_capacity(self.graph.nodes().len());
+        for (id, node) in self.graph.iter() {
+            shapes.push(match self.plan.steps[id.index()] {
+                Step::Source | Step::Skip => Dims::default(),
+                _ => ctx(id, node, env).shape_in(&node.ty.shape)?,
+            });
+        }
+        Ok(shapes)
     }
 
     /// Bytes of the buffers for values of these shapes (views and aliases hold none of their
     /// own).
-    fn buffer_bytes(&self, shapes: &[Vec<usize>]) -> usize {
+    fn buffer_bytes(&self, shapes: &[Dims]) -> usize {
         let nodes = self.graph.nodes();
         self.slots.peak_bytes(|i| {
             self.plan.steps[i]
@@ -214,7 +228,7 @@ impl CpuGraph {
     }
 
     /// Refuses a run whose buffers would outgrow the memory available, before growing them.
-    fn check_memory(&self, shapes: &[Vec<usize>], bufs: &[Vec<f32>]) -> Result<(), ExecError> {
+    fn check_memory(&self, shapes: &[Dims], bufs: &[Vec<f32>]) -> Result<(), ExecError> {
         let needed = self.buffer_bytes(shapes);
         let held: usize = bufs.iter().map(|b| b.capacity() * 4).sum();
         if needed <= held {
@@ -257,7 +271,8 @@ impl CpuGraph {
         params: &dyn ParamSource,
         wanted: Option<&[&str]>,
     ) -> Result<HashMap<String, Value>, ExecError> {
-        let (mut host, mut states) = (HashMap::new(), HashMap::new());
+        let n = inputs.len();
+        let (mut host, mut states) = (HashMap::with_capacity(n), HashMap::with_capacity(n));
         for (name, v) in inputs {
             match v {
                 Value::Host(t) => {
@@ -303,13 +318,18 @@ impl CpuGraph {
         params: &dyn ParamSource,
     ) -> Result<HashMap<String, Value>, ExecError> {
         self.huge_pages.run_started();
-        let mut types: HashMap<String, (DType, Vec<usize>)> = inputs
-            .iter()
-            .map(|(k, t)| (k.clone(), (t.dtype(), t.shape().to_vec())))
-            .collect();
-        for (k, s) in &states {
-            types.insert(k.clone(), (s.dtype(), s.shape().to_vec()));
-        }
+        let mut types: HashMap<&str, (DType, &[usize])> =
+            HashMap::with_capacity(inputs.len() + states.len());
+        types.extend(
+            inputs
+                .iter()
+                .map(|(k, t)| (k.as_str(), (t.dtype(), t.shape()))),
+        );
+        types.extend(
+            states
+                .iter()
+                .map(|(k, s)| (k.as_str(), (s.dtype(), s.shape()))),
+        );
         let env = reference::bind_types(&self.graph, &types, params)?;
         let mut guard = self.buffers.lock().unwrap_or_else(|e| e.into_inner());
         let bufs: &mut Vec<Vec<f32>> = &mut guard;
@@ -318,7 +338,7 @@ impl CpuGraph {
         self.check_memory(&shapes, bufs)?;
         let mut run = Run {
             vals: (0..self.graph.nodes().len()).map(|_| Val::Empty).collect(),
-            states: HashMap::new(),
+            states: HashMap::with_capacity(states.len()),
             keep_states,
             needed: wanted.map(|w| self.needed(w)),
         };
@@ -326,12 +346,12 @@ impl CpuGraph {
         for (id, node) in self.graph.iter() {
             let v = match &node.op {
                 Op::Input { name } => match (inputs.get(name), states.remove(name)) {
-                    (Some(t), _) => Val::Ext(t, t.shape().to_vec()),
+                    (Some(t), _) => Val::Ext(t, Dims::of(t.shape())),
                     (None, Some(state)) => run.add_state(bufs, state),
                     (None, None) => continue,
                 },
                 Op::Param { name } => match params.get(name) {
-                    Some(t) => Val::Ext(t, t.shape().to_vec()),
+                    Some(t) => Val::Ext(t, Dims::of(t.shape())),
                     None => continue,
                 },
                 _ => continue,
@@ -348,7 +368,7 @@ impl CpuGraph {
     fn walk<'a>(
         &self,
         env: &Bindings,
-        shapes: &mut [Vec<usize>],
+        shapes: &mut [Dims],
         run: &mut Run<'a>,
         bufs: &mut Vec<Vec<f32>>,
         params: &dyn ParamSource,
@@ -367,7 +387,7 @@ impl CpuGraph {
                         let Op::Concat { axis } = cnode.op else {
                             return Err(ctx.mismatch(format!("%{c} is not a concat")));
                         };
-                        let shape = std::mem::take(&mut shapes[c]);
+                        let shape = shapes[c];
                         run.vals[c] = self.append(
                             &self::ctx(cid, cnode, env),
                             cnode,
@@ -378,7 +398,7 @@ impl CpuGraph {
                         )?;
                     }
                 } else {
-                    let shape = std::mem::take(&mut shapes[i]);
+                    let shape = shapes[i];
                     run.vals[i] = match (step, &node.op) {
                         (Step::Concat, Op::Concat { axis })
                             if run.keep_states && self.last_use[i] == usize::MAX =>
@@ -410,7 +430,7 @@ impl CpuGraph {
         ctx: &Ctx<'_>,
         node: &Node,
         axis: usize,
-        shape: Vec<usize>,
+        shape: Dims,
         run: &mut Run<'a>,
         bufs: &mut Vec<Vec<f32>>,
     ) -> Result<Val<'a>, ExecError> {
@@ -437,7 +457,7 @@ impl CpuGraph {
         let layout = match run.states.get_mut(&s) {
             Some(state) => {
                 state.layout.shape = shape;
-                state.layout.clone()
+                state.layout
             }
             None => return Err(ctx.mismatch("internal: a cache state lost its buffer")),
         };
@@ -485,8 +505,8 @@ impl CpuGraph {
         bufs: &mut [Vec<f32>],
         wanted: Option<&[&str]>,
     ) -> Result<HashMap<String, Value>, ExecError> {
-        let mut out = HashMap::new();
-        let mut taken = Vec::new();
+        let n = self.graph.outputs().len();
+        let (mut out, mut taken) = (HashMap::with_capacity(n), Vec::with_capacity(n));
         for o in self.graph.outputs() {
             if wanted.is_some_and(|w| !w.contains(&o.name.as_str())) {
                 continue;
@@ -506,7 +526,7 @@ impl CpuGraph {
                         taken.push(*s);
                         let state = CpuState::from_parts(
                             std::mem::take(&mut bufs[*s]),
-                            l.clone(),
+                            *l,
                             node.ty.dtype,
                             meta.axis,
                         );
@@ -532,7 +552,7 @@ impl CpuGraph {
         ctx: &Ctx<'_>,
         node: &Node,
         step: &Step,
-        shape: Vec<usize>,
+        shape: Dims,
         vals: &[Val<'a>],
         bufs: &mut [Vec<f32>],
     ) -> Result<Val<'a>, ExecError> {
@@ -542,7 +562,7 @@ impl CpuGraph {
             (Step::Alias, Some(Val::Buf(s, l)))
                 if l.is_dense() || !matches!(node.op, Op::Reshape { .. }) =>
             {
-                return Ok(Val::Buf(*s, l.reshaped(shape)));
+                return Ok(Val::Buf(*s, l.reshaped(&shape)));
             }
             (Step::Alias, Some(Val::Ext(t, _))) if t.dtype() == DType::F32 => {
                 return Ok(Val::Ext(t, shape));
@@ -550,7 +570,7 @@ impl CpuGraph {
             (Step::Alias, Some(Val::Narrow(s, l)))
                 if l.is_dense() || !matches!(node.op, Op::Reshape { .. }) =>
             {
-                return Ok(Val::Narrow(*s, l.reshaped(shape)));
+                return Ok(Val::Narrow(*s, l.reshaped(&shape)));
             }
             (Step::View, Some(Val::Buf(s, l))) => {
                 if let Some(l) = view(ctx, &node.op, l, &shape)? {
@@ -572,10 +592,10 @@ impl CpuGraph {
             if done? {
                 if let (Step::Attention { bshd: true, .. }, &[b, h, q, d]) = (step, &shape[..]) {
                     // Stored [b, s, h, d]: this value is that buffer's [0, 2, 1, 3] view.
-                    let stored = Layout::dense(vec![b, q, h, d]);
+                    let stored = Layout::dense(&[b, q, h, d]);
                     return Ok(Val::Buf(s, stored.permuted(&[0, 2, 1, 3])));
                 }
-                return Ok(Val::Buf(s, Layout::dense(shape)));
+                return Ok(Val::Buf(s, Layout::dense(&shape)));
             }
         }
         // The reference op on this node alone.
@@ -598,7 +618,7 @@ impl CpuGraph {
                     Storage::F32(v) => out.extend_from_slice(v),
                     st => out.extend((0..st.len()).map(|i| st.get(i).as_f64() as f32)),
                 }
-                Ok(Val::Buf(s, Layout::dense(t.shape().to_vec())))
+                Ok(Val::Buf(s, Layout::dense(t.shape())))
             }
             None => Ok(Val::Host(t)),
         }
@@ -611,16 +631,16 @@ impl CpuGraph {
         &self,
         ctx: &Ctx<'_>,
         layers: &[LinearLayer],
-        shapes: &mut [Vec<usize>],
+        shapes: &mut [Dims],
         vals: &mut [Val<'a>],
         bufs: &mut [Vec<f32>],
         params: &dyn ParamSource,
     ) -> Result<(), ExecError> {
-        let mut outs = Vec::with_capacity(layers.len());
+        let mut outs: Group<(usize, Vec<f32>, Dims)> = SmallVec::new();
         for l in layers {
             let s = self.slots.slot[l.node]
                 .ok_or_else(|| ctx.mismatch(format!("linear %{} has no buffer", l.node)))?;
-            let shape = std::mem::take(&mut shapes[l.node]);
+            let shape = shapes[l.node];
             let mut out = std::mem::take(&mut bufs[s]);
             out.resize(shape.iter().product(), 0.0);
             outs.push((s, out, shape));
@@ -630,8 +650,8 @@ impl CpuGraph {
             bufs[s] = out;
             let layout = match (l.heads, &shape[..]) {
                 // Stored [b, s, h, d]: the value [b, h, s, d] is its permuted view.
-                (Some(_), &[b, h, q, d]) => Layout::dense(vec![b, q, h, d]).permuted(&[0, 2, 1, 3]),
-                _ => Layout::dense(shape),
+                (Some(_), &[b, h, q, d]) => Layout::dense(&[b, q, h, d]).permuted(&[0, 2, 1, 3]),
+                _ => Layout::dense(&shape),
             };
             vals[l.node] = Val::Buf(s, layout);
         }
@@ -646,7 +666,7 @@ impl CpuGraph {
         vals: &[Val<'_>],
         bufs: &[Vec<f32>],
         params: &dyn ParamSource,
-        outs: &mut [(usize, Vec<f32>, Vec<usize>)],
+        outs: &mut [(usize, Vec<f32>, Dims)],
     ) -> Result<(), ExecError> {
         let operand = |v: ValueId| {
             dense_f32(&vals[v.index()], bufs)
@@ -708,7 +728,7 @@ impl CpuGraph {
                 .ok_or_else(|| ctx.mismatch(format!("scale {name:?} is not an f32 parameter"))),
             None => Ok(None),
         };
-        let mut operands = Vec::with_capacity(layers.len());
+        let mut operands: Group<_> = SmallVec::new();
         for l in layers {
             let bias = l.bias.map(operand).transpose()?;
             let add = l.add.map(operand).transpose()?;
@@ -718,7 +738,7 @@ impl CpuGraph {
             };
             operands.push((bias, add, rope));
         }
-        let mut group = Vec::with_capacity(layers.len());
+        let mut group: Group<_> = SmallVec::new();
         for ((l, (bias, add, rope)), (_, out, _)) in layers.iter().zip(&operands).zip(outs) {
             let gate = match &l.gate {
                 Some(g) => Some(Gate {
@@ -833,7 +853,7 @@ impl CpuGraph {
                 // A permute, slice or expand copies its view; a reshape copies the operand in
                 // its own shape (the same element order).
                 let l = view(ctx, &node.op, &l, shape)?.unwrap_or(l);
-                let dense = Layout::dense(l.shape.clone());
+                let dense = Layout::dense(&l.shape);
                 copy_strided(&l.shape, x, l.offset, &l.strides, out, 0, &dense.strides)
                     .map_err(kerr)?;
             }
@@ -841,7 +861,7 @@ impl CpuGraph {
                 let Op::Concat { axis } = node.op else {
                     return Ok(false);
                 };
-                let dense = Layout::dense(shape.to_vec());
+                let dense = Layout::dense(shape);
                 let mut at = 0;
                 for k in 0..node.inputs.len() {
                     let Some((x, l)) = strided(k) else {
@@ -861,7 +881,7 @@ impl CpuGraph {
                 }
             }
             Step::Fused(program) => {
-                let mut args = Vec::with_capacity(node.inputs.len());
+                let mut args: SmallVec<[_; 8]> = SmallVec::new();
                 for k in 0..node.inputs.len() {
                     let Some((x, l)) = strided(k) else {
                         return Ok(false);
@@ -871,8 +891,8 @@ impl CpuGraph {
                     };
                     args.push((&x[l.offset.min(x.len())..], strides));
                 }
-                let args: Vec<(&[f32], &[usize])> =
-                    args.iter().map(|(x, s)| (*x, s.as_slice())).collect();
+                let args: SmallVec<[(&[f32], &[usize]); 8]> =
+                    args.iter().map(|(x, s)| (*x, &s[..])).collect();
                 program.run(shape, &args, out).map_err(kerr)?;
             }
             Step::LayerNorm { eps } => {
@@ -894,7 +914,7 @@ impl CpuGraph {
                 // Keys and values may be a KV cache kept as bf16.
                 let kv = |k: usize| -> Option<Kv<'_>> {
                     match &vals[node.inputs.get(k)?.index()] {
-                        Val::Narrow(s, l) => Some(Kv::Bf16(narrow(bufs.get(*s)?), l.clone())),
+                        Val::Narrow(s, l) => Some(Kv::Bf16(narrow(bufs.get(*s)?), *l)),
                         v => strided_data(v, bufs).map(|(d, l)| Kv::F32(d, l)),
                     }
                 };
@@ -1013,6 +1033,22 @@ fn streamed_weights(plans: &[Plan], params: &dyn ParamSource, weights: &Weights)
     HugePages::new(spans)
 }
 
+/// Refuses a graph with a value of more than [`MAX_RANK`] axes (the run loop's layouts hold
+/// at most that many).
+fn check_ranks(graph: &Graph) -> Result<(), ExecError> {
+    match graph.iter().find(|(_, n)| n.ty.shape.len() > MAX_RANK) {
+        Some((id, node)) => Err(ExecError::ShapeMismatch {
+            node: id,
+            op: node.op.name(),
+            detail: format!(
+                "rank {} exceeds the CPU backend's {MAX_RANK} axes",
+                node.ty.shape.len()
+            ),
+        }),
+        None => Ok(()),
+    }
+}
+
 /// For each layer of a linear group computed at another node, that node.
 fn group_of(plan: &Plan) -> HashMap<usize, usize> {
     let mut of = HashMap::new();
@@ -1080,18 +1116,18 @@ fn float_operand<'v>(
         .ok_or_else(|| ctx.mismatch(format!("operand {k} is not a float value")))?;
     let wide = t.cast(DType::F32);
     let data = wide.as_f32().map(<[f32]>::to_vec).unwrap_or_default();
-    Ok((Cow::Owned(data), Layout::dense(t.shape().to_vec())))
+    Ok((Cow::Owned(data), Layout::dense(t.shape())))
 }
 
 /// A value's f32 elements and shape, if it has them without conversion.
 fn f32_data<'v>(v: &'v Val<'_>, bufs: &'v [Vec<f32>]) -> Option<(&'v [f32], &'v [usize])> {
     match v {
-        Val::Ext(t, shape) => t.as_f32().map(|d| (d, shape.as_slice())),
+        Val::Ext(t, shape) => t.as_f32().map(|d| (d, &shape[..])),
         Val::Buf(s, l) if l.is_dense() => {
             let n = l.numel();
             bufs.get(*s)
                 .and_then(|b| b.get(l.offset..l.offset + n))
-                .map(|d| (d, l.shape.as_slice()))
+                .map(|d| (d, &l.shape[..]))
         }
         _ => None,
     }
@@ -1100,23 +1136,23 @@ fn f32_data<'v>(v: &'v Val<'_>, bufs: &'v [Vec<f32>]) -> Option<(&'v [f32], &'v 
 /// A value's f32 buffer and layout (dense for inputs and parameters), if it is f32 data.
 fn strided_data<'v>(v: &'v Val<'_>, bufs: &'v [Vec<f32>]) -> Option<(&'v [f32], Layout)> {
     match v {
-        Val::Ext(t, shape) => t.as_f32().map(|d| (d, Layout::dense(shape.clone()))),
-        Val::Buf(s, l) => bufs.get(*s).map(|b| (b.as_slice(), l.clone())),
+        Val::Ext(t, shape) => t.as_f32().map(|d| (d, Layout::dense(shape))),
+        Val::Buf(s, l) => bufs.get(*s).map(|b| (b.as_slice(), *l)),
         _ => None,
     }
 }
 
 /// A value's f32 elements in row-major order (copied only when strided or bf16) and its shape.
-fn dense_f32<'v>(v: &'v Val<'_>, bufs: &'v [Vec<f32>]) -> Option<(Cow<'v, [f32]>, Vec<usize>)> {
+fn dense_f32<'v>(v: &'v Val<'_>, bufs: &'v [Vec<f32>]) -> Option<(Cow<'v, [f32]>, Dims)> {
     if let Some((d, shape)) = f32_data(v, bufs) {
-        return Some((Cow::Borrowed(d), shape.to_vec()));
+        return Some((Cow::Borrowed(d), Dims::of(shape)));
     }
     if let Val::Narrow(s, l) = v {
-        return Some((Cow::Owned(widened(*s, l, bufs)?), l.shape.clone()));
+        return Some((Cow::Owned(widened(*s, l, bufs)?), l.shape));
     }
     let (d, l) = strided_data(v, bufs)?;
     let mut out = vec![0.0; l.numel()];
-    let dense = Layout::dense(l.shape.clone());
+    let dense = Layout::dense(&l.shape);
     copy_strided(
         &l.shape,
         d,
@@ -1134,7 +1170,7 @@ fn dense_f32<'v>(v: &'v Val<'_>, bufs: &'v [Vec<f32>]) -> Option<(Cow<'v, [f32]>
 fn widened(s: usize, l: &Layout, bufs: &[Vec<f32>]) -> Option<Vec<f32>> {
     let src = narrow(bufs.get(s)?);
     let mut d = vec![0.0f32; l.numel()];
-    let dense = Layout::dense(l.shape.clone());
+    let dense = Layout::dense(&l.shape);
     copy_strided_convert(
         &l.shape,
         src,
@@ -1161,13 +1197,13 @@ fn ints<'v>(v: &'v Val<'_>) -> Option<&'v [i64]> {
 fn to_tensor<'v>(v: &'v Val<'_>, dtype: DType, bufs: &[Vec<f32>]) -> Option<Cow<'v, Tensor>> {
     match v {
         Val::Empty => None,
-        Val::Ext(t, shape) if t.shape() == shape.as_slice() => Some(Cow::Borrowed(*t)),
-        Val::Ext(t, shape) => Tensor::new(shape.clone(), t.storage().clone())
+        Val::Ext(t, shape) if t.shape() == &shape[..] => Some(Cow::Borrowed(*t)),
+        Val::Ext(t, shape) => Tensor::new(shape.to_vec(), t.storage().clone())
             .ok()
             .map(Cow::Owned),
         Val::Host(t) => Some(Cow::Borrowed(t)),
         Val::Narrow(s, l) => {
-            let t = Tensor::from_f32(l.shape.clone(), widened(*s, l, bufs)?).ok()?;
+            let t = Tensor::from_f32(l.shape.to_vec(), widened(*s, l, bufs)?).ok()?;
             Some(Cow::Owned(if dtype == DType::F32 {
                 t
             } else {
@@ -1180,7 +1216,7 @@ fn to_tensor<'v>(v: &'v Val<'_>, dtype: DType, bufs: &[Vec<f32>]) -> Option<Cow<
                 buf.get(l.offset..l.offset + l.numel())?.to_vec()
             } else {
                 let mut d = vec![0.0; l.numel()];
-                let dense = Layout::dense(l.shape.clone());
+                let dense = Layout::dense(&l.shape);
                 copy_strided(
                     &l.shape,
                     buf,
@@ -1193,7 +1229,7 @@ fn to_tensor<'v>(v: &'v Val<'_>, dtype: DType, bufs: &[Vec<f32>]) -> Option<Cow<
                 .ok()?;
                 d
             };
-            let t = Tensor::from_f32(l.shape.clone(), data).ok()?;
+            let t = Tensor::from_f32(l.shape.to_vec(), data).ok()?;
             Some(Cow::Owned(if dtype == DType::F32 {
                 t
             } else {
@@ -1270,7 +1306,7 @@ fn view(ctx: &Ctx<'_>, op: &Op, l: &Layout, shape: &[usize]) -> Result<Option<La
             Some(l.sliced(*axis, start as usize, end as usize))
         }
         Op::Expand { .. } => l.broadcast_to(shape).map(|strides| Layout {
-            shape: shape.to_vec(),
+            shape: Dims::of(shape),
             strides,
             offset: l.offset,
         }),
@@ -1412,5 +1448,18 @@ mod tests {
         // The exp result, plus the expand's copy (an input is not viewed in place).
         assert_eq!(*needed, 8usize << 40);
         assert!(err.to_string().contains("memory plan"), "{err}");
+    }
+
+    /// A value of more axes than the run loop's inline layouts hold is refused when the graph
+    /// is compiled (an error, not a panic), and a state of that rank too.
+    #[test]
+    fn refuses_ranks_past_the_inline_layouts() {
+        let t = Tracer::new();
+        let x = t.input("x", DType::F32, [1i64; MAX_RANK + 1]);
+        let y = t.apply(Op::Unary(UnaryOp::Exp), &[&x]).unwrap();
+        t.output("y", &y);
+        let err = CpuGraph::compile(vec![t.finish().unwrap()], &NoParams).unwrap_err();
+        assert!(err.to_string().contains("rank 9"), "{err}");
+        assert!(CpuState::zeroed(DType::F32, &[1; MAX_RANK + 1], 0, 4).is_err());
     }
 }

@@ -11,7 +11,7 @@
 //! ([`narrow`], [`narrow_mut`] view them), so it moves through the executor's buffers as any
 //! other.
 
-use super::layout::Layout;
+use super::layout::{Dims, Layout, MAX_RANK};
 use crate::executor::DeviceValue;
 use crate::reference::ExecError;
 use crate::{Storage, Tensor};
@@ -58,7 +58,8 @@ impl CpuState {
     /// A zeroed state of `shape` whose axis `axis` can grow to `capacity` positions in place,
     /// or to as many as fit in the memory available (at least `shape`'s own). Refused with
     /// [`ExecError::OutOfMemory`] before allocating when even `shape` does not fit, and with
-    /// a shape error when `axis` is not an axis of `shape` or the size overflows.
+    /// a shape error when `axis` is not an axis of `shape`, the size overflows or `shape` has
+    /// more than `MAX_RANK` (8) axes.
     pub fn zeroed(
         dtype: DType,
         shape: &[usize],
@@ -68,8 +69,13 @@ impl CpuState {
         let len = *shape
             .get(axis)
             .ok_or_else(|| backend_err(format!("a state of shape {shape:?} has no axis {axis}")))?;
+        let dims = Dims::try_from_slice(shape).ok_or_else(|| {
+            backend_err(format!(
+                "a state of shape {shape:?} has more than {MAX_RANK} axes"
+            ))
+        })?;
         let numel = |positions: usize| {
-            let mut full = shape.to_vec();
+            let mut full = dims;
             full[axis] = positions;
             full.iter().try_fold(1usize, |n, &d| n.checked_mul(d))
         };
@@ -108,14 +114,14 @@ impl CpuState {
                 ),
             })?;
         data.resize(n, 0.0);
-        let mut full = shape.to_vec();
+        let mut full = dims;
         full[axis] = positions;
         Ok(CpuState {
             dtype,
             axis,
             layout: Layout {
-                shape: shape.to_vec(),
-                strides: Layout::dense(full).strides,
+                shape: dims,
+                strides: Layout::dense(&full).strides,
                 offset: 0,
             },
             data,
@@ -188,7 +194,7 @@ impl DeviceValue for CpuState {
 
     fn to_host(&self) -> Result<Tensor, ExecError> {
         let l = &self.layout;
-        let dense = Layout::dense(l.shape.clone());
+        let dense = Layout::dense(&l.shape);
         if self.is_narrow() {
             let mut out = vec![bf16::ZERO; l.numel()];
             let src = narrow(&self.data);
@@ -202,7 +208,7 @@ impl DeviceValue for CpuState {
                 &dense.strides,
             )
             .map_err(backend_err)?;
-            return Tensor::new(l.shape.clone(), Storage::BF16(out)).map_err(backend_err);
+            return Tensor::new(l.shape.to_vec(), Storage::BF16(out)).map_err(backend_err);
         }
         let mut out = vec![0.0; l.numel()];
         copy_strided_convert(
@@ -215,7 +221,7 @@ impl DeviceValue for CpuState {
             &dense.strides,
         )
         .map_err(backend_err)?;
-        let t = Tensor::from_f32(l.shape.clone(), out).map_err(backend_err)?;
+        let t = Tensor::from_f32(l.shape.to_vec(), out).map_err(backend_err)?;
         Ok(if self.dtype == DType::F32 {
             t
         } else {
@@ -247,7 +253,7 @@ mod tests {
     fn a_state_has_room_along_its_axis_and_copies_out_only_the_filled_part() {
         let mut s = CpuState::zeroed(DType::F16, &[1, 2, 3, 4], 2, 5).unwrap();
         assert_eq!((s.axis(), s.capacity()), (2, 5));
-        assert_eq!(s.layout().strides, vec![40, 20, 4, 1]);
+        assert_eq!(*s.layout().strides, [40, 20, 4, 1]);
         for (i, x) in s.data.iter_mut().enumerate() {
             *x = i as f32;
         }

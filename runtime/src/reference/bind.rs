@@ -54,22 +54,27 @@ pub fn concrete_type(t: &Tensor) -> TensorType {
 /// shape against its declared type.
 pub fn bind(sources: &[Source<'_>], preset: &Bindings) -> Result<Bindings, ExecError> {
     let mut env = preset.clone();
-    let mut origin: HashMap<String, String> = preset
-        .keys()
-        .map(|k| (k.clone(), "the explicit bindings".to_string()))
-        .collect();
-    let mut set = |sym: &str, value: i64, at: String, env: &mut Bindings| match env.get(sym) {
+    // Where each symbol was bound: `None` for the explicit bindings, else (source, axis);
+    // described only in an error.
+    let mut origin: HashMap<String, Option<(usize, usize)>> =
+        preset.keys().map(|k| (k.clone(), None)).collect();
+    let describe = |at: Option<(usize, usize)>| match at {
+        None => "the explicit bindings".to_string(),
+        Some((i, axis)) => sources[i].axis(axis),
+    };
+    let mut set = |sym: &str, value: i64, at: (usize, usize), env: &mut Bindings| match env.get(sym)
+    {
         Some(&old) if old != value => Err(ExecError::DimConflict {
             sym: sym.to_string(),
-            first: origin.get(sym).cloned().unwrap_or_default(),
+            first: origin.get(sym).map(|&o| describe(o)).unwrap_or_default(),
             first_value: old,
-            second: at,
+            second: describe(Some(at)),
             second_value: value,
         }),
         Some(_) => Ok(()),
         None => {
             env.insert(sym.to_string(), value);
-            origin.insert(sym.to_string(), at);
+            origin.insert(sym.to_string(), Some(at));
             Ok(())
         }
     };
@@ -81,17 +86,17 @@ pub fn bind(sources: &[Source<'_>], preset: &Bindings) -> Result<Bindings, ExecE
         }
     }
     // (1) dims that are a single symbol.
-    for s in sources {
+    for (i, s) in sources.iter().enumerate() {
         for (axis, (d, &n)) in s.ty.shape.iter().zip(s.shape).enumerate() {
             if let Some(sym) = d.as_sym() {
-                set(sym, size_i64(n), s.axis(axis), &mut env)?;
+                set(sym, size_i64(n), (i, axis), &mut env)?;
             }
         }
     }
     // (2) dims with one unbound symbol appearing linearly, until nothing changes.
     loop {
         let mut progress = false;
-        for s in sources {
+        for (i, s) in sources.iter().enumerate() {
             for (axis, (d, &n)) in s.ty.shape.iter().zip(s.shape).enumerate() {
                 let Some((sym, coeff, rest)) = linear_in_unbound(d, &env) else {
                     continue;
@@ -103,7 +108,7 @@ pub fn bind(sources: &[Source<'_>], preset: &Bindings) -> Result<Bindings, ExecE
                 let Some(value) = solved else {
                     return Err(s.type_error());
                 };
-                set(&sym, value, s.axis(axis), &mut env)?;
+                set(&sym, value, (i, axis), &mut env)?;
                 progress = true;
             }
         }

@@ -40,9 +40,9 @@ pub use error::ExecError;
 use crate::{Storage, Tensor};
 use kiln_ir::scalar::Scalar;
 use kiln_ir::{verify, BinaryOp, Bindings, DType, Dim, Graph, Op, UnaryOp, ValueId};
-use std::borrow::Cow;
+use std::borrow::{Borrow, Cow};
 use std::collections::{BTreeMap, HashMap};
-use std::hash::BuildHasher;
+use std::hash::{BuildHasher, Hash};
 
 /// Where the executor finds parameters (weights) by name.
 pub trait ParamSource {
@@ -164,16 +164,20 @@ pub(crate) fn sources<'a>(
 
 /// Walks the graph's inputs (from `inputs`, typed by `ty`) and parameters, in definition
 /// order, giving each with its declared and supplied types.
-fn typed_sources<'a, T>(
+fn typed_sources<'a, K, T>(
     graph: &'a Graph,
-    inputs: &'a HashMap<String, T>,
+    inputs: &'a HashMap<K, T>,
     params: &'a dyn ParamSource,
     ty: impl Fn(&'a T) -> (DType, &'a [usize]),
     each: &mut dyn FnMut(bind::Source<'a>, Supplied<'a, T>),
-) -> Result<(), ExecError> {
-    let mut unknown: Vec<&String> = inputs
+) -> Result<(), ExecError>
+where
+    K: Borrow<str> + Hash + Eq,
+{
+    let mut unknown: Vec<&str> = inputs
         .keys()
-        .filter(|k| !graph.inputs().any(|(name, _, _)| name == k.as_str()))
+        .map(|k| k.borrow())
+        .filter(|k| !graph.inputs().any(|(name, _, _)| name == *k))
         .collect();
     unknown.sort();
     if let Some(name) = unknown.first() {
@@ -186,7 +190,7 @@ fn typed_sources<'a, T>(
                 name,
                 Supplied::Input(
                     inputs
-                        .get(name)
+                        .get(name.as_str())
                         .ok_or_else(|| ExecError::MissingInput(name.clone()))?,
                 ),
             ),
@@ -225,18 +229,28 @@ enum Supplied<'a, T> {
 }
 
 /// The size bindings of `graph` for inputs of the given dtypes and shapes (held anywhere: a
-/// backend's device values) and `params`, checking every declared type as [`run`] does.
-pub fn bind_types(
+/// backend's device values) and `params`, checking every declared type as [`run`] does. The
+/// names and shapes may be borrowed (`HashMap<&str, (DType, &[usize])>`: no allocation per
+/// input).
+pub fn bind_types<K, S>(
     graph: &Graph,
-    inputs: &HashMap<String, (DType, Vec<usize>)>,
+    inputs: &HashMap<K, (DType, S)>,
     params: &dyn ParamSource,
-) -> Result<Bindings, ExecError> {
-    let mut sources = Vec::new();
+) -> Result<Bindings, ExecError>
+where
+    K: Borrow<str> + Hash + Eq,
+    S: AsRef<[usize]>,
+{
+    let count = graph
+        .iter()
+        .filter(|(_, n)| matches!(n.op, Op::Input { .. } | Op::Param { .. }))
+        .count();
+    let mut sources = Vec::with_capacity(count);
     typed_sources(
         graph,
         inputs,
         params,
-        |(d, s)| (*d, s.as_slice()),
+        |(d, s)| (*d, s.as_ref()),
         &mut |s, _| sources.push(s),
     )?;
     bind::bind(&sources, &Bindings::new())
@@ -554,10 +568,15 @@ impl Ctx<'_> {
 
     /// Evaluates a shape whose element count must fit in `usize`.
     pub fn shape(&self, s: &[Dim]) -> Result<Vec<usize>, ExecError> {
-        let shape = s
-            .iter()
-            .map(|d| self.size(d))
-            .collect::<Result<Vec<usize>, _>>()?;
+        self.shape_in(s)
+    }
+
+    /// [`Ctx::shape`] collected into `S` (an inline array: no allocation).
+    pub fn shape_in<S>(&self, s: &[Dim]) -> Result<S, ExecError>
+    where
+        S: FromIterator<usize> + std::ops::Deref<Target = [usize]>,
+    {
+        let shape = s.iter().map(|d| self.size(d)).collect::<Result<S, _>>()?;
         if shape
             .iter()
             .try_fold(1usize, |a, &d| a.checked_mul(d))
@@ -566,7 +585,7 @@ impl Ctx<'_> {
             return Err(ExecError::BadDim {
                 at: self.at(),
                 dim: kiln_ir::shape::DisplayShape(s).to_string(),
-                reason: format!("evaluates to {shape:?}, too many elements"),
+                reason: format!("evaluates to {:?}, too many elements", &*shape),
             });
         }
         Ok(shape)
