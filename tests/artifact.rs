@@ -455,6 +455,10 @@ fn bad_files_are_refused_with_their_message() {
             "unknown kind 99",
         ),
         (
+            edited_resealed(|b| b[entry(1, 0)][..4].copy_from_slice(&9u32.to_le_bytes())),
+            "reads kinds 1–8, so a newer kiln may have written it; compile the model again",
+        ),
+        (
             edited_resealed(|b| {
                 let s = section(b, 0);
                 b[s.start] = b'[';

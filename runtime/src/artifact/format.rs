@@ -26,7 +26,8 @@
 //! the execution and memory plan of each graph ([`super::plan`]); and, when compiled with
 //! `--emit-mlir`, the kernels' MLIR ([`super::mlir`]). That last section is optional and
 //! additive: a file without it is laid out exactly as before it existed, so the format version
-//! stayed 4 (a reader older than the section refuses a file holding it as "unknown kind 8").
+//! stayed 4 (a reader older than the section refuses a file holding it as "unknown kind 8"; readers
+//! since say which kinds they read and that a newer kiln may have written the file).
 
 use crate::info::ModelInfo;
 use serde::{Deserialize, Serialize};

@@ -174,8 +174,15 @@ impl<'o> Reader<'o> {
         let mut prev_end = table_end;
         for (i, e) in raw.chunks_exact(ENTRY_LEN).enumerate() {
             let code = u32_at(e, 0);
-            let kind = SectionKind::from_code(code)
-                .ok_or_else(|| self.malformed(format!("section {i} has unknown kind {code}")))?;
+            let kind = SectionKind::from_code(code).ok_or_else(|| {
+                self.malformed(format!(
+                    "section {i} has unknown kind {code}: this kiln ({}) reads kinds 1–{}, so a \
+                     newer kiln may have written it; compile the model again with this kiln, or \
+                     update kiln",
+                    env!("CARGO_PKG_VERSION"),
+                    SectionKind::ALL.len()
+                ))
+            })?;
             if u32_at(e, 4) != 0 {
                 return Err(self.malformed(format!("section {i}: reserved fields are not zero")));
             }
