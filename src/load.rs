@@ -8,7 +8,8 @@ use crate::placement::{self, Placement};
 use kiln_compiler::cost::Target;
 use kiln_compiler::pipeline::{optimize, run_lowered, Limits, OptimizeError, Report};
 use kiln_compiler::precision::{
-    lower_precision, Precision, PrecisionError, E4M3_MAX, ROUNDED_SUFFIX, SCALE_SUFFIX,
+    lower_precision, Precision, PrecisionError, BOUND_SUFFIX, E4M3_MAX, RESIDUAL_SUFFIX,
+    ROUNDED_SUFFIX, SCALE_SUFFIX,
 };
 use kiln_ir::{DType, Graph};
 use kiln_models::encoder::{base_model_prefix, trace_encoder};
@@ -117,14 +118,9 @@ fn bind(
 ) -> Result<(Vec<Graph>, Params), LoadError> {
     let ckpt = Checkpoint::open_many(&dir.weight_files()?)?;
     let prefix = base_model_prefix(&dir.config.model_type);
-    // An fp8 weight's scale and a weight's rounded copy are named after the weight, and
-    // follow its renaming.
-    let has = |n: &str| {
-        ckpt.info(n).is_some()
-            || [SCALE_SUFFIX, ROUNDED_SUFFIX]
-                .iter()
-                .any(|s| n.strip_suffix(s).is_some_and(|w| ckpt.info(w).is_some()))
-    };
+    // An fp8 weight's scale and residual and a weight's rounded copy are named after the
+    // weight, and follow its renaming.
+    let has = |n: &str| ckpt.info(n).is_some() || ckpt.info(derived_from(n)).is_some();
     let adapted: Vec<Graph> = graphs
         .iter()
         .map(|g| adapt_param_names(g, prefix, has))
@@ -134,6 +130,16 @@ fn bind(
         None => Params::new(),
     };
     Ok((adapted, params))
+}
+
+/// The weight a derived parameter's name is made from (`w` for `w.scale`, `w.rounded`,
+/// `w.residual`, `w.residual.scale`, `w.residual.bound`), else the name itself.
+fn derived_from(name: &str) -> &str {
+    let mut n = name;
+    for suffix in [SCALE_SUFFIX, BOUND_SUFFIX, ROUNDED_SUFFIX, RESIDUAL_SUFFIX] {
+        n = n.strip_suffix(suffix).unwrap_or(n);
+    }
+    n
 }
 
 /// Binds `g`'s parameters ([`bind_scaled`]), then each rounded copy `<w>.rounded` as `w` cast
@@ -176,13 +182,15 @@ fn bind_scaled(ckpt: &Checkpoint, g: &Graph, convert: Convert) -> Result<Params,
     if !g.params().any(|(n, _, t)| scaled(n, t.dtype)) {
         return Ok(ckpt.bind(g, convert)?);
     }
-    // Bind everything but the scales, the scaled weights as f32, then scale them.
+    // Bind everything but the scales and residuals, the scaled weights as f32, then scale
+    // them (and make their residuals).
     let mut plain = Graph::new();
     let mut fp8 = Vec::new();
     for (name, _, ty) in g.params() {
-        if name
-            .strip_suffix(SCALE_SUFFIX)
-            .is_some_and(|w| g.params().any(|(n, _, t)| n == w && scaled(n, t.dtype)))
+        let derived = derived_from(name);
+        if derived != name
+            && g.params()
+                .any(|(n, _, t)| n == derived && scaled(n, t.dtype))
         {
             continue;
         }
@@ -243,8 +251,24 @@ fn bind_scaled(ckpt: &Checkpoint, g: &Graph, convert: Convert) -> Result<Params,
             .map(|(i, x)| (x / scales[of(i, cols)]).clamp(-E4M3_MAX, E4M3_MAX))
             .collect();
         let bad = |e: kiln_runtime::tensor::ShapeMismatch| LoadError::Unsupported(e.to_string());
-        let stored = Tensor::from_f32(w.shape().to_vec(), stored).map_err(bad)?;
-        params.insert(name.clone(), stored.cast(DType::F8E4M3));
+        let stored = Tensor::from_f32(w.shape().to_vec(), stored)
+            .map_err(bad)?
+            .cast(DType::F8E4M3);
+        let residual = format!("{name}{RESIDUAL_SUFFIX}");
+        if names.contains(residual.as_str()) {
+            if !(per_channel && per_row) {
+                return Err(LoadError::Unsupported(format!(
+                    "internal: {residual} needs per-row scales"
+                )));
+            }
+            let coarse: Vec<f32> = (0..data.len())
+                .map(|i| stored.get(i).as_f64() as f32 * scales[i / cols])
+                .collect();
+            for (part, tensor) in residual_parts(rows, cols, data, &coarse).map_err(bad)? {
+                params.insert(format!("{residual}{part}"), tensor);
+            }
+        }
+        params.insert(name.clone(), stored);
         let scale_shape = match (per_channel, per_row) {
             (false, _) => vec![],
             (true, true) => vec![rows, 1],
@@ -256,6 +280,62 @@ fn bind_scaled(ckpt: &Checkpoint, g: &Graph, convert: Convert) -> Result<Params,
         );
     }
     Ok(params)
+}
+
+/// The residual of an fp8 weight `w` (`rows × cols`, row-major) stored as `coarse` (its e4m3
+/// values times their scales): `r = w − coarse` stored in e4m3 with one scale per row
+/// (`amax / 448`, 1 for a zero row), and each stored residual row's L2 norm as a bound,
+/// rounded up to f32 (see [`kiln_ir::Op::RefineLogits`]). As `(suffix, tensor)`: the
+/// residual (`""`), its scale and its bound.
+fn residual_parts(
+    rows: usize,
+    cols: usize,
+    w: &[f32],
+    coarse: &[f32],
+) -> Result<[(String, Tensor); 3], kiln_runtime::tensor::ShapeMismatch> {
+    let r: Vec<f32> = w.iter().zip(coarse).map(|(w, c)| w - c).collect();
+    let scales: Vec<f32> = r
+        .chunks(cols.max(1))
+        .map(|row| {
+            let a = row.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+            if a > 0.0 && a.is_finite() {
+                a / E4M3_MAX
+            } else {
+                1.0
+            }
+        })
+        .collect();
+    let scaled: Vec<f32> = r
+        .iter()
+        .enumerate()
+        .map(|(i, x)| (x / scales[i / cols]).clamp(-E4M3_MAX, E4M3_MAX))
+        .collect();
+    let stored = Tensor::from_f32(vec![rows, cols], scaled)?.cast(DType::F8E4M3);
+    let bounds: Vec<f32> = (0..rows)
+        .map(|j| {
+            let sq: f64 = (0..cols)
+                .map(|i| stored.get(j * cols + i).as_f64().powi(2))
+                .sum();
+            let b = sq.sqrt() * f64::from(scales[j]);
+            let f = b as f32;
+            if f64::from(f) < b {
+                f.next_up()
+            } else {
+                f
+            }
+        })
+        .collect();
+    Ok([
+        (String::new(), stored),
+        (
+            SCALE_SUFFIX.to_string(),
+            Tensor::from_f32(vec![rows], scales)?,
+        ),
+        (
+            BOUND_SUFFIX.to_string(),
+            Tensor::from_f32(vec![rows], bounds)?,
+        ),
+    ])
 }
 
 /// The causal LM graphs of a config, or why it has none.

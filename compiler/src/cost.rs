@@ -44,6 +44,9 @@ pub struct Target {
     /// arithmetic; fp16 is refused there (no fp16 arithmetic worth having on a CPU, and AMP on
     /// CPU uses bf16). GPUs also do fp16.
     pub precisions: &'static [Precision],
+    /// fp8 stores an LM head in e4m3 with an e4m3 residual that `refine_logits` reads for the
+    /// candidate columns only (see [`crate::precision`]); where false the head stays bf16.
+    pub refines_logits: bool,
 }
 
 const CPU_PRECISIONS: &[Precision] = &[Precision::F32, Precision::Bf16, Precision::Fp8];
@@ -67,6 +70,7 @@ pub const TARGETS: [Target; 4] = [
         bandwidth: 4e10,
         launch: 2e-6,
         precisions: CPU_PRECISIONS,
+        refines_logits: true,
     },
     Target {
         name: "cpu-avx512-bf16",
@@ -77,6 +81,7 @@ pub const TARGETS: [Target; 4] = [
         bandwidth: 1e11,
         launch: 2e-6,
         precisions: CPU_PRECISIONS,
+        refines_logits: true,
     },
     Target {
         name: "cuda-sm80",
@@ -87,6 +92,7 @@ pub const TARGETS: [Target; 4] = [
         bandwidth: 2.0e12,
         launch: 5e-6,
         precisions: GPU_PRECISIONS,
+        refines_logits: false,
     },
     Target {
         name: "cuda-sm90",
@@ -97,6 +103,7 @@ pub const TARGETS: [Target; 4] = [
         bandwidth: 3.35e12,
         launch: 4e-6,
         precisions: GPU_PRECISIONS,
+        refines_logits: false,
     },
 ];
 
@@ -169,6 +176,14 @@ pub fn op_cost(target: &Target, op: &Op, ins: &[&TensorType], out: &TensorType) 
         Op::Input { .. } | Op::Param { .. } | Op::Const { .. } => VIEW_COST,
         Op::Reshape { .. } | Op::Permute { .. } | Op::Expand { .. } => VIEW_COST,
         Op::Moe { top_k } => moe_cost(target, *top_k, ins, out),
+        // A pass over the coarse logits, scales and bounds; the residual rows of the few
+        // candidates are not counted.
+        Op::RefineLogits => {
+            let moved = [0, 1, 3, 4]
+                .iter()
+                .map(|&i| ins.get(i).map_or(0.0, |t| bytes(t)));
+            target.kernel(4.0 * numel(out), out.dtype, moved.sum::<f64>() + bytes(out))
+        }
         _ => {
             let moved = ins.iter().map(|t| bytes(t)).sum::<f64>() + bytes(out);
             let flops = match op {

@@ -41,6 +41,18 @@
 //!   (`tests/precision.rs`): 0.8–4.0 % relative error and 178/186 = 95.7 % top-1 agreement over
 //!   every causal fixture position (per family 91–100 %); every weight in e4m3 gave 0.9–5.3 %
 //!   and 93.0 %, the head alone in bf16 91.9 %. Activation scaling is left for later.
+//! - **A refined LM head** (targets with [`Target::refines_logits`], the CPUs): an output
+//!   projection `W[n, k]` read as `x · Wᵀ` is stored in e4m3 like the others, plus its residual
+//!   `W − e4m3(W / s) · s`, itself in e4m3 with per-row scales (`<name>.residual`,
+//!   [`RESIDUAL_SUFFIX`]), and each residual row's L2 norm (`<name>.residual.bound`). The
+//!   product is `refine_logits(fp8 product, x, residual, scales, bounds)`
+//!   ([`Op::RefineLogits`]): every logit from the e4m3 weight, and the residual's product added
+//!   to the candidates only, the columns whose refined value can still be the largest given the
+//!   bound (`|x · r_j| ≤ ‖x‖ · ‖r_j‖`). The largest logit and its token are therefore those of
+//!   the two-part weight (about 7 significant bits, as bf16), while a decode step reads one
+//!   byte per head weight plus the candidates' residual rows (a few hundred of 32,000 on the
+//!   125M Llama). The residual doubles the head's memory, not its reads. Elsewhere (CUDA)
+//!   the head stays bf16.
 //!
 //! - **The KV cache is stored in the compute dtype** ([`CacheState`]), as under AMP, where the
 //!   K/V projections' outputs are bf16: a graph output used otherwise only as attention's
@@ -108,6 +120,15 @@ pub const SCALE_SUFFIX: &str = ".scale";
 /// embedding and LM head), so the product reads narrow weights stored once, as every other
 /// weight, instead of rounding the f32 weight on every run.
 pub const ROUNDED_SUFFIX: &str = ".rounded";
+
+/// The suffix of an fp8 LM head's residual: `<name>.residual`, `[n, k]` in e4m3, the part of
+/// the weight its e4m3 storage lost (`w − e4m3(w / scale) · scale`), itself stored scaled by
+/// `<name>.residual.scale` (`[n]`, per row) and with `<name>.residual.bound` (`[n]`), each
+/// scaled residual row's L2 norm; the loader computes all three (see the module docs).
+pub const RESIDUAL_SUFFIX: &str = ".residual";
+
+/// The suffix of a residual's per-row norm bound ([`RESIDUAL_SUFFIX`]).
+pub const BOUND_SUFFIX: &str = ".bound";
 
 /// The largest finite e4m3 value; fp8 weights are stored as `w / scale` with
 /// `scale = amax(|w|) / E4M3_MAX`.
@@ -197,7 +218,7 @@ pub fn lower_precision(
     if precision == Precision::F32 {
         return Ok(g.clone());
     }
-    Lowering::new(g, precision).run()
+    Lowering::new(g, precision, target.refines_logits).run()
 }
 
 /// Refuses a precision the target cannot run, naming the targets that can.
@@ -235,8 +256,13 @@ struct Lowering<'a> {
     casts: HashMap<(ValueId, DType), ValueId>,
     /// Parameters whose declared dtype becomes the storage dtype.
     narrow: Vec<bool>,
-    /// fp8: parameters stored in the compute dtype instead ([`kept_wide`]).
-    head: Vec<bool>,
+    /// fp8: parameters stored in the compute dtype instead, or refined ([`kept_wide`]).
+    head: Vec<Option<Kept>>,
+    /// fp8 on a target that refines logits: an output projection is stored in e4m3 with a
+    /// residual read by `refine_logits` instead of in the compute dtype.
+    refine: bool,
+    /// fp8: each refined weight's residual, its per-row scale and its bound, as new values.
+    residuals: HashMap<ValueId, [ValueId; 3]>,
     /// fp8: each narrow parameter's scale parameter and that scale as a matmul product's
     /// factor (per-channel scales reshaped to `[n]`), as new values.
     scales: HashMap<ValueId, (ValueId, ValueId)>,
@@ -299,7 +325,7 @@ impl CacheState {
 }
 
 impl<'a> Lowering<'a> {
-    fn new(g: &'a Graph, precision: Precision) -> Self {
+    fn new(g: &'a Graph, precision: Precision, refine: bool) -> Self {
         let n = g.nodes().len();
         let mut users: Vec<Vec<usize>> = vec![Vec::new(); n];
         for (i, node) in g.nodes().iter().enumerate() {
@@ -329,6 +355,8 @@ impl<'a> Lowering<'a> {
             map: Vec::with_capacity(n),
             casts: HashMap::new(),
             head: kept_wide(g, &users),
+            refine,
+            residuals: HashMap::new(),
             cache: CacheState::new(g, &users),
             narrow,
             scales: HashMap::new(),
@@ -412,10 +440,14 @@ impl<'a> Lowering<'a> {
             let ins: Vec<ValueId> = node.inputs.iter().map(|i| self.map[i.index()]).collect();
             let new = match &node.op {
                 Op::Param { name } if self.narrow[v.index()] => {
-                    let storage = if self.head[v.index()] {
-                        self.compute
-                    } else {
-                        self.storage
+                    let refined = self.storage == DType::F8E4M3
+                        && self.refine
+                        && self.head[v.index()] == Some(Kept::Output)
+                        && channels(g, v) == Channels::Rows
+                        && node.ty.rank() == 2;
+                    let storage = match self.head[v.index()] {
+                        Some(_) if !refined => self.compute,
+                        _ => self.storage,
                     };
                     let p = self.out.param(
                         name,
@@ -451,6 +483,27 @@ impl<'a> Lowering<'a> {
                         };
                         self.scales.insert(p, (scale, per_product));
                     }
+                    if refined {
+                        let residual = self.out.param(
+                            &format!("{name}{RESIDUAL_SUFFIX}"),
+                            TensorType {
+                                dtype: DType::F8E4M3,
+                                shape: node.ty.shape.clone(),
+                            },
+                        );
+                        let rows = TensorType {
+                            dtype: DType::F32,
+                            shape: node.ty.shape[..1].to_vec(),
+                        };
+                        let residual_name = format!("{name}{RESIDUAL_SUFFIX}");
+                        let scale = self
+                            .out
+                            .param(&format!("{residual_name}{SCALE_SUFFIX}"), rows.clone());
+                        let bound = self
+                            .out
+                            .param(&format!("{residual_name}{BOUND_SUFFIX}"), rows);
+                        self.residuals.insert(p, [residual, scale, bound]);
+                    }
                     p
                 }
                 Op::MatMul { .. } | Op::Attention { .. } if node.ty.dtype == DType::F32 => {
@@ -469,11 +522,17 @@ impl<'a> Lowering<'a> {
                         })
                         .collect::<Result<Vec<_>, _>>()?;
                     let mut r = self.add(node.op.clone(), &low)?;
-                    // fp8: the weight's scales multiply the product.
+                    // fp8: the weight's scales multiply the product; a refined output
+                    // projection's residual refines it.
                     for x in &ins {
                         if let Some(&(_, scale)) = self.scales.get(x) {
                             r = self.add(Op::Binary(BinaryOp::Mul), &[r, scale])?;
                         }
+                    }
+                    if let Some(&[residual, scale, bound]) =
+                        ins.get(1).and_then(|w| self.residuals.get(w))
+                    {
+                        r = self.add(Op::RefineLogits, &[r, low[0], residual, scale, bound])?;
                     }
                     r
                 }
@@ -526,7 +585,7 @@ impl<'a> Lowering<'a> {
 /// keys or values (the K/V projections: their errors reach every later query through the
 /// cache; with grouped-query attention they are a few percent of the weights). Both found
 /// through layout and elementwise ops. Measured on the fixtures (`tests/precision.rs`).
-fn kept_wide(g: &Graph, users: &[Vec<usize>]) -> Vec<bool> {
+fn kept_wide(g: &Graph, users: &[Vec<usize>]) -> Vec<Option<Kept>> {
     let nodes = g.nodes();
     let passes = |n: &Node| {
         matches!(
@@ -565,14 +624,32 @@ fn kept_wide(g: &Graph, users: &[Vec<usize>]) -> Vec<bool> {
     }
     (0..nodes.len())
         .map(|i| {
-            matches!(nodes[i].op, Op::Param { .. })
-                && users[i].iter().any(|&u| {
-                    u != usize::MAX
-                        && matches!(nodes[u].op, Op::MatMul { .. })
-                        && (only_outputs[u] || kv[u])
-                })
+            if !matches!(nodes[i].op, Op::Param { .. }) {
+                return None;
+            }
+            let products = || {
+                users[i]
+                    .iter()
+                    .filter(|&&u| u != usize::MAX && matches!(nodes[u].op, Op::MatMul { .. }))
+            };
+            if products().any(|&u| kv[u]) {
+                Some(Kept::KeyValue)
+            } else if products().any(|&u| only_outputs[u]) {
+                Some(Kept::Output)
+            } else {
+                None
+            }
         })
         .collect()
+}
+
+/// Why fp8 keeps a weight out of plain e4m3 storage ([`kept_wide`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kept {
+    /// An output projection: bf16, or e4m3 with a residual where the target refines logits.
+    Output,
+    /// A key or value projection: bf16.
+    KeyValue,
 }
 
 /// Whether every value of `from` is exactly a value of `to`.
@@ -867,6 +944,46 @@ mod tests {
         assert_eq!(dtype("head.scale"), None);
         assert_eq!(dtype("w1"), Some(DType::F8E4M3));
         assert_eq!(dtype("w1.scale"), Some(DType::F32));
+    }
+
+    /// On a CPU target fp8 stores the output projection in e4m3 too, with a residual, its
+    /// scales and bounds, and refines the product with `refine_logits`.
+    #[test]
+    fn fp8_refines_the_output_projection_on_the_cpu() {
+        let mut g = block();
+        let h = g.param("head", ty(DType::F32, &[3, 8]));
+        let y = g.outputs()[0].value;
+        let mm = Op::MatMul {
+            transpose_a: false,
+            transpose_b: true,
+        };
+        let logits = g.add(mm, &[y, h]).unwrap();
+        g.add_output("logits", logits);
+        let low = lower_precision(&g, Precision::Fp8, &Target::cpu()).unwrap();
+        let param = |name: &str| {
+            low.params()
+                .find(|(n, _, _)| *n == name)
+                .map(|p| p.2.clone())
+        };
+        assert_eq!(param("head").unwrap(), ty(DType::F8E4M3, &[3, 8]));
+        assert_eq!(param("head.scale").unwrap(), ty(DType::F32, &[3, 1]));
+        assert_eq!(param("head.residual").unwrap(), ty(DType::F8E4M3, &[3, 8]));
+        assert_eq!(param("head.residual.scale").unwrap(), ty(DType::F32, &[3]));
+        assert_eq!(param("head.residual.bound").unwrap(), ty(DType::F32, &[3]));
+        let out = low
+            .outputs()
+            .iter()
+            .find(|o| o.name == "logits")
+            .unwrap()
+            .value;
+        let node = low.node(out).unwrap();
+        assert_eq!(node.op, Op::RefineLogits);
+        assert_eq!(low.node(node.inputs[2]).unwrap().op.name(), "param");
+        // x is the product's own (rounded) operand.
+        let product = low
+            .node(low.node(node.inputs[0]).unwrap().inputs[0])
+            .unwrap();
+        assert_eq!(product.inputs[0], node.inputs[1]);
     }
 
     /// fp8 keeps the key and value projections in bf16 (their products become attention's

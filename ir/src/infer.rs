@@ -487,8 +487,34 @@ pub fn infer(op: &Op, ins: &[&TensorType]) -> R {
         }
         Op::Attention { .. } => infer_attention(ins),
         Op::Moe { top_k } => infer_moe(*top_k, ins),
+        Op::RefineLogits => infer_refine(ins),
         Op::FusedElementwise { body } => infer_fused(body, ins),
     }
+}
+
+/// `refine_logits(coarse[.., n], x[.., k], r[n, k], s[n], bound[n])`: `coarse`'s type.
+fn infer_refine(ins: &[&TensorType]) -> R {
+    arity(&Op::RefineLogits, ins, 5)?;
+    let (c, x, r) = (ins[0], ins[1], ins[2]);
+    for t in ins {
+        float_only("refine_logits", t)?;
+    }
+    let (cr, xr) = (c.rank(), x.rank());
+    if cr == 0 || cr != xr || c.shape[..cr - 1] != x.shape[..xr - 1] {
+        return Err(format!(
+            "refine_logits: coarse {c} and x {x} must agree but for their last axis"
+        ));
+    }
+    let (n, k) = (&c.shape[cr - 1], &x.shape[xr - 1]);
+    if r.shape.as_slice() != [n.clone(), k.clone()] {
+        return Err(format!("refine_logits: residual {r} must be [{n}, {k}]"));
+    }
+    for t in &ins[3..] {
+        if t.shape.as_slice() != std::slice::from_ref(n) {
+            return Err(format!("refine_logits: scale and bound {t} must be [{n}]"));
+        }
+    }
+    Ok(c.clone())
 }
 
 /// A linear layer's product and epilogue: `(x, w[, scale][, addend])` as the flags say.

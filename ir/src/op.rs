@@ -579,6 +579,21 @@ pub enum Op {
         /// Experts chosen per token.
         top_k: usize,
     },
+    /// Composite: the logits of an output projection whose weight is stored in two parts, a
+    /// coarse one that every column reads and a residual read only where it can change which
+    /// column is largest. Operands `(coarse[.., n], x[.., k], r[n, k], s[n], bound[n])`, all
+    /// float: `coarse` is `x` times the coarse part (e.g. an fp8 `linear`), the weight's
+    /// residual is `s[j] · r[j, :]` (`r` stored narrow, e.g. e4m3, read as its f32 values),
+    /// and `bound[j] ≥ 0` bounds the residual row's L2 norm. For each row of `x` (the leading
+    /// axes of `coarse` and `x` agree), with `e_j = bound_j · ‖x‖₂` (so a residual product
+    /// `|x · s_j r_j|` is at most `e_j` when the bound holds) and `m = max_j (coarse_j − e_j)`,
+    /// every column with `coarse_j + e_j ≥ m` (the candidates) becomes `coarse_j + s_j ·
+    /// (x · r_j)`, computed exactly and rounded once; the other columns are `coarse_j`. So the
+    /// largest value and its column are those of the whole refined product (coarse plus
+    /// residual for every column), reading the residual for the candidates only. NaN
+    /// anywhere in a row's `coarse` or `x` makes every column of it a candidate. The result
+    /// has `coarse`'s type.
+    RefineLogits,
     /// Composite: a tree of elementwise ops ([`Expr`]) over the operands `$0`, `$1`, ...
     /// (at least one, each referred to by the body), evaluated as one kernel. Every operand is
     /// broadcast to the result shape, the numpy broadcast of all operand shapes; then, for
@@ -630,6 +645,7 @@ impl Op {
             Op::Attention { .. } => "attention",
             Op::SwiGlu { .. } => "swiglu",
             Op::Moe { .. } => "moe",
+            Op::RefineLogits => "refine_logits",
             Op::FusedElementwise { .. } => "fused_elementwise",
         }
     }

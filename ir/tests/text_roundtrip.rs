@@ -386,6 +386,7 @@ impl Gen<'_> {
             }
             21 => self.attention(),
             22 => self.moe(),
+            23 => self.refine(),
             _ => self.constant(),
         }
     }
@@ -578,6 +579,20 @@ impl Gen<'_> {
         }
         let top_k = 1 + self.pick(experts);
         self.add(Op::Moe { top_k }, &ins);
+    }
+
+    fn refine(&mut self) {
+        let x = self.float(1);
+        let t = self.ty(x);
+        let (k, n) = (t.shape[t.rank() - 1].clone(), self.dim());
+        let mut rows = t.shape[..t.rank() - 1].to_vec();
+        rows.push(n.clone());
+        let ty = |dtype, shape| TensorType { dtype, shape };
+        let coarse = self.leaf(ty(t.dtype, rows));
+        let r = self.leaf(ty(DType::F8E4M3, vec![n.clone(), k]));
+        let s = self.leaf(ty(DType::F32, vec![n.clone()]));
+        let b = self.leaf(ty(DType::F32, vec![n]));
+        self.add(Op::RefineLogits, &[coarse, x, r, s, b]);
     }
 
     fn constant(&mut self) {

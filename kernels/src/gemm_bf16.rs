@@ -14,8 +14,11 @@
 //! stays in L1 while the task's tiles pass over it, and the task's block of A stays in L2
 //! (before this blocking, calls with thousands of rows, as an encoder batch has, re-read all of
 //! A from L3 for every panel).
-//! Without AVX512-BF16 the weights are widened to f32 and [`crate::gemm::matmul_f32`] runs
-//! (same rounding of A, different accumulation order).
+//! With AVX2 and FMA but no AVX512-BF16 the same packed tiles run with each word split into its
+//! two bf16 halves by a shift and a mask (a bf16 is the top half of its f32), 16 columns by up
+//! to 4 rows per pass, two f32 multiply-adds per pair (every product of two bf16 is exact in
+//! f32, so only the order of the f32 additions differs). Without AVX2 the weights are widened
+//! to f32 and [`crate::gemm::matmul_f32`] runs (same rounding of A).
 
 use crate::gemm::{matmul_f32, Gemm};
 use crate::scratch::Scratch;
@@ -273,7 +276,7 @@ pub fn matmul_bf16_many_with(
         return Ok(());
     }
     #[cfg(target_arch = "x86_64")]
-    if isa >= Isa::Avx512Bf16 && Isa::Avx512Bf16.available() {
+    if has_tile(isa) {
         // Tasks (product, row block, panel group); C_i through a pointer each.
         let row_blocks = m.div_ceil(MC);
         let mut tasks = Vec::new();
@@ -291,10 +294,10 @@ pub fn matmul_bf16_many_with(
         with_packed_a(m, k, a, |ap, lda| {
             tasks.into_par_iter().for_each(|(i, tiles, group)| {
                 let (w, c) = &outs[i];
-                // SAFETY: AVX512-BF16 is available (checked); tasks own disjoint (row block,
-                // panel group) rectangles of their product's C, and every C stays mutably
-                // borrowed (through `products`) for the whole parallel loop.
-                unsafe { block(ap, lda, w, m, tiles.clone(), group.clone(), c) };
+                // SAFETY: a packed tile runs at `isa` (checked); tasks own disjoint (row
+                // block, panel group) rectangles of their product's C, and every C stays
+                // mutably borrowed (through `products`) for the whole parallel loop.
+                unsafe { block(isa, ap, lda, w, m, tiles.clone(), group.clone(), c) };
                 if let Some(f) = epilogue {
                     let cols = group.start * NR..(group.end * NR).min(w.n);
                     for r in tiles.start * MR..(tiles.end * MR).min(m) {
@@ -328,10 +331,12 @@ pub fn matmul_bf16_many_with(
 /// is read by every tile in turn (the first block writes C, the later ones add to it).
 ///
 /// # Safety
-/// AVX512-BF16 must be available, `tiles` and `group` inside C (`m × w.n`, at `c`), and no other
-/// thread may access these elements of C during the call.
+/// [`has_tile`] must hold at `isa`, `tiles` and `group` inside C (`m × w.n`, at `c`), and no
+/// other thread may access these elements of C during the call.
 #[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
 unsafe fn block(
+    isa: Isa,
     ap: &[u32],
     lda: usize,
     w: &PackedBf16,
@@ -349,11 +354,11 @@ unsafe fn block(
             for t in tiles.clone() {
                 let a = &ap[t * MR * lda + p0..][..(MR - 1) * lda + kc];
                 let rows = MR.min(m - t * MR);
-                // SAFETY: the caller guarantees AVX512-BF16 and exclusive access to this tile
-                // of C (rows t·MR.., columns panel·NR.., inside m × n with row stride n).
+                // SAFETY: the caller guarantees a packed tile at `isa` and exclusive access to
+                // this tile of C (rows t·MR.., columns panel·NR.., inside m × n, row stride n).
                 unsafe {
                     let dst = c.0.add(t * MR * n + panel * NR);
-                    x86::tile::<MR>(a, lda, b, dst, n, rows, cols, p0 > 0)
+                    tile_at::<MR>(isa, a, lda, b, dst, n, rows, cols, p0 > 0)
                 }
             }
         }
@@ -444,18 +449,52 @@ pub(crate) fn pack_a(m: usize, k: usize, a: &[f32]) -> Scratch<u32> {
     ap
 }
 
-/// Whether [`panel_row`] can run at level `isa` on this CPU.
+/// Whether AVX512-BF16 runs at level `isa` on this CPU (the packed tiles with `vdpbf16ps`).
 pub(crate) fn has_panel_row(isa: Isa) -> bool {
     cfg!(target_arch = "x86_64") && isa >= Isa::Avx512Bf16 && Isa::Avx512Bf16.available()
 }
 
+/// Whether the packed tiles ([`panel_row`], [`tile_into`], the GEMM's tasks) run at level
+/// `isa` on this CPU: with AVX512-BF16, or with AVX2 and FMA.
+pub(crate) fn has_tile(isa: Isa) -> bool {
+    cfg!(target_arch = "x86_64")
+        && (has_panel_row(isa) || (isa >= Isa::Avx2 && Isa::Avx2.available()))
+}
+
+/// [`x86::tile`] where AVX512-BF16 runs at `isa`, else [`x86::tile_avx2`].
+///
+/// # Safety
+/// [`has_tile`] must hold at `isa`; otherwise as [`x86::tile`].
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_at<const R: usize>(
+    isa: Isa,
+    a: &[u32],
+    lda: usize,
+    b: &[u32],
+    c: *mut f32,
+    ldc: usize,
+    rows: usize,
+    cols: usize,
+    accumulate: bool,
+) {
+    // SAFETY: the caller's guarantees, and the level checked here.
+    unsafe {
+        if has_panel_row(isa) {
+            x86::tile::<R>(a, lda, b, c, ldc, rows, cols, accumulate)
+        } else {
+            x86::tile_avx2::<R>(a, lda, b, c, ldc, rows, cols, accumulate)
+        }
+    }
+}
+
 /// One row of C for the columns of one panel: `y[c] = Σ_p dot(ap[p], W[panel·NR + c, 2p..2p+2])`
 /// with `ap` one row of A as [`pack_a`] gives it and `y` the panel's columns (at most [`NR`],
-/// fewer in the last panel). Only where [`has_panel_row`] holds.
-pub(crate) fn panel_row(ap: &[u32], w: &PackedBf16, panel: usize, y: &mut [f32]) {
+/// fewer in the last panel), at level `isa`. Only where [`has_tile`] holds.
+pub(crate) fn panel_row(isa: Isa, ap: &[u32], w: &PackedBf16, panel: usize, y: &mut [f32]) {
     let pairs = w.k.div_ceil(2);
     assert!(
-        has_panel_row(Isa::Avx512Bf16)
+        has_tile(isa)
             && ap.len() == pairs
             && panel < w.n.div_ceil(NR)
             && y.len() == NR.min(w.n - panel * NR)
@@ -463,18 +502,20 @@ pub(crate) fn panel_row(ap: &[u32], w: &PackedBf16, panel: usize, y: &mut [f32])
     #[cfg(target_arch = "x86_64")]
     {
         let b = &w.words()[panel * pairs * NR..(panel + 1) * pairs * NR];
-        // SAFETY: AVX-512 F/BW/VL and BF16 are available (asserted); `ap` is one row (a tile
-        // of one row) of `pairs` pairs, `b` one panel of `pairs · NR` pairs, and `y` the
-        // `y.len()` columns written.
-        unsafe { x86::tile::<1>(ap, pairs, b, y.as_mut_ptr(), NR, 1, y.len(), false) };
+        // SAFETY: a packed tile runs at `isa` (asserted); `ap` is one row (a tile of one row)
+        // of `pairs` pairs, `b` one panel of `pairs · NR` pairs, and `y` the `y.len()`
+        // columns written.
+        unsafe { tile_at::<1>(isa, ap, pairs, b, y.as_mut_ptr(), NR, 1, y.len(), false) };
     }
 }
 
 /// One tile of at most [`MR`] rows × [`NR`] columns: `c[i·ldc + j] = Σ_p dot(a[i·lda + p],
 /// b[p·NR + j])` for `i < rows`, `j < cols`, with `b` one panel's `kc` k-pairs in the packed
 /// layout and `a` [`MR`] rows of `kc` pairs at stride `lda` (rows past `rows` are read, not
-/// stored). Only where [`has_panel_row`] holds.
+/// stored), at level `isa`. Only where [`has_tile`] holds.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn tile_into(
+    isa: Isa,
     a: &[u32],
     lda: usize,
     b: &[u32],
@@ -485,7 +526,7 @@ pub(crate) fn tile_into(
 ) {
     let kc = b.len() / NR;
     assert!(
-        has_panel_row(Isa::Avx512Bf16)
+        has_tile(isa)
             && (1..=MR).contains(&rows)
             && cols <= NR
             && lda >= kc
@@ -493,10 +534,10 @@ pub(crate) fn tile_into(
             && c.len() >= (rows - 1) * ldc + cols
     );
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: AVX-512 F/BW/VL and BF16 are available and every element of C written lies in
-    // `c` (asserted); `c` is borrowed mutably for the call.
+    // SAFETY: a packed tile runs at `isa` and every element of C written lies in `c`
+    // (asserted); `c` is borrowed mutably for the call.
     unsafe {
-        x86::tile::<MR>(a, lda, b, c.as_mut_ptr(), ldc, rows, cols, false)
+        tile_at::<MR>(isa, a, lda, b, c.as_mut_ptr(), ldc, rows, cols, false)
     };
 }
 
@@ -570,6 +611,112 @@ mod x86 {
                 }
                 _mm512_mask_storeu_ps(d0, m0, v0);
                 _mm512_mask_storeu_ps(d1, m1, v1);
+            }
+        }
+    }
+
+    /// [`tile`] with AVX2 and FMA: each k-pair's packed word split into its two bf16 halves as
+    /// f32 (`word << 16` and `word & 0xffff0000`), for A's pair as for W's, and two f32
+    /// multiply-adds per pair; 16 columns per pass (two halves of the panel), 4 rows per pass
+    /// (1 for the rows left over), so accumulators and operands fit the 16 registers.
+    ///
+    /// # Safety
+    /// AVX2 and FMA must be available; otherwise as [`tile`].
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn tile_avx2<const R: usize>(
+        a: &[u32],
+        lda: usize,
+        b: &[u32],
+        c: *mut f32,
+        ldc: usize,
+        rows: usize,
+        cols: usize,
+        accumulate: bool,
+    ) {
+        let kc = b.len() / NR;
+        assert!(rows <= R && cols <= NR && b.len() == kc * NR && a.len() >= (R - 1) * lda + kc);
+        for half in 0..cols.div_ceil(16) {
+            let hc = (cols - half * 16).min(16);
+            let mut i = 0;
+            while i < rows {
+                // SAFETY: rows i.. of A (i + 4 ≤ R when four are taken) and this half's
+                // columns of C are inside what the caller guarantees.
+                unsafe {
+                    let (ai, bi, ci) = (
+                        a.as_ptr().add(i * lda),
+                        b.as_ptr().add(half * 16),
+                        c.add(i * ldc + half * 16),
+                    );
+                    if R - i >= 4 && rows - i >= 2 {
+                        rows_avx2::<4>(ai, lda, bi, kc, ci, ldc, (rows - i).min(4), hc, accumulate);
+                        i += 4;
+                    } else {
+                        rows_avx2::<1>(ai, lda, bi, kc, ci, ldc, 1, hc, accumulate);
+                        i += 1;
+                    }
+                }
+            }
+        }
+    }
+
+    /// `G` rows of A (stride `lda`) times 16 columns of a panel (`b`, at the half's first
+    /// column, stride [`NR`] words per k-pair) over `kc` k-pairs, the first `rows` rows and
+    /// `cols` columns stored (added when `accumulate`).
+    ///
+    /// # Safety
+    /// AVX2 and FMA; `a + g·lda + p` (g < G, p < kc), `b + p·NR + j` (j < 16) readable;
+    /// `c + g·ldc + j` (g < rows, j < cols) valid for reads and writes.
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn rows_avx2<const G: usize>(
+        a: *const u32,
+        lda: usize,
+        b: *const u32,
+        kc: usize,
+        c: *mut f32,
+        ldc: usize,
+        rows: usize,
+        cols: usize,
+        accumulate: bool,
+    ) {
+        let mask = _mm256_set1_epi32(0xffff_0000_u32 as i32);
+        let mut acc = [[_mm256_setzero_ps(); 2]; G];
+        for p in 0..kc {
+            // SAFETY: inside the slices the caller guarantees (unaligned loads).
+            unsafe {
+                let w0 = _mm256_loadu_si256(b.add(p * NR).cast());
+                let w1 = _mm256_loadu_si256(b.add(p * NR + 8).cast());
+                let (e0, o0) = (
+                    _mm256_castsi256_ps(_mm256_slli_epi32(w0, 16)),
+                    _mm256_castsi256_ps(_mm256_and_si256(w0, mask)),
+                );
+                let (e1, o1) = (
+                    _mm256_castsi256_ps(_mm256_slli_epi32(w1, 16)),
+                    _mm256_castsi256_ps(_mm256_and_si256(w1, mask)),
+                );
+                for (g, acc) in acc.iter_mut().enumerate() {
+                    let av = _mm256_set1_epi32(*a.add(g * lda + p) as i32);
+                    let ae = _mm256_castsi256_ps(_mm256_slli_epi32(av, 16));
+                    let ao = _mm256_castsi256_ps(_mm256_and_si256(av, mask));
+                    acc[0] = _mm256_fmadd_ps(ae, e0, acc[0]);
+                    acc[1] = _mm256_fmadd_ps(ae, e1, acc[1]);
+                    acc[0] = _mm256_fmadd_ps(ao, o0, acc[0]);
+                    acc[1] = _mm256_fmadd_ps(ao, o1, acc[1]);
+                }
+            }
+        }
+        for (g, acc) in acc.iter().enumerate().take(rows) {
+            let mut v = [0.0f32; 16];
+            // SAFETY: `v` holds 16 floats; row g < rows, columns < cols of C are valid.
+            unsafe {
+                _mm256_storeu_ps(v.as_mut_ptr(), acc[0]);
+                _mm256_storeu_ps(v.as_mut_ptr().add(8), acc[1]);
+                let d = c.add(g * ldc);
+                for (j, x) in v.iter().enumerate().take(cols) {
+                    let out = d.add(j);
+                    *out = if accumulate { *out + x } else { *x };
+                }
             }
         }
     }

@@ -18,6 +18,7 @@ use half::bf16;
 
 mod f8;
 mod narrow;
+pub(crate) use f8::dot_rows as dot_rows_f8e4m3;
 pub(crate) use f8::PreparedX;
 pub use f8::{gemv_f8e4m3, gemv_f8e4m3_batch, gemv_f8e4m3_batch_with, gemv_f8e4m3_with, MAX_BATCH};
 pub use narrow::{gemv_narrow_batch, gemv_narrow_batch_with, Narrow};

@@ -42,6 +42,7 @@ pub mod linear;
 pub mod pages;
 pub mod peak;
 pub mod pool;
+pub mod refine;
 pub mod rope;
 pub mod rowwise;
 mod scratch;

@@ -163,7 +163,7 @@ pub fn linear_with(
     // parallel), then the region takes the rest.
     let regional = |w: Weight<'_>| match w {
         Weight::F32(_) | Weight::F8E4M3(_) => true,
-        Weight::Bf16(_) => gemm_bf16::has_panel_row(isa),
+        Weight::Bf16(_) => gemm_bf16::has_tile(isa),
         Weight::F32Kn(_) => false,
     };
     let in_region = |l: &Layer<'_>| {
@@ -294,7 +294,7 @@ pub fn linear_with(
             Weight::Bf16(w) => {
                 if let Some(ap) = &bf16_x {
                     for (p, y) in y.chunks_mut(BLOCK).enumerate() {
-                        gemm_bf16::panel_row(ap, w, r0 / BLOCK + p, y)
+                        gemm_bf16::panel_row(isa, ap, w, r0 / BLOCK + p, y)
                     }
                 }
             }

@@ -5,7 +5,7 @@ use std::sync::OnceLock;
 /// The SIMD extensions the kernels can use on this CPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Features {
-    /// AVX2 and FMA.
+    /// AVX2, FMA and F16C.
     pub avx2_fma: bool,
     /// AVX-512 F, BW and VL.
     pub avx512: bool,
@@ -27,7 +27,10 @@ pub fn features() -> Features {
 
 #[cfg(target_arch = "x86_64")]
 fn detect() -> Features {
-    let avx2_fma = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+    // Every CPU with AVX2 and FMA has F16C too; the fp8 GEMV's widening uses it.
+    let avx2_fma = is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c");
     let avx512 = avx2_fma
         && is_x86_feature_detected!("avx512f")
         && is_x86_feature_detected!("avx512bw")
@@ -51,7 +54,7 @@ fn detect() -> Features {
 pub enum Isa {
     /// Plain Rust, any CPU.
     Portable,
-    /// AVX2 + FMA.
+    /// AVX2 + FMA (+ F16C).
     Avx2,
     /// AVX-512 F/BW/VL (+ AVX2, FMA).
     Avx512,

@@ -118,6 +118,26 @@ fn every_e4m3_value_widens_exactly() {
 }
 
 #[test]
+fn nan_bytes_make_nan_rows() {
+    // 0x7f and 0xff are e4m3's NaNs; a row holding one sums to NaN at every level.
+    let k = 19;
+    for (at, nan) in [(0, 0x7fu8), (9, 0xff), (18, 0x7f)] {
+        let mut w = vec![0x38u8; 2 * k];
+        w[at] = nan;
+        for isa in isas() {
+            let mut y = [0.0f32; 2];
+            gemv_f8e4m3_with(isa, 2, k, &w, 1.0, &[0.5; 19], &mut y).unwrap();
+            assert!(
+                y[0].is_nan() && y[1] == 9.5,
+                "{} at {}: {y:?}",
+                at,
+                isa.name()
+            );
+        }
+    }
+}
+
+#[test]
 fn bad_lengths_are_errors() {
     let w = [0u8; 12];
     let mut y = [0.0f32; 3];

@@ -103,7 +103,12 @@ pub(crate) fn fields(op: &mut Op) -> Vec<(&'static str, Field<'_>)> {
     use Field as F;
     match op {
         Op::Input { .. } | Op::Param { .. } | Op::Const { .. } => vec![],
-        Op::Unary(_) | Op::Binary(_) | Op::Compare(_) | Op::Where | Op::Rotary => vec![],
+        Op::Unary(_)
+        | Op::Binary(_)
+        | Op::Compare(_)
+        | Op::Where
+        | Op::Rotary
+        | Op::RefineLogits => vec![],
         Op::Cast { to } => vec![("to", F::DType(to))],
         Op::Reduce { axes, keepdim, .. } => {
             vec![("axes", F::Axes(axes)), ("keepdim", F::Bool(keepdim))]
@@ -257,6 +262,7 @@ pub(crate) fn templates() -> Vec<Op> {
         },
         Op::Moe { top_k: 0 },
         Op::Rotary,
+        Op::RefineLogits,
         Op::Linear {
             transpose_b: false,
             scaled: false,
@@ -298,7 +304,7 @@ mod tests {
         let ops = templates();
         let names: HashSet<&str> = ops.iter().map(Op::name).collect();
         assert_eq!(names.len(), ops.len());
-        assert_eq!(ops.len(), 3 + 24 + 19 + 9 + 6 + 4);
+        assert_eq!(ops.len(), 3 + 25 + 19 + 9 + 6 + 4);
         for mut op in ops {
             let keys: Vec<&str> = fields(&mut op).into_iter().map(|(k, _)| k).collect();
             let unique: HashSet<&&str> = keys.iter().collect();

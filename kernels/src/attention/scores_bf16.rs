@@ -106,7 +106,16 @@ impl Keys {
             for t in (0..n).step_by(ROWS) {
                 let r = ROWS.min(n - t);
                 let a = &qp[t * pairs..][..ROWS * pairs];
-                gemm_bf16::tile_into(a, pairs, w, &mut scores[t * width + p0..], width, r, cols);
+                gemm_bf16::tile_into(
+                    c.level,
+                    a,
+                    pairs,
+                    w,
+                    &mut scores[t * width + p0..],
+                    width,
+                    r,
+                    cols,
+                );
             }
         }
     }

@@ -9,8 +9,10 @@
 //! magnitude), the sign bit or-ed in and the bytes interleaved into words; the interleave
 //! orders the weights lane-wise, so x is permuted the same way once per call; `vdpbf16ps`
 //! multiplies. With AVX512-BF16 only, 32 bytes at a time go through two `vpermi2w` lookups in a
-//! 128-entry table of magnitudes and a blend on bit 6. Other CPUs look the weights up in a
-//! 256-entry f32 table and use f32 multiply-adds. Only the order of the f32 additions differs.
+//! 128-entry table of magnitudes and a blend on bit 6. With AVX2, FMA and F16C, 16 bytes at a
+//! time are widened in registers (shifted into f16s, converted by `vcvtph2ps`) for f32
+//! multiply-adds; other CPUs look the weights up in a 256-entry f32 table. Only the order of
+//! the f32 additions differs.
 //! [`gemv_f8e4m3_batch`] multiplies up to a few rows of x at once (decode with batch > 1),
 //! widening each weight block once for all rows.
 
@@ -131,6 +133,18 @@ fn batch(isa: Isa, mb: usize, n: usize, k: usize, w: &[u8], scale: f32, x: &[f32
     }
 }
 
+/// `y[i] = Σ_j W[rows[i], j] · bf16(x[j])` (unscaled) for the listed rows of the e4m3 weights
+/// `w` (`k` bytes per row, every listed row inside `w`): one row of x prepared once, the rows
+/// picked in any order (`refine_logits`' candidates, [`crate::refine`]).
+pub(crate) fn dot_rows(isa: Isa, k: usize, w: &[u8], x: &[f32], rows: &[u32], y: &mut [f32]) {
+    debug_assert!(x.len() == k && y.len() == rows.len());
+    let xp = PreparedX::new(isa, x, 1, k);
+    for (&j, out) in rows.iter().zip(y.chunks_exact_mut(1)) {
+        let at = j as usize * k;
+        xp.rows(&w[at..at + k], out);
+    }
+}
+
 /// Up to [`MAX_BATCH`] rows of x prepared once for the path this CPU runs at a level: bf16
 /// bits permuted for the VBMI widening, plain bf16 bits for the word lookup, or bf16-rounded
 /// f32 values for the table path.
@@ -188,11 +202,11 @@ impl PreparedX {
             Path::Table(level, xr) => match level {
                 #[cfg(target_arch = "x86_64")]
                 Isa::Avx2 | Isa::Avx512 | Isa::Avx512Bf16 => {
-                    // SAFETY: `vector_level` returned an available level, so AVX2 and FMA are
-                    // present.
+                    // SAFETY: `vector_level` returned an available level, so AVX2, FMA and
+                    // F16C are present.
                     unsafe { x86::rows_table_avx2(w, k, xr, mb, yb) }
                 }
-                _ => rows_table::<false>(w, k, xr, mb, yb),
+                _ => rows_table(w, k, xr, mb, yb),
             },
         }
     }
@@ -200,7 +214,7 @@ impl PreparedX {
 
 /// `yb[i·mb + r] = Σ_j table[W[i,j]] · xr[r·k + j]`, 16 columns at a time.
 #[inline(always)]
-fn rows_table<const FMA: bool>(w: &[u8], k: usize, xr: &[f32], mb: usize, yb: &mut [f32]) {
+fn rows_table(w: &[u8], k: usize, xr: &[f32], mb: usize, yb: &mut [f32]) {
     const L: usize = 16;
     let t = table();
     let mut wf = Scratch::filled(k, 0.0f32);
@@ -215,12 +229,12 @@ fn rows_table<const FMA: bool>(w: &[u8], k: usize, xr: &[f32], mb: usize, yb: &m
             let mut cx = xs.chunks_exact(L);
             for (a, b) in (&mut cw).zip(&mut cx) {
                 for l in 0..L {
-                    acc[l] = madd::<FMA>(a[l], b[l], acc[l]);
+                    acc[l] = madd::<false>(a[l], b[l], acc[l]);
                 }
             }
             let mut tail = 0.0f32;
             for (a, b) in cw.remainder().iter().zip(cx.remainder()) {
-                tail = madd::<FMA>(*a, *b, tail);
+                tail = madd::<false>(*a, *b, tail);
             }
             *o = crate::simd::hsum(&acc) + tail;
         }
@@ -232,13 +246,136 @@ fn rows_table<const FMA: bool>(w: &[u8], k: usize, xr: &[f32], mb: usize, yb: &m
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{rows_table, table, Scratch, MAX_BATCH};
+    use super::{table, Scratch, MAX_BATCH};
     use std::arch::x86_64::*;
     use std::sync::OnceLock;
 
-    #[target_feature(enable = "avx2,fma")]
+    /// Sixteen e4m3 bytes at `p` as f32, each `2^-8` times its value: widened to 16-bit
+    /// words, shifted so that the magnitude lands in an f16's exponent and mantissa
+    /// (`b << 7`, the sign at bit 14), the sign moved to bit 15 (`t + (t & 0x4000)`), NaN
+    /// (`0x7f`) made all ones, then `vcvtph2ps` (exact, subnormals included: e4m3's bias 7 is
+    /// f16's 15 less 8, hence the factor the caller takes back once per sum).
+    ///
+    /// # Safety
+    /// AVX2, FMA and F16C; `p .. p + 16` readable.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn widen16(p: *const u8) -> (__m256, __m256) {
+        // SAFETY: 16 readable bytes at `p` (the caller's contract).
+        let b = _mm256_cvtepu8_epi16(unsafe { _mm_loadu_si128(p.cast()) });
+        let t = _mm256_slli_epi16(b, 7);
+        let h = _mm256_add_epi16(t, _mm256_and_si256(t, _mm256_set1_epi16(0x4000)));
+        let mag = _mm256_and_si256(b, _mm256_set1_epi16(0x7f));
+        let h = _mm256_or_si256(h, _mm256_cmpeq_epi16(mag, _mm256_set1_epi16(0x7f)));
+        (
+            _mm256_cvtph_ps(_mm256_castsi256_si128(h)),
+            _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1)),
+        )
+    }
+
+    /// [`super::rows_table`] with AVX2, FMA and F16C: 16 weights at a time widened in
+    /// registers ([`widen16`]) and multiplied with every row of `xr` (bf16-rounded f32), the
+    /// accumulators in registers (one row of x: four of them, 32 weights per step), the last
+    /// `k % 16` columns through the table.
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) fn rows_table_avx2(w: &[u8], k: usize, xr: &[f32], mb: usize, yb: &mut [f32]) {
-        rows_table::<true>(w, k, xr, mb, yb)
+        assert!(mb <= MAX_BATCH && xr.len() == mb * k && w.len() * mb == yb.len() * k);
+        if k == 0 {
+            yb.fill(0.0);
+            return;
+        }
+        for (row, out) in w.chunks_exact(k).zip(yb.chunks_exact_mut(mb)) {
+            // SAFETY (every arm): `row` holds k bytes and `xr` mb rows of k values (asserted),
+            // `out` mb values.
+            unsafe {
+                match mb {
+                    1 => dots1(row, xr, out),
+                    2 => dots::<2>(row, xr, out),
+                    3 => dots::<3>(row, xr, out),
+                    4 => dots::<4>(row, xr, out),
+                    5 => dots::<5>(row, xr, out),
+                    6 => dots::<6>(row, xr, out),
+                    7 => dots::<7>(row, xr, out),
+                    _ => dots::<8>(row, xr, out),
+                }
+            }
+        }
+    }
+
+    /// The sum of the eight lanes of `v` (products of [`widen16`]'s values, 2^-8 of the
+    /// weights: times 2^8, exact) and the table-widened tail `row[from..]` times `x[from..]`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn finish(v: __m256, row: &[u8], x: &[f32], from: usize) -> f32 {
+        let mut lanes = [0.0f32; 8];
+        // SAFETY: `lanes` holds 8 floats.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), v) };
+        let t = table();
+        let tail: f32 = (from..row.len())
+            .map(|j| t[usize::from(row[j])] * x[j])
+            .sum();
+        lanes.iter().sum::<f32>() * 256.0 + tail
+    }
+
+    /// One weight row times one row of x, four accumulators.
+    ///
+    /// # Safety
+    /// AVX2, FMA and F16C; `x.len() == row.len()`, `out.len() == 1`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dots1(row: &[u8], x: &[f32], out: &mut [f32]) {
+        let (k, (w, xp)) = (row.len(), (row.as_ptr(), x.as_ptr()));
+        let mut a = [_mm256_setzero_ps(); 4];
+        let mut c = 0;
+        while c + 32 <= k {
+            // SAFETY: c + 32 ≤ k, inside the row and x.
+            unsafe {
+                let (w0, w1) = widen16(w.add(c));
+                let (w2, w3) = widen16(w.add(c + 16));
+                a[0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xp.add(c)), a[0]);
+                a[1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xp.add(c + 8)), a[1]);
+                a[2] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xp.add(c + 16)), a[2]);
+                a[3] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xp.add(c + 24)), a[3]);
+            }
+            c += 32;
+        }
+        while c + 16 <= k {
+            // SAFETY: c + 16 ≤ k.
+            unsafe {
+                let (w0, w1) = widen16(w.add(c));
+                a[0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xp.add(c)), a[0]);
+                a[1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xp.add(c + 8)), a[1]);
+            }
+            c += 16;
+        }
+        let v = _mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3]));
+        out[0] = finish(v, row, x, c);
+    }
+
+    /// One weight row times `M` rows of x (row-major, `row.len()` each), each block of 16
+    /// weights widened once.
+    ///
+    /// # Safety
+    /// AVX2, FMA and F16C; `x.len() == M · row.len()`, `out.len() == M`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dots<const M: usize>(row: &[u8], x: &[f32], out: &mut [f32]) {
+        let (k, (w, xp)) = (row.len(), (row.as_ptr(), x.as_ptr()));
+        let mut a = [[_mm256_setzero_ps(); 2]; M];
+        let mut c = 0;
+        while c + 16 <= k {
+            // SAFETY: c + 16 ≤ k: inside the row and each of the M rows of x.
+            unsafe {
+                let (w0, w1) = widen16(w.add(c));
+                for (r, a) in a.iter_mut().enumerate() {
+                    a[0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xp.add(r * k + c)), a[0]);
+                    a[1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xp.add(r * k + c + 8)), a[1]);
+                }
+            }
+            c += 16;
+        }
+        for (r, o) in out.iter_mut().enumerate() {
+            let v = _mm256_add_ps(a[r][0], a[r][1]);
+            *o = finish(v, row, &x[r * k..(r + 1) * k], c);
+        }
     }
 
     /// The bf16 bits of the e4m3 magnitudes 0..128, as four vectors of 32.

@@ -32,7 +32,7 @@ use kiln_kernels::gemm_bf16::PackedBf16;
 use kiln_kernels::layout::{copy_strided, copy_strided_convert};
 use kiln_kernels::linear::{linear, Gate, Layer, Rope, Weight};
 use kiln_kernels::rope::rope_rotate_half;
-use kiln_kernels::{pages, rowwise, KernelError};
+use kiln_kernels::{pages, refine, rowwise, KernelError};
 use smallvec::SmallVec;
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -825,6 +825,21 @@ impl CpuGraph {
                     return Ok(false);
                 }
                 rowwise::softmax(x.len() / cols, cols, x, out).map_err(kerr)?;
+            }
+            Step::RefineLogits => {
+                let (Some((c, _)), Some((x, _)), Some((sc, _)), Some((b, _))) =
+                    (f32s(0), f32s(1), f32s(3), f32s(4))
+                else {
+                    return Ok(false);
+                };
+                let Val::Ext(r, _) = &vals[node.inputs[2].index()] else {
+                    return Ok(false);
+                };
+                let (Elements::F8E4M3(r), &[n, k]) = (r.elements(), r.shape()) else {
+                    return Ok(false);
+                };
+                let rows = c.len().checked_div(n).unwrap_or(0);
+                refine::refine_logits(rows, n, k, c, x, r, sc, b, out).map_err(kerr)?;
             }
             Step::Embedding => {
                 let Some((table, ts)) = f32s(0) else {

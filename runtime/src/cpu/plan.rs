@@ -183,6 +183,8 @@ pub enum Step {
         /// The operands after `x`: the router's weight, then each expert's three.
         weights: Arc<[MoeWeight]>,
     },
+    /// `refine_logits` with an e4m3 residual ([`kiln_kernels::refine`]).
+    RefineLogits,
     /// The reference executor's op on this node alone.
     Reference,
     /// A kernel from an external provider ([`crate::cpu::external`]), `native` where it has
@@ -261,6 +263,7 @@ impl Step {
             Step::Softmax => "softmax".into(),
             Step::Embedding => "embedding".into(),
             Step::Moe { .. } => "moe".into(),
+            Step::RefineLogits => "refine_logits".into(),
             Step::Reference => "reference".into(),
             Step::External { provider, native } => {
                 format!("{} {}", provider.name(), native.name())
@@ -504,6 +507,11 @@ fn select(graph: &Graph, i: usize, node: &Node) -> Step {
         },
         Op::RmsNorm { eps } if dtype == DType::F32 => Step::RmsNorm { eps: eps.0 },
         Op::Softmax { axis } if dtype == DType::F32 && Some(*axis) == last_axis => Step::Softmax,
+        Op::RefineLogits
+            if dtype == DType::F32 && operand(2).is_some_and(|r| r.ty.dtype == DType::F8E4M3) =>
+        {
+            Step::RefineLogits
+        }
         Op::Gather { axis: 0 }
             if dtype == DType::F32
                 && operand(0).is_some_and(|d| d.ty.rank() == 2 && is_param(d)) =>

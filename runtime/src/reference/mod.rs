@@ -31,6 +31,7 @@ mod layout;
 mod matmul;
 mod moe;
 mod reduce;
+mod refine;
 #[cfg(test)]
 mod testutil;
 
@@ -525,6 +526,7 @@ pub(crate) fn eval_op(ctx: &Ctx<'_>, op: &Op, args: &[&Tensor]) -> Result<Tensor
             }
         }
         Op::Moe { top_k } => moe::moe(ctx, *top_k, args),
+        Op::RefineLogits => refine::refine_logits(ctx, args),
         Op::FusedElementwise { body } => elementwise::fused(ctx, body, args),
     }
 }
