@@ -14,6 +14,8 @@ use kiln_ir::trace::Tracer;
 use kiln_ir::{DType, Op, F64};
 use kiln_kernels::gemm::{matmul_f32, matmul_f32_batched, BatchStrides, Gemm, MatLayout};
 use kiln_kernels::gemm_bf16::{matmul_bf16_many_with, matmul_bf16_with, PackedBf16, RowEpilogue};
+use kiln_kernels::gemm_f32_packed::{matmul_f32_packed_with, PackedF32};
+use kiln_kernels::gemm_panels::{matmul_packed_many_with, Packed};
 use kiln_kernels::{elementwise, gemv, rowwise, Isa, KernelError};
 use kiln_runtime::{Storage, Tensor};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -544,4 +546,139 @@ fn matmul_bf16_many_matches_reference_per_product() {
         None,
     );
     assert!(e.is_err());
+}
+
+#[test]
+fn matmul_f32_packed_matches_reference_both_storage_orders() {
+    let mut r = rng(11);
+    for &(m, n, k) in &[
+        (1, 1, 1),
+        (7, 33, 7),
+        (33, 7, 33),
+        (17, 33, 0),
+        (9, 65, 4097),
+        (1, 33, 4097),
+        (4097, 7, 33),
+        (6, 16, 256),
+        // More rows, columns and k than one task's block (96 rows, 8 panels, 256 k).
+        (300, 290, 600),
+    ] {
+        let a = random(&mut r, m * k, -2.0, 2.0);
+        let w = random(&mut r, n * k, -1.0, 1.0);
+        let mut wkn = vec![0.0; n * k];
+        for j in 0..n {
+            for p in 0..k {
+                wkn[p * n + j] = w[j * k + p];
+            }
+        }
+        let (want, bound) = reference_matmul(m, n, k, false, true, &a, &w);
+        let packed = PackedF32::pack(n, k, &w).unwrap();
+        let from_kn = PackedF32::pack_transposed(n, k, &wkn).unwrap();
+        assert_eq!(
+            packed.data(),
+            from_kn.data(),
+            "{n}x{k}: both storage orders pack alike"
+        );
+        assert_eq!(packed.unpack(), w, "{n}x{k}: unpacked bit for bit");
+        for isa in isas() {
+            let mut c = vec![f32::NAN; m * n];
+            matmul_f32_packed_with(isa, m, &a, &packed, &mut c).unwrap();
+            let what = format!("packed f32 matmul {m}x{n}x{k} at {}", isa.name());
+            assert_products(&what, &c, &want, &bound);
+        }
+    }
+    assert!(PackedF32::pack(2, 3, &[0.0; 5]).is_err());
+    assert!(PackedF32::pack_transposed(2, 3, &[0.0; 7]).is_err());
+    let p = PackedF32::pack(2, 3, &[0.0; 6]).unwrap();
+    assert!(matmul_f32_packed_with(Isa::best(), 2, &[0.0; 5], &p, &mut [0.0; 4]).is_err());
+    assert!(matmul_f32_packed_with(Isa::best(), 2, &[0.0; 6], &p, &mut [0.0; 3]).is_err());
+}
+
+#[test]
+fn packed_many_mixes_f32_and_bf16_weights_in_one_region() {
+    let mut r = rng(12);
+    let (m, k) = (101, 259);
+    let a = random(&mut r, m * k, -2.0, 2.0);
+    // (n, bf16?) per product.
+    let kinds = [
+        (33, false),
+        (290, true),
+        (0, false),
+        (130, false),
+        (7, true),
+    ];
+    let ws: Vec<Vec<f32>> = kinds
+        .iter()
+        .map(|&(n, bf)| {
+            let w = random(&mut r, n * k, -1.0, 1.0);
+            if bf {
+                w.iter().map(|&v| bf16::from_f32(v).to_f32()).collect()
+            } else {
+                w
+            }
+        })
+        .collect();
+    let bf16s: Vec<PackedBf16> = kinds
+        .iter()
+        .zip(&ws)
+        .map(|(&(n, _), w)| {
+            let w: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+            PackedBf16::pack(n, k, &w).unwrap()
+        })
+        .collect();
+    let f32s: Vec<PackedF32> = kinds
+        .iter()
+        .zip(&ws)
+        .map(|(&(n, _), w)| PackedF32::pack(n, k, w).unwrap())
+        .collect();
+    let wants: Vec<(Vec<f32>, Vec<f64>)> = kinds
+        .iter()
+        .zip(&ws)
+        .map(|(&(n, bf), w)| {
+            if bf {
+                let w: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+                bf16_reference(m, n, k, &a, &w)
+            } else {
+                reference_matmul(m, n, k, false, true, &a, w)
+            }
+        })
+        .collect();
+    for isa in isas() {
+        let calls: Vec<Vec<AtomicU32>> = kinds
+            .iter()
+            .map(|&(n, _)| (0..m * n).map(|_| AtomicU32::new(0)).collect())
+            .collect();
+        let finish = |i: usize, row: usize, c0: usize, y: &mut [f32]| {
+            for (j, v) in y.iter_mut().enumerate() {
+                calls[i][row * kinds[i].0 + c0 + j].fetch_add(1, Ordering::Relaxed);
+                *v = -*v + (i + row % 3 + (c0 + j) % 5) as f32;
+            }
+        };
+        let mut outs: Vec<Vec<f32>> = kinds.iter().map(|&(n, _)| vec![f32::NAN; m * n]).collect();
+        let mut products: Vec<(Packed<'_>, &mut [f32])> = kinds
+            .iter()
+            .zip(bf16s.iter().zip(&f32s))
+            .zip(outs.iter_mut())
+            .map(|((&(_, bf), (pb, pf)), c)| {
+                let w = if bf {
+                    Packed::Bf16(pb)
+                } else {
+                    Packed::F32(pf)
+                };
+                (w, c.as_mut_slice())
+            })
+            .collect();
+        matmul_packed_many_with(isa, m, &a, &mut products, Some(&finish)).unwrap();
+        drop(products);
+        for (i, (((&(n, _), c), (want, bound)), calls)) in
+            kinds.iter().zip(&outs).zip(&wants).zip(&calls).enumerate()
+        {
+            assert!(calls.iter().all(|c| c.load(Ordering::Relaxed) == 1));
+            let want: Vec<f32> = (0..m * n)
+                .map(|e| -want[e] + (i + (e / n) % 3 + (e % n) % 5) as f32)
+                .collect();
+            let what = format!("packed many + epilogue {m}x{n}x{k}, product {i}");
+            assert_products(&format!("{what} at {}", isa.name()), c, &want, bound);
+        }
+    }
 }
