@@ -18,11 +18,6 @@
 //! one layer of k = 768 (`one_call`: the cost without any per-call cost); weights backed by huge
 //! pages as the CPU backend asks for; throughput: weight bytes read.
 //!
-//! `gemm_f32_weights`: f32 linear layers at the 125M Llama's shapes (Q/K/V, output, gate/up,
-//! down, LM head) and 2048³, prefill (m = 512) and decode (m = 1), with the weights used in
-//! place (`nk`: `[n, k]` row-major; prefill through the `gemm` crate, which packs them on every
-//! call) or packed once (`packed`: `kiln_kernels::gemm_f32_packed`); throughput: multiply-adds.
-//!
 //! `region`: the fixed cost of one parallel region of tiny tasks after a short serial step, on
 //! the kernels' team (`kiln_kernels::pool`) and on rayon's pool.
 //!
@@ -34,9 +29,7 @@ use kiln_kernels::attention::{attention_f32, AttnOptions, AttnShape, Strides4, V
 use kiln_kernels::fused::Program;
 use kiln_kernels::gemm::{matmul_f32, Gemm};
 use kiln_kernels::gemm_bf16::{matmul_bf16, PackedBf16};
-use kiln_kernels::gemm_f32_packed::PackedF32;
 use kiln_kernels::layout::copy_strided;
-use kiln_kernels::linear::{linear, Layer, Weight};
 use kiln_kernels::{elementwise, gemv, pages, peak, rowwise};
 use std::hint::black_box;
 use std::time::Duration;
@@ -78,39 +71,6 @@ fn gemm(c: &mut Criterion) {
             &n,
             |bch, _| bch.iter(|| matmul_bf16(n, black_box(&a), &w, &mut out).unwrap()),
         );
-    }
-    g.finish();
-}
-
-fn gemm_f32_weights(c: &mut Criterion) {
-    let mut g = c.benchmark_group("gemm_f32_weights");
-    g.sample_size(10).measurement_time(Duration::from_secs(3));
-    let llama = [
-        (1280usize, 768usize),
-        (768, 768),
-        (4096, 768),
-        (768, 2048),
-        (32000, 768),
-    ];
-    let shapes = llama
-        .iter()
-        .flat_map(|&(n, k)| [(512usize, n, k), (1, n, k)])
-        .chain([(2048, 2048, 2048)]);
-    for (m, n, k) in shapes {
-        let (x, w) = (data(m * k, 0.0), data(n * k, 1.0));
-        let packed = PackedF32::pack(n, k, &w).unwrap();
-        let mut out = vec![0.0; m * n];
-        g.throughput(Throughput::Elements((m * n * k) as u64));
-        for (name, weight) in [
-            ("nk", Weight::F32(&w)),
-            ("packed", Weight::F32Packed(&packed)),
-        ] {
-            g.bench_function(format!("{name}/{m}x{n}x{k}"), |bch| {
-                bch.iter(|| {
-                    linear(m, k, black_box(&x), &mut [Layer::new(weight, &mut out)]).unwrap()
-                })
-            });
-        }
     }
     g.finish();
 }
@@ -529,7 +489,6 @@ criterion_group!(
     region,
     linear_decode,
     gemm,
-    gemm_f32_weights,
     gemv_bench,
     rows_and_elementwise,
     attention,

@@ -10,14 +10,14 @@
 //! keeps an `MR × NR` tile of C in 16 registers, broadcasts one bf16 pair of A per row and
 //! issues one `vdpbf16ps` per (row, 16 columns) per k-pair. A is rounded once per call into a
 //! reused buffer of bf16 pairs; C is computed in tasks of `MC` rows × `NC` panels spread over
-//! the threads ([`crate::gemm_panels`], shared with the f32 GEMM on packed weights), each passing over k in blocks of `KC` pairs so that a panel's block of weights
+//! the threads, each passing over k in blocks of `KC` pairs so that a panel's block of weights
 //! stays in L1 while the task's tiles pass over it, and the task's block of A stays in L2
 //! (before this blocking, calls with thousands of rows, as an encoder batch has, re-read all of
 //! A from L3 for every panel).
 //! Without AVX512-BF16 the weights are widened to f32 and [`crate::gemm::matmul_f32`] runs
 //! (same rounding of A, different accumulation order).
 
-use crate::gemm_panels::{matmul_packed_many_with, Packed};
+use crate::gemm::{matmul_f32, Gemm};
 use crate::scratch::Scratch;
 use crate::simd::{bf16_bits, Isa};
 use crate::KernelError;
@@ -37,9 +37,11 @@ pub(crate) const MR: usize = 8;
 const KC: usize = 128;
 /// Rows of C per task, a multiple of [`MR`]: a task's block of A (`MC · KC` pairs, 64 KiB)
 /// stays in L2 while the task's panels pass over it.
-pub(crate) const MC: usize = 128;
+const MC: usize = 128;
 /// Panels (of [`NR`] columns) per task.
-pub(crate) const NC: usize = 8;
+const NC: usize = 8;
+/// Columns of C per task: the parts of rows a [`RowEpilogue`] gets start at multiples of it.
+pub(crate) const TASK_COLS: usize = NC * NR;
 /// Elements of A below which it is converted to bf16 on the calling thread only.
 const PACK_PARALLEL_MIN: usize = 1 << 16;
 
@@ -197,7 +199,7 @@ impl PackedBf16 {
     }
 
     /// W back as f32 (exact), row-major `n × k`.
-    pub(crate) fn unpack_f32(&self) -> Vec<f32> {
+    fn unpack_f32(&self) -> Vec<f32> {
         self.unpack().into_iter().map(bf16::to_f32).collect()
     }
 }
@@ -219,14 +221,16 @@ pub fn matmul_bf16_with(
     matmul_bf16_many_with(isa, m, a, &mut [(w, c)], None)
 }
 
-pub use crate::gemm_panels::RowEpilogue;
+/// A function finishing computed parts of C: `f(i, r, c0, y)` with `y` columns `c0..c0 +
+/// y.len()` of row `r` of `C_i`, called once for every element of every product, while the
+/// task that computed them still has them in cache (an epilogue: bias, activation, residual).
+pub type RowEpilogue<'e> = dyn Fn(usize, usize, usize, &mut [f32]) + Sync + 'e;
 
 /// `C_i = bf16(A) · W_iᵀ` for every `(W_i, C_i)` of `products` (each `C_i` row-major
 /// `m × n_i`, overwritten) over the same `a` (`m × k`): A is rounded once and the tiles of
 /// every product share one parallel region (a transformer's Q/K/V or gate/up projections).
 /// `epilogue`, if any, then finishes each task's block of C (parts of rows of at most
-/// 256 columns, each starting at a multiple of 256) before the task ends
-/// ([`crate::gemm_panels::matmul_packed_many_with`], which also takes f32 weights).
+/// `TASK_COLS` = 256 columns, each starting at a multiple of 256) before the task ends.
 pub fn matmul_bf16_many_with(
     isa: Isa,
     m: usize,
@@ -234,11 +238,89 @@ pub fn matmul_bf16_many_with(
     products: &mut [(&PackedBf16, &mut [f32])],
     epilogue: Option<&RowEpilogue<'_>>,
 ) -> Result<(), KernelError> {
-    let mut packed: Vec<(Packed<'_>, &mut [f32])> = products
-        .iter_mut()
-        .map(|(w, c)| (Packed::Bf16(w), &mut **c))
-        .collect();
-    matmul_packed_many_with(isa, m, a, &mut packed, epilogue)
+    let Some(k) = products.first().map(|(w, _)| w.k) else {
+        return Ok(());
+    };
+    for (w, c) in products.iter() {
+        let n = w.n;
+        if w.k != k || a.len() != m * k || c.len() != m * n {
+            return Err(KernelError::Layout(format!(
+                "matmul_bf16 {m}x{n}x{}: A has {} elements (want {}), C {} (want {})",
+                w.k,
+                a.len(),
+                m * w.k,
+                c.len(),
+                m * n
+            )));
+        }
+    }
+    if m == 0 {
+        return Ok(());
+    }
+    // Every row of every product, after the product (the paths that do not run in tasks).
+    let finish_all = |products: &mut [(&PackedBf16, &mut [f32])]| {
+        if let Some(f) = epilogue {
+            for (i, (w, c)) in products.iter_mut().enumerate() {
+                for (r, y) in c.chunks_mut(w.n.max(1)).enumerate() {
+                    f(i, r, 0, y);
+                }
+            }
+        }
+    };
+    if k == 0 {
+        products.iter_mut().for_each(|(_, c)| c.fill(0.0));
+        finish_all(products);
+        return Ok(());
+    }
+    #[cfg(target_arch = "x86_64")]
+    if isa >= Isa::Avx512Bf16 && Isa::Avx512Bf16.available() {
+        // Tasks (product, row block, panel group); C_i through a pointer each.
+        let row_blocks = m.div_ceil(MC);
+        let mut tasks = Vec::new();
+        let mut outs = Vec::with_capacity(products.len());
+        for (i, (w, c)) in products.iter_mut().enumerate() {
+            let panels = w.n.div_ceil(NR);
+            for rb in 0..row_blocks {
+                for g in 0..panels.div_ceil(NC) {
+                    let tiles = rb * MC / MR..((rb + 1) * MC).min(m).div_ceil(MR);
+                    tasks.push((i, tiles, g * NC..((g + 1) * NC).min(panels)));
+                }
+            }
+            outs.push((*w, SyncPtr(c.as_mut_ptr())));
+        }
+        with_packed_a(m, k, a, |ap, lda| {
+            tasks.into_par_iter().for_each(|(i, tiles, group)| {
+                let (w, c) = &outs[i];
+                // SAFETY: AVX512-BF16 is available (checked); tasks own disjoint (row block,
+                // panel group) rectangles of their product's C, and every C stays mutably
+                // borrowed (through `products`) for the whole parallel loop.
+                unsafe { block(ap, lda, w, m, tiles.clone(), group.clone(), c) };
+                if let Some(f) = epilogue {
+                    let cols = group.start * NR..(group.end * NR).min(w.n);
+                    for r in tiles.start * MR..(tiles.end * MR).min(m) {
+                        // SAFETY: as above, this task owns row r's columns `cols` of C_i
+                        // (inside its m × n, row stride n), which no one else accesses now.
+                        let y = unsafe {
+                            std::slice::from_raw_parts_mut(
+                                c.0.add(r * w.n + cols.start),
+                                cols.len(),
+                            )
+                        };
+                        f(i, r, cols.start, y);
+                    }
+                }
+            })
+        });
+        return Ok(());
+    }
+    let _ = isa;
+    let ar: Vec<f32> = a.iter().map(|&v| bf16::from_f32(v).to_f32()).collect();
+    for (w, c) in products.iter_mut() {
+        let wf = w.unpack_f32();
+        matmul_f32(&Gemm::dense(m, w.n, k, false, true), &ar, &wf, c)?;
+    }
+    finish_all(products);
+    Ok(())
 }
 
 /// C's tiles `tiles` (of [`MR`] rows) × panels `group`, with `ap` A's pairs at row stride
@@ -249,14 +331,14 @@ pub fn matmul_bf16_many_with(
 /// AVX512-BF16 must be available, `tiles` and `group` inside C (`m × w.n`, at `c`), and no other
 /// thread may access these elements of C during the call.
 #[cfg(target_arch = "x86_64")]
-pub(crate) unsafe fn block(
+unsafe fn block(
     ap: &[u32],
     lda: usize,
     w: &PackedBf16,
     m: usize,
     tiles: std::ops::Range<usize>,
     group: std::ops::Range<usize>,
-    c: *mut f32,
+    c: &SyncPtr,
 ) {
     let (n, pairs) = (w.n, w.k.div_ceil(2));
     for p0 in (0..pairs).step_by(KC) {
@@ -270,7 +352,7 @@ pub(crate) unsafe fn block(
                 // SAFETY: the caller guarantees AVX512-BF16 and exclusive access to this tile
                 // of C (rows t·MR.., columns panel·NR.., inside m × n with row stride n).
                 unsafe {
-                    let dst = c.add(t * MR * n + panel * NR);
+                    let dst = c.0.add(t * MR * n + panel * NR);
                     x86::tile::<MR>(a, lda, b, dst, n, rows, cols, p0 > 0)
                 }
             }
@@ -285,12 +367,7 @@ pub(crate) unsafe fn block(
 /// fall into distinct L1 sets (a stride of 4 KiB put them all in one). The buffer is the
 /// calling thread's, reused between calls (zeroed only when it grows, and kept at the largest
 /// size seen); rows are converted over the threads when large.
-pub(crate) fn with_packed_a<R>(
-    m: usize,
-    k: usize,
-    a: &[f32],
-    f: impl FnOnce(&[u32], usize) -> R,
-) -> R {
+fn with_packed_a<R>(m: usize, k: usize, a: &[f32], f: impl FnOnce(&[u32], usize) -> R) -> R {
     thread_local! {
         static BUF: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
     }
@@ -422,6 +499,11 @@ pub(crate) fn tile_into(
         x86::tile::<MR>(a, lda, b, c.as_mut_ptr(), ldc, rows, cols, false)
     };
 }
+
+/// A pointer shared by the tasks, each writing its own elements.
+struct SyncPtr(*mut f32);
+// SAFETY: the tasks write disjoint elements through it (see `matmul_bf16_many_with`).
+unsafe impl Sync for SyncPtr {}
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {

@@ -8,9 +8,6 @@
 //!   the bytes of any float dtype.
 //! * [`gemm`]: f32 matrix products with the IR's transpose flags, strided and batched.
 //! * [`gemm_bf16`]: bf16-weight matrix products (`vdpbf16ps`) on prepacked weights.
-//! * [`gemm_f32_packed`]: f32 matrix products on weights packed once (AVX2/FMA micro-kernel).
-//! * [`gemm_panels`]: the tasks of both packed GEMMs, several weights over one activation in
-//!   one parallel region, with an epilogue per task.
 //! * [`gemv`]: matrix-vector products for decode, `y = W · x` with bf16, f32 or fp8 e4m3
 //!   (per-tensor scale; also a few rows of x at once) weights.
 //! * [`linear`]: linear layers with their epilogue (per-column scale, residual or bias add),
@@ -39,8 +36,6 @@ pub mod elementwise;
 pub mod fused;
 pub mod gemm;
 pub mod gemm_bf16;
-pub mod gemm_f32_packed;
-pub mod gemm_panels;
 pub mod gemv;
 pub mod layout;
 pub mod linear;

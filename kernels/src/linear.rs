@@ -30,8 +30,6 @@
 use crate::elementwise::silu_mul_with;
 use crate::gemm::{matmul_f32, Gemm};
 use crate::gemm_bf16::{self, PackedBf16, NR};
-use crate::gemm_f32_packed::{self as f32p, PackedF32};
-use crate::gemm_panels::{self, Packed};
 use crate::gemv::{f32_rows, gemv_f8e4m3_batch_with, PreparedX};
 use crate::rope::rotate_half_in_place;
 use crate::simd::{gelu, gelu_tanh, round_bf16, vector_level, Isa};
@@ -52,29 +50,17 @@ pub enum Weight<'a> {
     F32(&'a [f32]),
     /// f32 `W[k, n]`, row-major (`x · W`).
     F32Kn(&'a [f32]),
-    /// f32 `W[n, k]` packed once ([`PackedF32`]).
-    F32Packed(&'a PackedF32),
     /// bf16 `W[n, k]` packed once ([`PackedBf16`]); x rounded to bf16.
     Bf16(&'a PackedBf16),
     /// fp8 e4m3 `W[n, k]` bytes, row-major; x rounded to bf16.
     F8E4M3(&'a [u8]),
 }
 
-impl<'a> Weight<'a> {
-    /// The weight packed in panels, if it is.
-    fn packed(&self) -> Option<Packed<'a>> {
-        match *self {
-            Weight::Bf16(w) => Some(Packed::Bf16(w)),
-            Weight::F32Packed(w) => Some(Packed::F32(w)),
-            _ => None,
-        }
-    }
-
+impl Weight<'_> {
     /// Output columns for inner dimension `k`, if the weight's size is a multiple of `k`.
     fn n(&self, k: usize) -> Option<usize> {
         let len = match self {
             Weight::Bf16(w) => return (w.k() == k).then(|| w.n()),
-            Weight::F32Packed(w) => return (w.k() == k).then(|| w.n()),
             Weight::F32(w) | Weight::F32Kn(w) => w.len(),
             Weight::F8E4M3(w) => w.len(),
         };
@@ -176,20 +162,18 @@ pub fn linear_with(
     // Layers that one decode region cannot take run on their own first (their own GEMM is
     // parallel), then the region takes the rest.
     let regional = |w: Weight<'_>| match w {
-        Weight::F32(_) | Weight::F8E4M3(_) | Weight::F32Packed(_) => true,
+        Weight::F32(_) | Weight::F8E4M3(_) => true,
         Weight::Bf16(_) => gemm_bf16::has_panel_row(isa),
         Weight::F32Kn(_) => false,
     };
     let in_region = |l: &Layer<'_>| {
         m == 1 && k > 0 && regional(l.weight) && l.gate.is_none_or(|g| regional(g.weight))
     };
-    // With several rows, the packed products (and packed gates) of the group run first in
-    // one GEMM region over x prepared once; each layer then finishes its epilogue.
+    // With several rows, the bf16 products (and bf16 gates) of the group run first in one
+    // GEMM region over x rounded once; each layer then finishes its epilogue.
+    let bf16 = |w: Weight<'_>| matches!(w, Weight::Bf16(_));
     let shared = |l: &Layer<'_>| {
-        !in_region(l)
-            && k > 0
-            && l.weight.packed().is_some()
-            && l.gate.is_none_or(|g| g.weight.packed().is_some())
+        !in_region(l) && k > 0 && bf16(l.weight) && l.gate.is_none_or(|g| bf16(g.weight))
     };
     let level = vector_level(isa);
     let epilogues: PerLayer<Epilogue<'_>> = layers
@@ -205,11 +189,8 @@ pub fn linear_with(
         .map(|(l, e)| {
             shared(l)
                 && l.gate.is_none()
-                && e.rope.is_none_or(|(_, d)| {
-                    l.weight
-                        .packed()
-                        .is_some_and(|w| w.task_cols().is_multiple_of(d))
-                })
+                && e.rope
+                    .is_none_or(|(_, d)| gemm_bf16::TASK_COLS.is_multiple_of(d))
         })
         .collect();
     let mut gates: PerLayer<Option<Vec<f32>>> = layers
@@ -224,11 +205,18 @@ pub fn linear_with(
         if !shared(l) {
             continue;
         }
-        if let (Some(gw), Some(g)) = (l.gate.and_then(|g| g.weight.packed()), g.as_mut()) {
+        if let (
+            Some(Gate {
+                weight: Weight::Bf16(gw),
+                ..
+            }),
+            Some(g),
+        ) = (l.gate, g.as_mut())
+        {
             products.push((gw, g.as_mut_slice()));
             owners.push(None);
         }
-        if let Some(w) = l.weight.packed() {
+        if let Weight::Bf16(w) = l.weight {
             products.push((w, &mut *l.out));
             owners.push(tiled[j].then_some(j));
         }
@@ -239,12 +227,12 @@ pub fn linear_with(
         }
     };
     let in_tasks = owners.iter().any(Option::is_some);
-    gemm_panels::matmul_packed_many_with(
+    gemm_bf16::matmul_bf16_many_with(
         isa,
         m,
         x,
         &mut products,
-        in_tasks.then_some(&finish_block as &gemm_panels::RowEpilogue<'_>),
+        in_tasks.then_some(&finish_block as &gemm_bf16::RowEpilogue<'_>),
     )?;
     drop(products);
     for (j, ((l, s), g)) in layers.iter_mut().zip(&shapes).zip(gates).enumerate() {
@@ -308,11 +296,6 @@ pub fn linear_with(
                     for (p, y) in y.chunks_mut(BLOCK).enumerate() {
                         gemm_bf16::panel_row(ap, w, r0 / BLOCK + p, y)
                     }
-                }
-            }
-            Weight::F32Packed(w) => {
-                for (p, y) in y.chunks_mut(f32p::NR).enumerate() {
-                    f32p::panel_row(isa, x, w, r0 / f32p::NR + p, y)
                 }
             }
             Weight::F32Kn(_) => {}
@@ -512,7 +495,6 @@ fn product(
         Weight::F32(w) => matmul_f32(&Gemm::dense(m, n, k, false, true), x, w, out)?,
         Weight::F32Kn(w) => matmul_f32(&Gemm::dense(m, n, k, false, false), x, w, out)?,
         Weight::Bf16(w) => gemm_bf16::matmul_bf16_with(isa, m, x, w, out)?,
-        Weight::F32Packed(w) => f32p::matmul_f32_packed_with(isa, m, x, w, out)?,
         Weight::F8E4M3(w) => gemv_f8e4m3_batch_with(isa, m, n, k, w, 1.0, x, out)?,
     }
     Ok(())
