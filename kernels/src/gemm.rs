@@ -7,6 +7,15 @@
 //! which is exactly the IR's `matmul` with `transpose_a` / `transpose_b`.
 //!
 //! `beta == 0` means C is written without being read (NaN in C is not propagated), as in BLAS.
+//!
+//! The crate packs its weight operand on every call (our row-major C makes it compute Cᵀ, so a
+//! linear layer's W is its left operand, packed whether W is stored `[n, k]` or `[k, n]`; for
+//! W of at most 2·mc rows on the calling thread, before its parallel region). f32 weights are
+//! nevertheless used in place and not packed once at load, as bf16 ones are: a GEMM on f32
+//! panels packed once (an AVX2/FMA 6×16 micro-kernel, the crate's own AVX2 schedule) was built
+//! and measured against the crate at the 125M Llama's prefill and decode shapes and was not
+//! faster; the crate's packing was 3.8 % of f32 prefill's samples on that (AVX2-only) machine
+//! (BENCHMARKS.md, "f32 weights packed once at load for the f32 GEMM").
 
 use crate::KernelError;
 use gemm::Parallelism;
