@@ -441,6 +441,37 @@ impl Tensor {
         })
     }
 
+    /// Rewrites the tensor in place as `shape`, with the elements `fill` leaves in its storage
+    /// (handed over as it is, to update or overwrite, even to another dtype): a loop that
+    /// rewrites one tensor each step (a decode step's ids, or its logits) reuses the shape's
+    /// and the elements' allocations. A tensor that borrows its elements is first given an
+    /// owned copy. When the element count does not match `shape`, the tensor is left 1-D.
+    pub fn rewrite(
+        &mut self,
+        shape: &[usize],
+        fill: impl FnOnce(&mut Storage),
+    ) -> Result<(), ShapeMismatch> {
+        if !matches!(self.data, Data::Owned(_)) {
+            self.data = Data::Owned(self.storage().clone());
+        }
+        let Data::Owned(storage) = &mut self.data else {
+            unreachable!("made owned above");
+        };
+        fill(storage);
+        let (expected, got) = (shape.iter().product(), storage.len());
+        self.shape.clear();
+        if expected != got {
+            self.shape.push(got);
+            return Err(ShapeMismatch {
+                shape: shape.to_vec(),
+                expected,
+                got,
+            });
+        }
+        self.shape.extend_from_slice(shape);
+        Ok(())
+    }
+
     /// A `dtype` tensor of `shape` whose elements are the little-endian bytes `range` of
     /// `bytes`, used in place (no copy; the tensor keeps the bytes alive). Refuses a range out of
     /// bounds, a byte count that does not hold the shape, elements misaligned in memory, bool

@@ -29,6 +29,7 @@ mod advice;
 mod exec;
 pub mod external;
 mod fuse;
+mod host;
 mod layout;
 pub mod legalize;
 mod moe;

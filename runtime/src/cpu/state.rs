@@ -170,14 +170,24 @@ impl CpuState {
         }
     }
 
-    /// The value of `value` if it is a CPU state: taken when this is its only holder, copied
-    /// otherwise; `Err` gives the value back when it is not.
-    pub fn take(value: Arc<dyn DeviceValue>) -> Result<CpuState, Arc<dyn DeviceValue>> {
+    /// The value of `value` if it is a CPU state: taken when this is its only holder (with the
+    /// handle, emptied, to hold another state without allocating one), copied otherwise;
+    /// `Err` gives the value back when it is not.
+    pub fn take(
+        value: Arc<dyn DeviceValue>,
+    ) -> Result<(CpuState, Option<Arc<CpuState>>), Arc<dyn DeviceValue>> {
         if value.as_any().downcast_ref::<CpuState>().is_none() {
             return Err(value);
         }
         match value.into_any().downcast::<CpuState>() {
-            Ok(state) => Ok(Arc::try_unwrap(state).unwrap_or_else(|shared| (*shared).clone())),
+            Ok(mut handle) => match Arc::get_mut(&mut handle) {
+                Some(state) => {
+                    let empty =
+                        CpuState::from_parts(Vec::new(), Layout::dense(&[0]), state.dtype, 0);
+                    Ok((std::mem::replace(state, empty), Some(handle)))
+                }
+                None => Ok(((*handle).clone(), None)),
+            },
             Err(_) => unreachable!("checked to be a CpuState above"),
         }
     }
