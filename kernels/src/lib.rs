@@ -45,6 +45,7 @@ pub mod pool;
 pub mod rope;
 pub mod rowwise;
 mod scratch;
+pub use scratch::recycle;
 mod simd;
 
 pub use convert::ConvertError;

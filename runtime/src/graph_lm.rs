@@ -13,6 +13,12 @@
 //! grow in place ([`crate::cpu::state`]), the CUDA backend keeps them on the device. Prompts of
 //! different lengths are left-padded; positions count real tokens only (as transformers'
 //! `generate`).
+//!
+//! A step names nothing: the inputs and outputs are found by name once, when the model is made,
+//! and run by position ([`GraphExecutor::run_indexed`]); the step's id, position and mask
+//! tensors are rewritten in place, the cache moves from the outputs to the next step's inputs,
+//! and [`LanguageModel::decode_into`] copies the logits into the caller's vectors, so that a
+//! decode step on the CPU backend allocates nothing.
 
 use crate::executor::{GraphExecutor, Value};
 use crate::lm::{LanguageModel, ModelError};

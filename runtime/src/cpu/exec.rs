@@ -1,12 +1,14 @@
 //! The run loop of the CPU backend: binds sizes from the inputs, walks the plan's steps in node
 //! order with values in reusable f32 buffers, and returns the graph's outputs as tensors.
 //!
-//! A steady decode step allocates nothing per node, layer or kernel call: layouts and shapes
-//! are inline arrays ([`super::layout::Dims`]), a linear group's operands sit in inline vectors,
-//! and the kernels keep their scratch per thread. What a run still allocates is O(1) in the
-//! layers apart from its interface: per input and output the maps' entries, names and state
-//! handles (`tests/decode_allocations.rs` counts them), plus the few mask nodes the plan leaves
-//! to the reference ops.
+//! A steady decode step through [`CpuGraph::run_indexed`] allocates nothing
+//! (`tests/decode_allocations.rs` counts it): layouts and shapes are inline arrays
+//! ([`super::layout::Dims`]), a linear group's operands sit in inline vectors, the kernels keep
+//! their scratch per thread, the run loop keeps its per-run vectors, maps and size bindings
+//! between runs ([`Scratch`]), constants are computed once when compiled, the attention mask's
+//! integer nodes have kernels ([`super::host`]), inputs and outputs go by position, a state's
+//! handle is reused for the next state and a host f32 output is rewritten in place. The
+//! by-name entry points ([`CpuGraph::run`], [`CpuGraph::run_values`]) allocate their maps.
 
 use super::advice::HugePages;
 use super::external::{Operand, Provider};
@@ -33,7 +35,7 @@ use kiln_kernels::gemm_bf16::PackedBf16;
 use kiln_kernels::layout::{copy_strided, copy_strided_convert};
 use kiln_kernels::linear::{linear, Gate, Layer, Rope, Weight};
 use kiln_kernels::rope::rope_rotate_half;
-use kiln_kernels::{pages, rowwise, KernelError};
+use kiln_kernels::{pages, recycle, rowwise, KernelError};
 use smallvec::SmallVec;
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -148,16 +150,6 @@ impl std::fmt::Debug for Scratch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{} buffers", self.bufs.len())
     }
-}
-
-/// `v`'s allocation, emptied, for elements of another lifetime: the run loop's per-run vectors
-/// borrow a run's inputs, and are kept between runs empty.
-fn recycle<T, U>(mut v: Vec<T>) -> Vec<U> {
-    v.clear();
-    // Same size and alignment: collected in place (no element is left to map).
-    v.into_iter()
-        .map(|_| unreachable!("the vector is empty"))
-        .collect()
 }
 
 impl CpuGraph {

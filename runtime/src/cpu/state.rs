@@ -275,9 +275,12 @@ mod tests {
         assert_eq!((v[0], v[11], v[12], v[23]), (0.0, 11.0, 20.0, 31.0));
         let arc: Arc<dyn DeviceValue> = Arc::new(s);
         let shared = arc.clone();
-        let copy = CpuState::take(arc).ok().unwrap();
-        assert_eq!(copy.capacity(), 5);
-        assert!(CpuState::take(shared).is_ok());
+        // Shared: copied, and no handle to reuse; then the last holder's, taken with its handle.
+        let (copy, handle) = CpuState::take(arc).ok().unwrap();
+        assert_eq!((copy.capacity(), handle.is_none()), (5, true));
+        let (taken, handle) = CpuState::take(shared).ok().unwrap();
+        assert_eq!(taken.capacity(), 5);
+        assert_eq!(handle.map(|h| h.data.capacity()), Some(0));
         assert!(CpuState::zeroed(DType::F32, &[2, 3], 2, 5).is_err());
         assert!(CpuState::zeroed(DType::F32, &[usize::MAX, 3], 1, 5).is_err());
         // A bf16 state: two elements per f32 slot, the same positions and layout.
