@@ -21,6 +21,10 @@ use kiln_kernels::layout::copy_strided_convert;
 use std::any::Any;
 use std::sync::Arc;
 
+/// A state taken from a device value, and the value's handle, emptied, where it was the only
+/// holder ([`CpuState::take`]).
+pub type Taken = (CpuState, Option<Arc<CpuState>>);
+
 /// A value stored with room to grow along one axis: `data` holds a dense buffer of
 /// [`CpuState::capacity`] positions along `axis`, of which the first `layout.shape[axis]`
 /// are filled. Elements of a bf16 state are stored as bf16, packed two to an f32 slot
@@ -173,9 +177,7 @@ impl CpuState {
     /// The value of `value` if it is a CPU state: taken when this is its only holder (with the
     /// handle, emptied, to hold another state without allocating one), copied otherwise;
     /// `Err` gives the value back when it is not.
-    pub fn take(
-        value: Arc<dyn DeviceValue>,
-    ) -> Result<(CpuState, Option<Arc<CpuState>>), Arc<dyn DeviceValue>> {
+    pub fn take(value: Arc<dyn DeviceValue>) -> Result<Taken, Arc<dyn DeviceValue>> {
         if value.as_any().downcast_ref::<CpuState>().is_none() {
             return Err(value);
         }

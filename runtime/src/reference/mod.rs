@@ -203,6 +203,9 @@ pub(crate) fn check_known_inputs<'k, K: Borrow<str> + 'k>(
     }
 }
 
+/// The dtype and shape supplied for input `i` named `name`, if any ([`each_source`]).
+pub(crate) type SuppliedType<'a, 'f> = dyn Fn(usize, &str) -> Option<(DType, &'a [usize])> + 'f;
+
 /// Walks the graph's inputs and parameters in definition order, giving each with its declared
 /// and supplied types: input `i` (in [`Graph::inputs`] order, named `name`) typed by
 /// `input(i, name)` (`None`: not supplied, an error), parameters by `params`. Allocates
@@ -210,7 +213,7 @@ pub(crate) fn check_known_inputs<'k, K: Borrow<str> + 'k>(
 pub(crate) fn each_source<'a>(
     graph: &'a Graph,
     params: &'a dyn ParamSource,
-    input: &dyn Fn(usize, &str) -> Option<(DType, &'a [usize])>,
+    input: &SuppliedType<'a, '_>,
     each: &mut dyn FnMut(bind::Source<'a>),
 ) -> Result<(), ExecError> {
     let mut position = 0;
