@@ -252,6 +252,31 @@ mod tests {
         }
     }
 
+    /// Binding into a reused environment gives what [`bind`] gives, step after step (the
+    /// sizes change, a symbol no source has any more is dropped), and the same errors.
+    #[test]
+    fn binding_into_a_reused_environment_agrees_with_bind() {
+        let (tc, tx, ty1) = (ty(&["past+seq"]), ty(&["batch", "seq"]), ty(&["other"]));
+        let mut env = Bindings::new();
+        for (past, seq) in [(0, 5), (5, 1), (6, 1), (7, 3)] {
+            let (c, x, o) = (zeros(&[past + seq]), zeros(&[2, seq]), zeros(&[past]));
+            let mut sources = vec![src("cache", &tc, &c), src("x", &tx, &x)];
+            if past == 5 {
+                sources.push(src("o", &ty1, &o));
+            }
+            bind_into(&sources, &mut env).unwrap();
+            assert_eq!(
+                env,
+                bind(&sources, &Bindings::new()).unwrap(),
+                "{past}+{seq}"
+            );
+        }
+        let (a, b) = (zeros(&[2, 3]), zeros(&[4, 3]));
+        let bad = [src("x", &tx, &a), src("y", &tx, &b)];
+        let want = bind(&bad, &Bindings::new()).unwrap_err().to_string();
+        assert_eq!(bind_into(&bad, &mut env).unwrap_err().to_string(), want);
+    }
+
     #[test]
     fn binds_single_symbols_then_solves_linear_dims() {
         // cache[past+seq] is seen before x[batch, seq]: solved on the second sweep.
