@@ -728,6 +728,30 @@ impl PartialEq for Tensor {
 mod tests {
     use super::*;
 
+    /// A tensor rewritten in place keeps its elements' allocation; a count that does not
+    /// match the shape is an error that leaves the tensor 1-D.
+    #[test]
+    fn rewrite_in_place() {
+        let mut t = Tensor::from_i64(vec![2, 2], vec![1, 2, 3, 4]).unwrap();
+        let before = t.as_i64().unwrap().as_ptr();
+        t.rewrite(&[1, 3], |s| {
+            if let Storage::I64(v) = s {
+                v.truncate(3);
+            }
+        })
+        .unwrap();
+        assert_eq!(
+            (t.shape(), t.as_i64().unwrap()),
+            (&[1, 3][..], &[1, 2, 3][..])
+        );
+        assert_eq!(t.as_i64().unwrap().as_ptr(), before);
+        let err = t.rewrite(&[2, 2], |_| {}).unwrap_err();
+        assert_eq!((err.expected, err.got, t.shape()), (4, 3, &[3][..]));
+        t.rewrite(&[2], |s| *s = Storage::F32(vec![0.5, 1.5]))
+            .unwrap();
+        assert_eq!(t.as_f32(), Some(&[0.5, 1.5][..]));
+    }
+
     #[test]
     fn construction_and_cast() {
         assert!(Tensor::from_f32(vec![2, 2], vec![1.0; 3]).is_err());
