@@ -334,13 +334,18 @@ impl Scratch {
             .ok()
             .flatten()
             .unwrap_or_default();
-        let chunk = || vec![0.0; CHUNK];
+        // Grown, never shrunk: programs of different sizes take turns on a thread.
+        let grow = |v: &mut Vec<Vec<f32>>, n: usize| {
+            if v.len() < n {
+                v.resize_with(n, || vec![0.0; CHUNK]);
+            }
+        };
         let mut s = Scratch(s);
-        s.regs.resize_with(p.instrs.len(), chunk);
-        s.bufs.resize_with(p.n_args, chunk);
+        grow(&mut s.regs, p.instrs.len());
+        grow(&mut s.bufs, p.n_args);
         s.direct.clear();
         s.direct.resize(p.n_args, None);
-        s.consts.resize_with(p.consts.len(), chunk);
+        grow(&mut s.consts, p.consts.len());
         for (v, &c) in s.consts.iter_mut().zip(&p.consts) {
             v.fill(c);
         }

@@ -46,6 +46,7 @@ pub mod refine;
 pub mod rope;
 pub mod rowwise;
 mod scratch;
+pub use scratch::recycle;
 mod simd;
 
 pub use convert::ConvertError;

@@ -32,10 +32,12 @@ use crate::gemm::{matmul_f32, Gemm};
 use crate::gemm_bf16::{self, PackedBf16, NR};
 use crate::gemv::{f32_rows, gemv_f8e4m3_batch_with, PreparedX};
 use crate::rope::rotate_half_in_place;
+use crate::scratch::recycle;
 use crate::simd::{gelu, gelu_tanh, round_bf16, vector_level, Isa};
 use crate::KernelError;
 use rayon::prelude::*;
 use smallvec::SmallVec;
+use std::cell::Cell;
 
 /// Output rows per task of a decode group (one packed bf16 panel).
 pub const BLOCK: usize = NR;
@@ -245,7 +247,7 @@ pub fn linear_with(
             alone(isa, m, s, k, x, l, &epilogues[j])?;
         }
     }
-    let mut tasks: SmallVec<[Task<'_>; 64]> = SmallVec::new();
+    let mut tasks: Vec<Task<'_>> = recycle(SPARE_TASKS.try_with(Cell::take).unwrap_or_default());
     let mut weights = 0;
     for ((l, s), e) in layers.iter_mut().zip(&shapes).zip(&epilogues) {
         if !in_region(l) {
@@ -268,6 +270,7 @@ pub fn linear_with(
         }
     }
     if tasks.is_empty() {
+        give_back(tasks);
         return Ok(());
     }
     let weight_kinds = || {
@@ -323,7 +326,19 @@ pub fn linear_with(
     } else {
         crate::pool::for_each(&mut tasks, |_, t| run(t));
     }
+    give_back(tasks);
     Ok(())
+}
+
+thread_local! {
+    /// This thread's decode task list, kept empty between calls: a large head's list (the
+    /// 125M Llama's has more than 100 tasks) is allocated once.
+    static SPARE_TASKS: Cell<Vec<Task<'static>>> = const { Cell::new(Vec::new()) };
+}
+
+/// Keeps `tasks`' allocation for the thread's next call.
+fn give_back(tasks: Vec<Task<'_>>) {
+    let _ = SPARE_TASKS.try_with(|spare| spare.set(recycle(tasks)));
 }
 
 /// Per layer of a group: inline for up to four layers (no allocation per call).

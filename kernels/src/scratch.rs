@@ -34,6 +34,17 @@ pub(crate) use pooled;
 
 pooled!(f32, u16, u32, half::bf16);
 
+/// `v`'s allocation, emptied, for elements of another lifetime: a list of borrowing elements
+/// (a call's tasks, a run's values) kept empty between calls, so that it allocates only to
+/// grow.
+pub fn recycle<T, U>(mut v: Vec<T>) -> Vec<U> {
+    v.clear();
+    // The same size and alignment: collected in place (no element is left to map).
+    v.into_iter()
+        .map(|_| unreachable!("the vector is empty"))
+        .collect()
+}
+
 /// A vector borrowed from the thread's spares until dropped.
 pub(crate) struct Scratch<T: Pooled>(Vec<T>);
 

@@ -98,6 +98,47 @@ pub trait GraphExecutor: Send + Sync {
         Ok(out)
     }
 
+    /// [`run_outputs`](Self::run_outputs) by position, for a loop that runs the graph step
+    /// after step (a decode loop): nothing is looked up by name, and a backend may reuse what
+    /// the caller hands back. `inputs[i]` is the graph's input `i` in [`Graph::inputs`] order
+    /// (`None`: not supplied); host tensors are read where they are and left there, device
+    /// values are taken (their slots left `None`). `outputs[j]` receives the output
+    /// `wanted[j]` (a position in [`Graph::outputs`]); a host tensor already there may be
+    /// rewritten in place. The default goes through [`run_outputs`](Self::run_outputs).
+    fn run_indexed(
+        &self,
+        inputs: &mut [Option<Value>],
+        params: &dyn ParamSource,
+        wanted: &[usize],
+        outputs: &mut [Option<Value>],
+    ) -> Result<(), ExecError> {
+        let graph = self.graph();
+        let mut named = HashMap::with_capacity(inputs.len());
+        for ((name, _, _), slot) in graph.inputs().zip(inputs.iter_mut()) {
+            let value = match slot {
+                Some(Value::Host(t)) => Value::Host(t.clone()),
+                Some(Value::Device(_)) => match slot.take() {
+                    Some(v) => v,
+                    None => continue,
+                },
+                None => continue,
+            };
+            named.insert(name.to_string(), value);
+        }
+        let names = wanted
+            .iter()
+            .map(|&j| match graph.outputs().get(j) {
+                Some(o) => Ok(o.name.as_str()),
+                None => Err(ExecError::UnknownOutput(format!("#{j}"))),
+            })
+            .collect::<Result<Vec<&str>, _>>()?;
+        let mut out = self.run_outputs(named, params, &names)?;
+        for (slot, name) in outputs.iter_mut().zip(&names) {
+            *slot = out.remove(*name);
+        }
+        Ok(())
+    }
+
     /// Where it runs, e.g. `cpu` or `cuda (NVIDIA H200)`.
     fn backend(&self) -> String;
 
@@ -139,35 +180,35 @@ pub trait GraphExecutor: Send + Sync {
     }
 }
 
-/// Which nodes the outputs a run asks for need, per set of output names, remembered (a
-/// generation loop asks for the same outputs every step). Shared by the backends that skip the
-/// work of outputs nobody asked for.
+/// Which nodes the outputs a run asks for need, per set of outputs (indices into
+/// [`Graph::outputs`]), remembered (a generation loop asks for the same outputs every step).
+/// Shared by the backends that skip the work of outputs nobody asked for.
 #[derive(Debug, Default)]
 pub struct NeededNodes {
     known: std::sync::Mutex<Vec<Needed>>,
 }
 
-/// The output names asked for and, per node, whether they need it.
-type Needed = (Vec<String>, Arc<Vec<bool>>);
+/// The outputs asked for and, per node, whether they need it.
+type Needed = (Vec<usize>, Arc<Vec<bool>>);
 
 impl NeededNodes {
-    /// Per node of `graph`, whether computing the outputs named in `wanted` needs it, where
-    /// `deps(i)` lists the nodes node `i`'s computation reads (its operands, and whatever a
-    /// backend's fused step adds).
+    /// Per node of `graph`, whether computing the outputs `wanted` (indices into
+    /// [`Graph::outputs`]) needs it, where `deps(i)` lists the nodes node `i`'s computation
+    /// reads (its operands, and whatever a backend's fused step adds).
     pub fn get(
         &self,
         graph: &Graph,
-        wanted: &[&str],
+        wanted: &[usize],
         deps: impl Fn(usize) -> Vec<usize>,
     ) -> Arc<Vec<bool>> {
         let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((_, need)) = known.iter().find(|(w, _)| w.iter().eq(wanted.iter())) {
+        if let Some((_, need)) = known.iter().find(|(w, _)| w[..] == *wanted) {
             return need.clone();
         }
         let n = graph.nodes().len();
         let mut need = vec![false; n];
-        for o in graph.outputs() {
-            if wanted.contains(&o.name.as_str()) {
+        for &o in wanted {
+            if let Some(o) = graph.outputs().get(o) {
                 need[o.value.index()] = true;
             }
         }
@@ -185,9 +226,17 @@ impl NeededNodes {
             }
         }
         let need = Arc::new(need);
-        known.push((wanted.iter().map(|w| w.to_string()).collect(), need.clone()));
+        known.push((wanted.to_vec(), need.clone()));
         need
     }
+}
+
+/// The positions in [`Graph::outputs`] of the outputs named in `wanted` (each position once,
+/// in the graph's order).
+pub fn output_positions(graph: &Graph, wanted: &[&str]) -> Vec<usize> {
+    (0..graph.outputs().len())
+        .filter(|&j| wanted.contains(&graph.outputs()[j].name.as_str()))
+        .collect()
 }
 
 impl GraphExecutor for CpuGraph {
@@ -210,6 +259,16 @@ impl GraphExecutor for CpuGraph {
         wanted: &[&str],
     ) -> Result<HashMap<String, Value>, ExecError> {
         CpuGraph::run_values(self, inputs, params, Some(wanted))
+    }
+
+    fn run_indexed(
+        &self,
+        inputs: &mut [Option<Value>],
+        params: &dyn ParamSource,
+        wanted: &[usize],
+        outputs: &mut [Option<Value>],
+    ) -> Result<(), ExecError> {
+        CpuGraph::run_indexed(self, inputs, params, wanted, outputs)
     }
 
     fn backend(&self) -> String {

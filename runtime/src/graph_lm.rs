@@ -13,22 +13,80 @@
 //! grow in place ([`crate::cpu::state`]), the CUDA backend keeps them on the device. Prompts of
 //! different lengths are left-padded; positions count real tokens only (as transformers'
 //! `generate`).
+//!
+//! A step names nothing: the inputs and outputs are found by name once, when the model is made,
+//! and run by position ([`GraphExecutor::run_indexed`]); the step's id, position and mask
+//! tensors are rewritten in place, the cache moves from the outputs to the next step's inputs,
+//! and [`LanguageModel::decode_into`] copies the logits into the caller's vectors, so that a
+//! decode step on the CPU backend allocates nothing.
 
 use crate::executor::{GraphExecutor, Value};
 use crate::lm::{LanguageModel, ModelError};
-use crate::reference::{ExecError, ParamSource};
-use crate::Tensor;
+use crate::reference::ParamSource;
+use crate::{Storage, Tensor};
 use kiln_ir::Graph;
 use std::collections::HashMap;
 
-/// The cache and bookkeeping of the current batch.
+/// The bookkeeping of the current batch (its KV cache and attention mask are the decode
+/// graph's inputs, [`GraphLm`]'s `inputs[1]`).
 struct Batch {
-    /// Per layer: keys and values `[rows, kv_heads, len, head_dim]`.
-    cache: Vec<(Value, Value)>,
-    /// Per row: 0/1 over all positions so far.
-    mask: Vec<Vec<i64>>,
+    /// Rows.
+    rows: usize,
     /// Per row: the position id of the next token.
     next_pos: Vec<i64>,
+}
+
+/// Where a graph's step inputs and outputs sit ([`GraphExecutor::run_indexed`]'s positions),
+/// found once, when the model is made, so that a step names nothing.
+struct Ports {
+    /// The input positions of `input_ids`, `position_ids` and `attention_mask`.
+    ids: Option<usize>,
+    pos: Option<usize>,
+    mask: Option<usize>,
+    /// Per layer: the input positions of `past.{i}.key` and `past.{i}.value`.
+    past: Vec<[Option<usize>; 2]>,
+    /// The output positions a step reads: each layer's `present.{i}.key` and
+    /// `present.{i}.value`, then the logits (`last_logits` where the graph has them: only the
+    /// last position's are read, and a prefill graph that has them alone skips the head on
+    /// every other position); `Err`: the name of one the graph lacks.
+    wanted: Result<Vec<usize>, String>,
+}
+
+impl Ports {
+    fn new(graph: &Graph, num_layers: usize) -> Ports {
+        let input = |name: &str| graph.inputs().position(|(n, _, _)| n == name);
+        let output = |name: &str| {
+            graph
+                .outputs()
+                .iter()
+                .position(|o| o.name == name)
+                .ok_or_else(|| name.to_string())
+        };
+        let logits = output("last_logits").or_else(|_| output("logits"));
+        Ports {
+            ids: input("input_ids"),
+            pos: input("position_ids"),
+            mask: input("attention_mask"),
+            past: (0..num_layers)
+                .map(|i| {
+                    [
+                        input(&format!("past.{i}.key")),
+                        input(&format!("past.{i}.value")),
+                    ]
+                })
+                .collect(),
+            wanted: (0..num_layers)
+                .flat_map(|i| [format!("present.{i}.key"), format!("present.{i}.value")])
+                .map(|name| output(&name))
+                .chain([logits])
+                .collect(),
+        }
+    }
+}
+
+/// The position of input `name`, or an error when the graph has no such input.
+fn port(position: Option<usize>, name: &str) -> Result<usize, ModelError> {
+    position.ok_or_else(|| err(format!("graph has no input {name}")))
 }
 
 /// A causal LM run by a backend.
@@ -38,28 +96,47 @@ pub struct GraphLm<P> {
     params: P,
     vocab_size: usize,
     batch: Option<Batch>,
-    /// Per graph (prefill, decode): the outputs a step reads — each layer's key and value
-    /// cache, then the logits (`last_logits` where the graph has them).
-    step_outputs: [Vec<String>; 2],
-}
-
-/// The outputs a step of `graph` reads ([`GraphLm`]'s `step_outputs`). Only the last
-/// position's logits are read: a prefill graph that has them alone (`last_logits`) skips the
-/// head on every other position.
-fn step_outputs(graph: &Graph, num_layers: usize) -> Vec<String> {
-    let logits = if graph.outputs().iter().any(|o| o.name == "last_logits") {
-        "last_logits"
-    } else {
-        "logits"
-    };
-    (0..num_layers)
-        .flat_map(|i| [format!("present.{i}.key"), format!("present.{i}.value")])
-        .chain([logits.to_string()])
-        .collect()
+    /// Per graph (prefill, decode).
+    ports: [Ports; 2],
+    /// Per graph (prefill, decode): its inputs by position, kept from step to step (the
+    /// decode graph's hold the KV cache and the last step's attention mask between steps).
+    inputs: [Vec<Option<Value>>; 2],
+    /// The outputs a step reads, by `ports[g].wanted` (the logits' tensor is rewritten in
+    /// place by the CPU backend).
+    outputs: Vec<Option<Value>>,
 }
 
 fn err(e: impl std::fmt::Display) -> ModelError {
     ModelError(e.to_string())
+}
+
+fn ids_tensor(rows: usize, cols: usize, data: Vec<i64>) -> Result<Tensor, ModelError> {
+    Tensor::from_i64(vec![rows, cols], data).map_err(err)
+}
+
+/// Sets the input `slot` to the i64 tensor of `shape` holding `values`, rewriting the tensor
+/// already there in place (a decode step's ids and positions allocate nothing).
+fn set_i64(
+    slot: &mut Option<Value>,
+    shape: [usize; 2],
+    values: impl Iterator<Item = i64>,
+) -> Result<(), ModelError> {
+    match slot {
+        Some(Value::Host(t)) => t
+            .rewrite(&shape, |storage| match storage {
+                Storage::I64(v) => {
+                    v.clear();
+                    v.extend(values);
+                }
+                other => *other = Storage::I64(values.collect()),
+            })
+            .map_err(err),
+        _ => {
+            let t = Tensor::from_i64(shape.to_vec(), values.collect()).map_err(err)?;
+            *slot = Some(Value::Host(t));
+            Ok(())
+        }
+    }
 }
 
 impl<P: ParamSource> GraphLm<P> {
@@ -71,11 +148,14 @@ impl<P: ParamSource> GraphLm<P> {
         num_layers: usize,
         vocab_size: usize,
     ) -> Self {
+        let inputs = |g: &dyn GraphExecutor| vec![None; g.graph().inputs().count()];
         GraphLm {
-            step_outputs: [
-                step_outputs(prefill.graph(), num_layers),
-                step_outputs(decode.graph(), num_layers),
+            ports: [
+                Ports::new(prefill.graph(), num_layers),
+                Ports::new(decode.graph(), num_layers),
             ],
+            inputs: [inputs(prefill.as_ref()), inputs(decode.as_ref())],
+            outputs: Vec::new(),
             prefill,
             decode,
             params,
@@ -136,64 +216,71 @@ impl<P: ParamSource> GraphLm<P> {
             .map_err(err)
     }
 
-    /// Runs `graph` and returns the logits of each row's last position, storing the new cache.
+    /// Runs the prefill or decode graph on its inputs (set by the caller), moves the new
+    /// cache into the decode graph's inputs and writes each row's logits for its last position
+    /// into `logits`. The batch is dropped when the run fails.
     fn step(
         &mut self,
         decode: bool,
-        mut inputs: HashMap<String, Value>,
-        mask: Vec<Vec<i64>>,
-        next_pos: Vec<i64>,
-    ) -> Result<Vec<Vec<f32>>, ModelError> {
-        let rows = mask.len();
-        let kv = mask.first().map_or(0, Vec::len);
-        let flat: Vec<i64> = mask.iter().flatten().copied().collect();
-        inputs.insert(
-            "attention_mask".into(),
-            Value::Host(Tensor::from_i64(vec![rows, kv], flat).map_err(err)?),
-        );
-        let graph = if decode { &self.decode } else { &self.prefill };
-        let names = &self.step_outputs[usize::from(decode)];
-        let wanted: Vec<&str> = names.iter().map(String::as_str).collect();
-        let mut out = graph
-            .run_outputs(inputs, &self.params, &wanted)
-            .map_err(err)?;
-        let mut take = |name: &str| {
-            out.remove(name)
-                .ok_or_else(|| err(format!("graph has no output {name}")))
+        rows: usize,
+        logits: &mut Vec<Vec<f32>>,
+    ) -> Result<(), ModelError> {
+        let g = usize::from(decode);
+        let ran = self.run(g);
+        if ran.is_err() {
+            self.batch = None;
+        }
+        ran?;
+        let [_, decode_ports] = &self.ports;
+        let n = self.outputs.len();
+        let (cache, last) = self.outputs.split_at_mut(n - 1);
+        for (past, present) in decode_ports.past.iter().zip(cache.chunks_exact_mut(2)) {
+            for (k, (&position, value)) in past.iter().zip(present).enumerate() {
+                let name = if k == 0 { "past key" } else { "past value" };
+                self.inputs[1][port(position, name)?] = value.take();
+            }
+        }
+        let out = &mut last[0];
+        if let Some(Value::Device(_)) = out {
+            *out = out
+                .take()
+                .map(Value::into_host)
+                .transpose()
+                .map_err(err)?
+                .map(Value::Host);
+        }
+        let Some(Value::Host(t)) = out else {
+            return Err(err("graph has no output logits"));
         };
-        let (cache_names, logits) = names.split_at(names.len() - 1);
-        let cache = cache_names
-            .chunks(2)
-            .map(|kv| Ok((take(&kv[0])?, take(&kv[1])?)))
-            .collect::<Result<Vec<_>, ModelError>>()?;
-        let logits = take(&logits[0])?.into_host().map_err(err)?;
-        let values = logits.as_f32().ok_or_else(|| err("logits are not f32"))?;
+        let values = t.as_f32().ok_or_else(|| err("logits are not f32"))?;
         let vocab = self.vocab_size;
         let per_row = values.len() / rows.max(1);
         if per_row < vocab || !per_row.is_multiple_of(vocab) {
             return Err(err(format!(
                 "logits have shape {:?}, expected [{rows}, seq, {vocab}]",
-                logits.shape()
+                t.shape()
             )));
         }
-        let last = (0..rows)
-            .map(|r| values[(r + 1) * per_row - vocab..(r + 1) * per_row].to_vec())
-            .collect();
-        self.batch = Some(Batch {
-            cache,
-            mask,
-            next_pos,
-        });
-        Ok(last)
+        logits.resize_with(rows, Vec::new);
+        for (r, row) in logits.iter_mut().enumerate() {
+            row.clear();
+            row.extend_from_slice(&values[(r + 1) * per_row - vocab..(r + 1) * per_row]);
+        }
+        Ok(())
     }
-}
 
-fn ids_tensor(rows: usize, cols: usize, data: Vec<i64>) -> Result<Tensor, ModelError> {
-    Tensor::from_i64(vec![rows, cols], data).map_err(err)
-}
-
-fn ids_value(rows: usize, cols: usize, data: Vec<i64>) -> Result<Value, ModelError> {
-    ids_tensor(rows, cols, data).map(Value::Host)
+    /// Runs graph `g` (0: prefill, 1: decode) on its inputs into `self.outputs`.
+    fn run(&mut self, g: usize) -> Result<(), ModelError> {
+        let wanted = self.ports[g]
+            .wanted
+            .as_ref()
+            .map_err(|name| err(format!("graph has no output {name}")))?;
+        self.outputs.resize_with(wanted.len(), || None);
+        let graph = if g == 1 { &self.decode } else { &self.prefill };
+        graph
+            .run_indexed(&mut self.inputs[g], &self.params, wanted, &mut self.outputs)
+            .map_err(err)
+    }
 }
 
 impl<P: ParamSource> LanguageModel for GraphLm<P> {
@@ -207,61 +294,92 @@ impl<P: ParamSource> LanguageModel for GraphLm<P> {
         if rows == 0 || prompts.iter().any(Vec::is_empty) {
             return Err(err("every prompt needs at least one token"));
         }
+        self.batch = None;
+        // The previous batch's cache goes now.
+        self.inputs[1].iter_mut().for_each(|slot| *slot = None);
         let (mut ids, mut pos, mut mask) = (Vec::new(), Vec::new(), Vec::new());
         for p in prompts {
             let pad = len - p.len();
             ids.extend(std::iter::repeat_n(0, pad).chain(p.iter().map(|&t| i64::from(t))));
             pos.extend(std::iter::repeat_n(1, pad).chain(0..p.len() as i64));
-            mask.push(
-                std::iter::repeat_n(0, pad)
-                    .chain(std::iter::repeat_n(1, p.len()))
-                    .collect(),
-            );
+            mask.extend(std::iter::repeat_n(0, pad).chain(std::iter::repeat_n(1, p.len())));
         }
-        let next_pos = prompts.iter().map(|p| p.len() as i64).collect();
-        let inputs = HashMap::from([
-            ("input_ids".to_string(), ids_value(rows, len, ids)?),
-            ("position_ids".to_string(), ids_value(rows, len, pos)?),
-        ]);
-        self.step(false, inputs, mask, next_pos)
+        let ports = &self.ports[0];
+        let inputs = &mut self.inputs[0];
+        let shape = [rows, len];
+        set_i64(
+            &mut inputs[port(ports.ids, "input_ids")?],
+            shape,
+            ids.into_iter(),
+        )?;
+        set_i64(
+            &mut inputs[port(ports.pos, "position_ids")?],
+            shape,
+            pos.into_iter(),
+        )?;
+        let mask_at = port(ports.mask, "attention_mask")?;
+        set_i64(&mut inputs[mask_at], shape, mask.into_iter())?;
+        let mut logits = Vec::new();
+        self.step(false, rows, &mut logits)?;
+        // The decode graph's mask grows from the prompts'.
+        let decode_mask = port(self.ports[1].mask, "attention_mask")?;
+        self.inputs[1][decode_mask] = self.inputs[0][mask_at].take();
+        self.batch = Some(Batch {
+            rows,
+            next_pos: prompts.iter().map(|p| p.len() as i64).collect(),
+        });
+        Ok(logits)
     }
 
     fn decode(&mut self, tokens: &[u32]) -> Result<Vec<Vec<f32>>, ModelError> {
+        let mut logits = Vec::new();
+        self.decode_into(tokens, &mut logits)?;
+        Ok(logits)
+    }
+
+    fn decode_into(
+        &mut self,
+        tokens: &[u32],
+        logits: &mut Vec<Vec<f32>>,
+    ) -> Result<(), ModelError> {
         let batch = self
             .batch
-            .take()
+            .as_mut()
             .ok_or_else(|| err("decode before prefill"))?;
-        let rows = batch.mask.len();
+        let rows = batch.rows;
         if tokens.len() != rows {
             return Err(err(format!(
                 "{} tokens for a batch of {rows} rows",
                 tokens.len()
             )));
         }
-        let mut inputs = HashMap::from([
-            (
-                "input_ids".to_string(),
-                ids_value(rows, 1, tokens.iter().map(|&t| i64::from(t)).collect())?,
-            ),
-            (
-                "position_ids".to_string(),
-                ids_value(rows, 1, batch.next_pos.clone())?,
-            ),
-        ]);
-        for (i, (k, v)) in batch.cache.into_iter().enumerate() {
-            inputs.insert(format!("past.{i}.key"), k);
-            inputs.insert(format!("past.{i}.value"), v);
-        }
-        let mask = batch
-            .mask
-            .into_iter()
-            .map(|mut m| {
-                m.push(1);
-                m
-            })
-            .collect();
-        let next_pos = batch.next_pos.iter().map(|p| p + 1).collect();
-        self.step(true, inputs, mask, next_pos)
+        let ports = &self.ports[1];
+        let inputs = &mut self.inputs[1];
+        let ids = tokens.iter().map(|&t| i64::from(t));
+        set_i64(&mut inputs[port(ports.ids, "input_ids")?], [rows, 1], ids)?;
+        let pos = batch.next_pos.iter().copied();
+        set_i64(
+            &mut inputs[port(ports.pos, "position_ids")?],
+            [rows, 1],
+            pos,
+        )?;
+        // Each row's mask gains a 1 for the new token (rewritten in place).
+        let Some(Value::Host(mask)) = &mut inputs[port(ports.mask, "attention_mask")?] else {
+            return Err(err("decode before prefill"));
+        };
+        let kv = mask.shape().get(1).copied().unwrap_or(0);
+        mask.rewrite(&[rows, kv + 1], |storage| {
+            if let Storage::I64(m) = storage {
+                m.resize(rows * (kv + 1), 1);
+                for r in (0..rows).rev() {
+                    m.copy_within(r * kv..(r + 1) * kv, r * (kv + 1));
+                    m[r * (kv + 1) + kv] = 1;
+                }
+            }
+        })
+        .map_err(err)?;
+        batch.next_pos.iter_mut().for_each(|p| *p += 1);
+        self.step(true, rows, logits)
     }
 
     fn reorder(&mut self, src: &[usize]) -> Result<(), ModelError> {
@@ -269,23 +387,29 @@ impl<P: ParamSource> LanguageModel for GraphLm<P> {
             .batch
             .as_mut()
             .ok_or_else(|| err("reorder before prefill"))?;
-        let bad = || {
-            err(format!(
+        if src.iter().any(|&r| r >= batch.rows) {
+            return Err(err(format!(
                 "reorder {src:?} out of range for {} rows",
-                batch.mask.len()
-            ))
-        };
-        if src.iter().any(|&r| r >= batch.mask.len()) {
-            return Err(bad());
+                batch.rows
+            )));
         }
-        let graph = &self.decode;
-        batch.cache = std::mem::take(&mut batch.cache)
-            .into_iter()
-            .map(|(k, v)| Ok((graph.select_rows(k, src)?, graph.select_rows(v, src)?)))
-            .collect::<Result<_, ExecError>>()
-            .map_err(err)?;
-        batch.mask = src.iter().map(|&r| batch.mask[r].clone()).collect();
+        let ports = &self.ports[1];
+        let inputs = &mut self.inputs[1];
+        for &position in ports.past.iter().flatten().flatten() {
+            if let Some(value) = inputs[position].take() {
+                let rows = self.decode.select_rows(value, src).map_err(err)?;
+                inputs[position] = Some(rows);
+            }
+        }
+        let mask = &mut inputs[port(ports.mask, "attention_mask")?];
+        if let Some(Value::Host(t)) = mask {
+            let rows = t
+                .select_rows(src)
+                .ok_or_else(|| err(format!("reorder {src:?}: the mask has no such rows")))?;
+            *mask = Some(Value::Host(rows));
+        }
         batch.next_pos = src.iter().map(|&r| batch.next_pos[r]).collect();
+        batch.rows = src.len();
         Ok(())
     }
 }

@@ -22,6 +22,18 @@ pub trait LanguageModel {
     /// Appends `tokens[r]` to row `r` and returns each row's logits for the next token.
     fn decode(&mut self, tokens: &[u32]) -> Result<Vec<Vec<f32>>, ModelError>;
 
+    /// [`decode`](Self::decode) into `logits` (one row per batch row), reusing its vectors: a
+    /// model may then decode without allocating them each step (kiln's own models do), when
+    /// the caller hands the same vectors back.
+    fn decode_into(
+        &mut self,
+        tokens: &[u32],
+        logits: &mut Vec<Vec<f32>>,
+    ) -> Result<(), ModelError> {
+        *logits = self.decode(tokens)?;
+        Ok(())
+    }
+
     /// Rebuilds the batch so that new row `i` continues old row `src[i]` (rows may repeat or
     /// disappear).
     fn reorder(&mut self, src: &[usize]) -> Result<(), ModelError>;

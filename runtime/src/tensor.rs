@@ -441,6 +441,37 @@ impl Tensor {
         })
     }
 
+    /// Rewrites the tensor in place as `shape`, with the elements `fill` leaves in its storage
+    /// (handed over as it is, to update or overwrite, even to another dtype): a loop that
+    /// rewrites one tensor each step (a decode step's ids, or its logits) reuses the shape's
+    /// and the elements' allocations. A tensor that borrows its elements is first given an
+    /// owned copy. When the element count does not match `shape`, the tensor is left 1-D.
+    pub fn rewrite(
+        &mut self,
+        shape: &[usize],
+        fill: impl FnOnce(&mut Storage),
+    ) -> Result<(), ShapeMismatch> {
+        if !matches!(self.data, Data::Owned(_)) {
+            self.data = Data::Owned(self.storage().clone());
+        }
+        let Data::Owned(storage) = &mut self.data else {
+            unreachable!("made owned above");
+        };
+        fill(storage);
+        let (expected, got) = (shape.iter().product(), storage.len());
+        self.shape.clear();
+        if expected != got {
+            self.shape.push(got);
+            return Err(ShapeMismatch {
+                shape: shape.to_vec(),
+                expected,
+                got,
+            });
+        }
+        self.shape.extend_from_slice(shape);
+        Ok(())
+    }
+
     /// A `dtype` tensor of `shape` whose elements are the little-endian bytes `range` of
     /// `bytes`, used in place (no copy; the tensor keeps the bytes alive). Refuses a range out of
     /// bounds, a byte count that does not hold the shape, elements misaligned in memory, bool
@@ -696,6 +727,30 @@ impl PartialEq for Tensor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A tensor rewritten in place keeps its elements' allocation; a count that does not
+    /// match the shape is an error that leaves the tensor 1-D.
+    #[test]
+    fn rewrite_in_place() {
+        let mut t = Tensor::from_i64(vec![2, 2], vec![1, 2, 3, 4]).unwrap();
+        let before = t.as_i64().unwrap().as_ptr();
+        t.rewrite(&[1, 3], |s| {
+            if let Storage::I64(v) = s {
+                v.truncate(3);
+            }
+        })
+        .unwrap();
+        assert_eq!(
+            (t.shape(), t.as_i64().unwrap()),
+            (&[1, 3][..], &[1, 2, 3][..])
+        );
+        assert_eq!(t.as_i64().unwrap().as_ptr(), before);
+        let err = t.rewrite(&[2, 2], |_| {}).unwrap_err();
+        assert_eq!((err.expected, err.got, t.shape()), (4, 3, &[3][..]));
+        t.rewrite(&[2], |s| *s = Storage::F32(vec![0.5, 1.5]))
+            .unwrap();
+        assert_eq!(t.as_f32(), Some(&[0.5, 1.5][..]));
+    }
 
     #[test]
     fn construction_and_cast() {

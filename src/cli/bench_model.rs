@@ -187,8 +187,10 @@ fn causal_run(
     let prefill = t.elapsed().as_secs_f64();
     let t = Instant::now();
     for _ in 0..gen {
-        logits = lm.decode(&next)?;
-        next = logits.iter().map(|l| argmax(l)).collect();
+        // As the generation loop decodes: into the same vectors every step.
+        lm.decode_into(&next, &mut logits)?;
+        next.clear();
+        next.extend(logits.iter().map(|l| argmax(l)));
     }
     Ok((prefill, t.elapsed().as_secs_f64()))
 }

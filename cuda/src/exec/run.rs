@@ -34,7 +34,8 @@ pub(super) fn run(
     let mut vals: Vec<Option<DevTensor>> = vec![None; g.graph.nodes().len()];
     let nodes = g.graph.nodes();
     let needed = wanted.map(|w| {
-        g.needed.get(&g.graph, w, |i| {
+        let w = kiln_runtime::executor::output_positions(&g.graph, w);
+        g.needed.get(&g.graph, &w, |i| {
             let step = &g.plan.steps[i];
             step.operands(&nodes[i])
                 .iter()

@@ -1,15 +1,18 @@
 //! The run loop of the CPU backend: binds sizes from the inputs, walks the plan's steps in node
 //! order with values in reusable f32 buffers, and returns the graph's outputs as tensors.
 //!
-//! A steady decode step allocates nothing per node, layer or kernel call: layouts and shapes
-//! are inline arrays ([`super::layout::Dims`]), a linear group's operands sit in inline vectors,
-//! and the kernels keep their scratch per thread. What a run still allocates is O(1) in the
-//! layers apart from its interface: per input and output the maps' entries, names and state
-//! handles (`tests/decode_allocations.rs` counts them), plus the few mask nodes the plan leaves
-//! to the reference ops.
+//! A steady decode step through [`CpuGraph::run_indexed`] allocates nothing
+//! (`tests/decode_allocations.rs` counts it): layouts and shapes are inline arrays
+//! ([`super::layout::Dims`]), a linear group's operands sit in inline vectors, the kernels keep
+//! their scratch per thread, the run loop keeps its per-run vectors, maps and size bindings
+//! between runs ([`Scratch`]), constants are computed once when compiled, the attention mask's
+//! integer nodes have kernels ([`super::host`]), inputs and outputs go by position, a state's
+//! handle is reused for the next state and a host f32 output is rewritten in place. The
+//! by-name entry points ([`CpuGraph::run`], [`CpuGraph::run_values`]) allocate their maps.
 
 use super::advice::HugePages;
 use super::external::{Operand, Provider};
+use super::host;
 use super::layout::{Dims, Layout, MAX_RANK};
 use super::legalize::legalize;
 use super::moe::{moe_f32, MoeData};
@@ -17,7 +20,7 @@ use super::plan::{self, LinearLayer, MoeWeight, Plan, Step};
 use super::slots::SlotPlan;
 use super::state::{grown_capacity, narrow, narrow_mut, stored_narrow, CpuState};
 use super::weights::{self, Weights};
-use crate::executor::{DeviceValue, NeededNodes, Value};
+use crate::executor::{output_positions, DeviceValue, NeededNodes, Value};
 use crate::profile::Profile;
 use crate::reference::{self, bind, Ctx, ExecError, ParamSource};
 use crate::tensor::Elements;
@@ -32,7 +35,7 @@ use kiln_kernels::gemm_bf16::PackedBf16;
 use kiln_kernels::layout::{copy_strided, copy_strided_convert};
 use kiln_kernels::linear::{linear, Gate, Layer, Rope, Weight};
 use kiln_kernels::rope::rope_rotate_half;
-use kiln_kernels::{pages, refine, rowwise, KernelError};
+use kiln_kernels::{pages, recycle, refine, rowwise, KernelError};
 use smallvec::SmallVec;
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -52,10 +55,12 @@ pub struct CpuGraph {
     group_of: HashMap<usize, usize>,
     /// The nodes each set of wanted outputs needs.
     needed: NeededNodes,
+    /// Per node: a constant's value, computed once when compiled (a run reads it in place).
+    consts: Vec<Option<Tensor>>,
     weights: Arc<Weights>,
     /// The huge-page advice for the weights, shared by the graphs compiled together.
     huge_pages: Arc<HugePages>,
-    buffers: Mutex<Vec<Vec<f32>>>,
+    scratch: Mutex<Scratch>,
     /// With `KILN_PROFILE` set: seconds and calls per kind of step, over all runs.
     profile: Option<Profile>,
 }
@@ -121,6 +126,32 @@ impl<'a> Run<'a> {
     }
 }
 
+/// What a graph keeps from run to run, so that a steady decode step allocates nothing: the
+/// buffers, and the run loop's per-run vectors and maps, emptied after each run.
+#[derive(Default)]
+struct Scratch {
+    bufs: Vec<Vec<f32>>,
+    /// Per node: its value during a run.
+    vals: Vec<Val<'static>>,
+    /// Per node: its concrete shape during a run.
+    shapes: Vec<Dims>,
+    states: HashMap<usize, StateSlot>,
+    /// The size bindings of the last run.
+    env: Bindings,
+    sources: Vec<bind::Source<'static>>,
+    /// Per input position: the state supplied for it, until the run moves it into a buffer.
+    taken: Vec<Option<CpuState>>,
+    /// The handles of the states the inputs brought, emptied: the outputs' states go back in
+    /// them.
+    handles: Vec<Arc<CpuState>>,
+}
+
+impl std::fmt::Debug for Scratch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} buffers", self.bufs.len())
+    }
+}
+
 impl CpuGraph {
     /// Plans `graphs` (verified first) over `params`, sharing one set of prepared weights.
     pub fn compile(
@@ -153,10 +184,14 @@ impl CpuGraph {
             .map(|(graph, plan)| {
                 let slots = SlotPlan::new(&graph, &plan);
                 CpuGraph {
+                    consts: constants(&graph),
                     last_use: last_uses(&graph, &plan),
                     group_of: group_of(&plan),
                     needed: NeededNodes::default(),
-                    buffers: Mutex::new(vec![Vec::new(); slots.count]),
+                    scratch: Mutex::new(Scratch {
+                        bufs: vec![Vec::new(); slots.count],
+                        ..Scratch::default()
+                    }),
                     profile: Profile::from_env(),
                     graph,
                     plan,
@@ -201,19 +236,22 @@ impl CpuGraph {
 
     /// Peak bytes of activation buffers a run with these bindings needs.
     pub fn activation_bytes(&self, env: &Bindings) -> Result<usize, ExecError> {
-        Ok(self.buffer_bytes(&self.shapes(env)?))
+        let mut shapes = Vec::new();
+        self.shapes(env, &mut shapes)?;
+        Ok(self.buffer_bytes(&shapes))
     }
 
-    /// The concrete shape of every computed node (empty for sources and skipped nodes).
-    fn shapes(&self, env: &Bindings) -> Result<Vec<Dims>, ExecError> {
-        let mut shapes = Vec::with_capacity(self.graph.nodes().len());
+    /// The concrete shape of every computed node (empty for sources and skipped nodes), into
+    /// `shapes`.
+    fn shapes(&self, env: &Bindings, shapes: &mut Vec<Dims>) -> Result<(), ExecError> {
+        shapes.clear();
         for (id, node) in self.graph.iter() {
             shapes.push(match self.plan.steps[id.index()] {
                 Step::Source | Step::Skip => Dims::default(),
                 _ => ctx(id, node, env).shape_in(&node.ty.shape)?,
             });
         }
-        Ok(shapes)
+        Ok(())
     }
 
     /// Bytes of the buffers for values of these shapes (views and aliases hold none of their
@@ -255,9 +293,18 @@ impl CpuGraph {
         inputs: &HashMap<String, Tensor>,
         params: &dyn ParamSource,
     ) -> Result<HashMap<String, Tensor>, ExecError> {
-        self.execute(inputs, HashMap::new(), false, None, params)?
-            .into_iter()
-            .map(|(k, v)| Ok((k, v.into_host()?)))
+        reference::check_known_inputs(&self.graph, inputs.keys())?;
+        let outputs = self.graph.outputs();
+        let mut out = vec![None; outputs.len()];
+        let mut guard = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
+        let host = |_: usize, name: &str| inputs.get(name);
+        self.execute(&host, &mut guard, false, None, params, &mut out)?;
+        drop(guard);
+        outputs
+            .iter()
+            .zip(out)
+            .filter_map(|(o, v)| Some((o.name.clone(), v?)))
+            .map(|(name, v)| Ok((name, v.into_host()?)))
             .collect()
     }
 
@@ -267,33 +314,82 @@ impl CpuGraph {
     /// only those outputs are returned and only the steps they need run.
     pub fn run_values(
         &self,
-        inputs: HashMap<String, Value>,
+        mut inputs: HashMap<String, Value>,
         params: &dyn ParamSource,
         wanted: Option<&[&str]>,
     ) -> Result<HashMap<String, Value>, ExecError> {
-        let n = inputs.len();
-        let (mut host, mut states) = (HashMap::with_capacity(n), HashMap::with_capacity(n));
-        for (name, v) in inputs {
-            match v {
-                Value::Host(t) => {
-                    host.insert(name, t);
-                }
-                Value::Device(d) => match CpuState::take(d) {
-                    Ok(s) => {
-                        states.insert(name, s);
-                    }
-                    Err(d) => {
-                        host.insert(name, d.to_host()?);
-                    }
-                },
-            }
-        }
-        self.execute(&host, states, true, wanted, params)
+        let mut slots: Vec<Option<Value>> = self
+            .graph
+            .inputs()
+            .map(|(name, _, _)| inputs.remove(name))
+            .collect();
+        reference::check_known_inputs(&self.graph, inputs.keys())?;
+        let outputs = self.graph.outputs();
+        let positions = match wanted {
+            Some(w) => output_positions(&self.graph, w),
+            None => (0..outputs.len()).collect(),
+        };
+        let mut out = vec![None; positions.len()];
+        self.run_indexed(&mut slots, params, &positions, &mut out)?;
+        Ok(positions
+            .iter()
+            .zip(out)
+            .filter_map(|(&j, v)| Some((outputs[j].name.clone(), v?)))
+            .collect())
     }
 
-    /// Per node, whether computing the outputs in `wanted` needs it (through the plan's
-    /// operands: a linear group's step is needed when any of its layers is).
-    fn needed(&self, wanted: &[&str]) -> Arc<Vec<bool>> {
+    /// [`GraphExecutor::run_indexed`](crate::executor::GraphExecutor::run_indexed) on the CPU:
+    /// [`run_values`](Self::run_values) by position. A state's handle is reused for the state
+    /// of the next outputs, and a host f32 tensor in `outputs` is rewritten in place, so a
+    /// decode loop that hands back the same slots allocates nothing here.
+    pub fn run_indexed(
+        &self,
+        inputs: &mut [Option<Value>],
+        params: &dyn ParamSource,
+        wanted: &[usize],
+        outputs: &mut [Option<Value>],
+    ) -> Result<(), ExecError> {
+        let count = self.graph.inputs().count();
+        if let Some(extra) = (count..inputs.len()).find(|&i| inputs[i].is_some()) {
+            return Err(ExecError::UnknownInput(format!("#{extra}")));
+        }
+        if let Some(&j) = wanted.iter().find(|&&j| j >= self.graph.outputs().len()) {
+            return Err(ExecError::UnknownOutput(format!("#{j}")));
+        }
+        let mut guard = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
+        let scratch = &mut *guard;
+        scratch.taken.clear();
+        scratch.taken.resize_with(count, || None);
+        for (slot, taken) in inputs.iter_mut().zip(&mut scratch.taken) {
+            if !matches!(slot, Some(Value::Device(_))) {
+                continue;
+            }
+            let Some(Value::Device(d)) = slot.take() else {
+                continue;
+            };
+            match CpuState::take(d) {
+                Ok((state, handle)) => {
+                    *taken = Some(state);
+                    // As many as the outputs can use.
+                    if scratch.handles.len() < self.graph.outputs().len() {
+                        scratch.handles.extend(handle);
+                    }
+                }
+                Err(d) => *slot = Some(Value::Host(d.to_host()?)),
+            }
+        }
+        let inputs = &*inputs;
+        let host = |i: usize, _: &str| match inputs.get(i) {
+            Some(Some(Value::Host(t))) => Some(t),
+            _ => None,
+        };
+        self.execute(&host, scratch, true, Some(wanted), params, outputs)
+    }
+
+    /// Per node, whether computing the outputs `wanted` (positions in the graph's outputs)
+    /// needs it (through the plan's operands: a linear group's step is needed when any of its
+    /// layers is).
+    fn needed(&self, wanted: &[usize]) -> Arc<Vec<bool>> {
         let nodes = self.graph.nodes();
         self.needed.get(&self.graph, wanted, |i| {
             let mut deps: Vec<usize> = self.plan.steps[i]
@@ -307,60 +403,83 @@ impl CpuGraph {
         })
     }
 
-    /// The run itself: `states` are moved into buffers past the slot plan's (so kernels read
-    /// them as any buffer); with `keep_states`, outputs computed by `concat` become states.
-    fn execute(
-        &self,
-        inputs: &HashMap<String, Tensor>,
-        states: HashMap<String, CpuState>,
+    /// The run itself, on the host tensors `host(position, name)` gives and the states in
+    /// `scratch.taken` (by input position), which are moved into buffers past the slot plan's
+    /// (so kernels read them as any buffer); with `keep_states`, outputs computed by `concat`
+    /// become states. `outputs[j]` receives output `wanted[j]` (every output, in order, without
+    /// `wanted`).
+    fn execute<'a>(
+        &'a self,
+        host: &dyn Fn(usize, &str) -> Option<&'a Tensor>,
+        scratch: &mut Scratch,
         keep_states: bool,
-        wanted: Option<&[&str]>,
-        params: &dyn ParamSource,
-    ) -> Result<HashMap<String, Value>, ExecError> {
+        wanted: Option<&[usize]>,
+        params: &'a dyn ParamSource,
+        outputs: &mut [Option<Value>],
+    ) -> Result<(), ExecError> {
         self.huge_pages.run_started();
-        let mut types: HashMap<&str, (DType, &[usize])> =
-            HashMap::with_capacity(inputs.len() + states.len());
-        types.extend(
-            inputs
-                .iter()
-                .map(|(k, t)| (k.as_str(), (t.dtype(), t.shape()))),
-        );
-        types.extend(
-            states
-                .iter()
-                .map(|(k, s)| (k.as_str(), (s.dtype(), s.shape()))),
-        );
-        let env = reference::bind_types(&self.graph, &types, params)?;
-        let mut guard = self.buffers.lock().unwrap_or_else(|e| e.into_inner());
-        let bufs: &mut Vec<Vec<f32>> = &mut guard;
+        let Scratch {
+            bufs,
+            vals,
+            shapes,
+            states,
+            env,
+            sources,
+            taken,
+            handles,
+        } = scratch;
+        let mut typed: Vec<bind::Source<'_>> = recycle(std::mem::take(sources));
+        let input = |i: usize, name: &str| match (host(i, name), taken.get(i)) {
+            (Some(t), _) => Some((t.dtype(), t.shape())),
+            (None, Some(Some(s))) => Some((s.dtype(), s.shape())),
+            _ => None,
+        };
+        let walked = reference::each_source(&self.graph, params, &input, &mut |s| typed.push(s));
+        let bound = walked.and_then(|()| bind::bind_into(&typed, env));
+        *sources = recycle(typed);
+        bound?;
+        let env = &*env;
         bufs.truncate(self.slots.count);
-        let mut shapes = self.shapes(&env)?;
-        self.check_memory(&shapes, bufs)?;
+        self.shapes(env, shapes)?;
+        self.check_memory(shapes, bufs)?;
+        let mut values: Vec<Val<'a>> = recycle(std::mem::take(vals));
+        values.resize_with(self.graph.nodes().len(), || Val::Empty);
+        states.clear();
         let mut run = Run {
-            vals: (0..self.graph.nodes().len()).map(|_| Val::Empty).collect(),
-            states: HashMap::with_capacity(states.len()),
+            vals: values,
+            states: std::mem::take(states),
             keep_states,
             needed: wanted.map(|w| self.needed(w)),
         };
-        let mut states = states;
+        let mut position = 0;
         for (id, node) in self.graph.iter() {
             let v = match &node.op {
-                Op::Input { name } => match (inputs.get(name), states.remove(name)) {
-                    (Some(t), _) => Val::Ext(t, Dims::of(t.shape())),
-                    (None, Some(state)) => run.add_state(bufs, state),
-                    (None, None) => continue,
-                },
+                Op::Input { name } => {
+                    position += 1;
+                    let state = taken.get_mut(position - 1).and_then(Option::take);
+                    match (host(position - 1, name), state) {
+                        (Some(t), _) => Val::Ext(t, Dims::of(t.shape())),
+                        (None, Some(state)) => run.add_state(bufs, state),
+                        (None, None) => continue,
+                    }
+                }
                 Op::Param { name } => match params.get(name) {
                     Some(t) => Val::Ext(t, Dims::of(t.shape())),
                     None => continue,
                 },
-                _ => continue,
+                _ => match &self.consts[id.index()] {
+                    Some(t) => Val::Ext(t, Dims::of(t.shape())),
+                    None => continue,
+                },
             };
             run.vals[id.index()] = v;
         }
-        let result = self.walk(&env, &mut shapes, &mut run, bufs, params);
-        let out = result.and_then(|()| self.outputs(&mut run, bufs, wanted));
+        let result = self.walk(env, shapes, &mut run, bufs, params);
+        let out = result.and_then(|()| self.outputs(&mut run, bufs, wanted, outputs, handles));
         bufs.truncate(self.slots.count);
+        *vals = recycle(run.vals);
+        run.states.clear();
+        *states = run.states;
         out
     }
 
@@ -376,7 +495,7 @@ impl CpuGraph {
         for (id, node) in self.graph.iter() {
             let i = id.index();
             let step = &self.plan.steps[i];
-            let needed = run.needed.as_ref().is_none_or(|n| n[i]);
+            let needed = run.needed.as_ref().is_none_or(|n| n[i]) && self.consts[i].is_none();
             if needed && !matches!(step, Step::Source | Step::Skip | Step::Grouped) {
                 let ctx = ctx(id, node, env);
                 let started = self.profile.as_ref().map(|_| Instant::now());
@@ -497,20 +616,24 @@ impl CpuGraph {
         })
     }
 
-    /// The graph's outputs (those in `wanted`, when given): a value in a state's buffer as that
-    /// state (once; a second output of the same buffer is copied), others as host tensors.
+    /// The graph's outputs `wanted` (all, without it) into `out`: a value in a state's buffer
+    /// as that state (once; a second output of the same buffer is copied), in one of the
+    /// `handles` the inputs' states came in where there is one; others as host tensors,
+    /// rewriting an f32 tensor already in `out` in place.
     fn outputs(
         &self,
         run: &mut Run<'_>,
         bufs: &mut [Vec<f32>],
-        wanted: Option<&[&str]>,
-    ) -> Result<HashMap<String, Value>, ExecError> {
-        let n = self.graph.outputs().len();
-        let (mut out, mut taken) = (HashMap::with_capacity(n), Vec::with_capacity(n));
-        for o in self.graph.outputs() {
-            if wanted.is_some_and(|w| !w.contains(&o.name.as_str())) {
+        wanted: Option<&[usize]>,
+        out: &mut [Option<Value>],
+        handles: &mut Vec<Arc<CpuState>>,
+    ) -> Result<(), ExecError> {
+        let all = self.graph.outputs();
+        for (j, slot) in out.iter_mut().enumerate() {
+            let Some(o) = wanted.map_or(all.get(j), |w| w.get(j).and_then(|&p| all.get(p))) else {
+                *slot = None;
                 continue;
-            }
+            };
             let node = self
                 .graph
                 .node(o.value)
@@ -521,28 +644,47 @@ impl CpuGraph {
                 })?;
             let v = &run.vals[o.value.index()];
             if let Val::Buf(s, l) | Val::Narrow(s, l) = v {
-                if let Some(meta) = run.states.get(s) {
-                    if !taken.contains(s) && *l == meta.layout {
-                        taken.push(*s);
-                        let state = CpuState::from_parts(
-                            std::mem::take(&mut bufs[*s]),
-                            *l,
-                            node.ty.dtype,
-                            meta.axis,
-                        );
-                        out.insert(o.name.clone(), Value::Device(Arc::new(state)));
-                        continue;
-                    }
+                if let Some(meta) = run.states.get(s).filter(|meta| *l == meta.layout) {
+                    let state = CpuState::from_parts(
+                        std::mem::take(&mut bufs[*s]),
+                        *l,
+                        node.ty.dtype,
+                        meta.axis,
+                    );
+                    run.states.remove(s);
+                    *slot = Some(Value::Device(into_handle(state, handles)));
+                    continue;
                 }
+            }
+            if let (Some(Value::Host(t)), DType::F32, Some((d, l))) =
+                (slot.as_mut(), node.ty.dtype, strided_data(v, bufs))
+            {
+                let mut copied = None;
+                t.rewrite(&l.shape, |storage| {
+                    if !matches!(storage, Storage::F32(_)) {
+                        *storage = Storage::F32(Vec::new());
+                    }
+                    if let Storage::F32(data) = storage {
+                        copied = dense_copy(d, &l, data);
+                    }
+                })
+                .ok()
+                .zip(copied)
+                .ok_or_else(|| ExecError::ShapeMismatch {
+                    node: o.value,
+                    op: "output",
+                    detail: format!("output {:?} could not be copied out", o.name),
+                })?;
+                continue;
             }
             let t = to_tensor(v, node.ty.dtype, bufs).ok_or_else(|| ExecError::ShapeMismatch {
                 node: o.value,
                 op: "output",
                 detail: format!("output {:?} has no value", o.name),
             })?;
-            out.insert(o.name.clone(), Value::Host(t.into_owned()));
+            *slot = Some(Value::Host(t.into_owned()));
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Computes one node: its step's kernel when the operands fit it, else the reference op.
@@ -1007,11 +1149,21 @@ impl CpuGraph {
                     return self.kernel(ctx, node, native, shape, vals, bufs, out);
                 }
             }
+            Step::Reference => {
+                let int = |k: usize| {
+                    let v = &vals[node.inputs.get(k)?.index()];
+                    Some((ints(v)?, host_shape(v)?))
+                };
+                return Ok(match (&node.op, int(0), int(1)) {
+                    (Op::Cast { to: DType::F32 }, Some((x, _)), _) => host::cast_to_f32(x, out),
+                    (Op::Compare(op), Some(a), Some(b)) => host::compare(*op, a, b, shape, out),
+                    _ => false,
+                });
+            }
             Step::Source
             | Step::Skip
             | Step::Alias
             | Step::View
-            | Step::Reference
             | Step::Linear(_)
             | Step::Grouped => return Ok(false),
         }
@@ -1062,6 +1214,19 @@ fn check_ranks(graph: &Graph) -> Result<(), ExecError> {
         }),
         None => Ok(()),
     }
+}
+
+/// Per node: the value of a constant of fixed shape (`None` for other nodes, and for a
+/// constant the reference op cannot compute, which then runs as its step says).
+fn constants(graph: &Graph) -> Vec<Option<Tensor>> {
+    let env = Bindings::new();
+    graph
+        .iter()
+        .map(|(id, node)| match node.op {
+            Op::Const { .. } => reference::eval_node(id, node, &env, &[]).ok(),
+            _ => None,
+        })
+        .collect()
 }
 
 /// For each layer of a linear group computed at another node, that node.
@@ -1199,6 +1364,15 @@ fn widened(s: usize, l: &Layout, bufs: &[Vec<f32>]) -> Option<Vec<f32>> {
     Some(d)
 }
 
+/// The shape of an input, parameter or host value.
+fn host_shape<'v>(v: &'v Val<'_>) -> Option<&'v [usize]> {
+    match v {
+        Val::Ext(_, shape) => Some(shape),
+        Val::Host(t) => Some(t.shape()),
+        _ => None,
+    }
+}
+
 /// A value's i64 elements, if it is an i64 tensor.
 fn ints<'v>(v: &'v Val<'_>) -> Option<&'v [i64]> {
     match v {
@@ -1226,24 +1400,8 @@ fn to_tensor<'v>(v: &'v Val<'_>, dtype: DType, bufs: &[Vec<f32>]) -> Option<Cow<
             }))
         }
         Val::Buf(s, l) => {
-            let buf = bufs.get(*s)?;
-            let data = if l.is_dense() {
-                buf.get(l.offset..l.offset + l.numel())?.to_vec()
-            } else {
-                let mut d = vec![0.0; l.numel()];
-                let dense = Layout::dense(&l.shape);
-                copy_strided(
-                    &l.shape,
-                    buf,
-                    l.offset,
-                    &l.strides,
-                    &mut d,
-                    0,
-                    &dense.strides,
-                )
-                .ok()?;
-                d
-            };
+            let mut data = Vec::new();
+            dense_copy(bufs.get(*s)?, l, &mut data)?;
             let t = Tensor::from_f32(l.shape.to_vec(), data).ok()?;
             Some(Cow::Owned(if dtype == DType::F32 {
                 t
@@ -1252,6 +1410,30 @@ fn to_tensor<'v>(v: &'v Val<'_>, dtype: DType, bufs: &[Vec<f32>]) -> Option<Cow<
             }))
         }
     }
+}
+
+/// The elements of view `l` of `buf` into `out` (replacing what it held), dense row-major.
+fn dense_copy(buf: &[f32], l: &Layout, out: &mut Vec<f32>) -> Option<()> {
+    out.clear();
+    if l.is_dense() {
+        out.extend_from_slice(buf.get(l.offset..l.offset + l.numel())?);
+        return Some(());
+    }
+    out.resize(l.numel(), 0.0);
+    let dense = Layout::dense(&l.shape);
+    copy_strided(&l.shape, buf, l.offset, &l.strides, out, 0, &dense.strides).ok()
+}
+
+/// `state` as a device value, in one of the emptied `handles` when there is one (no
+/// allocation), else in a new one.
+fn into_handle(state: CpuState, handles: &mut Vec<Arc<CpuState>>) -> Arc<CpuState> {
+    if let Some(mut handle) = handles.pop() {
+        if let Some(slot) = Arc::get_mut(&mut handle) {
+            *slot = state;
+            return handle;
+        }
+    }
+    Arc::new(state)
 }
 
 /// A batched product of activations `a[.., m, k] · b[.., k, n]` whose batch axes are equal or

@@ -16,8 +16,10 @@
 //!    bytes for concrete sizes before anything is allocated.
 //! 3. [`exec`]: the run loop. Float activations live in f32 buffers holding values already
 //!    rounded to their logical dtype (a bf16 value is stored widened), so every kernel reads
-//!    and writes f32; integer and bool values (masks, ids) stay host tensors. Buffers persist
-//!    between runs and only grow, so a decode loop at steady state does not allocate them.
+//!    and writes f32; bools are stored as 0.0/1.0, and integer values (ids) stay host
+//!    tensors, which [`host`]'s kernels read for the few integer nodes of a decode step.
+//!    Buffers persist between runs and only grow, so a decode loop at steady state does not
+//!    allocate them (nor anything else: see [`exec`]).
 //!    A `concat` that is a graph output (a KV cache) is kept as a [`state`] with room to
 //!    grow, and appended to in place when it comes back as the next run's input. The weights
 //!    the linear steps stream get huge pages from the second run on ([`advice`]).
@@ -29,6 +31,7 @@ mod advice;
 mod exec;
 pub mod external;
 mod fuse;
+mod host;
 mod layout;
 pub mod legalize;
 mod moe;

@@ -198,11 +198,12 @@ pub enum Step {
 }
 
 impl Step {
-    /// Whether the node's value lives in a buffer of its own (a float value computed here).
+    /// Whether the node's value lives in a buffer of its own (a float or bool value computed
+    /// here, [`in_buffer`]).
     pub fn owns_buffer(&self, node: &Node) -> bool {
         match self {
             Step::Source | Step::Skip | Step::Alias | Step::View => false,
-            Step::Reference => node.ty.dtype.is_float(),
+            Step::Reference => in_buffer(node.ty.dtype),
             _ => true,
         }
     }
@@ -573,8 +574,14 @@ fn demote(steps: &mut [Step], nodes: &[Node], v: usize) {
 /// Whether `v`'s step stores it in an f32 buffer (any computed float value).
 fn produces_buffer(graph: &Graph, v: ValueId) -> bool {
     graph.node(v).is_some_and(|n| {
-        n.ty.dtype.is_float() && !matches!(n.op, Op::Input { .. } | Op::Param { .. })
+        in_buffer(n.ty.dtype) && !matches!(n.op, Op::Input { .. } | Op::Param { .. })
     })
+}
+
+/// Whether a computed value of `dtype` lives in an f32 buffer: floats widened, bools as 0.0
+/// or 1.0 (as the fused elementwise kernel reads them); integers stay host tensors.
+pub fn in_buffer(dtype: DType) -> bool {
+    dtype.is_float() || dtype == DType::Bool
 }
 
 fn is_param(n: &Node) -> bool {

@@ -16,6 +16,8 @@ pub struct SlotPlan {
     pub slot: Vec<Option<usize>>,
     /// Number of slots.
     pub count: usize,
+    /// Per slot: the nodes whose values it holds.
+    members: Vec<Vec<usize>>,
 }
 
 impl SlotPlan {
@@ -76,19 +78,25 @@ impl SlotPlan {
                 }
             }
         }
-        SlotPlan { slot, count }
+        let mut members = vec![Vec::new(); count];
+        for (i, s) in slot.iter().enumerate() {
+            if let Some(s) = s {
+                members[*s].push(i);
+            }
+        }
+        SlotPlan {
+            slot,
+            count,
+            members,
+        }
     }
 
     /// Bytes of all slots when node `i`'s value has `elems(i)` elements (`None` for values
     /// not stored in a slot): each slot as large as the largest value it holds.
     pub fn peak_bytes(&self, elems: impl Fn(usize) -> Option<usize>) -> usize {
-        let mut size = vec![0usize; self.count];
-        for (i, s) in self.slot.iter().enumerate() {
-            if let (Some(s), Some(e)) = (s, elems(i)) {
-                size[*s] = size[*s].max(e);
-            }
-        }
-        size.iter()
-            .fold(0usize, |a, &e| a.saturating_add(e.saturating_mul(4)))
+        self.members
+            .iter()
+            .map(|nodes| nodes.iter().filter_map(|&i| elems(i)).max().unwrap_or(0))
+            .fold(0usize, |a, e| a.saturating_add(e.saturating_mul(4)))
     }
 }

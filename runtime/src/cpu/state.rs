@@ -21,6 +21,10 @@ use kiln_kernels::layout::copy_strided_convert;
 use std::any::Any;
 use std::sync::Arc;
 
+/// A state taken from a device value, and the value's handle, emptied, where it was the only
+/// holder ([`CpuState::take`]).
+pub type Taken = (CpuState, Option<Arc<CpuState>>);
+
 /// A value stored with room to grow along one axis: `data` holds a dense buffer of
 /// [`CpuState::capacity`] positions along `axis`, of which the first `layout.shape[axis]`
 /// are filled. Elements of a bf16 state are stored as bf16, packed two to an f32 slot
@@ -170,14 +174,22 @@ impl CpuState {
         }
     }
 
-    /// The value of `value` if it is a CPU state: taken when this is its only holder, copied
-    /// otherwise; `Err` gives the value back when it is not.
-    pub fn take(value: Arc<dyn DeviceValue>) -> Result<CpuState, Arc<dyn DeviceValue>> {
+    /// The value of `value` if it is a CPU state: taken when this is its only holder (with the
+    /// handle, emptied, to hold another state without allocating one), copied otherwise;
+    /// `Err` gives the value back when it is not.
+    pub fn take(value: Arc<dyn DeviceValue>) -> Result<Taken, Arc<dyn DeviceValue>> {
         if value.as_any().downcast_ref::<CpuState>().is_none() {
             return Err(value);
         }
         match value.into_any().downcast::<CpuState>() {
-            Ok(state) => Ok(Arc::try_unwrap(state).unwrap_or_else(|shared| (*shared).clone())),
+            Ok(mut handle) => match Arc::get_mut(&mut handle) {
+                Some(state) => {
+                    let empty =
+                        CpuState::from_parts(Vec::new(), Layout::dense(&[0]), state.dtype, 0);
+                    Ok((std::mem::replace(state, empty), Some(handle)))
+                }
+                None => Ok(((*handle).clone(), None)),
+            },
             Err(_) => unreachable!("checked to be a CpuState above"),
         }
     }
@@ -265,9 +277,12 @@ mod tests {
         assert_eq!((v[0], v[11], v[12], v[23]), (0.0, 11.0, 20.0, 31.0));
         let arc: Arc<dyn DeviceValue> = Arc::new(s);
         let shared = arc.clone();
-        let copy = CpuState::take(arc).ok().unwrap();
-        assert_eq!(copy.capacity(), 5);
-        assert!(CpuState::take(shared).is_ok());
+        // Shared: copied, and no handle to reuse; then the last holder's, taken with its handle.
+        let (copy, handle) = CpuState::take(arc).ok().unwrap();
+        assert_eq!((copy.capacity(), handle.is_none()), (5, true));
+        let (taken, handle) = CpuState::take(shared).ok().unwrap();
+        assert_eq!(taken.capacity(), 5);
+        assert_eq!(handle.map(|h| h.data.capacity()), Some(0));
         assert!(CpuState::zeroed(DType::F32, &[2, 3], 2, 5).is_err());
         assert!(CpuState::zeroed(DType::F32, &[usize::MAX, 3], 1, 5).is_err());
         // A bf16 state: two elements per f32 slot, the same positions and layout.

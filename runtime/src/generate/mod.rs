@@ -168,6 +168,7 @@ pub fn generate(
     let mut out: Vec<Vec<u32>> = vec![Vec::new(); n];
     let mut finished = vec![false; n];
     let mut logits = model.prefill(prompts)?;
+    let mut next = Vec::with_capacity(n);
     check_logits(&logits, n, vocab)?;
     for step in 0..budget {
         for row in 0..n {
@@ -193,8 +194,9 @@ pub fn generate(
             break;
         }
         // Every row has at least one token here (each row emitted one at step 0).
-        let next: Vec<u32> = out.iter().map(|o| o.last().copied().unwrap_or(0)).collect();
-        logits = model.decode(&next)?;
+        next.clear();
+        next.extend(out.iter().map(|o| o.last().copied().unwrap_or(0)));
+        model.decode_into(&next, &mut logits)?;
         check_logits(&logits, n, vocab)?;
     }
     Ok(out)

@@ -10,7 +10,7 @@
 use super::ExecError;
 use crate::Tensor;
 use kiln_ir::{Bindings, DType, Dim, DimError, TensorType, ValueId};
-use std::collections::HashMap;
+use smallvec::SmallVec;
 
 /// A graph input or parameter with the type of the value supplied for it.
 #[derive(Debug, Clone, Copy)]
@@ -54,31 +54,58 @@ pub fn concrete_type(t: &Tensor) -> TensorType {
 /// shape against its declared type.
 pub fn bind(sources: &[Source<'_>], preset: &Bindings) -> Result<Bindings, ExecError> {
     let mut env = preset.clone();
-    // Where each symbol was bound: `None` for the explicit bindings, else (source, axis);
-    // described only in an error.
-    let mut origin: HashMap<String, Option<(usize, usize)>> =
-        preset.keys().map(|k| (k.clone(), None)).collect();
+    solve(sources, &mut env)?;
+    Ok(env)
+}
+
+/// [`bind`] with no explicit bindings, into `env` (whatever it held is replaced): a loop that
+/// binds the same graph's sizes every step (a decode loop) reuses its symbols' names and its
+/// table, so binding allocates nothing once the symbols are known.
+pub fn bind_into(sources: &[Source<'_>], env: &mut Bindings) -> Result<(), ExecError> {
+    for v in env.values_mut() {
+        *v = UNSET;
+    }
+    solve(sources, env)
+}
+
+/// The value of a symbol [`bind_into`] has not bound yet in a reused `env` (no size is).
+const UNSET: i64 = i64::MIN;
+
+/// The value `env` binds `sym` to, if any.
+fn bound(env: &Bindings, sym: &str) -> Option<i64> {
+    env.get(sym).copied().filter(|&v| v != UNSET)
+}
+
+/// [`bind`]'s work on `env` (preset bindings, and [`UNSET`] entries to fill).
+fn solve<'a>(sources: &[Source<'a>], env: &mut Bindings) -> Result<(), ExecError> {
+    // Where each symbol was bound this time, (source, axis); a bound symbol not listed is an
+    // explicit binding. Described only in an error.
+    let mut origin: SmallVec<[(&'a str, (usize, usize)); 8]> = SmallVec::new();
     let describe = |at: Option<(usize, usize)>| match at {
         None => "the explicit bindings".to_string(),
         Some((i, axis)) => sources[i].axis(axis),
     };
-    let mut set = |sym: &str, value: i64, at: (usize, usize), env: &mut Bindings| match env.get(sym)
-    {
-        Some(&old) if old != value => Err(ExecError::DimConflict {
-            sym: sym.to_string(),
-            first: origin.get(sym).map(|&o| describe(o)).unwrap_or_default(),
-            first_value: old,
-            second: describe(Some(at)),
-            second_value: value,
-        }),
-        Some(_) => Ok(()),
-        None => {
-            env.insert(sym.to_string(), value);
-            origin.insert(sym.to_string(), Some(at));
-            Ok(())
+    let mut set = |sym: &'a str, value: i64, at: (usize, usize), env: &mut Bindings| {
+        match env.get_mut(sym) {
+            Some(old) if *old == UNSET => *old = value,
+            Some(old) if *old != value => {
+                let first = origin.iter().find(|(s, _)| *s == sym).map(|&(_, at)| at);
+                return Err(ExecError::DimConflict {
+                    sym: sym.to_string(),
+                    first: describe(first),
+                    first_value: *old,
+                    second: describe(Some(at)),
+                    second_value: value,
+                });
+            }
+            Some(_) => return Ok(()),
+            None => {
+                env.insert(sym.to_string(), value);
+            }
         }
+        origin.push((sym, at));
+        Ok(())
     };
-
     // (0) dtype and rank.
     for s in sources {
         if s.dtype != s.ty.dtype || s.shape.len() != s.ty.rank() {
@@ -89,7 +116,7 @@ pub fn bind(sources: &[Source<'_>], preset: &Bindings) -> Result<Bindings, ExecE
     for (i, s) in sources.iter().enumerate() {
         for (axis, (d, &n)) in s.ty.shape.iter().zip(s.shape).enumerate() {
             if let Some(sym) = d.as_sym() {
-                set(sym, size_i64(n), (i, axis), &mut env)?;
+                set(sym, size_i64(n), (i, axis), env)?;
             }
         }
     }
@@ -98,7 +125,7 @@ pub fn bind(sources: &[Source<'_>], preset: &Bindings) -> Result<Bindings, ExecE
         let mut progress = false;
         for (i, s) in sources.iter().enumerate() {
             for (axis, (d, &n)) in s.ty.shape.iter().zip(s.shape).enumerate() {
-                let Some((sym, coeff, rest)) = linear_in_unbound(d, &env) else {
+                let Some((sym, coeff, rest)) = linear_in_unbound(d, env) else {
                     continue;
                 };
                 let solved = size_i64(n).checked_sub(rest).and_then(|diff| {
@@ -108,7 +135,7 @@ pub fn bind(sources: &[Source<'_>], preset: &Bindings) -> Result<Bindings, ExecE
                 let Some(value) = solved else {
                     return Err(s.type_error());
                 };
-                set(&sym, value, (i, axis), &mut env)?;
+                set(sym, value, (i, axis), env)?;
                 progress = true;
             }
         }
@@ -116,25 +143,26 @@ pub fn bind(sources: &[Source<'_>], preset: &Bindings) -> Result<Bindings, ExecE
             break;
         }
     }
-    // (3) every dim evaluates to the supplied size.
+    // (3) every dim evaluates to the supplied size (a symbol left unset is unbound).
+    env.retain(|_, v| *v != UNSET);
     for s in sources {
         for (axis, (d, &n)) in s.ty.shape.iter().zip(s.shape).enumerate() {
             let at = || format!("{} ({d})", s.axis(axis));
-            match d.eval(&env) {
+            match d.eval(env) {
                 Ok(v) if v == size_i64(n) => {}
                 Ok(_) => return Err(s.type_error()),
                 Err(e) => return Err(dim_error(e, d, at())),
             }
         }
     }
-    Ok(env)
+    Ok(())
 }
 
 /// If `d` has exactly one unbound symbol and every term mentions it at most once, returns
 /// `(symbol, c, r)` with `d = c * symbol + r` under `env` (`c != 0`).
-fn linear_in_unbound(d: &Dim, env: &Bindings) -> Option<(String, i64, i64)> {
-    let mut unbound = d.symbols().filter(|s| !env.contains_key(*s));
-    let sym = unbound.next()?.to_string();
+fn linear_in_unbound<'d>(d: &'d Dim, env: &Bindings) -> Option<(&'d str, i64, i64)> {
+    let mut unbound = d.symbols().filter(|s| bound(env, s).is_none());
+    let sym = unbound.next()?;
     if unbound.any(|s| s != sym) {
         return None;
     }
@@ -146,7 +174,7 @@ fn linear_in_unbound(d: &Dim, env: &Bindings) -> Option<(String, i64, i64)> {
             if *s == sym {
                 uses += 1;
             } else {
-                v = v.checked_mul(*env.get(s)?)?;
+                v = v.checked_mul(bound(env, s)?)?;
             }
         }
         match uses {
@@ -222,6 +250,31 @@ mod tests {
             dtype: t.dtype(),
             shape: t.shape(),
         }
+    }
+
+    /// Binding into a reused environment gives what [`bind`] gives, step after step (the
+    /// sizes change, a symbol no source has any more is dropped), and the same errors.
+    #[test]
+    fn binding_into_a_reused_environment_agrees_with_bind() {
+        let (tc, tx, ty1) = (ty(&["past+seq"]), ty(&["batch", "seq"]), ty(&["other"]));
+        let mut env = Bindings::new();
+        for (past, seq) in [(0, 5), (5, 1), (6, 1), (7, 3)] {
+            let (c, x, o) = (zeros(&[past + seq]), zeros(&[2, seq]), zeros(&[past]));
+            let mut sources = vec![src("cache", &tc, &c), src("x", &tx, &x)];
+            if past == 5 {
+                sources.push(src("o", &ty1, &o));
+            }
+            bind_into(&sources, &mut env).unwrap();
+            assert_eq!(
+                env,
+                bind(&sources, &Bindings::new()).unwrap(),
+                "{past}+{seq}"
+            );
+        }
+        let (a, b) = (zeros(&[2, 3]), zeros(&[4, 3]));
+        let bad = [src("x", &tx, &a), src("y", &tx, &b)];
+        let want = bind(&bad, &Bindings::new()).unwrap_err().to_string();
+        assert_eq!(bind_into(&bad, &mut env).unwrap_err().to_string(), want);
     }
 
     #[test]

@@ -15,6 +15,9 @@ pub enum ExecError {
     /// A supplied input is not an input of the graph (most likely a misspelt name).
     #[error("`{0}` is not an input of the graph")]
     UnknownInput(String),
+    /// An output asked for is not one of the graph's (a name, or `#i` for a position).
+    #[error("`{0}` is not an output of the graph")]
+    UnknownOutput(String),
     /// A parameter was not found in the parameter source.
     #[error("missing parameter `{0}`")]
     MissingParam(String),

@@ -175,50 +175,73 @@ fn typed_sources<'a, K, T>(
 where
     K: Borrow<str> + Hash + Eq,
 {
-    let mut unknown: Vec<&str> = inputs
-        .keys()
+    check_known_inputs(graph, inputs.keys())?;
+    let input = |_: usize, name: &str| inputs.get(name).map(&ty);
+    each_source(graph, params, &input, &mut |source| {
+        let supplied = match source.kind {
+            "input" => inputs.get(source.name).map(Supplied::Input),
+            _ => params.get(source.name).map(Supplied::Param),
+        };
+        if let Some(supplied) = supplied {
+            each(source, supplied);
+        }
+    })
+}
+
+/// Refuses a name among `names` that is not an input of the graph (the first in sorted order:
+/// most likely a misspelt name).
+pub(crate) fn check_known_inputs<'k, K: Borrow<str> + 'k>(
+    graph: &Graph,
+    names: impl Iterator<Item = &'k K>,
+) -> Result<(), ExecError> {
+    let unknown = names
         .map(|k| k.borrow())
         .filter(|k| !graph.inputs().any(|(name, _, _)| name == *k))
-        .collect();
-    unknown.sort();
-    if let Some(name) = unknown.first() {
-        return Err(ExecError::UnknownInput(name.to_string()));
+        .min();
+    match unknown {
+        Some(name) => Err(ExecError::UnknownInput(name.to_string())),
+        None => Ok(()),
     }
+}
+
+/// The dtype and shape supplied for input `i` named `name`, if any ([`each_source`]).
+pub(crate) type SuppliedType<'a, 'f> = dyn Fn(usize, &str) -> Option<(DType, &'a [usize])> + 'f;
+
+/// Walks the graph's inputs and parameters in definition order, giving each with its declared
+/// and supplied types: input `i` (in [`Graph::inputs`] order, named `name`) typed by
+/// `input(i, name)` (`None`: not supplied, an error), parameters by `params`. Allocates
+/// nothing itself (the CPU backend binds each decode step's sizes through it).
+pub(crate) fn each_source<'a>(
+    graph: &'a Graph,
+    params: &'a dyn ParamSource,
+    input: &SuppliedType<'a, '_>,
+    each: &mut dyn FnMut(bind::Source<'a>),
+) -> Result<(), ExecError> {
+    let mut position = 0;
     for (id, node) in graph.iter() {
-        let (kind, name, supplied) = match &node.op {
-            Op::Input { name } => (
-                "input",
-                name,
-                Supplied::Input(
-                    inputs
-                        .get(name.as_str())
-                        .ok_or_else(|| ExecError::MissingInput(name.clone()))?,
-                ),
-            ),
-            Op::Param { name } => (
-                "param",
-                name,
-                Supplied::Param(
-                    params
-                        .get(name)
-                        .ok_or_else(|| ExecError::MissingParam(name.clone()))?,
-                ),
-            ),
+        let (kind, name, (dtype, shape)) = match &node.op {
+            Op::Input { name } => {
+                position += 1;
+                let supplied = input(position - 1, name)
+                    .ok_or_else(|| ExecError::MissingInput(name.clone()))?;
+                ("input", name, supplied)
+            }
+            Op::Param { name } => {
+                let t = params
+                    .get(name)
+                    .ok_or_else(|| ExecError::MissingParam(name.clone()))?;
+                ("param", name, (t.dtype(), t.shape()))
+            }
             _ => continue,
         };
-        let (dtype, shape) = match supplied {
-            Supplied::Input(t) => ty(t),
-            Supplied::Param(t) => (t.dtype(), t.shape()),
-        };
-        let source = bind::Source {
+        each(bind::Source {
             kind,
             name,
             id,
             ty: &node.ty,
             dtype,
             shape,
-        };
-        each(source, supplied);
+        });
     }
     Ok(())
 }
