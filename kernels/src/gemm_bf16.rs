@@ -636,6 +636,11 @@ mod x86 {
     ) {
         let kc = b.len() / NR;
         assert!(rows <= R && cols <= NR && b.len() == kc * NR && a.len() >= (R - 1) * lda + kc);
+        if rows == 1 {
+            // SAFETY: row 0 of A and the tile's columns of C, as the caller guarantees.
+            unsafe { row_avx2(a.as_ptr(), b.as_ptr(), kc, c, cols, accumulate) };
+            return;
+        }
         for half in 0..cols.div_ceil(16) {
             let hc = (cols - half * 16).min(16);
             let mut i = 0;
@@ -656,6 +661,52 @@ mod x86 {
                         i += 1;
                     }
                 }
+            }
+        }
+    }
+
+    /// One row of A times a whole panel (32 columns, every k-pair's 128 bytes read in one
+    /// pass: decode's GEMV), the first `cols` columns stored (added when `accumulate`).
+    ///
+    /// # Safety
+    /// AVX2 and FMA; `a + p` and `b + p·NR + j` (p < kc, j < NR) readable; `c + j` (j <
+    /// cols) valid for reads and writes.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn row_avx2(
+        a: *const u32,
+        b: *const u32,
+        kc: usize,
+        c: *mut f32,
+        cols: usize,
+        accumulate: bool,
+    ) {
+        let mask = _mm256_set1_epi32(0xffff_0000_u32 as i32);
+        let mut acc = [_mm256_setzero_ps(); 4];
+        for p in 0..kc {
+            // SAFETY: inside the slices the caller guarantees (unaligned loads).
+            unsafe {
+                let av = _mm256_set1_epi32(*a.add(p) as i32);
+                let ae = _mm256_castsi256_ps(_mm256_slli_epi32(av, 16));
+                let ao = _mm256_castsi256_ps(_mm256_and_si256(av, mask));
+                for (q, acc) in acc.iter_mut().enumerate() {
+                    let w = _mm256_loadu_si256(b.add(p * NR + 8 * q).cast());
+                    let e = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+                    let o = _mm256_castsi256_ps(_mm256_and_si256(w, mask));
+                    *acc = _mm256_fmadd_ps(ae, e, *acc);
+                    *acc = _mm256_fmadd_ps(ao, o, *acc);
+                }
+            }
+        }
+        let mut v = [0.0f32; NR];
+        for (q, acc) in acc.iter().enumerate() {
+            // SAFETY: `v` holds NR = 32 floats.
+            unsafe { _mm256_storeu_ps(v.as_mut_ptr().add(8 * q), *acc) };
+        }
+        for (j, x) in v.iter().enumerate().take(cols) {
+            // SAFETY: j < cols, valid (the caller's contract).
+            unsafe {
+                let out = c.add(j);
+                *out = if accumulate { *out + x } else { *x };
             }
         }
     }
