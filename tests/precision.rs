@@ -1,9 +1,12 @@
 //! Precision lowering against transformers' f32 reference outputs (fixtures from
 //! `scripts/reference/hf_fixtures.py`): bf16 within 2 % relative L2 error with ≥ 99 % top-1
-//! agreement over all positions; fp8 (e4m3 weight storage with per-channel scales, the LM head
-//! and key/value projections in bf16, bf16 operands): top-1 agreement ≥ 95 % over all positions of the causal fixtures
-//! pooled, and per family the regression bounds [`FP8_TOP1`] / [`FP8_REL`]. The measured
-//! figures are printed (`cargo test --test precision -- --nocapture`).
+//! agreement over all positions; fp8 (e4m3 weight storage with per-channel scales, the
+//! key/value projections in bf16, an untied LM head in e4m3 refined by its e4m3 residual on
+//! the candidate tokens (`refine_logits`), bf16 operands): top-1 agreement ≥ 95 % over all
+//! positions of the causal fixtures pooled, and per family the regression bounds
+//! [`FP8_TOP1`] / [`FP8_REL`]. The measured figures are printed (`cargo test --test precision
+//! -- --nocapture`). These tiny fixtures flatter fp8: on the random-weight 125M Llama its
+//! agreement is about 80 % (`scripts/reference/top1_agreement.py`, BENCHMARKS.md).
 
 mod common;
 
