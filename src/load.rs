@@ -230,26 +230,7 @@ fn bind_scaled(ckpt: &Checkpoint, g: &Graph, convert: Convert) -> Result<Params,
             |i, cols| i / cols
         };
         let groups = if per_channel && !per_row { cols } else { rows };
-        let mut amax = vec![0.0f32; groups];
-        for (i, x) in data.iter().enumerate() {
-            let g = of(i, cols);
-            amax[g] = amax[g].max(x.abs());
-        }
-        let scales: Vec<f32> = amax
-            .iter()
-            .map(|&a| {
-                if a > 0.0 && a.is_finite() {
-                    a / E4M3_MAX
-                } else {
-                    1.0
-                }
-            })
-            .collect();
-        let stored: Vec<f32> = data
-            .iter()
-            .enumerate()
-            .map(|(i, x)| (x / scales[of(i, cols)]).clamp(-E4M3_MAX, E4M3_MAX))
-            .collect();
+        let (scales, stored) = e4m3_scaled(data, groups, |i| of(i, cols));
         let bad = |e: kiln_runtime::tensor::ShapeMismatch| LoadError::Unsupported(e.to_string());
         let stored = Tensor::from_f32(w.shape().to_vec(), stored)
             .map_err(bad)?
@@ -282,6 +263,33 @@ fn bind_scaled(ckpt: &Checkpoint, g: &Graph, convert: Convert) -> Result<Params,
     Ok(params)
 }
 
+/// fp8 scaling of `data`, its elements grouped by `of(i)` into `groups` channels: each channel's
+/// scale `amax(|w|) / 448` (1 for an all-zero or non-finite channel) and every element divided
+/// by its channel's scale, clamped to e4m3's range.
+fn e4m3_scaled(data: &[f32], groups: usize, of: impl Fn(usize) -> usize) -> (Vec<f32>, Vec<f32>) {
+    let mut amax = vec![0.0f32; groups];
+    for (i, x) in data.iter().enumerate() {
+        let g = of(i);
+        amax[g] = amax[g].max(x.abs());
+    }
+    let scales: Vec<f32> = amax
+        .iter()
+        .map(|&a| {
+            if a > 0.0 && a.is_finite() {
+                a / E4M3_MAX
+            } else {
+                1.0
+            }
+        })
+        .collect();
+    let scaled = data
+        .iter()
+        .enumerate()
+        .map(|(i, x)| (x / scales[of(i)]).clamp(-E4M3_MAX, E4M3_MAX))
+        .collect();
+    (scales, scaled)
+}
+
 /// The residual of an fp8 weight `w` (`rows × cols`, row-major) stored as `coarse` (its e4m3
 /// values times their scales): `r = w − coarse` stored in e4m3 with one scale per row
 /// (`amax / 448`, 1 for a zero row), and each stored residual row's L2 norm as a bound,
@@ -294,22 +302,7 @@ fn residual_parts(
     coarse: &[f32],
 ) -> Result<[(String, Tensor); 3], kiln_runtime::tensor::ShapeMismatch> {
     let r: Vec<f32> = w.iter().zip(coarse).map(|(w, c)| w - c).collect();
-    let scales: Vec<f32> = r
-        .chunks(cols.max(1))
-        .map(|row| {
-            let a = row.iter().fold(0.0f32, |m, x| m.max(x.abs()));
-            if a > 0.0 && a.is_finite() {
-                a / E4M3_MAX
-            } else {
-                1.0
-            }
-        })
-        .collect();
-    let scaled: Vec<f32> = r
-        .iter()
-        .enumerate()
-        .map(|(i, x)| (x / scales[i / cols]).clamp(-E4M3_MAX, E4M3_MAX))
-        .collect();
+    let (scales, scaled) = e4m3_scaled(&r, rows, |i| i / cols);
     let stored = Tensor::from_f32(vec![rows, cols], scaled)?.cast(DType::F8E4M3);
     let bounds: Vec<f32> = (0..rows)
         .map(|j| {
