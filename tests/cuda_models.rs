@@ -146,16 +146,23 @@ fn encoders_match_the_cpu() {
 /// bf16 and fp8, get a device kernel for every node (mask and position arithmetic included)
 /// except `moe` (no CUDA kernel yet) and `attention` in f32 or with a head dim the flash kernels
 /// lack (the fixtures' tiny heads; bf16 at 64 and 128 runs on the device), which run on the
-/// host; every matmul with a weight is a linear step (cuBLAS, or the fp8 GEMV).
+/// host; every matmul with a weight is a linear step (cuBLAS, or the fp8 GEMV). The graphs are
+/// optimized and lowered for the `cuda-sm90` target (loaded on the CPU: no GPU needed), as a
+/// CUDA placement lowers them (a CPU target's fp8 refines the LM head with `refine_logits`,
+/// which CUDA targets do not emit).
 #[test]
 fn graphs_run_on_device_kernels() {
+    use kiln::compiler::cost::Target;
     use kiln::ir::Op;
     use kiln_cuda::exec::select::{legalize, Plan, Step};
+    let sm90 = Target::by_name("cuda-sm90").unwrap();
     for precision in [Precision::F32, Precision::Bf16, Precision::Fp8] {
         for name in CAUSAL {
-            let m = causal_lm_with(&fixture(name), &opts(precision, Placement::Cpu))
-                .unwrap()
-                .model;
+            let options = LoadOptions {
+                target: sm90,
+                ..opts(precision, Placement::Cpu)
+            };
+            let m = causal_lm_with(&fixture(name), &options).unwrap().model;
             for g in m.lm.graphs() {
                 let graph = &legalize(g.graph()).unwrap();
                 let plan = Plan::new(graph);
