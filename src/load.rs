@@ -242,8 +242,13 @@ fn bind_scaled(ckpt: &Checkpoint, g: &Graph, convert: Convert) -> Result<Params,
                     "internal: {residual} needs per-row scales"
                 )));
             }
-            let coarse: Vec<f32> = (0..data.len())
-                .map(|i| stored.get(i).as_f64() as f32 * scales[i / cols])
+            let widened = stored.cast(DType::F32);
+            let coarse: Vec<f32> = widened
+                .as_f32()
+                .unwrap_or_default()
+                .iter()
+                .enumerate()
+                .map(|(i, &v)| v * scales[i / cols])
                 .collect();
             for (part, tensor) in residual_parts(rows, cols, data, &coarse).map_err(bad)? {
                 params.insert(format!("{residual}{part}"), tensor);
@@ -304,12 +309,14 @@ fn residual_parts(
     let r: Vec<f32> = w.iter().zip(coarse).map(|(w, c)| w - c).collect();
     let (scales, scaled) = e4m3_scaled(&r, rows, |i| i / cols);
     let stored = Tensor::from_f32(vec![rows, cols], scaled)?.cast(DType::F8E4M3);
-    let bounds: Vec<f32> = (0..rows)
-        .map(|j| {
-            let sq: f64 = (0..cols)
-                .map(|i| stored.get(j * cols + i).as_f64().powi(2))
-                .sum();
-            let b = sq.sqrt() * f64::from(scales[j]);
+    let widened = stored.cast(DType::F32);
+    let widened = widened.as_f32().unwrap_or_default();
+    let bounds: Vec<f32> = widened
+        .chunks(cols.max(1))
+        .zip(&scales)
+        .map(|(row, &scale)| {
+            let sq: f64 = row.iter().map(|&v| f64::from(v).powi(2)).sum();
+            let b = sq.sqrt() * f64::from(scale);
             let f = b as f32;
             if f64::from(f) < b {
                 f.next_up()
