@@ -697,12 +697,24 @@ mod x86 {
                 }
             }
         }
-        let mut v = [0.0f32; NR];
-        for (q, acc) in acc.iter().enumerate() {
-            // SAFETY: `v` holds NR = 32 floats.
-            unsafe { _mm256_storeu_ps(v.as_mut_ptr().add(8 * q), *acc) };
+        // SAFETY: columns < cols of C are valid (the caller's contract).
+        unsafe { store(&acc, c, cols, accumulate) };
+    }
+
+    /// Stores the first `cols` lanes of `acc` (eight per vector, in order) at `c .. c + cols`,
+    /// added to what is there when `accumulate`.
+    ///
+    /// # Safety
+    /// AVX; `cols ≤ 8 · N`; `c + j` (j < cols) valid for reads and writes.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn store<const N: usize>(acc: &[__m256; N], c: *mut f32, cols: usize, accumulate: bool) {
+        let mut v = [[0.0f32; 8]; N];
+        for (v, acc) in v.iter_mut().zip(acc) {
+            // SAFETY: `v` holds 8 floats.
+            unsafe { _mm256_storeu_ps(v.as_mut_ptr(), *acc) };
         }
-        for (j, x) in v.iter().enumerate().take(cols) {
+        for (j, x) in v.iter().flatten().enumerate().take(cols) {
             // SAFETY: j < cols, valid (the caller's contract).
             unsafe {
                 let out = c.add(j);
@@ -758,17 +770,8 @@ mod x86 {
             }
         }
         for (g, acc) in acc.iter().enumerate().take(rows) {
-            let mut v = [0.0f32; 16];
-            // SAFETY: `v` holds 16 floats; row g < rows, columns < cols of C are valid.
-            unsafe {
-                _mm256_storeu_ps(v.as_mut_ptr(), acc[0]);
-                _mm256_storeu_ps(v.as_mut_ptr().add(8), acc[1]);
-                let d = c.add(g * ldc);
-                for (j, x) in v.iter().enumerate().take(cols) {
-                    let out = d.add(j);
-                    *out = if accumulate { *out + x } else { *x };
-                }
-            }
+            // SAFETY: row g < rows, columns < cols (≤ 16) of C are valid.
+            unsafe { store(acc, c.add(g * ldc), cols, accumulate) };
         }
     }
 }
